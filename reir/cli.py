@@ -1,0 +1,229 @@
+"""The ``reir`` command line: synth, train, ingest, serve, search, eval, demo, index.
+
+Every command fails with one clear line (no traceback) on bad arguments or missing files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from reir.errors import ReirError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="reir: Referring Expression Instance Retrieval (train, index, serve, evaluate).",
+)
+
+
+def _need_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise ReirError(f"{what} not found: {path}")
+    return path
+
+
+def _init_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Logical CPUs above the core count keep Ray Data + Train from deadlocking on 2 cores.
+            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=False,
+                     log_to_driver=True)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    num_images: int = typer.Option(2000, min=10, help="images in train + test"),
+    test_fraction: float = typer.Option(0.2, min=0.05, max=0.9),
+    image_size: int = typer.Option(128, min=32, max=2048),
+    seed: int = typer.Option(0),
+    discovery_queries: int = typer.Option(100, min=0),
+) -> None:
+    """Generate the synthetic REIR benchmark (images, REIRCOCO + COCO json, discovery queries)."""
+    from reir.data.synth import generate
+    from reir.progress import progress_bar
+
+    with progress_bar("synth", total=num_images) as advance:
+        summary = generate(out, num_images=num_images, test_fraction=test_fraction, image_size=image_size,
+                           seed=seed, discovery_queries=discovery_queries, progress=advance)
+    typer.echo(json.dumps(_plain(summary), indent=2))
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="benchmark directory (reir synth --out)"),
+    stage: str = typer.Option("1", help="1 (detection + REC) or 2 (CLIA)"),
+    model: str = typer.Option("small", help="preset name or model directory (stage 2: stage 1's)"),
+    out: Path = typer.Option(Path("runs"), "--out", help="output directory for runs"),
+    name: str = typer.Option("", help="run name (default reir-stage{N})"),
+    workers: int = typer.Option(1, min=1),
+    gpu: bool = typer.Option(False, help="one GPU per worker, NCCL, bf16"),
+    epochs: int = typer.Option(10, min=1),
+    max_steps: Optional[int] = typer.Option(None, min=1),
+    minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget"),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(5e-4),
+    zero: int = typer.Option(2, min=0, max=2, help="DeepSpeed ZeRO stage"),
+    config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields (flags win)"),
+) -> None:
+    """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
+    from reir.training.config import TrainConfig
+    from reir.training.trainer import run_training
+
+    _need_dir(data, "data directory")
+    if stage not in ("1", "2"):
+        raise ReirError(f"--stage must be 1 or 2, got {stage!r}")
+    fields: dict[str, Any] = _yaml(config) if config else {}
+    fields.update(data_root=str(data), stage=stage, model=model, output_dir=str(out),
+                  run_name=name or f"reir-stage{stage}", num_workers=workers, use_gpu=gpu, epochs=epochs,
+                  max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
+                  batch_size=batch_size, lr=lr, zero_stage=zero)
+    _init_ray()
+    typer.echo(str(run_training(TrainConfig(**fields), echo=typer.echo)))
+
+
+@app.command()
+def ingest(
+    gallery: Path = typer.Option(..., "--gallery", help="benchmark dir or a directory of images"),
+    model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
+    milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
+    collection: str = typer.Option("reir_instances"),
+    split: str = typer.Option("test", help="split, when --gallery is a benchmark dir"),
+    encoders: int = typer.Option(1, min=1, help="encoder actors"),
+    batch_size: int = typer.Option(32, min=1),
+) -> None:
+    """Encode a gallery on a Ray Data actor pool and write one row per instance to Milvus."""
+    from reir.ingestion.pipeline import run_ingestion
+    from reir.platform.config import IngestConfig, MilvusConfig
+
+    _need_dir(gallery, "gallery")
+    _need_dir(model_dir, "model directory")
+    _init_ray()
+    cfg = IngestConfig(gallery=str(gallery), split=split, model_path=str(model_dir),
+                       milvus=MilvusConfig(uri=milvus_uri, collection=collection),
+                       num_encoders=encoders, batch_size=batch_size)
+    typer.echo(json.dumps(_plain(run_ingestion(cfg)), indent=2))
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
+    milvus_uri: str = typer.Option(..., help="http://host:port of a Milvus (lite server) instance"),
+    collection: str = typer.Option("reir_instances"),
+    port: int = typer.Option(8000),
+    host: str = typer.Option("127.0.0.1"),
+) -> None:
+    """Run the Ray Serve app (blocks until Ctrl-C)."""
+    import time
+
+    from ray import serve
+
+    from reir.serving.app import build_app
+
+    _need_dir(model_dir, "model directory")
+    _init_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app({"model_path": str(model_dir), "milvus_uri": milvus_uri, "collection": collection}))
+    typer.echo(f"serving on http://{host}:{port}/v1/search (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="referring expression"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="serving URL"),
+    top_k: int = typer.Option(5, min=1, max=100),
+    api_key: Optional[str] = typer.Option(None, envvar="REIR_API_KEY"),
+) -> None:
+    """Query a running reir service and print the ranked answers."""
+    from reir.client import Client
+
+    for rank, r in enumerate(Client(url, api_key=api_key).search(query, top_k=top_k), start=1):
+        box = ", ".join(f"{v:.0f}" for v in r["box"])
+        typer.echo(f"{rank:>3}  {r['score']:.3f}  {r['image_id']}  [{box}]  {r['uri']}")
+
+
+@app.command("eval")
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="benchmark directory"),
+    model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
+    milvus_uri: str = typer.Option("reir.db", help="index written by reir ingest"),
+    collection: str = typer.Option("reir_instances"),
+    url: Optional[str] = typer.Option(None, help="evaluate over HTTP against a running service"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write metrics JSON here"),
+) -> None:
+    """BR@k at IoU tau (k 1/5/10, tau .5/.7/.9) and REC accuracy on the test queries."""
+    from reir.evaluation.runner import evaluate_index
+
+    _need_dir(data, "data directory")
+    _need_dir(model_dir, "model directory")
+    metrics = evaluate_index(data, model_dir, milvus_uri=milvus_uri, collection=collection, url=url,
+                             out=out, echo=typer.echo)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out"),
+    num_images: int = typer.Option(2000, min=20),
+    minutes: float = typer.Option(11.0, min=0.2, help="training time budget (both stages)"),
+    model: str = typer.Option("small", help="model preset"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Synth -> train (2 stages) -> ingest -> serve -> query over HTTP -> BR@k table + picture."""
+    from reir.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=str(out), num_images=num_images, train_minutes=minutes, model=model, seed=seed))
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ReirError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ReirError(f"config file {path} must hold a mapping")
+    return data
+
+
+def _plain(obj: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    return obj
+
+
+def main() -> None:
+    from pydantic import ValidationError
+
+    try:
+        app()
+    except (ReirError, FileNotFoundError, ValueError, ValidationError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        typer.echo(f"error: {msg}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""``ReirConfig``: the single serializable description of a REIR model.
+
+Sub-configs are stored as plain dicts (so ``config.json`` stays human-editable and
+``PretrainedConfig`` serializes them without custom code) and exposed as typed
+dataclasses through the ``*_spec`` properties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from transformers import PretrainedConfig
+
+
+@dataclass
+class VisionSpec:
+    """Visual branch: backbone -> token grid -> transformer encoder -> per-token heads."""
+
+    backbone: str = "cnn"  # "cnn" (built-in conv stem, stride 8) | "siglip" (HF SiglipVisionModel)
+    image_size: int = 64  # S: images are resized to S x S
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    box_prior_cells: float = 2.0  # initial predicted box side, in grid cells
+    geometry_freqs: int = 8  # sine frequencies of the box-geometry encoding fed to the embedding head
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    model_path: str | None = None  # local HF dir, read only when a model is first created
+    hf_config: dict[str, Any] | None = None  # tower config, kept so checkpoints rebuild offline
+
+
+@dataclass
+class TextSpec:
+    """Text branch: encoder -> pooled vector -> Mixture of Relation Experts -> embed_dim."""
+
+    encoder: str = "bert"  # "bert" (built-in word-level vocab, random init) | "hf" (local HF dir)
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+    max_length: int = 32
+    padding: str = "longest"  # "max_length" for towers that pool the last position (SigLIP)
+    pooling: str = "mean"  # "mean" over the mask | "cls" | "pooler" (the tower's pooler_output)
+    vocab_size: int | None = None  # built-in tokenizer size, filled in at creation
+    model_path: str | None = None
+    hf_config: dict[str, Any] | None = None
+
+
+@dataclass
+class MoreSpec:
+    """Mixture of Relation Experts on the pooled text vector."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    expert_hidden: int = 0  # 0: linear experts; >0: two-layer MLP experts of this width
+
+
+@dataclass
+class LossSpec:
+    """Matching costs and loss weights (DETR-style defaults, tuned for dense queries)."""
+
+    match_obj: float = 2.0
+    match_l1: float = 5.0
+    match_giou: float = 2.0
+    w_obj: float = 2.0
+    w_l1: float = 5.0
+    w_giou: float = 2.0
+    w_rec: float = 1.0
+    w_rec_stage2: float = 0.5
+    w_clia: float = 1.0
+    w_aux: float = 0.01
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+def _merge(spec_cls: type, value: dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults of ``spec_cls`` updated by ``value``; unknown keys are an error (typos)."""
+    known = {f.name for f in fields(spec_cls)}
+    value = dict(value or {})
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"unknown {spec_cls.__name__} keys: {sorted(unknown)}")
+    return asdict(spec_cls(**value))
+
+
+class ReirConfig(PretrainedConfig):
+    """Configuration of :class:`reir.model.modeling.ReirModel`.
+
+    Args:
+        vision / text / more / loss: dicts of :class:`VisionSpec`, :class:`TextSpec`,
+            :class:`MoreSpec`, :class:`LossSpec` fields (missing keys take defaults).
+        embed_dim: D, the shared instance/text embedding size.
+        logit_scale_init / logit_bias_init: SigLIP-style score ``exp(scale) * cos + bias``.
+        max_instances: K, default number of instances kept per image by post-processing.
+        nms_iou: default IoU threshold of post-processing NMS.
+        preset: name of the preset the model was created from (informational).
+    """
+
+    model_type = "reir"
+
+    def __init__(
+        self,
+        vision: dict[str, Any] | None = None,
+        text: dict[str, Any] | None = None,
+        more: dict[str, Any] | None = None,
+        loss: dict[str, Any] | None = None,
+        embed_dim: int = 32,
+        logit_scale_init: float = 2.302585,  # log(10)
+        logit_bias_init: float = -10.0,
+        max_instances: int = 10,
+        nms_iou: float = 0.7,
+        preset: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vision = _merge(VisionSpec, vision)
+        self.text = _merge(TextSpec, text)
+        self.more = _merge(MoreSpec, more)
+        self.loss = _merge(LossSpec, loss)
+        self.embed_dim = embed_dim
+        self.logit_scale_init = logit_scale_init
+        self.logit_bias_init = logit_bias_init
+        self.max_instances = max_instances
+        self.nms_iou = nms_iou
+        self.preset = preset
+        super().__init__(**kwargs)
+
+    @property
+    def vision_spec(self) -> VisionSpec:
+        return VisionSpec(**self.vision)
+
+    @property
+    def text_spec(self) -> TextSpec:
+        return TextSpec(**self.text)
+
+    @property
+    def more_spec(self) -> MoreSpec:
+        return MoreSpec(**self.more)
+
+    @property
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(**self.loss)

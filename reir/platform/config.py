@@ -1,0 +1,185 @@
+"""Typed configuration for the runtime pieces, and the one function that reads the environment.
+
+Configs are built once at an entry point (CLI, ``build_app``) with :func:`load_config`
+and then passed down as values; nothing else in ``reir.platform`` / ``reir.ingestion`` /
+``reir.serving`` reads environment variables. Precedence (lowest to highest):
+model defaults < YAML file < ``REIR_*`` environment variables < explicit overrides.
+
+Environment variables map onto fields with ``__`` as the nesting separator, e.g.
+``REIR_MILVUS__URI=http://127.0.0.1:19530`` or ``REIR_BATCH_SIZE=32``. Overrides are a
+flat dict whose keys may be dotted (``{"milvus.uri": ...}``) or nested dicts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IndexType = Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"]
+ENV_PREFIX = "REIR_"
+
+
+class _Frozen(BaseModel):
+    # Unknown keys are errors so a typo in YAML/CLI never silently falls back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MilvusConfig(_Frozen):
+    """Where instance rows live. ``uri``: a milvus-lite ``.db`` path or ``http://host:port``."""
+
+    uri: str = "./reir_milvus.db"
+    collection: str = Field(default="reir_instances", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    token: str = Field(default="", repr=False)
+    index_type: IndexType = "AUTOINDEX"
+    index_params: dict[str, Any] = Field(default_factory=dict)
+    search_params: dict[str, Any] = Field(default_factory=dict)
+    upsert_batch_size: int = Field(default=512, ge=1, le=10_000)
+
+    @property
+    def is_lite_file(self) -> bool:
+        """A local milvus-lite data path, which only one process at a time may open."""
+        return self.uri.endswith(".db")
+
+
+class IngestConfig(_Frozen):
+    """Offline gallery encoding into Milvus.
+
+    Gallery sources (exactly one): ``gallery_root`` (a synthetic benchmark dir with
+    ``images/{split}/*.jpg`` when ``split`` is set and that folder exists, else any
+    directory of images, searched recursively) or ``image_list`` (JSON lines
+    ``{"image_id", "uri"}``).
+    """
+
+    gallery_root: Path | None = None
+    split: str | None = "test"
+    image_list: Path | None = None
+    model_path: str
+    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    num_encoders: int = Field(default=1, ge=1, le=256)
+    num_cpus_per_encoder: float = Field(default=1.0, gt=0)
+    num_cpus_per_reader: float = Field(default=0.25, gt=0)
+    num_cpus_per_writer: float = Field(default=0.25, gt=0)
+    write_concurrency: int = Field(default=2, ge=1)
+    top_k_instances: int = Field(default=10, ge=1, le=1000)
+    nms_iou: float = Field(default=0.7, gt=0, le=1)
+    limit: int | None = Field(default=None, ge=1)
+    build_index: bool = True
+    dead_letter_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IngestConfig:
+        if (self.gallery_root is None) == (self.image_list is None):
+            raise ValueError("set exactly one of gallery_root or image_list")
+        return self
+
+
+class ServeConfig(_Frozen):
+    """Online query serving (Ray Serve)."""
+
+    model_path: str
+    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
+    candidates: int = Field(default=100, ge=1, le=16_384)
+    max_top_k: int = Field(default=100, ge=1, le=1000)
+    dedupe_iou: float = Field(default=0.9, gt=0, le=1)
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    app_name: str = "reir"
+    encoder_replicas: int = Field(default=1, ge=1)
+    searcher_replicas: int = Field(default=1, ge=1)
+    ingress_replicas: int = Field(default=1, ge=1)
+    num_cpus_encoder: float = Field(default=1.0, ge=0)
+    num_cpus_searcher: float = Field(default=0.25, ge=0)
+    num_cpus_ingress: float = Field(default=0.25, ge=0)
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    filter_model_version: bool = True
+
+    @model_validator(mode="after")
+    def _lite_single_reader(self) -> ServeConfig:
+        if self.milvus.is_lite_file and self.searcher_replicas > 1:
+            raise ValueError(
+                "a milvus-lite .db file can be opened by one process only; with "
+                "searcher_replicas > 1 run `milvus-lite server` (EmbeddedMilvus) and "
+                "pass its http:// uri"
+            )
+        return self
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = [k for k in dotted.split(".") if k]
+    node = target
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        # YAML parsing gives env strings the same typing rules as the config file
+        # ("32" -> 32, "true" -> True, "{a: 1}" -> dict).
+        _set_dotted(out, dotted, yaml.safe_load(raw) if raw else raw)
+    return out
+
+
+def _unflatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            out = _deep_merge(out, {key: _unflatten(value)})
+        else:
+            _set_dotted(out, key, value)
+    return out
+
+
+def load_config(
+    cls: type[ConfigT],
+    yaml_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> ConfigT:
+    """Build ``cls`` from YAML, then ``REIR_*`` env vars, then ``overrides``.
+
+    ``env`` defaults to ``os.environ``; this is the only place the environment is read.
+    Only env vars naming a field of ``cls`` are applied, so one environment can serve
+    several config classes.
+    """
+    data: dict[str, Any] = {}
+    if yaml_path is not None:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: top level must be a mapping")
+        data = loaded
+    env_data = _env_overrides(os.environ if env is None else env)
+    env_data = {k: v for k, v in env_data.items() if k in cls.model_fields}
+    data = _deep_merge(data, env_data)
+    data = _deep_merge(data, _unflatten(overrides or {}))
+    return cls.model_validate(data)

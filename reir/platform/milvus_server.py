@@ -1,0 +1,141 @@
+"""Run ``milvus-lite server`` as a child process so several processes share one local store.
+
+A milvus-lite data directory (what pymilvus calls ``something.db``) is locked by the
+one process that opens it. Ray actors, Serve replicas and an ingestion job are all
+separate processes, so they instead talk gRPC to one server process that owns the
+directory: ``with EmbeddedMilvus(path) as m: MilvusStore(m.uri, ...)``.
+
+Shutdown sends SIGINT first because that is the signal the server handles gracefully
+(drain requests, close the DB and its write-ahead log); SIGTERM/SIGKILL are fallbacks.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pymilvus import MilvusClient
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedMilvus:
+    """Context manager owning a milvus-lite server subprocess for ``data_dir``."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        startup_timeout_s: float = 60.0,
+        max_workers: int = 16,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port
+        self.startup_timeout_s = startup_timeout_s
+        self.max_workers = max_workers
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_path: Path | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.port is None or self._proc is None:
+            raise RuntimeError("EmbeddedMilvus is not running")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> EmbeddedMilvus:
+        if self._proc is not None:
+            raise RuntimeError("EmbeddedMilvus already started")
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.port is None:
+            self.port = free_port(self.host)
+        log = tempfile.NamedTemporaryFile(prefix="milvus-lite-", suffix=".log", delete=False)
+        self._log_path = Path(log.name)
+        cmd = [
+            sys.executable, "-m", "milvus_lite", "server",
+            "--data-dir", str(self.data_dir),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-workers", str(self.max_workers),
+        ]  # fmt: skip
+        # The interpreter running us has milvus_lite installed; a bare `milvus-lite`
+        # on PATH might belong to another environment.
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"milvus-lite server exited early:\n{self.log_tail()}")
+            try:
+                client = MilvusClient(uri=f"http://{self.host}:{self.port}", timeout=2.0)
+                try:
+                    client.list_collections()
+                    return
+                finally:
+                    client.close()
+            except Exception as exc:  # not listening yet
+                last_error = exc
+                time.sleep(0.2)
+        raise TimeoutError(
+            f"milvus-lite server not ready after {self.startup_timeout_s}s "
+            f"({last_error}):\n{self.log_tail()}"
+        )
+
+    def log_tail(self, chars: int = 4000) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                proc.send_signal(sig)
+                try:
+                    proc.wait(timeout=timeout_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            else:
+                proc.kill()
+                proc.wait()
+        if self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
+            self._log_path = None
+
+    def __enter__(self) -> EmbeddedMilvus:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

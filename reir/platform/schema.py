@@ -1,0 +1,143 @@
+"""The one instance-row schema shared by ingestion (writer) and serving (reader).
+
+One row = one detected instance of one gallery image, encoded by one model version.
+The primary key is deterministic (``"{model_version}:{image_id}:{rank}"``) so that
+re-running an ingestion upserts the same rows instead of duplicating them, and two
+model versions can live side by side in one collection (queries filter on
+``model_version``). Dynamic fields are enabled so later metadata columns (caption,
+dataset, split, ...) can be added without a schema migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pymilvus import CollectionSchema, DataType, MilvusClient
+
+PK = "pk"
+IMAGE_ID = "image_id"
+URI = "uri"
+BOX_X, BOX_Y, BOX_W, BOX_H = "box_x", "box_y", "box_w", "box_h"
+SCORE = "score"
+RANK = "rank"
+MODEL_VERSION = "model_version"
+EMBEDDING = "embedding"
+
+BOX_FIELDS: tuple[str, str, str, str] = (BOX_X, BOX_Y, BOX_W, BOX_H)
+# Every stored scalar column, in schema order (the vector is kept apart: searches
+# never need it back, and it is the bulk of the payload).
+SCALAR_FIELDS: tuple[str, ...] = (PK, IMAGE_ID, URI, *BOX_FIELDS, SCORE, RANK, MODEL_VERSION)
+ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, EMBEDDING)
+
+MAX_PK_LEN = 512
+MAX_IMAGE_ID_LEN = 256
+MAX_URI_LEN = 2048
+MAX_MODEL_VERSION_LEN = 128
+METRIC = "IP"  # embeddings are L2-normalized, so inner product == cosine
+
+
+def make_pk(model_version: str, image_id: str, rank: int) -> str:
+    """Deterministic primary key; ``model_version`` must not contain ':' so keys stay unique."""
+    if not model_version or ":" in model_version:
+        raise ValueError(f"model_version must be non-empty and contain no ':': {model_version!r}")
+    if not image_id:
+        raise ValueError("image_id must be non-empty")
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    pk = f"{model_version}:{image_id}:{int(rank)}"
+    if len(pk) > MAX_PK_LEN:
+        raise ValueError(f"primary key longer than {MAX_PK_LEN} chars: {pk[:80]}...")
+    return pk
+
+
+def collection_schema(dim: int) -> CollectionSchema:
+    """The Milvus collection schema for instance rows with embeddings of size ``dim``."""
+    if dim <= 0:
+        raise ValueError(f"embedding dim must be positive, got {dim}")
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+    schema.add_field(PK, DataType.VARCHAR, is_primary=True, max_length=MAX_PK_LEN)
+    schema.add_field(IMAGE_ID, DataType.VARCHAR, max_length=MAX_IMAGE_ID_LEN)
+    schema.add_field(URI, DataType.VARCHAR, max_length=MAX_URI_LEN)
+    for name in BOX_FIELDS:
+        schema.add_field(name, DataType.FLOAT)
+    schema.add_field(SCORE, DataType.FLOAT)
+    schema.add_field(RANK, DataType.INT64)
+    schema.add_field(MODEL_VERSION, DataType.VARCHAR, max_length=MAX_MODEL_VERSION_LEN)
+    schema.add_field(EMBEDDING, DataType.FLOAT_VECTOR, dim=dim)
+    return schema
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One stored instance; ``box`` is absolute pixels ``[x, y, w, h]`` (BoxMode.XYWH_ABS)."""
+
+    image_id: str
+    uri: str
+    box: tuple[float, float, float, float]
+    score: float
+    rank: int
+    model_version: str
+    embedding: np.ndarray
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def pk(self) -> str:
+        return make_pk(self.model_version, self.image_id, self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Milvus row: schema fields plus dynamic ``extra`` fields."""
+        reserved = set(ROW_FIELDS) & set(self.extra)
+        if reserved:
+            raise ValueError(f"extra fields shadow schema fields: {sorted(reserved)}")
+        row: dict[str, Any] = {
+            PK: self.pk,
+            IMAGE_ID: self.image_id,
+            URI: self.uri,
+            **{name: float(v) for name, v in zip(BOX_FIELDS, self.box, strict=True)},
+            SCORE: float(self.score),
+            RANK: int(self.rank),
+            MODEL_VERSION: self.model_version,
+            EMBEDDING: np.asarray(self.embedding, dtype=np.float32).reshape(-1).tolist(),
+        }
+        row.update(self.extra)
+        return row
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> InstanceRow:
+        """Inverse of :meth:`to_dict`; unknown keys land in ``extra``."""
+        extra = {k: v for k, v in row.items() if k not in ROW_FIELDS}
+        box = tuple(float(row[name]) for name in BOX_FIELDS)
+        return cls(
+            image_id=str(row[IMAGE_ID]),
+            uri=str(row[URI]),
+            box=box,  # type: ignore[arg-type]
+            score=float(row[SCORE]),
+            rank=int(row[RANK]),
+            model_version=str(row[MODEL_VERSION]),
+            embedding=np.asarray(row.get(EMBEDDING, []), dtype=np.float32),
+            extra=extra,
+        )
+
+
+def rows_from_columns(columns: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Columnar batch (Ray Data / pandas-like dict of arrays) -> Milvus row dicts.
+
+    Only schema fields are taken (plus ``pk`` if present, recomputed otherwise) so
+    bookkeeping columns of a pipeline never leak into the store.
+    """
+    n = len(columns[IMAGE_ID])
+    embeddings = np.asarray(columns[EMBEDDING], dtype=np.float32).reshape(n, -1)
+    for i in range(n):
+        row = InstanceRow(
+            image_id=str(columns[IMAGE_ID][i]),
+            uri=str(columns[URI][i]),
+            box=tuple(float(columns[name][i]) for name in BOX_FIELDS),  # type: ignore[arg-type]
+            score=float(columns[SCORE][i]),
+            rank=int(columns[RANK][i]),
+            model_version=str(columns[MODEL_VERSION][i]),
+            embedding=embeddings[i],
+        )
+        yield row.to_dict()

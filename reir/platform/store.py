@@ -1,0 +1,308 @@
+"""Instance store on Milvus (milvus-lite file, milvus-lite server, or a Milvus cluster).
+
+Vectors are L2-normalized and searched with the IP metric, so ANN scores are cosine
+similarities in [-1, 1]. Filters are never raw strings: callers pass a
+:class:`SearchFilter` whose values are validated before the expression is built,
+so user text can not reach the Milvus expression parser.
+
+A milvus-lite ``.db`` path is a data directory that one process locks exclusively.
+pymilvus starts an in-process server for it and keeps it (and the lock) until the
+process exits; :meth:`MilvusStore.close` releases it once the last store of this
+process on that path closes, so another process (an ingestion job, a Serve replica)
+can open it next.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pymilvus import MilvusClient
+
+from reir.platform import schema as S
+
+if TYPE_CHECKING:
+    from reir.platform.config import MilvusConfig
+
+INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT")
+_DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
+    "HNSW": {"M": 16, "efConstruction": 200},
+    "IVF_FLAT": {"nlist": 128},
+}
+# Values allowed inside a filter expression: ids, versions, paths. Anything else is
+# rejected rather than escaped, which is simpler to reason about than quoting rules.
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+\-]{1,512}$")
+
+_lite_lock = threading.Lock()
+_lite_refs: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ANN result: ``score`` is the raw IP (cosine), ``instance_score`` the objectness."""
+
+    pk: str
+    image_id: str
+    uri: str
+    box: tuple[float, float, float, float]
+    score: float
+    instance_score: float
+    model_version: str
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Structured filter; :meth:`to_expr` builds the only expressions the store sends."""
+
+    model_version: str | None = None
+    image_ids: tuple[str, ...] = ()
+
+    def to_expr(self) -> str:
+        parts: list[str] = []
+        if self.model_version is not None:
+            parts.append(f'{S.MODEL_VERSION} == "{_safe(self.model_version)}"')
+        if self.image_ids:
+            values = ", ".join(f'"{_safe(v)}"' for v in self.image_ids)
+            parts.append(f"{S.IMAGE_ID} in [{values}]")
+        return " and ".join(parts)
+
+
+def _safe(value: str) -> str:
+    if not _SAFE_VALUE.match(value):
+        raise ValueError(f"unsafe filter value {value!r}: allowed [A-Za-z0-9_.:/@+-]")
+    return value
+
+
+def _normalize(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class MilvusStore:
+    """Instance rows in one Milvus collection; see ``docs/interfaces.md``."""
+
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        *,
+        dim: int | None = None,
+        token: str = "",
+        upsert_batch_size: int = 512,
+        search_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.uri = uri
+        self.collection = collection
+        self.upsert_batch_size = upsert_batch_size
+        self._search_params = dict(search_params or {})
+        self._lite_path = os.path.abspath(uri) if uri.endswith(".db") else None
+        if self._lite_path is not None:
+            with _lite_lock:
+                _lite_refs[self._lite_path] = _lite_refs.get(self._lite_path, 0) + 1
+        try:
+            self._client: MilvusClient | None = MilvusClient(uri=uri, token=token)
+        except Exception:
+            self._release_lite()
+            raise
+        if dim is not None:
+            self.ensure_collection(dim)
+
+    @classmethod
+    def from_config(cls, cfg: MilvusConfig, *, dim: int | None = None) -> MilvusStore:
+        return cls(
+            cfg.uri,
+            cfg.collection,
+            dim=dim,
+            token=cfg.token,
+            upsert_batch_size=cfg.upsert_batch_size,
+            search_params=cfg.search_params,
+        )
+
+    @property
+    def client(self) -> MilvusClient:
+        if self._client is None:
+            raise RuntimeError("MilvusStore is closed")
+        return self._client
+
+    def exists(self) -> bool:
+        return bool(self.client.has_collection(self.collection))
+
+    @property
+    def dim(self) -> int | None:
+        """Embedding size of the existing collection, or None if it does not exist."""
+        if not self.exists():
+            return None
+        for f in self.client.describe_collection(self.collection)["fields"]:
+            if f["name"] == S.EMBEDDING:
+                return int(f["params"]["dim"])
+        raise RuntimeError(f"collection {self.collection} has no {S.EMBEDDING} field")
+
+    def ensure_collection(self, dim: int) -> None:
+        """Create the collection if missing; an existing one must have the same dim."""
+        existing = self.dim
+        if existing is None:
+            self.client.create_collection(self.collection, schema=S.collection_schema(dim))
+        elif existing != dim:
+            raise ValueError(
+                f"collection {self.collection} has dim {existing}, rows have dim {dim}; "
+                "use another collection name for this model"
+            )
+
+    def upsert(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Insert or replace rows by primary key, in batches; returns rows written."""
+        written = 0
+        prepared = (self._prepare(row) for row in rows)
+        for chunk in _chunks(prepared, self.upsert_batch_size):
+            self.client.upsert(self.collection, chunk)
+            written += len(chunk)
+        return written
+
+    @staticmethod
+    def _prepare(row: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(row)
+        out[S.EMBEDDING] = _normalize(np.asarray(row[S.EMBEDDING]))[0].tolist()
+        if S.PK not in out:
+            out[S.PK] = S.make_pk(out[S.MODEL_VERSION], out[S.IMAGE_ID], int(out[S.RANK]))
+        return out
+
+    def build_index(self, index_type: str = "AUTOINDEX", params: Mapping[str, Any] | None = None) -> None:
+        """(Re)build the vector index; a no-op when the same index type already exists."""
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+        current = self._current_index_type()
+        if current == index_type:
+            return
+        # Milvus refuses to change an index on a loaded collection.
+        self.client.release_collection(self.collection)
+        if current is not None:
+            self.client.drop_index(self.collection, S.EMBEDDING)
+        index_params = self.client.prepare_index_params()
+        index_params.add_index(
+            field_name=S.EMBEDDING,
+            index_type=index_type,
+            metric_type=S.METRIC,
+            params={**_DEFAULT_INDEX_PARAMS.get(index_type, {}), **dict(params or {})},
+        )
+        self.client.create_index(self.collection, index_params)
+
+    def _current_index_type(self) -> str | None:
+        if S.EMBEDDING not in self.client.list_indexes(self.collection):
+            return None
+        return str(self.client.describe_index(self.collection, S.EMBEDDING)["index_type"])
+
+    def index_type(self) -> str | None:
+        return self._current_index_type()
+
+    def load(self) -> None:
+        self.client.load_collection(self.collection)
+
+    def _search_params_for(self, top_n: int) -> dict[str, Any]:
+        kind = self._current_index_type()
+        params: dict[str, Any] = {}
+        if kind == "HNSW":
+            params["ef"] = max(top_n, 64)  # HNSW needs ef >= limit
+        elif kind == "IVF_FLAT":
+            params["nprobe"] = 16
+        params.update(self._search_params)
+        return {"metric_type": S.METRIC, "params": params}
+
+    def search(
+        self, vectors: np.ndarray, top_n: int, filter: SearchFilter | None = None
+    ) -> list[list[Hit]]:
+        """Nearest instances for each query vector, best first."""
+        if top_n < 1:
+            raise ValueError("top_n must be >= 1")
+        queries = _normalize(vectors)
+        results = self.client.search(
+            self.collection,
+            data=queries.tolist(),
+            limit=top_n,
+            filter=filter.to_expr() if filter is not None else "",
+            output_fields=[f for f in S.SCALAR_FIELDS if f != S.PK],
+            search_params=self._search_params_for(top_n),
+            anns_field=S.EMBEDDING,
+        )
+        return [[self._to_hit(h) for h in hits] for hits in results]
+
+    @staticmethod
+    def _to_hit(hit: Mapping[str, Any]) -> Hit:
+        entity = hit.get("entity", {})
+        return Hit(
+            pk=str(hit.get("pk", hit.get("id"))),
+            image_id=str(entity[S.IMAGE_ID]),
+            uri=str(entity[S.URI]),
+            box=tuple(float(entity[f]) for f in S.BOX_FIELDS),  # type: ignore[arg-type]
+            score=float(hit["distance"]),
+            instance_score=float(entity[S.SCORE]),
+            model_version=str(entity[S.MODEL_VERSION]),
+        )
+
+    def get(self, pks: Sequence[str]) -> list[dict[str, Any]]:
+        """Rows (scalars and vector) by primary key; missing keys are skipped."""
+        if not pks:
+            return []
+        return list(self.client.get(self.collection, ids=list(pks)))
+
+    def count(self, filter: SearchFilter | None = None) -> int:
+        if not self.exists():
+            return 0
+        res = self.client.query(
+            self.collection,
+            filter=filter.to_expr() if filter is not None else "",
+            output_fields=["count(*)"],
+        )
+        return int(res[0]["count(*)"])
+
+    def drop(self) -> None:
+        if self.exists():
+            self.client.drop_collection(self.collection)
+
+    def close(self) -> None:
+        if self._client is None:
+            return
+        try:
+            self._client.close()
+        finally:
+            self._client = None
+            self._release_lite()
+
+    def _release_lite(self) -> None:
+        if self._lite_path is None:
+            return
+        with _lite_lock:
+            left = _lite_refs.get(self._lite_path, 1) - 1
+            if left > 0:
+                _lite_refs[self._lite_path] = left
+                return
+            _lite_refs.pop(self._lite_path, None)
+        # Last user in this process: stop pymilvus' in-process server so the file
+        # lock is freed for other processes instead of held until interpreter exit.
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(self._lite_path)
+        self._lite_path = None
+
+    def __enter__(self) -> MilvusStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,56 @@
+"""Typed configuration of a training run, and the DeepSpeed config derived from it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """One training run: a stage of the two-stage recipe on one data root."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_root: str = Field(description="synthetic benchmark directory (reir synth --out)")
+    model: str = Field("small", description="preset name or model directory to start from")
+    stage: Literal["1", "2"] = "1"
+    output_dir: str = "runs"
+    run_name: str = "reir"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="micro-batch of images per worker")
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    time_budget_s: float | None = Field(None, gt=0, description="stop (and finish the LR schedule) by then")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool = Field(True, description="bf16 on GPU; always fp32 on CPU")
+    flip_augment: bool = True
+    seed: int = 0
+    log_every: int = Field(20, ge=1)
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _zero3_needs_gather(self) -> TrainConfig:
+        if self.zero_stage == 3:
+            raise ValueError("zero_stage 3 is not supported yet: checkpoints are saved from rank 0's full copy")
+        return self
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg``; the optimizer itself is built by the trainer."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bool(cfg.use_gpu and cfg.bf16)},
+        "steps_per_print": 10**9,  # the trainer logs on its own schedule
+        "wall_clock_breakdown": False,
+    }

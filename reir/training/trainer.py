@@ -1,0 +1,220 @@
+"""Two-stage training on Ray Train (TorchTrainer) with DeepSpeed.
+
+The driver turns the benchmark's training split into a Ray Dataset (one row per image)
+and starts ``num_workers`` Ray Train workers. Each worker builds the model, wraps it in
+a DeepSpeed engine (ZeRO stage from the config, gloo on CPU, NCCL + bf16 on GPU), reads
+its shard of the dataset, and reports a checkpoint (a model directory that
+``reir.model.create_model`` loads) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from reir.data.formats import ImageSample, load_samples
+from reir.training.config import TrainConfig, deepspeed_config
+
+MODEL_DIRNAME = "model"
+
+
+def sample_to_row(s: ImageSample) -> dict[str, Any]:
+    # Nested ragged lists go through Arrow as JSON text: simple and loss-free.
+    return {
+        "image_id": s.image_id,
+        "path": s.path,
+        "width": int(s.width),
+        "height": int(s.height),
+        "boxes": json.dumps(s.boxes),
+        "labels": json.dumps(s.labels),
+        "refs": json.dumps([list(r) for r in s.refs]),
+    }
+
+
+def row_to_sample(row: dict[str, Any]) -> ImageSample:
+    return ImageSample(
+        image_id=str(row["image_id"]),
+        path=str(row["path"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        boxes=json.loads(row["boxes"]),
+        labels=json.loads(row["labels"]),
+        refs=[(str(t), int(i)) for t, i in json.loads(row["refs"])],
+    )
+
+
+class ImageCache:
+    """Decoded training images kept in memory after the first epoch (small galleries)."""
+
+    def __init__(self, max_items: int = 20000) -> None:
+        self._items: dict[str, Image.Image] = {}
+        self._max = max_items
+
+    def get(self, path: str) -> Image.Image:
+        img = self._items.get(path)
+        if img is None:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+            if len(self._items) < self._max:
+                self._items[path] = img
+        return img
+
+
+def lr_factor(progress: float, step: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 5% over ``progress`` in [0, 1]."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    return warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _progress(cfg: TrainConfig, step: int, total_steps: int, started: float) -> float:
+    p = step / max(1, total_steps)
+    if cfg.time_budget_s:
+        p = max(p, (time.monotonic() - started) / cfg.time_budget_s)
+    return p
+
+
+def _agree(value: float, device: torch.device) -> float:
+    """Every worker must take the same stop/LR decision, or collectives hang: use rank 0's."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+    return value
+
+
+def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[Any, Any, Any]:
+    import deepspeed
+
+    from reir.model import create_model
+    from reir.model.losses import ReirCriterion
+
+    model, processor = create_model(cfg.model, **cfg.model_overrides)
+    model.to(device)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    criterion = ReirCriterion(model.config, stage=cfg.stage, rank=rank, world_size=world)
+    return engine, processor, criterion
+
+
+def _save_checkpoint(engine: Any, processor: Any, cfg: TrainConfig, stats: dict[str, Any]) -> str:
+    out = tempfile.mkdtemp(prefix="reir-ckpt-")
+    engine.module.save_pretrained(out)
+    processor.save_pretrained(out)
+    (Path(out) / "training_args.json").write_text(
+        json.dumps({"config": cfg.model_dump(), "stats": stats}, indent=2, default=str)
+    )
+    return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    engine, processor, criterion = _build_engine(cfg, rank, world, device)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+    shard = ray.train.get_dataset_shard("train")
+    rows_per_worker = int(loop_config["num_rows"]) // world
+    steps_per_epoch = max(1, rows_per_worker // (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    cache = ImageCache()
+    step, micro, samples_seen, started = 0, 0, 0, time.monotonic()
+    last: dict[str, float] = {}
+    done = False
+    for epoch in range(cfg.epochs if not cfg.max_steps else 10**6):
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
+            local_shuffle_seed=cfg.seed + epoch, drop_last=True,
+        )
+        for frame in batches:
+            samples = [row_to_sample(r) for r in frame.to_dict("records")]
+            images = [cache.get(s.path) for s in samples]
+            batch = processor.collate(samples, images, augment=cfg.flip_augment).to(device, dtype=dtype)
+            losses = criterion(engine.module, batch)
+            engine.backward(losses["loss"])
+            progress = _agree(_progress(cfg, step, total_steps, started), device)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(progress, step, cfg.warmup_steps)
+            engine.step()
+            micro += 1
+            samples_seen += len(samples)
+            if micro % cfg.grad_accum:
+                continue
+            step += 1
+            last = {k: float(v.detach()) for k, v in losses.items()}
+            if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+                rate = samples_seen * world / max(1e-9, time.monotonic() - started)
+                parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
+                print(f"[train stage {cfg.stage}] epoch {epoch} step {step}/{total_steps} {parts} "
+                      f"{rate:.1f} samples/s", flush=True)
+            if step >= total_steps or progress >= 1.0:
+                done = True
+                break
+        if done:
+            break
+    seconds = time.monotonic() - started
+    stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds, 1e-9),
+             "world_size": world, **{k: v for k, v in last.items()}}
+    checkpoint = None
+    if rank == 0:
+        checkpoint = ray.train.Checkpoint.from_directory(_save_checkpoint(engine, processor, cfg, stats))
+    ray.train.report(stats, checkpoint=checkpoint)
+
+
+def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
+    """Train one stage; returns the model directory ``{output_dir}/{run_name}/model``."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    samples = load_samples(cfg.data_root, "train")
+    if not samples:
+        raise ValueError(f"no training images under {cfg.data_root}")
+    ds = ray.data.from_items([sample_to_row(s) for s in samples])
+    out_root = Path(cfg.output_dir).resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples)},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(out_root / "ray")),
+        datasets={"train": ds},
+    )
+    echo(f"training stage {cfg.stage}: {len(samples)} images, {cfg.num_workers} worker(s), "
+         f"ZeRO {cfg.zero_stage}, model {cfg.model}")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.run_name} produced no checkpoint: {result.error}")
+    model_dir = out_root / cfg.run_name / MODEL_DIRNAME
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    result.checkpoint.to_directory(str(model_dir))
+    echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
+    return model_dir
