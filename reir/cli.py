@@ -109,7 +109,7 @@ def ingest(
     _need_dir(gallery, "gallery")
     _need_dir(model_dir, "model directory")
     _init_ray()
-    cfg = IngestConfig(gallery=str(gallery), split=split, model_path=str(model_dir),
+    cfg = IngestConfig(gallery_root=gallery, split=split, model_path=str(model_dir),
                        milvus=MilvusConfig(uri=milvus_uri, collection=collection),
                        num_encoders=encoders, batch_size=batch_size)
     typer.echo(json.dumps(_plain(run_ingestion(cfg)), indent=2))

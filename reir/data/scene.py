@@ -8,6 +8,8 @@ rendered mask, so they agree with the pixels exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -150,8 +152,16 @@ def _place_objects(size: int, rng: np.random.Generator) -> _Placer:
     return placer
 
 
-def sample_scene(image_id: str, size: int, rng: np.random.Generator) -> tuple[Scene, Image.Image, list[float]]:
-    """A random scene, its image (``size`` x ``size`` RGB) and each object's visible fraction."""
+@dataclass
+class Rendered:
+    scene: Scene
+    image: Image.Image
+    visible: list[float]  # fraction of each object's pixels left visible
+    pixels: list[int]  # pixel count of each object's whole shape (COCO "area")
+
+
+def sample_scene(image_id: str, size: int, rng: np.random.Generator) -> Rendered:
+    """A random scene and its ``size`` x ``size`` RGB image."""
     placer = _place_objects(size, rng)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     image = Image.fromarray(draw_background(background, size, rng), "RGB")
@@ -159,4 +169,4 @@ def sample_scene(image_id: str, size: int, rng: np.random.Generator) -> tuple[Sc
     for shape, color, x0, y0, side in placer.params:
         draw_shape(draw, shape, x0, y0, side, RGB[color])
     scene = Scene(image_id=image_id, width=size, height=size, background=background, objects=placer.objects)
-    return scene, image, placer.visible_fractions()
+    return Rendered(scene, image, placer.visible_fractions(), list(placer.full))

@@ -113,3 +113,28 @@ def iou_xywh(a: Any, b: Any) -> float:
     inter = ix * iy
     union = max(aw, 0.0) * max(ah, 0.0) + max(bw, 0.0) * max(bh, 0.0) - inter
     return inter / union if union > 0 else 0.0
+
+
+def nms_xyxy(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, *, max_keep: int | None = None
+) -> torch.Tensor:
+    """Greedy non-maximum suppression over xyxy ``boxes`` (N,4) with ``scores`` (N,).
+
+    Returns the kept positions (long, N' <= max_keep) in decreasing score order. A box is
+    dropped when its IoU with an already kept, higher-scoring box exceeds ``iou_threshold``.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    order = torch.argsort(scores, descending=True)
+    iou = pairwise_iou_xyxy(boxes[order], boxes[order])[0].cpu().numpy()
+    limit = len(order) if max_keep is None else max_keep
+    suppressed = np.zeros(len(order), dtype=bool)
+    kept: list[int] = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        kept.append(i)
+        if len(kept) >= limit:
+            break
+        suppressed |= iou[i] > iou_threshold
+    return order[torch.as_tensor(kept, dtype=torch.long)]

@@ -1,0 +1,162 @@
+"""``reir demo``: the whole platform end to end on embedded defaults.
+
+synth -> train stage 1 and stage 2 (Ray Train + DeepSpeed) -> ingest the test gallery
+(Ray Data -> milvus-lite in server mode) -> Ray Serve -> every test query over HTTP ->
+BR@k table, metrics.json, example answers and a picture of three queries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+DEMO_BUDGET_S = 20 * 60
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo_out"
+    num_images: int = 2000
+    train_minutes: float = 11.0
+    stage1_share: float = 0.6
+    model: str = "small"
+    seed: int = 0
+    batch_size: int = 16
+    top_k: int = 10
+    http_port: int = 8000
+    query_concurrency: int = 4
+
+
+class _Clock:
+    """Prints each step with the time spent and what is left of the 20-minute budget."""
+
+    def __init__(self, console: Console, steps: int) -> None:
+        self.console, self.steps, self.step, self.started = console, steps, 0, time.monotonic()
+
+    def begin(self, what: str) -> None:
+        self.step += 1
+        used = time.monotonic() - self.started
+        self.console.rule(f"[bold]step {self.step}/{self.steps}: {what}  "
+                          f"[dim]({used / 60:.1f} of {DEMO_BUDGET_S / 60:.0f} min used)")
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    import ray
+
+    from reir.data.formats import test_queries
+    from reir.data.synth import generate
+    from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
+    from reir.platform.milvus_server import EmbeddedMilvus
+    from reir.progress import progress_bar
+
+    console = Console()
+    clock = _Clock(console, 7)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+
+    clock.begin(f"generate the synthetic benchmark ({cfg.num_images} images)")
+    with progress_bar("synth", total=cfg.num_images) as advance:
+        generate(data, num_images=cfg.num_images, seed=cfg.seed, progress=advance)
+    queries = test_queries(data)
+    console.print(f"{len(queries)} test queries, each unique across the whole test gallery")
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    try:
+        model_dir = _train(cfg, data, out, clock)
+        with EmbeddedMilvus(out / "milvus") as milvus:
+            clock.begin("ingest the test gallery through Ray Data into Milvus")
+            summary = _ingest(model_dir, data, milvus.uri)
+            console.print(summary)
+            clock.begin("start Ray Serve and send every test query over HTTP")
+            predictions, answers = _query_over_http(cfg, model_dir, milvus.uri, queries, progress_bar)
+    finally:
+        ray.shutdown()
+
+    clock.begin("evaluate")
+    metrics = evaluate_predictions(predictions, queries)
+    metrics.update(rec_accuracy_for(model_dir, data, queries))
+    metrics["num_queries"] = len(queries)
+    metrics["wall_seconds"] = round(clock.seconds, 1)
+    _report(console, metrics, queries, answers)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    clock.begin("draw three queries with their top answers")
+    from reir.evaluation.visualize import draw_examples
+
+    picture = draw_examples(out / "examples.png", data, queries[:3], [answers[q.query_id] for q in queries[:3]])
+    console.print(f"picture: {picture}\nmetrics: {out / 'metrics.json'}\n"
+                  f"demo finished in {clock.seconds / 60:.1f} min (budget {DEMO_BUDGET_S / 60:.0f} min)")
+    return metrics
+
+
+def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
+    from reir.training.config import TrainConfig
+    from reir.training.trainer import run_training
+
+    budget = cfg.train_minutes * 60
+    common: dict[str, Any] = dict(data_root=str(data), output_dir=str(out / "runs"), batch_size=cfg.batch_size,
+                                  epochs=1000, seed=cfg.seed, zero_stage=2, log_every=25)
+    clock.begin(f"train stage 1 (detection + REC), {budget * cfg.stage1_share / 60:.1f} min")
+    stage1 = run_training(TrainConfig(model=cfg.model, stage="1", run_name="stage1",
+                                      time_budget_s=budget * cfg.stage1_share, **common))
+    clock.begin(f"train stage 2 (CLIA), {budget * (1 - cfg.stage1_share) / 60:.1f} min")
+    return run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10,
+                                    time_budget_s=budget * (1 - cfg.stage1_share), lr=3e-4, **common))
+
+
+def _ingest(model_dir: Path, data: Path, milvus_uri: str) -> Any:
+    from reir.ingestion.pipeline import run_ingestion
+    from reir.platform.config import IngestConfig, MilvusConfig
+
+    return run_ingestion(IngestConfig(gallery_root=data, split="test", model_path=str(model_dir),
+                                      milvus=MilvusConfig(uri=milvus_uri), batch_size=32))
+
+
+def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries: list[Any],
+                     progress_bar: Any) -> tuple[dict[str, list[Any]], dict[str, list[dict[str, Any]]]]:
+    from ray import serve
+
+    from reir.client import Client
+    from reir.evaluation.metrics import Prediction
+    from reir.serving.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
+    serve.run(build_app({"model_path": str(model_dir), "milvus_uri": milvus_uri}))
+    client = Client(f"http://127.0.0.1:{cfg.http_port}")
+    answers: dict[str, list[dict[str, Any]]] = {}
+    try:
+        with progress_bar("queries over HTTP", total=len(queries)) as advance, \
+                ThreadPoolExecutor(cfg.query_concurrency) as pool:
+            def one(q: Any) -> None:
+                answers[q.query_id] = client.search(q.text, top_k=cfg.top_k)
+                advance(1)
+
+            list(pool.map(one, queries))
+    finally:
+        serve.shutdown()
+    predictions = {qid: [Prediction(r["image_id"], r["box"]) for r in rs] for qid, rs in answers.items()}
+    return predictions, answers
+
+
+def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
+            answers: dict[str, list[dict[str, Any]]]) -> None:
+    from reir.evaluation.metrics import format_table
+    from reir.model.boxes import iou_xywh
+
+    console.print(format_table(metrics))
+    for q in queries[:5]:
+        top = answers[q.query_id][0] if answers[q.query_id] else None
+        hit = bool(top and top["image_id"] == q.image_id and iou_xywh(top["box"], q.box) >= 0.5)
+        where = f"{top['image_id']} box {[round(v) for v in top['box']]} score {top['score']:.3f}" if top else "-"
+        console.print(f"  [{'green' if hit else 'red'}]{'hit ' if hit else 'miss'}[/] \"{q.text}\" -> {where} "
+                      f"(truth {q.image_id} {[round(v) for v in q.box]})")

@@ -1,0 +1,98 @@
+"""Evaluation runs: turn search answers into BR@k, and measure REC accuracy with the model.
+
+REC accuracy is measured on the model itself, not the index: the expression is scored
+against the instances of its ground-truth image, and the best one must overlap the
+ground-truth box (IoU >= tau).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from reir.data.formats import Query, test_queries
+from reir.evaluation.metrics import Prediction, box_recall_at_k, format_table, rec_accuracy, write_metrics_json
+
+TAUS = (0.5, 0.7, 0.9)
+KS = (1, 5, 10)
+
+
+def evaluate_predictions(predictions: dict[str, list[Prediction]], queries: Sequence[Query]) -> dict[str, Any]:
+    truth = {q.query_id: (q.image_id, q.box) for q in queries}
+    return dict(box_recall_at_k(predictions, truth, ks=KS, taus=TAUS))
+
+
+@torch.no_grad()
+def rec_accuracy_for(model_dir: Path | str, data_root: Path | str, queries: Sequence[Query],
+                     *, top_k: int = 10, batch_images: int = 32) -> dict[str, float]:
+    """REC Acc@tau: the best-scoring instance of the ground-truth image vs the ground-truth box."""
+    from reir.model import create_model
+
+    model, processor = create_model(str(model_dir))
+    model.eval()
+    by_image: dict[str, list[Query]] = defaultdict(list)
+    for q in queries:
+        by_image[q.image_id].append(q)
+    paths = _image_paths(Path(data_root))
+    top_boxes: dict[str, list[float]] = {}
+    image_ids = sorted(by_image)
+    for start in range(0, len(image_ids), batch_images):
+        chunk = image_ids[start:start + batch_images]
+        images = [Image.open(paths[i]).convert("RGB") for i in chunk]
+        out = model.encode_images(processor.images(images))
+        instances = processor.postprocess(out, sizes=[im.size for im in images], top_k=top_k)
+        for image_id, insts in zip(chunk, instances):
+            qs = by_image[image_id]
+            if not insts:
+                continue
+            text = model.encode_text(**processor.text([q.text for q in qs])).embeddings
+            inst_emb = torch.as_tensor([i.embedding for i in insts], dtype=text.dtype)
+            best = model.score(text, inst_emb).argmax(dim=-1)
+            for q, b in zip(qs, best.tolist()):
+                top_boxes[q.query_id] = list(insts[b].box_xywh)
+    truth = {q.query_id: (q.image_id, q.box) for q in queries}
+    return dict(rec_accuracy(top_boxes, truth, taus=TAUS))
+
+
+def _image_paths(root: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (root / "images").rglob("*.jpg")}
+
+
+def evaluate_index(data_root: Path, model_dir: Path, *, milvus_uri: str, collection: str, url: str | None,
+                   out: Path | None, echo: Callable[[str], None] = print, top_k: int = 10) -> dict[str, Any]:
+    """Send every test query through the retriever (in process, or over HTTP with ``url``)."""
+    import time
+
+    queries = test_queries(data_root)
+    started = time.monotonic()
+    search = _http_search(url) if url else _inprocess_search(model_dir, milvus_uri, collection)
+    predictions = {q.query_id: search(q.text, top_k) for q in queries}
+    metrics = evaluate_predictions(predictions, queries)
+    metrics.update(rec_accuracy_for(model_dir, data_root, queries))
+    metrics["num_queries"] = len(queries)
+    metrics["wall_seconds"] = round(time.monotonic() - started, 2)
+    echo(format_table(metrics))
+    if out is not None:
+        write_metrics_json(out, metrics)
+    return metrics
+
+
+def _http_search(url: str) -> Callable[[str, int], list[Prediction]]:
+    from reir.client import Client
+
+    client = Client(url)
+    return lambda text, k: [Prediction(r["image_id"], r["box"]) for r in client.search(text, top_k=k)]
+
+
+def _inprocess_search(model_dir: Path, milvus_uri: str, collection: str) -> Callable[[str, int], list[Prediction]]:
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.serving.retriever import Retriever
+
+    retriever = Retriever.from_config(ServeConfig(model_path=str(model_dir),
+                                                  milvus=MilvusConfig(uri=milvus_uri, collection=collection)))
+    return lambda text, k: [Prediction(r.image_id, r.box) for r in retriever.search(text, top_k=k)]

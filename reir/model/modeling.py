@@ -1,0 +1,300 @@
+"""REIR dual-stream model (CLARE-style): a text-free visual branch that turns an image
+into dense instance queries, and a text branch with a Mixture of Relation Experts.
+
+Box format everywhere in this module: normalized ``[cx, cy, w, h]`` relative to the
+image (``BoxMode.CXCYWH_NORM``); since images are resized to ``S x S`` without keeping
+aspect ratio, these map back exactly to the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .configuration import MoreSpec, ReirConfig, TextSpec, VisionSpec
+from .modeling_visual import (
+    ConvBackbone,
+    InstanceHeads,
+    SiglipBackbone,
+    build_siglip_vision_tower,
+    sine_position_2d,
+    vision_grid_size,
+)
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class InstanceOutput:
+    """Dense instance predictions of the visual branch (Q = number of grid tokens).
+
+    Attributes:
+        boxes: ``[B, Q, 4]`` float, normalized ``cxcywh`` in [0, 1].
+        objectness_logits: ``[B, Q]`` float, sigmoid gives P(query is an object).
+        embeddings: ``[B, Q, D]`` float, L2-normalized instance embeddings.
+    """
+
+    boxes: torch.Tensor
+    objectness_logits: torch.Tensor
+    embeddings: torch.Tensor
+
+
+@dataclass
+class TextOutput:
+    """Text-branch output for T expressions.
+
+    Attributes:
+        embeddings: ``[T, D]`` float, L2-normalized.
+        aux_loss: ``[]`` scalar, Switch-style expert load-balancing loss.
+        gate_probs: ``[T, E]`` float, softmax over all E experts' gate logits.
+    """
+
+    embeddings: torch.Tensor
+    aux_loss: torch.Tensor
+    gate_probs: torch.Tensor
+
+
+@dataclass
+class ReirOutput:
+    """``ReirModel.forward`` output; scale/bias travel along so losses work on wrapped models.
+
+    Attributes:
+        instances: :class:`InstanceOutput` or None when no images were given.
+        text: :class:`TextOutput` or None when no text was given.
+        logit_scale: ``[]`` log of the score temperature (score = exp(scale) * cos + bias).
+        logit_bias: ``[]`` score bias.
+    """
+
+    instances: InstanceOutput | None
+    text: TextOutput | None
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor
+
+
+class VisualEncoder(nn.Module):
+    """Image -> token grid (+2D sine position) -> transformer encoder -> instance heads."""
+
+    def __init__(self, spec: VisionSpec, embed_dim: int, load_weights: bool) -> None:
+        super().__init__()
+        if spec.backbone == "cnn":
+            self.backbone: nn.Module = ConvBackbone(spec.hidden_size)
+        elif spec.backbone == "siglip":
+            self.backbone = SiglipBackbone(build_siglip_vision_tower(spec, load_weights))
+        else:
+            raise ValueError(f"unknown vision backbone {spec.backbone!r}")
+        self.grid = vision_grid_size(spec, self.backbone)
+        hidden = spec.hidden_size
+        self.input_proj = nn.Sequential(nn.Linear(self.backbone.out_channels, hidden), nn.LayerNorm(hidden))
+        self.register_buffer("pos", sine_position_2d(self.grid, hidden), persistent=False)
+        layer = nn.TransformerEncoderLayer(
+            hidden,
+            spec.num_heads,
+            int(hidden * spec.mlp_ratio),
+            dropout=spec.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        # Self-attention among all tokens is what lets an instance encode its relations
+        # ("left of the red square", "the largest green one").
+        self.encoder = nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.heads = InstanceHeads(spec, self.grid, embed_dim)
+
+    @property
+    def num_queries(self) -> int:
+        return self.grid * self.grid
+
+    def forward(self, pixel_values: torch.Tensor) -> InstanceOutput:
+        tokens = self.input_proj(self.backbone(pixel_values)) + self.pos
+        tokens = self.norm(self.encoder(tokens))
+        boxes, obj, emb = self.heads(tokens)
+        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb)
+
+
+class MixtureOfRelationExperts(nn.Module):
+    """Top-k gated experts mapping the pooled text vector to the embedding space."""
+
+    def __init__(self, in_dim: int, out_dim: int, spec: MoreSpec) -> None:
+        super().__init__()
+        if not 1 <= spec.top_k <= spec.num_experts:
+            raise ValueError(f"need 1 <= top_k <= num_experts, got {spec.top_k}/{spec.num_experts}")
+        self.num_experts, self.top_k = spec.num_experts, spec.top_k
+        self.gate = nn.Linear(in_dim, spec.num_experts)
+        nn.init.normal_(self.gate.weight, std=0.02)  # near-uniform routing at init
+        nn.init.zeros_(self.gate.bias)
+        self.experts = nn.ModuleList([self._expert(in_dim, out_dim, spec.expert_hidden) for _ in range(spec.num_experts)])
+
+    @staticmethod
+    def _expert(in_dim: int, out_dim: int, hidden: int) -> nn.Module:
+        if hidden <= 0:
+            return nn.Linear(in_dim, out_dim)
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [T, in] -> (out [T, out], aux_loss [], gate_probs [T, E])``."""
+        logits = self.gate(x)
+        probs = logits.softmax(dim=-1)
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)
+        weights = top_logits.softmax(dim=-1)  # renormalized over the chosen experts only
+        # Few experts and short batches: running all experts densely is cheaper than gathering.
+        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # [T, E, out]
+        chosen = expert_out.gather(1, top_idx[..., None].expand(-1, -1, expert_out.shape[-1]))
+        out = (weights[..., None] * chosen).sum(dim=1)
+        if x.shape[0] == 0:
+            return out, logits.sum() * 0.0, probs
+        routed = torch.zeros_like(probs).scatter(1, top_idx, 1.0).mean(dim=0) / self.top_k
+        aux = self.num_experts * (routed * probs.mean(dim=0)).sum()
+        return out, aux, probs
+
+
+def _build_text_tower(spec: TextSpec, load_weights: bool) -> nn.Module:
+    """Built-in random BERT, a local HF dir (creation) or a stored HF config (reload)."""
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel, SiglipTextConfig, SiglipTextModel
+
+    if spec.encoder == "bert":
+        if spec.vocab_size is None:
+            raise ValueError("text.vocab_size must be set for the built-in BERT encoder")
+        cfg = BertConfig(
+            vocab_size=spec.vocab_size,
+            hidden_size=spec.hidden_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            intermediate_size=spec.intermediate_size,
+            max_position_embeddings=max(64, spec.max_length),
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+        )
+        return BertModel(cfg, add_pooling_layer=spec.pooling == "pooler")
+    if spec.encoder != "hf":
+        raise ValueError(f"unknown text encoder {spec.encoder!r}")
+    if load_weights and spec.model_path:
+        model_type = AutoConfig.from_pretrained(spec.model_path).model_type
+        if model_type in ("siglip", "siglip_text_model"):
+            return SiglipTextModel.from_pretrained(spec.model_path)
+        return AutoModel.from_pretrained(spec.model_path)
+    if spec.hf_config is None:
+        raise ValueError("text encoder 'hf' needs text.model_path (a local HF dir) or text.hf_config")
+    cfg_dict: dict[str, Any] = dict(spec.hf_config)
+    model_type = cfg_dict.pop("model_type")
+    if model_type == "siglip_text_model":
+        return SiglipTextModel(SiglipTextConfig(**cfg_dict))
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg_dict))
+
+
+class TextEncoder(nn.Module):
+    """Tokens -> HF encoder -> pooled vector -> MoRE -> L2-normalized ``[T, D]``."""
+
+    def __init__(self, spec: TextSpec, more: MoreSpec, embed_dim: int, load_weights: bool) -> None:
+        super().__init__()
+        self.pooling = spec.pooling
+        self.model = _build_text_tower(spec, load_weights)
+        self.more = MixtureOfRelationExperts(int(self.model.config.hidden_size), embed_dim, more)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler":
+            pooled = out.pooler_output
+        elif self.pooling == "cls":
+            pooled = out.last_hidden_state[:, 0]
+        else:
+            mask = attention_mask[..., None].to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        emb, aux, probs = self.more(pooled)
+        return TextOutput(embeddings=F.normalize(emb, dim=-1), aux_loss=aux, gate_probs=probs)
+
+
+class ReirModel(nn.Module):
+    """Dual-stream REIR model. Build with :func:`reir.model.create_model`.
+
+    ``load_towers=False`` builds HF towers from the configs stored in ``config`` instead
+    of reading ``model_path`` (used when loading a saved checkpoint).
+    """
+
+    config_class = ReirConfig
+
+    def __init__(self, config: ReirConfig, *, load_towers: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = VisualEncoder(config.vision_spec, config.embed_dim, load_towers)
+        self.text = TextEncoder(config.text_spec, config.more_spec, config.embed_dim, load_towers)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+        self._record_tower_configs()
+
+    def _record_tower_configs(self) -> None:
+        # Keep the HF tower configs in ReirConfig so a saved checkpoint rebuilds offline
+        # without the original local directories.
+        backbone = self.vision.backbone
+        if isinstance(backbone, SiglipBackbone):
+            self.config.vision["hf_config"] = backbone.tower.config.to_dict()
+            self.config.vision["image_size"] = int(backbone.tower.config.image_size)
+        if self.config.text["encoder"] == "hf":
+            self.config.text["hf_config"] = self.text.model.config.to_dict()
+
+    @property
+    def num_queries(self) -> int:
+        """Q: instance queries per image."""
+        return self.vision.num_queries
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> InstanceOutput:
+        """``pixel_values [B,3,S,S]`` (see ``ReirProcessor.images``) -> :class:`InstanceOutput`."""
+        return self.vision(pixel_values)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        """``input_ids, attention_mask [T, L]`` -> :class:`TextOutput`."""
+        return self.text(input_ids, attention_mask)
+
+    def score(self, text_emb: torch.Tensor, inst_emb: torch.Tensor) -> torch.Tensor:
+        """All-pairs logits ``[T, ...]`` for ``text_emb [T, D]`` and ``inst_emb [..., D]``."""
+        sims = torch.einsum("td,...d->t...", text_emb, inst_emb)
+        return score_from_similarity(sims, self.logit_scale, self.logit_bias)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ReirOutput:
+        instances = self.vision(pixel_values) if pixel_values is not None else None
+        text = None
+        if input_ids is not None:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            text = self.text(input_ids, mask)
+        return ReirOutput(instances, text, self.logit_scale, self.logit_bias)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``config.json`` + ``model.safetensors`` into ``save_directory``."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(path)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+    ) -> ReirModel:
+        """Load a directory written by :meth:`save_pretrained` (no network access)."""
+        path = Path(directory)
+        config = ReirConfig.from_pretrained(path)
+        model = cls(config, load_towers=False)
+        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device="cpu"), strict=True)
+        return model.to(map_location).eval()
+
+
+def score_from_similarity(sims: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP-style logits from cosine similarities; the scale is capped for stability."""
+    return logit_scale.exp().clamp(max=100.0) * sims + logit_bias

@@ -1,0 +1,280 @@
+"""``ReirProcessor``: images and text in, model inputs out; model outputs in, instances out.
+
+Box conventions follow :mod:`reir.model.boxes`: the model sees normalized ``cxcywh``
+relative to the original image; :meth:`ReirProcessor.postprocess` returns absolute pixel
+``[x, y, w, h]`` of the *original* image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .boxes import BoxMode, convert, cxcywh_to_xyxy, nms_xyxy
+from .configuration import ReirConfig
+from .modeling import InstanceOutput
+
+PROCESSOR_NAME = "preprocessor_config.json"
+_LR_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_LR_PATTERN = re.compile(r"\b(leftmost|rightmost|left|right)\b", re.IGNORECASE)
+
+
+class SampleLike(Protocol):
+    """What :meth:`ReirProcessor.collate` reads from a sample (``reir.data.ImageSample``)."""
+
+    image_id: str
+    width: int
+    height: int
+    boxes: list[list[float]]  # absolute [x, y, w, h]
+    labels: list[int]
+    refs: list[tuple[str, int]]  # (expression, index into boxes)
+
+
+@dataclass
+class Instance:
+    """One retrievable instance of an image.
+
+    Attributes:
+        box_xywh: absolute pixel ``[x, y, w, h]`` in the original image.
+        score: objectness probability in [0, 1].
+        embedding: ``float32 [D]`` L2-normalized instance embedding.
+        rank: 0-based position in the image's instance list (sorted by score).
+    """
+
+    box_xywh: list[float]
+    score: float
+    embedding: np.ndarray
+    rank: int
+
+
+@dataclass
+class TrainBatch:
+    """A collated training batch (B images, T expressions).
+
+    Attributes:
+        pixel_values: ``[B, 3, S, S]`` float.
+        targets: per image ``{"boxes": [n, 4] float cxcywh normalized, "labels": [n] long}``.
+        input_ids / attention_mask: ``[T, L]`` long.
+        text_image_index: ``[T]`` long, image of each expression (0..B-1).
+        text_target_index: ``[T]`` long, referent's index into that image's target boxes.
+        image_ids / texts: bookkeeping (not used by the losses).
+    """
+
+    pixel_values: torch.Tensor
+    targets: list[dict[str, torch.Tensor]]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    text_image_index: torch.Tensor
+    text_target_index: torch.Tensor
+    image_ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return replace(
+            self,
+            pixel_values=move(self.pixel_values),
+            targets=[{k: move(v) for k, v in t.items()} for t in self.targets],
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            text_image_index=move(self.text_image_index),
+            text_target_index=move(self.text_target_index),
+        )
+
+
+def swap_left_right(text: str) -> str:
+    """Mirror horizontal spatial words (used with horizontal-flip augmentation)."""
+
+    def _swap(match: re.Match[str]) -> str:
+        word = match.group(0)
+        out = _LR_SWAP[word.lower()]
+        return out.capitalize() if word[0].isupper() else out
+
+    return _LR_PATTERN.sub(_swap, text)
+
+
+class ReirProcessor:
+    """Pre- and post-processing paired with a :class:`ReirModel` (saved in the same dir)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        image_size: int,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        max_length: int = 32,
+        padding: str = "longest",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.max_length = int(max_length)
+        self.padding = padding
+
+    @classmethod
+    def from_config(cls, config: ReirConfig, tokenizer: PreTrainedTokenizerBase) -> ReirProcessor:
+        vision, text = config.vision_spec, config.text_spec
+        return cls(
+            tokenizer,
+            image_size=vision.image_size,
+            image_mean=vision.image_mean,
+            image_std=vision.image_std,
+            max_length=text.max_length,
+            padding=text.padding,
+        )
+
+    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images (any mode/size) -> ``[B, 3, S, S]`` float, resized ignoring aspect ratio."""
+        size = (self.image_size, self.image_size)
+        arrays = [np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) for im in images]
+        if not arrays:
+            return torch.zeros(0, 3, *size)
+        batch = np.stack(arrays) / 255.0
+        batch = (batch - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32))
+
+    def text(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Expressions -> ``{"input_ids": [T, L], "attention_mask": [T, L]}`` (long)."""
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
+        enc = self.tokenizer(
+            list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+    def postprocess(
+        self,
+        output: InstanceOutput,
+        sizes: Sequence[tuple[int, int]],
+        top_k: int = 10,
+        nms_iou: float = 0.7,
+        min_score: float = 0.0,
+    ) -> list[list[Instance]]:
+        """Keep each image's top-``top_k`` queries by objectness after NMS.
+
+        ``sizes`` are the original ``(width, height)`` of each image; returned boxes are
+        absolute pixel ``[x, y, w, h]`` in those images, clipped to their bounds.
+        """
+        if len(sizes) != output.boxes.shape[0]:
+            raise ValueError(f"got {len(sizes)} sizes for {output.boxes.shape[0]} images")
+        probs = torch.sigmoid(output.objectness_logits.detach().float()).cpu()
+        boxes = cxcywh_to_xyxy(output.boxes.detach().float().cpu()).clamp(0.0, 1.0)
+        embs = output.embeddings.detach().float().cpu()
+        return [
+            self._postprocess_one(boxes[b], probs[b], embs[b], sizes[b], top_k, nms_iou, min_score)
+            for b in range(len(sizes))
+        ]
+
+    @staticmethod
+    def _postprocess_one(
+        boxes: torch.Tensor,
+        probs: torch.Tensor,
+        embs: torch.Tensor,
+        size: tuple[int, int],
+        top_k: int,
+        nms_iou: float,
+        min_score: float,
+    ) -> list[Instance]:
+        # Pre-select candidates: NMS cost grows quadratically and low scorers rarely survive.
+        order = torch.argsort(probs, descending=True)[: max(10 * top_k, 100)]
+        order = order[probs[order] >= min_score]
+        keep = order[nms_xyxy(boxes[order], probs[order], nms_iou, max_keep=top_k)]
+        width, height = float(size[0]), float(size[1])
+        xywh = convert(boxes[keep].double().numpy(), BoxMode.XYXY_NORM, BoxMode.XYWH_ABS, width=width, height=height)
+        return [
+            Instance(
+                box_xywh=[float(v) for v in xywh[i]],
+                score=float(probs[q]),
+                embedding=embs[q].numpy().astype(np.float32, copy=True),
+                rank=i,
+            )
+            for i, q in enumerate(keep.tolist())
+        ]
+
+    def collate(
+        self,
+        samples: Sequence[SampleLike],
+        images: Sequence[Image.Image],
+        *,
+        hflip_prob: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> TrainBatch:
+        """Build a :class:`TrainBatch`; optionally flip images horizontally with ``hflip_prob``
+        (boxes mirrored, "left"/"right" swapped in expressions)."""
+        if len(samples) != len(images):
+            raise ValueError(f"{len(samples)} samples but {len(images)} images")
+        rng = rng or random.Random()
+        pil: list[Image.Image] = []
+        targets: list[dict[str, torch.Tensor]] = []
+        texts: list[str] = []
+        img_idx: list[int] = []
+        tgt_idx: list[int] = []
+        for i, (sample, image) in enumerate(zip(samples, images)):
+            flip = hflip_prob > 0 and rng.random() < hflip_prob
+            boxes = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
+            if flip:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                boxes = boxes.copy()
+                boxes[:, 0] = sample.width - boxes[:, 0] - boxes[:, 2]
+            norm = convert(boxes, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=sample.width, height=sample.height)
+            targets.append(
+                {
+                    "boxes": torch.as_tensor(norm, dtype=torch.float32).reshape(-1, 4),
+                    "labels": torch.as_tensor(list(sample.labels), dtype=torch.long),
+                }
+            )
+            pil.append(image)
+            for text, box_index in sample.refs:
+                texts.append(swap_left_right(text) if flip else text)
+                img_idx.append(i)
+                tgt_idx.append(int(box_index))
+        enc = self.text(texts)
+        return TrainBatch(
+            pixel_values=self.images(pil),
+            targets=targets,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            text_image_index=torch.as_tensor(img_idx, dtype=torch.long),
+            text_target_index=torch.as_tensor(tgt_idx, dtype=torch.long),
+            image_ids=[s.image_id for s in samples],
+            texts=texts,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor_class": type(self).__name__,
+            "image_size": self.image_size,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "max_length": self.max_length,
+            "padding": self.padding,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``preprocessor_config.json`` and the tokenizer files into ``save_directory``."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.tokenizer.save_pretrained(str(path))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> ReirProcessor:
+        path = Path(directory)
+        cfg = json.loads((path / PROCESSOR_NAME).read_text())
+        cfg.pop("processor_class", None)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(tokenizer, **cfg)

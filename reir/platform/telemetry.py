@@ -1,0 +1,73 @@
+"""The one list of metric names, ``reir_<area>_<what>_<unit>``.
+
+Emitters (Serve deployments, Ray Data actors) take names from here so dashboards and
+alerts have a single source of truth. Definitions only: creating the metric objects is
+left to the runtime that owns them (``ray.util.metrics`` inside actors/replicas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MetricKind = Literal["counter", "histogram", "gauge"]
+
+# Latency buckets in seconds: a query is a text encode + one ANN search, so the
+# interesting range is 1 ms .. a few seconds.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: MetricKind
+    description: str
+    tag_keys: tuple[str, ...] = ()
+
+
+QUERY_REQUESTS_TOTAL = MetricSpec(
+    "reir_query_requests_total", "counter", "HTTP query requests by route and status", ("route", "status")
+)
+QUERY_LATENCY_SECONDS = MetricSpec(
+    "reir_query_latency_seconds", "histogram", "End-to-end query latency at the ingress", ("route",)
+)
+QUERY_ENCODE_BATCH_SIZE = MetricSpec(
+    "reir_query_encode_batch_size", "histogram", "Texts per batched text-encoder call"
+)
+QUERY_SEARCH_LATENCY_SECONDS = MetricSpec(
+    "reir_query_search_latency_seconds", "histogram", "Milvus ANN search + ranking latency"
+)
+INGEST_IMAGES_TOTAL = MetricSpec("reir_ingest_images_total", "counter", "Images encoded")
+INGEST_INSTANCES_TOTAL = MetricSpec("reir_ingest_instances_total", "counter", "Instance rows produced")
+INGEST_FAILURES_TOTAL = MetricSpec(
+    "reir_ingest_failures_total", "counter", "Images skipped (unreadable or undecodable)", ("reason",)
+)
+INGEST_BATCH_LATENCY_SECONDS = MetricSpec(
+    "reir_ingest_batch_latency_seconds", "histogram", "Encoder time per image batch"
+)
+
+ALL_METRICS: tuple[MetricSpec, ...] = (
+    QUERY_REQUESTS_TOTAL,
+    QUERY_LATENCY_SECONDS,
+    QUERY_ENCODE_BATCH_SIZE,
+    QUERY_SEARCH_LATENCY_SECONDS,
+    INGEST_IMAGES_TOTAL,
+    INGEST_INSTANCES_TOTAL,
+    INGEST_FAILURES_TOTAL,
+    INGEST_BATCH_LATENCY_SECONDS,
+)
+
+
+def ray_metric(spec: MetricSpec, boundaries: tuple[float, ...] = LATENCY_BUCKETS_S) -> object:
+    """Create the ``ray.util.metrics`` object for ``spec`` (call inside an actor/replica)."""
+    from ray.util import metrics  # Ray is imported only where metrics are emitted
+
+    if spec.kind == "counter":
+        return metrics.Counter(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+    if spec.kind == "gauge":
+        return metrics.Gauge(spec.name, description=spec.description, tag_keys=spec.tag_keys)
+    return metrics.Histogram(
+        spec.name, description=spec.description, boundaries=list(boundaries), tag_keys=spec.tag_keys
+    )

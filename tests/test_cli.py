@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMANDS = ["synth", "train", "ingest", "serve", "search", "eval", "demo"]
+
+
+def _reir(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "reir.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    res = _reir(command, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "Usage" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/nonexistent/bench"], "data directory not found: /nonexistent/bench"),
+        (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found"),
+        (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found"),
+        (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
+    res = _reir(*args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bad_option_values_are_rejected_cleanly(tmp_path: Path) -> None:
+    res = _reir("train", "--data", str(tmp_path), "--stage", "7")
+    assert res.returncode == 2
+    assert "--stage must be 1 or 2" in res.stderr
+    res = _reir("synth", "--out", str(tmp_path / "o"), "--num-images", "3")
+    assert res.returncode == 2 and "Traceback" not in res.stderr

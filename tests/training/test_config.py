@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from reir.data.formats import ImageSample
+from reir.training.config import TrainConfig, deepspeed_config
+from reir.training.trainer import lr_factor, row_to_sample, sample_to_row
+
+
+def test_deepspeed_config_follows_typed_config() -> None:
+    cfg = TrainConfig(data_root="d", batch_size=8, grad_accum=4, zero_stage=0, grad_clip=0.5)
+    ds = deepspeed_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"] == {"stage": 0}
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False  # CPU runs stay fp32 even when bf16 is asked for
+    assert deepspeed_config(cfg.model_copy(update={"use_gpu": True}))["bf16"]["enabled"] is True
+
+
+def test_unknown_or_bad_fields_are_rejected() -> None:
+    with pytest.raises(ValidationError):
+        TrainConfig(data_root="d", learning_rate=1.0)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        TrainConfig(data_root="d", stage="3")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        TrainConfig(data_root="d", zero_stage=3)
+
+
+def test_lr_warms_up_then_decays() -> None:
+    assert lr_factor(0.0, 0, 10) == pytest.approx(0.1)
+    assert lr_factor(0.0, 9, 10) == pytest.approx(1.0)
+    mid, end = lr_factor(0.5, 100, 10), lr_factor(1.0, 200, 10)
+    assert 1.0 > mid > end == pytest.approx(0.05)
+
+
+def test_rows_round_trip_samples() -> None:
+    s = ImageSample(image_id="syn1", path="/x/syn1.jpg", width=128, height=96,
+                    boxes=[[1.0, 2.0, 30.0, 40.0], [5.5, 6.0, 7.0, 8.0]], labels=[3, 1],
+                    refs=[("the red square", 0), ("the small circle", 1)])
+    assert row_to_sample(sample_to_row(s)) == s
