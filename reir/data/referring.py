@@ -9,6 +9,7 @@ ANDs. Every accepted expression is re-checked with the full evaluator.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from reir.data.semantics import (
     Relation,
     Scene,
     Thing,
-    evaluate,
+    detail_truth,
     head_matches,
     is_unique_referent,
     relation_truth,
@@ -39,28 +40,47 @@ MAX_DETAILS = 3
 
 @dataclass(frozen=True)
 class _Detail:
-    fields: tuple[tuple[str, Any], ...]  # Expr keyword arguments
+    kind: str  # the Expr field it sets
+    value: Any
     yes: int  # bit k set: candidate k is YES
     live: int  # bit k set: candidate k is not NO
     words: int  # words this detail adds to the sentence
 
-    @property
-    def keys(self) -> set[str]:
-        return {k for k, _ in self.fields}
+
+class _Scope:
+    """Candidates of one search (a gallery's same-head instances, or one image's
+    objects) with cached truth masks of single details."""
+
+    def __init__(self, members: list[tuple[Scene, int]]) -> None:
+        self.members = members
+        self._cache: dict[Any, tuple[int, int]] = {}
+
+    def masks(self, head: dict[str, Any], kind: str, value: Any) -> tuple[int, int]:
+        # Only superlatives depend on the head; other details are shared across heads.
+        sup = kind == "superlative"
+        key = (kind, value, head.get("shape"), head.get("color")) if sup else (kind, value)
+        if key not in self._cache:
+            expr = Expr(**head, **{kind: value})
+            yes = live = 0
+            for k, (scene, i) in enumerate(self.members):
+                if sup and not head_matches(scene.objects[i], expr.shape, expr.color):
+                    continue  # the head conjunct makes it NO anyway
+                t = detail_truth(expr, scene, i)
+                yes |= (t == YES) << k
+                live |= (t != NO) << k
+            self._cache[key] = (yes, live)
+        return self._cache[key]
 
 
-def _masks(truths: list[int]) -> tuple[int, int]:
-    yes = live = 0
-    for k, t in enumerate(truths):
-        if t == YES:
-            yes |= 1 << k
-        if t != NO:
-            live |= 1 << k
-    return yes, live
+@functools.lru_cache(maxsize=4096)
+def _detail_words(kind: str, value: Any) -> int:
+    """Words a detail adds; independent of the head ("the red circle" -> +N)."""
+    head = {"shape": "circle"}
+    return len(render(Expr(**head, **{kind: value})).split()) - len(render(Expr(**head)).split())
 
 
-def _unique_things(scene: Scene, i: int) -> list[Thing]:
-    """Noun phrases that name exactly one other object of the image ("the red square")."""
+def _unique_things(scene: Scene, i: int) -> list[tuple[int, Thing]]:
+    """Noun phrases naming exactly one other object of the image ("the red square")."""
     out = []
     for j, o in enumerate(scene.objects):
         if j == i:
@@ -68,120 +88,145 @@ def _unique_things(scene: Scene, i: int) -> list[Thing]:
         for thing in (Thing(o.shape, o.color), Thing(o.shape)):
             hits = [k for k, p in enumerate(scene.objects) if head_matches(p, thing.shape, thing.color)]
             if hits == [j]:
-                out.append(thing)
+                out.append((j, thing))
     return out
 
 
-def detail_fields(scene: Scene, i: int, *, context: bool = True) -> list[dict[str, Any]]:
-    """Every detail that might hold for object ``i`` (truth is checked later)."""
+def detail_fields(scene: Scene, i: int, *, context: bool = True) -> list[tuple[str, Any]]:
+    """Details that might hold for object ``i`` as (Expr field, value)."""
     obj = scene.objects[i]
-    out: list[dict[str, Any]] = [{"size": obj.size}, {"background": scene.background}]
-    out += [{"superlative": kind} for kind in SUPERLATIVES]
-    for thing in _unique_things(scene, i):
-        j = next(k for k, o in enumerate(scene.objects) if k != i and head_matches(o, thing.shape, thing.color))
+    out: list[tuple[str, Any]] = [("size", obj.size), ("background", scene.background)]
+    out += [("superlative", kind) for kind in SUPERLATIVES]
+    for j, thing in _unique_things(scene, i):
         for rel in RELATIONS:
             if relation_truth(obj, scene.objects[j], rel, scene.width, scene.height) == YES:
-                out.append({"relation": Relation(rel, thing)})
+                out.append(("relation", Relation(rel, thing)))
     if context:
         others = {Thing(o.shape, o.color) for k, o in enumerate(scene.objects) if k != i}
-        out += [{"context": t} for t in sorted(others, key=lambda t: (t.shape, t.color or ""))]
+        out += [("context", t) for t in sorted(others, key=lambda t: (t.shape, t.color or ""))]
     return out
 
 
-def _details(head: dict[str, Any], fields_list: list[dict[str, Any]], evaluate_all: Any, pos: int) -> list[_Detail]:
-    """Details that are YES for the target, with masks over the candidates."""
-    base_words = len(render(Expr(**head)).split())
+def _details(head: dict[str, Any], fields: list[tuple[str, Any]], scope: _Scope, pos: int) -> list[_Detail]:
+    """Details that are YES for the target at ``pos``, with masks over the scope."""
     out = []
-    for fields in fields_list:
-        try:
-            expr = Expr(**head, **fields)
-        except ValueError:
-            continue
-        truths = evaluate_all(expr)
-        if truths[pos] != YES:
-            continue
-        yes, live = _masks(truths)
-        words = len(render(expr).split()) - base_words
-        out.append(_Detail(tuple(sorted(fields.items())), yes, live, words))
+    for kind, value in fields:
+        yes, live = scope.masks(head, kind, value)
+        if yes >> pos & 1:
+            out.append(_Detail(kind, value, yes, live, _detail_words(kind, value)))
     return out
 
 
 def _compatible(combo: tuple[_Detail, ...]) -> bool:
-    keys = [d.keys for d in combo]
-    if sum(len(k) for k in keys) != len(set().union(*keys)):
-        return False
-    merged = set().union(*keys)
+    kinds = {d.kind for d in combo}
     # Positional superlatives were evaluated without the size word: keep them apart.
-    return not ("superlative" in merged and ("relation" in merged or "size" in merged))
+    clash = "superlative" in kinds and ("relation" in kinds or "size" in kinds)
+    return len(kinds) == len(combo) and not clash
 
 
-def _combos(details: list[_Detail], max_details: int) -> list[tuple[_Detail, ...]]:
-    out: list[tuple[_Detail, ...]] = [()]
-    for n in range(1, max_details + 1):
-        out += [c for c in itertools.combinations(details, n) if _compatible(c)]
-    return out
+def _combos(details: list[_Detail], sizes: range) -> list[tuple[_Detail, ...]]:
+    return [c for n in sizes for c in itertools.combinations(details, n) if _compatible(c)]
+
+
+def _live(combo: tuple[_Detail, ...], start: int) -> int:
+    for d in combo:
+        start &= d.live
+    return start
 
 
 def _build(head: dict[str, Any], combo: tuple[_Detail, ...]) -> Expr:
-    kwargs = dict(head)
-    for d in combo:
-        kwargs.update(dict(d.fields))
-    return Expr(**kwargs)
+    return Expr(**head, **{d.kind: d.value for d in combo})
 
 
-def test_expression(gallery: Gallery, s: int, i: int, rng: np.random.Generator) -> Expr | None:
-    """Shortest (with random ties) expression naming (s, i) uniquely in the gallery."""
-    scene = gallery.scenes[s]
-    obj = scene.objects[i]
-    head = {"shape": obj.shape, "color": obj.color}
-    cands = gallery.candidates(Expr(**head))
-    pos = cands.index((s, i))
+class TestPlanner:
+    """Finds gallery-unique expressions; caches detail masks per head across targets."""
 
-    def evaluate_all(expr: Expr) -> list[int]:
-        return [evaluate(expr, gallery.scenes[cs], ci) for cs, ci in cands]
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+        self._scopes: dict[tuple[str, str], _Scope] = {}
 
-    details = _details(head, detail_fields(scene, i), evaluate_all, pos)
-    all_live = (1 << len(cands)) - 1
-    scored = []
-    for combo in _combos(details, MAX_DETAILS):
-        words = sum(d.words for d in combo)
-        if words <= MAX_TEST_WORDS:
-            scored.append((words + 2.5 * rng.random(), combo))
-    scored.sort(key=lambda x: x[0])
-    for _, combo in scored:
-        live = all_live
-        for d in combo:
-            live &= d.live
-        if live == 1 << pos:
-            expr = _build(head, combo)
-            # Safety net: the bitmask shortcut must agree with the full evaluator.
-            if is_unique_referent(gallery.truths(expr), s, i):
-                return expr
-    return None
+    def _scope(self, head: Expr) -> _Scope:
+        key = (head.color or "", head.shape or "")
+        if key not in self._scopes:
+            members = [(self.gallery.scenes[s], i) for s, i in self.gallery.candidates(head)]
+            self._scopes[key] = _Scope(members)
+        return self._scopes[key]
+
+    def expression(self, s: int, i: int, rng: np.random.Generator) -> Expr | None:
+        """Shortest (random ties) expression naming (s, i) uniquely in the gallery."""
+        scene = self.gallery.scenes[s]
+        obj = scene.objects[i]
+        head = {"shape": obj.shape, "color": obj.color}
+        scope = self._scope(Expr(**head))
+        pos = scope.members.index((scene, i))
+        details = _details(head, detail_fields(scene, i), scope, pos)
+        everyone = (1 << len(scope.members)) - 1
+        # A random per-target preference among kinds mixes relations, superlatives,
+        # backgrounds... instead of always the globally shortest kind.
+        bias = {kind: 4.0 * rng.random() for kind in ("size", "background", "superlative", "relation", "context")}
+        scored = [
+            (sum(d.words + bias[d.kind] for d in c) + 1.5 * rng.random(), c)
+            for c in _combos(details, range(MAX_DETAILS + 1))
+            if sum(d.words for d in c) <= MAX_TEST_WORDS
+        ]
+        scored.sort(key=lambda x: x[0])
+        for _, combo in scored:
+            if _live(combo, everyone) == 1 << pos:
+                expr = _build(head, combo)
+                # Safety net: the bitmask shortcut must agree with the full evaluator.
+                if is_unique_referent(self.gallery.truths(expr), s, i):
+                    return expr
+        return None
 
 
-def train_expressions(scene: Scene, i: int, rng: np.random.Generator, max_count: int = 3) -> list[Expr]:
-    """Up to ``max_count`` different expressions naming object ``i`` uniquely in its image."""
+def train_expressions(scene: Scene, i: int, rng: np.random.Generator, max_count: int = 3, scope: _Scope | None = None) -> list[Expr]:
+    """Up to ``max_count`` different expressions naming object ``i`` uniquely in its image.
+
+    Pass one ``scope = image_scope(scene)`` for all objects of an image to share work."""
+    scope = scope or image_scope(scene)
     obj = scene.objects[i]
     heads = [{"shape": obj.shape, "color": obj.color}, {"shape": obj.shape}, {"color": obj.color}]
-    n = len(scene.objects)
-    found: list[tuple[float, Expr]] = []
+    fields = [f for f in detail_fields(scene, i, context=False) if f[0] != "background"]
+    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[_Detail, ...]]]] = {}
     for head in heads:
-        def evaluate_all(expr: Expr) -> list[int]:
-            return [evaluate(expr, scene, j) for j in range(n)]
+        head_live = sum(1 << j for j, o in enumerate(scene.objects) if head_matches(o, head.get("shape"), head.get("color")))
+        details = _details(head, fields, scope, i)
+        # Two-detail phrasings only when short ones are scarce: keeps the search cheap.
+        sizes = range(2) if len(groups) >= max_count else range(3)
+        for combo in _combos(details, sizes):
+            if _live(combo, head_live) == 1 << i:
+                signature = (*sorted(head), *sorted(d.kind for d in combo))
+                groups.setdefault(signature, []).append((head, combo))
+    return [_decorate(scene, i, e, rng) for e in _pick_varied(groups, rng, max_count)]
 
-        fields = [f for f in detail_fields(scene, i, context=False) if "background" not in f]
-        details = _details(head, fields, evaluate_all, i)
-        for combo in _combos(details, 2):
-            live = (1 << n) - 1
-            for d in combo:
-                live &= d.live
-            if live == 1 << i:
-                words = sum(d.words for d in combo)
-                found.append((words + 3.0 * rng.random(), _build(head, combo)))
-    found.sort(key=lambda x: x[0])
-    chosen = [e for _, e in found[:max_count]]
-    return [_decorate(scene, i, e, rng) for e in chosen]
+
+# Relations are the hardest skill and are never the shortest unique phrasing within
+# an image, so they are favoured when choosing which kinds of phrasing to keep.
+_KIND_WEIGHT = {"relation": 4.0, "superlative": 1.0, "size": 1.0}
+
+
+def _pick_varied(
+    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[_Detail, ...]]]],
+    rng: np.random.Generator,
+    count: int,
+) -> list[Expr]:
+    """One random phrasing from each of up to ``count`` signatures (kinds of details)."""
+    signatures = sorted(groups)
+    if not signatures:
+        return []
+    weights = np.array([max([1.5] + [_KIND_WEIGHT.get(k, 0.0) for k in sig]) for sig in signatures])
+    k = min(count, len(signatures))
+    chosen = rng.choice(len(signatures), size=k, replace=False, p=weights / weights.sum())
+    out = []
+    for idx in sorted(chosen.tolist()):
+        options = groups[signatures[idx]]
+        head, combo = options[int(rng.integers(len(options)))]
+        out.append(_build(head, combo))
+    return out
+
+
+def image_scope(scene: Scene) -> _Scope:
+    return _Scope([(scene, j) for j in range(len(scene.objects))])
 
 
 def _decorate(scene: Scene, i: int, expr: Expr, rng: np.random.Generator) -> Expr:
@@ -215,7 +260,10 @@ def random_discovery_expr(rng: np.random.Generator) -> Expr:
     if kind == 0:
         return Expr(**head, size=size)
     if kind == 1:
-        return Expr(**head, relation=Relation(rel, _random_thing(rng, rng.random() < 0.8)))
+        ref = _random_thing(rng, rng.random() < 0.8)
+        if ref.shape == thing.shape and ref.color in (None, thing.color):
+            ref = Thing(SHAPES[(SHAPES.index(ref.shape) + 1) % len(SHAPES)], ref.color)
+        return Expr(**head, relation=Relation(rel, ref))
     if kind == 2:
         return Expr(**head, background=bg)
     if kind == 3:

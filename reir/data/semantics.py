@@ -14,7 +14,7 @@ area for size comparisons, so everything can be recomputed from the json files.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from reir.data.vocab import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
@@ -95,7 +95,15 @@ class Expr:
 
     def to_program(self) -> dict[str, Any]:
         """JSON-friendly form stored next to each sentence (``sentences[].program``)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out: dict[str, Any] = {}
+        for key in ("shape", "color", "size", "superlative", "background"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.relation is not None:
+            out["relation"] = {"relation": self.relation.relation, "ref": _thing_dict(self.relation.ref)}
+        if self.context is not None:
+            out["context"] = _thing_dict(self.context)
+        return out
 
     @classmethod
     def from_program(cls, program: dict[str, Any]) -> Expr:
@@ -110,6 +118,10 @@ class Expr:
             background=program.get("background"),
             context=Thing(**ctx) if ctx else None,
         )
+
+
+def _thing_dict(thing: Thing) -> dict[str, Any]:
+    return {"shape": thing.shape, **({"color": thing.color} if thing.color else {})}
 
 
 def _expr_problems(e: Expr) -> list[str]:
@@ -214,10 +226,9 @@ def context_truth(scene: Scene, i: int, thing: Thing) -> int:
     return YES if found else NO
 
 
-def evaluate(expr: Expr, scene: Scene, i: int) -> int:
-    """Truth of ``expr`` for object ``i`` of ``scene``: the minimum over its conjuncts."""
-    if not head_matches(scene.objects[i], expr.shape, expr.color, expr.size):
-        return NO
+def detail_truth(expr: Expr, scene: Scene, i: int) -> int:
+    """Truth of every conjunct except the head attributes (a superlative still uses
+    the head to choose the objects it compares with)."""
     if expr.background is not None and scene.background != expr.background:
         return NO
     truth = YES
@@ -228,6 +239,13 @@ def evaluate(expr: Expr, scene: Scene, i: int) -> int:
     if truth and expr.superlative is not None:
         truth = min(truth, superlative_truth(scene, i, expr))
     return truth
+
+
+def evaluate(expr: Expr, scene: Scene, i: int) -> int:
+    """Truth of ``expr`` for object ``i`` of ``scene``: the minimum over its conjuncts."""
+    if not head_matches(scene.objects[i], expr.shape, expr.color, expr.size):
+        return NO
+    return detail_truth(expr, scene, i)
 
 
 # ---------------------------------------------------------------- galleries

@@ -1,0 +1,113 @@
+"""Training samples and evaluation queries assembled from a benchmark directory.
+
+``load_samples`` joins the COCO instances file (every box of every image, so the
+detector also learns objects nobody refers to) with the REIRCOCO sentences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reir.data.formats import RefEntry, load_reircoco, validate_coco
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ImageSample:
+    image_id: str
+    path: str  # absolute
+    width: int
+    height: int
+    boxes: list[list[float]] = field(default_factory=list)  # [x, y, w, h] pixels
+    labels: list[int] = field(default_factory=list)  # 0-based contiguous category index
+    refs: list[tuple[str, int]] = field(default_factory=list)  # (expression, index into boxes)
+    ann_ids: list[int] = field(default_factory=list)  # parallel to boxes
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: str
+    text: str
+    image_id: str
+    box: tuple[float, float, float, float]  # ground truth [x, y, w, h] pixels
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _image_key(img: dict[str, Any]) -> str:
+    # Synthetic COCO files keep the string id ("syn000123") in image_key; real COCO
+    # files only have the integer id, which REIRCOCO entries then use as image_id.
+    return str(img.get("image_key", img["id"]))
+
+
+def _samples_from_coco(root: Path, coco_path: Path) -> dict[str, ImageSample]:
+    data = validate_coco(coco_path)
+    cat_index = {c["id"]: k for k, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    by_id: dict[int, ImageSample] = {}
+    for img in data["images"]:
+        path = str((root / img["file_name"]).resolve())
+        by_id[img["id"]] = ImageSample(_image_key(img), path, img["width"], img["height"])
+    for ann in sorted(data["annotations"], key=lambda a: a["id"]):
+        if ann["category_id"] not in cat_index:
+            raise ValueError(f"{coco_path}: annotation id {ann['id']}: unknown category_id {ann['category_id']}")
+        sample = by_id[ann["image_id"]]
+        sample.boxes.append([float(v) for v in ann["bbox"]])
+        sample.labels.append(cat_index[ann["category_id"]])
+        sample.ann_ids.append(ann["id"])
+    return {s.image_id: s for s in by_id.values()}
+
+
+def _samples_from_entries(root: Path, entries: list[RefEntry]) -> dict[str, ImageSample]:
+    """Fallback when no instances file exists: boxes come from ``det_anno``."""
+    cat_ids = sorted({a.category_id for e in entries for a in e.det_anno})
+    cat_index = {c: k for k, c in enumerate(cat_ids)}
+    out: dict[str, ImageSample] = {}
+    for e in entries:
+        if e.image_id in out:
+            continue
+        dets = sorted(e.det_anno, key=lambda a: a.ann_id)
+        out[e.image_id] = ImageSample(
+            e.image_id, str((root / e.file_name).resolve()), e.width, e.height,
+            boxes=[list(a.bbox) for a in dets], labels=[cat_index[a.category_id] for a in dets],
+            ann_ids=[a.ann_id for a in dets],
+        )
+    return out
+
+
+def load_samples(root: str | Path, split: str) -> list[ImageSample]:
+    """Every image of ``split`` with all its boxes and its (expression, box index) refs."""
+    _check_split(split)
+    root = Path(root)
+    reircoco = root / "reircoco.json"
+    entries = [e for e in load_reircoco(reircoco) if e.split == split]
+    coco_path = root / f"instances_{split}.json"
+    samples = _samples_from_coco(root, coco_path) if coco_path.exists() else _samples_from_entries(root, entries)
+    for e in entries:
+        sample = samples.get(e.image_id)
+        if sample is None:
+            raise ValueError(f"{reircoco}: image_id {e.image_id!r} ({split}) is missing from {coco_path.name}")
+        try:
+            index = sample.ann_ids.index(e.ref_anno.ann_id)
+        except ValueError:
+            raise ValueError(
+                f"{reircoco}: image_id {e.image_id!r}: ref_anno.ann_id {e.ref_anno.ann_id} has no box in the image"
+            ) from None
+        sample.refs += [(s.raw, index) for s in e.sentences]
+    return sorted(samples.values(), key=lambda s: s.image_id)
+
+
+def test_queries(root: str | Path, split: str = "test") -> list[Query]:
+    """One query per sentence of ``split``; the ground truth is the entry's referent."""
+    _check_split(split)
+    out = []
+    for e in load_reircoco(Path(root) / "reircoco.json"):
+        if e.split == split:
+            box = tuple(e.ref_anno.bbox)
+            out += [Query(s.sent_id, s.raw, e.image_id, box) for s in e.sentences]  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,309 @@
+"""Synthetic REIR benchmark: scenes of colored shapes with exact referring expressions.
+
+``generate(out_dir)`` writes the layout of docs/interfaces.md ("Synthetic benchmark
+on disk"). Everything is a function of ``seed``: each image draws from its own
+``default_rng([seed, stream, index])`` so results do not depend on ordering.
+
+Ground truth: test sentences name exactly one instance of the whole test gallery
+(and no other instance is even borderline, see ``reir.data.semantics``); train
+sentences are unique within their image and their ``matches`` are computed within
+the image only (``meta.json: splits.train.matches_scope = "image"``); discovery
+queries list every clear match in the test gallery (zero, or two and more).
+
+Additions to the documented schema: ``sentences[].program`` (the structured
+expression, ``Expr.to_program()``), entry ``background``, ``det_anno[].attributes``
+= {shape, color, size, visible_fraction}; COCO files use integer image ids (the
+number in "syn000123"), keep the string id in ``images[].image_key`` and also carry
+``background`` and ``attributes``; category ids are 0-based indices of ``SHAPES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reir.data.language import render
+from reir.data.referring import TestPlanner, discovery_expr, image_scope, train_expressions
+from reir.data.scene import Rendered, sample_scene
+from reir.data.semantics import (
+    REL_NO_OFFSET,
+    REL_YES_OFFSET,
+    SIZE_NO_RATIO,
+    SIZE_YES_RATIO,
+    SUP_NO_OFFSET,
+    SUP_YES_OFFSET,
+    Expr,
+    Gallery,
+    Obj,
+    Scene,
+)
+from reir.data.vocab import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCABULARY
+
+GENERATOR_VERSION = 1
+# Random streams: one per purpose so adding draws to one never shifts another.
+_SCENE, _TEXT, _SPLIT, _DISCOVERY, _WORDS = 0, 1, 2, 3, 4
+P_TWO_TEST_TARGETS = 0.5
+P_TRAIN_OBJECT = 0.9
+EMPTY_DISCOVERY_FRACTION = 0.25
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    num_images: int = 2000
+    test_fraction: float = 0.2
+    image_size: int = 128
+    seed: int = 0
+    discovery_queries: int = 100
+
+
+@dataclass
+class SynthSummary:
+    out_dir: str
+    config: SynthConfig
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    discovery: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Item:
+    """One generated image with its scene and bookkeeping."""
+
+    index: int
+    split: str
+    rendered: Rendered
+    sentences: dict[int, list[Expr]] = field(default_factory=dict)  # object index -> exprs
+
+    @property
+    def scene(self) -> Scene:
+        return self.rendered.scene
+
+    @property
+    def file_name(self) -> str:
+        return f"images/{self.split}/{self.scene.image_id}.jpg"
+
+
+def image_key(index: int) -> str:
+    return f"syn{index:06d}"
+
+
+def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, index])
+
+
+def _assign_splits(cfg: SynthConfig) -> list[str]:
+    n_test = int(round(cfg.num_images * cfg.test_fraction))
+    if cfg.num_images >= 2:
+        n_test = min(max(n_test, 1), cfg.num_images - 1)  # both splits non-empty
+    test = set(_rng(cfg.seed, _SPLIT).permutation(cfg.num_images)[:n_test].tolist())
+    return ["test" if k in test else "train" for k in range(cfg.num_images)]
+
+
+def _render_all(cfg: SynthConfig, out: Path, progress: Progress | None) -> list[_Item]:
+    items: list[_Item] = []
+    next_ann = 1
+    for k, split in enumerate(_assign_splits(cfg)):
+        rendered = sample_scene(image_key(k), cfg.image_size, _rng(cfg.seed, _SCENE, k))
+        objs = rendered.scene.objects
+        rendered.scene.objects = [dataclasses.replace(o, ann_id=next_ann + j) for j, o in enumerate(objs)]
+        next_ann += len(objs)
+        item = _Item(k, split, rendered)
+        rendered.image.save(out / item.file_name, "JPEG", quality=90)
+        items.append(item)
+        if progress is not None:
+            progress(k + 1, cfg.num_images)
+    return items
+
+
+def _choose_test(items: list[_Item], seed: int) -> None:
+    """1-2 targets per test image, each with one gallery-unique expression."""
+    planner = TestPlanner(Gallery([it.scene for it in items]))
+    for s, it in enumerate(items):
+        rng = _rng(seed, _TEXT, it.index)
+        wanted = 1 + int(rng.random() < P_TWO_TEST_TARGETS)
+        for i in rng.permutation(len(it.scene.objects)).tolist():
+            expr = planner.expression(s, i, rng)
+            if expr is not None:
+                it.sentences[i] = [expr]
+                if len(it.sentences) >= wanted:
+                    break
+
+
+def _choose_train(items: list[_Item], seed: int) -> None:
+    for it in items:
+        rng = _rng(seed, _TEXT, it.index)
+        scope = image_scope(it.scene)
+        for i in range(len(it.scene.objects)):
+            if rng.random() < P_TRAIN_OBJECT:
+                exprs = train_expressions(it.scene, i, rng, scope=scope)
+                if exprs:
+                    it.sentences[i] = exprs
+
+
+def _anno(obj: Obj, visible: float) -> dict[str, Any]:
+    return {
+        "ann_id": obj.ann_id,
+        "bbox": list(obj.box),
+        "category_name": obj.shape,
+        "category_id": SHAPES.index(obj.shape),
+        "attributes": {"shape": obj.shape, "color": obj.color, "size": obj.size,
+                       "visible_fraction": round(visible, 4)},
+    }
+
+
+def _entries(item: _Item, rng: np.random.Generator, next_sent: list[int]) -> list[dict[str, Any]]:
+    """reircoco.json entries of one image (one per target instance)."""
+    scene = item.scene
+    dets = [_anno(o, v) for o, v in zip(scene.objects, item.rendered.visible)]
+    out = []
+    for i, exprs in sorted(item.sentences.items()):
+        sentences = []
+        for expr in exprs:
+            sentences.append({
+                "sent_id": f"sent{next_sent[0]:07d}",
+                "raw": render(expr, rng),
+                "matches": [{"image_id": scene.image_id, "ann_id": scene.objects[i].ann_id}],
+                "program": expr.to_program(),
+            })
+            next_sent[0] += 1
+        out.append({
+            "image_id": scene.image_id, "file_name": item.file_name,
+            "height": scene.height, "width": scene.width, "split": item.split,
+            "background": scene.background, "sentences": sentences,
+            "ref_anno": dets[i], "det_anno": dets,
+        })
+    return out
+
+
+def _coco(items: list[_Item], split: str) -> dict[str, Any]:
+    images, annotations = [], []
+    for it in items:
+        sc = it.scene
+        images.append({"id": it.index, "file_name": it.file_name, "width": sc.width,
+                       "height": sc.height, "image_key": sc.image_id, "background": sc.background})
+        for obj, vis, pix in zip(sc.objects, it.rendered.visible, it.rendered.pixels):
+            annotations.append({
+                "id": obj.ann_id, "image_id": it.index, "category_id": SHAPES.index(obj.shape),
+                "bbox": list(obj.box), "area": float(pix), "iscrowd": 0,
+                "attributes": _anno(obj, vis)["attributes"],
+            })
+    categories = [{"id": k, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]
+    info = {"description": f"reir synthetic REIR benchmark ({split})", "version": GENERATOR_VERSION}
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+
+
+def _discovery(items: list[_Item], cfg: SynthConfig) -> list[dict[str, Any]]:
+    gallery = Gallery([it.scene for it in items])
+    rng = _rng(cfg.seed, _DISCOVERY)
+    n_empty = int(round(cfg.discovery_queries * EMPTY_DISCOVERY_FRACTION))
+    queries: list[dict[str, Any]] = []
+    seen: set[Expr] = set()
+    for q in range(cfg.discovery_queries * 20):
+        if len(queries) >= cfg.discovery_queries:
+            break
+        found = discovery_expr(gallery, rng, want_empty=len(queries) < n_empty)
+        if found is None or found[0] in seen:
+            continue
+        expr, hits = found
+        seen.add(expr)
+        matches = [{"image_id": gallery.scenes[s].image_id, "ann_id": gallery.scenes[s].objects[i].ann_id,
+                    "bbox": list(gallery.scenes[s].objects[i].box)} for s, i in hits]
+        queries.append({"query_id": f"disc{len(queries):04d}", "split": "test",
+                        "raw": render(expr, rng, article="a" if rng.random() < 0.5 else "the"),
+                        "matches": matches, "program": expr.to_program()})
+    return queries
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    # json.dumps uses the C encoder; json.dump to a file would take the slow Python path.
+    path.write_text(json.dumps(obj, separators=(",", ":")))
+
+
+def _split_stats(items: list[_Item], entries: list[dict[str, Any]], scope: str) -> dict[str, Any]:
+    return {
+        "num_images": len(items),
+        "num_instances": sum(len(it.scene.objects) for it in items),
+        "num_refs": len(entries),
+        "num_sentences": sum(len(e["sentences"]) for e in entries),
+        "matches_scope": scope,
+    }
+
+
+def _meta(cfg: SynthConfig, splits: dict[str, Any], discovery: dict[str, int]) -> dict[str, Any]:
+    return {
+        "seed": cfg.seed, "num_images": cfg.num_images, "image_size": cfg.image_size,
+        "test_fraction": cfg.test_fraction, "generator_version": GENERATOR_VERSION,
+        "splits": splits, "discovery": discovery,
+        "categories": SHAPES, "category_id_base": 0, "colors": COLORS, "sizes": SIZES,
+        "backgrounds": BACKGROUNDS, "vocabulary": VOCABULARY,
+        "coco_image_id": "integer index of 'synNNNNNN'; the string id is images[].image_key",
+        "box_format": "xywh absolute pixels, tight bounds of the whole (amodal) shape",
+        "semantics": {
+            "relation_yes_offset": REL_YES_OFFSET, "relation_no_offset": REL_NO_OFFSET,
+            "superlative_yes_offset": SUP_YES_OFFSET, "superlative_no_offset": SUP_NO_OFFSET,
+            "size_yes_ratio": SIZE_YES_RATIO, "size_no_ratio": SIZE_NO_RATIO,
+            "definition": "reir.data.semantics.evaluate (three-valued; matches = YES, no MAYBE)",
+        },
+    }
+
+
+def generate(
+    out_dir: str | Path,
+    *,
+    num_images: int = 2000,
+    test_fraction: float = 0.2,
+    image_size: int = 128,
+    seed: int = 0,
+    discovery_queries: int = 100,
+    progress: Progress | None = None,
+) -> SynthSummary:
+    """Write the synthetic benchmark to ``out_dir``; ``progress(done, total)`` per image."""
+    start = time.perf_counter()
+    cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries)
+    if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32:
+        raise ValueError(f"invalid synth config {cfg}")
+    out = Path(out_dir)
+    for split in ("train", "test"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    items = _render_all(cfg, out, progress)
+    by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
+    _choose_test(by_split["test"], seed)
+    _choose_train(by_split["train"], seed)
+    entries: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    next_sent = [0]
+    for it in items:
+        entries[it.split] += _entries(it, _rng(seed, _WORDS, it.index), next_sent)
+    discovery = _discovery(by_split["test"], cfg) if by_split["test"] else []
+    _write_json(out / "reircoco.json", entries["train"] + entries["test"])
+    for split in ("train", "test"):
+        _write_json(out / f"instances_{split}.json", _coco(by_split[split], split))
+    _write_json(out / "discovery.json", {"queries": discovery})
+    n_empty = sum(not q["matches"] for q in discovery)
+    disc_stats = {"total": len(discovery), "empty": n_empty, "multi": len(discovery) - n_empty}
+    scope = {"train": "image", "test": "gallery"}
+    splits = {s: _split_stats(by_split[s], entries[s], scope[s]) for s in ("train", "test")}
+    _write_json(out / "meta.json", _meta(cfg, splits, disc_stats))
+    return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start)
+
+
+def load_gallery(root: str | Path, split: str) -> Gallery:
+    """Scenes of ``split`` rebuilt from ``instances_{split}.json`` (attributes + boxes)."""
+    with open(Path(root) / f"instances_{split}.json") as f:
+        coco = json.load(f)
+    scenes: dict[int, Scene] = {}
+    for img in coco["images"]:
+        scenes[img["id"]] = Scene(img["image_key"], img["width"], img["height"], img["background"])
+    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
+        attrs = ann["attributes"]
+        obj = Obj(attrs["shape"], attrs["color"], attrs["size"], tuple(ann["bbox"]), ann["id"])
+        scenes[ann["image_id"]].objects.append(obj)
+    return Gallery([scenes[k] for k in sorted(scenes)])

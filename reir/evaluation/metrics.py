@@ -1,0 +1,176 @@
+"""Retrieval metrics for REIR: box recall over the gallery, REC accuracy, discovery.
+
+``BR@k@tau`` (box recall) is strict: a query is a hit at ``k`` iff one of its top-``k``
+(image, box) predictions is in the ground-truth image AND overlaps the ground-truth
+box with IoU >= ``tau``. Right box in the wrong image, or right image with a loose
+box, are both misses. Values are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+from reir.model.boxes import iou_xywh
+
+# IoU is computed in floating point; without a little slack a box that overlaps
+# exactly tau (e.g. half of the GT) could land at 0.4999999 and count as a miss.
+IOU_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Prediction:
+    image_id: str
+    box: Sequence[float]  # [x, y, w, h] pixels
+    score: float = 0.0
+
+
+class _HasImageBox(Protocol):
+    image_id: str
+    box: Sequence[float]
+
+
+GroundTruth = Union[tuple[str, Sequence[float]], _HasImageBox]
+
+
+def _gt(value: GroundTruth) -> tuple[str, Sequence[float]]:
+    """Accept (image_id, box) pairs or objects with .image_id/.box (e.g. reir.data.Query)."""
+    if isinstance(value, tuple):
+        return str(value[0]), value[1]
+    return str(value.image_id), value.box
+
+
+def _pred(value: Prediction | tuple[str, Sequence[float]]) -> tuple[str, Sequence[float]]:
+    if isinstance(value, tuple):
+        return str(value[0]), value[1]
+    return str(value.image_id), value.box
+
+
+def _check_ids(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any]) -> None:
+    if not ground_truth:
+        raise ValueError("ground_truth is empty: no queries to evaluate")
+    unknown = [q for q in predictions if q not in ground_truth]
+    if unknown:
+        raise ValueError(f"predictions for {len(unknown)} unknown query ids, e.g. {unknown[:3]}")
+
+
+def _first_hit_rank(preds: Sequence[Any], gt_image: str, gt_box: Sequence[float], tau: float) -> float:
+    """0-based rank of the first correct prediction, or inf if none."""
+    for rank, p in enumerate(preds):
+        image_id, box = _pred(p)
+        if image_id == gt_image and iou_xywh(box, gt_box) >= tau - IOU_EPS:
+            return rank
+    return math.inf
+
+
+def br_key(k: int, tau: float) -> str:
+    return f"BR@{k}@{tau:g}"
+
+
+def box_recall_at_k(
+    predictions: Mapping[str, Sequence[Prediction | tuple[str, Sequence[float]]]],
+    ground_truth: Mapping[str, GroundTruth],
+    ks: Iterable[int] = (1, 5, 10),
+    taus: Iterable[float] = (0.5, 0.7, 0.9),
+) -> dict[str, float]:
+    """``{"BR@{k}@{tau}": recall}`` over every ground-truth query (missing = miss)."""
+    ks, taus = list(ks), list(taus)
+    _check_ids(predictions, ground_truth)
+    hits = {(k, t): 0 for k in ks for t in taus}
+    for qid, gt in ground_truth.items():
+        gt_image, gt_box = _gt(gt)
+        preds = predictions.get(qid, [])
+        for t in taus:
+            rank = _first_hit_rank(preds[: max(ks)], gt_image, gt_box, t)
+            for k in ks:
+                hits[(k, t)] += rank < k
+    n = len(ground_truth)
+    return {br_key(k, t): hits[(k, t)] / n for k in ks for t in taus}
+
+
+def rec_accuracy(
+    top_instances: Mapping[str, Sequence[float] | None],
+    ground_truth: Mapping[str, GroundTruth],
+    taus: Iterable[float] = (0.5, 0.7, 0.9),
+) -> dict[str, float]:
+    """REC: the single best box predicted *inside the GT image* per query (missing = miss)."""
+    taus = list(taus)
+    _check_ids(top_instances, ground_truth)
+    hits = dict.fromkeys(taus, 0)
+    for qid, gt in ground_truth.items():
+        box = top_instances.get(qid)
+        if box is None:
+            continue
+        iou = iou_xywh(box, _gt(gt)[1])
+        for t in taus:
+            hits[t] += iou >= t - IOU_EPS
+    return {f"REC_Acc@{t:g}": hits[t] / len(ground_truth) for t in taus}
+
+
+def discovery_scores(
+    predictions: Mapping[str, Sequence[Prediction | tuple[str, Sequence[float]]]],
+    ground_truth: Mapping[str, Sequence[tuple[str, Sequence[float]]]],
+    tau: float = 0.5,
+) -> dict[str, float]:
+    """Micro precision/recall/F1 of instance discovery (queries with 0..n matches).
+
+    Predictions are matched greedily in rank order, each GT instance at most once, to
+    a GT box of the same image with IoU >= tau; every prediction for a query with no
+    matches is a false positive."""
+    _check_ids(predictions, ground_truth)
+    tp = n_pred = n_gt = 0
+    for qid, gts in ground_truth.items():
+        free = [(_gt(g)) for g in gts]
+        n_gt += len(free)
+        for p in predictions.get(qid, []):
+            n_pred += 1
+            image_id, box = _pred(p)
+            for j, (g_img, g_box) in enumerate(free):
+                if g_img == image_id and iou_xywh(box, g_box) >= tau - IOU_EPS:
+                    tp += 1
+                    free.pop(j)
+                    break
+    precision = tp / n_pred if n_pred else 1.0
+    recall = tp / n_gt if n_gt else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    t = f"{tau:g}"
+    return {f"Disc_P@{t}": precision, f"Disc_R@{t}": recall, f"Disc_F1@{t}": f1}
+
+
+_BR = re.compile(r"^BR@(\d+)@([0-9.]+)$")
+
+
+def format_table(metrics: Mapping[str, float]) -> str:
+    """Box recall as a k x tau grid (percent), then any other metrics one per line."""
+    grid: dict[int, dict[str, float]] = {}
+    rest: list[tuple[str, float]] = []
+    for key, value in metrics.items():
+        m = _BR.match(key)
+        if m:
+            grid.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        else:
+            rest.append((key, value))
+    lines = []
+    if grid:
+        taus = sorted({t for row in grid.values() for t in row}, key=float)
+        lines.append("BR (%)  " + "".join(f"{'IoU>=' + t:>11}" for t in taus))
+        for k in sorted(grid):
+            cells = "".join(f"{100 * grid[k][t]:>11.1f}" if t in grid[k] else f"{'-':>11}" for t in taus)
+            lines.append(f"R@{k:<6}" + cells)
+    width = max((len(k) for k, _ in rest), default=0)
+    for key, value in rest:
+        shown = f"{100 * value:.1f}%" if isinstance(value, float) and 0.0 <= value <= 1.0 else f"{value}"
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def write_metrics_json(path: str | Path, metrics: Mapping[str, float], **extra: Any) -> None:
+    """``{"metrics": {...}, **extra}`` (e.g. model_version, num_queries), pretty-printed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"metrics": dict(metrics), **extra}, indent=2, sort_keys=True) + "\n")

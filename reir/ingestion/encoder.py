@@ -1,0 +1,195 @@
+"""Plain (Ray-free) image -> instance-rows encoder used by the ingestion actors.
+
+Output is columnar, one row per instance, in the ``reir.platform.schema`` layout plus
+two bookkeeping columns (``status``, ``error``). Every input image yields at least one
+row: its instances (``status == "ok"``, ranks 0..K-1), or one status row
+(``"failed"`` for unreadable/undecodable images, ``"empty"`` when the model kept no
+instance) with ``rank == -1`` and a zero embedding. Status rows let the sink count
+images and failures exactly without a side channel; sinks must not store them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reir.platform import schema as S
+from reir.platform.modeling import ImageModel, ImageProcessor, InstanceLike
+
+log = logging.getLogger(__name__)
+
+STATUS = "status"
+ERROR = "error"
+STATUS_OK, STATUS_FAILED, STATUS_EMPTY = "ok", "failed", "empty"
+OUTPUT_COLUMNS: tuple[str, ...] = (*S.SCALAR_FIELDS, S.EMBEDDING, STATUS, ERROR)
+# Decompression-bomb guard: far above any gallery photo, far below what exhausts RAM.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    image_id: str
+    uri: str
+    error: str
+
+
+def decode_image(data: bytes | None) -> Image.Image:
+    """Bytes -> RGB image, fully decoded now so truncated files fail here, not later."""
+    if not data:
+        raise ValueError("empty image bytes")
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image too large: {w}x{h}")
+        img.load()
+        return img.convert("RGB")
+
+
+class InstanceEncoder:
+    """Encodes image batches into instance rows with one model; counts and skips bad images."""
+
+    def __init__(
+        self,
+        model: ImageModel,
+        processor: ImageProcessor,
+        *,
+        model_version: str,
+        top_k: int,
+        nms_iou: float = 0.7,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.model_version = model_version
+        self.top_k = top_k
+        self.nms_iou = nms_iou
+        self.dead_letter: list[DeadLetter] = []
+        self.images = 0
+        self.instances = 0
+        self._dim: int | None = None
+
+    @property
+    def failures(self) -> int:
+        return len(self.dead_letter)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Embedding size, probed once on a blank image (status rows need it up front)."""
+        if self._dim is None:
+            probe = self.encode([Image.new("RGB", (32, 32))], [(32, 32)])
+            if not probe or not probe[0]:
+                raise RuntimeError("model returned no instance for the probe image")
+            self._dim = int(np.asarray(probe[0][0].embedding).reshape(-1).shape[0])
+        return self._dim
+
+    def encode(
+        self, images: list[Image.Image], sizes: Sequence[tuple[int, int]]
+    ) -> list[list[InstanceLike]]:
+        """Instances per image; ``sizes`` are the original ``(width, height)``."""
+        with torch.inference_mode():
+            pixel_values = self.processor.images(images)
+            output = self.model.encode_images(pixel_values)
+            return self.processor.postprocess(
+                output, sizes=list(sizes), top_k=self.top_k, nms_iou=self.nms_iou
+            )
+
+    def rows_for_batch(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``{image_id, uri, bytes[, error]}`` columns -> instance + status row columns."""
+        builder = _RowBuilder(self.model_version, self.embedding_dim)
+        decoded: list[tuple[str, str, Image.Image]] = []
+        errors = batch.get(ERROR)
+        for i, (image_id, uri) in enumerate(zip(batch["image_id"], batch["uri"], strict=True)):
+            image_id, uri = str(image_id), str(uri)
+            read_error = str(errors[i]) if errors is not None and errors[i] else ""
+            try:
+                if read_error:
+                    raise OSError(read_error)
+                decoded.append((image_id, uri, decode_image(batch["bytes"][i])))
+            except Exception as exc:  # any bad input is one skipped image, not a crash
+                self._fail(builder, image_id, uri, exc)
+        self._encode_into(builder, decoded)
+        return builder.columns()
+
+    def _encode_into(self, builder: _RowBuilder, decoded: list[tuple[str, str, Image.Image]]) -> None:
+        if not decoded:
+            return
+        images = [img for _, _, img in decoded]
+        try:
+            per_image = self.encode(images, [img.size for img in images])
+        except Exception:
+            # One poison image must not sink its batch: retry one by one to isolate it.
+            log.warning("batch encode failed; retrying %d images one by one", len(images))
+            for item in decoded:
+                self._encode_one(builder, *item)
+            return
+        for (image_id, uri, _), instances in zip(decoded, per_image, strict=True):
+            self._add(builder, image_id, uri, instances)
+
+    def _encode_one(self, builder: _RowBuilder, image_id: str, uri: str, img: Image.Image) -> None:
+        try:
+            instances = self.encode([img], [img.size])[0]
+        except Exception as exc:
+            self._fail(builder, image_id, uri, exc)
+            return
+        self._add(builder, image_id, uri, instances)
+
+    def _add(self, builder: _RowBuilder, image_id: str, uri: str, instances: list[InstanceLike]) -> None:
+        self.images += 1
+        self.instances += len(instances)
+        if not instances:
+            builder.add_status(image_id, uri, STATUS_EMPTY, "")
+        for inst in instances:
+            builder.add_instance(image_id, uri, inst)
+
+    def _fail(self, builder: _RowBuilder, image_id: str, uri: str, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        log.warning("skipping image %s (%s): %s", image_id, uri, error)
+        self.dead_letter.append(DeadLetter(image_id, uri, error))
+        builder.add_status(image_id, uri, STATUS_FAILED, error)
+
+
+class _RowBuilder:
+    """Accumulates rows column by column (Ray Data batches are dicts of arrays)."""
+
+    def __init__(self, model_version: str, dim: int) -> None:
+        self.model_version = model_version
+        self.dim = dim
+        self.cols: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
+
+    def _append(self, image_id: str, uri: str, box: Sequence[float], score: float, rank: int,
+                embedding: np.ndarray, status: str, error: str) -> None:  # fmt: skip
+        pk = S.make_pk(self.model_version, image_id, rank) if rank >= 0 else ""
+        values = (pk, image_id, uri, *(float(v) for v in box), float(score), int(rank),
+                  self.model_version, embedding, status, error)  # fmt: skip
+        for name, value in zip(OUTPUT_COLUMNS, values, strict=True):
+            self.cols[name].append(value)
+
+    def add_instance(self, image_id: str, uri: str, inst: InstanceLike) -> None:
+        emb = np.asarray(inst.embedding, dtype=np.float32).reshape(-1)
+        if emb.shape[0] != self.dim:
+            raise ValueError(f"embedding dim {emb.shape[0]} != {self.dim}")
+        box = [float(v) for v in inst.box_xywh]
+        self._append(image_id, uri, box, inst.score, int(inst.rank), emb, STATUS_OK, "")
+
+    def add_status(self, image_id: str, uri: str, status: str, error: str) -> None:
+        zeros = np.zeros(self.dim, dtype=np.float32)
+        self._append(image_id, uri, (0.0, 0.0, 0.0, 0.0), 0.0, -1, zeros, status, error)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, values in self.cols.items():
+            if name == S.EMBEDDING:
+                out[name] = np.stack(values).astype(np.float32) if values else np.zeros((0, self.dim), np.float32)
+            elif name in S.BOX_FIELDS or name == S.SCORE:
+                out[name] = np.asarray(values, dtype=np.float32)
+            elif name == S.RANK:
+                out[name] = np.asarray(values, dtype=np.int64)
+            else:
+                out[name] = np.asarray(values, dtype=object)
+        return out

@@ -1,0 +1,202 @@
+"""Training losses: DETR-style detection over dense queries, within-image REC (stage 1)
+and cross-batch CLIA sigmoid contrast (stage 2), plus the MoRE load-balancing loss.
+
+All boxes here are normalized ``cxcywh``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.nn import functional as F
+
+from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy
+from .configuration import LossSpec, ReirConfig
+from .modeling import InstanceOutput, ReirOutput, score_from_similarity
+from .processing import TrainBatch
+
+LOSS_KEYS = ("loss_obj", "loss_l1", "loss_giou", "loss_rec", "loss_clia", "loss_aux")
+
+
+@torch.no_grad()
+def hungarian_match(
+    pred_boxes: torch.Tensor,
+    pred_logits: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    *,
+    w_obj: float = 2.0,
+    w_l1: float = 5.0,
+    w_giou: float = 2.0,
+) -> torch.Tensor:
+    """One-to-one assignment of ``n`` GT boxes ``[n,4]`` to ``Q`` predictions ``[Q,4]``/``[Q]``.
+
+    Cost = ``w_obj * (-p_obj) + w_l1 * L1 + w_giou * (-GIoU)``. Returns ``[n]`` long: the
+    query index matched to each GT box (requires ``Q >= n``).
+    """
+    n = gt_boxes.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=pred_boxes.device)
+    if pred_boxes.shape[0] < n:
+        raise ValueError(f"{n} GT boxes but only {pred_boxes.shape[0]} queries")
+    prob = pred_logits.float().sigmoid()
+    cost_l1 = torch.cdist(pred_boxes.float(), gt_boxes.float(), p=1)
+    giou = generalized_iou_xyxy(cxcywh_to_xyxy(pred_boxes.float()), cxcywh_to_xyxy(gt_boxes.float()))
+    cost = w_l1 * cost_l1 - w_giou * giou - w_obj * prob[:, None]
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    match = torch.empty(n, dtype=torch.long)
+    match[torch.as_tensor(cols)] = torch.as_tensor(rows, dtype=torch.long)
+    return match.to(pred_boxes.device)
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Summed focal loss: down-weights the many easy negative queries (Q >> objects)."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss.sum()
+
+
+def siglip_pair_loss(logits: torch.Tensor, positives: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP sigmoid loss over all pairs, normalized by the number of rows (texts).
+
+    ``logits [T, N]``, ``positives [T, N]`` bool (+1 label), ``valid [N]`` bool masks columns
+    that are padding (uneven batches across workers).
+    """
+    labels = positives.to(logits.dtype) * 2 - 1
+    loss = -F.logsigmoid(labels * logits)
+    if valid is not None:
+        loss = loss * valid.to(logits.dtype)[None, :]
+    return loss.sum() / max(logits.shape[0], 1)
+
+
+def _gather_instances(emb: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All-gather ``[B, Q, D]`` from every worker with gradient; pads uneven B.
+
+    Returns (``[W * Bmax, Q, D]``, valid ``[W * Bmax]`` bool, Bmax).
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    b = torch.tensor([emb.shape[0]], device=emb.device)
+    sizes = [torch.zeros_like(b) for _ in range(world_size)]
+    dist.all_gather(sizes, b)
+    b_max = int(torch.stack(sizes).max())
+    padded = F.pad(emb, (0, 0, 0, 0, 0, b_max - emb.shape[0]))
+    gathered = torch.cat(all_gather(padded), dim=0)
+    valid = torch.cat([torch.arange(b_max, device=emb.device) < int(s) for s in sizes])
+    return gathered, valid, b_max
+
+
+class ReirCriterion(nn.Module):
+    """Losses of training stage ``"1"`` (detection + REC) or ``"2"`` (adds CLIA).
+
+    ``criterion(model, batch)`` runs ``model(...)`` (so DDP/DeepSpeed wrappers work) and
+    returns ``{"loss": total, "loss_obj", "loss_l1", "loss_giou", "loss_rec",
+    "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``).
+    """
+
+    def __init__(self, config: ReirConfig, *, stage: str, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if str(stage) not in ("1", "2"):
+            raise ValueError(f"stage must be '1' or '2', got {stage!r}")
+        self.stage = str(stage)
+        self.spec: LossSpec = config.loss_spec
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        out: ReirOutput = model(
+            pixel_values=batch.pixel_values, input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        )
+        assert out.instances is not None and out.text is not None
+        inst = out.instances
+        matches = [self._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
+        parts = self._detection(inst, batch, matches)
+        text_emb = out.text.embeddings
+        query = self._referent_queries(batch, matches)
+        parts["loss_rec"] = self._rec(inst, text_emb, batch.text_image_index, query, out)
+        zero = text_emb.sum() * 0.0
+        parts["loss_clia"] = self._clia(inst, text_emb, batch.text_image_index, query, out) if self.stage == "2" else zero
+        parts["loss_aux"] = out.text.aux_loss
+        s = self.spec
+        w_rec = s.w_rec if self.stage == "1" else s.w_rec_stage2
+        parts["loss"] = (
+            s.w_obj * parts["loss_obj"]
+            + s.w_l1 * parts["loss_l1"]
+            + s.w_giou * parts["loss_giou"]
+            + w_rec * parts["loss_rec"]
+            + s.w_clia * parts["loss_clia"]
+            + s.w_aux * parts["loss_aux"]
+        )
+        return parts
+
+    def _match(self, inst: InstanceOutput, b: int, gt: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        return hungarian_match(
+            inst.boxes[b].detach(), inst.objectness_logits[b].detach(), gt,
+            w_obj=s.match_obj, w_l1=s.match_l1, w_giou=s.match_giou,
+        )  # fmt: skip
+
+    def _detection(
+        self, inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # Normalize by the number of GT boxes (DETR): a batch of crowded images should
+        # not get a larger step than one of sparse images.
+        num_boxes = max(sum(int(m.numel()) for m in matches), 1)
+        target_obj = torch.zeros_like(inst.objectness_logits)
+        for b, m in enumerate(matches):
+            target_obj[b, m] = 1.0
+        loss_obj = sigmoid_focal_loss(inst.objectness_logits, target_obj, self.spec.focal_alpha, self.spec.focal_gamma)
+        pred = torch.cat([inst.boxes[b, m] for b, m in enumerate(matches)])
+        gt = torch.cat([t["boxes"].to(pred.dtype) for t in batch.targets])
+        loss_l1 = F.l1_loss(pred, gt, reduction="sum")
+        loss_giou = (1 - torch.diag(generalized_iou_xyxy(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))).sum()
+        return {"loss_obj": loss_obj / num_boxes, "loss_l1": loss_l1 / num_boxes, "loss_giou": loss_giou / num_boxes}
+
+    @staticmethod
+    def _referent_queries(batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
+        """``[T]`` long: the query matched to each expression's referent."""
+        if batch.text_image_index.numel() == 0:
+            return batch.text_image_index.clone()
+        return torch.stack(
+            [matches[int(i)][int(j)] for i, j in zip(batch.text_image_index, batch.text_target_index)]
+        )
+
+    @staticmethod
+    def _rec(
+        inst: InstanceOutput, text_emb: torch.Tensor, image_index: torch.Tensor, query: torch.Tensor, out: ReirOutput
+    ) -> torch.Tensor:
+        """Cross-entropy of each expression over the Q queries of its own image."""
+        if text_emb.shape[0] == 0:
+            return text_emb.sum() * 0.0
+        sims = torch.einsum("td,tqd->tq", text_emb, inst.embeddings[image_index])
+        logits = score_from_similarity(sims, out.logit_scale, out.logit_bias)
+        return F.cross_entropy(logits, query)
+
+    def _clia(
+        self, inst: InstanceOutput, text_emb: torch.Tensor, image_index: torch.Tensor, query: torch.Tensor, out: ReirOutput
+    ) -> torch.Tensor:
+        """SigLIP loss of local expressions vs every instance query of the global batch.
+
+        Only instances are gathered: each worker scores its own texts against all
+        instances, so every (text, instance) pair of the global batch is counted exactly
+        once, and all_gather's backward routes gradients to the instances' owners.
+        """
+        emb = inst.embeddings
+        b_local, q = emb.shape[:2]
+        valid = None
+        offset = 0
+        if self.world_size > 1:
+            emb, valid_img, b_max = _gather_instances(emb, self.world_size)
+            valid = valid_img.repeat_interleave(q)
+            offset = self.rank * b_max * q
+        flat = emb.reshape(-1, emb.shape[-1])
+        logits = score_from_similarity(text_emb @ flat.t(), out.logit_scale, out.logit_bias)
+        positives = torch.zeros_like(logits, dtype=torch.bool)
+        if text_emb.shape[0]:
+            cols = offset + image_index * q + query
+            positives[torch.arange(text_emb.shape[0], device=cols.device), cols] = True
+        return siglip_pair_loss(logits, positives, valid)

@@ -1,0 +1,208 @@
+"""Plain (Ray-free) query path: text -> embedding -> ANN candidates -> ranked (image, box).
+
+Scoring. The model scores a (text, instance) pair with a SigLIP-style logit
+``scale * <t, i> + bias``. That is affine in the inner product Milvus already returns,
+so :class:`Calibration` recovers ``scale`` and ``bias`` once by probing
+``model.score`` with unit vectors, and ranking needs neither the model nor the stored
+vectors: the searcher (which holds the store) can run without the model, and the
+text encoder (which holds the model) can batch on its own. ``Result.score`` is the
+sigmoid of that logit (a probability); ``ann_score`` keeps the raw IP.
+
+Dedupe. Instances of one image that overlap a better-scored kept box of that image
+by IoU >= ``dedupe_iou`` are dropped (near-duplicate detections), other boxes of the
+same image stay: the result is (image, box) pairs, not one per image.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from reir.model.boxes import iou_xywh
+from reir.platform.modeling import TextModel, TextProcessor
+from reir.platform.store import Hit, SearchFilter
+
+log = logging.getLogger(__name__)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``logit = scale * ip + bias``; ``exact`` is False when the probe found no affine fit."""
+
+    scale: float = 1.0
+    bias: float = 0.0
+    exact: bool = True
+
+    def logits(self, ip: np.ndarray) -> np.ndarray:
+        return self.scale * np.asarray(ip, dtype=np.float64) + self.bias
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def probe(cls, score: Callable[[np.ndarray, np.ndarray], np.ndarray], dim: int) -> Calibration:
+        """Fit scale/bias from ``score(text[1,D], inst[N,D]) -> logits`` and verify the fit."""
+        eye = np.eye(dim, dtype=np.float32)
+        text = eye[:1]
+        rng = np.random.default_rng(0)
+        rand = rng.normal(size=(8, dim)).astype(np.float32)
+        rand /= np.linalg.norm(rand, axis=1, keepdims=True)
+        insts = np.concatenate([eye[:1], -eye[:1], eye[1:2] if dim > 1 else eye[:1] * 0, rand])
+        logits = np.asarray(score(text, insts), dtype=np.float64).reshape(-1)
+        scale = (logits[0] - logits[1]) / 2.0
+        bias = (logits[0] + logits[1]) / 2.0
+        predicted = scale * (insts @ text[0]).astype(np.float64) + bias
+        tol = 1e-3 * max(1.0, abs(scale), abs(bias))
+        if scale <= 0 or not np.allclose(predicted, logits, atol=tol):
+            log.warning("model.score is not an increasing affine map of the IP; ranking by raw IP")
+            return cls(1.0, 0.0, exact=False)
+        return cls(float(scale), float(bias), exact=True)
+
+
+@dataclass(frozen=True)
+class Result:
+    image_id: str
+    uri: str
+    box: tuple[float, float, float, float]
+    score: float
+    logit: float = 0.0
+    ann_score: float = 0.0
+    instance_score: float = 0.0
+    pk: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The HTTP result object: ``{"image_id","uri","box","score"}``."""
+        return {"image_id": self.image_id, "uri": self.uri, "box": list(self.box), "score": self.score}
+
+
+class QueryEncoder:
+    """Texts -> L2-normalized embeddings with the model (``reir.model`` contract)."""
+
+    def __init__(self, model: TextModel, processor: TextProcessor, *, model_version: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.model_version = model_version
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            raise ValueError("no texts to encode")
+        with torch.inference_mode():
+            batch = self.processor.text(list(texts))
+            out = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
+        emb = to_numpy(out.embeddings).reshape(len(texts), -1)
+        # The model already normalizes; renormalizing keeps IP == cosine regardless.
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    def score(self, text_emb: np.ndarray, inst_emb: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = self.model.score(torch.as_tensor(text_emb), torch.as_tensor(inst_emb))
+        return to_numpy(logits)
+
+    @cached_property
+    def dim(self) -> int:
+        return int(self.encode(["a"]).shape[1])
+
+    @cached_property
+    def calibration(self) -> Calibration:
+        return Calibration.probe(self.score, self.dim)
+
+
+class TextEncoder(Protocol):
+    model_version: str
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    @property
+    def calibration(self) -> Calibration: ...
+
+
+class VectorStore(Protocol):
+    def search(self, vectors: np.ndarray, top_n: int, filter: SearchFilter | None = None) -> list[list[Hit]]: ...
+
+
+def rank_hits(hits: Sequence[Hit], calibration: Calibration, top_k: int, dedupe_iou: float) -> list[Result]:
+    """Score, sort (best first, pk breaks ties) and dedupe near-identical boxes per image."""
+    logits = calibration.logits(np.asarray([h.score for h in hits], dtype=np.float64))
+    order = sorted(range(len(hits)), key=lambda i: (-logits[i], hits[i].pk))
+    kept: list[Result] = []
+    kept_boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    for i in order:
+        hit = hits[i]
+        same_image = kept_boxes.setdefault(hit.image_id, [])
+        if any(iou_xywh(hit.box, box) >= dedupe_iou for box in same_image):
+            continue
+        same_image.append(hit.box)
+        logit = float(logits[i])
+        kept.append(Result(
+            image_id=hit.image_id, uri=hit.uri, box=hit.box,
+            score=float(1.0 / (1.0 + np.exp(-logit))), logit=logit,
+            ann_score=hit.score, instance_score=hit.instance_score, pk=hit.pk,
+        ))  # fmt: skip
+        if len(kept) >= top_k:
+            break
+    return kept
+
+
+class Searcher:
+    """ANN candidates from the store + ranking; needs no model (see module docstring)."""
+
+    def __init__(self, store: VectorStore, *, candidates: int = 100, dedupe_iou: float = 0.9) -> None:
+        self.store = store
+        self.candidates = candidates
+        self.dedupe_iou = dedupe_iou
+
+    def search(
+        self,
+        embeddings: np.ndarray,
+        top_k: int,
+        calibration: Calibration,
+        model_version: str | None = None,
+    ) -> list[list[Result]]:
+        """One ranked result list per query embedding (rows of ``embeddings``)."""
+        if top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        flt = SearchFilter(model_version=model_version) if model_version else None
+        # Dedupe can drop candidates, so never ask for fewer than top_k.
+        hits = self.store.search(np.atleast_2d(embeddings), max(self.candidates, top_k), flt)
+        return [rank_hits(h, calibration, top_k, self.dedupe_iou) for h in hits]
+
+
+class Retriever:
+    """``search(query, top_k) -> list[Result]``: QueryEncoder + Searcher in one process."""
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        store: VectorStore,
+        *,
+        candidates: int = 100,
+        dedupe_iou: float = 0.9,
+        filter_model_version: bool = True,
+    ) -> None:
+        self.encoder = encoder
+        self.searcher = Searcher(store, candidates=candidates, dedupe_iou=dedupe_iou)
+        self.filter_model_version = filter_model_version
+
+    @property
+    def model_version(self) -> str:
+        return self.encoder.model_version
+
+    def search_batch(self, queries: Sequence[str], top_k: int = 10) -> list[list[Result]]:
+        emb = self.encoder.encode(list(queries))
+        version = self.encoder.model_version if self.filter_model_version else None
+        return self.searcher.search(emb, top_k, self.encoder.calibration, version or None)
+
+    def search(self, query: str, top_k: int = 10) -> list[Result]:
+        return self.search_batch([query], top_k)[0]

@@ -1,0 +1,78 @@
+"""Shared fixtures: one local Ray per test session, model checkpoints, image galleries."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.platform.fakes import COLORS, quadrant_image, save_fake_checkpoint
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray with more logical CPUs than cores: Ray Data stages and Serve
+    replicas ask for fractions, and 4 logical CPUs leave room so they never deadlock."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # Workers inherit the driver's environment when Ray starts.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real ``tiny`` model, saved once so every process loads identical weights."""
+    import torch
+
+    from reir.model import create_model
+
+    torch.manual_seed(0)
+    model, processor = create_model("tiny")
+    path = tmp_path_factory.mktemp("models") / "tiny-ckpt"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_fake_checkpoint(tmp_path_factory.mktemp("models") / "fake-ckpt")
+
+
+def _make_gallery(root: Path, n: int = 6, *, corrupt: int = 1, synthetic_split: str | None = "test") -> Path:
+    """``n`` quadrant-colour JPEGs (+ ``corrupt`` undecodable ones) under ``root``.
+
+    With ``synthetic_split`` the layout is the synthetic benchmark's
+    ``root/images/{split}/{image_id}.jpg``. Image ``img{i:03d}`` has its top-left
+    quadrant coloured ``list(COLORS)[i % len(COLORS)]``, the rest black.
+    """
+    names = list(COLORS)
+    folder = root / "images" / synthetic_split if synthetic_split else root
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img: Image.Image = quadrant_image((names[i % len(names)], "black", "black", "black"))
+        img.save(folder / f"img{i:03d}.jpg", quality=95)
+    for j in range(corrupt):
+        (folder / f"bad{j:03d}.jpg").write_bytes(b"\xff\xd8\xff this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_gallery() -> Callable[..., Path]:
+    """Factory: ``make_gallery(root, n=6, corrupt=1, synthetic_split="test") -> root``."""
+    return _make_gallery

@@ -1,0 +1,174 @@
+"""The synthetic benchmark: determinism, layout, and exactness of its ground truth.
+
+Ground truth is re-derived here from the files alone: scenes are rebuilt from the COCO
+instances file, each sentence is parsed from its text, and every instance of the
+split is evaluated with the predicate API; stored ``matches`` must agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from reir.data.language import parse, template_phrases
+from reir.data.semantics import MAYBE, YES, Expr, Gallery, evaluate
+from reir.data.synth import generate, load_gallery
+from reir.data.vocab import VOCABULARY
+
+
+def _read(root: Path, name: str) -> Any:
+    return json.loads((root / name).read_text())
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _truth_table(gallery: Gallery, expr: Expr) -> dict[int, set[tuple[str, int]]]:
+    """Brute force over every instance of the gallery (no index shortcuts)."""
+    out: dict[int, set[tuple[str, int]]] = defaultdict(set)
+    for scene in gallery.scenes:
+        for i, obj in enumerate(scene.objects):
+            out[evaluate(expr, scene, i)].add((scene.image_id, obj.ann_id))
+    return out
+
+
+def _sentence_expr(sentence: dict[str, Any]) -> Expr:
+    expr = parse(sentence["raw"])
+    assert expr == Expr.from_program(sentence["program"]), sentence["raw"]
+    return expr
+
+
+def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", num_images=24, seed=3, discovery_queries=6)
+    b = generate(tmp_path / "b", num_images=24, seed=3, discovery_queries=6)
+    files_a, files_b = _all_files(Path(a.out_dir)), _all_files(Path(b.out_dir))
+    assert files_a.keys() == files_b.keys()
+    assert all(files_a[k] == files_b[k] for k in files_a)
+
+
+def test_different_seed_differs(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", num_images=24, seed=3, discovery_queries=6)
+    b = generate(tmp_path / "b", num_images=24, seed=4, discovery_queries=6)
+    files_a, files_b = _all_files(Path(a.out_dir)), _all_files(Path(b.out_dir))
+    assert files_a["reircoco.json"] != files_b["reircoco.json"]
+    images = [k for k in files_a if k.endswith(".jpg")]
+    assert any(files_a[k] != files_b.get(k) for k in images)
+
+
+def test_layout_and_meta(synth_root: Path) -> None:
+    meta = _read(synth_root, "meta.json")
+    assert meta["seed"] == 7 and meta["num_images"] == 150 and meta["image_size"] == 128
+    assert set(meta["splits"]) == {"train", "test"}
+    assert meta["splits"]["test"]["matches_scope"] == "gallery"
+    for split in ("train", "test"):
+        coco = _read(synth_root, f"instances_{split}.json")
+        assert len(coco["images"]) == meta["splits"][split]["num_images"]
+        for img in coco["images"]:
+            assert img["file_name"] == f"images/{split}/{img['image_key']}.jpg"
+            assert img["image_key"] == f"syn{img['id']:06d}"
+            with Image.open(synth_root / img["file_name"]) as im:
+                assert im.format == "JPEG" and im.size == (img["width"], img["height"])
+
+
+def test_splits_are_disjoint(synth_root: Path) -> None:
+    ids = {s: {i["image_key"] for i in _read(synth_root, f"instances_{s}.json")["images"]} for s in ("train", "test")}
+    assert ids["train"] and ids["test"] and not ids["train"] & ids["test"]
+    assert len(ids["train"]) + len(ids["test"]) == 150
+    for entry in _read(synth_root, "reircoco.json"):
+        assert entry["image_id"] in ids[entry["split"]]
+        assert entry["file_name"].startswith(f"images/{entry['split']}/")
+    for q in _read(synth_root, "discovery.json")["queries"]:
+        assert all(m["image_id"] in ids["test"] for m in q["matches"])
+
+
+def test_boxes_inside_images_and_sizes_distinct(synth_root: Path) -> None:
+    for split in ("train", "test"):
+        coco = _read(synth_root, f"instances_{split}.json")
+        sizes = {i["id"]: (i["width"], i["height"]) for i in coco["images"]}
+        per_image: dict[int, int] = defaultdict(int)
+        for ann in coco["annotations"]:
+            x, y, w, h = ann["bbox"]
+            width, height = sizes[ann["image_id"]]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height
+            side = max(w, h) / width
+            if ann["attributes"]["size"] == "small":
+                assert side <= 0.15
+            else:
+                assert side >= 0.2
+            assert ann["attributes"]["visible_fraction"] >= 0.75 - 1e-6
+            per_image[ann["image_id"]] += 1
+        assert all(3 <= n <= 8 for n in per_image.values())
+        assert len(per_image) == len(sizes)
+
+
+def test_every_test_sentence_names_exactly_its_referent(synth_root: Path) -> None:
+    gallery = load_gallery(synth_root, "test")
+    test_images = {s.image_id for s in gallery.scenes}
+    per_image: dict[str, int] = defaultdict(int)
+    entries = [e for e in _read(synth_root, "reircoco.json") if e["split"] == "test"]
+    assert entries
+    for entry in entries:
+        referent = (entry["image_id"], entry["ref_anno"]["ann_id"])
+        for sentence in entry["sentences"]:
+            table = _truth_table(gallery, _sentence_expr(sentence))
+            assert table[YES] == {referent}, sentence["raw"]
+            assert not table[MAYBE], sentence["raw"]
+            assert [(m["image_id"], m["ann_id"]) for m in sentence["matches"]] == [referent]
+            per_image[entry["image_id"]] += 1
+    assert all(1 <= n <= 2 for n in per_image.values())
+    assert len(per_image) >= 0.8 * len(test_images)
+
+
+def test_train_sentences_are_unique_within_their_image(synth_root: Path) -> None:
+    gallery = load_gallery(synth_root, "train")
+    scenes = {s.image_id: s for s in gallery.scenes}
+    entries = [e for e in _read(synth_root, "reircoco.json") if e["split"] == "train"]
+    covered = 0
+    for entry in entries:
+        scene = scenes[entry["image_id"]]
+        referent = entry["ref_anno"]["ann_id"]
+        for sentence in entry["sentences"]:
+            expr = _sentence_expr(sentence)
+            truths = {o.ann_id: evaluate(expr, scene, i) for i, o in enumerate(scene.objects)}
+            assert {a for a, t in truths.items() if t} == {referent}, sentence["raw"]
+            assert truths[referent] == YES
+            assert [(m["image_id"], m["ann_id"]) for m in sentence["matches"]] == [(entry["image_id"], referent)]
+        assert len({s["raw"] for s in entry["sentences"]}) == len(entry["sentences"])
+        covered += 1
+    n_instances = sum(len(s.objects) for s in gallery.scenes)
+    assert covered >= 0.7 * n_instances  # most objects are described
+
+
+def test_discovery_matches_are_exact(synth_root: Path) -> None:
+    gallery = load_gallery(synth_root, "test")
+    boxes = {(s.image_id, o.ann_id): list(o.box) for s in gallery.scenes for o in s.objects}
+    queries = _read(synth_root, "discovery.json")["queries"]
+    assert len(queries) == 24
+    counts = [len(q["matches"]) for q in queries]
+    assert 0 in counts and any(c >= 2 for c in counts)
+    for q in queries:
+        assert q["split"] == "test" and len(q["matches"]) != 1
+        table = _truth_table(gallery, _sentence_expr(q))
+        stored = {(m["image_id"], m["ann_id"]) for m in q["matches"]}
+        assert stored == table[YES] and not table[MAYBE], q["raw"]
+        assert all(m["bbox"] == boxes[(m["image_id"], m["ann_id"])] for m in q["matches"])
+
+
+def test_every_emitted_word_is_in_the_vocabulary(synth_root: Path) -> None:
+    vocab = set(VOCABULARY)
+    assert len(vocab) == len(VOCABULARY)
+    assert {w for phrase in template_phrases() for w in phrase.split()} <= vocab
+    texts = [s["raw"] for e in _read(synth_root, "reircoco.json") for s in e["sentences"]]
+    texts += [q["raw"] for q in _read(synth_root, "discovery.json")["queries"]]
+    assert {w for t in texts for w in t.split()} <= vocab
+
+
+def test_invalid_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        generate(tmp_path, num_images=0)

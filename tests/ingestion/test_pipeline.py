@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reir.ingestion.pipeline import run_ingestion
+from reir.platform.config import IngestConfig, MilvusConfig
+from reir.platform.milvus_server import EmbeddedMilvus
+from reir.platform.modeling import model_version_for
+from reir.platform.store import MilvusStore, SearchFilter
+from tests.platform.fakes import fake_loader
+
+TOP_K = 3
+
+
+def _config(root: Path, ckpt: Path, uri: str, **extra: object) -> IngestConfig:
+    fields: dict[str, object] = {
+        "gallery_root": root, "split": "test", "model_path": str(ckpt),
+        "milvus": MilvusConfig(uri=uri, collection="gallery", index_type="HNSW"),
+        "batch_size": 4, "num_encoders": 2, "num_cpus_per_encoder": 0.5, "top_k_instances": TOP_K,
+        "dead_letter_path": root / "dead.jsonl",
+    }  # fmt: skip
+    return IngestConfig.model_validate({**fields, **extra})
+
+
+def test_ingest_real_tiny_model_into_lite_file_and_rerun_is_idempotent(
+    tmp_path: Path, tiny_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path]
+) -> None:
+    root = make_gallery(tmp_path / "synth", n=9, corrupt=1)
+    db = tmp_path / "idx.db"
+    cfg = _config(root, tiny_checkpoint, str(db))
+
+    first = run_ingestion(cfg)
+    assert (first.images, first.failures) == (9, 1)
+    assert first.instances == first.rows_in_store == 9 * TOP_K
+    assert first.model_version == model_version_for(tiny_checkpoint)
+    assert [d.image_id for d in first.dead_letter] == ["bad000"]
+    assert json.loads((root / "dead.jsonl").read_text())["image_id"] == "bad000"
+    assert first.images_per_s > 0
+
+    second = run_ingestion(cfg)  # same primary keys: upserted, never duplicated
+    assert (second.images, second.instances, second.failures) == (9, 9 * TOP_K, 1)
+
+    with MilvusStore(str(db), "gallery") as store:  # the server is gone: file usable again
+        store.load()
+        assert store.count() == 9 * TOP_K
+        assert store.index_type() == "HNSW"
+        row = store.get([f"{first.model_version}:img004:0"])[0]
+        np.testing.assert_allclose(np.linalg.norm(row["embedding"]), 1.0, atol=1e-4)
+
+
+def test_ingest_with_injected_loader_through_a_server_uri(
+    tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path]
+) -> None:
+    root = make_gallery(tmp_path / "plain", n=5, corrupt=0, synthetic_split=None)
+    with EmbeddedMilvus(tmp_path / "srv.db") as server:
+        cfg = _config(root, fake_checkpoint, server.uri, num_encoders=1)
+        summary = run_ingestion(cfg, loader=fake_loader)
+        assert (summary.images, summary.instances, summary.failures) == (5, 5 * TOP_K, 0)
+        with MilvusStore(server.uri, "gallery") as store:
+            assert store.count(SearchFilter(model_version=summary.model_version)) == 5 * TOP_K
+
+
+def test_all_images_failing_is_reported_not_raised(
+    tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path]
+) -> None:
+    root = make_gallery(tmp_path / "bad", n=0, corrupt=2)
+    summary = run_ingestion(_config(root, fake_checkpoint, str(tmp_path / "idx.db"), num_encoders=1), loader=fake_loader)
+    assert (summary.images, summary.instances, summary.failures, summary.rows_in_store) == (0, 0, 2, 0)
+
+
+def test_empty_gallery_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        run_ingestion(IngestConfig(gallery_root=tmp_path / "empty", model_path=str(tmp_path)))

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reir.model import ReirCriterion, ReirModel, ReirProcessor, hungarian_match, siglip_pair_loss
+from reir.model.configuration import MoreSpec
+from reir.model.modeling import MixtureOfRelationExperts
+
+from .synthetic import make_dataset
+
+
+def test_hungarian_hand_made() -> None:
+    preds = torch.tensor([[0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.2, 0.2, 0.1, 0.1]])
+    gts = torch.tensor([[0.21, 0.2, 0.1, 0.12], [0.69, 0.7, 0.2, 0.2]])
+    match = hungarian_match(preds, torch.zeros(3), gts)
+    assert match.tolist() == [2, 0]
+    # Objectness breaks ties between two identical boxes.
+    twins = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])
+    assert hungarian_match(twins, torch.tensor([-5.0, 5.0]), twins[:1]).tolist() == [1]
+    assert hungarian_match(preds, torch.zeros(3), gts[:0]).numel() == 0
+
+
+def test_siglip_loss_hand_made() -> None:
+    emb = torch.eye(3)
+    logits = 10 * emb @ emb.t() - 5  # positives +5, negatives -5
+    perfect = siglip_pair_loss(logits, torch.eye(3, dtype=torch.bool))
+    # 9 pairs, each contributes softplus(-5); normalized by 3 texts.
+    assert perfect.item() == pytest.approx(3 * math.log1p(math.exp(-5)), rel=1e-5)
+    shuffled = siglip_pair_loss(logits, torch.eye(3, dtype=torch.bool)[[1, 2, 0]])
+    assert shuffled.item() > 10 * perfect.item()
+    masked = siglip_pair_loss(logits, torch.eye(3, dtype=torch.bool), valid=torch.tensor([True, True, False]))
+    assert masked.item() == pytest.approx(2 * math.log1p(math.exp(-5)), rel=1e-5)
+
+
+def test_more_top_k_and_balance_loss() -> None:
+    more = MixtureOfRelationExperts(8, 4, MoreSpec(num_experts=4, top_k=2))
+    out, aux, probs = more(torch.randn(32, 8))
+    assert out.shape == (32, 4) and probs.shape == (32, 4)
+    assert 1.0 <= aux.item() < 1.5  # ~1 when routing is balanced (Switch normalization)
+    torch.nn.init.zeros_(more.gate.weight)
+    more.gate.bias.data = torch.tensor([10.0, 9.0, 0.0, 0.0])  # collapse onto experts 0, 1
+    assert more(torch.randn(32, 8))[1].item() > 1.9
+    with pytest.raises(ValueError):
+        MixtureOfRelationExperts(8, 4, MoreSpec(num_experts=2, top_k=3))
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_criterion_runs_and_backprops(tiny: tuple[ReirModel, ReirProcessor], stage: str) -> None:
+    model, proc = tiny
+    model.train()
+    data = make_dataset(0, 4)
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    parts = ReirCriterion(model.config, stage=stage)(model, batch)
+    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_rec", "loss_clia", "loss_aux"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert (parts["loss_clia"].item() > 0) == (stage == "2")
+    parts["loss"].backward()
+    for name in ["vision.backbone.layers.0.0.weight", "vision.heads.embed.0.weight", "vision.heads.box.0.weight",
+                 "text.model.embeddings.word_embeddings.weight", "text.more.gate.weight", "logit_scale"]:  # fmt: skip
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    model, proc = tiny
+    data = make_dataset(0, 2)
+    for _, s in data:
+        s.refs.clear()
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    parts = ReirCriterion(model.config, stage="2")(model, batch)
+    assert torch.isfinite(parts["loss"]) and parts["loss_rec"].item() == 0.0
+    with pytest.raises(ValueError):
+        ReirCriterion(model.config, stage="3")

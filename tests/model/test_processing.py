@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reir.model import InstanceOutput, ReirModel, ReirProcessor, swap_left_right
+
+from .synthetic import make_dataset
+
+
+def test_images_normalization(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    _, proc = tiny
+    pv = proc.images([Image.new("RGB", (200, 100), (255, 0, 127))])
+    assert pv.shape == (1, 3, 64, 64) and pv.dtype == torch.float32
+    assert torch.allclose(pv[0, :, 10, 10], torch.tensor([1.0, -1.0, 127 / 255 * 2 - 1]), atol=1e-5)
+
+
+def test_text_padding(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    _, proc = tiny
+    enc = proc.text(["the red square", "the big blue circle left of the yellow triangle"])
+    assert enc["input_ids"].shape == enc["attention_mask"].shape
+    assert enc["attention_mask"][0].sum() == 5  # [CLS] the red square [SEP]
+    assert proc.tokenizer.unk_token_id not in enc["input_ids"][1].tolist()
+    assert proc.text([])["input_ids"].shape[0] == 0
+
+
+def test_postprocess_maps_to_original_pixels(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    _, proc = tiny
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.51, 0.5, 0.2, 0.4], [0.1, 0.2, 0.1, 0.2]]])
+    out = InstanceOutput(
+        boxes=boxes,
+        objectness_logits=torch.tensor([[2.0, 1.0, 0.0]]),
+        embeddings=torch.nn.functional.normalize(torch.randn(1, 3, 8), dim=-1),
+    )
+    (insts,) = proc.postprocess(out, sizes=[(200, 100)], top_k=10, nms_iou=0.7)
+    assert [i.rank for i in insts] == [0, 1]  # the near-duplicate is suppressed
+    np.testing.assert_allclose(insts[0].box_xywh, [80.0, 30.0, 40.0, 40.0], atol=1e-4)
+    np.testing.assert_allclose(insts[1].box_xywh, [10.0, 10.0, 20.0, 20.0], atol=1e-4)
+    assert insts[0].score == pytest.approx(float(torch.sigmoid(torch.tensor(2.0))))
+    assert insts[0].embedding.dtype == np.float32 and insts[0].embedding.shape == (8,)
+    np.testing.assert_allclose(insts[1].embedding, out.embeddings[0, 2].numpy())
+    assert len(proc.postprocess(out, sizes=[(200, 100)], top_k=1)[0]) == 1
+
+
+def test_postprocess_real_model(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    model, proc = tiny
+    with torch.no_grad():
+        out = model.encode_images(proc.images([Image.new("RGB", (200, 100))] * 2))
+    res = proc.postprocess(out, sizes=[(200, 100), (30, 60)], top_k=7)
+    assert [len(r) for r in res] == [7, 7]
+    scores = [i.score for i in res[0]]
+    assert scores == sorted(scores, reverse=True)
+    for inst in res[1]:
+        x, y, w, h = inst.box_xywh
+        assert 0 <= x and 0 <= y and x + w <= 30 + 1e-4 and y + h <= 60 + 1e-4
+
+
+def test_collate_and_hflip(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    _, proc = tiny
+    data = make_dataset(3, 3)
+    samples, images = [s for _, s in data], [im for im, _ in data]
+    samples[0].refs.append(("the shape left of the rightmost one", 0))
+    batch = proc.collate(samples, images)
+    n_refs = sum(len(s.refs) for s in samples)
+    assert batch.pixel_values.shape == (3, 3, 64, 64)
+    assert batch.input_ids.shape[0] == n_refs == batch.text_image_index.numel() == batch.text_target_index.numel()
+    s0 = samples[0]
+    x, y, w, h = s0.boxes[0]
+    expect = [(x + w / 2) / s0.width, (y + h / 2) / s0.height, w / s0.width, h / s0.height]
+    torch.testing.assert_close(batch.targets[0]["boxes"][0], torch.tensor(expect))
+    flipped = proc.collate(samples, images, hflip_prob=1.0, rng=random.Random(0))
+    fb = flipped.targets[0]["boxes"]
+    torch.testing.assert_close(fb[:, 0], 1 - batch.targets[0]["boxes"][:, 0])
+    torch.testing.assert_close(fb[:, 1:], batch.targets[0]["boxes"][:, 1:])
+    assert flipped.texts[len(s0.refs) - 1] == "the shape right of the leftmost one"
+    torch.testing.assert_close(flipped.pixel_values, batch.pixel_values.flip(-1), atol=0.05, rtol=0)
+    assert batch.to("cpu").input_ids is not None
+
+
+def test_swap_left_right() -> None:
+    assert swap_left_right("Left of the leftmost, right") == "Right of the rightmost, left"
+    assert swap_left_right("the brightest") == "the brightest"

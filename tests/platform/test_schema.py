@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reir.platform import schema as S
+
+
+def test_make_pk_is_deterministic_and_validated() -> None:
+    assert S.make_pk("tiny-abc", "img1", 3) == "tiny-abc:img1:3"
+    with pytest.raises(ValueError):
+        S.make_pk("bad:version", "img1", 0)
+    with pytest.raises(ValueError):
+        S.make_pk("v", "", 0)
+    with pytest.raises(ValueError):
+        S.make_pk("v", "img", -1)
+
+
+def test_instance_row_round_trip_keeps_dynamic_fields() -> None:
+    row = S.InstanceRow("img1", "/g/img1.jpg", (1.0, 2.0, 3.0, 4.0), 0.9, 2, "v1",
+                        np.arange(4, dtype=np.float32), extra={"split": "test"})  # fmt: skip
+    d = row.to_dict()
+    assert d[S.PK] == "v1:img1:2" and d["split"] == "test" and d[S.BOX_W] == 3.0
+    back = S.InstanceRow.from_dict(d)
+    assert back.box == row.box and back.extra == {"split": "test"} and back.pk == row.pk
+    np.testing.assert_allclose(back.embedding, row.embedding)
+
+
+def test_extra_fields_can_not_shadow_schema() -> None:
+    row = S.InstanceRow("i", "u", (0, 0, 1, 1), 0.5, 0, "v", np.ones(2), extra={S.SCORE: 1})
+    with pytest.raises(ValueError, match="shadow"):
+        row.to_dict()
+
+
+def test_rows_from_columns_takes_only_schema_fields() -> None:
+    cols = {
+        S.IMAGE_ID: np.array(["a", "b"], dtype=object), S.URI: np.array(["ua", "ub"], dtype=object),
+        S.BOX_X: np.zeros(2), S.BOX_Y: np.zeros(2), S.BOX_W: np.ones(2), S.BOX_H: np.ones(2),
+        S.SCORE: np.array([0.1, 0.2]), S.RANK: np.array([0, 1]),
+        S.MODEL_VERSION: np.array(["v", "v"], dtype=object), S.EMBEDDING: np.ones((2, 3)),
+        "status": np.array(["ok", "ok"], dtype=object),
+    }  # fmt: skip
+    rows = list(S.rows_from_columns(cols))
+    assert [r[S.PK] for r in rows] == ["v:a:0", "v:b:1"]
+    assert all("status" not in r for r in rows)
+
+
+def test_collection_schema_has_dynamic_fields_and_vector() -> None:
+    schema = S.collection_schema(16)
+    assert schema.enable_dynamic_field
+    names = [f.name for f in schema.fields]
+    assert names == list(S.ROW_FIELDS)
