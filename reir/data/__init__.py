@@ -5,16 +5,19 @@ from __future__ import annotations
 from reir.data.formats import (
     Annotation,
     DiscoveryQuery,
+    ImageSample,
     Match,
+    Query,
     RefEntry,
     Sentence,
     load_coco,
     load_discovery,
     load_reircoco,
+    load_samples,
     save_reircoco,
+    test_queries,
     validate_coco,
 )
-from reir.data.samples import ImageSample, Query, load_samples, test_queries
 from reir.data.vocab import VOCABULARY
 
 __all__ = [

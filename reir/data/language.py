@@ -101,9 +101,9 @@ class _Tokens:
         for key, phrases in table.items():
             for phrase in phrases:
                 n = len(phrase.split())
-                if self.words[self.pos : self.pos + n] == phrase.split():
-                    if best is None or n > best[0]:
-                        best = (n, key)
+                fits = self.words[self.pos : self.pos + n] == phrase.split()
+                if fits and (best is None or n > best[0]):
+                    best = (n, key)
         if best is None:
             return None
         self.pos += best[0]

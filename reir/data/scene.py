@@ -116,7 +116,7 @@ class _Placer:
 
     def try_add(self, shape: str, color: str, size_word: str, rng: np.random.Generator) -> bool:
         lo, hi = SIZE_RANGES[size_word]
-        side = max(4, int(round(rng.uniform(lo, hi) * self.size)))
+        side = max(4, round(rng.uniform(lo, hi) * self.size))
         x0, y0 = (int(v) for v in rng.integers(0, self.size - side + 1, 2))
         mask = _mask(shape, x0, y0, side, self.size)
         box = _tight_box(mask)

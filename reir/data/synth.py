@@ -30,7 +30,12 @@ from typing import Any
 import numpy as np
 
 from reir.data.language import render
-from reir.data.referring import TestPlanner, discovery_expr, image_scope, train_expressions
+from reir.data.referring import (
+    TestPlanner,
+    discovery_expr,
+    image_scope,
+    train_expressions,
+)
 from reir.data.scene import Rendered, sample_scene
 from reir.data.semantics import (
     REL_NO_OFFSET,
@@ -53,7 +58,8 @@ P_TWO_TEST_TARGETS = 0.5
 P_TRAIN_OBJECT = 0.9
 EMPTY_DISCOVERY_FRACTION = 0.25
 
-Progress = Callable[[int, int], None]
+# Called with the number of images finished since the last call (rich's advance(n)).
+Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
 
 
 def _assign_splits(cfg: SynthConfig) -> list[str]:
-    n_test = int(round(cfg.num_images * cfg.test_fraction))
+    n_test = round(cfg.num_images * cfg.test_fraction)
     if cfg.num_images >= 2:
         n_test = min(max(n_test, 1), cfg.num_images - 1)  # both splits non-empty
     test = set(_rng(cfg.seed, _SPLIT).permutation(cfg.num_images)[:n_test].tolist())
@@ -120,7 +126,7 @@ def _render_all(cfg: SynthConfig, out: Path, progress: Progress | None) -> list[
         rendered.image.save(out / item.file_name, "JPEG", quality=90)
         items.append(item)
         if progress is not None:
-            progress(k + 1, cfg.num_images)
+            progress(1)
     return items
 
 
@@ -204,7 +210,7 @@ def _coco(items: list[_Item], split: str) -> dict[str, Any]:
 def _discovery(items: list[_Item], cfg: SynthConfig) -> list[dict[str, Any]]:
     gallery = Gallery([it.scene for it in items])
     rng = _rng(cfg.seed, _DISCOVERY)
-    n_empty = int(round(cfg.discovery_queries * EMPTY_DISCOVERY_FRACTION))
+    n_empty = round(cfg.discovery_queries * EMPTY_DISCOVERY_FRACTION)
     queries: list[dict[str, Any]] = []
     seen: set[Expr] = set()
     for q in range(cfg.discovery_queries * 20):
@@ -266,7 +272,7 @@ def generate(
     discovery_queries: int = 100,
     progress: Progress | None = None,
 ) -> SynthSummary:
-    """Write the synthetic benchmark to ``out_dir``; ``progress(done, total)`` per image."""
+    """Write the synthetic benchmark to ``out_dir``; ``progress(1)`` after each image."""
     start = time.perf_counter()
     cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries)
     if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32:

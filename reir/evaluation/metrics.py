@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from reir.model.boxes import iou_xywh
 
@@ -35,7 +35,7 @@ class _HasImageBox(Protocol):
     box: Sequence[float]
 
 
-GroundTruth = Union[tuple[str, Sequence[float]], _HasImageBox]
+GroundTruth = tuple[str, Sequence[float]] | _HasImageBox
 
 
 def _gt(value: GroundTruth) -> tuple[str, Sequence[float]]:

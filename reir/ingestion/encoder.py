@@ -13,31 +13,28 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from reir.ingestion.records import (
+    ERROR,
+    OUTPUT_COLUMNS,
+    STATUS,
+    STATUS_EMPTY,
+    STATUS_FAILED,
+    STATUS_OK,
+    DeadLetter,
+)
 from reir.platform import schema as S
 from reir.platform.modeling import ImageModel, ImageProcessor, InstanceLike
 
 log = logging.getLogger(__name__)
 
-STATUS = "status"
-ERROR = "error"
-STATUS_OK, STATUS_FAILED, STATUS_EMPTY = "ok", "failed", "empty"
-OUTPUT_COLUMNS: tuple[str, ...] = (*S.SCALAR_FIELDS, S.EMBEDDING, STATUS, ERROR)
 # Decompression-bomb guard: far above any gallery photo, far below what exhausts RAM.
 MAX_IMAGE_PIXELS = 100_000_000
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    image_id: str
-    uri: str
-    error: str
 
 
 def decode_image(data: bytes | None) -> Image.Image:

@@ -33,7 +33,8 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from reir.ingestion.encoder import DeadLetter, InstanceEncoder
+from reir.ingestion.encoder import InstanceEncoder
+from reir.ingestion.records import DeadLetter
 from reir.ingestion.gallery import GalleryItem, list_gallery, read_image_bytes
 from reir.ingestion.sink import MilvusDatasink
 from reir.platform import telemetry as T
@@ -92,8 +93,11 @@ class EncoderActor:
         start = time.perf_counter()
         out = enc.rows_for_batch(batch)
         self._latency.observe(time.perf_counter() - start)  # type: ignore[attr-defined]
-        self._images.inc(enc.images - before[0])  # type: ignore[attr-defined]
-        self._instances.inc(enc.instances - before[1])  # type: ignore[attr-defined]
+        # Ray counters reject inc(0), hence the guards.
+        if enc.images > before[0]:
+            self._images.inc(enc.images - before[0])  # type: ignore[attr-defined]
+        if enc.instances > before[1]:
+            self._instances.inc(enc.instances - before[1])  # type: ignore[attr-defined]
         if enc.failures > before[2]:
             self._failures.inc(enc.failures - before[2], tags={"reason": "decode"})  # type: ignore[attr-defined]
         return out

@@ -186,7 +186,7 @@ class ReirCriterion(nn.Module):
         once, and all_gather's backward routes gradients to the instances' owners.
         """
         emb = inst.embeddings
-        b_local, q = emb.shape[:2]
+        q = emb.shape[1]
         valid = None
         offset = 0
         if self.world_size > 1:

@@ -157,7 +157,14 @@ class MixtureOfRelationExperts(nn.Module):
 
 def _build_text_tower(spec: TextSpec, load_weights: bool) -> nn.Module:
     """Built-in random BERT, a local HF dir (creation) or a stored HF config (reload)."""
-    from transformers import AutoConfig, AutoModel, BertConfig, BertModel, SiglipTextConfig, SiglipTextModel
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        BertConfig,
+        BertModel,
+        SiglipTextConfig,
+        SiglipTextModel,
+    )
 
     if spec.encoder == "bert":
         if spec.vocab_size is None:
@@ -200,6 +207,8 @@ class TextEncoder(nn.Module):
         self.more = MixtureOfRelationExperts(int(self.model.config.hidden_size), embed_dim, more)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        if input_ids.shape[0] == 0:
+            return self._empty(input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         if self.pooling == "pooler":
             pooled = out.pooler_output
@@ -210,6 +219,14 @@ class TextEncoder(nn.Module):
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         emb, aux, probs = self.more(pooled)
         return TextOutput(embeddings=F.normalize(emb, dim=-1), aux_loss=aux, gate_probs=probs)
+
+    def _empty(self, input_ids: torch.Tensor) -> TextOutput:
+        # No expressions in this batch: still run one dummy row so that every parameter
+        # takes part in the graph (data-parallel wrappers expect identical graphs on all
+        # ranks), then drop it; the zero-weighted outputs contribute no gradient.
+        dummy = torch.zeros(1, 1, dtype=torch.long, device=input_ids.device)
+        full = self.forward(dummy, torch.ones_like(dummy))
+        return TextOutput(full.embeddings[:0], full.aux_loss * 0.0, full.gate_probs[:0])
 
 
 class ReirModel(nn.Module):

@@ -81,7 +81,7 @@ class TrainBatch:
     texts: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=True)
         return replace(
             self,
             pixel_values=move(self.pixel_values),

@@ -13,7 +13,12 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
-_GRAMMAR = """
+
+def _words(block: str) -> list[str]:
+    return block.split()
+
+
+_GRAMMAR = _words("""
 the a an this that these those one ones object objects shape shapes thing things item items
 is are which who with without and or not of to in on at by from for as than
 red green blue yellow purple orange cyan magenta pink brown black white gray grey
@@ -31,11 +36,11 @@ horizontal vertical up down across around inside outside along toward towards aw
 first second third fourth fifth last other another only all both each every any no
 zero two three four five six seven eight nine ten
 0 1 2 3 4 5 6 7 8 9
-""".split()
+""")
 
 _PUNCTUATION: tuple[str, ...] = tuple(",.;:!?'\"-()/&")
 
-_COMMON = """
+_COMMON = _words("""
 i you he she it we they me him her us them my your his its our their mine yours
 be was were been being have has had do does did done can could will would shall should
 may might must get got make made take took see seen look looking find found show shown
@@ -60,7 +65,7 @@ keep let begin began help talk turn start run move live hold bring write sit sta
 lose pay meet include continue learn change lead understand watch follow stop create
 speak read spend grow offer remember love consider buy wait serve die send expect build
 stay fall cut reach kill remain suggest raise pass sell require report decide pull
-""".split()
+""")
 
 
 def build_vocab() -> list[str]:

@@ -45,8 +45,10 @@ def _sentence_expr(sentence: dict[str, Any]) -> Expr:
 
 
 def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
-    a = generate(tmp_path / "a", num_images=24, seed=3, discovery_queries=6)
+    ticks: list[int] = []
+    a = generate(tmp_path / "a", num_images=24, seed=3, discovery_queries=6, progress=ticks.append)
     b = generate(tmp_path / "b", num_images=24, seed=3, discovery_queries=6)
+    assert sum(ticks) == 24
     files_a, files_b = _all_files(Path(a.out_dir)), _all_files(Path(b.out_dir))
     assert files_a.keys() == files_b.keys()
     assert all(files_a[k] == files_b[k] for k in files_a)

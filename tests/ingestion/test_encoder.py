@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reir.ingestion.encoder import ERROR, STATUS, InstanceEncoder
+from reir.ingestion.encoder import InstanceEncoder
+from reir.ingestion.records import ERROR, STATUS
 from reir.ingestion.gallery import list_gallery, list_image_dir, read_image_bytes
 from reir.platform import schema as S
 from reir.platform.config import IngestConfig

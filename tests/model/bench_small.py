@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--relational", action="store_true", help="twins that need position/size/relations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -52,8 +53,8 @@ def main() -> None:
     model, proc = create_model(args.preset)
     size = proc.image_size
     kw = {"width": size + size // 4, "height": size}
-    train_data = make_dataset(0, 2000, **kw)
-    test_data = make_dataset(1, 200, start=100000, **kw)
+    train_data = make_dataset(0, 2000, relational=args.relational, **kw)
+    test_data = make_dataset(1, 200, start=100000, relational=args.relational, **kw)
     t0 = time.perf_counter()
 
     def report(step: int) -> None:

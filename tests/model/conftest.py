@@ -6,10 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from reir.model import ReirModel, ReirProcessor, create_model  # noqa: E402
+from reir.model import ReirModel, ReirProcessor, create_model
 
 
 @pytest.fixture(autouse=True)

@@ -85,6 +85,66 @@ def make_scene(
     return image, sample
 
 
-def make_dataset(seed: int, count: int, start: int = 0, **kwargs: object) -> list[tuple[Image.Image, SynthSample]]:
+def _descriptions(i: int, sample: SynthSample) -> list[str]:
+    """Expressions that single out object ``i`` (attributes, size, position, relation)."""
+    color, shape = sample.attrs[i]
+    boxes = sample.boxes
+    cx = [b[0] + b[2] / 2 for b in boxes]
+    twins = [j for j, a in enumerate(sample.attrs) if a == (color, shape)]
+    if len(twins) == 1:
+        out = [f"the {color} {shape}"]
+        others = [j for j in range(len(boxes)) if j != i and sample.attrs.count(sample.attrs[j]) == 1]
+        for j in others:  # relation to a uniquely described anchor
+            side = "left" if cx[i] < cx[j] else "right"
+            out.append(f"the {color} {shape} {side} of the {sample.attrs[j][0]} {sample.attrs[j][1]}")
+        return out
+    out = []
+    sides = sorted(twins, key=lambda j: cx[j])
+    if i == sides[0]:
+        out.append(f"the leftmost {color} {shape}")
+    if i == sides[-1]:
+        out.append(f"the rightmost {color} {shape}")
+    areas = sorted(twins, key=lambda j: boxes[j][2])
+    if boxes[areas[0]][2] * 1.4 < boxes[areas[1]][2] and i == areas[0]:
+        out.append(f"the small {color} {shape}")
+    if boxes[areas[-1]][2] > 1.4 * boxes[areas[-2]][2] and i == areas[-1]:
+        out.append(f"the large {color} {shape}")
+    return out
+
+
+def make_relational_scene(
+    rng: random.Random,
+    index: int,
+    *,
+    width: int = 160,
+    height: int = 128,
+    size_range: tuple[float, float] = (0.12, 0.3),
+) -> tuple[Image.Image, SynthSample]:
+    """3-5 shapes where one (color, shape) appears twice: only position, size or a relation
+    to another object disambiguates the twins. One expression per describable object."""
+    n = rng.randint(3, 5)
+    combos = rng.sample([(c, s) for c in COLORS for s in SHAPES], n - 1)
+    combos.append(combos[0])
+    boxes = _place(rng, width, height, n, size_range)
+    bg = tuple(rng.randint(200, 245) for _ in range(3))
+    image = Image.new("RGB", (width, height), bg)
+    draw = ImageDraw.Draw(image)
+    sample = SynthSample(image_id=f"rel{index:06d}", path="", width=width, height=height)
+    for (color, shape), box in zip(combos, boxes):
+        _draw(draw, shape, box, COLORS[color])
+        sample.boxes.append(box)
+        sample.labels.append(SHAPES.index(shape))
+        sample.attrs.append((color, shape))
+    for i in range(len(sample.boxes)):
+        options = _descriptions(i, sample)
+        if options:
+            sample.refs.append((rng.choice(options), i))
+    return image, sample
+
+
+def make_dataset(
+    seed: int, count: int, start: int = 0, *, relational: bool = False, **kwargs: object
+) -> list[tuple[Image.Image, SynthSample]]:
     rng = random.Random(seed)
-    return [make_scene(rng, start + i, **kwargs) for i in range(count)]  # type: ignore[arg-type]
+    make = make_relational_scene if relational else make_scene
+    return [make(rng, start + i, **kwargs) for i in range(count)]  # type: ignore[arg-type]

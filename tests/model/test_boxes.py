@@ -3,7 +3,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reir.model.boxes import BoxMode, convert, cxcywh_to_xyxy, iou_xywh, nms_xyxy, xyxy_to_cxcywh
+from reir.model.boxes import (
+    BoxMode,
+    convert,
+    cxcywh_to_xyxy,
+    iou_xywh,
+    nms_xyxy,
+    xyxy_to_cxcywh,
+)
 
 
 def test_convert_round_trip_numpy_and_torch() -> None:

@@ -22,6 +22,7 @@ class EvalResult:
     det_recall: float  # GT boxes covered (IoU > 0.5) by the top-K instances
     det_top1_precision: float  # highest-objectness instance hits some GT box
     num_texts: int
+    rec_acc_twins: float = float("nan")  # referents whose (color, shape) has a twin in the image
 
 
 def train(
@@ -70,7 +71,7 @@ def evaluate(
     model: ReirModel, processor: ReirProcessor, data: Sequence[tuple[Image.Image, SynthSample]], top_k: int = 10
 ) -> EvalResult:
     model.eval()
-    hits = covered = total_gt = top1 = n_texts = 0
+    hits = covered = total_gt = top1 = n_texts = twin_hits = twin_texts = 0
     for start in range(0, len(data), 32):
         chunk = data[start : start + 32]
         out = model.encode_images(processor.images([im for im, _ in chunk]))
@@ -86,11 +87,16 @@ def evaluate(
             inst_emb = torch.from_numpy(np.stack([i.embedding for i in insts]))
             best = model.score(text.embeddings, inst_emb).argmax(dim=1)
             for (_, target), pick in zip(sample.refs, best.tolist()):
-                hits += iou_xywh(insts[pick].box_xywh, sample.boxes[target]) > 0.5
+                hit = iou_xywh(insts[pick].box_xywh, sample.boxes[target]) > 0.5
+                hits += hit
                 n_texts += 1
+                if sample.attrs.count(sample.attrs[target]) > 1:
+                    twin_hits += hit
+                    twin_texts += 1
     return EvalResult(
         rec_acc=hits / max(n_texts, 1),
         det_recall=covered / max(total_gt, 1),
         det_top1_precision=top1 / max(len(data), 1),
         num_texts=n_texts,
+        rec_acc_twins=twin_hits / twin_texts if twin_texts else float("nan"),
     )
