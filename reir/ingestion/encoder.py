@@ -22,7 +22,6 @@ from PIL import Image
 from reir.ingestion.records import (
     ERROR,
     OUTPUT_COLUMNS,
-    STATUS,
     STATUS_EMPTY,
     STATUS_FAILED,
     STATUS_OK,
@@ -108,7 +107,7 @@ class InstanceEncoder:
                 if read_error:
                     raise OSError(read_error)
                 decoded.append((image_id, uri, decode_image(batch["bytes"][i])))
-            except Exception as exc:  # any bad input is one skipped image, not a crash
+            except Exception as exc:  # noqa: BLE001 - any bad input is one skipped image, not a crash
                 self._fail(builder, image_id, uri, exc)
         self._encode_into(builder, decoded)
         return builder.columns()
@@ -119,7 +118,7 @@ class InstanceEncoder:
         images = [img for _, _, img in decoded]
         try:
             per_image = self.encode(images, [img.size for img in images])
-        except Exception:
+        except Exception:  # noqa: BLE001 - isolated below, image by image
             # One poison image must not sink its batch: retry one by one to isolate it.
             log.warning("batch encode failed; retrying %d images one by one", len(images))
             for item in decoded:
@@ -131,7 +130,7 @@ class InstanceEncoder:
     def _encode_one(self, builder: _RowBuilder, image_id: str, uri: str, img: Image.Image) -> None:
         try:
             instances = self.encode([img], [img.size])[0]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded in the dead-letter list
             self._fail(builder, image_id, uri, exc)
             return
         self._add(builder, image_id, uri, instances)

@@ -34,8 +34,8 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from reir.ingestion.encoder import InstanceEncoder
-from reir.ingestion.records import DeadLetter
 from reir.ingestion.gallery import GalleryItem, list_gallery, read_image_bytes
+from reir.ingestion.records import DeadLetter
 from reir.ingestion.sink import MilvusDatasink
 from reir.platform import telemetry as T
 from reir.platform.config import IngestConfig, MilvusConfig

@@ -21,7 +21,14 @@ import numpy as np
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
 
-from reir.ingestion.records import ERROR, STATUS, STATUS_EMPTY, STATUS_FAILED, STATUS_OK, DeadLetter
+from reir.ingestion.records import (
+    ERROR,
+    STATUS,
+    STATUS_EMPTY,
+    STATUS_FAILED,
+    STATUS_OK,
+    DeadLetter,
+)
 from reir.platform import schema as S
 from reir.platform.config import MilvusConfig
 from reir.platform.store import MilvusStore

@@ -68,8 +68,8 @@ class ReirOutput:
     Attributes:
         instances: :class:`InstanceOutput` or None when no images were given.
         text: :class:`TextOutput` or None when no text was given.
-        logit_scale: ``[]`` log of the score temperature (score = exp(scale) * cos + bias).
-        logit_bias: ``[]`` score bias.
+        logit_scale: ``[1]`` log of the score temperature (score = exp(scale) * cos + bias).
+        logit_bias: ``[1]`` score bias.
     """
 
     instances: InstanceOutput | None
@@ -243,8 +243,9 @@ class ReirModel(nn.Module):
         self.config = config
         self.vision = VisualEncoder(config.vision_spec, config.embed_dim, load_towers)
         self.text = TextEncoder(config.text_spec, config.more_spec, config.embed_dim, load_towers)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+        # Shape [1], not []: DeepSpeed ZeRO cannot flatten 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.tensor([float(config.logit_scale_init)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(config.logit_bias_init)]))
         self._record_tower_configs()
 
     def _record_tower_configs(self) -> None:

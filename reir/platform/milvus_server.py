@@ -19,8 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from pymilvus import MilvusClient
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,14 +64,14 @@ class EmbeddedMilvus:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> EmbeddedMilvus:
+    def start(self) -> Self:
         if self._proc is not None:
             raise RuntimeError("EmbeddedMilvus already started")
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.port is None:
             self.port = free_port(self.host)
-        log = tempfile.NamedTemporaryFile(prefix="milvus-lite-", suffix=".log", delete=False)
-        self._log_path = Path(log.name)
+        with tempfile.NamedTemporaryFile(prefix="milvus-lite-", suffix=".log", delete=False) as log:
+            self._log_path = Path(log.name)
         cmd = [
             sys.executable, "-m", "milvus_lite", "server",
             "--data-dir", str(self.data_dir),
@@ -77,8 +81,8 @@ class EmbeddedMilvus:
         ]  # fmt: skip
         # The interpreter running us has milvus_lite installed; a bare `milvus-lite`
         # on PATH might belong to another environment.
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with self._log_path.open("wb") as log:  # the child keeps its own copy of the fd
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready()
         except BaseException:
@@ -99,7 +103,7 @@ class EmbeddedMilvus:
                     return
                 finally:
                     client.close()
-            except Exception as exc:  # not listening yet
+            except Exception as exc:  # noqa: BLE001 - not listening yet
                 last_error = exc
                 time.sleep(0.2)
         raise TimeoutError(
@@ -129,7 +133,7 @@ class EmbeddedMilvus:
             self._log_path.unlink(missing_ok=True)
             self._log_path = None
 
-    def __enter__(self) -> EmbeddedMilvus:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

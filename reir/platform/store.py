@@ -27,6 +27,8 @@ from pymilvus import MilvusClient
 from reir.platform import schema as S
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from reir.platform.config import MilvusConfig
 
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT")
@@ -301,7 +303,7 @@ class MilvusStore:
         server_manager_instance.release_server(self._lite_path)
         self._lite_path = None
 
-    def __enter__(self) -> MilvusStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -126,7 +126,7 @@ def create_http_app(
     async def healthz() -> JSONResponse:
         try:
             info = await backend.health()
-        except Exception as exc:  # any dependency down -> not ready
+        except Exception as exc:  # noqa: BLE001 - any dependency down -> not ready
             return JSONResponse(status_code=503, content={"status": "unavailable", "error": str(exc)[:300]})
         return JSONResponse(status_code=200, content={"status": "ok", **info})
 

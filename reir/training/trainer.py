@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -142,6 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, rows_per_worker // (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     cache = ImageCache()
+    rng = random.Random(cfg.seed + rank)
     step, micro, samples_seen, started = 0, 0, 0, time.monotonic()
     last: dict[str, float] = {}
     done = False
@@ -153,7 +155,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for frame in batches:
             samples = [row_to_sample(r) for r in frame.to_dict("records")]
             images = [cache.get(s.path) for s in samples]
-            batch = processor.collate(samples, images, augment=cfg.flip_augment).to(device, dtype=dtype)
+            batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0, rng=rng)
+            batch = batch.to(device)
+            batch.pixel_values = batch.pixel_values.to(dtype)
             losses = criterion(engine.module, batch)
             engine.backward(losses["loss"])
             progress = _agree(_progress(cfg, step, total_steps, started), device)

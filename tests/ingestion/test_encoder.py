@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from reir.ingestion.encoder import InstanceEncoder
-from reir.ingestion.records import ERROR, STATUS
 from reir.ingestion.gallery import list_gallery, list_image_dir, read_image_bytes
+from reir.ingestion.records import ERROR, STATUS
 from reir.platform import schema as S
 from reir.platform.config import IngestConfig
 from reir.platform.modeling import load_reir_model, model_version_for

@@ -91,6 +91,6 @@ def test_close_releases_the_file_for_another_process(tmp_path: Path) -> None:
         "from reir.platform.store import MilvusStore\n"
         f"s = MilvusStore({str(path)!r}, 'instances'); print(s.count()); s.close()\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "4"

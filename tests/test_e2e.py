@@ -1,0 +1,92 @@
+"""End to end on real components: synth -> Ray Train + DeepSpeed (stage 1 and 2) ->
+Ray Data ingestion into milvus-lite (server mode) -> Ray Serve over HTTP -> evaluation."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from reir.data.synth import generate
+    from reir.training.config import TrainConfig
+    from reir.training.trainer import run_training
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data"
+    generate(data, num_images=30, test_fraction=0.3, image_size=64, seed=3, discovery_queries=5)
+    common = dict(data_root=str(data), output_dir=str(root / "runs"), batch_size=4, epochs=1,
+                  warmup_steps=1, log_every=1)
+    stage1 = run_training(TrainConfig(model="tiny", stage="1", run_name="s1", max_steps=3, **common))
+    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2, **common))
+    return data, stage2
+
+
+def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> None:
+    from reir.model import create_model
+
+    _, model_dir = trained
+    args = json.loads((model_dir / "training_args.json").read_text())
+    assert args["config"]["stage"] == "2" and args["stats"]["steps"] == 2
+    assert args["stats"]["loss"] > 0 and "loss_clia" in args["stats"]
+    model, processor = create_model(str(model_dir))
+    assert processor.image_size == 64  # the tiny preset's shape came through both stages
+
+
+def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from ray import serve
+
+    from reir.data.formats import test_queries
+    from reir.evaluation.metrics import Prediction
+    from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
+    from reir.ingestion.pipeline import run_ingestion
+    from reir.platform.config import IngestConfig, MilvusConfig
+    from reir.platform.milvus_server import EmbeddedMilvus
+    from reir.platform.store import MilvusStore
+    from reir.serving.app import build_app
+
+    data, model_dir = trained
+    images = sorted((data / "images" / "test").glob("*.jpg"))
+    with EmbeddedMilvus(tmp_path / "milvus") as milvus:
+        summary = run_ingestion(IngestConfig(gallery_root=data, split="test", model_path=str(model_dir),
+                                             milvus=MilvusConfig(uri=milvus.uri), top_k_instances=5))
+        assert summary.images == len(images) and summary.failures == 0
+        store = MilvusStore(milvus.uri, "reir_instances")
+        assert store.count() == summary.instances > 0
+        store.close()
+
+        serve.run(build_app({"model_path": str(model_dir), "milvus_uri": milvus.uri}), name="e2e",
+                  route_prefix="/")
+        try:
+            queries = test_queries(data)
+            url = "http://127.0.0.1:8000/v1/search"
+
+            def ask(text: str) -> list[dict]:
+                resp = requests.post(url, json={"query": text, "top_k": 10}, timeout=60)
+                assert resp.status_code == 200, resp.text
+                return resp.json()["results"]
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(ask, [q.text for q in queries]))
+        finally:
+            serve.delete("e2e")
+
+    valid_ids = {p.stem for p in images}
+    for ans in answers:
+        assert 1 <= len(ans) <= 10
+        assert all(a["image_id"] in valid_ids and len(a["box"]) == 4 for a in ans)
+        assert [a["score"] for a in ans] == sorted((a["score"] for a in ans), reverse=True)
+    predictions = {q.query_id: [Prediction(a["image_id"], a["box"]) for a in ans] for q, ans in zip(queries, answers)}
+    metrics = evaluate_predictions(predictions, queries)
+    metrics.update(rec_accuracy_for(model_dir, data, queries))
+    assert {"BR@1@0.5", "BR@10@0.9", "REC_Acc@0.5"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["BR@1@0.5"] <= metrics["BR@5@0.5"] <= metrics["BR@10@0.5"]
+    assert metrics["BR@10@0.9"] <= metrics["BR@10@0.5"]
