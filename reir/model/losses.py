@@ -79,6 +79,8 @@ def _gather_instances(emb: torch.Tensor, world_size: int) -> tuple[torch.Tensor,
 
     Returns (``[W * Bmax, Q, D]``, valid ``[W * Bmax]`` bool, Bmax).
     """
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
     b = torch.tensor([emb.shape[0]], device=emb.device)
@@ -86,7 +88,10 @@ def _gather_instances(emb: torch.Tensor, world_size: int) -> tuple[torch.Tensor,
     dist.all_gather(sizes, b)
     b_max = int(torch.stack(sizes).max())
     padded = F.pad(emb, (0, 0, 0, 0, 0, b_max - emb.shape[0]))
-    gathered = torch.cat(all_gather(padded), dim=0)
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API; it remains the public autograd-aware gather.
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = torch.cat(all_gather(padded), dim=0)
     valid = torch.cat([torch.arange(b_max, device=emb.device) < int(s) for s in sizes])
     return gathered, valid, b_max
 

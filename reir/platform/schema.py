@@ -10,7 +10,7 @@ dataset, split, ...) can be added without a schema migration.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,14 @@ MAX_IMAGE_ID_LEN = 256
 MAX_URI_LEN = 2048
 MAX_MODEL_VERSION_LEN = 128
 METRIC = "IP"  # embeddings are L2-normalized, so inner product == cosine
+
+
+Box = tuple[float, float, float, float]  # absolute pixels [x, y, w, h]
+
+
+def as_box(values: Iterable[float]) -> Box:
+    x, y, w, h = (float(v) for v in values)
+    return (x, y, w, h)
 
 
 def make_pk(model_version: str, image_id: str, rank: int) -> str:
@@ -76,7 +84,7 @@ class InstanceRow:
 
     image_id: str
     uri: str
-    box: tuple[float, float, float, float]
+    box: Box
     score: float
     rank: int
     model_version: str
@@ -109,11 +117,10 @@ class InstanceRow:
     def from_dict(cls, row: Mapping[str, Any]) -> InstanceRow:
         """Inverse of :meth:`to_dict`; unknown keys land in ``extra``."""
         extra = {k: v for k, v in row.items() if k not in ROW_FIELDS}
-        box = tuple(float(row[name]) for name in BOX_FIELDS)
         return cls(
             image_id=str(row[IMAGE_ID]),
             uri=str(row[URI]),
-            box=box,  # type: ignore[arg-type]
+            box=as_box(row[name] for name in BOX_FIELDS),
             score=float(row[SCORE]),
             rank=int(row[RANK]),
             model_version=str(row[MODEL_VERSION]),
@@ -134,7 +141,7 @@ def rows_from_columns(columns: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         row = InstanceRow(
             image_id=str(columns[IMAGE_ID][i]),
             uri=str(columns[URI][i]),
-            box=tuple(float(columns[name][i]) for name in BOX_FIELDS),  # type: ignore[arg-type]
+            box=as_box(columns[name][i] for name in BOX_FIELDS),
             score=float(columns[SCORE][i]),
             rank=int(columns[RANK][i]),
             model_version=str(columns[MODEL_VERSION][i]),

@@ -51,7 +51,7 @@ class Hit:
     pk: str
     image_id: str
     uri: str
-    box: tuple[float, float, float, float]
+    box: S.Box
     score: float
     instance_score: float
     model_version: str
@@ -252,7 +252,7 @@ class MilvusStore:
             pk=str(hit.get("pk", hit.get("id"))),
             image_id=str(entity[S.IMAGE_ID]),
             uri=str(entity[S.URI]),
-            box=tuple(float(entity[f]) for f in S.BOX_FIELDS),  # type: ignore[arg-type]
+            box=S.as_box(entity[f] for f in S.BOX_FIELDS),
             score=float(hit["distance"]),
             instance_score=float(entity[S.SCORE]),
             model_version=str(entity[S.MODEL_VERSION]),

@@ -8,7 +8,7 @@ left to the runtime that owns them (``ray.util.metrics`` inside actors/replicas)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 MetricKind = Literal["counter", "histogram", "gauge"]
 
@@ -60,7 +60,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
 )
 
 
-def ray_metric(spec: MetricSpec, boundaries: tuple[float, ...] = LATENCY_BUCKETS_S) -> object:
+def ray_metric(spec: MetricSpec, boundaries: tuple[float, ...] = LATENCY_BUCKETS_S) -> Any:
     """Create the ``ray.util.metrics`` object for ``spec`` (call inside an actor/replica)."""
     from ray.util import metrics  # Ray is imported only where metrics are emitted
 

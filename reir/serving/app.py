@@ -49,8 +49,9 @@ class QueryEncoderDeployment:
         torch.set_num_threads(max(1, torch_threads))
         model, processor = loader(model_path)
         self.encoder = QueryEncoder(model, processor, model_version=model_version_for(model_path))
-        self.encode.set_max_batch_size(max_batch_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # @serve.batch wraps the method at runtime; its setters are invisible to type checkers.
+        self.encode.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         # Probe once at startup so a model with an unexpected score fails/warns early.
         self._info = {
             "model_version": self.encoder.model_version,
@@ -64,7 +65,7 @@ class QueryEncoderDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, texts: list[str]) -> list[np.ndarray]:
-        self._batch_size.observe(len(texts))  # type: ignore[attr-defined]
+        self._batch_size.observe(len(texts))
         # Off the event loop, so health checks and the batch queue stay responsive.
         embeddings = await asyncio.to_thread(self.encoder.encode, texts)
         return list(embeddings)
@@ -94,7 +95,7 @@ class SearcherDeployment:
         results = await asyncio.to_thread(
             self.searcher.search, np.atleast_2d(embedding), top_k, Calibration(**calibration), model_version
         )
-        self._latency.observe(loop.time() - start)  # type: ignore[attr-defined]
+        self._latency.observe(loop.time() - start)
         return results[0]
 
     async def ping(self) -> dict[str, Any]:
@@ -143,8 +144,8 @@ class RayRequestMetrics:
         self.latency = T.ray_metric(T.QUERY_LATENCY_SECONDS)
 
     def record(self, route: str, status: int, seconds: float) -> None:
-        self.requests.inc(1, tags={"route": route, "status": str(status)})  # type: ignore[attr-defined]
-        self.latency.observe(seconds, tags={"route": route})  # type: ignore[attr-defined]
+        self.requests.inc(1, tags={"route": route, "status": str(status)})
+        self.latency.observe(seconds, tags={"route": route})
 
 
 @serve.deployment(name="Ingress")
@@ -171,7 +172,8 @@ class IngressDeployment:
 
 def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Application:
     """The bound application for ``cfg``; ``loader`` lets tests inject a model."""
-    encoder = QueryEncoderDeployment.options(
+    # @serve.deployment turns the classes into Deployments (mypy sees the plain classes).
+    encoder = QueryEncoderDeployment.options(  # type: ignore[attr-defined]
         num_replicas=cfg.encoder_replicas, ray_actor_options={"num_cpus": cfg.num_cpus_encoder}
     ).bind(
         cfg.model_path,
@@ -180,22 +182,28 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
         batch_wait_timeout_s=cfg.batch_wait_timeout_s,
         torch_threads=max(1, int(cfg.num_cpus_encoder)),
     )
-    searcher = SearcherDeployment.options(
+    searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
         num_replicas=cfg.searcher_replicas, ray_actor_options={"num_cpus": cfg.num_cpus_searcher}
     ).bind(cfg.milvus.model_dump(), candidates=cfg.candidates, dedupe_iou=cfg.dedupe_iou)
-    return IngressDeployment.options(
+    return IngressDeployment.options(  # type: ignore[attr-defined]
         num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.num_cpus_ingress}
     ).bind(encoder, searcher, max_top_k=cfg.max_top_k, filter_model_version=cfg.filter_model_version)
 
 
 def serve_config_from_args(args: Mapping[str, Any]) -> ServeConfig:
-    """``serve run`` style flat args -> ServeConfig (``milvus_uri`` -> ``milvus.uri``)."""
+    """``serve run`` style flat args -> ServeConfig.
+
+    ``milvus_uri`` -> ``milvus.uri``; a bare Milvus field (``collection``, ``uri``,
+    ``token``, ``index_type``) that is not a ServeConfig field also goes to ``milvus``.
+    """
     flat = dict(args)
     yaml_path = flat.pop("config", None)
     overrides: dict[str, Any] = {}
     for key, value in flat.items():
         if key.startswith("milvus_"):
             key = "milvus." + key[len("milvus_") :]
+        elif key in MilvusConfig.model_fields and key not in ServeConfig.model_fields:
+            key = "milvus." + key
         overrides[key.replace("__", ".")] = value
     return load_config(ServeConfig, yaml_path, overrides)
 

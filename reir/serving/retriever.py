@@ -25,8 +25,15 @@ import numpy as np
 import torch
 
 from reir.model.boxes import iou_xywh
-from reir.platform.modeling import TextModel, TextProcessor
-from reir.platform.store import Hit, SearchFilter
+from reir.platform.config import ServeConfig
+from reir.platform.modeling import (
+    ModelLoader,
+    TextModel,
+    TextProcessor,
+    load_reir_model,
+    model_version_for,
+)
+from reir.platform.store import Hit, MilvusStore, SearchFilter
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +201,26 @@ class Retriever:
         self.encoder = encoder
         self.searcher = Searcher(store, candidates=candidates, dedupe_iou=dedupe_iou)
         self.filter_model_version = filter_model_version
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Retriever:
+        """Model + store in this process (evaluation, notebooks); :meth:`close` when done."""
+        model, processor = loader(cfg.model_path)
+        encoder = QueryEncoder(model, processor, model_version=model_version_for(cfg.model_path))
+        store = MilvusStore.from_config(cfg.milvus)
+        store.load()
+        return cls(
+            encoder,
+            store,
+            candidates=cfg.candidates,
+            dedupe_iou=cfg.dedupe_iou,
+            filter_model_version=cfg.filter_model_version,
+        )
+
+    def close(self) -> None:
+        close = getattr(self.searcher.store, "close", None)
+        if close is not None:
+            close()
 
     @property
     def model_version(self) -> str:

@@ -95,3 +95,27 @@ def test_query_encoder_with_real_tiny_model(tiny_checkpoint: Path) -> None:
     assert cal.bias == pytest.approx(float(model.logit_bias), abs=1e-4)
     with pytest.raises(ValueError):
         enc.encode([])
+
+
+def test_retriever_from_config_and_serve_args(tmp_path: Path, fake_checkpoint: Path) -> None:
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.platform.modeling import model_version_for
+    from reir.serving.app import serve_config_from_args
+    from tests.platform.fakes import fake_loader
+
+    version = model_version_for(fake_checkpoint)
+    db = tmp_path / "idx.db"
+    with MilvusStore(str(db), "gallery") as store:
+        _fill(store, version, {"g": ("green", "black", "black", "black")})
+    cfg = serve_config_from_args(
+        {"model_path": str(fake_checkpoint), "uri": str(db), "collection": "gallery", "candidates": "7"}
+    )
+    assert cfg.milvus == MilvusConfig(uri=str(db), collection="gallery") and cfg.candidates == 7
+    assert ServeConfig.model_validate(cfg.model_dump()) == cfg
+    retriever = Retriever.from_config(cfg, loader=fake_loader)
+    try:
+        (best,) = retriever.search("green", top_k=1)
+        assert (best.image_id, best.box) == ("g", (0.0, 0.0, 32.0, 24.0))
+        assert retriever.model_version == version
+    finally:
+        retriever.close()
