@@ -63,18 +63,18 @@ def synth(
 def train(
     data: Path = typer.Option(..., "--data", help="benchmark directory (reir synth --out)"),
     stage: str = typer.Option("1", help="1 (detection + REC) or 2 (CLIA)"),
-    model: str = typer.Option("small", help="preset name or model directory (stage 2: stage 1's)"),
-    out: Path = typer.Option(Path("runs"), "--out", help="output directory for runs"),
-    name: str = typer.Option("", help="run name (default reir-stage{N})"),
-    workers: int = typer.Option(1, min=1),
-    gpu: bool = typer.Option(False, help="one GPU per worker, NCCL, bf16"),
-    epochs: int = typer.Option(10, min=1),
+    model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory for runs [runs]"),
+    name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers [1]"),
+    gpu: Optional[bool] = typer.Option(None, help="one GPU per worker, NCCL, bf16 [no]"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="[10]"),
     max_steps: Optional[int] = typer.Option(None, min=1),
     minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget"),
-    batch_size: int = typer.Option(16, min=1),
-    lr: float = typer.Option(5e-4),
-    zero: int = typer.Option(2, min=0, max=2, help="DeepSpeed ZeRO stage"),
-    config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields (flags win)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="images per worker step [16]"),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="[5e-4]"),
+    zero: Optional[int] = typer.Option(None, min=0, max=2, help="DeepSpeed ZeRO stage [2]"),
+    config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
     from reir.training.config import TrainConfig
@@ -84,12 +84,15 @@ def train(
     if stage not in ("1", "2"):
         raise ReirError(f"--stage must be 1 or 2, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
-    fields.update(data_root=str(data), stage=stage, model=model, output_dir=str(out),
-                  run_name=name or f"reir-stage{stage}", num_workers=workers, use_gpu=gpu, epochs=epochs,
-                  max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
-                  batch_size=batch_size, lr=lr, zero_stage=zero)
+    flags = dict(model=model, output_dir=None if out is None else str(out), run_name=name, num_workers=workers,
+                 use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
+                 batch_size=batch_size, lr=lr, zero_stage=zero)
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    fields.update(data_root=str(data), stage=stage)
+    fields.setdefault("run_name", f"reir-stage{stage}")
+    cfg = TrainConfig(**fields)
     _init_ray()
-    typer.echo(str(run_training(TrainConfig(**fields), echo=typer.echo)))
+    typer.echo(str(run_training(cfg, echo=typer.echo)))
 
 
 @app.command()
@@ -215,8 +218,25 @@ def main() -> None:
     from pydantic import ValidationError
 
     try:
-        app()
-    except (ReirError, FileNotFoundError, ValueError, ValidationError) as e:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors from the command-line parser
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            typer.echo(message, err=True)
+        else:
+            typer.echo(f"error: {' '.join(message.split())}", err=True)
+        sys.exit(2)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or e.title
+        typer.echo(f"error: invalid {e.title} setting {where}: {err.get('msg', '')}", err=True)
+        sys.exit(2)
+    except (ReirError, FileNotFoundError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         typer.echo(f"error: {msg}", err=True)
         sys.exit(2)

@@ -27,6 +27,9 @@ def test_every_command_has_help(command: str) -> None:
         (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found"),
         (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found"),
         (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service"),
+        (["bogus"], "No such command 'bogus'"),
+        (["train"], "Missing option '--data'"),
+        (["train", "--data", ".", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
@@ -43,3 +46,13 @@ def test_bad_option_values_are_rejected_cleanly(tmp_path: Path) -> None:
     assert "--stage must be 1 or 2" in res.stderr
     res = _reir("synth", "--out", str(tmp_path / "o"), "--num-images", "3")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_yaml_config_values_are_validated_and_flags_only_override_when_given(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("lr: -1\n")
+    res = _reir("train", "--data", str(tmp_path), "--config", str(tmp_path / "run.yaml"))
+    assert res.returncode == 2
+    assert "invalid TrainConfig setting lr" in res.stderr
+    (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
+    res = _reir("train", "--data", str(tmp_path), "--config", str(tmp_path / "typo.yaml"))
+    assert res.returncode == 2 and "learning_rate" in res.stderr
