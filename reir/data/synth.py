@@ -6,8 +6,11 @@ on disk"). Everything is a function of ``seed``: each image draws from its own
 
 Ground truth: test sentences name exactly one instance of the whole test gallery
 (and no other instance is even borderline, see ``reir.data.semantics``); train
-sentences are unique within their image and their ``matches`` are computed within
-the image only (``meta.json: splits.train.matches_scope = "image"``); discovery
+sentences are made the same way, unique within a chunk of training images as large as
+the test gallery, so training sees the test distribution of detail and the CLIA loss
+never treats a true match in another image of the batch as a negative (an expression
+unique among N images rarely matches anything in the few images of a batch); their
+``matches`` list the referent (``meta.json: splits.train.matches_scope``); discovery
 queries list every clear match in the test gallery (zero, or two and more).
 
 Additions to the documented schema: ``sentences[].program`` (the structured
@@ -33,8 +36,6 @@ from reir.data.language import render
 from reir.data.referring import (
     TestPlanner,
     discovery_expr,
-    image_scope,
-    train_expressions,
 )
 from reir.data.scene import Rendered, sample_scene
 from reir.data.semantics import (
@@ -56,6 +57,8 @@ GENERATOR_VERSION = 1
 _SCENE, _TEXT, _SPLIT, _DISCOVERY, _WORDS = 0, 1, 2, 3, 4
 P_TWO_TEST_TARGETS = 0.5
 P_TRAIN_OBJECT = 0.9
+TRAIN_PHRASINGS = 2  # gallery-unique expressions tried per training object
+MIN_TRAIN_CHUNK = 50
 EMPTY_DISCOVERY_FRACTION = 0.25
 
 # Called with the number of images finished since the last call (rich's advance(n)).
@@ -144,13 +147,21 @@ def _choose_test(items: list[_Item], seed: int) -> None:
                     break
 
 
-def _choose_train(items: list[_Item], seed: int) -> None:
-    for it in items:
-        rng = _rng(seed, _TEXT, it.index)
-        scope = image_scope(it.scene)
-        for i in range(len(it.scene.objects)):
-            if rng.random() < P_TRAIN_OBJECT:
-                exprs = train_expressions(it.scene, i, rng, scope=scope)
+def _choose_train(items: list[_Item], seed: int, chunk_size: int) -> None:
+    """Gallery-style expressions for training: unique within chunks of ``chunk_size`` images."""
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start:start + chunk_size]
+        planner = TestPlanner(Gallery([it.scene for it in chunk]))
+        for s, it in enumerate(chunk):
+            rng = _rng(seed, _TEXT, it.index)
+            for i in range(len(it.scene.objects)):
+                if rng.random() >= P_TRAIN_OBJECT:
+                    continue
+                exprs: list[Expr] = []
+                for _ in range(TRAIN_PHRASINGS):
+                    expr = planner.expression(s, i, rng)
+                    if expr is not None and expr not in exprs:
+                        exprs.append(expr)
                 if exprs:
                     it.sentences[i] = exprs
 
@@ -283,7 +294,8 @@ def generate(
     items = _render_all(cfg, out, progress)
     by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
     _choose_test(by_split["test"], seed)
-    _choose_train(by_split["train"], seed)
+    chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
+    _choose_train(by_split["train"], seed, chunk)
     entries: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     next_sent = [0]
     for it in items:
@@ -295,7 +307,7 @@ def generate(
     _write_json(out / "discovery.json", {"queries": discovery})
     n_empty = sum(not q["matches"] for q in discovery)
     disc_stats = {"total": len(discovery), "empty": n_empty, "multi": len(discovery) - n_empty}
-    scope = {"train": "image", "test": "gallery"}
+    scope = {"train": f"chunk of {chunk} train images", "test": "gallery"}
     splits = {s: _split_stats(by_split[s], entries[s], scope[s]) for s in ("train", "test")}
     _write_json(out / "meta.json", _meta(cfg, splits, disc_stats))
     return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start)

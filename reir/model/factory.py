@@ -17,7 +17,7 @@ from .processing import ReirProcessor
 from .tokenization import build_tokenizer, build_vocab
 
 _SECTIONS = ("vision", "text", "more", "loss")
-# Convenience aliases for the overrides people pass most (local tower directories).
+# Convenience aliases for the overrides passed most often (local HF tower directories).
 _ALIASES = {
     "vision_model_path": ("vision", "model_path"),
     "text_model_path": ("text", "model_path"),
@@ -51,8 +51,11 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
         if key in _ALIASES:
             section, field = _ALIASES[key]
             out.setdefault(section, {})[field] = value
-            if key == "text_encoder_path":
+            # A local tower dir implies the HF tower kind (the only one read from disk).
+            if section == "text":
                 out[section]["encoder"] = "hf"
+            else:
+                out[section]["backbone"] = "siglip"
         elif "__" in key:
             section, field = key.split("__", 1)
             if section not in _SECTIONS:

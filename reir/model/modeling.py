@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
+from transformers import PreTrainedModel
 
 from .configuration import MoreSpec, ReirConfig, TextSpec, VisionSpec
 from .modeling_visual import (
@@ -155,7 +156,7 @@ class MixtureOfRelationExperts(nn.Module):
         return out, aux, probs
 
 
-def _build_text_tower(spec: TextSpec, load_weights: bool) -> nn.Module:
+def _build_text_tower(spec: TextSpec, load_weights: bool) -> PreTrainedModel:
     """Built-in random BERT, a local HF dir (creation) or a stored HF config (reload)."""
     from transformers import (
         AutoConfig,
@@ -203,7 +204,7 @@ class TextEncoder(nn.Module):
     def __init__(self, spec: TextSpec, more: MoreSpec, embed_dim: int, load_weights: bool) -> None:
         super().__init__()
         self.pooling = spec.pooling
-        self.model = _build_text_tower(spec, load_weights)
+        self.model: PreTrainedModel = _build_text_tower(spec, load_weights)
         self.more = MixtureOfRelationExperts(int(self.model.config.hidden_size), embed_dim, more)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
@@ -253,8 +254,9 @@ class ReirModel(nn.Module):
         # without the original local directories.
         backbone = self.vision.backbone
         if isinstance(backbone, SiglipBackbone):
-            self.config.vision["hf_config"] = backbone.tower.config.to_dict()
-            self.config.vision["image_size"] = int(backbone.tower.config.image_size)
+            tower_cfg: Any = backbone.tower.config
+            self.config.vision["hf_config"] = tower_cfg.to_dict()
+            self.config.vision["image_size"] = int(tower_cfg.image_size)
         if self.config.text["encoder"] == "hf":
             self.config.text["hf_config"] = self.text.model.config.to_dict()
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import PreTrainedModel
 
 from .configuration import VisionSpec
 
@@ -110,7 +111,7 @@ class ConvBackbone(nn.Module):
 class SiglipBackbone(nn.Module):
     """HF ``SiglipVisionModel`` patch tokens: ``[B,3,S,S] -> [B, (S/patch)^2, C]``."""
 
-    def __init__(self, tower: nn.Module) -> None:
+    def __init__(self, tower: PreTrainedModel) -> None:
         super().__init__()
         self.tower = tower
         self.out_channels = int(tower.config.hidden_size)
@@ -119,7 +120,7 @@ class SiglipBackbone(nn.Module):
         return self.tower(pixel_values=pixel_values).last_hidden_state
 
 
-def build_siglip_vision_tower(spec: VisionSpec, load_weights: bool) -> nn.Module:
+def build_siglip_vision_tower(spec: VisionSpec, load_weights: bool) -> PreTrainedModel:
     """SigLIP vision tower from a local dir (creation) or from the stored config (reload)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -134,7 +135,7 @@ def build_siglip_vision_tower(spec: VisionSpec, load_weights: bool) -> nn.Module
 
 def vision_grid_size(spec: VisionSpec, backbone: nn.Module) -> int:
     if isinstance(backbone, SiglipBackbone):
-        cfg = backbone.tower.config
+        cfg: Any = backbone.tower.config
         return int(cfg.image_size) // int(cfg.patch_size)
     if spec.image_size % CNN_STRIDE:
         raise ValueError(f"image_size must be a multiple of {CNN_STRIDE}, got {spec.image_size}")

@@ -139,11 +139,12 @@ class ReirProcessor:
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (any mode/size) -> ``[B, 3, S, S]`` float, resized ignoring aspect ratio."""
         size = (self.image_size, self.image_size)
-        arrays = [np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) for im in images]
+        arrays = [np.asarray(im.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32) for im in images]
         if not arrays:
             return torch.zeros(0, 3, *size)
-        batch = np.stack(arrays) / 255.0
-        batch = (batch - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        mean = np.asarray(self.image_mean, np.float32) * 255.0
+        std = np.asarray(self.image_std, np.float32) * 255.0
+        batch = (np.stack(arrays) - mean) / std  # == (x / 255 - mean) / std
         return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32))
 
     def text(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -227,7 +228,7 @@ class ReirProcessor:
             flip = hflip_prob > 0 and rng.random() < hflip_prob
             boxes = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
             if flip:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 boxes = boxes.copy()
                 boxes[:, 0] = sample.width - boxes[:, 0] - boxes[:, 2]
             norm = convert(boxes, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=sample.width, height=sample.height)

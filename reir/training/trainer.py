@@ -198,6 +198,8 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     samples = load_samples(cfg.data_root, "train")
     if not samples:
         raise ValueError(f"no training images under {cfg.data_root}")
+    # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items([sample_to_row(s) for s in samples])
     out_root = Path(cfg.output_dir).resolve()
     trainer = TorchTrainer(

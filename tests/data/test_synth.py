@@ -17,7 +17,7 @@ from PIL import Image
 
 from reir.data.language import parse, template_phrases
 from reir.data.semantics import MAYBE, YES, Expr, Gallery, evaluate
-from reir.data.synth import generate, load_gallery
+from reir.data.synth import MIN_TRAIN_CHUNK, generate, load_gallery
 from reir.data.vocab import VOCABULARY
 
 
@@ -127,24 +127,30 @@ def test_every_test_sentence_names_exactly_its_referent(synth_root: Path) -> Non
     assert len(per_image) >= 0.8 * len(test_images)
 
 
-def test_train_sentences_are_unique_within_their_image(synth_root: Path) -> None:
+def test_train_sentences_are_unique_within_their_chunk(synth_root: Path) -> None:
+    """Train sentences name one instance among a chunk of train images as large as the
+    test gallery (so cross-image CLIA negatives are true negatives)."""
+    meta = _read(synth_root, "meta.json")
+    chunk = max(MIN_TRAIN_CHUNK, meta["splits"]["test"]["num_images"])
+    assert meta["splits"]["train"]["matches_scope"] == f"chunk of {chunk} train images"
     gallery = load_gallery(synth_root, "train")
-    scenes = {s.image_id: s for s in gallery.scenes}
+    order = [s.image_id for s in gallery.scenes]
+    assert order == sorted(order)
     entries = [e for e in _read(synth_root, "reircoco.json") if e["split"] == "train"]
     covered = 0
     for entry in entries:
-        scene = scenes[entry["image_id"]]
-        referent = entry["ref_anno"]["ann_id"]
+        pos = order.index(entry["image_id"])
+        scenes = Gallery(gallery.scenes[pos - pos % chunk: pos - pos % chunk + chunk])
+        referent = (entry["image_id"], entry["ref_anno"]["ann_id"])
         for sentence in entry["sentences"]:
-            expr = _sentence_expr(sentence)
-            truths = {o.ann_id: evaluate(expr, scene, i) for i, o in enumerate(scene.objects)}
-            assert {a for a, t in truths.items() if t} == {referent}, sentence["raw"]
-            assert truths[referent] == YES
-            assert [(m["image_id"], m["ann_id"]) for m in sentence["matches"]] == [(entry["image_id"], referent)]
+            table = _truth_table(scenes, _sentence_expr(sentence))
+            assert table[YES] == {referent}, sentence["raw"]
+            assert not table[MAYBE], sentence["raw"]
+            assert [(m["image_id"], m["ann_id"]) for m in sentence["matches"]] == [referent]
         assert len({s["raw"] for s in entry["sentences"]}) == len(entry["sentences"])
         covered += 1
     n_instances = sum(len(s.objects) for s in gallery.scenes)
-    assert covered >= 0.7 * n_instances  # most objects are described
+    assert covered >= 0.5 * n_instances  # most objects are described
 
 
 def test_discovery_matches_are_exact(synth_root: Path) -> None:
