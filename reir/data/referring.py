@@ -30,7 +30,6 @@ from reir.data.semantics import (
     head_matches,
     is_unique_referent,
     relation_truth,
-    within_image_unique,
 )
 from reir.data.vocab import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
 
@@ -177,71 +176,6 @@ class TestPlanner:
                 if is_unique_referent(self.gallery.truths(expr), s, i):
                     return expr
         return None
-
-
-def train_expressions(scene: Scene, i: int, rng: np.random.Generator, max_count: int = 3, scope: _Scope | None = None) -> list[Expr]:
-    """Up to ``max_count`` different expressions naming object ``i`` uniquely in its image.
-
-    Pass one ``scope = image_scope(scene)`` for all objects of an image to share work."""
-    scope = scope or image_scope(scene)
-    obj = scene.objects[i]
-    heads = [{"shape": obj.shape, "color": obj.color}, {"shape": obj.shape}, {"color": obj.color}]
-    fields = [f for f in detail_fields(scene, i, context=False) if f[0] != "background"]
-    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[_Detail, ...]]]] = {}
-    for head in heads:
-        head_live = sum(1 << j for j, o in enumerate(scene.objects) if head_matches(o, head.get("shape"), head.get("color")))
-        details = _details(head, fields, scope, i)
-        # Two-detail phrasings only when short ones are scarce: keeps the search cheap.
-        sizes = range(2) if len(groups) >= max_count else range(3)
-        for combo in _combos(details, sizes):
-            if _live(combo, head_live) == 1 << i:
-                signature = (*sorted(head), *sorted(d.kind for d in combo))
-                groups.setdefault(signature, []).append((head, combo))
-    return [_decorate(scene, i, e, rng) for e in _pick_varied(groups, rng, max_count)]
-
-
-# Relations are the hardest skill and are never the shortest unique phrasing within
-# an image, so they are favoured when choosing which kinds of phrasing to keep.
-_KIND_WEIGHT = {"relation": 4.0, "superlative": 1.0, "size": 1.0}
-
-
-def _pick_varied(
-    groups: dict[tuple[str, ...], list[tuple[dict[str, Any], tuple[_Detail, ...]]]],
-    rng: np.random.Generator,
-    count: int,
-) -> list[Expr]:
-    """One random phrasing from each of up to ``count`` signatures (kinds of details)."""
-    signatures = sorted(groups)
-    if not signatures:
-        return []
-    weights = np.array([max([1.5] + [_KIND_WEIGHT.get(k, 0.0) for k in sig]) for sig in signatures])
-    k = min(count, len(signatures))
-    chosen = rng.choice(len(signatures), size=k, replace=False, p=weights / weights.sum())
-    out = []
-    for idx in sorted(chosen.tolist()):
-        options = groups[signatures[idx]]
-        head, combo = options[int(rng.integers(len(options)))]
-        out.append(_build(head, combo))
-    return out
-
-
-def image_scope(scene: Scene) -> _Scope:
-    return _Scope([(scene, j) for j in range(len(scene.objects))])
-
-
-def _decorate(scene: Scene, i: int, expr: Expr, rng: np.random.Generator) -> Expr:
-    """Sometimes add image-level details: they never break within-image uniqueness, and
-    they teach the words "on the striped background" / "in the image with ..."."""
-    kwargs = expr.to_program()
-    if rng.random() < 0.25:
-        kwargs["background"] = scene.background
-    others = [o for j, o in enumerate(scene.objects) if j != i]
-    if rng.random() < 0.15 and others:
-        o = others[int(rng.integers(len(others)))]
-        kwargs["context"] = {"shape": o.shape, "color": o.color}
-    out = Expr.from_program(kwargs)
-    assert within_image_unique(out, scene, i)
-    return out
 
 
 def _random_thing(rng: np.random.Generator, with_color: bool = True) -> Thing:
