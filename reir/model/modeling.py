@@ -17,7 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    BertConfig,
+    BertModel,
+    PreTrainedModel,
+    SiglipTextConfig,
+    SiglipTextModel,
+)
 
 from .configuration import MoreSpec, ReirConfig, TextSpec, VisionSpec
 from .modeling_visual import (
@@ -158,15 +166,6 @@ class MixtureOfRelationExperts(nn.Module):
 
 def _build_text_tower(spec: TextSpec, load_weights: bool) -> PreTrainedModel:
     """Built-in random BERT, a local HF dir (creation) or a stored HF config (reload)."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        BertConfig,
-        BertModel,
-        SiglipTextConfig,
-        SiglipTextModel,
-    )
-
     if spec.encoder == "bert":
         if spec.vocab_size is None:
             raise ValueError("text.vocab_size must be set for the built-in BERT encoder")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 
 from .configuration import VisionSpec
 
@@ -122,8 +122,6 @@ class SiglipBackbone(nn.Module):
 
 def build_siglip_vision_tower(spec: VisionSpec, load_weights: bool) -> PreTrainedModel:
     """SigLIP vision tower from a local dir (creation) or from the stored config (reload)."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
     if load_weights and spec.model_path:
         # The attention-pooling head is unused (we keep all patch tokens): do not build it.
         return SiglipVisionModel.from_pretrained(spec.model_path, vision_use_head=False)

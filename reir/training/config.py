@@ -27,6 +27,9 @@ class TrainConfig(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, description="stop (and finish the LR schedule) by then")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    score_lr_mult: float = Field(
+        20.0, gt=0, description="LR multiplier for the score's temperature and bias: at the base LR "
+        "they barely leave their SigLIP init in a short run, which caps every logit near 0")
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)

@@ -93,6 +93,25 @@ def _agree(value: float, device: torch.device) -> float:
     return value
 
 
+SCORE_PARAMS = ("logit_scale", "logit_bias")
+
+
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Weights decay; norms, biases and the score's temperature/bias do not; the latter
+    two learn ``score_lr_mult`` times faster. ``lr_mult`` is applied by the LR schedule."""
+    groups: dict[str, dict[str, Any]] = {
+        "decay": {"params": [], "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+        "no_decay": {"params": [], "weight_decay": 0.0, "lr_mult": 1.0},
+        "score": {"params": [], "weight_decay": 0.0, "lr_mult": cfg.score_lr_mult},
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "score" if name in SCORE_PARAMS else "decay" if p.ndim > 1 else "no_decay"
+        groups[key]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
 def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[Any, Any, Any]:
     import deepspeed
 
@@ -101,12 +120,7 @@ def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device)
 
     model, processor = create_model(cfg.model, **cfg.model_overrides)
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     criterion = ReirCriterion(model.config, stage=cfg.stage, rank=rank, world_size=world)
     return engine, processor, criterion
@@ -162,7 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.backward(losses["loss"])
             progress = _agree(_progress(cfg, step, total_steps, started), device)
             for group in engine.optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(progress, step, cfg.warmup_steps)
+                group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(progress, step, cfg.warmup_steps)
             engine.step()
             micro += 1
             samples_seen += len(samples)

@@ -40,3 +40,18 @@ def test_rows_round_trip_samples() -> None:
                     boxes=[[1.0, 2.0, 30.0, 40.0], [5.5, 6.0, 7.0, 8.0]], labels=[3, 1],
                     refs=[("the red square", 0), ("the small circle", 1)])
     assert row_to_sample(sample_to_row(s)) == s
+
+
+def test_score_temperature_and_bias_get_their_own_faster_group() -> None:
+    from reir.model import create_model
+    from reir.training.trainer import SCORE_PARAMS, _param_groups
+
+    model, _ = create_model("tiny")
+    groups = _param_groups(model, TrainConfig(data_root="d", score_lr_mult=7.0, weight_decay=0.1))
+    by_mult = {g["lr_mult"]: g for g in groups}
+    score_ids = {id(getattr(model, n)) for n in SCORE_PARAMS}
+    assert {id(p) for p in by_mult[7.0]["params"]} == score_ids
+    assert by_mult[7.0]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    decayed = [g for g in groups if g["weight_decay"] == 0.1]
+    assert decayed and all(p.ndim > 1 for p in decayed[0]["params"])
