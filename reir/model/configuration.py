@@ -26,6 +26,9 @@ class VisionSpec:
     dropout: float = 0.0
     box_prior_cells: float = 2.0  # initial predicted box side, in grid cells
     geometry_freqs: int = 8  # sine frequencies of the box-geometry encoding fed to the embedding head
+    # > 0: a class head on every query, trained on matched queries (DETR's class loss);
+    # it makes the instance features carry the category, which retrieval needs.
+    num_classes: int = 0
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     model_path: str | None = None  # local HF dir, read only when a model is first created
@@ -71,6 +74,7 @@ class LossSpec:
     w_rec: float = 1.0
     w_rec_stage2: float = 0.5
     w_clia: float = 1.0
+    w_cls: float = 1.0
     w_aux: float = 0.01
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0

@@ -17,7 +17,7 @@ from .configuration import LossSpec, ReirConfig
 from .modeling import InstanceOutput, ReirOutput, score_from_similarity
 from .processing import TrainBatch
 
-LOSS_KEYS = ("loss_obj", "loss_l1", "loss_giou", "loss_rec", "loss_clia", "loss_aux")
+LOSS_KEYS = ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_rec", "loss_clia", "loss_aux")
 
 
 @torch.no_grad()
@@ -96,6 +96,27 @@ def _gather_instances(emb: torch.Tensor, world_size: int) -> tuple[torch.Tensor,
     return gathered, valid, b_max
 
 
+def _gather_padded(x: torch.Tensor, world_size: int, pad: int) -> torch.Tensor:
+    """All-gather a 1-D long tensor of uneven length (no gradient), padding with ``pad``."""
+    n = torch.tensor([x.numel()], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size)]
+    dist.all_gather(sizes, n)
+    n_max = int(torch.stack(sizes).max())
+    padded = F.pad(x, (0, n_max - x.numel()), value=pad)
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)
+
+
+def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[T]`` long identity of each expression's tokens (equal texts get equal keys).
+
+    Python's hash of an int tuple is not salted, so keys agree across workers.
+    """
+    rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+    return torch.tensor([hash(r) for r in rows], dtype=torch.long, device=input_ids.device)
+
+
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC) or ``"2"`` (adds CLIA).
 
@@ -123,8 +144,8 @@ class ReirCriterion(nn.Module):
         text_emb = out.text.embeddings
         query = self._referent_queries(batch, matches)
         parts["loss_rec"] = self._rec(inst, text_emb, batch.text_image_index, query, out)
-        zero = text_emb.sum() * 0.0
-        parts["loss_clia"] = self._clia(inst, text_emb, batch.text_image_index, query, out) if self.stage == "2" else zero
+        zero = torch.zeros((), device=text_emb.device)
+        parts["loss_clia"] = self._clia(inst, text_emb, batch, query, out) if self.stage == "2" else zero
         parts["loss_aux"] = out.text.aux_loss
         s = self.spec
         w_rec = s.w_rec if self.stage == "1" else s.w_rec_stage2
@@ -132,6 +153,7 @@ class ReirCriterion(nn.Module):
             s.w_obj * parts["loss_obj"]
             + s.w_l1 * parts["loss_l1"]
             + s.w_giou * parts["loss_giou"]
+            + s.w_cls * parts["loss_cls"]
             + w_rec * parts["loss_rec"]
             + s.w_clia * parts["loss_clia"]
             + s.w_aux * parts["loss_aux"]
@@ -159,7 +181,20 @@ class ReirCriterion(nn.Module):
         gt = torch.cat([t["boxes"].to(pred.dtype) for t in batch.targets])
         loss_l1 = F.l1_loss(pred, gt, reduction="sum")
         loss_giou = (1 - torch.diag(generalized_iou_xyxy(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))).sum()
-        return {"loss_obj": loss_obj / num_boxes, "loss_l1": loss_l1 / num_boxes, "loss_giou": loss_giou / num_boxes}
+        return {"loss_obj": loss_obj / num_boxes, "loss_l1": loss_l1 / num_boxes, "loss_giou": loss_giou / num_boxes,
+                "loss_cls": self._classification(inst, batch, matches)}
+
+    @staticmethod
+    def _classification(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the matched queries' class logits against their boxes' labels."""
+        if inst.class_logits is None:
+            return torch.zeros((), device=inst.boxes.device)
+        logits = torch.cat([inst.class_logits[b, m] for b, m in enumerate(matches)])
+        labels = torch.cat([t["labels"].long() for t in batch.targets]).to(logits.device)
+        num_classes = logits.shape[-1]
+        if labels.numel() and int(labels.max()) >= num_classes:
+            raise ValueError(f"label {int(labels.max())} >= vision.num_classes={num_classes}: raise num_classes")
+        return F.cross_entropy(logits.float(), labels) if labels.numel() else logits.sum() * 0.0
 
     @staticmethod
     def _referent_queries(batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
@@ -182,13 +217,15 @@ class ReirCriterion(nn.Module):
         return F.cross_entropy(logits, query)
 
     def _clia(
-        self, inst: InstanceOutput, text_emb: torch.Tensor, image_index: torch.Tensor, query: torch.Tensor, out: ReirOutput
+        self, inst: InstanceOutput, text_emb: torch.Tensor, batch: TrainBatch, query: torch.Tensor, out: ReirOutput
     ) -> torch.Tensor:
         """SigLIP loss of local expressions vs every instance query of the global batch.
 
         Only instances are gathered: each worker scores its own texts against all
         instances, so every (text, instance) pair of the global batch is counted exactly
         once, and all_gather's backward routes gradients to the instances' owners.
+        An identical expression elsewhere in the global batch makes its referent a
+        positive too (rather than a false negative).
         """
         emb = inst.embeddings
         q = emb.shape[1]
@@ -200,8 +237,14 @@ class ReirCriterion(nn.Module):
             offset = self.rank * b_max * q
         flat = emb.reshape(-1, emb.shape[-1])
         logits = score_from_similarity(text_emb @ flat.t(), out.logit_scale, out.logit_bias)
+        cols = offset + batch.text_image_index * q + query  # global column of each referent
+        keys = text_keys(batch.input_ids, batch.attention_mask)
+        all_keys, all_cols = keys, cols
+        if self.world_size > 1:
+            all_keys = _gather_padded(keys, self.world_size, pad=0)
+            all_cols = _gather_padded(cols, self.world_size, pad=-1)
+        same = (keys[:, None] == all_keys[None, :]) & (all_cols[None, :] >= 0)
+        rows, idx = same.nonzero(as_tuple=True)
         positives = torch.zeros_like(logits, dtype=torch.bool)
-        if text_emb.shape[0]:
-            cols = offset + image_index * q + query
-            positives[torch.arange(text_emb.shape[0], device=cols.device), cols] = True
+        positives[rows, all_cols[idx]] = True
         return siglip_pair_loss(logits, positives, valid)

@@ -48,11 +48,14 @@ class InstanceOutput:
         boxes: ``[B, Q, 4]`` float, normalized ``cxcywh`` in [0, 1].
         objectness_logits: ``[B, Q]`` float, sigmoid gives P(query is an object).
         embeddings: ``[B, Q, D]`` float, L2-normalized instance embeddings.
+        class_logits: ``[B, Q, C]`` float category logits, or None when the model has no
+            class head (``vision.num_classes == 0``).
     """
 
     boxes: torch.Tensor
     objectness_logits: torch.Tensor
     embeddings: torch.Tensor
+    class_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,7 +128,8 @@ class VisualEncoder(nn.Module):
         tokens = self.input_proj(self.backbone(pixel_values)) + self.pos
         tokens = self.norm(self.encoder(tokens))
         boxes, obj, emb = self.heads(tokens)
-        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb)
+        cls = self.heads.classifier(tokens) if self.heads.classifier is not None else None
+        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls)
 
 
 class MixtureOfRelationExperts(nn.Module):

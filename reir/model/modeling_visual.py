@@ -148,6 +148,7 @@ class InstanceHeads(nn.Module):
         hidden = spec.hidden_size
         self.freqs = spec.geometry_freqs
         self.objectness = nn.Linear(hidden, 1)
+        self.classifier = nn.Linear(hidden, spec.num_classes) if spec.num_classes > 0 else None
         self.box = Mlp(hidden, hidden, 4, num_layers=3)
         self.geometry = nn.Linear(4 * 2 * spec.geometry_freqs, hidden)
         self.embed = Mlp(2 * hidden, 2 * hidden, embed_dim, num_layers=2)

@@ -60,7 +60,7 @@ def test_criterion_runs_and_backprops(tiny: tuple[ReirModel, ReirProcessor], sta
     data = make_dataset(0, 4)
     batch = proc.collate([s for _, s in data], [im for im, _ in data])
     parts = ReirCriterion(model.config, stage=stage)(model, batch)
-    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_rec", "loss_clia", "loss_aux"}
+    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_rec", "loss_clia", "loss_aux"}
     assert all(torch.isfinite(v) for v in parts.values())
     assert (parts["loss_clia"].item() > 0) == (stage == "2")
     parts["loss"].backward()
@@ -80,3 +80,24 @@ def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     assert torch.isfinite(parts["loss"]) and parts["loss_rec"].item() == 0.0
     with pytest.raises(ValueError):
         ReirCriterion(model.config, stage="3")
+
+
+def test_identical_expressions_share_positives(
+    tiny: tuple[ReirModel, ReirProcessor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import reir.model.losses as losses
+
+    model, proc = tiny
+    data = make_dataset(0, 2)
+    for _, s in data:
+        s.refs = [("the red square", 0)]  # same words, different images/instances
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    keys = losses.text_keys(batch.input_ids, batch.attention_mask)
+    assert keys[0] == keys[1]
+    seen: list[torch.Tensor] = []
+    real = losses.siglip_pair_loss
+    monkeypatch.setattr(losses, "siglip_pair_loss", lambda lg, pos, valid=None: seen.append(pos) or real(lg, pos, valid))
+    ReirCriterion(model.config, stage="2")(model, batch)
+    (positives,) = seen
+    assert positives.shape == (2, 2 * model.num_queries)
+    assert positives.sum(dim=1).tolist() == [2, 2]
