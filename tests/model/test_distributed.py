@@ -52,6 +52,8 @@ def test_clia_all_gather_matches_single_process(tmp_path: Path) -> None:
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model, proc, data = _setup(sum(SPLIT))
     batch = _batch(proc, data)
+    texts_0 = {t for _, s in data[: SPLIT[0]] for t, _ in s.refs}
+    assert texts_0 & {t for _, s in data[SPLIT[0] :] for t, _ in s.refs}, "want a cross-worker duplicate"
     parts = ReirCriterion(model.config, stage="2")(model, batch)
     n_texts = batch.input_ids.shape[0]
     (parts["loss_clia"] * n_texts).backward()

@@ -65,9 +65,22 @@ def test_criterion_runs_and_backprops(tiny: tuple[ReirModel, ReirProcessor], sta
     assert (parts["loss_clia"].item() > 0) == (stage == "2")
     parts["loss"].backward()
     for name in ["vision.backbone.layers.0.0.weight", "vision.heads.embed.0.weight", "vision.heads.box.4.weight",
-                 "text.model.embeddings.word_embeddings.weight", "text.more.gate.weight", "logit_scale"]:  # fmt: skip
+                 "text.model.embeddings.word_embeddings.weight", "text.more.gate.weight", "logit_scale", "vision.heads.classifier.weight"]:  # fmt: skip
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_class_loss_trains_matched_queries_and_rejects_unknown_labels(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    model, proc = tiny
+    data = make_dataset(0, 4)
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    criterion = ReirCriterion(model.config, stage="1")
+    num_classes = model.config.vision_spec.num_classes
+    assert num_classes > 0
+    assert 0 < criterion(model, batch)["loss_cls"].item() < 3 * math.log(num_classes)
+    batch.targets[0]["labels"][0] = num_classes
+    with pytest.raises(ValueError, match="num_classes"):
+        criterion(model, batch)
 
 
 def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
