@@ -151,7 +151,11 @@ class InstanceHeads(nn.Module):
         self.classifier = nn.Linear(hidden, spec.num_classes) if spec.num_classes > 0 else None
         self.box = Mlp(hidden, hidden, 4, num_layers=3)
         self.geometry = nn.Linear(4 * 2 * spec.geometry_freqs, hidden)
-        self.embed = Mlp(2 * hidden, 2 * hidden, embed_dim, num_layers=2)
+        # A summary of the whole image joins each instance's embedding input: expressions
+        # name image-level facts ("on the striped background", "in the picture with a
+        # white hexagon") that a token would otherwise have to gather through attention.
+        self.context = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
+        self.embed = Mlp(3 * hidden, 2 * hidden, embed_dim, num_layers=2)
         self.register_buffer("cell_logits", inverse_sigmoid(grid_cell_centers(grid)), persistent=False)
         prior = min(0.9, spec.box_prior_cells / grid)
         self.size_prior_logit = float(inverse_sigmoid(torch.tensor(prior)))
@@ -176,5 +180,6 @@ class InstanceHeads(nn.Module):
         boxes = torch.cat([centers, sizes], dim=-1)
         # Geometry is detached: embedding losses must not move the boxes.
         geom = self.geometry(box_sine_encoding(boxes.detach(), self.freqs))
-        emb = self.embed(torch.cat([x, geom], dim=-1))
+        context = self.context(x.mean(dim=1, keepdim=True)).expand_as(x)
+        emb = self.embed(torch.cat([x, geom, context], dim=-1))
         return boxes, obj, F.normalize(emb, dim=-1)

@@ -41,7 +41,12 @@ def train(
 ) -> list[float]:
     rng = random.Random(seed)
     criterion = ReirCriterion(model.config, stage=stage)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # Score temperature/bias are single scalars that must travel far from their SigLIP
+    # init; at the network's lr they would barely move in a few hundred steps.
+    scalars = [model.logit_scale, model.logit_bias]
+    rest = [p for n, p in model.named_parameters() if n not in ("logit_scale", "logit_bias")]
+    groups = [{"params": rest}, {"params": scalars, "lr": 20 * lr, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     model.train()
