@@ -20,7 +20,7 @@ def test_tiny_learns_detection_and_rec() -> None:
     test_data = make_dataset(1, 80, start=10_000)  # held-out scenes, 2-4 shapes each
     model, proc = create_model("tiny")
     before = evaluate(model, proc, test_data)
-    losses = train(model, proc, train_data, steps=150, batch_size=16, lr=1e-3, seed=0)
+    losses = train(model, proc, train_data, steps=100, batch_size=16, lr=1e-3, seed=0)
     after = evaluate(model, proc, test_data)
     print(f"before={before}\nafter={after}\nloss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
     assert sum(losses[-10:]) / 10 < 0.6 * losses[0]

@@ -98,7 +98,7 @@ def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
 def test_identical_expressions_share_positives(
     tiny: tuple[ReirModel, ReirProcessor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import reir.model.losses as losses
+    from reir.model import losses
 
     model, proc = tiny
     data = make_dataset(0, 2)
