@@ -147,6 +147,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
+    # Ray sets OMP_NUM_THREADS to the worker's CPU count, rounded down (1 for 1.5 CPUs);
+    # use every CPU the worker reserved, or half the compute sits idle.
+    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
