@@ -36,6 +36,8 @@ horizontal vertical up down across around inside outside along toward towards aw
 first second third fourth fifth last other another only all both each every any no
 zero two three four five six seven eight nine ten
 0 1 2 3 4 5 6 7 8 9
+background backgrounds plain striped stripes checkered checkerboard gradient noisy noise
+textured dotted against picture image photo scene highest lowest
 """)
 
 _PUNCTUATION: tuple[str, ...] = tuple(",.;:!?'\"-()/&")

@@ -144,3 +144,12 @@ def test_malformed_coco_and_discovery(tmp_path: Path) -> None:
 def test_unknown_split(synth_root: Path) -> None:
     with pytest.raises(ValueError, match="unknown split"):
         load_samples(synth_root, "val")
+
+
+def test_every_generator_word_is_in_the_built_in_tokenizer_vocabulary() -> None:
+    """A word missing from the model's vocabulary becomes [UNK]: the model could not
+    tell "on the noisy background" from "on the checkered background"."""
+    from reir.data.vocab import VOCABULARY
+    from reir.model.tokenization import build_vocab
+
+    assert sorted(set(VOCABULARY) - set(build_vocab())) == []
