@@ -12,11 +12,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from reir.data.formats import Query, test_queries
-from reir.evaluation.metrics import Prediction, box_recall_at_k, format_table, rec_accuracy, write_metrics_json
+from reir.evaluation.metrics import (
+    Prediction,
+    box_recall_at_k,
+    format_table,
+    rec_accuracy,
+    write_metrics_json,
+)
 
 TAUS = (0.5, 0.7, 0.9)
 KS = (1, 5, 10)
@@ -51,7 +58,7 @@ def rec_accuracy_for(model_dir: Path | str, data_root: Path | str, queries: Sequ
             if not insts:
                 continue
             text = model.encode_text(**processor.text([q.text for q in qs])).embeddings
-            inst_emb = torch.as_tensor([i.embedding for i in insts], dtype=text.dtype)
+            inst_emb = torch.from_numpy(np.stack([i.embedding for i in insts])).to(text.dtype)
             best = model.score(text, inst_emb).argmax(dim=-1)
             for q, b in zip(qs, best.tolist()):
                 top_boxes[q.query_id] = list(insts[b].box_xywh)
