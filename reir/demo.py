@@ -7,7 +7,6 @@ BR@k table, metrics.json, example answers and a picture of three queries.
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     from reir.data.formats import test_queries
     from reir.data.synth import generate
+    from reir.evaluation.metrics import write_metrics_json
     from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
     from reir.platform.milvus_server import EmbeddedMilvus
     from reir.progress import progress_bar
@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     metrics["num_queries"] = len(queries)
     metrics["wall_seconds"] = round(clock.seconds, 1)
     _report(console, metrics, queries, answers)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics_json(out / "metrics.json", metrics)
     clock.begin("draw three queries with their top answers")
     from reir.evaluation.visualize import draw_examples
 

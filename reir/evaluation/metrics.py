@@ -170,7 +170,11 @@ def format_table(metrics: Mapping[str, float]) -> str:
 
 
 def write_metrics_json(path: str | Path, metrics: Mapping[str, float], **extra: Any) -> None:
-    """``{"metrics": {...}, **extra}`` (e.g. model_version, num_queries), pretty-printed."""
+    """One flat object: ``{"BR@1@0.5": ..., "REC_Acc@0.5": ..., **extra}`` (e.g. num_queries,
+    wall_seconds), the shape `reir eval --out` and `reir demo --out` both promise."""
+    clash = set(metrics) & set(extra)
+    if clash:
+        raise ValueError(f"extra fields would overwrite metrics: {sorted(clash)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metrics": dict(metrics), **extra}, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps({**dict(metrics), **extra}, indent=2, sort_keys=True) + "\n")

@@ -107,4 +107,7 @@ def test_format_table_and_json(tmp_path: Path) -> None:
     assert "REC_Acc@0.5" in table and "25.0%" in table
     write_metrics_json(tmp_path / "out" / "m.json", metrics, model_version="v1", num_queries=1)
     saved = json.loads((tmp_path / "out" / "m.json").read_text())
-    assert saved["metrics"] == metrics and saved["model_version"] == "v1"
+    assert {k: saved[k] for k in metrics} == metrics
+    assert saved["model_version"] == "v1" and saved["num_queries"] == 1
+    with pytest.raises(ValueError, match="overwrite"):
+        write_metrics_json(tmp_path / "m2.json", metrics, **{next(iter(metrics)): 0.0})
