@@ -277,5 +277,8 @@ class ReirProcessor:
         path = Path(directory)
         cfg = json.loads((path / PROCESSOR_NAME).read_text())
         cfg.pop("processor_class", None)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # Hand AutoTokenizer the model's own config: left to itself it reads config.json
+        # through the base PretrainedConfig and warns about the unknown "reir" model type.
+        config = ReirConfig.from_pretrained(str(path)) if (path / "config.json").is_file() else None
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=config)
         return cls(tokenizer, **cfg)
