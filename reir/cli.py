@@ -67,6 +67,7 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="output directory for runs [runs]"),
     name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
     workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers [1]"),
+    cpus_per_worker: Optional[float] = typer.Option(None, min=0.1, help="CPUs (= torch threads) per worker [1]"),
     gpu: Optional[bool] = typer.Option(None, help="one GPU per worker, NCCL, bf16 [no]"),
     epochs: Optional[int] = typer.Option(None, min=1, help="[10]"),
     max_steps: Optional[int] = typer.Option(None, min=1),
@@ -85,6 +86,7 @@ def train(
         raise ReirError(f"--stage must be 1 or 2, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
     flags = dict(model=model, output_dir=None if out is None else str(out), run_name=name, num_workers=workers,
+                 cpus_per_worker=cpus_per_worker,
                  use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
                  batch_size=batch_size, lr=lr, zero_stage=zero)
     fields.update({k: v for k, v in flags.items() if v is not None})
