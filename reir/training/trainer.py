@@ -206,8 +206,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report(stats, checkpoint=checkpoint)
 
 
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Ray Train workers run in their own working directory: a relative checkpoint path
+    would not be found there (and would be mistaken for a preset name)."""
+    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()),
+                               "output_dir": str(Path(cfg.output_dir).resolve())}
+    if Path(cfg.model).exists():
+        updates["model"] = str(Path(cfg.model).resolve())
+    return cfg.model_copy(update=updates)
+
+
 def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
     """Train one stage; returns the model directory ``{output_dir}/{run_name}/model``."""
+    cfg = with_absolute_paths(cfg)
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -55,3 +55,14 @@ def test_score_temperature_and_bias_get_their_own_faster_group() -> None:
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
     decayed = [g for g in groups if g["weight_decay"] == 0.1]
     assert decayed and all(p.ndim > 1 for p in decayed[0]["params"])
+
+
+def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from reir.training.trainer import with_absolute_paths
+
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(TrainConfig(data_root="data", model="ckpt", output_dir="runs"))
+    assert cfg.model == str(tmp_path / "ckpt")
+    assert cfg.data_root == str(tmp_path / "data") and cfg.output_dir == str(tmp_path / "runs")
+    assert with_absolute_paths(TrainConfig(data_root="d", model="small")).model == "small"  # presets stay names
