@@ -85,7 +85,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     clock.begin("evaluate")
     metrics = evaluate_predictions(predictions, queries)
-    metrics.update(rec_accuracy_for(model_dir, data, queries))
+    metrics.update(rec_accuracy_for(model_dir, queries))
     metrics["num_queries"] = len(queries)
     metrics["wall_seconds"] = round(clock.seconds, 1)
     _report(console, metrics, queries, answers)
@@ -93,7 +93,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     clock.begin("draw three queries with their top answers")
     from reir.evaluation.visualize import draw_examples
 
-    picture = draw_examples(out / "examples.png", data, queries[:3], [answers[q.query_id] for q in queries[:3]])
+    picture = draw_examples(out / "examples.png", queries[:3], [answers[q.query_id] for q in queries[:3]])
     console.print(f"picture: {picture}\nmetrics: {out / 'metrics.json'}\n"
                   f"demo finished in {clock.seconds / 60:.1f} min (budget {DEMO_BUDGET_S / 60:.0f} min)")
     return metrics

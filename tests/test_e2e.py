@@ -85,7 +85,7 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
         assert [a["score"] for a in ans] == sorted((a["score"] for a in ans), reverse=True)
     predictions = {q.query_id: [Prediction(a["image_id"], a["box"]) for a in ans] for q, ans in zip(queries, answers)}
     metrics = evaluate_predictions(predictions, queries)
-    metrics.update(rec_accuracy_for(model_dir, data, queries))
+    metrics.update(rec_accuracy_for(model_dir, queries))
     assert {"BR@1@0.5", "BR@10@0.9", "REC_Acc@0.5"} <= set(metrics)
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["BR@1@0.5"] <= metrics["BR@5@0.5"] <= metrics["BR@10@0.5"]

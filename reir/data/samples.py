@@ -33,6 +33,7 @@ class Query:
     text: str
     image_id: str
     box: tuple[float, float, float, float]  # ground truth [x, y, w, h] pixels
+    path: str = ""  # absolute path of the ground-truth image ("" when built by hand)
 
 
 def _check_split(split: str) -> None:
@@ -106,10 +107,12 @@ def test_queries(root: str | Path, split: str = "test") -> list[Query]:
     """One query per sentence of ``split``; the ground truth is the entry's referent."""
     _check_split(split)
     out = []
-    for e in load_reircoco(Path(root) / "reircoco.json"):
+    root = Path(root)
+    for e in load_reircoco(root / "reircoco.json"):
         if e.split == split:
             box = tuple(e.ref_anno.bbox)
-            out += [Query(s.sent_id, s.raw, e.image_id, box) for s in e.sentences]  # type: ignore[arg-type]
+            path = str((root / e.file_name).resolve())
+            out += [Query(s.sent_id, s.raw, e.image_id, box, path) for s in e.sentences]  # type: ignore[arg-type]
     return out
 
 

@@ -35,7 +35,7 @@ def evaluate_predictions(predictions: dict[str, list[Prediction]], queries: Sequ
 
 
 @torch.no_grad()
-def rec_accuracy_for(model_dir: Path | str, data_root: Path | str, queries: Sequence[Query],
+def rec_accuracy_for(model_dir: Path | str, queries: Sequence[Query],
                      *, top_k: int = 10, batch_images: int = 32) -> dict[str, float]:
     """REC Acc@tau: the best-scoring instance of the ground-truth image vs the ground-truth box."""
     from reir.model import create_model
@@ -45,12 +45,11 @@ def rec_accuracy_for(model_dir: Path | str, data_root: Path | str, queries: Sequ
     by_image: dict[str, list[Query]] = defaultdict(list)
     for q in queries:
         by_image[q.image_id].append(q)
-    paths = _image_paths(Path(data_root))
     top_boxes: dict[str, list[float]] = {}
     image_ids = sorted(by_image)
     for start in range(0, len(image_ids), batch_images):
         chunk = image_ids[start:start + batch_images]
-        images = [Image.open(paths[i]).convert("RGB") for i in chunk]
+        images = [Image.open(by_image[i][0].path).convert("RGB") for i in chunk]
         out = model.encode_images(processor.images(images))
         instances = processor.postprocess(out, sizes=[im.size for im in images], top_k=top_k)
         for image_id, insts in zip(chunk, instances):
@@ -66,10 +65,6 @@ def rec_accuracy_for(model_dir: Path | str, data_root: Path | str, queries: Sequ
     return dict(rec_accuracy(top_boxes, truth, taus=TAUS))
 
 
-def _image_paths(root: Path) -> dict[str, Path]:
-    return {p.stem: p for p in (root / "images").rglob("*.jpg")}
-
-
 def evaluate_index(data_root: Path, model_dir: Path, *, milvus_uri: str, collection: str, url: str | None,
                    out: Path | None, echo: Callable[[str], None] = print, top_k: int = 10) -> dict[str, Any]:
     """Send every test query through the retriever (in process, or over HTTP with ``url``)."""
@@ -80,7 +75,7 @@ def evaluate_index(data_root: Path, model_dir: Path, *, milvus_uri: str, collect
     search = _http_search(url) if url else _inprocess_search(model_dir, milvus_uri, collection)
     predictions = {q.query_id: search(q.text, top_k) for q in queries}
     metrics = evaluate_predictions(predictions, queries)
-    metrics.update(rec_accuracy_for(model_dir, data_root, queries))
+    metrics.update(rec_accuracy_for(model_dir, queries))
     metrics["num_queries"] = len(queries)
     metrics["wall_seconds"] = round(time.monotonic() - started, 2)
     echo(format_table(metrics))

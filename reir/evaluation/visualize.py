@@ -27,21 +27,22 @@ def _cell(path: Path, box: Sequence[float], color: str, truth: Sequence[float] |
     return img
 
 
-def draw_examples(out: Path, data_root: Path, queries: Sequence[Query], answers: Sequence[list[dict[str, Any]]],
+def draw_examples(out: Path, queries: Sequence[Query], answers: Sequence[list[dict[str, Any]]],
                   *, per_query: int = 3) -> Path:
-    """One row per query: the ground-truth image, then its top answers (red box, score)."""
-    paths = {p.stem: p for p in (Path(data_root) / "images").rglob("*.jpg")}
+    """One row per query: the ground-truth image, then its top answers (red box, score);
+    answers are found by the ``uri`` the service returned."""
     header = 40
     canvas = Image.new("RGB", (CELL * (per_query + 1), (CELL + header) * len(queries)), "white")
     draw = ImageDraw.Draw(canvas)
     for row, (q, ans) in enumerate(zip(queries, answers)):
         y0 = row * (CELL + header)
         draw.text((4, y0 + 2), "\n".join(textwrap.wrap(f'"{q.text}"', 90)[:2]), fill="black")
-        canvas.paste(_cell(paths[q.image_id], q.box, "lime", None), (0, y0 + header))
+        canvas.paste(_cell(Path(q.path), q.box, "lime", None), (0, y0 + header))
         draw.text((4, y0 + header + 2), "truth", fill="lime")
         for col, a in enumerate(ans[:per_query], start=1):
             truth = q.box if a["image_id"] == q.image_id else None
-            canvas.paste(_cell(paths[a["image_id"]], a["box"], "red", truth), (col * CELL, y0 + header))
+            canvas.paste(_cell(Path(a["uri"].removeprefix("file://")), a["box"], "red", truth),
+                         (col * CELL, y0 + header))
             draw.text((col * CELL + 4, y0 + header + 2), f"#{col} {a['score']:.2f}", fill="red")
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)

@@ -153,3 +153,13 @@ def test_every_generator_word_is_in_the_built_in_tokenizer_vocabulary() -> None:
     from reir.model.tokenization import build_vocab
 
     assert sorted(set(VOCABULARY) - set(build_vocab())) == []
+
+
+def test_queries_carry_their_ground_truth_image_path(synth_root: Path) -> None:
+    from reir.data.formats import test_queries
+
+    queries = test_queries(synth_root)
+    assert queries
+    for q in queries:
+        path = Path(q.path)
+        assert path.is_absolute() and path.is_file() and path.stem == q.image_id
