@@ -39,6 +39,13 @@ QUERY_ENCODE_BATCH_SIZE = MetricSpec(
 QUERY_SEARCH_LATENCY_SECONDS = MetricSpec(
     "reir_query_search_latency_seconds", "histogram", "Milvus ANN search + ranking latency"
 )
+QUERY_STAGE_LATENCY_SECONDS = MetricSpec(
+    "reir_query_stage_latency_seconds",
+    "histogram",
+    "Per-stage query latency (stage: encode, search, rerank, localize, total)",
+    ("stage",),
+)
+QUERY_CANDIDATES = MetricSpec("reir_query_candidates", "histogram", "ANN candidates considered per query")
 INGEST_IMAGES_TOTAL = MetricSpec("reir_ingest_images_total", "counter", "Images encoded")
 INGEST_INSTANCES_TOTAL = MetricSpec("reir_ingest_instances_total", "counter", "Instance rows produced")
 INGEST_FAILURES_TOTAL = MetricSpec(
@@ -47,16 +54,32 @@ INGEST_FAILURES_TOTAL = MetricSpec(
 INGEST_BATCH_LATENCY_SECONDS = MetricSpec(
     "reir_ingest_batch_latency_seconds", "histogram", "Encoder time per image batch"
 )
+INGEST_ROWS_WRITTEN_TOTAL = MetricSpec("reir_ingest_rows_written_total", "counter", "Rows upserted into Milvus")
+INDEX_RUNS_TOTAL = MetricSpec(
+    "reir_index_runs_total", "counter", "Index (re-)build runs by outcome (status: ok, failed, check_failed)", ("status",)
+)
+INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS = MetricSpec(
+    "reir_index_last_success_timestamp_seconds", "gauge", "Unix time of the last promoted index version"
+)
+INDEX_COLLECTION_ROWS = MetricSpec(
+    "reir_index_collection_rows", "gauge", "Rows in a collection version", ("collection",)
+)
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     QUERY_REQUESTS_TOTAL,
     QUERY_LATENCY_SECONDS,
     QUERY_ENCODE_BATCH_SIZE,
     QUERY_SEARCH_LATENCY_SECONDS,
+    QUERY_STAGE_LATENCY_SECONDS,
+    QUERY_CANDIDATES,
     INGEST_IMAGES_TOTAL,
     INGEST_INSTANCES_TOTAL,
     INGEST_FAILURES_TOTAL,
     INGEST_BATCH_LATENCY_SECONDS,
+    INGEST_ROWS_WRITTEN_TOTAL,
+    INDEX_RUNS_TOTAL,
+    INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS,
+    INDEX_COLLECTION_ROWS,
 )
 
 
