@@ -62,7 +62,7 @@ def synth(
 @app.command()
 def train(
     data: Path = typer.Option(..., "--data", help="benchmark directory (reir synth --out)"),
-    stage: str = typer.Option("1", help="1 (detection + REC) or 2 (CLIA)"),
+    stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA) or rerank (the re-ranker, on a stage-2 model)"),
     model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
     out: Optional[Path] = typer.Option(None, "--out", help="output directory for runs [runs]"),
     name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
@@ -82,8 +82,8 @@ def train(
     from reir.training.trainer import run_training
 
     _need_dir(data, "data directory")
-    if stage not in ("1", "2"):
-        raise ReirError(f"--stage must be 1 or 2, got {stage!r}")
+    if stage not in ("1", "2", "rerank"):
+        raise ReirError(f"--stage must be 1, 2 or rerank, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
     flags = dict(model=model, output_dir=None if out is None else str(out), run_name=name, num_workers=workers,
                  cpus_per_worker=cpus_per_worker,

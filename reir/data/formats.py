@@ -20,7 +20,7 @@ from reir.data.records import (
     save_reircoco,
     validate_coco,
 )
-from reir.data.samples import ImageSample, Query, load_samples, test_queries
+from reir.data.samples import ImageSample, Query, load_samples, negative_groups, test_queries
 
 __all__ = [
     "Annotation",
@@ -35,6 +35,7 @@ __all__ = [
     "load_discovery",
     "load_reircoco",
     "load_samples",
+    "negative_groups",
     "save_reircoco",
     "test_queries",
     "validate_coco",

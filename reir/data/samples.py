@@ -6,6 +6,8 @@ detector also learns objects nobody refers to) with the REIRCOCO sentences.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,32 @@ def load_samples(root: str | Path, split: str) -> list[ImageSample]:
             ) from None
         sample.refs += [(s.raw, index) for s in e.sentences]
     return sorted(samples.values(), key=lambda s: s.image_id)
+
+
+def negative_groups(root: str | Path, split: str, image_ids: list[str]) -> list[int]:
+    """A group id per image: an expression of one image is known NOT to hold in the other
+    images of its group (cross-image negatives for contrastive and re-ranking losses).
+
+    The synthetic benchmark makes train expressions unique within chunks of
+    ``meta.json: splits.train.chunk_size`` images (in image-id order) and test expressions
+    unique in the whole split. Without that knowledge (other datasets) every image is its
+    own group: only within-image negatives are certain.
+    """
+    _check_split(split)
+    meta_path = Path(root) / "meta.json"
+    info: dict[str, Any] = {}
+    if meta_path.exists():
+        info = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
+    scope = str(info.get("matches_scope", ""))
+    chunk = info.get("chunk_size")
+    if chunk is None and (m := re.fullmatch(r"chunk of (\d+) \w+ images", scope)):
+        chunk = int(m.group(1))  # benchmarks written before chunk_size was recorded
+    if scope == "gallery":
+        return [0] * len(image_ids)
+    if chunk:
+        rank = {iid: i for i, iid in enumerate(sorted(image_ids))}
+        return [rank[iid] // int(chunk) for iid in image_ids]
+    return list(range(len(image_ids)))
 
 
 def test_queries(root: str | Path, split: str = "test") -> list[Query]:

@@ -245,8 +245,11 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, separators=(",", ":")))
 
 
-def _split_stats(items: list[_Item], entries: list[dict[str, Any]], scope: str) -> dict[str, Any]:
-    return {
+def _split_stats(
+    items: list[_Item], entries: list[dict[str, Any]], scope: str, chunk_size: int | None = None
+) -> dict[str, Any]:
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    return {**extra,
         "num_images": len(items),
         "num_instances": sum(len(it.scene.objects) for it in items),
         "num_refs": len(entries),
@@ -308,7 +311,10 @@ def generate(
     n_empty = sum(not q["matches"] for q in discovery)
     disc_stats = {"total": len(discovery), "empty": n_empty, "multi": len(discovery) - n_empty}
     scope = {"train": f"chunk of {chunk} train images", "test": "gallery"}
-    splits = {s: _split_stats(by_split[s], entries[s], scope[s]) for s in ("train", "test")}
+    splits = {
+        "train": _split_stats(by_split["train"], entries["train"], scope["train"], chunk),
+        "test": _split_stats(by_split["test"], entries["test"], scope["test"]),
+    }
     _write_json(out / "meta.json", _meta(cfg, splits, disc_stats))
     return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start)
 

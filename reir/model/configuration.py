@@ -62,6 +62,15 @@ class MoreSpec:
 
 
 @dataclass
+class RerankSpec:
+    """Relation-aware re-ranker (``reir.model.rerank``); ``hidden_size == 0``: none."""
+
+    hidden_size: int = 0
+    num_relations: int = 8  # learned geometric relations (soft "left of", "bigger than", ...)
+    geometry_hidden: int = 32
+
+
+@dataclass
 class LossSpec:
     """Matching costs and loss weights (DETR-style defaults, tuned for dense queries)."""
 
@@ -94,8 +103,9 @@ class ReirConfig(PretrainedConfig):
     """Configuration of :class:`reir.model.modeling.ReirModel`.
 
     Args:
-        vision / text / more / loss: dicts of :class:`VisionSpec`, :class:`TextSpec`,
-            :class:`MoreSpec`, :class:`LossSpec` fields (missing keys take defaults).
+        vision / text / more / loss / rerank: dicts of :class:`VisionSpec`, :class:`TextSpec`,
+            :class:`MoreSpec`, :class:`LossSpec`, :class:`RerankSpec` fields
+            (missing keys take defaults; ``rerank.hidden_size == 0``: no re-ranker).
         embed_dim: D, the shared instance/text embedding size.
         logit_scale_init / logit_bias_init: SigLIP-style score ``exp(scale) * cos + bias``.
         max_instances: K, default number of instances kept per image by post-processing.
@@ -111,6 +121,7 @@ class ReirConfig(PretrainedConfig):
         text: dict[str, Any] | None = None,
         more: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
+        rerank: dict[str, Any] | None = None,
         embed_dim: int = 32,
         logit_scale_init: float = 2.302585,  # log(10)
         logit_bias_init: float = -10.0,
@@ -123,6 +134,7 @@ class ReirConfig(PretrainedConfig):
         self.text = _merge(TextSpec, text)
         self.more = _merge(MoreSpec, more)
         self.loss = _merge(LossSpec, loss)
+        self.rerank = _merge(RerankSpec, rerank)
         self.embed_dim = embed_dim
         self.logit_scale_init = logit_scale_init
         self.logit_bias_init = logit_bias_init
@@ -146,3 +158,7 @@ class ReirConfig(PretrainedConfig):
     @property
     def loss_spec(self) -> LossSpec:
         return LossSpec(**self.loss)
+
+    @property
+    def rerank_spec(self) -> RerankSpec:
+        return RerankSpec(**self.rerank)

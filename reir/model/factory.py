@@ -16,7 +16,7 @@ from .modeling import WEIGHTS_NAME, ReirModel
 from .processing import ReirProcessor
 from .tokenization import build_tokenizer, build_vocab
 
-_SECTIONS = ("vision", "text", "more", "loss")
+_SECTIONS = ("vision", "text", "more", "loss", "rerank")
 # Convenience aliases for the overrides passed most often (local HF tower directories).
 _ALIASES = {
     "vision_model_path": ("vision", "model_path"),

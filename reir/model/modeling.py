@@ -27,7 +27,7 @@ from transformers import (
     SiglipTextModel,
 )
 
-from .configuration import MoreSpec, ReirConfig, TextSpec, VisionSpec
+from .configuration import MoreSpec, ReirConfig, RerankSpec, TextSpec, VisionSpec
 from .modeling_visual import (
     ConvBackbone,
     InstanceHeads,
@@ -36,6 +36,7 @@ from .modeling_visual import (
     sine_position_2d,
     vision_grid_size,
 )
+from .rerank import RelationReranker
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -66,11 +67,13 @@ class TextOutput:
         embeddings: ``[T, D]`` float, L2-normalized.
         aux_loss: ``[]`` scalar, Switch-style expert load-balancing loss.
         gate_probs: ``[T, E]`` float, softmax over all E experts' gate logits.
+        token_states: ``[T, L, H]`` the text tower's last hidden states (the re-ranker reads them).
     """
 
     embeddings: torch.Tensor
     aux_loss: torch.Tensor
     gate_probs: torch.Tensor
+    token_states: torch.Tensor | None = None
 
 
 @dataclass
@@ -222,7 +225,9 @@ class TextEncoder(nn.Module):
             mask = attention_mask[..., None].to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         emb, aux, probs = self.more(pooled)
-        return TextOutput(embeddings=F.normalize(emb, dim=-1), aux_loss=aux, gate_probs=probs)
+        return TextOutput(
+            embeddings=F.normalize(emb, dim=-1), aux_loss=aux, gate_probs=probs, token_states=out.last_hidden_state
+        )
 
     def _empty(self, input_ids: torch.Tensor) -> TextOutput:
         # No expressions in this batch: still run one dummy row so that every parameter
@@ -250,7 +255,24 @@ class ReirModel(nn.Module):
         # Shape [1], not []: DeepSpeed ZeRO cannot flatten 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.tensor([float(config.logit_scale_init)]))
         self.logit_bias = nn.Parameter(torch.tensor([float(config.logit_bias_init)]))
+        self.reranker: RelationReranker | None = None
+        if config.rerank_spec.hidden_size > 0:
+            self.reranker = self._build_reranker(config.rerank_spec)
         self._record_tower_configs()
+
+    def _build_reranker(self, spec: RerankSpec) -> RelationReranker:
+        return RelationReranker(spec, int(self.text.model.config.hidden_size), self.config.embed_dim)
+
+    def add_reranker(self, **spec: Any) -> RelationReranker:
+        """Attach a fresh (untrained: it keeps the dual encoder's order) re-ranker; returns it."""
+        merged = {**self.config.rerank, **spec}
+        merged.setdefault("hidden_size", 0)
+        if merged["hidden_size"] <= 0:
+            merged["hidden_size"] = 128
+        rerank_spec = RerankSpec(**merged)
+        self.config.rerank = dict(rerank_spec.__dict__)
+        self.reranker = self._build_reranker(rerank_spec).to(self.device)
+        return self.reranker
 
     def _record_tower_configs(self) -> None:
         # Keep the HF tower configs in ReirConfig so a saved checkpoint rebuilds offline
@@ -284,6 +306,36 @@ class ReirModel(nn.Module):
         """All-pairs logits ``[T, ...]`` for ``text_emb [T, D]`` and ``inst_emb [..., D]``."""
         sims = torch.einsum("td,...d->t...", text_emb, inst_emb)
         return score_from_similarity(sims, self.logit_scale, self.logit_bias)
+
+    def rerank_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        inst_emb: torch.Tensor,
+        boxes: torch.Tensor,
+        objectness: torch.Tensor,
+        inst_mask: torch.Tensor,
+        text_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Re-ranked logits ``[N, M]`` of every stored instance of N candidate images.
+
+        ``input_ids/attention_mask [T, L]`` the expressions; ``inst_emb [N, M, D]``,
+        ``boxes [N, M, 4]`` (cxcywh normalized), ``objectness [N, M]``, ``inst_mask [N, M]``
+        describe each candidate image's instances as stored in the index; ``text_index [N]``
+        says which expression row n is scored for (default: all rows for expression 0).
+        Without a re-ranker the dual encoder's logits come back (same order as the ANN).
+        """
+        text = self.encode_text(input_ids, attention_mask)
+        if text_index is None:
+            text_index = torch.zeros(inst_emb.shape[0], dtype=torch.long, device=inst_emb.device)
+        emb = text.embeddings[text_index]
+        base = score_from_similarity(torch.einsum("nd,nmd->nm", emb, inst_emb), self.logit_scale, self.logit_bias)
+        if self.reranker is None:
+            return base.masked_fill(~inst_mask.bool(), float("-inf"))
+        assert text.token_states is not None
+        return self.reranker(
+            text.token_states, attention_mask, base, inst_emb, boxes, objectness, inst_mask, text_rows=text_index
+        )
 
     def forward(
         self,

@@ -14,7 +14,8 @@ class TrainConfig(BaseModel):
 
     data_root: str = Field(description="synthetic benchmark directory (reir synth --out)")
     model: str = Field("small", description="preset name or model directory to start from")
-    stage: Literal["1", "2"] = "1"
+    stage: Literal["1", "2", "rerank"] = Field(
+        "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model")
     output_dir: str = "runs"
     run_name: str = "reir"
     num_workers: int = Field(1, ge=1)
@@ -38,6 +39,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     log_every: int = Field(20, ge=1)
     model_overrides: dict[str, Any] = Field(default_factory=dict)
+    rerank_negatives: int = Field(15, ge=0, description="hard negative images per expression (stage rerank)")
+    rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
+    rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
+                                  "overlaps it by this IoU; other expressions are skipped")
 
     @model_validator(mode="after")
     def _zero3_needs_gather(self) -> TrainConfig:

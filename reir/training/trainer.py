@@ -15,23 +15,25 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
-from reir.data.formats import ImageSample, load_samples
+from reir.data.formats import ImageSample, load_samples, negative_groups
 from reir.training.config import TrainConfig, deepspeed_config
 
 MODEL_DIRNAME = "model"
 
 
-def sample_to_row(s: ImageSample) -> dict[str, Any]:
+def sample_to_row(s: ImageSample, group: int = 0) -> dict[str, Any]:
     # Nested ragged lists go through Arrow as JSON text: simple and loss-free.
     return {
+        "group": int(group),
         "image_id": s.image_id,
         "path": s.path,
         "width": int(s.width),
@@ -152,6 +154,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    if cfg.stage == "rerank":
+        _rerank_loop(cfg, rank, world, device)
+        return
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
@@ -206,6 +211,77 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report(stats, checkpoint=checkpoint)
 
 
+def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
+    """Stage ``rerank``: frozen model -> features of this worker's shard -> train the re-ranker."""
+    import deepspeed
+    import ray.train
+
+    from reir.model import create_model
+    from reir.training.rerank import build_rerank_set, mine_hard_negatives, rerank_loss
+
+    overrides = dict(cfg.model_overrides)
+    rerank_spec = dict(overrides.pop("rerank", {}) or {})
+    model, processor = create_model(cfg.model, **overrides)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reranker = model.reranker if model.reranker is not None and not rerank_spec else model.add_reranker(**rerank_spec)
+    reranker.train()
+    for p in reranker.parameters():
+        p.requires_grad_(True)
+
+    rows = [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
+            for r in frame.to_dict("records")]
+    samples = [row_to_sample(r) for r in rows]
+    cache = ImageCache()
+    started = time.monotonic()
+    rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], cache.get, top_k=cfg.rerank_top_k,
+                          min_iou=cfg.rerank_min_iou)
+    negatives = mine_hard_negatives(rs, cfg.rerank_negatives)
+    if rank == 0:
+        print(f"[train stage rerank] features: {len(samples)} images, {rs.num_texts} expressions "
+              f"({rs.skipped} skipped: referent not detected) in {time.monotonic() - started:.1f}s", flush=True)
+    if rs.num_texts == 0:
+        raise ValueError("stage rerank: no expression's referent is among the stored instances; train stage 1/2 first")
+    params = [p for p in reranker.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ds_cfg = deepspeed_config(cfg)
+    ds_cfg["bf16"] = {"enabled": False}  # small head, fp32 features
+    engine, _, _, _ = deepspeed.initialize(model=reranker, optimizer=optimizer, config=ds_cfg)
+    scale = float(model.logit_scale.exp().clamp(max=100.0))
+    bias = float(model.logit_bias)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
+    step, started, last = 0, time.monotonic(), {}
+    while True:
+        idx = torch.randint(rs.num_texts, (cfg.batch_size,), generator=gen)
+        losses = rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
+        engine.backward(losses["loss"])
+        progress = _agree(_progress(cfg, step, total_steps, started), device)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(progress, step, cfg.warmup_steps)
+        engine.step()
+        step += 1
+        last = {k: float(v.detach()) for k, v in losses.items()}
+        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+            parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
+            print(f"[train stage rerank] step {step}/{total_steps} {parts}", flush=True)
+        if step >= total_steps or progress >= 1.0:
+            break
+    seconds = time.monotonic() - started
+    stats = {"steps": step, "seconds": seconds, "world_size": world, "rerank_texts": rs.num_texts, **last}
+    checkpoint = None
+    if rank == 0:
+        out = tempfile.mkdtemp(prefix="reir-ckpt-")
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        (Path(out) / "training_args.json").write_text(
+            json.dumps({"config": cfg.model_dump(), "stats": stats}, indent=2, default=str)
+        )
+        checkpoint = ray.train.Checkpoint.from_directory(out)
+    ray.train.report(stats, checkpoint=checkpoint)
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
@@ -228,7 +304,8 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
         raise ValueError(f"no training images under {cfg.data_root}")
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_items([sample_to_row(s) for s in samples])
+    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
+    ds = ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)])
     out_root = Path(cfg.output_dir).resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,

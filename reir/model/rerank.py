@@ -1,0 +1,115 @@
+"""Relation-aware re-ranker: a text-conditioned, one-hop relation scorer over an image's
+stored instances.
+
+The dual encoder ranks a whole gallery by one inner product per instance; it cannot check
+relations it did not compress into the instance vector ("left of the red square", "the
+leftmost purple one"). The re-ranker runs only on the few images that hold the top ANN
+candidates and scores every stored instance ``j`` of such an image:
+
+    logit_j = base_j + a_j + sum_r sum_{k != j} w_r(geom(j, k)) * <u_r, v_k>
+
+* ``base_j``: the dual encoder's own logit (an untrained re-ranker keeps the ANN order);
+* ``v_k = P [embedding_k, objectness_k]``: the stored instances, projected;
+* ``w_r(geom(j, k))`` in (0, 1): R learned *geometric relations* (an MLP over the
+  relative box geometry dx, dy, log w/w', log h/h', log area ratio): one may learn
+  "k is right of j", another "k is bigger than j";
+* ``u_r``: what the expression asks of the instances in relation r to the referent,
+  pooled from its tokens by a learned query per relation and gated by the whole
+  expression (zero when the expression names no such relation);
+* ``a_j = <u_0, v_j>``: a text-conditioned second look at the candidate itself.
+
+It is bilinear in (expression, landmark) for every relation, which is the structure of
+"<referent> <relation> <landmark>" expressions, so it learns from few steps; sums over k
+also express negation ("leftmost": no look-alike to the left). It reads only what the
+index stores per instance (embedding, box, objectness), so serving never re-encodes a
+gallery image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .configuration import RerankSpec
+from .modeling_visual import Mlp
+
+NUM_GEOMETRY = 5
+
+
+def relative_geometry(boxes: torch.Tensor) -> torch.Tensor:
+    """``boxes [N, M, 4]`` cxcywh -> ``[N, M, M, 5]``: geometry of k seen from j (``[n, j, k]``)."""
+    eps = 1e-3
+    cx, cy, w, h = boxes.unbind(-1)
+    w, h = w.clamp(min=eps), h.clamp(min=eps)
+    dx = cx[:, None, :] - cx[:, :, None]
+    dy = cy[:, None, :] - cy[:, :, None]
+    lw = torch.log(w[:, None, :] / w[:, :, None])
+    lh = torch.log(h[:, None, :] / h[:, :, None])
+    return torch.stack([dx * 4, dy * 4, lw, lh, lw + lh], dim=-1)
+
+
+class RelationReranker(nn.Module):
+    """``(expression tokens, instance set) -> logit per instance``; see the module docstring."""
+
+    def __init__(self, spec: RerankSpec, text_hidden: int, embed_dim: int) -> None:
+        super().__init__()
+        h, r = spec.hidden_size, spec.num_relations
+        self.spec = spec
+        self.text_norm = nn.LayerNorm(text_hidden)
+        self.text_key = nn.Linear(text_hidden, h)
+        self.text_value = nn.Linear(text_hidden, h)
+        self.queries = nn.Parameter(torch.randn(r + 1, h) / math.sqrt(h))  # slot 0: the candidate itself
+        self.gate = nn.Linear(text_hidden, r + 1)
+        self.inst = nn.Sequential(nn.Linear(embed_dim + 1, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h))
+        self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, r)
+        # Starts as the identity on the dual encoder's logits: the relation term is scaled
+        # by a learned factor that begins at 0.
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """``[T, L, Ht]`` -> ``[T, R+1, h]``: per relation, what the expression asks of it."""
+        x = self.text_norm(text_states)
+        keys, values = self.text_key(x), self.text_value(x)
+        att = torch.einsum("rh,tlh->trl", self.queries, keys) / math.sqrt(keys.shape[-1])
+        att = att.masked_fill(~text_mask.bool()[:, None, :], torch.finfo(att.dtype).min).softmax(dim=-1)
+        mask = text_mask.to(x.dtype)[..., None]
+        pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        gate = torch.sigmoid(self.gate(pooled))  # [T, R+1]
+        return gate[..., None] * torch.einsum("trl,tlh->trh", att, values)
+
+    def forward(
+        self,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        base_logits: torch.Tensor,
+        inst_emb: torch.Tensor,
+        boxes: torch.Tensor,
+        objectness: torch.Tensor,
+        inst_mask: torch.Tensor,
+        text_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-instance logits ``[N, M]`` (``-inf`` where ``inst_mask`` is False).
+
+        Args:
+            text_states: ``[T, L, Ht]`` token states of the expressions; ``text_mask [T, L]``.
+            base_logits: ``[N, M]`` the dual encoder's logits for (expression, instance).
+            inst_emb: ``[N, M, D]`` stored instance embeddings; ``boxes [N, M, 4]`` cxcywh
+                normalized; ``objectness [N, M]`` probabilities; ``inst_mask [N, M]`` bool.
+            text_rows: ``[N]`` which expression each candidate image is scored for
+                (default: ``arange(N)``, i.e. ``T == N``).
+        """
+        n, m, _ = inst_emb.shape
+        if text_rows is None:
+            text_rows = torch.arange(n, device=inst_emb.device)
+        ok = inst_mask.bool()
+        slots = self.text_slots(text_states, text_mask)[text_rows]  # [N, R+1, h]
+        v = self.inst(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1))  # [N, M, h]
+        match = torch.einsum("nrh,nmh->nrm", slots, v) / math.sqrt(v.shape[-1])  # [N, R+1, M]
+        w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [N, M(j), M(k), R]
+        pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=ok.device)[None]
+        w = w * pair_ok[..., None].to(w.dtype)
+        relation = torch.einsum("njkr,nrk->nj", w, match[:, 1:])
+        delta = self.scale * (match[:, 0] + relation)
+        return (base_logits + delta).masked_fill(~ok, float("-inf"))

@@ -1,0 +1,185 @@
+"""Stage ``rerank``: train the relation-aware re-ranker on top of a frozen dual encoder.
+
+The re-ranker sees exactly what serving gives it: the instances an ingestion stored per
+image (post-processed top-K: embedding, box, objectness), so the training set is built
+the same way, once, with the frozen visual branch. Each expression is then contrasted,
+listwise, against every instance of its own image and of ``num_negatives`` *hard*
+negative images: the images of its negative group (``reir.data.negative_groups``) that
+the dual encoder ranks highest, i.e. the images the ANN search would hand the re-ranker.
+Loss: cross-entropy over all those instances (the referent is the target) plus a small
+sigmoid term that keeps the logits calibrated as probabilities (presence decisions).
+
+Pure torch (no Ray): the Ray Train + DeepSpeed loop in ``reir.training.trainer`` calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from reir.data.formats import ImageSample
+from reir.model.boxes import cxcywh_to_xyxy, pairwise_iou_xyxy
+from reir.model.modeling import ReirModel
+from reir.model.processing import ReirProcessor
+from reir.model.rerank import RelationReranker
+
+
+@dataclass
+class RerankSet:
+    """Frozen features of a training shard (N images, T usable expressions)."""
+
+    image_ids: list[str]
+    emb: torch.Tensor  # [N, K, D]
+    boxes: torch.Tensor  # [N, K, 4] cxcywh normalized
+    objectness: torch.Tensor  # [N, K]
+    mask: torch.Tensor  # [N, K] bool
+    groups: torch.Tensor  # [N] long
+    token_states: torch.Tensor  # [T, L, H]
+    token_mask: torch.Tensor  # [T, L]
+    text_emb: torch.Tensor  # [T, D]
+    text_image: torch.Tensor  # [T] long, image row of each expression
+    positive: torch.Tensor  # [T] long, instance slot of the referent in its image
+    skipped: int = 0  # expressions whose referent no stored instance covers (IoU < min_iou)
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.text_image.numel())
+
+
+def _cxcywh_norm(box_xywh: Sequence[float], width: int, height: int) -> list[float]:
+    x, y, w, h = box_xywh
+    return [(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+
+
+@torch.no_grad()
+def build_rerank_set(
+    model: ReirModel,
+    processor: ReirProcessor,
+    samples: Sequence[ImageSample],
+    groups: Sequence[int],
+    load_image: Callable[[str], Image.Image],
+    *,
+    top_k: int,
+    batch_size: int = 32,
+    min_iou: float = 0.5,
+) -> RerankSet:
+    """Encode ``samples`` as ingestion would and pair every expression with its referent slot."""
+    device = model.device
+    n, dim = len(samples), model.config.embed_dim
+    emb = torch.zeros(n, top_k, dim)
+    boxes = torch.zeros(n, top_k, 4)
+    obj = torch.zeros(n, top_k)
+    mask = torch.zeros(n, top_k, dtype=torch.bool)
+    for start in range(0, n, batch_size):
+        chunk = samples[start : start + batch_size]
+        images = [load_image(s.path) for s in chunk]
+        out = model.encode_images(processor.images(images).to(device))
+        sizes = [(s.width, s.height) for s in chunk]
+        for i, (s, insts) in enumerate(zip(chunk, processor.postprocess(out, sizes=sizes, top_k=top_k))):
+            for r, inst in enumerate(insts):
+                emb[start + i, r] = torch.as_tensor(inst.embedding)
+                boxes[start + i, r] = torch.tensor(_cxcywh_norm(inst.box_xywh, s.width, s.height))
+                obj[start + i, r] = inst.score
+                mask[start + i, r] = True
+    texts, text_image, positive, skipped = [], [], [], 0
+    for row, s in enumerate(samples):
+        if not s.refs:
+            continue
+        gts = torch.tensor([_cxcywh_norm(s.boxes[j], s.width, s.height) for _, j in s.refs])
+        ious = pairwise_iou_xyxy(cxcywh_to_xyxy(gts), cxcywh_to_xyxy(boxes[row]))[0] * mask[row][None]
+        best, slot = ious.max(dim=1)
+        for (text, _), b, k in zip(s.refs, best.tolist(), slot.tolist()):
+            if b < min_iou:
+                skipped += 1
+                continue
+            texts.append(text)
+            text_image.append(row)
+            positive.append(k)
+    states, tmask, temb = [], [], []
+    length = 0
+    for start in range(0, len(texts), 256):
+        enc = processor.text(texts[start : start + 256])
+        enc = {k: v.to(device) for k, v in enc.items()}
+        out_t = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        assert out_t.token_states is not None
+        states.append(out_t.token_states.float().cpu())
+        tmask.append(enc["attention_mask"].cpu())
+        temb.append(out_t.embeddings.float().cpu())
+        length = max(length, enc["input_ids"].shape[1])
+    if texts:
+        token_states = torch.cat([F.pad(s, (0, 0, 0, length - s.shape[1])) for s in states])
+        token_mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in tmask])
+        text_emb = torch.cat(temb)
+    else:
+        hidden = int(model.text.model.config.hidden_size)
+        token_states, token_mask, text_emb = torch.zeros(0, 1, hidden), torch.zeros(0, 1), torch.zeros(0, dim)
+    return RerankSet(
+        image_ids=[s.image_id for s in samples], emb=emb, boxes=boxes, objectness=obj, mask=mask,
+        groups=torch.as_tensor(list(groups), dtype=torch.long), token_states=token_states,
+        token_mask=token_mask.long(), text_emb=text_emb, text_image=torch.tensor(text_image, dtype=torch.long),
+        positive=torch.tensor(positive, dtype=torch.long), skipped=skipped,
+    )  # fmt: skip
+
+
+def mine_hard_negatives(rs: RerankSet, num: int, *, chunk: int = 512) -> torch.Tensor:
+    """``[T, num]`` image rows: the images of each expression's negative group (its own
+    image excluded) whose best instance the dual encoder scores highest; ``-1`` pads
+    groups with fewer images."""
+    out = torch.full((rs.num_texts, num), -1, dtype=torch.long)
+    if num == 0 or rs.num_texts == 0:
+        return out
+    n = rs.emb.shape[0]
+    k = min(num, n)
+    for start in range(0, rs.num_texts, chunk):
+        te = rs.text_emb[start : start + chunk]
+        own = rs.text_image[start : start + chunk]
+        best = torch.einsum("td,nkd->tnk", te, rs.emb).masked_fill(~rs.mask[None], -2.0).amax(dim=2)
+        allowed = rs.groups[None, :] == rs.groups[own][:, None]
+        allowed[torch.arange(len(own)), own] = False
+        best = best.masked_fill(~allowed, -3.0)
+        val, idx = best.topk(k, dim=1)
+        idx[val <= -3.0] = -1
+        out[start : start + chunk, :k] = idx
+    return out
+
+
+def rerank_loss(
+    reranker: RelationReranker | torch.nn.Module,
+    rs: RerankSet,
+    text_idx: torch.Tensor,
+    neg_images: torch.Tensor,
+    logit_scale: float,
+    logit_bias: float,
+    *,
+    bce_weight: float = 0.1,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Listwise loss for expressions ``text_idx [B]`` over their own image + ``neg_images [B, C-1]``."""
+    b = text_idx.numel()
+    imgs = torch.cat([rs.text_image[text_idx][:, None], neg_images], dim=1)  # [B, C]
+    c = imgs.shape[1]
+    present = (imgs >= 0).reshape(-1)
+    flat = imgs.clamp(min=0).reshape(-1)
+    ti = text_idx.repeat_interleave(c)
+    emb = rs.emb[flat].to(device)
+    inst_mask = (rs.mask[flat] & present[:, None]).to(device)
+    text_emb = rs.text_emb[ti].to(device)
+    base = logit_scale * torch.einsum("nd,nkd->nk", text_emb, emb) + logit_bias
+    length = int(rs.token_mask[text_idx].sum(dim=1).max())  # trim padding shared by the whole batch
+    logits = reranker(
+        rs.token_states[text_idx, :length].to(device), rs.token_mask[text_idx, :length].to(device), base, emb,
+        rs.boxes[flat].to(device), rs.objectness[flat].to(device), inst_mask,
+        text_rows=torch.arange(b, device=device).repeat_interleave(c),
+    ).view(b, -1)  # fmt: skip
+    target = rs.positive[text_idx].to(device)  # slot in image 0 of each row's list
+    ce = F.cross_entropy(logits, target)
+    finite = torch.isfinite(logits)
+    labels = torch.zeros_like(logits)
+    labels[torch.arange(b, device=logits.device), target] = 1.0
+    bce = F.binary_cross_entropy_with_logits(logits[finite], labels[finite], reduction="sum") / max(b, 1)
+    acc = (logits.argmax(dim=1) == target).float().mean()
+    return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}

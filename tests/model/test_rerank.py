@@ -1,0 +1,88 @@
+"""The relation-aware re-ranker: shapes, masking, the untrained identity, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from reir.model import create_model
+from reir.model.configuration import RerankSpec
+from reir.model.rerank import RelationReranker, relative_geometry
+
+
+def _inputs(n: int = 3, m: int = 4, t: int = 2, length: int = 5, dim: int = 16) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(t, length, 8, generator=g)
+    mask = torch.ones(t, length)
+    mask[1, 3:] = 0
+    base = torch.randn(n, m, generator=g)
+    emb = torch.nn.functional.normalize(torch.randn(n, m, dim, generator=g), dim=-1)
+    boxes = torch.rand(n, m, 4, generator=g) * 0.5 + 0.1
+    obj = torch.rand(n, m, generator=g)
+    inst_mask = torch.ones(n, m, dtype=torch.bool)
+    inst_mask[2, 3] = False
+    rows = torch.tensor([0, 1, 1])
+    return states, mask, base, emb, boxes, obj, inst_mask, rows
+
+
+def test_relative_geometry_is_antisymmetric_in_offsets_and_log_ratios() -> None:
+    boxes = torch.tensor([[[0.2, 0.5, 0.1, 0.2], [0.7, 0.4, 0.3, 0.1]]])
+    g = relative_geometry(boxes)
+    assert g.shape == (1, 2, 2, 5)
+    assert torch.allclose(g[0, 0, 1], -g[0, 1, 0])
+    assert float(g[0, 0, 1, 0]) > 0  # box 1 is right of box 0
+    assert torch.allclose(g[0, 0, 0], torch.zeros(5))
+
+
+def test_untrained_reranker_keeps_the_dual_encoder_logits_and_masks_padding() -> None:
+    states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+    assert out.shape == base.shape
+    assert torch.isneginf(out[2, 3])
+    assert torch.allclose(out[inst_mask], base[inst_mask])
+
+
+def test_trained_reranker_depends_on_the_other_instances_of_the_image() -> None:
+    states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    torch.manual_seed(0)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    torch.nn.init.constant_(rr.scale, 1.0)  # as after training: the relation term is switched on
+    out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+    moved = boxes.clone()
+    moved[0, 1, 0] = 0.95  # move a neighbour of instance 0 in image 0 to the far right
+    out_moved = rr(states, mask, base, emb, moved, obj, inst_mask, text_rows=rows)
+    assert not torch.allclose(out[0, 0], out_moved[0, 0])
+    assert torch.allclose(out[1], out_moved[1])  # other images are untouched
+    # and on the expression: a different text row changes the scores
+    out_text = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=torch.tensor([1, 1, 1]))
+    assert not torch.allclose(out[0], out_text[0])
+
+
+def test_model_rerank_logits_without_and_with_reranker(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, processor = create_model("tiny")
+    model.eval()
+    enc = processor.text(["the red square", "the blue circle left of the red square"])
+    _, _, _, emb, boxes, obj, inst_mask, _ = _inputs(dim=model.config.embed_dim)
+    rows = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        plain = model.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, obj, inst_mask, rows)
+        text = model.encode_text(enc["input_ids"], enc["attention_mask"]).embeddings
+        expected = model.score(text, emb)[rows, torch.arange(3)]
+    assert torch.allclose(plain[inst_mask], expected[inst_mask], atol=1e-5)
+
+    model.add_reranker(hidden_size=16, num_relations=4)
+    assert model.reranker is not None
+    torch.nn.init.constant_(model.reranker.scale, 1.0)
+    with torch.no_grad():
+        reranked = model.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, obj, inst_mask, rows)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = create_model(str(tmp_path))
+    assert loaded.config.rerank["hidden_size"] == 16
+    with torch.no_grad():
+        again = loaded.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, obj, inst_mask, rows)
+    assert torch.allclose(reranked[inst_mask], again[inst_mask], atol=1e-5)
+    assert not torch.allclose(reranked[inst_mask], plain[inst_mask])
