@@ -112,7 +112,7 @@ def serving_dashboard() -> Dashboard:
                                                 "{{status}}"),), unit="reqps",
                   description="POST /v1/search by HTTP status."),
             Panel("Error ratio (5xx)", (Target(
-                f"{rate(T.QUERY_REQUESTS_TOTAL, labels={**search, 'status': '~5..'})} / "
+                f"({rate(T.QUERY_REQUESTS_TOTAL, labels={**search, 'status': '~5..'})} or vector(0)) / "
                 f"{rate(T.QUERY_REQUESTS_TOTAL, labels=search)}", "5xx / all"),), unit="percentunit",
                 description="Alert ReirQueryErrorRateHigh fires above 2% for 5 minutes."),
             Panel("Query latency (end to end)", _quantiles(T.QUERY_LATENCY_SECONDS, (0.5, 0.9, 0.99), labels=search),
