@@ -3,8 +3,13 @@
 One stack for the module: the session's local Ray (its metrics export port), a
 milvus-lite server, a real ingestion run by ``reir.ops.jobrun`` around ``reir ingest``
 (the production re-index wrapper, pushing its outcome to a real Pushgateway), the
-Serve app (``build_app``) on the tiny checkpoint answering HTTP queries, and Debian's
-Prometheus scraping Ray's metrics port and the Pushgateway with reir's alert rules loaded.
+Serve app on the tiny checkpoint answering HTTP queries, and Debian's Prometheus
+scraping Ray's metrics port and the Pushgateway with reir's alert rules loaded.
+
+The Serve app is deployed from the dev overlay's ``serveConfigV2`` (autoscaling,
+actor options and all) through Serve's declarative path, the call the Ray dashboard's
+``PUT /api/serve/applications/`` makes when KubeRay deploys a RayService; only the
+model path and the ``reir-env`` values that point at this machine are replaced.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "k8s" / "monitoring" / "prometheusrule.yaml"
 QUERIES = 12
 APP = "reir"  # the application name the dashboards and alerts filter on
+COLLECTION = "gallery"
 
 # Families this branch's code exports once the app has answered queries and an index job ran.
 EXPECTED_LIVE = {
@@ -80,6 +86,33 @@ class Stack:
     model_version: str
 
 
+def _dev_serve_config(model: Path, milvus_uri: str, port: int) -> Any:
+    from ray.serve.schema import ServeDeploySchema
+
+    overlay = yaml.safe_load((ROOT / "k8s" / "overlays" / "dev" / "rayservice-dev.yaml").read_text())
+    config = yaml.safe_load(overlay["spec"]["serveConfigV2"])
+    (reir_env,) = [d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "config.yaml").read_text())
+                   if d["metadata"]["name"] == "reir-env"]  # fmt: skip
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    assert app["name"] == APP
+    app["args"]["model_path"] = str(model)
+    # On the cluster these come from the pods' envFrom: reir-env.
+    app["runtime_env"] = {"env_vars": {**reir_env["data"], "REIR_MILVUS__URI": milvus_uri,
+                                       "REIR_MILVUS__COLLECTION": COLLECTION}}  # fmt: skip
+    return ServeDeploySchema.model_validate(config)
+
+
+def _app_running(name: str) -> bool:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    app = serve.status().applications.get(name)
+    if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+        raise AssertionError(f"{name}: {app.message}")
+    return app is not None and app.status == ApplicationStatus.RUNNING
+
+
 def _sample_names(text: str) -> set[str]:
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -106,9 +139,9 @@ def stack(
 ) -> Iterator[Stack]:  # fmt: skip
     import ray
     from ray import serve
+    from ray.serve._private.api import serve_start
 
     from reir.platform.modeling import model_version_for
-    from reir.serving.app import build_app
 
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     ray_metrics = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
@@ -122,18 +155,17 @@ def stack(
         proc = subprocess.run(
             [sys.executable, "-m", "reir.ops.jobrun", "--job", "reir-index", "--pushgateway", pushgateway, "--",
              sys.executable, "-m", "reir.cli", "ingest", "--gallery", str(gallery), "--model", str(tiny_checkpoint),
-             "--milvus-uri", milvus.uri, "--collection", "gallery", "--batch-size", "4"],
+             "--milvus-uri", milvus.uri, "--collection", COLLECTION, "--batch-size", "4"],
             env=env, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
 
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({
-            "model_path": str(tiny_checkpoint), "milvus_uri": milvus.uri, "milvus_collection": "gallery",
-            "num_cpus_encoder": "0.5", "num_cpus_searcher": "0.25", "num_cpus_ingress": "0.25",
-        }), name=APP, route_prefix="/ops")  # fmt: skip
-        url = f"http://127.0.0.1:{port}/ops"
+        serve.shutdown()  # a fresh controller, so the HTTP options below apply
+        client = serve_start(http_options={"host": "127.0.0.1", "port": port})
+        client.deploy_apps(_dev_serve_config(tiny_checkpoint, milvus.uri, port))
+        _wait_for(f"Serve app {APP!r} running", lambda: _app_running(APP), timeout=300, every=2)
+        url = f"http://127.0.0.1:{port}"
         latencies = []
         for i in range(QUERIES):
             start = time.perf_counter()
@@ -143,7 +175,7 @@ def stack(
         try:
             yield Stack(ray_metrics, pushgateway, url, latencies, model_version_for(tiny_checkpoint))
         finally:
-            serve.delete(APP)
+            serve.shutdown()
 
 
 def _scrape_until(url: str, families: set[str]) -> set[str]:
