@@ -84,6 +84,13 @@ class Stack:
     serve_url: str
     latencies: list[float]
     model_version: str
+    old_workers: frozenset[str]
+
+    def fresh(self, selector: str) -> str:
+        """``selector`` plus a matcher that leaves out series of workers older than this stack."""
+        if not self.old_workers:
+            return selector
+        return selector[:-1] + f',WorkerId!~"{"|".join(sorted(self.old_workers))}"}}'
 
 
 def _dev_serve_config(model: Path, milvus_uri: str, port: int) -> Any:
@@ -111,6 +118,11 @@ def _app_running(name: str) -> bool:
     if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
         raise AssertionError(f"{name}: {app.message}")
     return app is not None and app.status == ApplicationStatus.RUNNING
+
+
+def _worker_ids(text: str) -> set[str]:
+    return {s.labels["WorkerId"] for fam in text_string_to_metric_families(text) for s in fam.samples
+            if "WorkerId" in s.labels}  # fmt: skip
 
 
 def _sample_names(text: str) -> set[str]:
@@ -160,6 +172,9 @@ def stack(
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
 
+        # Earlier test modules' Serve replicas are gone, but Ray may still export their
+        # last values for a while: this module counts only series of workers started now.
+        old_workers = frozenset(_worker_ids(requests.get(ray_metrics, timeout=10).text))
         port = free_port()
         serve.shutdown()  # a fresh controller, so the HTTP options below apply
         client = serve_start(http_options={"host": "127.0.0.1", "port": port})
@@ -173,7 +188,7 @@ def stack(
             latencies.append(time.perf_counter() - start)
             assert r.status_code == 200, r.text
         try:
-            yield Stack(ray_metrics, pushgateway, url, latencies, model_version_for(tiny_checkpoint))
+            yield Stack(ray_metrics, pushgateway, url, latencies, model_version_for(tiny_checkpoint), old_workers)
         finally:
             serve.shutdown()
 
@@ -261,18 +276,20 @@ def _value(prom: str, expr: str) -> float | None:
 
 
 def test_prometheus_reads_back_query_counts_and_latency_quantiles(stack: Stack, prometheus: str) -> None:
-    ok = 'sum(ray_reir_query_requests_total{route="/v1/search",status="200"})'
+    search = 'route="/v1/search"'
+    ok = "sum(" + stack.fresh("ray_reir_query_requests_total{" + search + ',status="200"}') + ")"
     assert _wait_for("the query count in Prometheus", lambda: _value(prometheus, ok) == QUERIES, timeout=90)
-    buckets = 'sum by (le) (ray_reir_query_latency_seconds_bucket{route="/v1/search"})'
+    buckets = "sum by (le) (" + stack.fresh("ray_reir_query_latency_seconds_bucket{" + search + "}") + ")"
     p50 = _value(prometheus, f"histogram_quantile(0.5, {buckets})")
     p99 = _value(prometheus, f"histogram_quantile(0.99, {buckets})")
     assert p50 is not None and p99 is not None
     # The server-side latency is inside the client's; a quantile lies within its bucket.
     bound = min(b for b in T.LATENCY_BUCKETS_S if b >= max(stack.latencies))
     assert 0 < p50 <= p99 <= bound
-    count = _value(prometheus, 'sum(ray_reir_query_latency_seconds_count{route="/v1/search"})')
+    count = _value(prometheus, "sum(" + stack.fresh("ray_reir_query_latency_seconds_count{" + search + "}") + ")")
     assert count == QUERIES
-    healthy = _query(prometheus, f'sum by (deployment) (ray_serve_deployment_replica_healthy{{application="{APP}"}})')
+    healthy_series = stack.fresh(f'ray_serve_deployment_replica_healthy{{application="{APP}"}}')
+    healthy = _query(prometheus, f"sum by (deployment) ({healthy_series})")
     assert {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy} == {
         "Ingress": 1.0, "QueryEncoder": 1.0, "Searcher": 1.0,
     }  # fmt: skip
