@@ -1,0 +1,1 @@
+"""Operations: Grafana dashboards generated from the metric catalog, job outcome reporting."""

@@ -1,0 +1,229 @@
+"""Grafana dashboards as code, built from the metric catalog.
+
+``python -m reir.ops.dashboards --out k8s/monitoring/dashboards/`` writes one JSON file
+per dashboard; the files are committed and a test checks they equal what this module
+generates, so nobody edits them by hand. Every reir series comes from a
+:class:`~reir.platform.telemetry.MetricSpec` in ``ALL_METRICS`` through
+:func:`series`, which knows where it is exported:
+
+- Ray (``ray.util.metrics`` in Serve replicas and Ray Data actors) adds the ``ray_``
+  prefix: ``reir_query_requests_total`` is scraped as ``ray_reir_query_requests_total``
+  and a histogram as ``..._bucket`` / ``_sum`` / ``_count``.
+- Jobs that end push to the Pushgateway under the catalog name (see
+  :mod:`reir.ops.jobrun`): the ``reir_index_*`` figures.
+
+Serve's own metrics appear only where the running app exports them
+(``SERVE_REPLICAS_HEALTHY``, ``SERVE_TARGET_REPLICAS``; checked against a live app in
+tests/ops/test_live_metrics.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reir.platform import telemetry as T
+
+RAY_PREFIX = "ray_"
+APPLICATION = "reir"  # the Serve application name in k8s/base/rayservice.yaml
+SEARCH_ROUTE = "/v1/search"
+PUSHED: frozenset[str] = frozenset(
+    s.name for s in (T.INDEX_RUNS_TOTAL, T.INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS, T.INDEX_COLLECTION_ROWS)
+)
+SERVE_REPLICAS_HEALTHY = "ray_serve_deployment_replica_healthy"
+SERVE_TARGET_REPLICAS = "ray_serve_autoscaling_target_replicas"
+SERVE_METRICS: frozenset[str] = frozenset({SERVE_REPLICAS_HEALTHY, SERVE_TARGET_REPLICAS})
+RATE = "$__rate_interval"
+METRIC_NAME = re.compile(r"\b((?:ray_|reir_)[a-z0-9_]+)\b")
+
+
+def series(spec: T.MetricSpec, suffix: str = "") -> str:
+    """The scraped name of ``spec`` (plus ``_bucket``/``_sum``/``_count`` for histograms)."""
+    if spec not in T.ALL_METRICS:
+        raise ValueError(f"{spec.name} is not in reir.platform.telemetry.ALL_METRICS")
+    if suffix and spec.kind != "histogram":
+        raise ValueError(f"{spec.name} is a {spec.kind}, it has no {suffix} series")
+    prefix = "" if spec.name in PUSHED else RAY_PREFIX
+    return f"{prefix}{spec.name}{suffix}"
+
+
+def _selector(labels: dict[str, str] | None) -> str:
+    """``{"status": "~5.."}`` -> ``{status=~"5.."}``: a leading ``~`` makes a regex match."""
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}=~"{v[1:]}"' if v.startswith("~") else f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def rate(spec: T.MetricSpec, *, by: Sequence[str] = (), labels: dict[str, str] | None = None, suffix: str = "") -> str:
+    grouping = f" by ({', '.join(by)}) " if by else ""
+    return f"sum{grouping}(rate({series(spec, suffix)}{_selector(labels)}[{RATE}]))"
+
+
+def quantile(q: float, spec: T.MetricSpec, *, by: Sequence[str] = (), labels: dict[str, str] | None = None) -> str:
+    inner = rate(spec, by=("le", *by), labels=labels, suffix="_bucket")
+    return f"histogram_quantile({q}, {inner})"
+
+
+@dataclass(frozen=True)
+class Target:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    targets: tuple[Target, ...]
+    unit: str = "short"
+    description: str = ""
+    kind: str = "timeseries"  # or "stat"
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    uid: str
+    title: str
+    description: str
+    panels: tuple[Panel, ...]
+
+
+def _quantiles(spec: T.MetricSpec, qs: Iterable[float], *, by: Sequence[str] = (), labels: dict[str, str] | None = None,
+               legend_prefix: str = "") -> tuple[Target, ...]:  # fmt: skip
+    return tuple(
+        Target(quantile(q, spec, by=by, labels=labels), f"{legend_prefix}p{round(q * 100)}") for q in qs
+    )
+
+
+def serving_dashboard() -> Dashboard:
+    search = {"route": SEARCH_ROUTE}
+    replicas_filter = f'{{application="{APPLICATION}"}}'
+    return Dashboard(
+        uid="reir-serving",
+        title="reir / serving",
+        description="Query traffic, latency per stage, Milvus search and replicas of the reir Serve app.",
+        panels=(
+            Panel("Queries per second", (Target(rate(T.QUERY_REQUESTS_TOTAL, by=("status",), labels=search),
+                                                "{{status}}"),), unit="reqps",
+                  description="POST /v1/search by HTTP status."),
+            Panel("Error ratio (5xx)", (Target(
+                f"({rate(T.QUERY_REQUESTS_TOTAL, labels={**search, 'status': '~5..'})} or vector(0)) / "
+                f"{rate(T.QUERY_REQUESTS_TOTAL, labels=search)}", "5xx / all"),), unit="percentunit",
+                description="Alert ReirQueryErrorRateHigh fires above 2% for 5 minutes."),
+            Panel("Query latency (end to end)", _quantiles(T.QUERY_LATENCY_SECONDS, (0.5, 0.9, 0.99), labels=search),
+                  unit="s", description="At the ingress; alert ReirQueryLatencyP99High above 1 s."),
+            Panel("Latency per stage, p50", _quantiles(T.QUERY_STAGE_LATENCY_SECONDS, (0.5,), by=("stage",),
+                                                       legend_prefix="{{stage}} "), unit="s"),
+            Panel("Latency per stage, p99", _quantiles(T.QUERY_STAGE_LATENCY_SECONDS, (0.99,), by=("stage",),
+                                                       legend_prefix="{{stage}} "), unit="s"),
+            Panel("Milvus search latency", _quantiles(T.QUERY_SEARCH_LATENCY_SECONDS, (0.5, 0.9, 0.99)), unit="s",
+                  description="ANN search + ranking, measured in the Searcher deployment."),
+            Panel("ANN candidates per query", _quantiles(T.QUERY_CANDIDATES, (0.5, 0.99)), unit="short"),
+            Panel("Text-encoder batch size (mean)", (Target(
+                f"{rate(T.QUERY_ENCODE_BATCH_SIZE, suffix='_sum')} / {rate(T.QUERY_ENCODE_BATCH_SIZE, suffix='_count')}",
+                "texts per forward pass"),), unit="short"),
+            Panel("Replicas per deployment", (
+                Target(f"sum by (deployment) ({SERVE_REPLICAS_HEALTHY}{replicas_filter})", "{{deployment}} healthy"),
+                Target(f"max by (deployment) ({SERVE_TARGET_REPLICAS}{replicas_filter})", "{{deployment}} target"),
+            ), unit="short", description="Healthy replicas and the autoscaler's target, per Serve deployment."),
+        ),
+    )
+
+
+def indexing_dashboard() -> Dashboard:
+    return Dashboard(
+        uid="reir-indexing",
+        title="reir / indexing",
+        description="Ingestion throughput and failures, collection versions and re-index freshness.",
+        panels=(
+            Panel("Images encoded per second", (Target(rate(T.INGEST_IMAGES_TOTAL), "images/s"),), unit="short"),
+            Panel("Instances produced per second", (Target(rate(T.INGEST_INSTANCES_TOTAL), "instances/s"),),
+                  unit="short"),
+            Panel("Rows written to Milvus per second", (Target(rate(T.INGEST_ROWS_WRITTEN_TOTAL), "rows/s"),),
+                  unit="short"),
+            Panel("Failed images per second", (Target(rate(T.INGEST_FAILURES_TOTAL, by=("reason",)), "{{reason}}"),),
+                  unit="short", description="Unreadable or undecodable images (listed in the dead-letter file)."),
+            Panel("Encoder batch latency", _quantiles(T.INGEST_BATCH_LATENCY_SECONDS, (0.5, 0.99)), unit="s"),
+            Panel("Rows per collection version", (Target(
+                f"max by (collection) ({series(T.INDEX_COLLECTION_ROWS)})", "{{collection}}"),), unit="short",
+                description="Each collection version; the live one is behind the reir_live alias."),
+            Panel("Hours since the last promoted index", (Target(
+                f"(time() - max({series(T.INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS)})) / 3600", "hours"),), unit="h",
+                kind="stat", description="Alert ReirReindexStale fires after 26 hours."),
+            Panel("Last index run", (Target(f"max by (status) ({series(T.INDEX_RUNS_TOTAL)})", "{{status}}"),),
+                  kind="stat", description="The status series present is how the last run ended (Pushgateway)."),
+        ),
+    )
+
+
+def all_dashboards() -> tuple[Dashboard, ...]:
+    return (serving_dashboard(), indexing_dashboard())
+
+
+def to_grafana(dash: Dashboard) -> dict[str, Any]:
+    """Grafana dashboard JSON (schema 39) with a Prometheus data-source variable."""
+    datasource = {"type": "prometheus", "uid": "${datasource}"}
+    panels = []
+    for i, panel in enumerate(dash.panels):
+        width = 12
+        panels.append({
+            "id": i + 1, "type": panel.kind, "title": panel.title, "description": panel.description,
+            "datasource": datasource,
+            "gridPos": {"h": 8, "w": width, "x": (i % 2) * width, "y": (i // 2) * 8},
+            "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if panel.kind == "timeseries" else {},
+            "targets": [
+                {"refId": chr(ord("A") + j), "datasource": datasource, "expr": t.expr, "legendFormat": t.legend}
+                for j, t in enumerate(panel.targets)
+            ],
+        })  # fmt: skip
+    return {
+        "uid": dash.uid, "title": dash.title, "description": dash.description,
+        "tags": ["reir"], "timezone": "utc", "schemaVersion": 39, "version": 1, "editable": False,
+        "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
+        "templating": {"list": [{"name": "datasource", "label": "Prometheus", "type": "datasource",
+                                 "query": "prometheus", "current": {}, "hide": 0}]},
+        "panels": panels,
+    }  # fmt: skip
+
+
+def render(dash: Dashboard) -> str:
+    return json.dumps(to_grafana(dash), indent=2, sort_keys=False) + "\n"
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression reads (``ray_*`` and ``reir_*`` identifiers)."""
+    return set(METRIC_NAME.findall(expr))
+
+
+def family(name: str) -> str:
+    """``x_bucket`` / ``x_sum`` / ``x_count`` -> ``x``; other names unchanged."""
+    return re.sub(r"_(bucket|sum|count)$", "", name)
+
+
+def write_all(out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dash in all_dashboards():
+        path = out / f"{dash.uid}.json"
+        path.write_text(render(dash))
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reir.ops.dashboards", description="write the Grafana dashboards")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the JSON files")
+    args = parser.parse_args(argv)
+    for path in write_all(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""reir.ops.jobrun: runs the command for real, passes its exit code through, reports
+the outcome through an injected pusher (the Pushgateway itself: test_live_metrics.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from reir.ops.jobrun import main, push_to, run_and_report
+from reir.platform.milvus_server import free_port
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.pushes: list[tuple[str, str, str]] = []
+
+    def __call__(self, gateway: str, job: str, registry: CollectorRegistry) -> None:
+        self.pushes.append((gateway, job, generate_latest(registry).decode()))
+
+
+def _exit(code: int) -> list[str]:
+    return [sys.executable, "-c", f"import sys; sys.exit({code})"]
+
+
+def test_success_pushes_ok_and_the_success_time() -> None:
+    rec = Recorder()
+    outcome = run_and_report(_exit(0), job="reir-index", gateway="gw:9091", push=rec)
+    assert (outcome.returncode, outcome.status) == (0, "ok")
+    ((gateway, job, text),) = rec.pushes
+    assert (gateway, job) == ("gw:9091", "reir-index")
+    assert 'reir_index_runs_total{status="ok"} 1.0' in text
+    values = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert values["reir_index_last_success_timestamp_seconds"] == pytest.approx(outcome.finished_at)
+
+
+def test_failure_pushes_failed_and_keeps_the_last_success_time_untouched() -> None:
+    rec = Recorder()
+    outcome = run_and_report(_exit(3), job="reir-index", gateway="gw:9091", push=rec)
+    assert (outcome.returncode, outcome.status) == (3, "failed")
+    ((_, _, text),) = rec.pushes
+    assert 'reir_index_runs_total{status="failed"} 1.0' in text
+    assert "reir_index_last_success_timestamp_seconds" not in text
+
+
+def test_missing_program_is_a_failed_run() -> None:
+    rec = Recorder()
+    outcome = run_and_report(["/nonexistent/reir-command"], job="reir-index", gateway="gw", push=rec)
+    assert outcome.returncode == 127 and 'status="failed"' in rec.pushes[0][2]
+
+
+def test_no_gateway_no_push_and_unreachable_gateway_is_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder()
+    assert run_and_report(_exit(0), job="j", gateway=None, push=rec).returncode == 0 and rec.pushes == []
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    assert run_and_report(_exit(5), job="j", gateway=closed, push=push_to).returncode == 5
+    assert "could not push" in caplog.text
+
+
+def test_cli_passes_the_exit_code_and_needs_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--job", "j", "--", *_exit(4)]) == 4
+    with pytest.raises(SystemExit) as exc:
+        main(["--job", "j"])
+    assert exc.value.code == 2 and "give the command" in capsys.readouterr().err
