@@ -26,7 +26,10 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tupl
                   warmup_steps=1, log_every=1)
     stage1 = run_training(TrainConfig(model="tiny", stage="1", run_name="s1", max_steps=3, **common))
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2, **common))
-    return data, stage2
+    # min IoU 0: a 5-step tiny model localizes nothing, yet every expression must still train the re-ranker
+    reranked = run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rr", max_steps=2,
+                                        rerank_min_iou=0.0, rerank_negatives=3, **common))
+    return data, reranked
 
 
 def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> None:
@@ -34,10 +37,15 @@ def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> Non
 
     _, model_dir = trained
     args = json.loads((model_dir / "training_args.json").read_text())
-    assert args["config"]["stage"] == "2" and args["stats"]["steps"] == 2
-    assert args["stats"]["loss"] > 0 and "loss_clia" in args["stats"]
+    assert args["config"]["stage"] == "rerank" and args["stats"]["steps"] == 2
+    assert args["stats"]["loss"] > 0 and "loss_rerank_ce" in args["stats"]
+    stage2_args = json.loads((model_dir.parent.parent / "s2" / "model" / "training_args.json").read_text())
+    assert stage2_args["stats"]["loss"] > 0 and "loss_clia" in stage2_args["stats"]
+    calibration = json.loads((model_dir / "calibration.json").read_text())
+    assert 0.0 < calibration["discover_threshold"] < 1.0
     model, processor = create_model(str(model_dir))
-    assert processor.image_size == 64  # the tiny preset's shape came through both stages
+    assert model.reranker is not None  # the re-ranker ships in the checkpoint
+    assert processor.image_size == 64  # the tiny preset's shape came through every stage
 
 
 def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: Path) -> None:

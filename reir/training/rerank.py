@@ -120,7 +120,8 @@ def build_rerank_set(
     return RerankSet(
         image_ids=[s.image_id for s in samples], emb=emb, boxes=boxes, objectness=obj, mask=mask,
         groups=torch.as_tensor(list(groups), dtype=torch.long), token_states=token_states,
-        token_mask=token_mask.long(), text_emb=text_emb, text_image=torch.tensor(text_image, dtype=torch.long),
+        token_mask=token_mask.long(), text_emb=text_emb,
+        text_image=torch.tensor(text_image, dtype=torch.long),
         positive=torch.tensor(positive, dtype=torch.long), skipped=skipped,
     )  # fmt: skip
 
@@ -183,3 +184,57 @@ def rerank_loss(
     bce = F.binary_cross_entropy_with_logits(logits[finite], labels[finite], reduction="sum") / max(b, 1)
     acc = (logits.argmax(dim=1) == target).float().mean()
     return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}
+
+
+@torch.no_grad()
+def calibrate_presence(
+    reranker: RelationReranker | torch.nn.Module,
+    rs: RerankSet,
+    text_idx: torch.Tensor,
+    neg_images: torch.Tensor,
+    logit_scale: float,
+    logit_bias: float,
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The probability threshold that best separates referents from every other instance
+    of their own and their hard-negative images (max F1), on held-out expressions.
+
+    Returns ``{"discover_threshold", "precision", "recall", "f1", "num_texts"}``; serving
+    reads ``discover_threshold`` (``calibration.json``) for presence decisions.
+    """
+    probs, labels = [], []
+    for start in range(0, int(text_idx.numel()), 64):
+        idx = text_idx[start : start + 64]
+        b = idx.numel()
+        imgs = torch.cat([rs.text_image[idx][:, None], neg_images[start : start + 64]], dim=1)
+        c = imgs.shape[1]
+        flat = imgs.clamp(min=0).reshape(-1)
+        present = (imgs >= 0).reshape(-1)
+        emb = rs.emb[flat].to(device)
+        base = logit_scale * torch.einsum("nd,nkd->nk", rs.text_emb[idx].repeat_interleave(c, 0).to(device), emb)
+        length = int(rs.token_mask[idx].sum(dim=1).max())
+        logits = reranker(
+            rs.token_states[idx, :length].to(device), rs.token_mask[idx, :length].to(device), base + logit_bias, emb,
+            rs.boxes[flat].to(device), rs.objectness[flat].to(device), (rs.mask[flat] & present[:, None]).to(device),
+            text_rows=torch.arange(b, device=device).repeat_interleave(c),
+        ).view(b, -1).float().cpu()  # fmt: skip
+        target = torch.zeros_like(logits, dtype=torch.bool)
+        target[torch.arange(b), rs.positive[idx]] = True
+        keep = torch.isfinite(logits)
+        probs.append(torch.sigmoid(logits[keep]))
+        labels.append(target[keep])
+    p, y = torch.cat(probs), torch.cat(labels)
+    if not bool(y.any()):
+        return {"discover_threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "num_texts": 0}
+    order = torch.argsort(p, descending=True)
+    tp = torch.cumsum(y[order].float(), 0)
+    fp = torch.cumsum((~y[order]).float(), 0)
+    precision, recall = tp / (tp + fp), tp / y.sum()
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-9)
+    best = int(torch.argmax(f1))
+    # Threshold halfway between the last accepted and the first rejected probability.
+    lo = float(p[order][best + 1]) if best + 1 < len(order) else 0.0
+    threshold = min(max((float(p[order][best]) + lo) / 2, 1e-4), 1 - 1e-4)
+    return {"discover_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
+            "f1": float(f1[best]), "num_texts": int(text_idx.numel())}

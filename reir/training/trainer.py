@@ -217,7 +217,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     import ray.train
 
     from reir.model import create_model
-    from reir.training.rerank import build_rerank_set, mine_hard_negatives, rerank_loss
+    from reir.training.rerank import build_rerank_set, calibrate_presence, mine_hard_negatives, rerank_loss
 
     overrides = dict(cfg.model_overrides)
     rerank_spec = dict(overrides.pop("rerank", {}) or {})
@@ -251,10 +251,13 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     scale = float(model.logit_scale.exp().clamp(max=100.0))
     bias = float(model.logit_bias)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
+    # Every 10th image's expressions are held out: they calibrate the presence threshold.
+    held = (rs.text_image % 10 == 9) if rs.num_texts >= 20 else torch.zeros(rs.num_texts, dtype=torch.bool)
+    train_idx, held_idx = torch.nonzero(~held).squeeze(1), torch.nonzero(held).squeeze(1)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
     step, started, last = 0, time.monotonic(), {}
     while True:
-        idx = torch.randint(rs.num_texts, (cfg.batch_size,), generator=gen)
+        idx = train_idx[torch.randint(train_idx.numel(), (cfg.batch_size,), generator=gen)]
         losses = rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
         engine.backward(losses["loss"])
         progress = _agree(_progress(cfg, step, total_steps, started), device)
@@ -269,12 +272,17 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
         if step >= total_steps or progress >= 1.0:
             break
     seconds = time.monotonic() - started
-    stats = {"steps": step, "seconds": seconds, "world_size": world, "rerank_texts": rs.num_texts, **last}
+    reranker.eval()
+    calibration = calibrate_presence(reranker, rs, held_idx if held_idx.numel() else train_idx,
+                                     negatives[held_idx if held_idx.numel() else train_idx], scale, bias, device=device)
+    stats = {"steps": step, "seconds": seconds, "world_size": world, "rerank_texts": rs.num_texts, **last,
+             **{f"calibration_{k}": v for k, v in calibration.items()}}
     checkpoint = None
     if rank == 0:
         out = tempfile.mkdtemp(prefix="reir-ckpt-")
         model.save_pretrained(out)
         processor.save_pretrained(out)
+        (Path(out) / "calibration.json").write_text(json.dumps(calibration, indent=2))
         (Path(out) / "training_args.json").write_text(
             json.dumps({"config": cfg.model_dump(), "stats": stats}, indent=2, default=str)
         )
