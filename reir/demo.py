@@ -24,7 +24,7 @@ class DemoConfig:
     num_images: int = 2000
     train_minutes: float = 12.0
     stage1_share: float = 0.25
-    rerank_share: float = 0.25  # the re-ranker trains on frozen features: cheap steps, large BR@1 gain
+    rerank_share: float = 0.3  # the re-ranker trains on frozen features: cheap steps, the largest BR@1 gain
     model: str = "small"
     seed: int = 0
     batch_size: int = 16
@@ -119,7 +119,7 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     rerank_common = {**common, "batch_size": 32}
     return run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank", warmup_steps=20,
                                     time_budget_s=budget * cfg.rerank_share, lr=1e-3, weight_decay=0.01,
-                                    rerank_negatives=7, model_overrides={"rerank": {"hidden_size": 64}},
+                                    rerank_negatives=15, model_overrides={"rerank": {"hidden_size": 128}},
                                     **rerank_common))
 
 
