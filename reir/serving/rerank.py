@@ -1,0 +1,165 @@
+"""Relation-aware re-ranking of ANN candidates (plain class; the Serve shell is in app.py).
+
+A candidate is one stored instance; its *context* is every stored instance of the same
+image (fetched from Milvus by image id). When the model has
+``rerank_logits(text_inputs, inst_embeddings[N,M,D], inst_boxes[N,M,4], inst_mask[N,M],
+target_index[N]) -> logits[N]`` the candidates are re-scored with it: row ``i`` pairs
+the query with candidate ``i``'s image, ``inst_boxes`` are normalized ``cxcywh``
+(relative to the image's own width/height), ``inst_mask`` marks real (not padded)
+instances and ``target_index[i]`` is the candidate's position among them;
+``text_inputs`` is ``processor.text([query] * N)``. Without that method the answer is
+the ANN order with the calibrated score, so a checkpoint without a re-ranker still serves.
+
+Scores are probabilities (sigmoid of a logit) in both cases, which is what the
+discovery threshold (``calibration.json: discover_threshold``) is compared against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reir.model.boxes import BoxMode, convert
+from reir.platform.store import Hit
+from reir.serving.retriever import Calibration, to_numpy
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+Scored = tuple[Hit, float]
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def discover_threshold_for(model_path: str | Path, default: float) -> float:
+    """``discover_threshold`` from the checkpoint's ``calibration.json``, else ``default``."""
+    path = Path(model_path) / CALIBRATION_FILE
+    if not path.is_file():
+        return default
+    try:
+        value = float(json.loads(path.read_text())["discover_threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("%s has no usable discover_threshold (%s); using %s", path, exc, default)
+        return default
+    if not 0.0 < value < 1.0:
+        log.warning("%s: discover_threshold %s is not a probability; using %s", path, value, default)
+        return default
+    return value
+
+
+def ann_order(candidates: Sequence[Hit], calibration: Calibration) -> list[Scored]:
+    """Candidates by ANN score (pk breaks ties), each with its calibrated probability."""
+    ordered = sorted(candidates, key=lambda h: (-h.score, h.pk))
+    return [(h, sigmoid(float(calibration.logits(np.asarray(h.score))))) for h in ordered]
+
+
+class ImageSizes:
+    """(width, height) per image: the file header when readable, else the instances' extent."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._cache: dict[str, tuple[float, float]] = {}
+        self.max_entries = max_entries
+
+    def __call__(self, image_id: str, rows: Sequence[Hit]) -> tuple[float, float]:
+        if image_id in self._cache:
+            return self._cache[image_id]
+        size = self._from_file(rows[0].uri) if rows else None
+        if size is None:
+            size = (max([r.box[0] + r.box[2] for r in rows] + [1.0]), max([r.box[1] + r.box[3] for r in rows] + [1.0]))
+        if len(self._cache) < self.max_entries:
+            self._cache[image_id] = size
+        return size
+
+    @staticmethod
+    def _from_file(uri: str) -> tuple[float, float] | None:
+        try:
+            with Image.open(uri) as img:  # reads the header only
+                return float(img.width), float(img.height)
+        except (OSError, ValueError):
+            return None
+
+
+class Reranker:
+    """``rerank(query, candidates, context) -> [(hit, probability)]``, best first."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        calibration: Calibration,
+        image_size: Callable[[str, Sequence[Hit]], tuple[float, float]] | None = None,
+        max_instances: int = 64,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.calibration = calibration
+        self.image_size = image_size or ImageSizes()
+        self.max_instances = max_instances
+
+    @property
+    def can_rerank(self) -> bool:
+        return callable(getattr(self.model, "rerank_logits", None))
+
+    def rerank(self, query_text: str, candidates: Sequence[Hit], context: Mapping[str, Sequence[Hit]]) -> list[Scored]:
+        if not candidates:
+            return []
+        if not self.can_rerank:
+            return ann_order(candidates, self.calibration)
+        usable, groups, targets = [], [], []
+        for hit in candidates:
+            group = self._group(hit, context.get(hit.image_id, ()))
+            if group is None:  # its row vanished between search and context fetch
+                log.warning("candidate %s has no stored context; dropped from re-ranking", hit.pk)
+                continue
+            usable.append(hit)
+            groups.append(group[0])
+            targets.append(group[1])
+        if not usable:
+            return ann_order(candidates, self.calibration)
+        logits = self._logits(query_text, [h.image_id for h in usable], groups, targets)
+        scored = [(h, sigmoid(float(z))) for h, z in zip(usable, logits, strict=True)]
+        return sorted(scored, key=lambda s: (-s[1], s[0].pk))
+
+    def _group(self, hit: Hit, rows: Sequence[Hit]) -> tuple[list[Hit], int] | None:
+        rows = [r for r in rows if r.embedding is not None]
+        index = next((i for i, r in enumerate(rows) if r.pk == hit.pk), None)
+        if index is None:
+            return None
+        if index >= self.max_instances:  # keep the target when the image has too many rows
+            rows = [*rows[: self.max_instances - 1], rows[index]]
+            index = len(rows) - 1
+        return rows[: self.max_instances], index
+
+    def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]], targets: list[int]) -> np.ndarray:
+        n, m = len(groups), max(len(g) for g in groups)
+        dim = int(np.asarray(groups[0][0].embedding).shape[-1])
+        emb = np.zeros((n, m, dim), dtype=np.float32)
+        boxes = np.zeros((n, m, 4), dtype=np.float32)
+        mask = np.zeros((n, m), dtype=bool)
+        for i, (image_id, group) in enumerate(zip(image_ids, groups, strict=True)):
+            width, height = self.image_size(image_id, group)
+            emb[i, : len(group)] = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in group])
+            xywh = np.asarray([r.box for r in group], dtype=np.float64)
+            boxes[i, : len(group)] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
+            mask[i, : len(group)] = True
+        device = getattr(self.model, "device", None)
+        move = (lambda t: t.to(device)) if isinstance(device, torch.device) else (lambda t: t)
+        with torch.inference_mode():
+            text_inputs = {k: move(v) if isinstance(v, torch.Tensor) else v
+                           for k, v in self.processor.text([query] * n).items()}
+            logits = self.model.rerank_logits(
+                text_inputs, move(torch.from_numpy(emb)), move(torch.from_numpy(boxes)),
+                move(torch.from_numpy(mask)), move(torch.as_tensor(targets, dtype=torch.long)),
+            )  # fmt: skip
+        return to_numpy(logits).reshape(n)
