@@ -1,0 +1,135 @@
+"""Re-ranker (plain class), discovery answers and the in-process query pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from reir.platform.schema import InstanceRow
+from reir.platform.store import Hit, MilvusStore
+from reir.serving.pipeline import LocalStages, QueryPipeline, QueryRequest, answer
+from reir.serving.rerank import Reranker, ann_order, discover_threshold_for
+from reir.serving.retriever import Calibration, QueryEncoder
+from tests.platform.fakes import BIAS, SCALE, FakeModel, FakeProcessor
+
+CAL = Calibration(SCALE, BIAS)
+
+
+class RelationModel(FakeModel):
+    """Fake model with a re-ranker that understands "left"/"right": the target instance's
+    x-centre relative to the others in its image decides the logit."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def rerank_logits(self, text_inputs: dict, emb: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor:
+        self.calls.append({"texts": list(text_inputs["input_ids"]), "emb": emb, "boxes": boxes, "mask": mask,
+                           "target": target})
+        out = []
+        for i, text in enumerate(text_inputs["input_ids"]):
+            cx = boxes[i, :, 0][mask[i]]
+            mine = float(boxes[i, target[i], 0])
+            sign = -1.0 if "left" in text else 1.0
+            extreme = float(cx.min() if sign < 0 else cx.max())
+            out.append(4.0 if mine == extreme else -4.0 + sign * mine)
+        return torch.tensor(out)
+
+
+def _hit(image_id: str, rank: int, x: float, ann: float, dim: int = 3) -> Hit:
+    return Hit(pk=f"v:{image_id}:{rank}", image_id=image_id, uri=f"/nowhere/{image_id}.jpg", box=(x, 0.0, 10.0, 10.0),
+               score=ann, instance_score=0.5, model_version="v", embedding=np.eye(dim, dtype=np.float32)[rank % dim])
+
+
+def test_reranker_feeds_context_and_reorders_by_relation() -> None:
+    model = RelationModel()
+    # image A: instances at x=0 (rank 0) and x=60 (rank 1); image B: one instance at x=30.
+    context = {"A": [_hit("A", 0, 0.0, 0.0), _hit("A", 1, 60.0, 0.0)], "B": [_hit("B", 0, 30.0, 0.0)]}
+    candidates = [_hit("A", 1, 60.0, 0.9), _hit("B", 0, 30.0, 0.5), _hit("A", 0, 0.0, 0.4)]
+    reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda image_id, rows: (100.0, 50.0))
+    assert reranker.can_rerank
+    scored = reranker.rerank("the thing on the left", candidates, context)
+    assert [h.pk for h, _ in scored][0] == "v:A:0"  # ANN put it last; the relation puts it first
+    call = model.calls[0]
+    assert call["texts"] == ["the thing on the left"] * 3
+    assert call["emb"].shape == (3, 2, 3) and call["mask"].tolist() == [[True, True], [True, False], [True, True]]
+    assert call["target"].tolist() == [1, 0, 0]
+    assert torch.allclose(call["boxes"][0, 1], torch.tensor([0.65, 0.1, 0.1, 0.2]))  # cxcywh / (100, 50)
+    assert all(0.0 < p < 1.0 for _, p in scored)
+    right = reranker.rerank("the one on the right", candidates, context)
+    assert right[0][0].pk in ("v:A:1", "v:B:0") and right[-1][0].pk == "v:A:0"
+
+
+def test_reranker_without_model_support_keeps_ann_order_with_calibrated_scores() -> None:
+    candidates = [_hit("A", 0, 0.0, 0.2), _hit("B", 0, 0.0, 0.8)]
+    reranker = Reranker(FakeModel(), FakeProcessor(), calibration=CAL)
+    scored = reranker.rerank("anything", candidates, {})
+    assert [h.image_id for h, _ in scored] == ["B", "A"]
+    assert scored[0][1] == pytest.approx(1 / (1 + np.exp(-(SCALE * 0.8 + BIAS))))
+
+
+def test_candidates_missing_from_context_are_dropped_not_misranked() -> None:
+    model = RelationModel()
+    reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda i, r: (100.0, 100.0))
+    scored = reranker.rerank("left", [_hit("A", 0, 0.0, 0.9), _hit("gone", 0, 0.0, 0.8)], {"A": [_hit("A", 0, 0, 0)]})
+    assert [h.image_id for h, _ in scored] == ["A"]
+
+
+def test_answer_rank_dedupes_and_discover_groups_by_image_over_threshold() -> None:
+    a0, a1, a_dup, b0, c0 = (_hit("A", 0, 0.0, 0), _hit("A", 1, 50.0, 0), _hit("A", 2, 0.5, 0), _hit("B", 0, 0, 0),
+                             _hit("C", 0, 0, 0))
+    scored = [(a0, 0.95), (a_dup, 0.9), (b0, 0.7), (a1, 0.6), (c0, 0.2)]
+    ranked = answer(scored, mode="rank", top_k=3, threshold=0.5, dedupe_iou=0.9)
+    assert [(r.image_id, r.pk) for r in ranked] == [("A", "v:A:0"), ("B", "v:B:0"), ("A", "v:A:1")]
+    found = answer(scored, mode="discover", top_k=1, threshold=0.5, dedupe_iou=0.9)
+    assert [(r.image_id, r.box, r.score) for r in found] == [("A", a0.box, 0.95), ("B", b0.box, 0.7)]
+    assert answer(scored, mode="discover", top_k=10, threshold=0.99, dedupe_iou=0.9) == []
+
+
+def test_discover_threshold_comes_from_the_checkpoint_when_present(tmp_path: Path) -> None:
+    assert discover_threshold_for(tmp_path, 0.5) == 0.5
+    (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 0.73}))
+    assert discover_threshold_for(tmp_path, 0.5) == 0.73
+    (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 7}))
+    assert discover_threshold_for(tmp_path, 0.5) == 0.5
+
+
+def test_ann_order_breaks_ties_by_pk() -> None:
+    assert [h.pk for h, _ in ann_order([_hit("B", 0, 0, 0.5), _hit("A", 0, 0, 0.5)], CAL)] == ["v:A:0", "v:B:0"]
+
+
+@pytest.fixture
+def local_pipeline(tmp_path: Path) -> QueryPipeline:
+    """Two images in milvus-lite, each a red and a blue instance; A has red on the left."""
+    store = MilvusStore(str(tmp_path / "p.db"), "rows", dim=8)
+    model = RelationModel()
+    encoder = QueryEncoder(model, FakeProcessor(), model_version="v")
+    red, blue = encoder.encode(["red", "blue"])
+    rows = []
+    for image_id, (red_x, blue_x) in {"A": (0.0, 50.0), "B": (50.0, 0.0)}.items():
+        for rank, (x, emb) in enumerate([(red_x, red), (blue_x, blue)]):
+            rows.append(InstanceRow(image_id=image_id, uri=f"/nowhere/{image_id}.jpg", box=(x, 0.0, 40.0, 40.0),
+                                    score=0.9, rank=rank, model_version="v", embedding=emb).to_dict())
+    store.upsert(rows)
+    store.build_index("FLAT")
+    store.load()
+    reranker = Reranker(model, FakeProcessor(), calibration=encoder.calibration)
+    return QueryPipeline(LocalStages(encoder, store, reranker, discover_threshold=0.5), candidates=10)
+
+
+def test_pipeline_rank_discover_and_rerank_in_process(local_pipeline: QueryPipeline) -> None:
+    ann = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=4, rerank=False)))
+    assert not ann.reranked and ann.candidates == 4 and {"encode", "search", "total"} <= set(ann.timings_ms)
+    reranked = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=4, rerank=True)))
+    assert reranked.reranked and "rerank" in reranked.timings_ms
+    best = reranked.results[0]
+    assert (best.image_id, best.box[0]) in {("A", 0.0), ("B", 0.0)}  # a leftmost instance wins
+    found = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=1, mode="discover", rerank=True)))
+    assert found.threshold == 0.5 and len({r.image_id for r in found.results}) == len(found.results)
+    assert all(r.score >= 0.5 for r in found.results) and found.results
