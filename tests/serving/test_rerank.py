@@ -55,7 +55,7 @@ def test_reranker_feeds_context_and_reorders_by_relation() -> None:
     reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda image_id, rows: (100.0, 50.0))
     assert reranker.can_rerank
     scored = reranker.rerank("the thing on the left", candidates, context)
-    assert [h.pk for h, _ in scored][0] == "v:A:0"  # ANN put it last; the relation puts it first
+    assert scored[0][0].pk == "v:A:0"  # ANN put it last; the relation puts it first
     call = model.calls[0]
     assert call["texts"] == ["the thing on the left"] * 3
     assert call["emb"].shape == (3, 2, 3) and call["mask"].tolist() == [[True, True], [True, False], [True, True]]
