@@ -24,7 +24,8 @@ SEARCH_PAGE = """<!doctype html>
   .frame { position: relative; line-height: 0; }
   .frame img { width: 100%; height: auto; display: block; }
   .frame svg { position: absolute; inset: 0; width: 100%; height: 100%; }
-  .frame rect { fill: none; stroke: #ff2d55; stroke-width: 3; vector-effect: non-scaling-stroke; }
+  .frame rect { fill: none; stroke: #00e5ff; stroke-width: 3; vector-effect: non-scaling-stroke;
+                filter: drop-shadow(0 0 1px #000); }
   .meta { font-size: .85rem; margin-top: .4rem; line-height: 1.3; word-break: break-all; }
   .score { font-weight: 600; }
 </style>
