@@ -18,12 +18,13 @@ with a file URI keep one searcher replica (validated), or serve the data with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
@@ -165,8 +166,21 @@ class RerankerDeployment:
             raise RuntimeError("re-ranker has no model")
 
 
+async def _retry_once(call: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an idempotent stage call; if its replica died mid-request, ask again once.
+
+    Serve routes the second try to a live replica, so one replica crash under load
+    costs latency, not failed queries.
+    """
+    try:
+        return await call()
+    except (RayActorError, ActorUnavailableError):
+        return await call()
+
+
 class HandleStages:
-    """:class:`reir.serving.pipeline.QueryStages` over the deployment handles."""
+    """:class:`reir.serving.pipeline.QueryStages` over the deployment handles (read-only
+    stages, so a call whose replica died is retried once)."""
 
     def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, reranker: DeploymentHandle) -> None:
         self.encoder = encoder
@@ -177,16 +191,16 @@ class HandleStages:
         return {**(await self.encoder.info.remote()), **(await self.reranker.info.remote())}
 
     async def encode(self, text: str) -> np.ndarray:
-        return await self.encoder.encode.remote(text)
+        return await _retry_once(lambda: self.encoder.encode.remote(text))
 
     async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
-        return await self.searcher.candidates.remote(embedding, top_n, flt)
+        return await _retry_once(lambda: self.searcher.candidates.remote(embedding, top_n, flt))
 
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
-        return await self.reranker.rerank.remote(query, candidates, model_version)
+        return await _retry_once(lambda: self.reranker.rerank.remote(query, candidates, model_version))
 
     async def image_uri(self, image_id: str) -> str | None:
-        return await self.searcher.image_uri.remote(image_id)
+        return await _retry_once(lambda: self.searcher.image_uri.remote(image_id))
 
     async def health(self) -> dict[str, Any]:
         info = await self.encoder.info.remote()
