@@ -12,7 +12,6 @@ possibly none. Stages are injected (:class:`QueryStages`): Serve handles in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -208,7 +207,3 @@ class LocalStages:
 
     async def health(self) -> dict[str, Any]:
         return {"model_version": self.encoder.model_version}
-
-
-def with_version(flt: StructuredFilter, model_version: str | None) -> StructuredFilter:
-    return dataclasses.replace(flt, model_version=model_version)

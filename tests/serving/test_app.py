@@ -129,14 +129,14 @@ def test_reir_search_cli_against_the_service(fake_app: FakeApp) -> None:
 
     env = {**os.environ, "REIR_API_KEY": "test-search-key"}
     cmd = [sys.executable, "-m", "reir.cli", "search", "yellow", "--url", fake_app.url, "--top-k", "2"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0].split()[2] == "img_yellow"
     res = subprocess.run([*cmd, "--discover", "--filters", '[{"field": "image_id", "op": "eq", "value": "img_red"}]'],
-                         capture_output=True, text=True, timeout=120, env=env)
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
     assert res.returncode == 0 and "1 image(s) at probability >= 0.100" in res.stdout and "img_red" in res.stdout
     res = subprocess.run([*cmd, "--filters", '[{"field": "pk", "op": "eq", "value": "x"}]'], capture_output=True,
-                         text=True, timeout=120, env=env)
+                         text=True, timeout=120, env=env, check=False)
     assert res.returncode == 2 and "HTTP 422" in res.stderr and "not filterable" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 

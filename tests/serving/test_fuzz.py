@@ -32,7 +32,7 @@ def test_no_5xx_from_generated_requests(fake_app: FakeApp) -> None:
             def check(case: schemathesis.Case) -> None:
                 # with the search key: the requests get past auth and reach the handlers
                 resp = case.call(base_url=fake_app.url, session=session, headers=fake_app.search_headers, timeout=60)
-                seen[(op.label, resp.status_code)] += 1
+                seen[(case.operation.label, resp.status_code)] += 1
                 case.validate_response(resp, checks=[not_a_server_error])
 
             try:
