@@ -21,7 +21,9 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from reir.model.boxes import iou_xywh
+from reir.platform.config import ServeConfig
 from reir.platform.filters import Condition, StructuredFilter
+from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import Hit
 from reir.serving.rerank import Reranker, Scored, ann_order
 from reir.serving.retriever import Calibration, QueryEncoder, Result
@@ -207,3 +209,23 @@ class LocalStages:
 
     async def health(self) -> dict[str, Any]:
         return {"model_version": self.encoder.model_version}
+
+
+def local_pipeline(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> QueryPipeline:
+    """The whole query path (encode, ANN, re-rank, discover) in this process, from a ServeConfig.
+
+    For evaluation and notebooks: ``asyncio.run(local_pipeline(cfg).run(QueryRequest(...)))``
+    gives the same answers as the Serve app without Ray. Close ``.stages.store`` when done.
+    """
+    from reir.platform.store import MilvusStore
+    from reir.serving.rerank import discover_threshold_for
+
+    model, processor = loader(cfg.model_path)
+    encoder = QueryEncoder(model, processor, model_version=model_version_for(cfg.model_path))
+    store = MilvusStore.from_config(cfg.milvus)
+    store.load()
+    reranker = Reranker(model, processor, calibration=encoder.calibration)
+    stages = LocalStages(encoder, store, reranker,
+                         discover_threshold=discover_threshold_for(cfg.model_path, cfg.discover_threshold))
+    return QueryPipeline(stages, candidates=cfg.candidates, rerank_candidates=cfg.rerank_candidates,
+                         dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version)

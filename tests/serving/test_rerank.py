@@ -133,3 +133,22 @@ def test_pipeline_rank_discover_and_rerank_in_process(local_pipeline: QueryPipel
     found = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=1, mode="discover", rerank=True)))
     assert found.threshold == 0.5 and len({r.image_id for r in found.results}) == len(found.results)
     assert all(r.score >= 0.5 for r in found.results) and found.results
+
+
+def test_local_pipeline_from_config_matches_the_index(tmp_path: Path, fake_checkpoint: Path) -> None:
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.serving.pipeline import local_pipeline
+    from tests.platform.fakes import fake_loader
+    from tests.serving.conftest import COLLECTION, fill_store
+
+    fill_store(tmp_path / "l.db", fake_checkpoint, fake_loader)
+    cfg = ServeConfig(model_path=str(fake_checkpoint), milvus=MilvusConfig(uri=str(tmp_path / "l.db"),
+                                                                           collection=COLLECTION))
+    pipeline = local_pipeline(cfg, loader=fake_loader)
+    try:
+        outcome = asyncio.run(pipeline.run(QueryRequest("blue", top_k=1)))
+        assert outcome.results[0].image_id == "img_blue" and outcome.threshold is None
+        found = asyncio.run(pipeline.run(QueryRequest("blue", mode="discover")))
+        assert found.threshold == 0.5 and [r.image_id for r in found.results] == ["img_blue"]
+    finally:
+        pipeline.stages.store.close()  # type: ignore[attr-defined]
