@@ -55,6 +55,7 @@ def fill(uri: str, collection: str, *, dim: int, version: str, instances: int, i
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     with MilvusStore(uri, collection, dim=dim, upsert_batch_size=5000) as store:
+        store.build_index("AUTOINDEX")  # before the rows: flush seals segments with this index
         batch = 10_000
         for lo in range(0, instances, batch):
             n = min(batch, instances - lo)
@@ -75,7 +76,6 @@ def fill(uri: str, collection: str, *, dim: int, version: str, instances: int, i
             store.upsert(rows)
         # Seal the growing segment: milvus-lite searches unflushed rows by brute force in Python.
         store.client.flush(collection)
-        store.build_index("AUTOINDEX")
         store.load()
         assert store.count() == instances, store.count()
     return time.perf_counter() - start
