@@ -18,6 +18,7 @@ rate -> 429 with ``Retry-After``.
 
 from __future__ import annotations
 
+import logging
 import math
 import mimetypes
 import time
@@ -40,6 +41,8 @@ from reir.platform.filters import FieldType, FilterError, allowed_fields, compil
 from reir.serving.page import SEARCH_PAGE
 from reir.serving.pipeline import QueryOutcome, QueryRequest
 
+log = logging.getLogger(__name__)
+
 SEARCH_ROUTE = "/v1/search"
 IMAGE_ROUTE = "/v1/images"
 INFO_ROUTE = "/v1/info"
@@ -55,6 +58,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "request body too large"},
     422: {"description": "invalid request"},
     429: {"description": "rate limit exceeded (see Retry-After)"},
+    503: {"description": "a dependency (model, Milvus) is unavailable; retry"},
 }
 
 
@@ -318,8 +322,12 @@ def create_http_app(
         except FilterError as exc:
             return _invalid([{"field": "filters", "message": str(exc)}])
         rerank = settings.rerank_default if body.rerank is None else body.rerank
-        outcome = await backend.run(QueryRequest(query=body.query, top_k=body.top_k, mode=body.mode, rerank=rerank,
-                                                 conditions=flt.conditions))
+        try:
+            outcome = await backend.run(QueryRequest(query=body.query, top_k=body.top_k, mode=body.mode,
+                                                     rerank=rerank, conditions=flt.conditions))
+        except Exception:  # a stage (model, Milvus) failed: retryable for the caller
+            log.exception("search failed")
+            return JSONResponse(status_code=503, content={"error": "search backend unavailable, retry later"})
         return SearchResponse(
             results=[SearchResult(**r.to_wire()) for r in outcome.results], model_version=outcome.model_version,
             mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ray import serve
 
 from reir.ingestion.encoder import InstanceEncoder
 from reir.platform.auth import hash_key
@@ -61,6 +60,8 @@ def fill_store(db: Path, ckpt: Path, loader: ModelLoader, *, image_dir: Path | N
 
 @pytest.fixture(scope="package")
 def serve_url(ray_session: None) -> Iterator[str]:
+    from ray import serve  # imported on use: the stub-backend tests of this package need no Ray
+
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
@@ -78,6 +79,8 @@ class FakeApp:
 
 @pytest.fixture(scope="package")
 def fake_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeApp]:
+    from ray import serve
+
     from tests.platform.fakes import fake_loader
 
     root = tmp_path_factory.mktemp("fake_app")

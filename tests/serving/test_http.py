@@ -236,3 +236,13 @@ def test_openapi_spec_lists_the_versioned_routes(client: TestClient) -> None:
     assert {"/v1/search", "/v1/images/{image_id}", "/v1/info", "/v1/admin/config", "/healthz", "/"} <= set(spec["paths"])
     search = spec["paths"]["/v1/search"]["post"]
     assert {"401", "403", "413", "422", "429"} <= set(search["responses"])
+
+
+def test_a_failing_stage_is_503_not_a_traceback(metrics: ListMetrics) -> None:
+    class Broken(StubBackend):
+        async def run(self, request: QueryRequest) -> QueryOutcome:
+            raise ConnectionError("milvus gone")
+
+    client = TestClient(create_http_app(Broken(), metrics=metrics))
+    resp = client.post("/v1/search", json={"query": "x"})
+    assert resp.status_code == 503 and "milvus" not in resp.text and metrics.records == [("/v1/search", 503)]
