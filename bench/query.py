@@ -205,6 +205,10 @@ def load_phase(url: str, texts: list[str], seconds: float, concurrency: int, app
             "replica_recovered_s": recovered_s, "killed_replica": victims[0]}
 
 
+def progress(result: dict[str, Any]) -> None:
+    print("progress: " + json.dumps(result, default=float), file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
@@ -232,6 +236,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    # Ray first: on a busy 2-core machine its start-up is the step most likely to time out.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="reir-bench-"))
     model, processor = create_model(args.model)
     model.eval()
@@ -259,7 +265,7 @@ def main() -> None:
         per_image = rec_cost_per_image(model, processor, args.rec_sample)
         result["rec_per_image_ms"] = per_image * 1000.0
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        progress(result)
         port = free_port()
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
@@ -269,8 +275,10 @@ def main() -> None:
         serve.run(app_for(cfg), name="bench", route_prefix="/", logging_config=quiet)
         url = f"http://127.0.0.1:{port}/v1/search"
         try:
-            result["http"] = {str(c): http_phase(url, texts, c, max(args.requests, args.requests * c // 8))
-                              for c in (1, 8, 32)}
+            result["http"] = {}
+            for c in (1, 8, 32):
+                result["http"][str(c)] = http_phase(url, texts, c, max(args.requests, args.requests * c // 8))
+                progress(result)
             one = result["http"]["1"]
             result["p50_ms"], result["p95_ms"], result["p99_ms"] = one["p50_ms"], one["p95_ms"], one["p99_ms"]
             result["qps"] = max(v["qps"] for v in result["http"].values())
