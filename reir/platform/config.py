@@ -88,8 +88,9 @@ class AutoscalingSpec(_Frozen):
     target_ongoing_requests: float = Field(default=2.0, gt=0)
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
-    metrics_interval_s: float = Field(default=10.0, gt=0)
-    look_back_period_s: float = Field(default=30.0, gt=0)
+    # None = Ray's defaults (Ray deprecates metrics_interval_s in favour of env variables).
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSpec:
