@@ -1,14 +1,15 @@
 """Relation-aware re-ranking of ANN candidates (plain class; the Serve shell is in app.py).
 
 A candidate is one stored instance; its *context* is every stored instance of the same
-image (fetched from Milvus by image id). When the model has
-``rerank_logits(text_inputs, inst_embeddings[N,M,D], inst_boxes[N,M,4], inst_mask[N,M],
-target_index[N]) -> logits[N]`` the candidates are re-scored with it: row ``i`` pairs
-the query with candidate ``i``'s image, ``inst_boxes`` are normalized ``cxcywh``
-(relative to the image's own width/height), ``inst_mask`` marks real (not padded)
-instances and ``target_index[i]`` is the candidate's position among them;
-``text_inputs`` is ``processor.text([query] * N)``. Without that method the answer is
-the ANN order with the calibrated score, so a checkpoint without a re-ranker still serves.
+image (fetched from Milvus by image id). When the model re-ranks
+(``ReirModel.rerank_logits(input_ids, attention_mask, inst_emb[N,M,D], boxes[N,M,4],
+objectness[N,M], inst_mask[N,M], text_index=None) -> logits[N,M]``, with a trained
+``reranker`` module) every instance of the N candidate images is scored with the query:
+``boxes`` are normalized ``cxcywh`` relative to the image's own width/height,
+``objectness`` is the stored instance score, ``inst_mask`` marks real (not padded) rows.
+All instances of those images come back scored, so the re-ranker may pick an instance of a
+candidate image that the ANN search did not return. Without a re-ranker the answer is the
+ANN order with the calibrated score, so a checkpoint without one still serves.
 
 Scores are probabilities (sigmoid of a logit) in both cases, which is what the
 discovery threshold (``calibration.json: discover_threshold``) is compared against.
@@ -109,57 +110,61 @@ class Reranker:
 
     @property
     def can_rerank(self) -> bool:
-        return callable(getattr(self.model, "rerank_logits", None))
+        # ReirModel always has rerank_logits; without a trained re-ranker it only repeats the ANN scores.
+        return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
 
     def rerank(self, query_text: str, candidates: Sequence[Hit], context: Mapping[str, Sequence[Hit]]) -> list[Scored]:
         if not candidates:
             return []
         if not self.can_rerank:
             return ann_order(candidates, self.calibration)
-        usable, groups, targets = [], [], []
-        for hit in candidates:
-            group = self._group(hit, context.get(hit.image_id, ()))
-            if group is None:  # its row vanished between search and context fetch
-                log.warning("candidate %s has no stored context; dropped from re-ranking", hit.pk)
-                continue
-            usable.append(hit)
-            groups.append(group[0])
-            targets.append(group[1])
-        if not usable:
+        by_pk = {h.pk: h for h in candidates}
+        image_ids, groups = [], []
+        for image_id in dict.fromkeys(h.image_id for h in candidates):
+            group = self._group(image_id, context.get(image_id, ()), by_pk)
+            if group:
+                image_ids.append(image_id)
+                groups.append(group)
+            else:  # its rows vanished between search and context fetch
+                log.warning("image %s has no stored context; its candidates are dropped from re-ranking", image_id)
+        if not groups:
             return ann_order(candidates, self.calibration)
-        logits = self._logits(query_text, [h.image_id for h in usable], groups, targets)
-        scored = [(h, sigmoid(float(z))) for h, z in zip(usable, logits, strict=True)]
+        logits = self._logits(query_text, image_ids, groups)
+        scored = [(by_pk.get(row.pk, row), sigmoid(float(logits[i, j])))
+                  for i, group in enumerate(groups) for j, row in enumerate(group)]
         return sorted(scored, key=lambda s: (-s[1], s[0].pk))
 
-    def _group(self, hit: Hit, rows: Sequence[Hit]) -> tuple[list[Hit], int] | None:
+    def _group(self, image_id: str, rows: Sequence[Hit], candidates: Mapping[str, Hit]) -> list[Hit]:
+        """The image's rows with vectors, at most ``max_instances``, never dropping a candidate."""
         rows = [r for r in rows if r.embedding is not None]
-        index = next((i for i, r in enumerate(rows) if r.pk == hit.pk), None)
-        if index is None:
-            return None
-        if index >= self.max_instances:  # keep the target when the image has too many rows
-            rows = [*rows[: self.max_instances - 1], rows[index]]
-            index = len(rows) - 1
-        return rows[: self.max_instances], index
+        if len(rows) <= self.max_instances:
+            return rows
+        wanted = [r for r in rows if r.pk in candidates]
+        others = [r for r in rows if r.pk not in candidates]
+        return sorted([*wanted, *others][: max(self.max_instances, len(wanted))], key=lambda r: rows.index(r))
 
-    def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]], targets: list[int]) -> np.ndarray:
+    def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
         n, m = len(groups), max(len(g) for g in groups)
         dim = int(np.asarray(groups[0][0].embedding).shape[-1])
         emb = np.zeros((n, m, dim), dtype=np.float32)
         boxes = np.zeros((n, m, 4), dtype=np.float32)
+        objectness = np.zeros((n, m), dtype=np.float32)
         mask = np.zeros((n, m), dtype=bool)
         for i, (image_id, group) in enumerate(zip(image_ids, groups, strict=True)):
             width, height = self.image_size(image_id, group)
             emb[i, : len(group)] = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in group])
             xywh = np.asarray([r.box for r in group], dtype=np.float64)
             boxes[i, : len(group)] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
+            objectness[i, : len(group)] = [r.instance_score for r in group]
             mask[i, : len(group)] = True
         device = getattr(self.model, "device", None)
         move = (lambda t: t.to(device)) if isinstance(device, torch.device) else (lambda t: t)
         with torch.inference_mode():
-            text_inputs = {k: move(v) if isinstance(v, torch.Tensor) else v
-                           for k, v in self.processor.text([query] * n).items()}
+            text = self.processor.text([query])
+            ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
+                              for v in (text["input_ids"], text["attention_mask"]))
             logits = self.model.rerank_logits(
-                text_inputs, move(torch.from_numpy(emb)), move(torch.from_numpy(boxes)),
-                move(torch.from_numpy(mask)), move(torch.as_tensor(targets, dtype=torch.long)),
+                ids, attention, move(torch.from_numpy(emb)), move(torch.from_numpy(boxes)),
+                move(torch.from_numpy(objectness)), move(torch.from_numpy(mask)),
             )  # fmt: skip
-        return to_numpy(logits).reshape(n)
+        return to_numpy(logits).reshape(n, m)

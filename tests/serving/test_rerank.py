@@ -22,24 +22,27 @@ CAL = Calibration(SCALE, BIAS)
 
 
 class RelationModel(FakeModel):
-    """Fake model with a re-ranker that understands "left"/"right": the target instance's
-    x-centre relative to the others in its image decides the logit."""
+    """Fake model with the ``ReirModel.rerank_logits`` signature and a re-ranker that
+    understands "left"/"right": an instance's x-centre relative to the others of its image
+    decides its logit."""
+
+    reranker = "trained"
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    def rerank_logits(self, text_inputs: dict, emb: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor,
-                      target: torch.Tensor) -> torch.Tensor:
-        self.calls.append({"texts": list(text_inputs["input_ids"]), "emb": emb, "boxes": boxes, "mask": mask,
-                           "target": target})
-        out = []
-        for i, text in enumerate(text_inputs["input_ids"]):
+    def rerank_logits(self, input_ids: Any, attention_mask: Any, emb: torch.Tensor, boxes: torch.Tensor,
+                      objectness: torch.Tensor, mask: torch.Tensor, text_index: Any = None) -> torch.Tensor:
+        self.calls.append({"texts": list(input_ids), "emb": emb, "boxes": boxes, "objectness": objectness,
+                           "mask": mask})
+        sign = -1.0 if "left" in input_ids[0] else 1.0
+        out = torch.full(mask.shape, float("-inf"))
+        for i in range(mask.shape[0]):
             cx = boxes[i, :, 0][mask[i]]
-            mine = float(boxes[i, target[i], 0])
-            sign = -1.0 if "left" in text else 1.0
             extreme = float(cx.min() if sign < 0 else cx.max())
-            out.append(4.0 if mine == extreme else -4.0 + sign * mine)
-        return torch.tensor(out)
+            for j in range(int(mask[i].sum())):
+                out[i, j] = 4.0 if float(boxes[i, j, 0]) == extreme else -4.0 + sign * float(boxes[i, j, 0])
+        return out
 
 
 def _hit(image_id: str, rank: int, x: float, ann: float, dim: int = 3) -> Hit:
@@ -51,16 +54,18 @@ def test_reranker_feeds_context_and_reorders_by_relation() -> None:
     model = RelationModel()
     # image A: instances at x=0 (rank 0) and x=60 (rank 1); image B: one instance at x=30.
     context = {"A": [_hit("A", 0, 0.0, 0.0), _hit("A", 1, 60.0, 0.0)], "B": [_hit("B", 0, 30.0, 0.0)]}
-    candidates = [_hit("A", 1, 60.0, 0.9), _hit("B", 0, 30.0, 0.5), _hit("A", 0, 0.0, 0.4)]
+    candidates = [_hit("A", 1, 60.0, 0.9), _hit("B", 0, 30.0, 0.5)]  # the ANN missed A's left instance
     reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda image_id, rows: (100.0, 50.0))
     assert reranker.can_rerank
     scored = reranker.rerank("the thing on the left", candidates, context)
-    assert scored[0][0].pk == "v:A:0"  # ANN put it last; the relation puts it first
+    assert scored[0][0].pk == "v:A:0"  # found through its image's context, ranked first by the relation
+    assert {h.pk for h, _ in scored} == {"v:A:0", "v:A:1", "v:B:0"}
+    assert next(h for h, _ in scored if h.pk == "v:A:1").score == 0.9  # candidates keep their ANN hit
     call = model.calls[0]
-    assert call["texts"] == ["the thing on the left"] * 3
-    assert call["emb"].shape == (3, 2, 3) and call["mask"].tolist() == [[True, True], [True, False], [True, True]]
-    assert call["target"].tolist() == [1, 0, 0]
+    assert call["texts"] == ["the thing on the left"]  # one expression, every image row scored for it
+    assert call["emb"].shape == (2, 2, 3) and call["mask"].tolist() == [[True, True], [True, False]]
     assert torch.allclose(call["boxes"][0, 1], torch.tensor([0.65, 0.1, 0.1, 0.2]))  # cxcywh / (100, 50)
+    assert call["objectness"][0, 0] == pytest.approx(0.5)
     assert all(0.0 < p < 1.0 for _, p in scored)
     right = reranker.rerank("the one on the right", candidates, context)
     assert right[0][0].pk in ("v:A:1", "v:B:0") and right[-1][0].pk == "v:A:0"
@@ -68,10 +73,14 @@ def test_reranker_feeds_context_and_reorders_by_relation() -> None:
 
 def test_reranker_without_model_support_keeps_ann_order_with_calibrated_scores() -> None:
     candidates = [_hit("A", 0, 0.0, 0.2), _hit("B", 0, 0.0, 0.8)]
-    reranker = Reranker(FakeModel(), FakeProcessor(), calibration=CAL)
-    scored = reranker.rerank("anything", candidates, {})
-    assert [h.image_id for h, _ in scored] == ["B", "A"]
-    assert scored[0][1] == pytest.approx(1 / (1 + np.exp(-(SCALE * 0.8 + BIAS))))
+    untrained = RelationModel()
+    untrained.reranker = None  # type: ignore[assignment]  # a checkpoint without a trained re-ranker
+    for model in (FakeModel(), untrained):
+        reranker = Reranker(model, FakeProcessor(), calibration=CAL)
+        assert not reranker.can_rerank
+        scored = reranker.rerank("anything", candidates, {})
+        assert [h.image_id for h, _ in scored] == ["B", "A"]
+        assert scored[0][1] == pytest.approx(1 / (1 + np.exp(-(SCALE * 0.8 + BIAS))))
 
 
 def test_candidates_missing_from_context_are_dropped_not_misranked() -> None:
@@ -79,6 +88,15 @@ def test_candidates_missing_from_context_are_dropped_not_misranked() -> None:
     reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda i, r: (100.0, 100.0))
     scored = reranker.rerank("left", [_hit("A", 0, 0.0, 0.9), _hit("gone", 0, 0.0, 0.8)], {"A": [_hit("A", 0, 0, 0)]})
     assert [h.image_id for h, _ in scored] == ["A"]
+
+
+def test_images_with_many_rows_keep_their_candidates() -> None:
+    model = RelationModel()
+    rows = [_hit("A", r, float(r), 0.0) for r in range(10)]
+    reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda i, r: (100.0, 100.0),
+                        max_instances=4)
+    scored = reranker.rerank("left", [_hit("A", 9, 9.0, 0.9)], {"A": rows})
+    assert "v:A:9" in {h.pk for h, _ in scored} and len(scored) == 4
 
 
 def test_answer_rank_dedupes_and_discover_groups_by_image_over_threshold() -> None:
