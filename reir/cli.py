@@ -127,8 +127,9 @@ def serve(
     collection: str = typer.Option("reir_instances"),
     port: int = typer.Option(8000),
     host: str = typer.Option("127.0.0.1"),
+    config: Optional[Path] = typer.Option(None, "--config", help="ServeConfig YAML (keys, autoscaling, limits)"),
 ) -> None:
-    """Run the Ray Serve app (blocks until Ctrl-C)."""
+    """Run the Ray Serve app (blocks until Ctrl-C); the search page is at http://HOST:PORT/."""
     import time
 
     from ray import serve
@@ -136,10 +137,19 @@ def serve(
     from reir.serving.app import build_app
 
     _need_dir(model_dir, "model directory")
+    args: dict[str, Any] = {"model_path": str(model_dir), "milvus_uri": milvus_uri, "collection": collection}
+    if config is not None:
+        if not config.is_file():
+            raise ReirError(f"config file not found: {config}")
+        args["config"] = str(config)
+    try:
+        application = build_app(args)
+    except ValueError as e:  # pydantic ValidationError is a ValueError
+        raise ReirError(f"invalid serve configuration: {e}") from e
     _init_ray()
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app({"model_path": str(model_dir), "milvus_uri": milvus_uri, "collection": collection}))
-    typer.echo(f"serving on http://{host}:{port}/v1/search (Ctrl-C stops)")
+    serve.run(application)
+    typer.echo(f"serving on http://{host}:{port}/ (API: /v1/search, spec: /openapi.json; Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)
@@ -151,15 +161,52 @@ def serve(
 def search(
     query: str = typer.Argument(..., help="referring expression"),
     url: str = typer.Option("http://127.0.0.1:8000", help="serving URL"),
-    top_k: int = typer.Option(5, min=1, max=100),
+    top_k: int = typer.Option(5, min=1, max=1000),
     api_key: Optional[str] = typer.Option(None, envvar="REIR_API_KEY"),
+    discover: bool = typer.Option(False, "--discover", help="every image that holds the object (or none)"),
+    rerank: Optional[bool] = typer.Option(None, "--rerank/--no-rerank", help="default: the service's setting"),
+    filters: Optional[str] = typer.Option(
+        None, "--filters", help='JSON list, e.g. \'[{"field": "image_id", "op": "in", "value": ["a", "b"]}]\''
+    ),
 ) -> None:
     """Query a running reir service and print the ranked answers."""
     from reir.client import Client
 
-    for rank, r in enumerate(Client(url, api_key=api_key).search(query, top_k=top_k), start=1):
+    clauses: list[Any] = []
+    if filters:
+        try:
+            clauses = json.loads(filters)
+        except json.JSONDecodeError as e:
+            raise ReirError(f"--filters is not valid JSON: {e.msg}") from e
+        if not isinstance(clauses, list) or not all(isinstance(c, dict) for c in clauses):
+            raise ReirError('--filters must be a JSON list of {"field", "op", "value"} objects')
+    body = Client(url, api_key=api_key).search_full(query, top_k=top_k, mode="discover" if discover else "rank",
+                                                    rerank=rerank, filters=clauses)
+    if discover:
+        typer.echo(f"{len(body['results'])} image(s) at probability >= {body['threshold']:.3f}")
+    for rank, r in enumerate(body["results"], start=1):
         box = ", ".join(f"{v:.0f}" for v in r["box"])
         typer.echo(f"{rank:>3}  {r['score']:.3f}  {r['image_id']}  [{box}]  {r['uri']}")
+
+
+@app.command("api-key")
+def api_key(
+    name: str = typer.Option(..., help="who the key is for (shown in logs and /v1/admin/config)"),
+    admin: bool = typer.Option(False, "--admin", help="also allow admin routes"),
+) -> None:
+    """Make a new API key: prints the key once (give it to the caller) and the entry to store."""
+    import yaml
+
+    from reir.platform.auth import hash_key, new_key
+    from reir.platform.config import ApiKeySpec
+
+    key = new_key()
+    try:
+        spec = ApiKeySpec(name=name, sha256=hash_key(key), scopes=("search", "admin") if admin else ("search",))
+    except ValueError as e:
+        raise ReirError(f"invalid key name: {name!r} (letters, digits, _ . - only)") from e
+    typer.echo(f"key (shown once): {key}", err=True)
+    typer.echo(yaml.safe_dump([{**spec.model_dump(mode="json"), "scopes": list(spec.scopes)}], sort_keys=False).strip())
 
 
 @app.command("eval")

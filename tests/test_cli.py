@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["synth", "train", "ingest", "serve", "search", "eval", "demo"]
+COMMANDS = ["synth", "train", "ingest", "serve", "search", "eval", "demo", "api-key"]
 
 
 def _reir(*args: str) -> subprocess.CompletedProcess[str]:
@@ -27,6 +27,9 @@ def test_every_command_has_help(command: str) -> None:
         (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found"),
         (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found"),
         (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service"),
+        (["search", "red", "--filters", "{not json"], "--filters is not valid JSON"),
+        (["search", "red", "--filters", '{"field": "image_id"}'], "--filters must be a JSON list"),
+        (["api-key", "--name", "bad name!"], "invalid key name"),
         (["bogus"], "No such command 'bogus'"),
         (["train"], "Missing option '--data'"),
         (["train", "--data", ".", "--batch-size", "0"], "Invalid value for '--batch-size'"),
@@ -56,3 +59,17 @@ def test_yaml_config_values_are_validated_and_flags_only_override_when_given(tmp
     (tmp_path / "typo.yaml").write_text("learning_rate: 0.1\n")
     res = _reir("train", "--data", str(tmp_path), "--config", str(tmp_path / "typo.yaml"))
     assert res.returncode == 2 and "learning_rate" in res.stderr
+
+
+def test_api_key_prints_a_key_and_its_stored_hash() -> None:
+    import hashlib
+
+    import yaml
+
+    res = _reir("api-key", "--name", "frontend", "--admin")
+    assert res.returncode == 0, res.stderr
+    key = res.stderr.strip().split("key (shown once): ")[1]
+    (entry,) = yaml.safe_load(res.stdout)
+    assert entry == {"name": "frontend", "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                     "scopes": ["search", "admin"], "rate_per_s": None, "burst": None}
+    assert key not in res.stdout

@@ -79,6 +79,51 @@ class IngestConfig(_Frozen):
         return self
 
 
+class AutoscalingSpec(_Frozen):
+    """Ray Serve ``autoscaling_config`` for one deployment (replaces its fixed replica count)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    # None = Ray's defaults (Ray deprecates metrics_interval_s in favour of env variables).
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ApiKeySpec(_Frozen):
+    """One API key, stored as the sha256 hex of the key (never the key itself)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
+    scopes: tuple[Literal["search", "admin"], ...] = ("search",)
+    rate_per_s: float | None = Field(default=None, gt=0)
+    burst: int | None = Field(default=None, ge=1)
+
+
+class SecurityConfig(_Frozen):
+    """API keys (inline or a mounted secret file of the same list) and per-key rate limits.
+
+    No keys at all means auth is off (the local demo). Env: ``REIR_SECURITY__API_KEYS_FILE``.
+    """
+
+    api_keys: tuple[ApiKeySpec, ...] = ()
+    api_keys_file: Path | None = None
+    rate_per_s: float = Field(default=20.0, gt=0)
+    burst: int = Field(default=40, ge=1)
+
+
+ServeStage = Literal["ingress", "encoder", "searcher", "reranker"]
+
+
 class ServeConfig(_Frozen):
     """Online query serving (Ray Serve)."""
 
@@ -100,9 +145,28 @@ class ServeConfig(_Frozen):
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     filter_model_version: bool = True
+    # Re-rank / discovery (reir.serving.rerank); the threshold file in the checkpoint wins.
+    reranker_replicas: int = Field(default=1, ge=1)
+    num_cpus_reranker: float = Field(default=0.5, ge=0)
+    rerank_default: bool = True
+    rerank_candidates: int = Field(default=50, ge=1, le=1000)
+    discover_threshold: float = Field(default=0.5, gt=0, lt=1)
+    # Per-deployment autoscaling; a stage not listed keeps its fixed *_replicas count.
+    autoscaling: dict[ServeStage, AutoscalingSpec] = Field(default_factory=dict)
+    # Input limits and the filter allow-list (besides image_id, model_version, uri).
+    max_query_chars: int = Field(default=500, ge=1, le=10_000)
+    max_body_bytes: int = Field(default=16_384, ge=256, le=10_000_000)
+    max_filters: int = Field(default=16, ge=0, le=256)
+    metadata_fields: dict[str, Literal["str", "int", "float", "bool"]] = Field(default_factory=dict)
+    # Folders that GET /v1/images/{image_id} may read from; empty = wherever the stored uri points.
+    image_roots: tuple[Path, ...] = ()
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")
     def _lite_single_reader(self) -> ServeConfig:
+        searcher_scaling = self.autoscaling.get("searcher")
+        if self.milvus.is_lite_file and searcher_scaling is not None and searcher_scaling.max_replicas > 1:
+            raise ValueError("a milvus-lite .db file can be opened by one process only; searcher max_replicas must be 1")
         if self.milvus.is_lite_file and self.searcher_replicas > 1:
             raise ValueError(
                 "a milvus-lite .db file can be opened by one process only; with "

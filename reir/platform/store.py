@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +55,8 @@ class Hit:
     score: float
     instance_score: float
     model_version: str
+    # Only set by reads that ask for vectors (``rows_for_images``); searches leave it None.
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,38 @@ class MilvusStore:
             instance_score=float(entity[S.SCORE]),
             model_version=str(entity[S.MODEL_VERSION]),
         )
+
+    def rows_for_images(
+        self,
+        image_ids: Sequence[str],
+        *,
+        model_version: str | None = None,
+        with_vectors: bool = True,
+        max_per_image: int = 64,
+    ) -> dict[str, list[Hit]]:
+        """Every stored instance of each image (rank order), with vectors when asked.
+
+        The ids go through :class:`SearchFilter` (validated values), so the expression
+        is built only from checked text. ``Hit.score`` is 0 here (there is no query).
+        """
+        ids = tuple(dict.fromkeys(image_ids))
+        if not ids:
+            return {}
+        expr = SearchFilter(model_version=model_version, image_ids=ids).to_expr() + f" and {S.RANK} >= 0"
+        fields = [*S.SCALAR_FIELDS, *([S.EMBEDDING] if with_vectors else [])]
+        rows = self.client.query(
+            self.collection, filter=expr, output_fields=fields, limit=min(16_384, len(ids) * max_per_image)
+        )
+        out: dict[str, list[Hit]] = {i: [] for i in ids}
+        for row in sorted(rows, key=lambda r: (str(r[S.IMAGE_ID]), int(r[S.RANK]))):
+            vector = row.get(S.EMBEDDING)
+            out.setdefault(str(row[S.IMAGE_ID]), []).append(Hit(
+                pk=str(row[S.PK]), image_id=str(row[S.IMAGE_ID]), uri=str(row[S.URI]),
+                box=S.as_box(row[f] for f in S.BOX_FIELDS), score=0.0, instance_score=float(row[S.SCORE]),
+                model_version=str(row[S.MODEL_VERSION]),
+                embedding=None if vector is None else np.asarray(vector, dtype=np.float32),
+            ))  # fmt: skip
+        return out
 
     def get(self, pks: Sequence[str]) -> list[dict[str, Any]]:
         """Rows (scalars and vector) by primary key; missing keys are skipped."""

@@ -1,10 +1,12 @@
 """Ray Serve application: thin deployments around the plain serving classes.
 
-Graph: ``IngressDeployment`` (FastAPI, :mod:`reir.serving.http`) ->
-``QueryEncoderDeployment`` (model, ``@serve.batch`` so concurrent queries share one
-forward pass) -> ``SearcherDeployment`` (Milvus store + ranking, no model: the
-encoder hands over the model's score calibration, see :mod:`reir.serving.retriever`).
-The encoder and the searcher scale independently.
+Graph: ``IngressDeployment`` (FastAPI, :mod:`reir.serving.http`, runs the
+:class:`~reir.serving.pipeline.QueryPipeline`) -> ``QueryEncoderDeployment`` (model,
+``@serve.batch`` so concurrent queries share one forward pass) -> ``SearcherDeployment``
+(Milvus ANN top-N with filters, no model: the encoder hands over the model's score
+calibration, see :mod:`reir.serving.retriever`) -> ``RerankerDeployment`` (model;
+fetches each candidate's image context from the searcher). Each deployment has its own
+replica count or autoscaling spec (``ServeConfig.autoscaling``).
 
 Entry point: ``serve run reir.serving.app:build_app model_path=DIR milvus_uri=URI``
 (keys: any :class:`ServeConfig` field, ``milvus_<field>`` for Milvus settings, and
@@ -16,20 +18,25 @@ with a file URI keep one searcher replica (validated), or serve the data with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from reir.platform import telemetry as T
-from reir.platform.config import MilvusConfig, ServeConfig, load_config
+from reir.platform.auth import KeyRing
+from reir.platform.config import MilvusConfig, ServeConfig, ServeStage, load_config
+from reir.platform.filters import StructuredFilter
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
-from reir.platform.store import MilvusStore
-from reir.serving.http import SearchOutcome, create_http_app
+from reir.platform.store import Hit, MilvusStore
+from reir.serving.http import HttpSettings, create_http_app
+from reir.serving.pipeline import QueryPipeline
+from reir.serving.rerank import Reranker, Scored, ann_order, discover_threshold_for
 from reir.serving.retriever import Calibration, QueryEncoder, Result, Searcher
 
 
@@ -43,6 +50,7 @@ class QueryEncoderDeployment:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
+        discover_threshold: float = 0.5,
     ) -> None:
         import torch
 
@@ -57,6 +65,7 @@ class QueryEncoderDeployment:
             "model_version": self.encoder.model_version,
             "dim": self.encoder.dim,
             "calibration": self.encoder.calibration.to_dict(),
+            "discover_threshold": discover_threshold_for(model_path, discover_threshold),
         }
         self._batch_size = T.ray_metric(T.QUERY_ENCODE_BATCH_SIZE, boundaries=(1, 2, 4, 8, 16, 32, 64, 128))
 
@@ -98,6 +107,23 @@ class SearcherDeployment:
         self._latency.observe(loop.time() - start)
         return results[0]
 
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
+        """ANN top-N instances for one query embedding, under the (validated) filter."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        hits = await asyncio.to_thread(self.store.search, np.atleast_2d(embedding), top_n, flt)
+        self._latency.observe(loop.time() - start)
+        return hits[0]
+
+    async def context(self, image_ids: list[str], model_version: str | None) -> dict[str, list[Hit]]:
+        """Every stored instance (with vectors) of each image: the re-ranker's context."""
+        return await asyncio.to_thread(self.store.rows_for_images, image_ids, model_version=model_version)
+
+    async def image_uri(self, image_id: str) -> str | None:
+        rows = await asyncio.to_thread(self.store.rows_for_images, [image_id], with_vectors=False, max_per_image=1)
+        found = rows.get(image_id)
+        return found[0].uri if found else None
+
     async def ping(self) -> dict[str, Any]:
         exists = await asyncio.to_thread(self.store.exists)
         if not exists:
@@ -109,29 +135,75 @@ class SearcherDeployment:
             raise RuntimeError(f"collection {self.store.collection!r} not found")
 
 
-class HandleBackend:
-    """:class:`reir.serving.http.SearchBackend` over the encoder and searcher handles."""
+@serve.deployment(name="Reranker")
+class RerankerDeployment:
+    """Re-ranks candidates with the model (:class:`reir.serving.rerank.Reranker`); the
+    candidates' image context comes from the searcher, which owns the store."""
 
-    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, *, filter_model_version: bool) -> None:
+    def __init__(
+        self, model_path: str, searcher: DeploymentHandle, *, loader: ModelLoader = load_reir_model,
+        torch_threads: int = 1,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        model, processor = loader(model_path)
+        calibration = QueryEncoder(model, processor).calibration
+        self.reranker = Reranker(model, processor, calibration=calibration)
+        self.searcher = searcher
+
+    def info(self) -> dict[str, Any]:
+        return {"can_rerank": self.reranker.can_rerank}
+
+    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
+        if not self.reranker.can_rerank:
+            return ann_order(candidates, self.reranker.calibration)
+        context = await self.searcher.context.remote(sorted({h.image_id for h in candidates}), model_version)
+        return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
+
+    def check_health(self) -> None:
+        if self.reranker.model is None:
+            raise RuntimeError("re-ranker has no model")
+
+
+async def _retry_once(call: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an idempotent stage call; if its replica died mid-request, ask again once.
+
+    Serve routes the second try to a live replica, so one replica crash under load
+    costs latency, not failed queries.
+    """
+    try:
+        return await call()
+    except (RayActorError, ActorUnavailableError):
+        return await call()
+
+
+class HandleStages:
+    """:class:`reir.serving.pipeline.QueryStages` over the deployment handles (read-only
+    stages, so a call whose replica died is retried once)."""
+
+    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, reranker: DeploymentHandle) -> None:
         self.encoder = encoder
         self.searcher = searcher
-        self.filter_model_version = filter_model_version
-        self._info: dict[str, Any] | None = None
+        self.reranker = reranker
 
     async def info(self) -> dict[str, Any]:
-        if self._info is None:  # immutable for the life of the encoder's model
-            self._info = await self.encoder.info.remote()
-        return self._info
+        return {**(await self.encoder.info.remote()), **(await self.reranker.info.remote())}
 
-    async def search(self, query: str, top_k: int) -> SearchOutcome:
-        info = await self.info()
-        embedding = await self.encoder.encode.remote(query)
-        version = info["model_version"] if self.filter_model_version else None
-        results = await self.searcher.search.remote(embedding, top_k, info["calibration"], version)
-        return SearchOutcome(results=results, model_version=info["model_version"])
+    async def encode(self, text: str) -> np.ndarray:
+        return await _retry_once(lambda: self.encoder.encode.remote(text))
+
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
+        return await _retry_once(lambda: self.searcher.candidates.remote(embedding, top_n, flt))
+
+    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
+        return await _retry_once(lambda: self.reranker.rerank.remote(query, candidates, model_version))
+
+    async def image_uri(self, image_id: str) -> str | None:
+        return await _retry_once(lambda: self.searcher.image_uri.remote(image_id))
 
     async def health(self) -> dict[str, Any]:
-        info = await self.info()
+        info = await self.encoder.info.remote()
         await self.searcher.ping.remote()
         return {"model_version": info["model_version"]}
 
@@ -148,6 +220,19 @@ class RayRequestMetrics:
         self.latency.observe(seconds, tags={"route": route})
 
 
+class RayStageMetrics:
+    """Per-stage latency histogram (``stage`` tag) and candidates per query."""
+
+    def __init__(self) -> None:
+        self.stages = T.ray_metric(T.QUERY_STAGE_LATENCY_SECONDS)
+        self.candidates = T.ray_metric(T.QUERY_CANDIDATES, boundaries=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000))
+
+    def observe(self, timings_s: Mapping[str, float], candidates: int) -> None:
+        for stage, seconds in timings_s.items():
+            self.stages.observe(seconds, tags={"stage": stage})
+        self.candidates.observe(candidates)
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class IngressDeployment:
@@ -155,39 +240,61 @@ class IngressDeployment:
         self,
         encoder: DeploymentHandle,
         searcher: DeploymentHandle,
+        reranker: DeploymentHandle,
         *,
-        max_top_k: int = 100,
-        filter_model_version: bool = True,
+        config: Mapping[str, Any],
     ) -> None:
-        self.backend = HandleBackend(encoder, searcher, filter_model_version=filter_model_version)
-        self.max_top_k = max_top_k
+        self.cfg = ServeConfig.model_validate(dict(config))
+        self.pipeline = QueryPipeline(
+            HandleStages(encoder, searcher, reranker), candidates=self.cfg.candidates,
+            rerank_candidates=self.cfg.rerank_candidates, dedupe_iou=self.cfg.dedupe_iou,
+            filter_model_version=self.cfg.filter_model_version, metrics=RayStageMetrics(),
+        )  # fmt: skip
+        # Keys (and the mounted secret file) are read here, on the replica; a rotation is a redeploy.
+        self.keyring = KeyRing.from_config(self.cfg.security)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built on the replica: the FastAPI app never has to be pickled.
-        return create_http_app(self.backend, max_top_k=self.max_top_k, metrics=RayRequestMetrics())
+        return create_http_app(self.pipeline, settings=HttpSettings.from_config(self.cfg), keyring=self.keyring,
+                               metrics=RayRequestMetrics())
 
     def check_health(self) -> None:
         return None  # stateless; dependencies have their own health checks
+
+
+def _scaling(cfg: ServeConfig, stage: ServeStage, replicas: int, cpus: float) -> dict[str, Any]:
+    """Deployment options: autoscaling when the stage has a spec, else a fixed replica count."""
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus}}
+    spec = cfg.autoscaling.get(stage)
+    if spec is None:
+        options["num_replicas"] = replicas
+    else:
+        options["autoscaling_config"] = spec.model_dump(exclude_none=True)
+    return options
 
 
 def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Application:
     """The bound application for ``cfg``; ``loader`` lets tests inject a model."""
     # @serve.deployment turns the classes into Deployments (mypy sees the plain classes).
     encoder = QueryEncoderDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.encoder_replicas, ray_actor_options={"num_cpus": cfg.num_cpus_encoder}
+        **_scaling(cfg, "encoder", cfg.encoder_replicas, cfg.num_cpus_encoder)
     ).bind(
         cfg.model_path,
         loader=loader,
         max_batch_size=cfg.max_batch_size,
         batch_wait_timeout_s=cfg.batch_wait_timeout_s,
         torch_threads=max(1, int(cfg.num_cpus_encoder)),
+        discover_threshold=cfg.discover_threshold,
     )
     searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.searcher_replicas, ray_actor_options={"num_cpus": cfg.num_cpus_searcher}
+        **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
     ).bind(cfg.milvus.model_dump(), candidates=cfg.candidates, dedupe_iou=cfg.dedupe_iou)
+    reranker = RerankerDeployment.options(  # type: ignore[attr-defined]
+        **_scaling(cfg, "reranker", cfg.reranker_replicas, cfg.num_cpus_reranker)
+    ).bind(cfg.model_path, searcher, loader=loader, torch_threads=max(1, int(cfg.num_cpus_reranker)))
     return IngressDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.num_cpus_ingress}
-    ).bind(encoder, searcher, max_top_k=cfg.max_top_k, filter_model_version=cfg.filter_model_version)
+        **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
+    ).bind(encoder, searcher, reranker, config=cfg.model_dump(mode="json"))
 
 
 def serve_config_from_args(args: Mapping[str, Any]) -> ServeConfig:

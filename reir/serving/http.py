@@ -1,40 +1,75 @@
 """The HTTP API as a FastAPI app over an injected backend (testable without Ray).
 
-``POST /v1/search {"query": str, "top_k": int}`` ->
-``{"results": [{"image_id","uri","box","score"}], "model_version", "took_ms"}``;
-``GET /healthz``. Requests are strict: unknown fields, wrong types ("5" for top_k)
-and out-of-range values are 422 with one readable message per problem.
+Routes (all under ``/v1`` except the page and the probe):
+
+- ``POST /v1/search`` ``{"query", "top_k", "mode": "rank"|"discover", "rerank", "filters":
+  [{"field","op","value"}]}`` -> ``{"results": [{"image_id","uri","box","score"}],
+  "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms", "took_ms"}``
+- ``GET /v1/images/{image_id}``: the gallery image (streamed from the stored uri, only
+  inside ``image_roots`` when set); ``GET /v1/info``; ``GET /v1/admin/config`` (admin scope)
+- ``GET /`` the search page, ``GET /healthz`` readiness (no key needed for either).
+
+Input handling: requests are strict (unknown fields, wrong types, out-of-range values
+-> 422 with one message per problem), bodies over ``max_body_bytes`` -> 413, filters
+are checked against the allow-list (:mod:`reir.platform.filters`) -> 422. With API keys
+configured: no/unknown key -> 401, key without the route's scope -> 403, over the key's
+rate -> 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import mimetypes
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from starlette.exceptions import HTTPException
 
-from reir.serving.retriever import Result
+from reir.platform.auth import KeyRing, Principal
+from reir.platform.config import ServeConfig
+from reir.platform.filters import FieldType, FilterError, allowed_fields, compile_filters
+from reir.serving.page import SEARCH_PAGE
+from reir.serving.pipeline import QueryOutcome, QueryRequest
+
+log = logging.getLogger(__name__)
 
 SEARCH_ROUTE = "/v1/search"
+IMAGE_ROUTE = "/v1/images"
+INFO_ROUTE = "/v1/info"
+ADMIN_ROUTE = "/v1/admin/config"
 HEALTH_ROUTE = "/healthz"
-MAX_QUERY_CHARS = 1000
-
-
-@dataclass(frozen=True)
-class SearchOutcome:
-    results: list[Result]
-    model_version: str
+PAGE_ROUTE = "/"
+MAX_QUERY_CHARS = 500
+IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:@+\-]{1,256}$"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or unknown API key"},
+    403: {"description": "the key may not use this route"},
+    413: {"description": "request body too large"},
+    422: {"description": "invalid request"},
+    429: {"description": "rate limit exceeded (see Retry-After)"},
+    503: {"description": "a dependency (model, Milvus) is unavailable; retry"},
+}
 
 
 class SearchBackend(Protocol):
-    async def search(self, query: str, top_k: int) -> SearchOutcome: ...
+    async def run(self, request: QueryRequest) -> QueryOutcome: ...
+
+    async def info(self) -> dict[str, Any]: ...
 
     async def health(self) -> dict[str, Any]: ...
+
+    async def image_uri(self, image_id: str) -> str | None: ...
 
 
 class RequestMetrics(Protocol):
@@ -46,25 +81,61 @@ class NoMetrics:
         return None
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    max_top_k: int = 100
+    max_query_chars: int = MAX_QUERY_CHARS
+    max_body_bytes: int = 16_384
+    max_filters: int = 16
+    rerank_default: bool = True
+    filter_fields: dict[str, FieldType] = field(default_factory=allowed_fields)
+    image_roots: tuple[Path, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> HttpSettings:
+        return cls(max_top_k=cfg.max_top_k, max_query_chars=cfg.max_query_chars, max_body_bytes=cfg.max_body_bytes,
+                   max_filters=cfg.max_filters, rerank_default=cfg.rerank_default,
+                   filter_fields=allowed_fields(cfg.metadata_fields),
+                   image_roots=tuple(Path(p).resolve() for p in cfg.image_roots))
+
+
 class SearchResult(BaseModel):
     image_id: str
     uri: str
     box: list[float] = Field(description="absolute pixels [x, y, w, h]")
-    score: float
+    score: float = Field(description="probability that this box is the described instance")
 
 
 class SearchResponse(BaseModel):
     results: list[SearchResult]
     model_version: str
+    mode: Literal["rank", "discover"]
+    reranked: bool
+    threshold: float | None = Field(description="discovery threshold (discover mode)")
+    candidates: int
+    timings_ms: dict[str, float]
     took_ms: float
 
 
-def _request_model(max_top_k: int) -> type[BaseModel]:
+class FilterClause(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: StrictStr = Field(min_length=1, max_length=64)
+    op: Literal["eq", "ne", "in", "not_in", "prefix", "lt", "le", "gt", "ge"]
+    value: StrictBool | StrictInt | StrictFloat | StrictStr | list[StrictInt | StrictFloat | StrictStr] = Field(
+        union_mode="left_to_right"
+    )
+
+
+def _request_model(settings: HttpSettings) -> type[BaseModel]:
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-        query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, strict=True)
-        top_k: int = Field(default=10, ge=1, le=max_top_k, strict=True)
+        query: str = Field(min_length=1, max_length=settings.max_query_chars, strict=True)
+        top_k: int = Field(default=10, ge=1, le=settings.max_top_k, strict=True)
+        mode: Literal["rank", "discover"] = "rank"
+        rerank: bool | None = Field(default=None, strict=True, description="default: the service's setting")
+        filters: list[FilterClause] = Field(default_factory=list, max_length=settings.max_filters)
 
         @field_validator("query")
         @classmethod
@@ -76,58 +147,242 @@ def _request_model(max_top_k: int) -> type[BaseModel]:
     return SearchRequest
 
 
+def _invalid(detail: list[dict[str, str]]) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"error": "invalid request", "detail": detail})
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": err.get("msg", "")}
+    return _invalid([
+        {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": str(err.get("msg", ""))}
         for err in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"error": "invalid request", "detail": errors})
+    ])  # fmt: skip
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(status_code=exc.status_code, content={"error": exc.detail}, headers=exc.headers)
+
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """ASGI middleware: buffer at most ``max_bytes`` of request body, else answer 413.
+
+    Buffering (the limit is small) means the app never sees a partial body, and the 413
+    is sent before any handler runs, whether or not the client sent Content-Length.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = b'{"error": "request body too large"}'
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _send_json(send, 413, too_large)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            if len(body) > self.max_bytes:
+                await _send_json(send, 413, too_large)
+                return
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RecordRequests:
+    """ASGI middleware (outermost): every response's route label, status and latency."""
+
+    ROUTES = (SEARCH_ROUTE, INFO_ROUTE, ADMIN_ROUTE, HEALTH_ROUTE)
+
+    def __init__(self, app: Callable[..., Awaitable[None]], recorder: RequestMetrics) -> None:
+        self.app = app
+        self.recorder = recorder
+
+    @classmethod
+    def route_of(cls, path: str) -> str:
+        # Unknown paths share one label so scanners can not blow up metric cardinality.
+        if path in ("", PAGE_ROUTE):
+            return PAGE_ROUTE
+        if path.startswith(IMAGE_ROUTE + "/"):
+            return IMAGE_ROUTE
+        return path if path in cls.ROUTES else "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def capture(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            path, root = str(scope.get("path", "")), str(scope.get("root_path", ""))
+            if root and path.startswith(root):
+                path = path[len(root):]
+            self.recorder.record(self.route_of(path), status, time.perf_counter() - start)
+
+
+def _guard(keyring: KeyRing) -> Callable[[str], Callable[..., Awaitable[Principal | None]]]:
+    bearer = HTTPBearer(auto_error=False, description="API key (only when the service has keys configured)")
+
+    def require(scope: str) -> Callable[..., Awaitable[Principal | None]]:
+        async def check(
+            creds: HTTPAuthorizationCredentials | None = Security(bearer),  # noqa: B008 - FastAPI's idiom
+        ) -> Principal | None:
+            if not keyring.enabled:
+                return None
+            if creds is None or not creds.credentials:
+                raise HTTPException(401, "missing API key", headers={"WWW-Authenticate": "Bearer"})
+            principal = keyring.authenticate(creds.credentials)
+            if principal is None:
+                raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+            if scope not in principal.scopes:
+                raise HTTPException(403, f"this key may not use {scope} routes")
+            wait = keyring.throttle(principal)
+            if wait > 0:
+                raise HTTPException(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            return principal
+
+        return check
+
+    return require
+
+
+def _local_image(uri: str, roots: tuple[Path, ...]) -> Path | None:
+    """The file behind a stored uri, if it is a local image inside ``roots`` (when given)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    try:
+        path = Path(uri.removeprefix("file://")).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        return None
+    if roots and not any(path.is_relative_to(root) for root in roots):
+        return None
+    return path
 
 
 def create_http_app(
-    backend: SearchBackend, *, max_top_k: int = 100, metrics: RequestMetrics | None = None
+    backend: SearchBackend,
+    *,
+    settings: HttpSettings | None = None,
+    keyring: KeyRing | None = None,
+    metrics: RequestMetrics | None = None,
 ) -> FastAPI:
-    """Build the FastAPI app; ``backend`` does the work, ``metrics`` sees every request."""
-    request_model = _request_model(max_top_k)
-    recorder = metrics or NoMetrics()
-    app = FastAPI(title="reir", version="1")
+    """The FastAPI app, wrapped in the body-size limit and the request metrics."""
+    settings = settings or HttpSettings()
+    keyring = keyring or KeyRing(())
+    require = _guard(keyring)
+    search_guard, admin_guard = require("search"), require("admin")
+    request_model = _request_model(settings)
+    app = FastAPI(title="reir", version="1", description="Referring expression instance retrieval")
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
 
-    @app.middleware("http")
-    async def _record(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+    async def search(body: Any, _: Any) -> Any:
         start = time.perf_counter()
-        status = 500
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            # Unknown paths share one label so scanners can not blow up metric cardinality.
-            path = request.url.path
-            route = next((r for r in (SEARCH_ROUTE, HEALTH_ROUTE) if path.endswith(r)), "other")
-            recorder.record(route, status, time.perf_counter() - start)
-
-    async def search(body: Any) -> SearchResponse:
-        start = time.perf_counter()
-        outcome = await backend.search(body.query, body.top_k)
+            flt = compile_filters([c.model_dump() for c in body.filters], settings.filter_fields)
+        except FilterError as exc:
+            return _invalid([{"field": "filters", "message": str(exc)}])
+        rerank = settings.rerank_default if body.rerank is None else body.rerank
+        try:
+            outcome = await backend.run(QueryRequest(query=body.query, top_k=body.top_k, mode=body.mode,
+                                                     rerank=rerank, conditions=flt.conditions))
+        except Exception:  # a stage (model, Milvus) failed: retryable for the caller
+            log.exception("search failed")
+            return JSONResponse(status_code=503, content={"error": "search backend unavailable, retry later"})
         return SearchResponse(
-            results=[SearchResult(**r.to_wire()) for r in outcome.results],
-            model_version=outcome.model_version,
+            results=[SearchResult(**r.to_wire()) for r in outcome.results], model_version=outcome.model_version,
+            mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold,
+            candidates=outcome.candidates, timings_ms=outcome.timings_ms,
             took_ms=round((time.perf_counter() - start) * 1000.0, 3),
-        )
+        )  # fmt: skip
 
-    # The request model is built per app (max_top_k), so it is a local name that
-    # FastAPI could not resolve from a string annotation: set the real class.
-    search.__annotations__ = {"body": request_model, "return": SearchResponse}
-    app.post(SEARCH_ROUTE, response_model=SearchResponse)(search)
+    # The request model is built per app (limits from config), so it is a local name that
+    # FastAPI could not resolve from a string annotation: set the real classes.
+    search.__annotations__ = {"body": request_model, "_": Principal | None, "return": SearchResponse}
+    search.__defaults__ = (Depends(search_guard),)
+    app.post(SEARCH_ROUTE, response_model=SearchResponse, responses=_ERRORS)(search)
 
-    @app.get(HEALTH_ROUTE)
+    @app.get(IMAGE_ROUTE + "/{image_id}", response_class=FileResponse,
+             responses={**_ERRORS, 404: {"description": "no such image"}})
+    async def image(
+        image_id: str = PathParam(pattern=IMAGE_ID_PATTERN, max_length=256),
+        _: Principal | None = Depends(search_guard),  # noqa: B008
+    ) -> FileResponse:
+        uri = await backend.image_uri(image_id)
+        path = None if uri is None else _local_image(uri, settings.image_roots)
+        if path is None:
+            raise HTTPException(404, "no such image")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(INFO_ROUTE, responses=_ERRORS)
+    async def info(_: Principal | None = Depends(search_guard)) -> dict[str, Any]:  # noqa: B008
+        data = await backend.info()
+        return {"model_version": data["model_version"], "discover_threshold": data["discover_threshold"],
+                "can_rerank": bool(data.get("can_rerank")), "modes": ["rank", "discover"],
+                "filter_fields": settings.filter_fields, "max_top_k": settings.max_top_k,
+                "auth": keyring.enabled}
+
+    @app.get(ADMIN_ROUTE, responses=_ERRORS)
+    async def admin_config(principal: Principal | None = Depends(admin_guard)) -> dict[str, Any]:  # noqa: B008
+        return {"max_top_k": settings.max_top_k, "max_query_chars": settings.max_query_chars,
+                "max_body_bytes": settings.max_body_bytes, "max_filters": settings.max_filters,
+                "rerank_default": settings.rerank_default, "filter_fields": settings.filter_fields,
+                "image_roots": [str(p) for p in settings.image_roots],
+                "caller": principal.name if principal else None}
+
+    @app.get(PAGE_ROUTE, response_class=HTMLResponse, include_in_schema=True)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(SEARCH_PAGE)
+
+    @app.get(HEALTH_ROUTE, responses={503: {"description": "a dependency is down"}})
     async def healthz() -> JSONResponse:
         try:
-            info = await backend.health()
+            data = await backend.health()
         except Exception as exc:  # noqa: BLE001 - any dependency down -> not ready
             return JSONResponse(status_code=503, content={"status": "unavailable", "error": str(exc)[:300]})
-        return JSONResponse(status_code=200, content={"status": "ok", **info})
+        return JSONResponse(status_code=200, content={"status": "ok", **data})
 
+    # The last added middleware is the outermost: metrics see the 413s of the body limit.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RecordRequests, recorder=metrics or NoMetrics())
     return app

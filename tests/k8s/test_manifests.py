@@ -187,8 +187,8 @@ def test_rayservice_cluster_shape(kustomization: str) -> None:
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    # API keys: the Secret is projected where REIR_SERVE__API_KEYS_FILE says.
-    keys_file = _configmap_env(docs)["REIR_SERVE__API_KEYS_FILE"]
+    # API keys: the Secret is projected where REIR_SECURITY__API_KEYS_FILE says.
+    keys_file = _configmap_env(docs)["REIR_SECURITY__API_KEYS_FILE"]
     for tmpl in _pod_templates(svc):
         (container,) = tmpl["spec"]["containers"]
         mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["reir-etc"]
@@ -361,3 +361,12 @@ def test_dashboards_ship_as_grafana_sidecar_configmap() -> None:
     (cm,) = [d for d in render("monitoring") if d["kind"] == "ConfigMap"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert sorted(cm["data"]) == sorted(p.name for p in (K8S / "monitoring" / "dashboards").glob("*.json"))
+
+
+def test_dev_api_key_file_is_what_serving_reads() -> None:
+    import hashlib
+
+    from reir.platform.auth import load_key_file
+
+    (key,) = load_key_file(Path(__file__).resolve().parents[2] / "k8s" / "overlays" / "dev" / "api-keys")
+    assert key.sha256 == hashlib.sha256(b"reir-dev-key").hexdigest() and "search" in key.scopes

@@ -105,7 +105,8 @@ def _dev_serve_config(model: Path, milvus_uri: str, port: int) -> Any:
     assert app["name"] == APP
     app["args"]["model_path"] = str(model)
     # On the cluster these come from the pods' envFrom: reir-env.
-    app["runtime_env"] = {"env_vars": {**reir_env["data"], "REIR_MILVUS__URI": milvus_uri,
+    env = {k: v for k, v in reir_env["data"].items() if k != "REIR_SECURITY__API_KEYS_FILE"}  # auth: tests/serving
+    app["runtime_env"] = {"env_vars": {**env, "REIR_MILVUS__URI": milvus_uri,
                                        "REIR_MILVUS__COLLECTION": COLLECTION}}  # fmt: skip
     return ServeDeploySchema.model_validate(config)
 

@@ -1,83 +1,36 @@
-"""Ray Serve end to end: real Serve, real HTTP, real milvus-lite, real tiny model."""
+"""Ray Serve end to end: real Serve, real HTTP, real milvus-lite, real tiny model / fake model."""
 
 from __future__ import annotations
 
-import io
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
+import ray
 import requests
 from ray import serve
 
-from reir.ingestion.encoder import InstanceEncoder
-from reir.platform.config import MilvusConfig, ServeConfig
-from reir.platform.milvus_server import free_port
-from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
-from reir.platform.schema import ROW_FIELDS, rows_from_columns
-from reir.platform.store import MilvusStore
-from reir.serving.app import app_for, build_app
-from tests.platform.fakes import COLORS, fake_loader, quadrant_image
-
-COLLECTION = "gallery"
-IMAGE_SIZE = (64, 48)
-
-
-def _fill_store(db: Path, ckpt: Path, loader: ModelLoader) -> str:
-    """Encode one image per colour (that colour top-left) straight into a lite file."""
-    model, processor = loader(str(ckpt))
-    version = model_version_for(ckpt)
-    enc = InstanceEncoder(model, processor, model_version=version, top_k=4)
-    ids, blobs = [], []
-    for name in COLORS:
-        buf = io.BytesIO()
-        quadrant_image((name, "black", "black", "black"), size=IMAGE_SIZE).save(buf, format="PNG")
-        ids.append(f"img_{name}")
-        blobs.append(buf.getvalue())
-    cols = enc.rows_for_batch({
-        "image_id": np.array(ids, dtype=object), "uri": np.array([f"/g/{i}.png" for i in ids], dtype=object),
-        "bytes": np.array(blobs, dtype=object),
-    })  # fmt: skip
-    with MilvusStore(str(db), COLLECTION, dim=enc.embedding_dim) as store:
-        store.upsert(rows_from_columns({k: cols[k] for k in ROW_FIELDS}))
-        store.build_index("FLAT")
-    return version  # the store is closed: the Serve replica may now open the file
+from reir.client import Client
+from reir.errors import ReirError
+from reir.platform.modeling import load_reir_model
+from reir.serving.app import build_app
+from tests.serving.conftest import COLLECTION, IMAGE_SIZE, FakeApp, fill_store
 
 
 @pytest.fixture(scope="module")
-def serve_url(ray_session: None) -> Iterator[str]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_app(serve_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+def tiny_app(serve_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     db = tmp_path_factory.mktemp("serve") / "tiny.db"
-    version = _fill_store(db, tiny_checkpoint, load_reir_model)
+    version = fill_store(db, tiny_checkpoint, load_reir_model)
     # Exactly what `serve run reir.serving.app:build_app key=value ...` passes: strings.
     app = build_app({
         "model_path": str(tiny_checkpoint), "milvus_uri": str(db), "milvus_collection": COLLECTION,
-        "num_cpus_encoder": "0.5", "num_cpus_searcher": "0.25", "num_cpus_ingress": "0.25",
+        "num_cpus_encoder": "0.25", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1", "num_cpus_reranker": "0.1",
     })  # fmt: skip
     serve.run(app, name="tiny", route_prefix="/tiny")
     yield f"{serve_url}/tiny", version
     serve.delete("tiny")
-
-
-@pytest.fixture(scope="module")
-def fake_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    db = tmp_path_factory.mktemp("serve") / "fake.db"
-    _fill_store(db, fake_checkpoint, fake_loader)
-    cfg = ServeConfig(
-        model_path=str(fake_checkpoint), milvus=MilvusConfig(uri=str(db), collection=COLLECTION),
-        num_cpus_encoder=0.25, num_cpus_searcher=0.25, num_cpus_ingress=0.25, candidates=10,
-    )  # fmt: skip
-    serve.run(app_for(cfg, loader=fake_loader), name="fake", route_prefix="/fake")
-    yield f"{serve_url}/fake"
-    serve.delete("fake")
 
 
 def test_search_over_http_with_the_tiny_model(tiny_app: tuple[str, str]) -> None:
@@ -86,6 +39,8 @@ def test_search_over_http_with_the_tiny_model(tiny_app: tuple[str, str]) -> None
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["model_version"] == version and body["took_ms"] > 0
+    assert body["reranked"] is False  # the tiny model has no re-rank head (yet): ANN order
+    assert {"encode", "search", "total"} <= set(body["timings_ms"])
     results = body["results"]
     assert 1 <= len(results) <= 5
     scores = [r["score"] for r in results]
@@ -97,12 +52,14 @@ def test_search_over_http_with_the_tiny_model(tiny_app: tuple[str, str]) -> None
 
 
 def test_concurrent_queries_are_batched_and_all_answered(tiny_app: tuple[str, str]) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     url, _ = tiny_app
     queries = [f"object number {i}" for i in range(12)]
+
+    def post(q: str) -> int:
+        return requests.post(f"{url}/v1/search", json={"query": q, "top_k": 3}, timeout=60).status_code
+
     with ThreadPoolExecutor(max_workers=6) as pool:
-        codes = list(pool.map(lambda q: requests.post(f"{url}/v1/search", json={"query": q, "top_k": 3}, timeout=60).status_code, queries))
+        codes = list(pool.map(post, queries))
     assert codes == [200] * len(queries)
 
 
@@ -113,12 +70,112 @@ def test_validation_and_health_over_http(tiny_app: tuple[str, str]) -> None:
     assert requests.post(f"{url}/v1/search", json={"query": "x", "top_k": 101}, timeout=30).status_code == 422
     unknown = requests.post(f"{url}/v1/search", json={"query": "x", "filter": "pk != ''"}, timeout=30)
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["field"] == "filter"
+    huge = requests.post(f"{url}/v1/search", data=b'{"query": "' + b"a" * 20000 + b'"}', timeout=30,
+                         headers={"content-type": "application/json"})
+    assert huge.status_code == 413
     health = requests.get(f"{url}/healthz", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok", "model_version": version}
 
 
-def test_fake_model_app_returns_the_right_box(fake_app: str) -> None:
-    resp = requests.post(f"{fake_app}/v1/search", json={"query": "yellow", "top_k": 1}, timeout=60)
+def test_fake_app_keys_rank_discover_filters(fake_app: FakeApp) -> None:
+    url, auth = fake_app.url, fake_app.search_headers
+    assert requests.post(f"{url}/v1/search", json={"query": "yellow"}, timeout=30).status_code == 401
+    assert requests.get(f"{url}/v1/admin/config", headers=auth, timeout=30).status_code == 403
+    assert requests.get(f"{url}/v1/admin/config", headers=fake_app.admin_headers, timeout=30).status_code == 200
+    resp = requests.post(f"{url}/v1/search", json={"query": "yellow", "top_k": 1}, headers=auth, timeout=60)
     assert resp.status_code == 200, resp.text
     (best,) = resp.json()["results"]
     assert best["image_id"] == "img_yellow" and best["box"] == [0.0, 0.0, 32.0, 24.0]
+    # discover: every image whose best box reaches the checkpoint's threshold (0.1 in its calibration.json):
+    # yellow itself and the images whose colour is one channel away from it (red, green, white)
+    found = requests.post(f"{url}/v1/search", json={"query": "yellow", "mode": "discover"}, headers=auth, timeout=60)
+    body = found.json()
+    assert body["threshold"] == 0.1 and body["mode"] == "discover"
+    assert body["results"][0]["image_id"] == "img_yellow"
+    assert {r["image_id"] for r in body["results"]} == {"img_yellow", "img_red", "img_green", "img_white"}
+    assert all(r["score"] >= 0.1 for r in body["results"])
+    only = requests.post(f"{url}/v1/search", headers=auth, timeout=60, json={
+        "query": "yellow", "top_k": 3, "filters": [{"field": "image_id", "op": "in", "value": ["img_red", "img_blue"]}]})
+    assert {r["image_id"] for r in only.json()["results"]} <= {"img_red", "img_blue"} and only.json()["results"]
+    injected = requests.post(f"{url}/v1/search", headers=auth, timeout=60, json={
+        "query": "yellow", "filters": [{"field": "image_id", "op": "eq", "value": 'x" or image_id != "'}]})
+    assert injected.status_code == 422
+
+
+def test_fake_app_streams_gallery_images(fake_app: FakeApp) -> None:
+    url, auth = fake_app.url, fake_app.search_headers
+    resp = requests.get(f"{url}/v1/images/img_red", headers=auth, timeout=30)
+    assert resp.status_code == 200 and resp.content == (fake_app.gallery / "img_red.png").read_bytes()
+    assert requests.get(f"{url}/v1/images/img_red", timeout=30).status_code == 401
+    assert requests.get(f"{url}/v1/images/nope", headers=auth, timeout=30).status_code == 404
+    traversal = requests.get(f"{url}/v1/images/..%2F..%2Fetc%2Fpasswd", headers=auth, timeout=30)
+    assert traversal.status_code in (404, 422)
+
+
+def test_python_client_against_the_service(fake_app: FakeApp) -> None:
+    client = Client(fake_app.url, api_key="test-search-key")
+    results = client.search("yellow", top_k=2, rerank=True)
+    assert results[0]["image_id"] == "img_yellow"
+    found = client.search_full("yellow", mode="discover", filters=[{"field": "image_id", "op": "eq", "value": "img_red"}])
+    assert [r["image_id"] for r in found["results"]] == ["img_red"]
+    with pytest.raises(ReirError, match="401"):
+        Client(fake_app.url, api_key="wrong").search("yellow")
+
+
+def test_reir_search_cli_against_the_service(fake_app: FakeApp) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REIR_API_KEY": "test-search-key"}
+    cmd = [sys.executable, "-m", "reir.cli", "search", "yellow", "--url", fake_app.url, "--top-k", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].split()[2] == "img_yellow"
+    res = subprocess.run([*cmd, "--discover", "--filters", '[{"field": "image_id", "op": "eq", "value": "img_red"}]'],
+                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert res.returncode == 0 and "1 image(s) at probability >= 0.100" in res.stdout and "img_red" in res.stdout
+    res = subprocess.run([*cmd, "--filters", '[{"field": "pk", "op": "eq", "value": "x"}]'], capture_output=True,
+                         text=True, timeout=120, env=env, check=False)
+    assert res.returncode == 2 and "HTTP 422" in res.stderr and "not filterable" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _scrape(port: int, names: list[str], min_total: float, timeout_s: float = 60.0) -> dict[str, list[str]]:
+    """Poll Ray's metrics port until every family in ``names`` has samples (Ray exports every ~10 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if not line.startswith("#")]
+        found = {n: [line for line in lines if line.startswith(n)] for n in names}
+        total = sum(
+            float(line.rsplit(" ", 1)[1]) for line in found[names[0]] if 'route="/v1/search"' in line
+        ) if found[names[0]] else 0.0  # fmt: skip
+        if all(found.values()) and total >= min_total:
+            return found
+        if time.monotonic() > deadline:
+            missing = [n for n, v in found.items() if not v]
+            raise AssertionError(f"metrics missing {missing} or requests {total} < {min_total}")
+        time.sleep(2)
+
+
+def test_metrics_are_exported_on_rays_metrics_port(fake_app: FakeApp) -> None:
+    url, auth = fake_app.url, fake_app.search_headers
+    for i in range(5):
+        assert requests.post(f"{url}/v1/search", json={"query": f"red {i}"}, headers=auth, timeout=60).status_code == 200
+    assert requests.post(f"{url}/v1/search", json={"query": "red", "top_k": 0}, headers=auth, timeout=60).status_code == 422
+    port = ray.nodes()[0]["MetricsExportPort"]
+    found = _scrape(port, [
+        "ray_reir_query_requests_total", "ray_reir_query_latency_seconds_bucket",
+        "ray_reir_query_stage_latency_seconds_bucket", "ray_reir_query_candidates_bucket",
+        "ray_reir_query_encode_batch_size_bucket", "ray_reir_query_search_latency_seconds_count",
+    ], min_total=6)  # fmt: skip
+    requests_lines = found["ray_reir_query_requests_total"]
+    assert any('status="200"' in line for line in requests_lines)
+    assert any('status="422"' in line and 'route="/v1/search"' in line for line in requests_lines)
+    stages = {s for s in ("encode", "search", "total") if any(f'stage="{s}"' in x for x in
+                                                                   found["ray_reir_query_stage_latency_seconds_bucket"])}
+    assert stages == {"encode", "search", "total"}
+    # every ok search observed its candidates once: the +Inf bucket counts them
+    inf = [line for line in found["ray_reir_query_candidates_bucket"] if 'le="+Inf"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in inf) >= 5

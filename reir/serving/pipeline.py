@@ -1,0 +1,231 @@
+"""The query path as stages, independent of where each stage runs.
+
+``QueryPipeline.run(request)``: encode the text -> ANN top-N candidates (with the
+request's structured filters) -> re-rank the top ``rerank_candidates`` when asked and
+the model can -> answer. ``mode="rank"``: the best ``top_k`` (image, box) pairs, near
+duplicates of a kept box dropped. ``mode="discover"``: every image with a candidate
+whose probability reaches the calibrated threshold, one answer (its best box) per image,
+possibly none. Stages are injected (:class:`QueryStages`): Serve handles in
+:mod:`reir.serving.app`, plain objects in :class:`LocalStages`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from reir.model.boxes import iou_xywh
+from reir.platform.config import ServeConfig
+from reir.platform.filters import Condition, StructuredFilter
+from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
+from reir.platform.store import Hit
+from reir.serving.rerank import Reranker, Scored, ann_order
+from reir.serving.retriever import Calibration, QueryEncoder, Result
+
+Mode = Literal["rank", "discover"]
+STAGES = ("encode", "search", "rerank", "localize", "total")
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    query: str
+    top_k: int = 10
+    mode: Mode = "rank"
+    rerank: bool = True
+    conditions: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    results: list[Result]
+    model_version: str
+    mode: Mode = "rank"
+    reranked: bool = False
+    threshold: float | None = None
+    candidates: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class QueryStages(Protocol):
+    async def info(self) -> dict[str, Any]:
+        """``model_version``, ``calibration`` (dict), ``discover_threshold``, ``can_rerank``."""
+        ...
+
+    async def encode(self, text: str) -> np.ndarray: ...
+
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]: ...
+
+    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+
+class StageMetrics(Protocol):
+    def observe(self, timings_s: Mapping[str, float], candidates: int) -> None: ...
+
+
+class NoStageMetrics:
+    def observe(self, timings_s: Mapping[str, float], candidates: int) -> None:
+        return None
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return math.log(p / (1.0 - p))
+
+
+def _result(hit: Hit, prob: float) -> Result:
+    return Result(image_id=hit.image_id, uri=hit.uri, box=hit.box, score=float(prob), logit=_logit(prob),
+                  ann_score=hit.score, instance_score=hit.instance_score, pk=hit.pk)
+
+
+def answer(scored: Sequence[Scored], *, mode: Mode, top_k: int, threshold: float, dedupe_iou: float) -> list[Result]:
+    """Scored candidates (best first) -> the response's results for ``mode``."""
+    if mode == "discover":
+        best: dict[str, Scored] = {}
+        for hit, prob in scored:
+            if prob >= threshold and (hit.image_id not in best or prob > best[hit.image_id][1]):
+                best[hit.image_id] = (hit, prob)
+        ordered = sorted(best.values(), key=lambda s: (-s[1], s[0].pk))
+        return [_result(h, p) for h, p in ordered]
+    kept: list[Result] = []
+    boxes: dict[str, list[tuple[float, float, float, float]]] = {}
+    for hit, prob in scored:
+        same_image = boxes.setdefault(hit.image_id, [])
+        if any(iou_xywh(hit.box, b) >= dedupe_iou for b in same_image):
+            continue
+        same_image.append(hit.box)
+        kept.append(_result(hit, prob))
+        if len(kept) >= top_k:
+            break
+    return kept
+
+
+class QueryPipeline:
+    def __init__(
+        self,
+        stages: QueryStages,
+        *,
+        candidates: int = 100,
+        rerank_candidates: int = 50,
+        dedupe_iou: float = 0.9,
+        filter_model_version: bool = True,
+        metrics: StageMetrics | None = None,
+    ) -> None:
+        self.stages = stages
+        self.candidates = candidates
+        self.rerank_candidates = rerank_candidates
+        self.dedupe_iou = dedupe_iou
+        self.filter_model_version = filter_model_version
+        self.metrics = metrics or NoStageMetrics()
+        self._info: dict[str, Any] | None = None
+
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:  # fixed for the life of the loaded model
+            self._info = dict(await self.stages.info())
+        return self._info
+
+    async def run(self, request: QueryRequest) -> QueryOutcome:
+        clock = time.perf_counter
+        start = clock()
+        info = await self.info()
+        timings: dict[str, float] = {}
+        embedding = await self.stages.encode(request.query)
+        timings["encode"] = clock() - start
+        version = info["model_version"] if self.filter_model_version else None
+        flt = StructuredFilter(model_version=version or None, conditions=request.conditions)
+        t = clock()
+        hits = await self.stages.candidates(embedding, max(self.candidates, request.top_k), flt)
+        timings["search"] = clock() - t
+        reranked = bool(request.rerank and info.get("can_rerank") and hits)
+        if reranked:
+            t = clock()
+            head = sorted(hits, key=lambda h: (-h.score, h.pk))[: max(self.rerank_candidates, request.top_k)]
+            scored = await self.stages.rerank(request.query, head, version or None)
+            timings["rerank"] = clock() - t
+        else:
+            scored = ann_order(hits, Calibration(**info["calibration"]))
+        threshold = float(info["discover_threshold"])
+        results = answer(scored, mode=request.mode, top_k=request.top_k, threshold=threshold,
+                         dedupe_iou=self.dedupe_iou)
+        timings["total"] = clock() - start
+        self.metrics.observe(timings, len(hits))
+        return QueryOutcome(
+            results=results, model_version=info["model_version"], mode=request.mode, reranked=reranked,
+            threshold=threshold if request.mode == "discover" else None, candidates=len(hits),
+            timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()},
+        )  # fmt: skip
+
+    async def health(self) -> dict[str, Any]:
+        return await self.stages.health()
+
+    async def image_uri(self, image_id: str) -> str | None:
+        lookup = getattr(self.stages, "image_uri", None)
+        return None if lookup is None else await lookup(image_id)
+
+
+class ContextStore(Protocol):
+    def search(self, vectors: np.ndarray, top_n: int, filter: Any = None) -> list[list[Hit]]: ...
+
+    def rows_for_images(
+        self, image_ids: Sequence[str], *, model_version: str | None = None, with_vectors: bool = True,
+        max_per_image: int = 64,
+    ) -> dict[str, list[Hit]]: ...
+
+
+class LocalStages:
+    """:class:`QueryStages` over plain objects in this process (tests, benchmarks, notebooks)."""
+
+    def __init__(self, encoder: QueryEncoder, store: ContextStore, reranker: Reranker, *,
+                 discover_threshold: float) -> None:
+        self.encoder = encoder
+        self.store = store
+        self.reranker = reranker
+        self.discover_threshold = discover_threshold
+
+    async def info(self) -> dict[str, Any]:
+        return {"model_version": self.encoder.model_version, "calibration": self.encoder.calibration.to_dict(),
+                "discover_threshold": self.discover_threshold, "can_rerank": self.reranker.can_rerank}
+
+    async def encode(self, text: str) -> np.ndarray:
+        return self.encoder.encode([text])[0]
+
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
+        return (await asyncio.to_thread(self.store.search, np.atleast_2d(embedding), top_n, flt))[0]
+
+    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
+        context = self.store.rows_for_images([h.image_id for h in candidates], model_version=model_version)
+        return self.reranker.rerank(query, candidates, context)
+
+    async def image_uri(self, image_id: str) -> str | None:
+        rows = self.store.rows_for_images([image_id], with_vectors=False, max_per_image=1).get(image_id)
+        return rows[0].uri if rows else None
+
+    async def health(self) -> dict[str, Any]:
+        return {"model_version": self.encoder.model_version}
+
+
+def local_pipeline(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> QueryPipeline:
+    """The whole query path (encode, ANN, re-rank, discover) in this process, from a ServeConfig.
+
+    For evaluation and notebooks: ``asyncio.run(local_pipeline(cfg).run(QueryRequest(...)))``
+    gives the same answers as the Serve app without Ray. Close ``.stages.store`` when done.
+    """
+    from reir.platform.store import MilvusStore
+    from reir.serving.rerank import discover_threshold_for
+
+    model, processor = loader(cfg.model_path)
+    encoder = QueryEncoder(model, processor, model_version=model_version_for(cfg.model_path))
+    store = MilvusStore.from_config(cfg.milvus)
+    store.load()
+    reranker = Reranker(model, processor, calibration=encoder.calibration)
+    stages = LocalStages(encoder, store, reranker,
+                         discover_threshold=discover_threshold_for(cfg.model_path, cfg.discover_threshold))
+    return QueryPipeline(stages, candidates=cfg.candidates, rerank_candidates=cfg.rerank_candidates,
+                         dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version)

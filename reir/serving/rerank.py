@@ -1,0 +1,170 @@
+"""Relation-aware re-ranking of ANN candidates (plain class; the Serve shell is in app.py).
+
+A candidate is one stored instance; its *context* is every stored instance of the same
+image (fetched from Milvus by image id). When the model re-ranks
+(``ReirModel.rerank_logits(input_ids, attention_mask, inst_emb[N,M,D], boxes[N,M,4],
+objectness[N,M], inst_mask[N,M], text_index=None) -> logits[N,M]``, with a trained
+``reranker`` module) every instance of the N candidate images is scored with the query:
+``boxes`` are normalized ``cxcywh`` relative to the image's own width/height,
+``objectness`` is the stored instance score, ``inst_mask`` marks real (not padded) rows.
+All instances of those images come back scored, so the re-ranker may pick an instance of a
+candidate image that the ANN search did not return. Without a re-ranker the answer is the
+ANN order with the calibrated score, so a checkpoint without one still serves.
+
+Scores are probabilities (sigmoid of a logit) in both cases, which is what the
+discovery threshold (``calibration.json: discover_threshold``) is compared against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reir.model.boxes import BoxMode, convert
+from reir.platform.store import Hit
+from reir.serving.retriever import Calibration, to_numpy
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+Scored = tuple[Hit, float]
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def discover_threshold_for(model_path: str | Path, default: float) -> float:
+    """``discover_threshold`` from the checkpoint's ``calibration.json``, else ``default``."""
+    path = Path(model_path) / CALIBRATION_FILE
+    if not path.is_file():
+        return default
+    try:
+        value = float(json.loads(path.read_text())["discover_threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("%s has no usable discover_threshold (%s); using %s", path, exc, default)
+        return default
+    if not 0.0 < value < 1.0:
+        log.warning("%s: discover_threshold %s is not a probability; using %s", path, value, default)
+        return default
+    return value
+
+
+def ann_order(candidates: Sequence[Hit], calibration: Calibration) -> list[Scored]:
+    """Candidates by ANN score (pk breaks ties), each with its calibrated probability."""
+    ordered = sorted(candidates, key=lambda h: (-h.score, h.pk))
+    return [(h, sigmoid(float(calibration.logits(np.asarray(h.score))))) for h in ordered]
+
+
+class ImageSizes:
+    """(width, height) per image: the file header when readable, else the instances' extent."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._cache: dict[str, tuple[float, float]] = {}
+        self.max_entries = max_entries
+
+    def __call__(self, image_id: str, rows: Sequence[Hit]) -> tuple[float, float]:
+        if image_id in self._cache:
+            return self._cache[image_id]
+        size = self._from_file(rows[0].uri) if rows else None
+        if size is None:
+            size = (max([r.box[0] + r.box[2] for r in rows] + [1.0]), max([r.box[1] + r.box[3] for r in rows] + [1.0]))
+        if len(self._cache) < self.max_entries:
+            self._cache[image_id] = size
+        return size
+
+    @staticmethod
+    def _from_file(uri: str) -> tuple[float, float] | None:
+        try:
+            with Image.open(uri) as img:  # reads the header only
+                return float(img.width), float(img.height)
+        except (OSError, ValueError):
+            return None
+
+
+class Reranker:
+    """``rerank(query, candidates, context) -> [(hit, probability)]``, best first."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        calibration: Calibration,
+        image_size: Callable[[str, Sequence[Hit]], tuple[float, float]] | None = None,
+        max_instances: int = 64,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.calibration = calibration
+        self.image_size = image_size or ImageSizes()
+        self.max_instances = max_instances
+
+    @property
+    def can_rerank(self) -> bool:
+        # ReirModel always has rerank_logits; without a trained re-ranker it only repeats the ANN scores.
+        return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
+
+    def rerank(self, query_text: str, candidates: Sequence[Hit], context: Mapping[str, Sequence[Hit]]) -> list[Scored]:
+        if not candidates:
+            return []
+        if not self.can_rerank:
+            return ann_order(candidates, self.calibration)
+        by_pk = {h.pk: h for h in candidates}
+        image_ids, groups = [], []
+        for image_id in dict.fromkeys(h.image_id for h in candidates):
+            group = self._group(image_id, context.get(image_id, ()), by_pk)
+            if group:
+                image_ids.append(image_id)
+                groups.append(group)
+            else:  # its rows vanished between search and context fetch
+                log.warning("image %s has no stored context; its candidates are dropped from re-ranking", image_id)
+        if not groups:
+            return ann_order(candidates, self.calibration)
+        logits = self._logits(query_text, image_ids, groups)
+        scored = [(by_pk.get(row.pk, row), sigmoid(float(logits[i, j])))
+                  for i, group in enumerate(groups) for j, row in enumerate(group)]
+        return sorted(scored, key=lambda s: (-s[1], s[0].pk))
+
+    def _group(self, image_id: str, rows: Sequence[Hit], candidates: Mapping[str, Hit]) -> list[Hit]:
+        """The image's rows with vectors, at most ``max_instances``, never dropping a candidate."""
+        rows = [r for r in rows if r.embedding is not None]
+        if len(rows) <= self.max_instances:
+            return rows
+        wanted = [r for r in rows if r.pk in candidates]
+        others = [r for r in rows if r.pk not in candidates]
+        return sorted([*wanted, *others][: max(self.max_instances, len(wanted))], key=lambda r: rows.index(r))
+
+    def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
+        n, m = len(groups), max(len(g) for g in groups)
+        dim = int(np.asarray(groups[0][0].embedding).shape[-1])
+        emb = np.zeros((n, m, dim), dtype=np.float32)
+        boxes = np.zeros((n, m, 4), dtype=np.float32)
+        objectness = np.zeros((n, m), dtype=np.float32)
+        mask = np.zeros((n, m), dtype=bool)
+        for i, (image_id, group) in enumerate(zip(image_ids, groups, strict=True)):
+            width, height = self.image_size(image_id, group)
+            emb[i, : len(group)] = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in group])
+            xywh = np.asarray([r.box for r in group], dtype=np.float64)
+            boxes[i, : len(group)] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
+            objectness[i, : len(group)] = [r.instance_score for r in group]
+            mask[i, : len(group)] = True
+        device = getattr(self.model, "device", None)
+        move = (lambda t: t.to(device)) if isinstance(device, torch.device) else (lambda t: t)
+        with torch.inference_mode():
+            text = self.processor.text([query])
+            ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
+                              for v in (text["input_ids"], text["attention_mask"]))
+            logits = self.model.rerank_logits(
+                ids, attention, move(torch.from_numpy(emb)), move(torch.from_numpy(boxes)),
+                move(torch.from_numpy(objectness)), move(torch.from_numpy(mask)),
+            )  # fmt: skip
+        return to_numpy(logits).reshape(n, m)

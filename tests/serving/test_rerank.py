@@ -1,0 +1,172 @@
+"""Re-ranker (plain class), discovery answers and the in-process query pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from reir.platform.schema import InstanceRow
+from reir.platform.store import Hit, MilvusStore
+from reir.serving.pipeline import LocalStages, QueryPipeline, QueryRequest, answer
+from reir.serving.rerank import Reranker, ann_order, discover_threshold_for
+from reir.serving.retriever import Calibration, QueryEncoder
+from tests.platform.fakes import BIAS, SCALE, FakeModel, FakeProcessor
+
+CAL = Calibration(SCALE, BIAS)
+
+
+class RelationModel(FakeModel):
+    """Fake model with the ``ReirModel.rerank_logits`` signature and a re-ranker that
+    understands "left"/"right": an instance's x-centre relative to the others of its image
+    decides its logit."""
+
+    reranker = "trained"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def rerank_logits(self, input_ids: Any, attention_mask: Any, emb: torch.Tensor, boxes: torch.Tensor,
+                      objectness: torch.Tensor, mask: torch.Tensor, text_index: Any = None) -> torch.Tensor:
+        self.calls.append({"texts": list(input_ids), "emb": emb, "boxes": boxes, "objectness": objectness,
+                           "mask": mask})
+        sign = -1.0 if "left" in input_ids[0] else 1.0
+        out = torch.full(mask.shape, float("-inf"))
+        for i in range(mask.shape[0]):
+            cx = boxes[i, :, 0][mask[i]]
+            extreme = float(cx.min() if sign < 0 else cx.max())
+            for j in range(int(mask[i].sum())):
+                out[i, j] = 4.0 if float(boxes[i, j, 0]) == extreme else -4.0 + sign * float(boxes[i, j, 0])
+        return out
+
+
+def _hit(image_id: str, rank: int, x: float, ann: float, dim: int = 3) -> Hit:
+    return Hit(pk=f"v:{image_id}:{rank}", image_id=image_id, uri=f"/nowhere/{image_id}.jpg", box=(x, 0.0, 10.0, 10.0),
+               score=ann, instance_score=0.5, model_version="v", embedding=np.eye(dim, dtype=np.float32)[rank % dim])
+
+
+def test_reranker_feeds_context_and_reorders_by_relation() -> None:
+    model = RelationModel()
+    # image A: instances at x=0 (rank 0) and x=60 (rank 1); image B: one instance at x=30.
+    context = {"A": [_hit("A", 0, 0.0, 0.0), _hit("A", 1, 60.0, 0.0)], "B": [_hit("B", 0, 30.0, 0.0)]}
+    candidates = [_hit("A", 1, 60.0, 0.9), _hit("B", 0, 30.0, 0.5)]  # the ANN missed A's left instance
+    reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda image_id, rows: (100.0, 50.0))
+    assert reranker.can_rerank
+    scored = reranker.rerank("the thing on the left", candidates, context)
+    assert scored[0][0].pk == "v:A:0"  # found through its image's context, ranked first by the relation
+    assert {h.pk for h, _ in scored} == {"v:A:0", "v:A:1", "v:B:0"}
+    assert next(h for h, _ in scored if h.pk == "v:A:1").score == 0.9  # candidates keep their ANN hit
+    call = model.calls[0]
+    assert call["texts"] == ["the thing on the left"]  # one expression, every image row scored for it
+    assert call["emb"].shape == (2, 2, 3) and call["mask"].tolist() == [[True, True], [True, False]]
+    assert torch.allclose(call["boxes"][0, 1], torch.tensor([0.65, 0.1, 0.1, 0.2]))  # cxcywh / (100, 50)
+    assert call["objectness"][0, 0] == pytest.approx(0.5)
+    assert all(0.0 < p < 1.0 for _, p in scored)
+    right = reranker.rerank("the one on the right", candidates, context)
+    assert right[0][0].pk in ("v:A:1", "v:B:0") and right[-1][0].pk == "v:A:0"
+
+
+def test_reranker_without_model_support_keeps_ann_order_with_calibrated_scores() -> None:
+    candidates = [_hit("A", 0, 0.0, 0.2), _hit("B", 0, 0.0, 0.8)]
+    untrained = RelationModel()
+    untrained.reranker = None  # type: ignore[assignment]  # a checkpoint without a trained re-ranker
+    for model in (FakeModel(), untrained):
+        reranker = Reranker(model, FakeProcessor(), calibration=CAL)
+        assert not reranker.can_rerank
+        scored = reranker.rerank("anything", candidates, {})
+        assert [h.image_id for h, _ in scored] == ["B", "A"]
+        assert scored[0][1] == pytest.approx(1 / (1 + np.exp(-(SCALE * 0.8 + BIAS))))
+
+
+def test_candidates_missing_from_context_are_dropped_not_misranked() -> None:
+    model = RelationModel()
+    reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda i, r: (100.0, 100.0))
+    scored = reranker.rerank("left", [_hit("A", 0, 0.0, 0.9), _hit("gone", 0, 0.0, 0.8)], {"A": [_hit("A", 0, 0, 0)]})
+    assert [h.image_id for h, _ in scored] == ["A"]
+
+
+def test_images_with_many_rows_keep_their_candidates() -> None:
+    model = RelationModel()
+    rows = [_hit("A", r, float(r), 0.0) for r in range(10)]
+    reranker = Reranker(model, FakeProcessor(), calibration=CAL, image_size=lambda i, r: (100.0, 100.0),
+                        max_instances=4)
+    scored = reranker.rerank("left", [_hit("A", 9, 9.0, 0.9)], {"A": rows})
+    assert "v:A:9" in {h.pk for h, _ in scored} and len(scored) == 4
+
+
+def test_answer_rank_dedupes_and_discover_groups_by_image_over_threshold() -> None:
+    a0, a1, a_dup, b0, c0 = (_hit("A", 0, 0.0, 0), _hit("A", 1, 50.0, 0), _hit("A", 2, 0.5, 0), _hit("B", 0, 0, 0),
+                             _hit("C", 0, 0, 0))
+    scored = [(a0, 0.95), (a_dup, 0.9), (b0, 0.7), (a1, 0.6), (c0, 0.2)]
+    ranked = answer(scored, mode="rank", top_k=3, threshold=0.5, dedupe_iou=0.9)
+    assert [(r.image_id, r.pk) for r in ranked] == [("A", "v:A:0"), ("B", "v:B:0"), ("A", "v:A:1")]
+    found = answer(scored, mode="discover", top_k=1, threshold=0.5, dedupe_iou=0.9)
+    assert [(r.image_id, r.box, r.score) for r in found] == [("A", a0.box, 0.95), ("B", b0.box, 0.7)]
+    assert answer(scored, mode="discover", top_k=10, threshold=0.99, dedupe_iou=0.9) == []
+
+
+def test_discover_threshold_comes_from_the_checkpoint_when_present(tmp_path: Path) -> None:
+    assert discover_threshold_for(tmp_path, 0.5) == 0.5
+    (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 0.73}))
+    assert discover_threshold_for(tmp_path, 0.5) == 0.73
+    (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 7}))
+    assert discover_threshold_for(tmp_path, 0.5) == 0.5
+
+
+def test_ann_order_breaks_ties_by_pk() -> None:
+    assert [h.pk for h, _ in ann_order([_hit("B", 0, 0, 0.5), _hit("A", 0, 0, 0.5)], CAL)] == ["v:A:0", "v:B:0"]
+
+
+@pytest.fixture
+def local_pipeline(tmp_path: Path) -> QueryPipeline:
+    """Two images in milvus-lite, each a red and a blue instance; A has red on the left."""
+    store = MilvusStore(str(tmp_path / "p.db"), "rows", dim=8)
+    model = RelationModel()
+    encoder = QueryEncoder(model, FakeProcessor(), model_version="v")
+    red, blue = encoder.encode(["red", "blue"])
+    rows = []
+    for image_id, (red_x, blue_x) in {"A": (0.0, 50.0), "B": (50.0, 0.0)}.items():
+        for rank, (x, emb) in enumerate([(red_x, red), (blue_x, blue)]):
+            rows.append(InstanceRow(image_id=image_id, uri=f"/nowhere/{image_id}.jpg", box=(x, 0.0, 40.0, 40.0),
+                                    score=0.9, rank=rank, model_version="v", embedding=emb).to_dict())
+    store.upsert(rows)
+    store.build_index("FLAT")
+    store.load()
+    reranker = Reranker(model, FakeProcessor(), calibration=encoder.calibration)
+    return QueryPipeline(LocalStages(encoder, store, reranker, discover_threshold=0.5), candidates=10)
+
+
+def test_pipeline_rank_discover_and_rerank_in_process(local_pipeline: QueryPipeline) -> None:
+    ann = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=4, rerank=False)))
+    assert not ann.reranked and ann.candidates == 4 and {"encode", "search", "total"} <= set(ann.timings_ms)
+    reranked = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=4, rerank=True)))
+    assert reranked.reranked and "rerank" in reranked.timings_ms
+    best = reranked.results[0]
+    assert (best.image_id, best.box[0]) in {("A", 0.0), ("B", 0.0)}  # a leftmost instance wins
+    found = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=1, mode="discover", rerank=True)))
+    assert found.threshold == 0.5 and len({r.image_id for r in found.results}) == len(found.results)
+    assert all(r.score >= 0.5 for r in found.results) and found.results
+
+
+def test_local_pipeline_from_config_matches_the_index(tmp_path: Path, fake_checkpoint: Path) -> None:
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.serving.pipeline import local_pipeline
+    from tests.platform.fakes import fake_loader
+    from tests.serving.conftest import COLLECTION, fill_store
+
+    fill_store(tmp_path / "l.db", fake_checkpoint, fake_loader)
+    cfg = ServeConfig(model_path=str(fake_checkpoint), milvus=MilvusConfig(uri=str(tmp_path / "l.db"),
+                                                                           collection=COLLECTION))
+    pipeline = local_pipeline(cfg, loader=fake_loader)
+    try:
+        outcome = asyncio.run(pipeline.run(QueryRequest("blue", top_k=1)))
+        assert outcome.results[0].image_id == "img_blue" and outcome.threshold is None
+        found = asyncio.run(pipeline.run(QueryRequest("blue", mode="discover")))
+        assert found.threshold == 0.5 and [r.image_id for r in found.results] == ["img_blue"]
+    finally:
+        pipeline.stages.store.close()  # type: ignore[attr-defined]
