@@ -52,7 +52,10 @@ def decode_image(data: bytes | None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     with warnings.catch_warnings():
         # Our own limit decides; Pillow's bomb *warning* would otherwise pass silently.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:  # Pillow's own hard cap (2x Image.MAX_IMAGE_PIXELS)
+            raise ValueError(f"image over the pixel limit: {exc}") from exc
         w, h = img.size
         if w * h > max_pixels:
             raise ValueError(f"image over the pixel limit: {w}x{h} > {max_pixels}")

@@ -49,6 +49,13 @@ class MilvusConfig(_Frozen):
     # Read this collection when ``collection`` (an alias) does not exist (backwards compatibility).
     fallback_collection: str | None = None
 
+    @model_validator(mode="after")
+    def _live_alias_falls_back(self) -> MilvusConfig:
+        # Reading the live alias where only a pre-alias index exists keeps working.
+        if self.collection == LIVE_ALIAS and self.fallback_collection is None:
+            object.__setattr__(self, "fallback_collection", LEGACY_COLLECTION)
+        return self
+
     @property
     def is_lite_file(self) -> bool:
         """A local milvus-lite data path, which only one process at a time may open."""
@@ -111,8 +118,7 @@ class ServeConfig(_Frozen):
     """Online query serving (Ray Serve)."""
 
     model_path: str
-    milvus: MilvusConfig = Field(default_factory=lambda: MilvusConfig(collection=LIVE_ALIAS,
-                                                                       fallback_collection=LEGACY_COLLECTION))
+    milvus: MilvusConfig = Field(default_factory=lambda: MilvusConfig(collection=LIVE_ALIAS))
     candidates: int = Field(default=100, ge=1, le=16_384)
     max_top_k: int = Field(default=100, ge=1, le=1000)
     dedupe_iou: float = Field(default=0.9, gt=0, le=1)
@@ -136,9 +142,6 @@ class ServeConfig(_Frozen):
         """Serving reads the live alias unless told otherwise; an old un-aliased index still serves."""
         if isinstance(value, Mapping) and "collection" not in value:
             value = {**value, "collection": LIVE_ALIAS}
-        collection = value.get("collection") if isinstance(value, Mapping) else None
-        if collection == LIVE_ALIAS and isinstance(value, Mapping) and value.get("fallback_collection") is None:
-            value = {**value, "fallback_collection": LEGACY_COLLECTION}
         return value
 
     @model_validator(mode="after")
