@@ -346,7 +346,8 @@ def check_version(
     with_rows = sorted(i for i, e in entries.items() if e.instances > 0)
     step = max(1, len(with_rows) // max(samples, 1))
     pks = [instance_pks(model_version, i, [0])[0] for i in with_rows[::step][:samples]]
-    got = store.client.get(store.collection, ids=pks, output_fields=["pk", "embedding"]) if pks else []
+    got = store.client.get(store.collection, ids=pks, output_fields=["pk", "embedding"],
+                           consistency_level="Strong") if pks else []  # fmt: skip
     if len(got) != len(pks):
         return f"{len(pks) - len(got)} sampled rows missing"
     for row in got:

@@ -48,7 +48,8 @@ def ensure_table(client: MilvusClient, name: str, columns: Mapping[str, DataType
             schema.add_field(column, kind, **extra)
         schema.add_field(DUMMY_VECTOR, DataType.FLOAT_VECTOR, dim=len(_DUMMY))
         try:
-            client.create_collection(name, schema=schema)
+            # Strong: a Milvus server otherwise may answer a read with a state older than our last write.
+            client.create_collection(name, schema=schema, consistency_level="Strong")
         except Exception:  # a concurrent creator won; anything else is re-raised below
             if not client.has_collection(name):
                 raise
@@ -66,7 +67,8 @@ def upsert_table(client: MilvusClient, name: str, rows: Sequence[Mapping[str, An
 
 def query_table(client: MilvusClient, name: str, expr: str, output: Sequence[str], batch: int = 4096) -> Iterator[dict]:
     """Every matching row, paged (a plain query is capped at 16384 rows)."""
-    it = client.query_iterator(name, batch_size=batch, filter=expr, output_fields=list(output))
+    it = client.query_iterator(name, batch_size=batch, filter=expr, output_fields=list(output),
+                               consistency_level="Strong")
     try:
         while True:
             page = it.next()
@@ -126,7 +128,7 @@ class IndexCatalog:
         return sorted((IndexVersion.from_row(r) for r in rows), key=lambda v: v.built_at, reverse=True)
 
     def get(self, name: str) -> IndexVersion | None:
-        rows = self.client.get(self.table, ids=[name], output_fields=["pk", *_COLUMNS])
+        rows = self.client.get(self.table, ids=[name], output_fields=["pk", *_COLUMNS], consistency_level="Strong")
         return IndexVersion.from_row(rows[0]) if rows else None
 
     def record(self, version: IndexVersion) -> IndexVersion:
