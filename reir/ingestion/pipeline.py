@@ -239,28 +239,35 @@ def run_ingestion(
     model_version = model_version_for(cfg.model_path)
     plan = plan_resources(cfg, ray.cluster_resources())
     start = time.perf_counter()
-    with shared_milvus(cfg.milvus) as milvus, MilvusStore.from_config(milvus) as control:
-        catalog = IndexCatalog(control.client) if cfg.alias else None
-        version = _target_version(cfg, catalog, model_version) if catalog is not None else None
-        collection = version.name if version is not None else milvus.collection
-        target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
-        ledger = Ledger(control.client, collection=collection, model_version=model_version)
-        known = ledger.entries() if cfg.incremental else {}
+    with shared_milvus(cfg.milvus) as milvus:
+        # Connections are not held across the (long) dataset run: an idle gRPC channel's
+        # keepalive pings get it closed by the server ("too many pings").
+        with MilvusStore.from_config(milvus) as control:
+            catalog = IndexCatalog(control.client) if cfg.alias else None
+            version = _target_version(cfg, catalog, model_version) if catalog is not None else None
+            collection = version.name if version is not None else milvus.collection
+            ledger = Ledger(control.client, collection=collection, model_version=model_version)
+            known = ledger.entries() if cfg.incremental else {}
         log.info("ingesting %d images (%d known) with model %s into %s", len(items), len(known), model_version,
                  collection)  # fmt: skip
+        target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
         sink = MilvusDatasink(target, model_version=model_version, ledger=True)
         with data_limits(cfg):
             build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault).write_datasink(
                 sink, concurrency=cfg.write_concurrency, ray_remote_args={"num_cpus": cfg.num_cpus_per_writer}
             )
         stats = sink.result
-        deleted = _remove_deleted(control, ledger, known, items, model_version) if cfg.incremental and not cfg.limit else 0
-        rows_in_store = _finalize_index(target, cfg.build_index, model_version)
-        entries = ledger.entries()
-        expected_rows, dead_total = summarize(entries)
-        check, promoted = "", False
-        if catalog is not None and version is not None:
-            check, promoted = _check_and_promote(catalog, control, version, cfg, entries, model_version, rows_in_store)
+        with MilvusStore.from_config(milvus) as control:
+            ledger = Ledger(control.client, collection=collection, model_version=model_version, create=False)
+            deleted = _remove_deleted(control, ledger, known, items, model_version) if cfg.incremental and not cfg.limit else 0
+            rows_in_store = _finalize_index(target, cfg.build_index, model_version)
+            entries = ledger.entries()
+            expected_rows, dead_total = summarize(entries)
+            check, promoted = "", False
+            if version is not None:
+                catalog = IndexCatalog(control.client)
+                check, promoted = _check_and_promote(catalog, control, version, cfg, entries, model_version,
+                                                     rows_in_store)  # fmt: skip
     seconds = time.perf_counter() - start
     summary = IngestSummary(
         images=stats.images,
