@@ -40,6 +40,8 @@ _DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
 # rejected rather than escaped, which is simpler to reason about than quoting rules.
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+\-]{1,512}$")
 
+_GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False, "grpc.keepalive_time_ms": 60_000}
+
 _lite_lock = threading.Lock()
 _lite_refs: dict[str, int] = {}
 
@@ -138,7 +140,12 @@ class MilvusStore:
             with _lite_lock:
                 _lite_refs[self._lite_path] = _lite_refs.get(self._lite_path, 0) + 1
         try:
-            self._client: MilvusClient | None = MilvusClient(uri=uri, token=token)
+            # A dedicated channel (closed by close(), not shared by URI), pinging only during
+            # calls: an idle shared channel's 10 s keepalive pings make the milvus-lite server
+            # close it (GOAWAY "too_many_pings") and the next call on it fails.
+            self._client: MilvusClient | None = MilvusClient(
+                uri=uri, token=token, dedicated=True, grpc_options=_GRPC_OPTIONS
+            )
         except Exception:
             self._release_lite()
             raise

@@ -46,7 +46,7 @@ class CrashAfterRecorded:
         if batch == 1:
             return
         uri, collection, version = self.args
-        client = MilvusClient(uri=uri)
+        client = MilvusClient(uri=uri, dedicated=True)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
