@@ -99,32 +99,126 @@ def train(
 
 @app.command()
 def ingest(
-    gallery: Path = typer.Option(..., "--gallery", help="benchmark dir or a directory of images"),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),
+    manifest: Optional[str] = typer.Option(None, help="jsonl / csv / parquet with uri [+ image_id, metadata]"),
+    annotations: Optional[Path] = typer.Option(None, help="COCO instances or REIRCOCO json"),
     model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
     milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
-    collection: str = typer.Option("reir_instances"),
-    split: str = typer.Option("test", help="split, when --gallery is a benchmark dir"),
+    collection: str = typer.Option("reir_instances", help="collection (with --alias: versions' base name)"),
+    alias: Optional[str] = typer.Option("reir_live", help="serving alias promoted after a checked build"),
+    no_alias: bool = typer.Option(False, "--no-alias", help="write straight into --collection (no versions)"),
+    rebuild: bool = typer.Option(False, help="a new collection version even if one for this model exists"),
+    full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
+    split: str = typer.Option("test", help="split, when --gallery is a benchmark dir or --annotations REIRCOCO"),
     encoders: int = typer.Option(1, min=1, help="encoder actors"),
     batch_size: int = typer.Option(32, min=1),
+    index_type: str = typer.Option("AUTOINDEX", help="AUTOINDEX, HNSW, IVF_FLAT or FLAT"),
+    metadata_field: list[str] = typer.Option([], "--metadata-field", help="NAME:TYPE (str|int|float|bool), repeat"),
+    device: str = typer.Option("auto", help="auto (GPU when Ray has one), cpu or cuda"),
+    dead_letter: Optional[Path] = typer.Option(None, help="also write failed images (jsonl) here"),
+    object_store_mb: Optional[int] = typer.Option(None, min=1, help="Ray Data object store budget (MiB)"),
 ) -> None:
     """Encode a gallery on a Ray Data actor pool and write one row per instance to Milvus."""
     from reir.ingestion.pipeline import run_ingestion
     from reir.platform.config import IngestConfig, MilvusConfig
 
-    _need_dir(gallery, "gallery")
+    if gallery is not None:
+        _need_dir(gallery, "gallery")
+    if annotations is not None and not annotations.is_file():
+        raise ReirError(f"annotations file not found: {annotations}")
     _need_dir(model_dir, "model directory")
+    fields = dict(_metadata_field(f) for f in metadata_field)
+    cfg = IngestConfig(gallery_root=gallery, manifest=manifest, annotations=annotations, split=split,
+                       model_path=str(model_dir), alias=None if no_alias else alias, rebuild=rebuild,
+                       incremental=not full, device=device,
+                       milvus=MilvusConfig(uri=milvus_uri, collection=collection, index_type=index_type,
+                                           metadata_fields=fields),
+                       num_encoders=encoders, batch_size=batch_size, dead_letter_path=dead_letter,
+                       object_store_memory_limit=object_store_mb * 2**20 if object_store_mb else None)
     _init_ray()
-    cfg = IngestConfig(gallery_root=gallery, split=split, model_path=str(model_dir),
-                       milvus=MilvusConfig(uri=milvus_uri, collection=collection),
-                       num_encoders=encoders, batch_size=batch_size)
-    typer.echo(json.dumps(_plain(run_ingestion(cfg)), indent=2))
+    summary = run_ingestion(cfg)
+    typer.echo(json.dumps(_plain(summary), indent=2))
+    if cfg.alias and not summary.promoted:
+        typer.echo(f"error: {summary.collection} was not promoted to {cfg.alias}: {summary.check}", err=True)
+        raise typer.Exit(1)
+
+
+def _metadata_field(spec: str) -> tuple[str, str]:
+    name, _, kind = spec.partition(":")
+    if not name or kind not in ("str", "int", "float", "bool"):
+        raise ReirError(f"--metadata-field wants NAME:TYPE with TYPE str|int|float|bool, got {spec!r}")
+    return name, kind
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Index versions and the serving alias: list, promote, rollback, drop.")
+app.add_typer(index_app, name="index")
+
+
+def _catalog_session(milvus_uri: str) -> Any:
+    """(catalog, store) over a Milvus URI; a .db file is opened in this process."""
+    from reir.platform.catalog import IndexCatalog
+    from reir.platform.store import MilvusStore
+
+    if milvus_uri.endswith(".db") and not Path(milvus_uri).exists():
+        raise ReirError(f"milvus-lite file not found: {milvus_uri}")
+    store = MilvusStore(milvus_uri, "reir_catalog")
+    return IndexCatalog(store.client), store
+
+
+@index_app.command("list")
+def index_list(
+    milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
+    alias: Optional[str] = typer.Option(None, help="only versions of this alias"),
+) -> None:
+    """Collection versions (newest first) with state, rows, and which one each alias serves."""
+    from reir.platform.catalog import describe
+
+    catalog, store = _catalog_session(milvus_uri)
+    with store:
+        versions = catalog.versions(alias)
+        lives = {a: catalog.live(a) for a in {v.alias for v in versions}}
+        typer.echo(json.dumps([describe(v, lives.get(v.alias)) for v in versions], indent=2))
+
+
+@index_app.command("promote")
+def index_promote(
+    name: str = typer.Argument(..., help="collection version to serve"),
+    milvus_uri: str = typer.Option("reir.db"),
+    alias: str = typer.Option("reir_live"),
+) -> None:
+    """Point the serving alias at a checked version (atomic for readers)."""
+    catalog, store = _catalog_session(milvus_uri)
+    with store:
+        version = catalog.promote(alias, name)
+    typer.echo(f"{alias} -> {version.name}")
+
+
+@index_app.command("rollback")
+def index_rollback(milvus_uri: str = typer.Option("reir.db"), alias: str = typer.Option("reir_live")) -> None:
+    """Point the alias back at the version it served before the current one."""
+    catalog, store = _catalog_session(milvus_uri)
+    with store:
+        version = catalog.rollback(alias)
+    typer.echo(f"{alias} -> {version.name}")
+
+
+@index_app.command("drop")
+def index_drop(name: str = typer.Argument(...), milvus_uri: str = typer.Option("reir.db")) -> None:
+    """Drop a version that no alias serves (its collection, ledger and record)."""
+    from reir.ingestion.ledger import drop_collection_entries
+
+    catalog, store = _catalog_session(milvus_uri)
+    with store:
+        catalog.drop(name)
+        drop_collection_entries(store.client, name)
+    typer.echo(f"dropped {name}")
 
 
 @app.command()
 def serve(
     model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
     milvus_uri: str = typer.Option(..., help="http://host:port of a Milvus (lite server) instance"),
-    collection: str = typer.Option("reir_instances"),
+    collection: str = typer.Option("reir_live", help="collection or alias (reir_live falls back to reir_instances)"),
     port: int = typer.Option(8000),
     host: str = typer.Option("127.0.0.1"),
     config: Optional[Path] = typer.Option(None, "--config", help="ServeConfig YAML (keys, autoscaling, limits)"),
@@ -214,7 +308,7 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="benchmark directory"),
     model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
     milvus_uri: str = typer.Option("reir.db", help="index written by reir ingest"),
-    collection: str = typer.Option("reir_instances"),
+    collection: str = typer.Option("reir_live", help="collection or alias (reir_live falls back to reir_instances)"),
     url: Optional[str] = typer.Option(None, help="evaluate over HTTP against a running service"),
     out: Optional[Path] = typer.Option(None, "--out", help="write metrics JSON here"),
 ) -> None:

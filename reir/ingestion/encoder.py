@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from reir.ingestion.records import (
     ERROR,
@@ -34,18 +35,46 @@ log = logging.getLogger(__name__)
 
 # Decompression-bomb guard: far above any gallery photo, far below what exhausts RAM.
 MAX_IMAGE_PIXELS = 100_000_000
+# Columns the encoder consumes; every other input column is copied onto each output row.
+_CONSUMED = frozenset({"image_id", "uri", "bytes", ERROR})
 
 
-def decode_image(data: bytes | None) -> Image.Image:
-    """Bytes -> RGB image, fully decoded now so truncated files fail here, not later."""
+def decode_image(data: bytes | None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Bytes -> upright 8-bit RGB image, fully decoded now so truncated files fail here.
+
+    Checked before any pixel is decoded: empty input and images over ``max_pixels``
+    (the header states the size; a decompression bomb is refused without inflating it).
+    EXIF orientation is applied; 16-bit / 32-bit grayscale is scaled to 8 bit; alpha is
+    composited on black; CMYK, palette, 1-bit and LA images become RGB.
+    """
     if not data:
-        raise ValueError("empty image bytes")
-    with Image.open(io.BytesIO(data)) as img:
+        raise ValueError("zero-byte file")
+    with warnings.catch_warnings():
+        # Our own limit decides; Pillow's bomb *warning* would otherwise pass silently.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:  # Pillow's own hard cap (2x Image.MAX_IMAGE_PIXELS)
+            raise ValueError(f"image over the pixel limit: {exc}") from exc
         w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image too large: {w}x{h}")
+        if w * h > max_pixels:
+            raise ValueError(f"image over the pixel limit: {w}x{h} > {max_pixels}")
         img.load()
-        return img.convert("RGB")
+    img = ImageOps.exif_transpose(img) or img
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class InstanceEncoder:
@@ -59,12 +88,18 @@ class InstanceEncoder:
         model_version: str,
         top_k: int,
         nms_iou: float = 0.7,
+        device: str = "cpu",
+        bf16: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.model = model
         self.processor = processor
         self.model_version = model_version
         self.top_k = top_k
         self.nms_iou = nms_iou
+        self.device = device
+        self.bf16 = bf16
+        self.max_pixels = max_pixels
         self.dead_letter: list[DeadLetter] = []
         self.images = 0
         self.instances = 0
@@ -90,23 +125,33 @@ class InstanceEncoder:
         """Instances per image; ``sizes`` are the original ``(width, height)``."""
         with torch.inference_mode():
             pixel_values = self.processor.images(images)
-            output = self.model.encode_images(pixel_values)
+            if self.device != "cpu" and isinstance(pixel_values, torch.Tensor):
+                pixel_values = pixel_values.to(self.device, non_blocking=True)
+            with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.bf16):
+                output = self.model.encode_images(pixel_values)
             return self.processor.postprocess(
                 output, sizes=list(sizes), top_k=self.top_k, nms_iou=self.nms_iou
             )
 
     def rows_for_batch(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``{image_id, uri, bytes[, error]}`` columns -> instance + status row columns."""
-        builder = _RowBuilder(self.model_version, self.embedding_dim)
+        """``{image_id, uri, bytes[, error], ...}`` columns -> instance + status row columns.
+
+        Any other input column (content hash, metadata) is copied onto each of the image's rows.
+        """
+        if "image_id" not in batch:  # an empty block (every image of it was unchanged)
+            return _RowBuilder(self.model_version, self.embedding_dim).columns()
+        passthrough = [name for name in batch if name not in _CONSUMED]
+        builder = _RowBuilder(self.model_version, self.embedding_dim, passthrough)
         decoded: list[tuple[str, str, Image.Image]] = []
         errors = batch.get(ERROR)
         for i, (image_id, uri) in enumerate(zip(batch["image_id"], batch["uri"], strict=True)):
             image_id, uri = str(image_id), str(uri)
+            builder.extras[image_id] = [batch[name][i] for name in passthrough]
             read_error = str(errors[i]) if errors is not None and errors[i] else ""
             try:
                 if read_error:
                     raise OSError(read_error)
-                decoded.append((image_id, uri, decode_image(batch["bytes"][i])))
+                decoded.append((image_id, uri, decode_image(batch["bytes"][i], max_pixels=self.max_pixels)))
             except Exception as exc:  # noqa: BLE001 - any bad input is one skipped image, not a crash
                 self._fail(builder, image_id, uri, exc)
         self._encode_into(builder, decoded)
@@ -153,10 +198,12 @@ class InstanceEncoder:
 class _RowBuilder:
     """Accumulates rows column by column (Ray Data batches are dicts of arrays)."""
 
-    def __init__(self, model_version: str, dim: int) -> None:
+    def __init__(self, model_version: str, dim: int, passthrough: Sequence[str] = ()) -> None:
         self.model_version = model_version
         self.dim = dim
-        self.cols: dict[str, list[Any]] = {name: [] for name in OUTPUT_COLUMNS}
+        self.passthrough = list(passthrough)
+        self.extras: dict[str, list[Any]] = {}  # image_id -> passthrough values
+        self.cols: dict[str, list[Any]] = {name: [] for name in (*OUTPUT_COLUMNS, *self.passthrough)}
 
     def _append(self, image_id: str, uri: str, box: Sequence[float], score: float, rank: int,
                 embedding: np.ndarray, status: str, error: str) -> None:  # fmt: skip
@@ -164,6 +211,8 @@ class _RowBuilder:
         values = (pk, image_id, uri, *(float(v) for v in box), float(score), int(rank),
                   self.model_version, embedding, status, error)  # fmt: skip
         for name, value in zip(OUTPUT_COLUMNS, values, strict=True):
+            self.cols[name].append(value)
+        for name, value in zip(self.passthrough, self.extras.get(image_id, ()), strict=True):
             self.cols[name].append(value)
 
     def add_instance(self, image_id: str, uri: str, inst: InstanceLike) -> None:
@@ -186,6 +235,8 @@ class _RowBuilder:
                 out[name] = np.asarray(values, dtype=np.float32)
             elif name == S.RANK:
                 out[name] = np.asarray(values, dtype=np.int64)
+            elif name in self.passthrough:
+                out[name] = np.asarray(values)
             else:
                 out[name] = np.asarray(values, dtype=object)
         return out

@@ -1,21 +1,21 @@
 """Offline gallery ingestion: images -> instance embeddings -> Milvus, on Ray Data.
 
-Plan: ``from_items(image_id, uri)`` -> ``map_batches(read_image_bytes)`` (tasks) ->
-``map_batches(EncoderActor, ActorPoolStrategy(size=num_encoders))`` (model loaded
-once per actor) -> ``write_datasink(MilvusDatasink)`` -> build index + load on the
-driver.
+Plan: list the gallery on the driver and join it with the ledger (content hash and row
+count of every image already indexed) -> ``from_items`` -> ``map_batches(read_image_bytes)``
+(tasks: read, hash, drop unchanged images) -> ``map_batches(EncoderActor,
+ActorPoolStrategy)`` (model loaded once per actor) -> ``write_datasink(MilvusDatasink)``
+(upsert rows, trim stale ranks, record the ledger) -> remove deleted images -> build the
+index + load -> with an ``alias``: check the version and promote it.
 
 Milvus-lite files: a ``.db`` path is a data directory locked by the one process that
-opens it, but write tasks run in several worker processes. Rather than forcing a
-single writer (which serializes writes and still conflicts with the driver building
-the index), the pipeline starts :class:`EmbeddedMilvus` on that directory for the
-run and everyone (driver, write tasks) talks to it over gRPC; the server is stopped
-afterwards, so the ``.db`` path is again a plain file store for the next process. A
-``http://`` URI is used as is.
+opens it, but write tasks run in several worker processes, so the pipeline starts
+:class:`EmbeddedMilvus` on that directory for the run and everyone (driver, write tasks)
+talks to it over gRPC; afterwards the ``.db`` path is again a plain file store.
 
-CPU budget: Ray Data deadlocks when actors plus read/write tasks ask for more CPUs
-than the cluster has, so every stage asks for a configurable fraction
-(``num_cpus_per_encoder``, ``num_cpus_per_reader``, ``num_cpus_per_writer``).
+Resources: Ray Data waits forever when actors plus read/write tasks ask for more CPUs
+(or GPUs) than the cluster has, so :func:`plan_resources` shrinks the encoder pool to
+fit; ``object_store_memory_limit`` caps what the job keeps in the object store, which
+back-pressures reading on a gallery larger than memory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,10 +34,12 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from reir.ingestion.encoder import InstanceEncoder
-from reir.ingestion.gallery import GalleryItem, list_gallery, read_image_bytes
+from reir.ingestion.gallery import PREV_HASH, PREV_INSTANCES, GalleryItem, list_gallery, read_image_bytes
+from reir.ingestion.ledger import Ledger, LedgerEntry, instance_pks, summarize
 from reir.ingestion.records import DeadLetter
 from reir.ingestion.sink import MilvusDatasink
 from reir.platform import telemetry as T
+from reir.platform.catalog import IndexCatalog, IndexVersion, version_name
 from reir.platform.config import IngestConfig, MilvusConfig
 from reir.platform.milvus_server import EmbeddedMilvus
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
@@ -45,20 +47,62 @@ from reir.platform.store import MilvusStore, SearchFilter
 
 log = logging.getLogger(__name__)
 
+# Called by each encoder actor with its batch number before encoding (tests inject faults).
+FaultHook = Callable[[int], None]
+
 
 @dataclass(frozen=True)
 class IngestSummary:
-    images: int
-    instances: int
-    failures: int
+    images: int  # images encoded by this run (with or without instances)
+    instances: int  # instance rows written by this run
+    failures: int  # images this run could not read or decode (dead letters)
     seconds: float
     images_per_s: float
     model_version: str = ""
     rows_in_store: int = 0
     dead_letter: list[DeadLetter] = field(default_factory=list)
+    collection: str = ""
+    alias: str | None = None
+    promoted: bool = False
+    check: str = ""  # "ok", or why the version was not promoted
+    listed: int = 0
+    unchanged: int = 0  # listed images already indexed with the same content
+    deleted: int = 0  # images no longer listed, removed from the index
+    dead_letter_total: int = 0  # failed images recorded in the ledger for this collection
+    encoders: int = 0
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    encoders: int
+    cpus_per_encoder: float
+    gpus_per_encoder: float
+    device: str
+
+
+def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float]) -> ResourcePlan:
+    """Encoder pool that fits the cluster next to one read task and the write tasks."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+    if device == "cuda" and gpus <= 0:
+        raise ValueError("device=cuda but the Ray cluster has no GPU")
+    gpus_per = (cfg.num_gpus_per_encoder or 1.0) if device == "cuda" else 0.0
+    encoders = cfg.num_encoders
+    if gpus_per:
+        encoders = max(1, min(encoders, int(gpus // gpus_per)))
+    others = cfg.num_cpus_per_reader + cfg.write_concurrency * cfg.num_cpus_per_writer
+    room = max(cpus - others, 0.0)
+    per = cfg.num_cpus_per_encoder
+    if encoders * per > room:
+        encoders = max(1, min(encoders, int(room // per)))
+        if encoders * per > room:  # even one actor does not fit: give it what is left
+            per = max(round(room, 2), 0.1)
+        log.warning("encoder pool reduced to %d actor(s) x %.2f CPU to fit %.1f CPUs", encoders, per, cpus)
+    return ResourcePlan(encoders, per, gpus_per, device)
 
 
 class EncoderActor:
@@ -73,21 +117,32 @@ class EncoderActor:
         nms_iou: float = 0.7,
         loader: ModelLoader = load_reir_model,
         torch_threads: int = 1,
+        device: str = "cpu",
+        max_pixels: int = 100_000_000,
+        fault: FaultHook | None = None,
     ) -> None:
         import torch
 
         # Fractional-CPU actors on a small box must not each spawn a full thread pool.
         torch.set_num_threads(max(1, torch_threads))
         model, processor = loader(model_path)
+        if device != "cpu" and hasattr(model, "to"):
+            model = model.to(device)
         self.encoder = InstanceEncoder(
-            model, processor, model_version=model_version, top_k=top_k, nms_iou=nms_iou
-        )
+            model, processor, model_version=model_version, top_k=top_k, nms_iou=nms_iou,
+            device=device, bf16=device != "cpu", max_pixels=max_pixels,
+        )  # fmt: skip
+        self.fault = fault
+        self.batches = 0
         self._images = T.ray_metric(T.INGEST_IMAGES_TOTAL)
         self._instances = T.ray_metric(T.INGEST_INSTANCES_TOTAL)
         self._failures = T.ray_metric(T.INGEST_FAILURES_TOTAL)
         self._latency = T.ray_metric(T.INGEST_BATCH_LATENCY_SECONDS)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        self.batches += 1
+        if self.fault is not None:
+            self.fault(self.batches)
         enc = self.encoder
         before = (enc.images, enc.instances, enc.failures)
         start = time.perf_counter()
@@ -113,14 +168,32 @@ def shared_milvus(cfg: MilvusConfig) -> Iterator[MilvusConfig]:
         yield cfg.model_copy(update={"uri": server.uri})
 
 
+@contextlib.contextmanager
+def data_limits(cfg: IngestConfig) -> Iterator[None]:
+    """Ray Data back-pressure for this job: an object store budget, bounded actor queues."""
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.resource_limits
+    if cfg.object_store_memory_limit is not None:
+        ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=cfg.object_store_memory_limit)
+    try:
+        yield
+    finally:
+        ctx.execution_options.resource_limits = saved
+
+
 def build_dataset(
-    items: list[GalleryItem], cfg: IngestConfig, model_version: str, loader: ModelLoader
+    items: list[dict[str, Any]],
+    cfg: IngestConfig,
+    model_version: str,
+    loader: ModelLoader,
+    plan: ResourcePlan,
+    fault: FaultHook | None = None,
 ) -> ray.data.Dataset:
     """The lazy read -> encode plan (nothing runs until it is written)."""
     num_blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size)))
-    ds: ray.data.Dataset = ray.data.from_items(
-        [{"image_id": it.image_id, "uri": it.uri} for it in items], override_num_blocks=num_blocks
-    )
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
     ds = ds.map_batches(
         read_image_bytes, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.num_cpus_per_reader
     )
@@ -132,30 +205,69 @@ def build_dataset(
             "top_k": cfg.top_k_instances,
             "nms_iou": cfg.nms_iou,
             "loader": loader,
-            "torch_threads": max(1, int(cfg.num_cpus_per_encoder)),
+            "torch_threads": max(1, int(plan.cpus_per_encoder)),
+            "device": plan.device,
+            "max_pixels": cfg.max_image_pixels,
+            "fault": fault,
         },
-        compute=ActorPoolStrategy(size=cfg.num_encoders),
+        compute=ActorPoolStrategy(size=plan.encoders, max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        num_cpus=cfg.num_cpus_per_encoder,
+        num_cpus=plan.cpus_per_encoder,
+        num_gpus=plan.gpus_per_encoder or None,
     )
 
 
-def run_ingestion(cfg: IngestConfig, *, loader: ModelLoader = load_reir_model) -> IngestSummary:
-    """Encode the configured gallery into Milvus; idempotent (reruns upsert the same rows)."""
+def _plan_items(items: list[GalleryItem], known: Mapping[str, LedgerEntry]) -> list[dict[str, Any]]:
+    return [
+        {"image_id": it.image_id, "uri": it.uri, **it.metadata,
+         PREV_HASH: known[it.image_id].content_hash if it.image_id in known else "",
+         PREV_INSTANCES: known[it.image_id].instances if it.image_id in known else 0}
+        for it in items
+    ]  # fmt: skip
+
+
+def run_ingestion(
+    cfg: IngestConfig, *, loader: ModelLoader = load_reir_model, fault: FaultHook | None = None
+) -> IngestSummary:
+    """Encode the new and changed images of the gallery into Milvus; see the module docstring.
+
+    Idempotent and resumable: rows have deterministic keys and the ledger remembers
+    finished images, so a rerun encodes only what is new, changed or unfinished.
+    """
     items = list_gallery(cfg)
     model_version = model_version_for(cfg.model_path)
-    log.info("ingesting %d images with model %s into %s", len(items), model_version, cfg.milvus.collection)
+    plan = plan_resources(cfg, ray.cluster_resources())
     start = time.perf_counter()
     with shared_milvus(cfg.milvus) as milvus:
-        sink = MilvusDatasink(milvus)
-        build_dataset(items, cfg, model_version, loader).write_datasink(
-            sink,
-            concurrency=cfg.write_concurrency,
-            ray_remote_args={"num_cpus": cfg.num_cpus_per_writer},
-        )
+        # Connections are not held across the (long) dataset run: an idle gRPC channel's
+        # keepalive pings get it closed by the server ("too many pings").
+        with MilvusStore.from_config(milvus) as control:
+            catalog = IndexCatalog(control.client) if cfg.alias else None
+            version = _target_version(cfg, catalog, model_version) if catalog is not None else None
+            collection = version.name if version is not None else milvus.collection
+            ledger = Ledger(control.client, collection=collection, model_version=model_version)
+            known = ledger.entries() if cfg.incremental else {}
+        log.info("ingesting %d images (%d known) with model %s into %s", len(items), len(known), model_version,
+                 collection)  # fmt: skip
+        target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
+        sink = MilvusDatasink(target, model_version=model_version, ledger=True)
+        with data_limits(cfg):
+            build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault).write_datasink(
+                sink, concurrency=cfg.write_concurrency, ray_remote_args={"num_cpus": cfg.num_cpus_per_writer}
+            )
         stats = sink.result
-        rows_in_store = _finalize_index(milvus, cfg.build_index, model_version)
+        with MilvusStore.from_config(milvus) as control:
+            ledger = Ledger(control.client, collection=collection, model_version=model_version, create=False)
+            deleted = _remove_deleted(control, ledger, known, items, model_version) if cfg.incremental and not cfg.limit else 0
+            rows_in_store = _finalize_index(target, cfg.build_index, model_version)
+            entries = ledger.entries()
+            expected_rows, dead_total = summarize(entries)
+            check, promoted = "", False
+            if version is not None:
+                catalog = IndexCatalog(control.client)
+                check, promoted = _check_and_promote(catalog, control, version, cfg, entries, model_version,
+                                                     rows_in_store)  # fmt: skip
     seconds = time.perf_counter() - start
     summary = IngestSummary(
         images=stats.images,
@@ -166,9 +278,57 @@ def run_ingestion(cfg: IngestConfig, *, loader: ModelLoader = load_reir_model) -
         model_version=model_version,
         rows_in_store=rows_in_store,
         dead_letter=stats.dead_letter,
+        collection=collection,
+        alias=cfg.alias,
+        promoted=promoted,
+        check=check,
+        listed=len(items),
+        unchanged=len(items) - stats.images - stats.failures,
+        deleted=deleted,
+        dead_letter_total=dead_total,
+        encoders=plan.encoders,
+        device=plan.device,
     )
+    if expected_rows != rows_in_store:
+        log.warning("ledger expects %d rows, collection has %d", expected_rows, rows_in_store)
     _report(summary, cfg)
     return summary
+
+
+def _target_version(cfg: IngestConfig, catalog: IndexCatalog, model_version: str) -> IndexVersion:
+    """Continue this model's newest version (resume / incremental), or start a new one."""
+    assert cfg.alias is not None
+    base = cfg.milvus.collection
+    if not cfg.rebuild:
+        existing = catalog.resumable(cfg.alias, base, model_version)
+        if existing is not None:
+            log.info("continuing index version %s (%s)", existing.name, existing.state)
+            return existing
+    built_at = time.time()
+    name = version_name(base, model_version, built_at)
+    while catalog.get(name) is not None or catalog.client.has_collection(name):
+        built_at += 1
+        name = version_name(base, model_version, built_at)
+    info = {"index_type": cfg.milvus.index_type, "metadata_fields": cfg.milvus.metadata_fields}
+    return catalog.record(IndexVersion(name=name, base=base, alias=cfg.alias, model_version=model_version,
+                                       built_at=built_at, info=json.dumps(info)))  # fmt: skip
+
+
+def _remove_deleted(
+    store: MilvusStore, ledger: Ledger, known: Mapping[str, LedgerEntry], items: list[GalleryItem], model_version: str
+) -> int:
+    """Images in the ledger but no longer listed: delete their rows, then forget them."""
+    listed = {it.image_id for it in items}
+    gone = [image_id for image_id in known if image_id not in listed]
+    if not gone:
+        return 0
+    pks = [pk for i in gone for pk in instance_pks(model_version, i, range(known[i].instances))]
+    if pks and store.client.has_collection(ledger.collection):
+        for start in range(0, len(pks), 1000):
+            store.client.delete(ledger.collection, ids=pks[start : start + 1000])
+    ledger.remove(gone)
+    log.info("removed %d deleted images (%d rows)", len(gone), len(pks))
+    return len(gone)
 
 
 def _finalize_index(milvus: MilvusConfig, build_index: bool, model_version: str) -> int:
@@ -181,12 +341,73 @@ def _finalize_index(milvus: MilvusConfig, build_index: bool, model_version: str)
         return store.count(SearchFilter(model_version=model_version))
 
 
+def check_version(
+    store: MilvusStore, entries: Mapping[str, LedgerEntry], model_version: str, samples: int, rows: int
+) -> str:
+    """"ok" when the collection holds exactly the ledger's rows and sampled embeddings find their own rows."""
+    expected, _ = summarize(entries)
+    if expected == 0:
+        return "no instance rows"
+    if rows != expected:
+        return f"row count {rows} != {expected} expected"
+    with_rows = sorted(i for i, e in entries.items() if e.instances > 0)
+    step = max(1, len(with_rows) // max(samples, 1))
+    pks = [instance_pks(model_version, i, [0])[0] for i in with_rows[::step][:samples]]
+    got = store.client.get(store.collection, ids=pks, output_fields=["pk", "embedding"],
+                           consistency_level="Strong") if pks else []  # fmt: skip
+    if len(got) != len(pks):
+        return f"{len(pks) - len(got)} sampled rows missing"
+    for row in got:
+        hits = store.search(np.asarray(row["embedding"], dtype=np.float32), top_n=10)[0]
+        if not hits or (row["pk"] not in {h.pk for h in hits} and hits[0].score < 0.9999):
+            return f"known query {row['pk']} did not find its own row"
+    return "ok"
+
+
+def _check_and_promote(
+    catalog: IndexCatalog, control: MilvusStore, version: IndexVersion, cfg: IngestConfig,
+    entries: Mapping[str, LedgerEntry], model_version: str, rows: int,
+) -> tuple[str, bool]:  # fmt: skip
+    assert cfg.alias is not None
+    with MilvusStore(control.uri, version.name, token=cfg.milvus.token, search_params=cfg.milvus.search_params) as s:
+        check = check_version(s, entries, model_version, cfg.check_samples, rows) if s.exists() else "no collection"
+    runs = _driver_metric(T.INDEX_RUNS_TOTAL)
+    info = {**json.loads(version.info or "{}"), "check": check}
+    if check != "ok":
+        catalog.update(version.name, state="check_failed", rows=rows, info=json.dumps(info))
+        log.error("index version %s not promoted: %s", version.name, check)
+        if runs is not None:
+            runs.inc(1, tags={"status": "check_failed"})
+        return check, False
+    catalog.update(version.name, state="ready" if version.state != "live" else "live", rows=rows, info=json.dumps(info))
+    catalog.promote(cfg.alias, version.name)
+    log.info("alias %s -> %s (%d rows)", cfg.alias, version.name, rows)
+    if runs is not None:
+        runs.inc(1, tags={"status": "ok"})
+        _driver_metric(T.INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS).set(time.time())
+        _driver_metric(T.INDEX_COLLECTION_ROWS).set(rows, tags={"collection": version.name})
+    return check, True
+
+
+def _driver_metric(spec: T.MetricSpec) -> Any:
+    """A Ray metric from the driver (exported by the node's metrics agent), None without Ray."""
+    if not ray.is_initialized():
+        return None
+    return T.ray_metric(spec)
+
+
 def _report(summary: IngestSummary, cfg: IngestConfig) -> None:
     log.info(
-        "ingestion done: %d images, %d instances, %d failures in %.1fs (%.2f img/s); %d rows for %s",
-        summary.images, summary.instances, summary.failures, summary.seconds,
-        summary.images_per_s, summary.rows_in_store, summary.model_version,
+        "ingestion done: %d images, %d instances, %d failures, %d unchanged, %d deleted in %.1fs (%.2f img/s); "
+        "%d rows in %s", summary.images, summary.instances, summary.failures, summary.unchanged, summary.deleted,
+        summary.seconds, summary.images_per_s, summary.rows_in_store, summary.collection,
     )  # fmt: skip
+    if ray.is_initialized():
+        T.ray_metric(T.INGEST_THROUGHPUT_IMAGES_PER_SECOND).set(summary.images_per_s)
+        if summary.unchanged:
+            T.ray_metric(T.INGEST_UNCHANGED_IMAGES_TOTAL).inc(summary.unchanged)
+        if summary.deleted:
+            T.ray_metric(T.INGEST_DELETED_IMAGES_TOTAL).inc(summary.deleted)
     if cfg.dead_letter_path is not None and summary.dead_letter:
         cfg.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
         with cfg.dead_letter_path.open("w") as fh:

@@ -2,8 +2,9 @@
 
 Each write task opens its own :class:`MilvusStore`, upserts the ``status == "ok"`` rows
 (deterministic primary keys, so a rerun or a retried task overwrites instead of
-duplicating) and returns :class:`WriteStats`; status rows (see
-``reir.ingestion.encoder``) are only counted. ``on_write_complete`` runs on the driver
+duplicating), deletes ranks a changed image no longer has, then records every image of
+the block in the ledger (``reir.ingestion.ledger``) and returns :class:`WriteStats`;
+status rows (see ``reir.ingestion.encoder``) are only counted and recorded. ``on_write_complete`` runs on the driver
 and folds the per-task stats into :attr:`MilvusDatasink.result`.
 
 The sink needs a URI that several processes may open at once (a server); the
@@ -21,6 +22,8 @@ import numpy as np
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, WriteResult
 
+from reir.ingestion.gallery import CONTENT_HASH, PREV_INSTANCES
+from reir.ingestion.ledger import Ledger, LedgerEntry, instance_pks
 from reir.ingestion.records import (
     ERROR,
     STATUS,
@@ -30,6 +33,7 @@ from reir.ingestion.records import (
     DeadLetter,
 )
 from reir.platform import schema as S
+from reir.platform import telemetry as T
 from reir.platform.config import MilvusConfig
 from reir.platform.store import MilvusStore
 
@@ -41,12 +45,14 @@ class WriteStats:
     rows: int = 0
     images: int = 0
     failures: int = 0
+    trimmed: int = 0  # stale rows of changed images (they now have fewer instances) deleted
     dead_letter: list[DeadLetter] = field(default_factory=list)
 
     def merge(self, other: WriteStats) -> None:
         self.rows += other.rows
         self.images += other.images
         self.failures += other.failures
+        self.trimmed += other.trimmed
         self.dead_letter.extend(other.dead_letter)
 
 
@@ -75,10 +81,33 @@ def _stats_for(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, WriteStats]:
     return ok, stats
 
 
+def _images_of(columns: dict[str, np.ndarray]) -> list[tuple[LedgerEntry, int]]:
+    """Per image of a block (the encoder emits each image's rows together, in one block):
+    its ledger entry and how many rows it had before (0 if new)."""
+    out: dict[str, tuple[LedgerEntry, int]] = {}
+    n = len(columns[S.IMAGE_ID])
+    hashes = columns.get(CONTENT_HASH, np.full(n, "", dtype=object))
+    prev = columns.get(PREV_INSTANCES, np.zeros(n, dtype=np.int64))
+    for i in range(n):
+        image_id, status = str(columns[S.IMAGE_ID][i]), str(columns[STATUS][i])
+        entry, before = out.get(image_id, (None, int(prev[i])))
+        count = (entry.instances if entry else 0) + (status == STATUS_OK)
+        out[image_id] = (
+            LedgerEntry(image_id, str(columns[S.URI][i]), str(hashes[i]), count, status, str(columns[ERROR][i])),
+            before,
+        )
+    return list(out.values())
+
+
 class MilvusDatasink(Datasink[WriteStats]):
-    def __init__(self, milvus: MilvusConfig, *, dim: int | None = None) -> None:
+    """Upserts instance rows, trims stale ranks of changed images, records images in the ledger."""
+
+    def __init__(self, milvus: MilvusConfig, *, dim: int | None = None, model_version: str = "",
+                 ledger: bool = False) -> None:  # fmt: skip
         self.milvus = milvus
         self.dim = dim
+        self.model_version = model_version
+        self.ledger = ledger
         self.result = WriteStats()
 
     def get_name(self) -> str:
@@ -99,23 +128,44 @@ class MilvusDatasink(Datasink[WriteStats]):
     def write(self, blocks: Iterable[Block], ctx: Any) -> WriteStats:
         total = WriteStats()
         store = MilvusStore.from_config(self.milvus)
+        rows_metric = T.ray_metric(T.INGEST_ROWS_WRITTEN_TOTAL)
+        ledger = None
+        if self.ledger:
+            ledger = Ledger(store.client, collection=self.milvus.collection, model_version=self.model_version,
+                            create=False)  # fmt: skip
         collection_ready = False
         try:
             for block in blocks:
                 columns = BlockAccessor.for_block(block).to_batch_format("numpy")
-                if len(columns[S.IMAGE_ID]) == 0:
+                if S.IMAGE_ID not in columns or len(columns[S.IMAGE_ID]) == 0:  # all rows filtered upstream
                     continue
                 ok, stats = _stats_for(columns)
                 if np.any(ok):
-                    kept = {name: columns[name][ok] for name in S.ROW_FIELDS}
+                    kept = {name: columns[name][ok] for name in (*S.ROW_FIELDS, *self.milvus.metadata_fields)}
                     if not collection_ready:
                         _ensure_collection(store, kept[S.EMBEDDING].shape[-1])
                         collection_ready = True
-                    stats.rows = store.upsert(S.rows_from_columns(kept))
+                    stats.rows = store.upsert(S.rows_from_columns(kept, self.milvus.metadata_fields))
+                    if stats.rows:
+                        rows_metric.inc(stats.rows)
+                images = _images_of(columns)
+                stats.trimmed = self._trim(store, images)
+                if ledger is not None:
+                    ledger.record(entry for entry, _ in images)
                 total.merge(stats)
         finally:
             store.close()
         return total
+
+    def _trim(self, store: MilvusStore, images: list[tuple[LedgerEntry, int]]) -> int:
+        """A changed image with fewer instances than before: delete its now-stale ranks."""
+        stale: list[str] = []
+        for entry, before in images:
+            if before > entry.instances and self.model_version:
+                stale += instance_pks(self.model_version, entry.image_id, range(entry.instances, before))
+        if stale and store.exists():
+            store.client.delete(store.collection, ids=stale)
+        return len(stale)
 
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
         result = WriteStats()

@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IndexType = Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"]
+MetadataType = Literal["str", "int", "float", "bool"]
 ENV_PREFIX = "REIR_"
+# The serving alias a versioned ingestion promotes, and the collection name used before
+# aliases existed (what a searcher falls back to when the alias is absent).
+LIVE_ALIAS = "reir_live"
+LEGACY_COLLECTION = "reir_instances"
 
 
 class _Frozen(BaseModel):
@@ -39,6 +44,17 @@ class MilvusConfig(_Frozen):
     index_params: dict[str, Any] = Field(default_factory=dict)
     search_params: dict[str, Any] = Field(default_factory=dict)
     upsert_batch_size: int = Field(default=512, ge=1, le=10_000)
+    # Typed scalar columns of the collection (fixed when it is created), usable in filters.
+    metadata_fields: dict[str, MetadataType] = Field(default_factory=dict)
+    # Read this collection when ``collection`` (an alias) does not exist (backwards compatibility).
+    fallback_collection: str | None = None
+
+    @model_validator(mode="after")
+    def _live_alias_falls_back(self) -> MilvusConfig:
+        # Reading the live alias where only a pre-alias index exists keeps working.
+        if self.collection == LIVE_ALIAS and self.fallback_collection is None:
+            object.__setattr__(self, "fallback_collection", LEGACY_COLLECTION)
+        return self
 
     @property
     def is_lite_file(self) -> bool:
@@ -51,13 +67,31 @@ class IngestConfig(_Frozen):
 
     Gallery sources (exactly one): ``gallery_root`` (a synthetic benchmark dir with
     ``images/{split}/*.jpg`` when ``split`` is set and that folder exists, else any
-    directory of images, searched recursively) or ``image_list`` (JSON lines
-    ``{"image_id", "uri"}``).
+    directory of images, searched recursively), ``image_list`` (JSON lines
+    ``{"image_id", "uri"}``), ``manifest`` (jsonl / csv / parquet with a ``uri`` column,
+    optional ``image_id`` and the declared ``milvus.metadata_fields`` columns; a local path
+    or a pyarrow filesystem URI) or ``annotations`` (a COCO instances or REIRCOCO json;
+    ``file_name`` is relative to ``annotations_root``, default the json's directory).
+
+    ``alias`` set: a versioned build (collection ``{milvus.collection}__{model}__{time}``,
+    promoted to ``alias`` after the check). ``alias`` unset: rows go to ``milvus.collection``.
     """
 
     gallery_root: Path | None = None
     split: str | None = "test"
     image_list: Path | None = None
+    manifest: str | None = None
+    annotations: Path | None = None
+    annotations_root: Path | None = None
+    alias: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    rebuild: bool = False  # a fresh collection version even if one for this model exists
+    check_samples: int = Field(default=5, ge=0, le=1000)  # ingested embeddings re-searched before promotion
+    incremental: bool = True  # skip images whose content hash is already indexed; remove deleted ones
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus_per_encoder: float = Field(default=0.0, ge=0)
+    max_image_pixels: int = Field(default=100_000_000, ge=1)
+    object_store_memory_limit: int | None = Field(default=None, ge=1 << 20)  # bytes; Ray Data back-pressure
+    max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
     model_path: str
     milvus: MilvusConfig = Field(default_factory=MilvusConfig)
     batch_size: int = Field(default=16, ge=1, le=4096)
@@ -74,8 +108,9 @@ class IngestConfig(_Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestConfig:
-        if (self.gallery_root is None) == (self.image_list is None):
-            raise ValueError("set exactly one of gallery_root or image_list")
+        sources = (self.gallery_root, self.image_list, self.manifest, self.annotations)
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError("set exactly one of gallery_root, image_list, manifest or annotations")
         return self
 
 
@@ -128,7 +163,7 @@ class ServeConfig(_Frozen):
     """Online query serving (Ray Serve)."""
 
     model_path: str
-    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
+    milvus: MilvusConfig = Field(default_factory=lambda: MilvusConfig(collection=LIVE_ALIAS))
     candidates: int = Field(default=100, ge=1, le=16_384)
     max_top_k: int = Field(default=100, ge=1, le=1000)
     dedupe_iou: float = Field(default=0.9, gt=0, le=1)
@@ -161,6 +196,14 @@ class ServeConfig(_Frozen):
     # Folders that GET /v1/images/{image_id} may read from; empty = wherever the stored uri points.
     image_roots: tuple[Path, ...] = ()
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+
+    @field_validator("milvus", mode="before")
+    @classmethod
+    def _read_live_alias(cls, value: Any) -> Any:
+        """Serving reads the live alias unless told otherwise; an old un-aliased index still serves."""
+        if isinstance(value, Mapping) and "collection" not in value:
+            value = {**value, "collection": LIVE_ALIAS}
+        return value
 
     @model_validator(mode="after")
     def _lite_single_reader(self) -> ServeConfig:

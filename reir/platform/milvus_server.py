@@ -97,7 +97,9 @@ class EmbeddedMilvus:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"milvus-lite server exited early:\n{self.log_tail()}")
             try:
-                client = MilvusClient(uri=f"http://{self.host}:{self.port}", timeout=2.0)
+                # dedicated: pymilvus otherwise keeps a shared channel per address for the
+                # life of the process, which a later server on a recycled port would inherit dead.
+                client = MilvusClient(uri=f"http://{self.host}:{self.port}", timeout=2.0, dedicated=True)
                 try:
                     client.list_collections()
                     return

@@ -10,6 +10,7 @@ dataset, split, ...) can be added without a schema migration.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +62,40 @@ def make_pk(model_version: str, image_id: str, rank: int) -> str:
     return pk
 
 
-def collection_schema(dim: int) -> CollectionSchema:
-    """The Milvus collection schema for instance rows with embeddings of size ``dim``."""
+# Declared metadata columns (``MilvusConfig.metadata_fields``): name -> type. They become
+# typed scalar fields of the collection, so filters on them are checked by Milvus.
+MetadataType = str  # one of METADATA_TYPES
+METADATA_TYPES: dict[str, DataType] = {
+    "str": DataType.VARCHAR, "int": DataType.INT64, "float": DataType.DOUBLE, "bool": DataType.BOOL,
+}  # fmt: skip
+METADATA_DEFAULTS: dict[str, Any] = {"str": "", "int": 0, "float": 0.0, "bool": False}
+MAX_METADATA_STR_LEN = 1024
+
+
+def coerce_metadata(kind: str, value: Any) -> Any:
+    """A manifest value -> the declared type; missing values (None/NaN/"") get the type's default."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (value == "" and kind != "str"):
+        return METADATA_DEFAULTS[kind]
+    if kind == "str":
+        return str(value)[:MAX_METADATA_STR_LEN]
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "1", "yes"):
+            return True
+        if value.strip().lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return bool(value)
+
+
+def collection_schema(dim: int, metadata_fields: Mapping[str, str] | None = None) -> CollectionSchema:
+    """The Milvus collection schema for instance rows with embeddings of size ``dim``.
+
+    ``metadata_fields`` (name -> "str" | "int" | "float" | "bool") adds typed scalar fields.
+    """
     if dim <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
@@ -74,6 +107,11 @@ def collection_schema(dim: int) -> CollectionSchema:
     schema.add_field(SCORE, DataType.FLOAT)
     schema.add_field(RANK, DataType.INT64)
     schema.add_field(MODEL_VERSION, DataType.VARCHAR, max_length=MAX_MODEL_VERSION_LEN)
+    for name, kind in (metadata_fields or {}).items():
+        if name in ROW_FIELDS or kind not in METADATA_TYPES:
+            raise ValueError(f"bad metadata field {name!r}: {kind!r} (types: {sorted(METADATA_TYPES)})")
+        extra = {"max_length": MAX_METADATA_STR_LEN} if kind == "str" else {}
+        schema.add_field(name, METADATA_TYPES[kind], **extra)
     schema.add_field(EMBEDDING, DataType.FLOAT_VECTOR, dim=dim)
     return schema
 
@@ -129,12 +167,13 @@ class InstanceRow:
         )
 
 
-def rows_from_columns(columns: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def rows_from_columns(columns: Mapping[str, Any], extra_fields: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
     """Columnar batch (Ray Data / pandas-like dict of arrays) -> Milvus row dicts.
 
-    Only schema fields are taken (plus ``pk`` if present, recomputed otherwise) so
-    bookkeeping columns of a pipeline never leak into the store.
+    Only schema fields (and the named ``extra_fields``, e.g. declared metadata) are taken
+    (``pk`` is recomputed) so bookkeeping columns of a pipeline never leak into the store.
     """
+    extra_fields = tuple(extra_fields)
     n = len(columns[IMAGE_ID])
     embeddings = np.asarray(columns[EMBEDDING], dtype=np.float32).reshape(n, -1)
     for i in range(n):
@@ -146,5 +185,11 @@ def rows_from_columns(columns: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
             rank=int(columns[RANK][i]),
             model_version=str(columns[MODEL_VERSION][i]),
             embedding=embeddings[i],
+            extra={name: _plain(columns[name][i]) for name in extra_fields},
         )
         yield row.to_dict()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (what columnar batches hold) -> Python values pymilvus accepts."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -40,6 +40,8 @@ _DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
 # rejected rather than escaped, which is simpler to reason about than quoting rules.
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+\-]{1,512}$")
 
+_GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False, "grpc.keepalive_time_ms": 60_000}
+
 _lite_lock = threading.Lock()
 _lite_refs: dict[str, int] = {}
 
@@ -65,15 +67,30 @@ class SearchFilter:
 
     model_version: str | None = None
     image_ids: tuple[str, ...] = ()
+    # Equality on declared metadata fields: ((name, value), ...).
+    metadata: tuple[tuple[str, str | float | bool], ...] = ()
 
     def to_expr(self) -> str:
-        parts: list[str] = []
+        parts: list[str] = [_metadata_expr(name, value) for name, value in self.metadata]
         if self.model_version is not None:
             parts.append(f'{S.MODEL_VERSION} == "{_safe(self.model_version)}"')
         if self.image_ids:
             values = ", ".join(f'"{_safe(v)}"' for v in self.image_ids)
             parts.append(f"{S.IMAGE_ID} in [{values}]")
         return " and ".join(parts)
+
+
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def _metadata_expr(name: str, value: str | float | bool) -> str:
+    if not _FIELD_NAME.match(name) or name in S.ROW_FIELDS:
+        raise ValueError(f"bad metadata field name {name!r}")
+    if isinstance(value, bool):
+        return f"{name} == {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"{name} == {value!r}"
+    return f'{name} == "{_safe(str(value))}"'
 
 
 def _safe(value: str) -> str:
@@ -113,9 +130,11 @@ class MilvusStore:
         token: str = "",
         upsert_batch_size: int = 512,
         search_params: Mapping[str, Any] | None = None,
+        metadata_fields: Mapping[str, str] | None = None,
     ) -> None:
         self.uri = uri
         self.collection = collection
+        self.metadata_fields = dict(metadata_fields or {})
         self.upsert_batch_size = upsert_batch_size
         self._search_params = dict(search_params or {})
         self._lite_path = os.path.abspath(uri) if uri.endswith(".db") else None
@@ -123,7 +142,12 @@ class MilvusStore:
             with _lite_lock:
                 _lite_refs[self._lite_path] = _lite_refs.get(self._lite_path, 0) + 1
         try:
-            self._client: MilvusClient | None = MilvusClient(uri=uri, token=token)
+            # A dedicated channel (closed by close(), not shared by URI), pinging only during
+            # calls: an idle shared channel's 10 s keepalive pings make the milvus-lite server
+            # close it (GOAWAY "too_many_pings") and the next call on it fails.
+            self._client: MilvusClient | None = MilvusClient(
+                uri=uri, token=token, dedicated=True, grpc_options=_GRPC_OPTIONS
+            )
         except Exception:
             self._release_lite()
             raise
@@ -132,14 +156,21 @@ class MilvusStore:
 
     @classmethod
     def from_config(cls, cfg: MilvusConfig, *, dim: int | None = None) -> MilvusStore:
-        return cls(
+        """``cfg.collection`` may be a collection or an alias (e.g. ``reir_live``); when it is
+        neither and ``cfg.fallback_collection`` exists, that one is opened instead."""
+        store = cls(
             cfg.uri,
             cfg.collection,
             dim=dim,
             token=cfg.token,
             upsert_batch_size=cfg.upsert_batch_size,
             search_params=cfg.search_params,
+            metadata_fields=cfg.metadata_fields,
         )
+        fallback = cfg.fallback_collection
+        if dim is None and fallback and not store.exists() and store.client.has_collection(fallback):
+            store.collection = fallback
+        return store
 
     @property
     def client(self) -> MilvusClient:
@@ -164,7 +195,8 @@ class MilvusStore:
         """Create the collection if missing; an existing one must have the same dim."""
         existing = self.dim
         if existing is None:
-            self.client.create_collection(self.collection, schema=S.collection_schema(dim))
+            schema = S.collection_schema(dim, self.metadata_fields)
+            self.client.create_collection(self.collection, schema=schema)
         elif existing != dim:
             raise ValueError(
                 f"collection {self.collection} has dim {existing}, rows have dim {dim}; "
@@ -305,6 +337,7 @@ class MilvusStore:
             self.collection,
             filter=filter.to_expr() if filter is not None else "",
             output_fields=["count(*)"],
+            consistency_level="Strong",  # a Milvus server otherwise may not count the latest writes
         )
         return int(res[0]["count(*)"])
 

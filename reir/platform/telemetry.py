@@ -55,6 +55,15 @@ INGEST_BATCH_LATENCY_SECONDS = MetricSpec(
     "reir_ingest_batch_latency_seconds", "histogram", "Encoder time per image batch"
 )
 INGEST_ROWS_WRITTEN_TOTAL = MetricSpec("reir_ingest_rows_written_total", "counter", "Rows upserted into Milvus")
+INGEST_THROUGHPUT_IMAGES_PER_SECOND = MetricSpec(
+    "reir_ingest_throughput_images_per_second", "gauge", "Images per second of the last ingestion run"
+)
+INGEST_UNCHANGED_IMAGES_TOTAL = MetricSpec(
+    "reir_ingest_unchanged_images_total", "counter", "Listed images skipped because their content is already indexed"
+)
+INGEST_DELETED_IMAGES_TOTAL = MetricSpec(
+    "reir_ingest_deleted_images_total", "counter", "Images removed from the index because they left the gallery"
+)
 INDEX_RUNS_TOTAL = MetricSpec(
     "reir_index_runs_total", "counter", "Index (re-)build runs by outcome (status: ok, failed, check_failed)", ("status",)
 )
@@ -77,6 +86,9 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     INGEST_FAILURES_TOTAL,
     INGEST_BATCH_LATENCY_SECONDS,
     INGEST_ROWS_WRITTEN_TOTAL,
+    INGEST_THROUGHPUT_IMAGES_PER_SECOND,
+    INGEST_UNCHANGED_IMAGES_TOTAL,
+    INGEST_DELETED_IMAGES_TOTAL,
     INDEX_RUNS_TOTAL,
     INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS,
     INDEX_COLLECTION_ROWS,

@@ -42,9 +42,13 @@ def test_ingest_real_tiny_model_into_lite_file_and_rerun_is_idempotent(
     assert json.loads((root / "dead.jsonl").read_text())["image_id"] == "bad000"
     assert first.images_per_s > 0
 
-    # Same primary keys whatever the parallelism: upserted, never duplicated.
-    second = run_ingestion(cfg.model_copy(update={"num_encoders": 1}))
+    # Same primary keys whatever the parallelism: a full re-encode upserts, never duplicates.
+    second = run_ingestion(cfg.model_copy(update={"num_encoders": 1, "incremental": False}))
     assert (second.images, second.instances, second.failures) == (9, 9 * TOP_K, 1)
+    # Incremental (the default): nothing changed, nothing is encoded.
+    third = run_ingestion(cfg)
+    assert (third.images, third.instances, third.failures, third.unchanged) == (0, 0, 0, 10)
+    assert third.rows_in_store == 9 * TOP_K and third.dead_letter_total == 1
 
     with MilvusStore(str(db), "gallery") as store:  # the server is gone: file usable again
         store.load()

@@ -1,0 +1,112 @@
+"""Robust decoding: every awkward or hostile file either decodes to upright RGB or is one dead letter."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reir.ingestion.encoder import InstanceEncoder, decode_image
+from reir.ingestion.records import ERROR, STATUS
+from tests.platform.fakes import FakeModel, FakeProcessor, quadrant_image
+
+
+def _save(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (a decompression bomb never inflated)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _exif_rotated() -> bytes:
+    """A 40x20 JPEG, red on the left, whose EXIF says 'rotate 90 degrees clockwise' (6)."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _save(img, "JPEG", quality=95, exif=exif)
+
+
+GOOD: dict[str, bytes] = {
+    "gray": _save(Image.new("L", (30, 20), 128), "PNG"),
+    "cmyk": _save(Image.new("CMYK", (30, 20), (0, 255, 255, 0)), "JPEG"),
+    "palette": _save(quadrant_image(("red", "green", "blue", "white")).convert("P"), "PNG"),
+    "gray16": _save(Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16)), "PNG"),
+    "rgba": _save(Image.new("RGBA", (30, 20), (255, 0, 0, 255)), "PNG"),
+    "exif": _exif_rotated(),
+    "bilevel": _save(Image.new("1", (30, 20), 1), "PNG"),
+}
+BAD: dict[str, tuple[bytes, str]] = {
+    "zero_byte": (b"", "zero-byte"),
+    "corrupt": (b"\xff\xd8\xff this is not a jpeg", "UnidentifiedImageError"),
+    "truncated": (_save(quadrant_image(("red",) * 4, size=(256, 256)), "PNG")[:300], "OSError"),
+    "bomb": (_png_header_only(40_000, 40_000), "pixel limit"),  # over Pillow's hard cap too
+    "large": (_png_header_only(12_000, 10_000), "pixel limit: 12000x10000"),  # over ours (100 M) only
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_awkward_modes_decode_to_rgb(name: str) -> None:
+    img = decode_image(GOOD[name])
+    assert img.mode == "RGB"
+
+
+def test_pixel_values_survive_mode_conversion() -> None:
+    assert decode_image(GOOD["gray16"]).getpixel((0, 0)) == (255, 255, 255)  # 16-bit full scale, not clipped
+    assert decode_image(GOOD["rgba"]).getpixel((0, 0)) == (255, 0, 0)
+    r, g, b = decode_image(GOOD["cmyk"]).getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60  # CMYK (0, 255, 255, 0) is red
+    upright = decode_image(GOOD["exif"])
+    assert upright.size == (20, 40)  # rotated by its EXIF orientation
+    top = upright.getpixel((10, 5))
+    assert top[0] > 200 and top[2] < 60  # the red left half is now on top
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_files_raise(name: str) -> None:
+    data, reason = BAD[name]
+    with pytest.raises(Exception, match=reason if reason[0].islower() else None) as info:
+        decode_image(data)
+    assert reason in f"{type(info.value).__name__}: {info.value}"
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = _save(Image.new("RGB", (100, 100)), "PNG")
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(ValueError, match="pixel limit"):
+        decode_image(data, max_pixels=9_999)
+
+
+def test_encoder_turns_each_bad_file_into_one_dead_letter() -> None:
+    enc = InstanceEncoder(FakeModel(), FakeProcessor(), model_version="fake-1", top_k=2)
+    files = {**{k: v for k, v in GOOD.items()}, **{k: v for k, (v, _) in BAD.items()}}
+    ids = sorted(files)
+    cols = enc.rows_for_batch({
+        "image_id": np.array(ids, dtype=object),
+        "uri": np.array([f"/g/{i}" for i in ids], dtype=object),
+        "bytes": np.array([files[i] for i in ids], dtype=object),
+        "content_hash": np.array([f"h-{i}" for i in ids], dtype=object),
+    })  # fmt: skip
+    assert enc.images == len(GOOD) and enc.failures == len(BAD)
+    reasons = {d.image_id: d.error for d in enc.dead_letter}
+    assert set(reasons) == set(BAD)
+    for name, (_, reason) in BAD.items():
+        assert reason in reasons[name]
+        assert reason in cols[ERROR][cols["image_id"] == name][0]
+    ok = cols[STATUS] == "ok"
+    assert ok.sum() == 2 * len(GOOD)
+    # passthrough columns follow their image onto every row
+    assert all(h == f"h-{i}" for h, i in zip(cols["content_hash"], cols["image_id"], strict=True))
