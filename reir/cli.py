@@ -91,7 +91,7 @@ def train(
                  batch_size=batch_size, lr=lr, zero_stage=zero)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.update(data_root=str(data), stage=stage)
-    fields.setdefault("run_name", f"reir-stage{stage}")
+    fields.setdefault("run_name", "reir-rerank" if stage == "rerank" else f"reir-stage{stage}")
     cfg = TrainConfig(**fields)
     _init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))
