@@ -149,6 +149,12 @@ def indexing_dashboard() -> Dashboard:
             Panel("Failed images per second", (Target(rate(T.INGEST_FAILURES_TOTAL, by=("reason",)), "{{reason}}"),),
                   unit="short", description="Unreadable or undecodable images (listed in the dead-letter file)."),
             Panel("Encoder batch latency", _quantiles(T.INGEST_BATCH_LATENCY_SECONDS, (0.5, 0.99)), unit="s"),
+            Panel("Last ingestion run, images/s", (Target(f"max({series(T.INGEST_THROUGHPUT_IMAGES_PER_SECOND)})",
+                                                          "images/s"),), unit="short", kind="stat"),
+            Panel("Incremental re-index: unchanged and deleted images per second", (
+                Target(rate(T.INGEST_UNCHANGED_IMAGES_TOTAL), "unchanged/s"),
+                Target(rate(T.INGEST_DELETED_IMAGES_TOTAL), "deleted/s")), unit="short",
+                description="Unchanged images are skipped (content hash); deleted ones leave the index."),
             Panel("Rows per collection version", (Target(
                 f"max by (collection) ({series(T.INDEX_COLLECTION_ROWS)})", "{{collection}}"),), unit="short",
                 description="Each collection version; the live one is behind the reir_live alias."),
