@@ -337,6 +337,7 @@ def _finalize_index(milvus: MilvusConfig, build_index: bool, model_version: str)
             return 0  # nothing was written (e.g. every image failed)
         if build_index:
             store.build_index(milvus.index_type, milvus.index_params)
+            store.flush()  # seal what was written so it is searched through the index
             store.load()
         return store.count(SearchFilter(model_version=model_version))
 
