@@ -45,12 +45,13 @@ EXPECTED_LIVE = {
     "ray_reir_query_search_latency_seconds", "ray_reir_ingest_images_total", "ray_reir_ingest_instances_total",
     "ray_reir_ingest_failures_total", "ray_reir_ingest_batch_latency_seconds",
     "ray_reir_query_stage_latency_seconds", "ray_reir_query_candidates", "ray_reir_ingest_rows_written_total",
-    "ray_reir_ingest_throughput_images_per_second",
     "ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas",
     "reir_index_runs_total", "reir_index_last_success_timestamp_seconds",
 }  # fmt: skip
 # In the catalog and on a dashboard, but emitted by code that lives on another branch.
 PENDING = {
+    # set once by the ingestion driver, a short-lived process here (gone before a scrape)
+    "ray_reir_ingest_throughput_images_per_second": "ingestion driver (last run's images/s)",
     "reir_index_collection_rows": "ingestion (rows per collection version, pushed): not emitted yet",
     # emitted only by a re-run that finds unchanged or deleted images (the live test ingests once)
     "ray_reir_ingest_unchanged_images_total": "ingestion (incremental re-run)",
@@ -170,7 +171,7 @@ def stack(
         proc = subprocess.run(
             [sys.executable, "-m", "reir.ops.jobrun", "--job", "reir-index", "--pushgateway", pushgateway, "--",
              sys.executable, "-m", "reir.cli", "ingest", "--gallery", str(gallery), "--model", str(tiny_checkpoint),
-             "--milvus-uri", milvus.uri, "--collection", COLLECTION, "--batch-size", "4"],
+             "--milvus-uri", milvus.uri, "--collection", COLLECTION, "--no-alias", "--batch-size", "4"],
             env=env, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
