@@ -295,7 +295,7 @@ def test_prometheus_reads_back_query_counts_and_latency_quantiles(stack: Stack, 
     healthy_series = stack.fresh(f'ray_serve_deployment_replica_healthy{{application="{APP}"}}')
     healthy = _query(prometheus, f"sum by (deployment) ({healthy_series})")
     assert {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy} == {
-        "Ingress": 1.0, "QueryEncoder": 1.0, "Searcher": 1.0,
+        "Ingress": 1.0, "QueryEncoder": 1.0, "Searcher": 1.0, "Reranker": 1.0,
     }  # fmt: skip
 
 
