@@ -21,7 +21,10 @@ from tests.k8s.support import K8S, KUSTOMIZATIONS, crd_dir, crd_errors, crd_sche
 
 RAY_KINDS = {"RayService", "RayJob", "RayCronJob", "RayCluster"}
 CUSTOM_GROUPS = ("ray.io/", "milvus.io/", "monitoring.coreos.com/")
-REINDEX = ["reir", "ingest", "--config", "/etc/reir/ingest.yaml", "--promote"]
+# `reir ingest` promotes the checked build to the alias itself (exit 1 when the check fails)
+REINDEX = ["reir", "ingest", "--gallery", "/data/gallery", "--model", "/models/reir/current", "--milvus-uri",
+           "$REIR_MILVUS__URI", "--alias", "reir_live", "--encoders", "4", "--batch-size", "32", "--dead-letter",
+           "/data/dead-letter/reindex.jsonl"]
 OUT_OF_BAND_SECRETS = {"overlays/prod": {"reir-api-keys"}, "base": {"reir-api-keys"}}
 DEPLOYABLE = ("base", "overlays/dev", "overlays/prod")
 
