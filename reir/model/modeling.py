@@ -370,6 +370,11 @@ class ReirModel(nn.Module):
         return model.to(map_location).eval()
 
 
+def score_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The multiplier of the cosine in the score: ``exp(logit_scale)``, capped for stability."""
+    return logit_scale.exp().clamp(max=100.0)
+
+
 def score_from_similarity(sims: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
-    """SigLIP-style logits from cosine similarities; the scale is capped for stability."""
-    return logit_scale.exp().clamp(max=100.0) * sims + logit_bias
+    """SigLIP-style logits from cosine similarities: ``score_scale(logit_scale) * sims + logit_bias``."""
+    return score_scale(logit_scale) * sims + logit_bias

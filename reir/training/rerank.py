@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
 
 from reir.data.formats import ImageSample
-from reir.model.boxes import cxcywh_to_xyxy, pairwise_iou_xyxy
+from reir.model.boxes import BoxMode, convert, cxcywh_to_xyxy, pairwise_iou_xyxy
 from reir.model.modeling import ReirModel
 from reir.model.processing import ReirProcessor
 from reir.model.rerank import RelationReranker
@@ -50,9 +51,10 @@ class RerankSet:
         return int(self.text_image.numel())
 
 
-def _cxcywh_norm(box_xywh: Sequence[float], width: int, height: int) -> list[float]:
-    x, y, w, h = box_xywh
-    return [(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+def _cxcywh_norm(boxes_xywh: Sequence[Sequence[float]], width: int, height: int) -> torch.Tensor:
+    """Pixel ``[x, y, w, h]`` boxes -> ``[n, 4]`` normalized cxcywh (the model's convention)."""
+    xywh = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+    return torch.as_tensor(convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)).float()
 
 
 @torch.no_grad()
@@ -80,16 +82,17 @@ def build_rerank_set(
         out = model.encode_images(processor.images(images).to(device))
         sizes = [(s.width, s.height) for s in chunk]
         for i, (s, insts) in enumerate(zip(chunk, processor.postprocess(out, sizes=sizes, top_k=top_k))):
-            for r, inst in enumerate(insts):
-                emb[start + i, r] = torch.as_tensor(inst.embedding)
-                boxes[start + i, r] = torch.tensor(_cxcywh_norm(inst.box_xywh, s.width, s.height))
-                obj[start + i, r] = inst.score
-                mask[start + i, r] = True
+            k = len(insts)
+            if k:
+                emb[start + i, :k] = torch.as_tensor(np.stack([inst.embedding for inst in insts]))
+                boxes[start + i, :k] = _cxcywh_norm([inst.box_xywh for inst in insts], s.width, s.height)
+                obj[start + i, :k] = torch.tensor([inst.score for inst in insts])
+                mask[start + i, :k] = True
     texts, text_image, positive, skipped = [], [], [], 0
     for row, s in enumerate(samples):
         if not s.refs:
             continue
-        gts = torch.tensor([_cxcywh_norm(s.boxes[j], s.width, s.height) for _, j in s.refs])
+        gts = _cxcywh_norm([s.boxes[j] for _, j in s.refs], s.width, s.height)
         ious = pairwise_iou_xyxy(cxcywh_to_xyxy(gts), cxcywh_to_xyxy(boxes[row]))[0] * mask[row][None]
         best, slot = ious.max(dim=1)
         for (text, _), b, k in zip(s.refs, best.tolist(), slot.tolist()):
@@ -148,6 +151,38 @@ def mine_hard_negatives(rs: RerankSet, num: int, *, chunk: int = 512) -> torch.T
     return out
 
 
+def candidate_logits(
+    reranker: RelationReranker | torch.nn.Module,
+    rs: RerankSet,
+    text_idx: torch.Tensor,
+    neg_images: torch.Tensor,
+    logit_scale: float,
+    logit_bias: float,
+    *,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[B, C * K]`` re-ranked logits of every instance of each expression's own image
+    (slots ``0..K-1``, so the referent's column is ``positive``) and of its ``C - 1`` negative
+    images (``-1`` = none: its instances are masked to ``-inf``).
+
+    ``logit_scale`` / ``logit_bias``: the dual encoder's affine score, ``scale * cos + bias``.
+    """
+    b = text_idx.numel()
+    imgs = torch.cat([rs.text_image[text_idx][:, None], neg_images], dim=1)  # [B, C]
+    c = imgs.shape[1]
+    present = (imgs >= 0).reshape(-1)
+    flat = imgs.clamp(min=0).reshape(-1)
+    emb = rs.emb[flat].to(device)
+    text_emb = rs.text_emb[text_idx].repeat_interleave(c, 0).to(device)
+    base = logit_scale * torch.einsum("nd,nkd->nk", text_emb, emb) + logit_bias
+    length = int(rs.token_mask[text_idx].sum(dim=1).max())  # trim padding shared by the whole batch
+    return reranker(
+        rs.token_states[text_idx, :length].to(device), rs.token_mask[text_idx, :length].to(device), base, emb,
+        rs.boxes[flat].to(device), rs.objectness[flat].to(device), (rs.mask[flat] & present[:, None]).to(device),
+        text_rows=torch.arange(b, device=device).repeat_interleave(c),
+    ).view(b, -1)  # fmt: skip
+
+
 def rerank_loss(
     reranker: RelationReranker | torch.nn.Module,
     rs: RerankSet,
@@ -161,21 +196,7 @@ def rerank_loss(
 ) -> dict[str, torch.Tensor]:
     """Listwise loss for expressions ``text_idx [B]`` over their own image + ``neg_images [B, C-1]``."""
     b = text_idx.numel()
-    imgs = torch.cat([rs.text_image[text_idx][:, None], neg_images], dim=1)  # [B, C]
-    c = imgs.shape[1]
-    present = (imgs >= 0).reshape(-1)
-    flat = imgs.clamp(min=0).reshape(-1)
-    ti = text_idx.repeat_interleave(c)
-    emb = rs.emb[flat].to(device)
-    inst_mask = (rs.mask[flat] & present[:, None]).to(device)
-    text_emb = rs.text_emb[ti].to(device)
-    base = logit_scale * torch.einsum("nd,nkd->nk", text_emb, emb) + logit_bias
-    length = int(rs.token_mask[text_idx].sum(dim=1).max())  # trim padding shared by the whole batch
-    logits = reranker(
-        rs.token_states[text_idx, :length].to(device), rs.token_mask[text_idx, :length].to(device), base, emb,
-        rs.boxes[flat].to(device), rs.objectness[flat].to(device), inst_mask,
-        text_rows=torch.arange(b, device=device).repeat_interleave(c),
-    ).view(b, -1)  # fmt: skip
+    logits = candidate_logits(reranker, rs, text_idx, neg_images, logit_scale, logit_bias, device=device)
     target = rs.positive[text_idx].to(device)  # slot in image 0 of each row's list
     ce = F.cross_entropy(logits, target)
     finite = torch.isfinite(logits)
@@ -207,18 +228,8 @@ def calibrate_presence(
     for start in range(0, int(text_idx.numel()), 64):
         idx = text_idx[start : start + 64]
         b = idx.numel()
-        imgs = torch.cat([rs.text_image[idx][:, None], neg_images[start : start + 64]], dim=1)
-        c = imgs.shape[1]
-        flat = imgs.clamp(min=0).reshape(-1)
-        present = (imgs >= 0).reshape(-1)
-        emb = rs.emb[flat].to(device)
-        base = logit_scale * torch.einsum("nd,nkd->nk", rs.text_emb[idx].repeat_interleave(c, 0).to(device), emb)
-        length = int(rs.token_mask[idx].sum(dim=1).max())
-        logits = reranker(
-            rs.token_states[idx, :length].to(device), rs.token_mask[idx, :length].to(device), base + logit_bias, emb,
-            rs.boxes[flat].to(device), rs.objectness[flat].to(device), (rs.mask[flat] & present[:, None]).to(device),
-            text_rows=torch.arange(b, device=device).repeat_interleave(c),
-        ).view(b, -1).float().cpu()  # fmt: skip
+        logits = candidate_logits(reranker, rs, idx, neg_images[start : start + 64], logit_scale, logit_bias,
+                                  device=device).float().cpu()
         target = torch.zeros_like(logits, dtype=torch.bool)
         target[torch.arange(b), rs.positive[idx]] = True
         keep = torch.isfinite(logits)

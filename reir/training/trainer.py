@@ -128,14 +128,29 @@ def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device)
     return engine, processor, criterion
 
 
-def _save_checkpoint(engine: Any, processor: Any, cfg: TrainConfig, stats: dict[str, Any]) -> str:
-    out = tempfile.mkdtemp(prefix="reir-ckpt-")
-    engine.module.save_pretrained(out)
-    processor.save_pretrained(out)
-    (Path(out) / "training_args.json").write_text(
-        json.dumps({"config": cfg.model_dump(), "stats": stats}, indent=2, default=str)
-    )
-    return out
+def _set_lr(engine: Any, cfg: TrainConfig, progress: float, step: int) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(progress, step, cfg.warmup_steps)
+
+
+def _report(
+    rank: int, model: Any, processor: Any, cfg: TrainConfig, stats: dict[str, Any],
+    extra_files: dict[str, Any] | None = None,
+) -> None:
+    """Report ``stats`` with a checkpoint (a model directory, written by rank 0 only):
+    Ray Train V2 keeps metrics only from reports that carry one."""
+    import ray.train
+
+    checkpoint = None
+    if rank == 0:
+        out = Path(tempfile.mkdtemp(prefix="reir-ckpt-"))
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        files = {"training_args.json": {"config": cfg.model_dump(), "stats": stats}, **(extra_files or {})}
+        for name, content in files.items():
+            (out / name).write_text(json.dumps(content, indent=2, default=str))
+        checkpoint = ray.train.Checkpoint.from_directory(str(out))
+    ray.train.report(stats, checkpoint=checkpoint)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -183,8 +198,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             losses = criterion(engine.module, batch)
             engine.backward(losses["loss"])
             progress = _agree(_progress(cfg, step, total_steps, started), device)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = cfg.lr * group.get("lr_mult", 1.0) * lr_factor(progress, step, cfg.warmup_steps)
+            _set_lr(engine, cfg, progress, step)
             engine.step()
             micro += 1
             samples_seen += len(samples)
@@ -204,11 +218,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
     seconds = time.monotonic() - started
     stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds, 1e-9),
-             "world_size": world, **{k: v for k, v in last.items()}}
-    checkpoint = None
-    if rank == 0:
-        checkpoint = ray.train.Checkpoint.from_directory(_save_checkpoint(engine, processor, cfg, stats))
-    ray.train.report(stats, checkpoint=checkpoint)
+             "world_size": world, **last}
+    _report(rank, engine.module, processor, cfg, stats)
 
 
 def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
@@ -217,6 +228,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     import ray.train
 
     from reir.model import create_model
+    from reir.model.modeling import score_scale
     from reir.training.rerank import build_rerank_set, calibrate_presence, mine_hard_negatives, rerank_loss
 
     overrides = dict(cfg.model_overrides)
@@ -233,23 +245,21 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     rows = [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
             for r in frame.to_dict("records")]
     samples = [row_to_sample(r) for r in rows]
-    cache = ImageCache()
     started = time.monotonic()
-    rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], cache.get, top_k=cfg.rerank_top_k,
-                          min_iou=cfg.rerank_min_iou)
+    # One pass over the shard: decoded images are not kept (max_items=0).
+    rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], ImageCache(max_items=0).get,
+                          top_k=cfg.rerank_top_k, min_iou=cfg.rerank_min_iou)
     negatives = mine_hard_negatives(rs, cfg.rerank_negatives)
     if rank == 0:
         print(f"[train stage rerank] features: {len(samples)} images, {rs.num_texts} expressions "
               f"({rs.skipped} skipped: referent not detected) in {time.monotonic() - started:.1f}s", flush=True)
     if rs.num_texts == 0:
         raise ValueError("stage rerank: no expression's referent is among the stored instances; train stage 1/2 first")
-    params = [p for p in reranker.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds_cfg = deepspeed_config(cfg)
     ds_cfg["bf16"] = {"enabled": False}  # small head, fp32 features
     engine, _, _, _ = deepspeed.initialize(model=reranker, optimizer=optimizer, config=ds_cfg)
-    scale = float(model.logit_scale.exp().clamp(max=100.0))
-    bias = float(model.logit_bias)
+    scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     # Every 10th image's expressions are held out: they calibrate the presence threshold.
     held = (rs.text_image % 10 == 9) if rs.num_texts >= 20 else torch.zeros(rs.num_texts, dtype=torch.bool)
@@ -261,8 +271,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
         losses = rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
         engine.backward(losses["loss"])
         progress = _agree(_progress(cfg, step, total_steps, started), device)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(progress, step, cfg.warmup_steps)
+        _set_lr(engine, cfg, progress, step)
         engine.step()
         step += 1
         last = {k: float(v.detach()) for k, v in losses.items()}
@@ -273,21 +282,11 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
             break
     seconds = time.monotonic() - started
     reranker.eval()
-    calibration = calibrate_presence(reranker, rs, held_idx if held_idx.numel() else train_idx,
-                                     negatives[held_idx if held_idx.numel() else train_idx], scale, bias, device=device)
+    calib_idx = held_idx if held_idx.numel() else train_idx
+    calibration = calibrate_presence(reranker, rs, calib_idx, negatives[calib_idx], scale, bias, device=device)
     stats = {"steps": step, "seconds": seconds, "world_size": world, "rerank_texts": rs.num_texts, **last,
              **{f"calibration_{k}": v for k, v in calibration.items()}}
-    checkpoint = None
-    if rank == 0:
-        out = tempfile.mkdtemp(prefix="reir-ckpt-")
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        (Path(out) / "calibration.json").write_text(json.dumps(calibration, indent=2))
-        (Path(out) / "training_args.json").write_text(
-            json.dumps({"config": cfg.model_dump(), "stats": stats}, indent=2, default=str)
-        )
-        checkpoint = ray.train.Checkpoint.from_directory(out)
-    ray.train.report(stats, checkpoint=checkpoint)
+    _report(rank, model, processor, cfg, stats, {"calibration.json": calibration})
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
