@@ -14,6 +14,7 @@ model path and the ``reir-env`` values that point at this machine are replaced.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -133,19 +134,25 @@ def _sample_names(text: str) -> set[str]:
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-@pytest.fixture(scope="module")
-def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _binary("prometheus-pushgateway")
+@contextlib.contextmanager
+def _daemon(name: str, *args: str, timeout: float) -> Iterator[str]:
+    """Run ``name args --web.listen-address=...`` until its ``/-/ready`` answers; yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+    proc = subprocess.Popen([_binary(name), *args, f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for("the Pushgateway", lambda: requests.get(f"{url}/-/ready", timeout=2).ok, timeout=30)
+        _wait_for(name, lambda: requests.get(f"{url}/-/ready", timeout=2).ok, timeout=timeout)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pushgateway() -> Iterator[str]:
+    with _daemon("prometheus-pushgateway", timeout=30) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +245,6 @@ def test_index_job_pushed_its_outcome(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _binary("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
     rules = tmp / "reir-alerts.yaml"
     rules.write_text(yaml.safe_dump(yaml.safe_load(RULES.read_text())["spec"]))
@@ -253,19 +259,9 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ],
     }  # fmt: skip
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for("Prometheus", lambda: requests.get(f"{url}/-/ready", timeout=2).ok, timeout=60)
+    with _daemon("prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                 timeout=60) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
