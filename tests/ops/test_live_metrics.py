@@ -189,16 +189,17 @@ def stack(
         port = free_port()
         serve.shutdown()  # a fresh controller, so the HTTP options below apply
         client = serve_start(http_options={"host": "127.0.0.1", "port": port})
-        client.deploy_apps(_dev_serve_config(tiny_checkpoint, milvus.uri, port))
-        _wait_for(f"Serve app {APP!r} running", lambda: _app_running(APP), timeout=300, every=2)
-        url = f"http://127.0.0.1:{port}"
-        latencies = []
-        for i in range(QUERIES):
-            start = time.perf_counter()
-            r = requests.post(f"{url}/v1/search", json={"query": f"the red square {i}", "top_k": 3}, timeout=60)
-            latencies.append(time.perf_counter() - start)
-            assert r.status_code == 200, r.text
+        # Shut Serve down however this ends: a controller left on its port breaks every later module.
         try:
+            client.deploy_apps(_dev_serve_config(tiny_checkpoint, milvus.uri, port))
+            _wait_for(f"Serve app {APP!r} running", lambda: _app_running(APP), timeout=300, every=2)
+            url = f"http://127.0.0.1:{port}"
+            latencies = []
+            for i in range(QUERIES):
+                start = time.perf_counter()
+                r = requests.post(f"{url}/v1/search", json={"query": f"the red square {i}", "top_k": 3}, timeout=60)
+                latencies.append(time.perf_counter() - start)
+                assert r.status_code == 200, r.text
             yield Stack(ray_metrics, pushgateway, url, latencies, model_version_for(tiny_checkpoint), old_workers)
         finally:
             serve.shutdown()
