@@ -7,7 +7,6 @@ detector also learns objects nobody refers to) with the REIRCOCO sentences.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,8 +120,6 @@ def negative_groups(root: str | Path, split: str, image_ids: list[str]) -> list[
         info = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
     scope = str(info.get("matches_scope", ""))
     chunk = info.get("chunk_size")
-    if chunk is None and (m := re.fullmatch(r"chunk of (\d+) \w+ images", scope)):
-        chunk = int(m.group(1))  # benchmarks written before chunk_size was recorded
     if scope == "gallery":
         return [0] * len(image_ids)
     if chunk:
