@@ -9,7 +9,7 @@ aspect ratio, these map back exactly to the original image's pixels.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -265,12 +265,10 @@ class ReirModel(nn.Module):
 
     def add_reranker(self, **spec: Any) -> RelationReranker:
         """Attach a fresh (untrained: it keeps the dual encoder's order) re-ranker; returns it."""
-        merged = {**self.config.rerank, **spec}
-        merged.setdefault("hidden_size", 0)
-        if merged["hidden_size"] <= 0:
-            merged["hidden_size"] = 128
-        rerank_spec = RerankSpec(**merged)
-        self.config.rerank = dict(rerank_spec.__dict__)
+        rerank_spec = RerankSpec(**{**self.config.rerank, **spec})
+        if rerank_spec.hidden_size <= 0:  # the config says "none": give the new one a width
+            rerank_spec = replace(rerank_spec, hidden_size=128)
+        self.config.rerank = asdict(rerank_spec)
         self.reranker = self._build_reranker(rerank_spec).to(self.device)
         return self.reranker
 
