@@ -138,6 +138,7 @@ def ingest(
     _init_ray()
     summary = run_ingestion(cfg)
     typer.echo(json.dumps(_plain(summary), indent=2))
+    _write_job_summary(_plain(summary))
     if cfg.alias and not summary.promoted:
         typer.echo(f"error: {summary.collection} was not promoted to {cfg.alias}: {summary.check}", err=True)
         raise typer.Exit(1)
@@ -345,6 +346,15 @@ def _yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReirError(f"config file {path} must hold a mapping")
     return data
+
+
+def _write_job_summary(summary: Any) -> None:
+    """Under ``reir.ops.jobrun``: leave the summary where it pushes it from (``$REIR_JOB_SUMMARY``)."""
+    from reir.platform.telemetry import JOB_SUMMARY_ENV
+
+    path = os.environ.get(JOB_SUMMARY_ENV)
+    if path:
+        Path(path).write_text(json.dumps(summary))
 
 
 def _plain(obj: Any) -> Any:

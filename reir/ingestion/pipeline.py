@@ -372,29 +372,15 @@ def _check_and_promote(
     assert cfg.alias is not None
     with MilvusStore(control.uri, version.name, token=cfg.milvus.token, search_params=cfg.milvus.search_params) as s:
         check = check_version(s, entries, model_version, cfg.check_samples, rows) if s.exists() else "no collection"
-    runs = _driver_metric(T.INDEX_RUNS_TOTAL)
     info = {**json.loads(version.info or "{}"), "check": check}
     if check != "ok":
         catalog.update(version.name, state="check_failed", rows=rows, info=json.dumps(info))
         log.error("index version %s not promoted: %s", version.name, check)
-        if runs is not None:
-            runs.inc(1, tags={"status": "check_failed"})
         return check, False
     catalog.update(version.name, state="ready" if version.state != "live" else "live", rows=rows, info=json.dumps(info))
     catalog.promote(cfg.alias, version.name)
     log.info("alias %s -> %s (%d rows)", cfg.alias, version.name, rows)
-    if runs is not None:
-        runs.inc(1, tags={"status": "ok"})
-        _driver_metric(T.INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS).set(time.time())
-        _driver_metric(T.INDEX_COLLECTION_ROWS).set(rows, tags={"collection": version.name})
     return check, True
-
-
-def _driver_metric(spec: T.MetricSpec) -> Any:
-    """A Ray metric from the driver (exported by the node's metrics agent), None without Ray."""
-    if not ray.is_initialized():
-        return None
-    return T.ray_metric(spec)
 
 
 def _report(summary: IngestSummary, cfg: IngestConfig) -> None:

@@ -1,6 +1,6 @@
 """Run an index job and push its outcome to a Prometheus Pushgateway.
 
-``python -m reir.ops.jobrun --job reir-index --pushgateway URL -- reir ingest --config ... --promote``
+``python -m reir.ops.jobrun --job reir-index --pushgateway URL -- reir ingest --gallery ... --alias reir_live``
 
 A scheduled re-index ends, so Prometheus cannot scrape it; it pushes instead
 (ARCHITECTURE.md, "Metrics and where they go"). Each run replaces the group's
@@ -14,12 +14,16 @@ is passed through; a Pushgateway that cannot be reached is logged, never fatal.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, pushadd_to_gateway
 
@@ -35,6 +39,7 @@ class RunOutcome:
     returncode: int
     seconds: float
     finished_at: float
+    summary: dict[str, Any] = field(default_factory=dict)  # what the command wrote to $REIR_JOB_SUMMARY
 
     @property
     def status(self) -> str:
@@ -55,6 +60,13 @@ def outcome_registry(outcome: RunOutcome) -> CollectorRegistry:
             registry=registry,
         )  # fmt: skip
         last.set(outcome.finished_at)
+        collection, rows = outcome.summary.get("collection"), outcome.summary.get("rows_in_store")
+        if isinstance(collection, str) and collection and isinstance(rows, int):
+            gauge = Gauge(
+                T.INDEX_COLLECTION_ROWS.name, T.INDEX_COLLECTION_ROWS.description, T.INDEX_COLLECTION_ROWS.tag_keys,
+                registry=registry,
+            )  # fmt: skip
+            gauge.labels(collection=collection).set(rows)
     return registry
 
 
@@ -68,12 +80,15 @@ def push_to(gateway: str, job: str, registry: CollectorRegistry) -> None:
 
 def run_and_report(command: Sequence[str], *, job: str, gateway: str | None, push: Pusher = push_to) -> RunOutcome:
     start = time.time()
-    try:
-        returncode = subprocess.call(list(command))
-    except OSError as exc:  # no such program: a failed run, reported like any other
-        print(f"error: {exc}", file=sys.stderr)
-        returncode = 127
-    outcome = RunOutcome(returncode=returncode, seconds=time.time() - start, finished_at=time.time())
+    with tempfile.TemporaryDirectory(prefix="reir-job-") as tmp:
+        summary_path = os.path.join(tmp, "summary.json")
+        try:
+            returncode = subprocess.call(list(command), env={**os.environ, T.JOB_SUMMARY_ENV: summary_path})
+        except OSError as exc:  # no such program: a failed run, reported like any other
+            print(f"error: {exc}", file=sys.stderr)
+            returncode = 127
+        summary = _read_summary(summary_path)
+    outcome = RunOutcome(returncode=returncode, seconds=time.time() - start, finished_at=time.time(), summary=summary)
     log.info("%s finished with exit code %d after %.0fs", job, returncode, outcome.seconds)
     if gateway:
         try:
@@ -81,6 +96,18 @@ def run_and_report(command: Sequence[str], *, job: str, gateway: str | None, pus
         except OSError as exc:  # urllib errors: the job's own result matters more than its report
             log.warning("could not push %s's outcome to %s: %s", job, gateway, exc)
     return outcome
+
+
+def _read_summary(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:  # the command writes none: only the outcome is pushed
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the job summary %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,7 +65,7 @@ INGEST_DELETED_IMAGES_TOTAL = MetricSpec(
     "reir_ingest_deleted_images_total", "counter", "Images removed from the index because they left the gallery"
 )
 INDEX_RUNS_TOTAL = MetricSpec(
-    "reir_index_runs_total", "counter", "Index (re-)build runs by outcome (status: ok, failed, check_failed)", ("status",)
+    "reir_index_runs_total", "counter", "Index (re-)build runs by outcome (status: ok, failed)", ("status",)
 )
 INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS = MetricSpec(
     "reir_index_last_success_timestamp_seconds", "gauge", "Unix time of the last promoted index version"
@@ -73,6 +73,10 @@ INDEX_LAST_SUCCESS_TIMESTAMP_SECONDS = MetricSpec(
 INDEX_COLLECTION_ROWS = MetricSpec(
     "reir_index_collection_rows", "gauge", "Rows in a collection version", ("collection",)
 )
+
+# A job run under ``reir.ops.jobrun`` finds here the path of a file to write its summary
+# (JSON) to; jobrun pushes the figures a short-lived process cannot be scraped for.
+JOB_SUMMARY_ENV = "REIR_JOB_SUMMARY"
 
 ALL_METRICS: tuple[MetricSpec, ...] = (
     QUERY_REQUESTS_TOTAL,

@@ -64,3 +64,23 @@ def test_cli_passes_the_exit_code_and_needs_a_command(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as exc:
         main(["--job", "j"])
     assert exc.value.code == 2 and "give the command" in capsys.readouterr().err
+
+
+def test_the_summary_the_command_leaves_pushes_its_collection_rows(tmp_path) -> None:
+    # The command writes what `reir ingest` writes to $REIR_JOB_SUMMARY; jobrun pushes the rows.
+    script = ("import json, os; json.dump({'collection': 'reir_instances__v3', 'rows_in_store': 1234}, "
+              "open(os.environ['REIR_JOB_SUMMARY'], 'w'))")  # fmt: skip
+    rec = Recorder()
+    outcome = run_and_report([sys.executable, "-c", script], job="reir-index", gateway="gw", push=rec)
+    assert outcome.summary == {"collection": "reir_instances__v3", "rows_in_store": 1234}
+    values = {(s.name, tuple(s.labels.items())): s.value
+              for fam in text_string_to_metric_families(rec.pushes[0][2]) for s in fam.samples}  # fmt: skip
+    assert values[("reir_index_collection_rows", (("collection", "reir_instances__v3"),))] == 1234
+    # A failed run pushes no rows (its collection was not promoted), nor does garbage in the file.
+    rec = Recorder()
+    run_and_report([sys.executable, "-c", script + "; raise SystemExit(1)"], job="j", gateway="gw", push=rec)
+    assert "reir_index_collection_rows" not in rec.pushes[0][2]
+    garbage = "import os; open(os.environ['REIR_JOB_SUMMARY'], 'w').write('{not json')"
+    rec = Recorder()
+    assert run_and_report([sys.executable, "-c", garbage], job="j", gateway="gw", push=rec).summary == {}
+    assert "reir_index_collection_rows" not in rec.pushes[0][2] and 'status="ok"' in rec.pushes[0][2]
