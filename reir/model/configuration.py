@@ -87,6 +87,14 @@ class LossSpec:
     w_aux: float = 0.01
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # Weak stage (expressions without their referent's box), see ``reir.model.losses_weak``.
+    w_weak: float = 1.0
+    weak_detection: bool = True  # keep the detection losses on the images' (unlinked) boxes
+    weak_temperature: float = 1.0  # MIL smooth max over an image's queries, in logit units
+    weak_objectness_weight: float = 1.0  # alpha of the objectness prior alpha * log p(object)
+    weak_text_threshold: float = 0.9  # text-text cosine above which another image's expression is a duplicate
+    weak_instance_threshold: float = 0.95  # instance-instance cosine above which the best instances are the same
+    weak_suppressed_weight: float = 0.0  # weight of a suppressed negative pair (0: masked)
 
 
 def _merge(spec_cls: type, value: dict[str, Any] | None) -> dict[str, Any]:

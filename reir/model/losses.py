@@ -1,5 +1,6 @@
 """Training losses: DETR-style detection over dense queries, within-image REC (stage 1)
 and cross-batch CLIA sigmoid contrast (stage 2), plus the MoRE load-balancing loss.
+Stage ``"weak"`` (no referent boxes) lives in :mod:`reir.model.losses_weak`.
 
 All boxes here are normalized ``cxcywh``.
 """
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 
 from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy
 from .configuration import LossSpec, ReirConfig
+from .losses_weak import weak_contrastive_loss
 from .modeling import InstanceOutput, ReirOutput, score_from_similarity
 from .processing import TrainBatch
 
@@ -118,17 +120,20 @@ def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
 
 class ReirCriterion(nn.Module):
-    """Losses of training stage ``"1"`` (detection + REC) or ``"2"`` (adds CLIA).
+    """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
+    ``"weak"`` (detection + MIL contrast; never reads referent boxes).
 
     ``criterion(model, batch)`` runs ``model(...)`` (so DDP/DeepSpeed wrappers work) and
     returns ``{"loss": total, "loss_obj", "loss_l1", "loss_giou", "loss_rec",
-    "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``).
+    "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``);
+    stage ``"weak"`` adds ``"loss_weak"`` and ``"weak_suppressed"`` (a diagnostic: the
+    fraction of negative pairs suppressed as likely false negatives).
     """
 
     def __init__(self, config: ReirConfig, *, stage: str, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
-        if str(stage) not in ("1", "2"):
-            raise ValueError(f"stage must be '1' or '2', got {stage!r}")
+        if str(stage) not in ("1", "2", "weak"):
+            raise ValueError(f"stage must be '1', '2' or 'weak', got {stage!r}")
         self.stage = str(stage)
         self.spec: LossSpec = config.loss_spec
         self.rank, self.world_size = rank, world_size
@@ -138,6 +143,8 @@ class ReirCriterion(nn.Module):
             pixel_values=batch.pixel_values, input_ids=batch.input_ids, attention_mask=batch.attention_mask
         )
         assert out.instances is not None and out.text is not None
+        if self.stage == "weak":
+            return self._weak(out, batch)
         inst = out.instances
         matches = [self._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
         parts = self._detection(inst, batch, matches)
@@ -156,6 +163,38 @@ class ReirCriterion(nn.Module):
             + s.w_cls * parts["loss_cls"]
             + w_rec * parts["loss_rec"]
             + s.w_clia * parts["loss_clia"]
+            + s.w_aux * parts["loss_aux"]
+        )
+        return parts
+
+    def _weak(self, out: ReirOutput, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Stage "weak": ``text_target_index`` is never read. The images' own boxes (not
+        linked to any expression) train detection when ``weak_detection`` is on; otherwise
+        the detection heads only join the graph with weight 0 (every rank's DeepSpeed
+        engine then sees the same parameters take part)."""
+        assert out.instances is not None and out.text is not None
+        inst, s = out.instances, self.spec
+        if s.weak_detection:
+            matches = [self._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
+            parts = self._detection(inst, batch, matches)
+        else:
+            unused = inst.boxes.sum() * 0.0 + inst.objectness_logits.sum() * 0.0
+            if inst.class_logits is not None:
+                unused = unused + inst.class_logits.sum() * 0.0
+            parts = {k: unused for k in ("loss_obj", "loss_l1", "loss_giou", "loss_cls")}
+        text_emb = out.text.embeddings
+        parts.update(weak_contrastive_loss(
+            text_emb, batch.text_image_index, inst.embeddings, inst.objectness_logits, out.logit_scale,
+            out.logit_bias, s, rank=self.rank, world_size=self.world_size,
+        ))  # fmt: skip
+        zero = torch.zeros((), device=text_emb.device)
+        parts["loss_rec"], parts["loss_clia"], parts["loss_aux"] = zero, zero, out.text.aux_loss
+        parts["loss"] = (
+            s.w_obj * parts["loss_obj"]
+            + s.w_l1 * parts["loss_l1"]
+            + s.w_giou * parts["loss_giou"]
+            + s.w_cls * parts["loss_cls"]
+            + s.w_weak * parts["loss_weak"]
             + s.w_aux * parts["loss_aux"]
         )
         return parts
@@ -201,6 +240,13 @@ class ReirCriterion(nn.Module):
         """``[T]`` long: the query matched to each expression's referent."""
         if batch.text_image_index.numel() == 0:
             return batch.text_image_index.clone()
+        missing = torch.nonzero(batch.text_target_index < 0).flatten().tolist()
+        if missing:
+            k = missing[0]
+            image = batch.image_ids[int(batch.text_image_index[k])] if batch.image_ids else int(batch.text_image_index[k])
+            text = batch.texts[k] if batch.texts else k
+            raise ValueError(f"expression {text!r} of image {image!r} has no referent box (a weak row, index -1): "
+                             "stages 1 and 2 need the box; train such rows with stage 'weak'")
         return torch.stack(
             [matches[int(i)][int(j)] for i, j in zip(batch.text_image_index, batch.text_target_index)]
         )

@@ -26,6 +26,9 @@ from .configuration import ReirConfig
 from .modeling import InstanceOutput
 
 PROCESSOR_NAME = "preprocessor_config.json"
+# A ref's box index when the expression's referent is unknown (weak supervision: an
+# (image, expression) pair without the box). Only the "weak" loss stage accepts it.
+NO_REFERENT = -1
 _LR_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 _LR_PATTERN = re.compile(r"\b(leftmost|rightmost|left|right)\b", re.IGNORECASE)
 
@@ -38,7 +41,7 @@ class SampleLike(Protocol):
     height: int
     boxes: list[list[float]]  # absolute [x, y, w, h]
     labels: list[int]
-    refs: list[tuple[str, int]]  # (expression, index into boxes)
+    refs: list[tuple[str, int]]  # (expression, index into boxes, or NO_REFERENT)
 
 
 @dataclass
@@ -67,7 +70,8 @@ class TrainBatch:
         targets: per image ``{"boxes": [n, 4] float cxcywh normalized, "labels": [n] long}``.
         input_ids / attention_mask: ``[T, L]`` long.
         text_image_index: ``[T]`` long, image of each expression (0..B-1).
-        text_target_index: ``[T]`` long, referent's index into that image's target boxes.
+        text_target_index: ``[T]`` long, referent's index into that image's target boxes,
+            ``NO_REFERENT`` (-1) for weak rows (the weak loss stage never reads it).
         image_ids / texts: bookkeeping (not used by the losses).
     """
 
