@@ -62,7 +62,8 @@ def synth(
 @app.command()
 def train(
     data: Path = typer.Option(..., "--data", help="benchmark directory (reir synth --out)"),
-    stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA) or rerank (the re-ranker, on a stage-2 model)"),
+    stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model) "
+                              "or weak (expressions without referent boxes: detection + MIL contrast)"),
     model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
     out: Optional[Path] = typer.Option(None, "--out", help="output directory for runs [runs]"),
     name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
@@ -82,8 +83,8 @@ def train(
     from reir.training.trainer import run_training
 
     _need_dir(data, "data directory")
-    if stage not in ("1", "2", "rerank"):
-        raise ReirError(f"--stage must be 1, 2 or rerank, got {stage!r}")
+    if stage not in ("1", "2", "rerank", "weak"):
+        raise ReirError(f"--stage must be 1, 2, rerank or weak, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
     flags = dict(model=model, output_dir=None if out is None else str(out), run_name=name, num_workers=workers,
                  cpus_per_worker=cpus_per_worker,
@@ -91,7 +92,7 @@ def train(
                  batch_size=batch_size, lr=lr, zero_stage=zero)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.update(data_root=str(data), stage=stage)
-    fields.setdefault("run_name", "reir-rerank" if stage == "rerank" else f"reir-stage{stage}")
+    fields.setdefault("run_name", f"reir-{stage}" if stage in ("rerank", "weak") else f"reir-stage{stage}")
     cfg = TrainConfig(**fields)
     _init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))

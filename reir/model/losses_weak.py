@@ -82,20 +82,22 @@ def suppressed_negatives(
     expression; instances: the objectness-weighted mean instance): a barely trained
     encoder maps everything near one direction (raw text cosines of 0.98 between
     different expressions at init), which would make every negative look like a duplicate
-    and leave nothing to learn from. A threshold above 1 turns that test off (identical
-    texts aside). Positives (own image) are never suppressed.
+    and leave nothing to learn from. A threshold above 1 turns that test off (for texts,
+    identical ones included). Positives (own image) are never suppressed.
     """
     t, n = text_emb.shape[0], inst_emb.shape[0]
     if t == 0:
         return torch.zeros(0, n, dtype=torch.bool, device=text_emb.device)
-    real = all_text_image >= 0
-    text_emb, all_text_emb = text_emb.float(), all_text_emb.float()
-    text_center = all_text_emb[real].mean(dim=0)
-    identical = (text_emb @ all_text_emb.t()) > IDENTICAL
-    similar = _centered_cosine(text_emb[:, None], all_text_emb[None], text_center) > text_threshold
-    duplicate = (identical | similar) & real[None, :]
-    image_of = F.one_hot(all_text_image.clamp(min=0), n).float() * real[:, None].float()  # [U, N]
-    by_text = (duplicate.float() @ image_of) > 0
+    by_text = torch.zeros(t, n, dtype=torch.bool, device=text_emb.device)
+    if text_threshold <= 1.0:
+        real = all_text_image >= 0
+        text_emb, all_text_emb = text_emb.float(), all_text_emb.float()
+        text_center = all_text_emb[real].mean(dim=0)
+        identical = (text_emb @ all_text_emb.t()) > IDENTICAL
+        similar = _centered_cosine(text_emb[:, None], all_text_emb[None], text_center) > text_threshold
+        duplicate = (identical | similar) & real[None, :]
+        image_of = F.one_hot(all_text_image.clamp(min=0), n).float() * real[:, None].float()  # [U, N]
+        by_text = (duplicate.float() @ image_of) > 0
     emb, weight = inst_emb.detach().float(), inst_weight.float()
     inst_center = (weight[..., None] * emb).sum(dim=(0, 1)) / weight.sum().clamp(min=1e-6)
     best_emb = emb[torch.arange(n, device=best.device)[None, :], best]  # [T, N, D]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,8 +15,9 @@ class TrainConfig(BaseModel):
 
     data_root: str = Field(description="synthetic benchmark directory (reir synth --out)")
     model: str = Field("small", description="preset name or model directory to start from")
-    stage: Literal["1", "2", "rerank"] = Field(
-        "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model")
+    stage: Literal["1", "2", "rerank", "weak"] = Field(
+        "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model; "
+        "weak: (image, expression) pairs without referent boxes (detection + MIL contrast)")
     output_dir: str = "runs"
     run_name: str = "reir"
     num_workers: int = Field(1, ge=1)
@@ -43,6 +45,19 @@ class TrainConfig(BaseModel):
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
+    loss_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="LossSpec fields for this run (weights, weak_* thresholds, "
+        "weak_detection); unlike model_overrides they also apply to a checkpoint (no weights change) "
+        "and are saved in the new checkpoint's config")
+
+    @model_validator(mode="after")
+    def _known_loss_fields(self) -> TrainConfig:
+        from reir.model.configuration import LossSpec
+
+        unknown = set(self.loss_overrides) - {f.name for f in fields(LossSpec)}
+        if unknown:
+            raise ValueError(f"loss_overrides: unknown LossSpec fields {sorted(unknown)}")
+        return self
 
     @model_validator(mode="after")
     def _zero3_needs_gather(self) -> TrainConfig:

@@ -9,6 +9,7 @@ its shard of the dataset, and reports a checkpoint (a model directory that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from reir.data.formats import ImageSample, load_samples, negative_groups
+from reir.model.processing import NO_REFERENT
 from reir.training.config import TrainConfig, deepspeed_config
 
 MODEL_DIRNAME = "model"
@@ -121,6 +123,8 @@ def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device)
     from reir.model.losses import ReirCriterion
 
     model, processor = create_model(cfg.model, **cfg.model_overrides)
+    if cfg.loss_overrides:
+        model.config.loss = {**model.config.loss, **cfg.loss_overrides}
     model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
@@ -289,6 +293,15 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     _report(rank, model, processor, cfg, stats, {"calibration.json": calibration})
 
 
+def without_referents(sample: ImageSample) -> ImageSample:
+    """The weak-supervision view of a sample: its expressions keep their image, lose their box.
+
+    Done on the driver, before rows reach the workers, so nothing in the weak stage can
+    read a referent box. The image's boxes stay (detection, when ``weak_detection``).
+    """
+    return dataclasses.replace(sample, refs=[(text, NO_REFERENT) for text, _ in sample.refs])
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
@@ -309,6 +322,8 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     samples = load_samples(cfg.data_root, "train")
     if not samples:
         raise ValueError(f"no training images under {cfg.data_root}")
+    if cfg.stage == "weak":
+        samples = [without_referents(s) for s in samples]
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
