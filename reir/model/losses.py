@@ -76,6 +76,23 @@ def siglip_pair_loss(logits: torch.Tensor, positives: torch.Tensor, valid: torch
     return loss.sum() / max(logits.shape[0], 1)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    The autograd all_gather's gloo backward scatters into ``empty_like`` buffers of the
+    incoming gradients; a strided gradient (an einsum's backward gives one) then arrives
+    scrambled on the other ranks.
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def _gather_instances(emb: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All-gather ``[B, Q, D]`` from every worker with gradient; pads uneven B.
 
@@ -93,7 +110,7 @@ def _gather_instances(emb: torch.Tensor, world_size: int) -> tuple[torch.Tensor,
     with warnings.catch_warnings():
         # Deprecated in favour of a private API; it remains the public autograd-aware gather.
         warnings.simplefilter("ignore", FutureWarning)
-        gathered = torch.cat(all_gather(padded), dim=0)
+        gathered = _ContiguousGrad.apply(torch.cat(all_gather(padded), dim=0))
     valid = torch.cat([torch.arange(b_max, device=emb.device) < int(s) for s in sizes])
     return gathered, valid, b_max
 

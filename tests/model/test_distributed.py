@@ -1,10 +1,12 @@
-"""CLIA across 2 gloo workers equals the single-process loss and gradient on the union batch."""
+"""CLIA (stage 2) and the weak MIL contrast across 2 gloo workers equal the single-process
+loss and gradient on the union batch."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,36 +30,37 @@ def _batch(proc: object, data: list) -> TrainBatch:
     return proc.collate([s for _, s in data], [im for im, _ in data])  # type: ignore[attr-defined]
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, stage: str, key: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, proc, data = _setup(sum(SPLIT))
         lo = sum(SPLIT[:rank])
         batch = _batch(proc, data[lo : lo + SPLIT[rank]])
-        parts = ReirCriterion(model.config, stage="2", rank=rank, world_size=world)(model, batch)
+        parts = ReirCriterion(model.config, stage=stage, rank=rank, world_size=world)(model, batch)
         n_texts = batch.input_ids.shape[0]
         # Weight by local text count so the sum over ranks is the global sum over texts.
-        (parts["loss_clia"] * n_texts).backward()
+        (parts[key] * n_texts).backward()
         grad = dict(model.named_parameters())[PARAM].grad
         dist.all_reduce(grad)
-        torch.save({"clia_sum": parts["loss_clia"].detach() * n_texts, "grad": grad}, f"{out_dir}/rank{rank}.pt")
+        torch.save({"clia_sum": parts[key].detach() * n_texts, "grad": grad}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_clia_all_gather_matches_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage,key", [("2", "loss_clia"), ("weak", "loss_weak")])
+def test_contrast_all_gather_matches_single_process(tmp_path: Path, stage: str, key: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), stage, key), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model, proc, data = _setup(sum(SPLIT))
     batch = _batch(proc, data)
     texts_0 = {t for _, s in data[: SPLIT[0]] for t, _ in s.refs}
     assert texts_0 & {t for _, s in data[SPLIT[0] :] for t, _ in s.refs}, "want a cross-worker duplicate"
-    parts = ReirCriterion(model.config, stage="2")(model, batch)
+    parts = ReirCriterion(model.config, stage=stage)(model, batch)
     n_texts = batch.input_ids.shape[0]
-    (parts["loss_clia"] * n_texts).backward()
+    (parts[key] * n_texts).backward()
     total = sum(r["clia_sum"] for r in results)
-    torch.testing.assert_close(total, parts["loss_clia"].detach() * n_texts, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(total, parts[key].detach() * n_texts, rtol=1e-4, atol=1e-4)
     grad = dict(model.named_parameters())[PARAM].grad
     torch.testing.assert_close(results[0]["grad"], grad, rtol=1e-3, atol=1e-5)
