@@ -43,7 +43,7 @@ def run_one(data_root: Path, out_dir: Path, workers: int, zero: int, args: argpa
     wall = time.perf_counter() - started
     stats = json.loads((model_dir / "training_args.json").read_text())["stats"]
     keep = ("steps", "seconds", "samples_per_s", "steady_samples_per_s", "steady_step_s", "peak_memory_mb")
-    return {"workers": workers, "zero_stage": zero, **{k: round(float(stats[k]), 4) for k in keep if k in stats},
+    return {"workers": workers, "zero_stage": zero, **{k: round(stats[k], 4) for k in keep if k in stats},
             "wall_s": round(wall, 2)}  # fmt: skip
 
 
