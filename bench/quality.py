@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = QualityConfig(data_root=args.data, model_dir=model, work_dir=args.work_dir or Path(tmp),  # type: ignore[arg-type]
                             weak_model_dir=weak, max_queries=args.max_queries, seed=args.seed,
                             top_k_instances=args.top_k_instances)  # fmt: skip
+        load_before = os.getloadavg()[0]
         result = run_comparison(cfg, echo=print)
+    # Other jobs on the machine move seconds_per_query; keep the load next to the figures.
+    result["setup"]["load_avg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     text = json.dumps(result, indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

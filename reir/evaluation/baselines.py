@@ -55,7 +55,9 @@ class InstanceGallery:
         ids = sorted(i for i, rows in instances.items() if rows)
         if not ids:
             raise ValueError("the gallery has no instances")
-        boxes, embs, starts = [], [], []
+        boxes: list[list[float]] = []
+        embs: list[np.ndarray] = []
+        starts: list[int] = []
         for image_id in ids:
             starts.append(len(boxes))
             for box, emb in instances[image_id]:

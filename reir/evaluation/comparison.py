@@ -207,7 +207,7 @@ def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -
         weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {True: "weak"})["weak"]
         systems["weak"] = weak
     echo(comparison_table(systems))
-    setup = {"gallery_images": encoded.images, "gallery_instances": int(len(gallery.boxes)),
+    setup = {"gallery_images": encoded.images, "gallery_instances": len(gallery.boxes),
              "gallery_encode_seconds": round(encoded.seconds, 2), "num_queries": len(queries),
              "model": str(cfg.model_dir), "weak_model": str(cfg.weak_model_dir) if cfg.weak_model_dir else None}  # fmt: skip
     return {**{k: v for k, v in systems.items() if k != "weak"}, "weak": weak, "setup": setup}
