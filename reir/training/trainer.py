@@ -183,6 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rng = random.Random(cfg.seed + rank)
     step, micro, samples_seen, started = 0, 0, 0, time.monotonic()
     last: dict[str, float] = {}
+    warm: tuple[float, int] | None = None  # (time, samples) at the end of step 1
     done = False
     for epoch in range(cfg.epochs if not cfg.max_steps else 10**6):
         batches = shard.iter_batches(
@@ -205,6 +206,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro % cfg.grad_accum:
                 continue
             step += 1
+            if step == 1:
+                warm = (time.monotonic(), samples_seen)
             last = {k: float(v.detach()) for k, v in losses.items()}
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 rate = samples_seen * world / max(1e-9, time.monotonic() - started)
@@ -219,7 +222,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seconds = time.monotonic() - started
     stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds, 1e-9),
              "world_size": world, **last}
+    stats.update(_steady_stats(warm, step, samples_seen, world, device))
     _report(rank, engine.module, processor, cfg, stats)
+
+
+def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int, world: int,
+                  device: torch.device) -> dict[str, float]:
+    """Rates after step 1 (which also pays for the data pipeline's start and lazy allocations,
+    a large share of a short benchmark run) and, on GPU, this worker's peak memory."""
+    out: dict[str, float] = {}
+    if warm is not None and steps > 1:
+        seconds = max(time.monotonic() - warm[0], 1e-9)
+        out["steady_samples_per_s"] = (samples_seen - warm[1]) * world / seconds
+        out["steady_step_s"] = seconds / (steps - 1)
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
