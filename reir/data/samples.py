@@ -95,12 +95,11 @@ def _samples_from_entries(root: Path, entries: list[RefEntry]) -> tuple[dict[str
 
 
 def join_reircoco(
-    reircoco: Path, coco_path: Path | None, image_root: Path, split: str
+    reircoco: Path, entries: list[RefEntry], coco_path: Path | None, image_root: Path
 ) -> tuple[list[ImageSample], list[str]]:
-    """Every image of ``split`` with all its boxes (from ``coco_path``, else the entries'
-    ``det_anno``) and its refs; also the category names the labels index, so that
-    several sources can share one label space."""
-    entries = [e for e in load_reircoco(reircoco) if e.split == split]
+    """Every image with all its boxes (from ``coco_path``, else the ``det_anno`` of
+    ``entries``, one split's entries of the file ``reircoco``) and its refs; also the
+    category names the labels index, so that several sources can share one label space."""
     if coco_path is not None:
         referred = {e.ref_anno.ann_id for e in entries}
         samples, names = _samples_from_coco(image_root, coco_path, referred)
@@ -110,7 +109,7 @@ def join_reircoco(
     for e in entries:
         sample = samples.get(e.image_id)
         if sample is None:
-            raise ValueError(f"{reircoco}: image_id {e.image_id!r} ({split}) is missing from {coco_name}")
+            raise ValueError(f"{reircoco}: image_id {e.image_id!r} ({e.split}) is missing from {coco_name}")
         try:
             index = sample.ann_ids.index(e.ref_anno.ann_id)
         except ValueError:
@@ -125,8 +124,10 @@ def load_samples(root: str | Path, split: str) -> list[ImageSample]:
     """Every image of ``split`` with all its boxes and its (expression, box index) refs."""
     _check_split(split)
     root = Path(root)
+    reircoco = root / "reircoco.json"
+    entries = [e for e in load_reircoco(reircoco) if e.split == split]
     coco_path = root / f"instances_{split}.json"
-    return join_reircoco(root / "reircoco.json", coco_path if coco_path.exists() else None, root, split)[0]
+    return join_reircoco(reircoco, entries, coco_path if coco_path.exists() else None, root)[0]
 
 
 def negative_groups(root: str | Path, split: str, image_ids: list[str]) -> list[int]:

@@ -100,18 +100,20 @@ def load_reircoco_source(
     path: str | Path, *, instances: str | Path | None = None, images: str | Path | None = None,
     split: str = "train", labels: LabelSpace | None = None,
 ) -> list[ImageSample]:
-    """A REIRCOCO json joined with its COCO instances file (every box of each image;
-    without one, the entries' ``det_anno``); ``file_name``s are relative to ``images``
+    """A REIRCOCO json joined with its COCO instances file: every image and box of that
+    file (images without an entry of ``split`` as detection-only samples); without one,
+    the entries' images and ``det_anno``. ``file_name``s are relative to ``images``
     (default: the json's folder)."""
     path = Path(path)
     r = _Reader(path)
     if not path.is_file():
         raise r.fail("path", "file not found")
     image_root = Path(images) if images is not None else path.parent
-    samples, names = join_reircoco(path, Path(instances) if instances is not None else None, image_root, split)
-    if not samples:  # a typo'd split would otherwise train on nothing
-        present = sorted({e.split for e in load_reircoco(path)})
-        raise r.fail("split", f"no entries of split {split!r}; the file has {present}")
+    every = load_reircoco(path)
+    entries = [e for e in every if e.split == split]
+    if not entries:  # a typo'd split would otherwise train on no expression at all
+        raise r.fail("split", f"no entries of split {split!r}; the file has {sorted({e.split for e in every})}")
+    samples, names = join_reircoco(path, entries, Path(instances) if instances is not None else None, image_root)
     _check_samples(r, samples)
     return _relabel(samples, names, labels if labels is not None else LabelSpace())
 
