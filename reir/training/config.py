@@ -35,7 +35,7 @@ class SourceSpec(BaseModel):
                 path, weight = head, float(tail)
             except ValueError:
                 pass  # a colon inside the path
-        return cls(kind=kind, path=path, weight=weight)  # type: ignore[arg-type]
+        return cls.model_validate({"kind": kind, "path": path, "weight": weight})
 
 
 class TrainConfig(BaseModel):
