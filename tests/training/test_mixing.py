@@ -123,3 +123,34 @@ def test_training_on_two_mixed_sources(ray_session: None, tmp_path: Path) -> Non
     model, _ = create_model(model_dir)
     assert model.config.vision_spec.num_classes == 8  # widened from tiny's 6 to the merged label space
     assert args["config"]["model_overrides"] == {"vision__num_classes": 8}
+
+
+def test_a_run_keeps_the_label_space_of_its_starting_checkpoint(tmp_path: Path) -> None:
+    from reir.training.mixing import start_label_space
+
+    (tmp_path / "training_args.json").write_text(json.dumps({"categories": ["cup", "square", "lamp"]}))
+    labels = start_label_space(str(tmp_path))
+    assert labels.names == ["cup", "square", "lamp"] and labels.index("circle") == 3
+    assert start_label_space("tiny").names == []
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_detection_only_samples_train_without_expressions(stage: str) -> None:
+    """COCO-detection samples carry no refs: a batch of them has no text at all."""
+    import torch
+
+    from reir.data.formats import ImageSample
+    from reir.model import create_model
+    from reir.model.losses import ReirCriterion
+
+    torch.manual_seed(0)
+    model, processor = create_model("tiny")
+    samples = [ImageSample("1", "-", 64, 64, boxes=[[4.0, 8.0, 16.0, 20.0]], labels=[1]), ImageSample("2", "-", 64, 64)]
+    batch = processor.collate(samples, [Image.new("RGB", (64, 64))] * 2)
+    assert batch.input_ids.shape[0] == 0
+    losses = ReirCriterion(model.config, stage=stage)(model, batch)
+    assert float(losses["loss_rec"]) == 0.0 and float(losses["loss_clia"]) == 0.0
+    assert torch.isfinite(losses["loss"]) and float(losses["loss_giou"]) > 0
+    losses["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
