@@ -310,11 +310,22 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
-    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()),
+    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else "",
                                "output_dir": str(Path(cfg.output_dir).resolve())}
     if Path(cfg.model).exists():
         updates["model"] = str(Path(cfg.model).resolve())
     return cfg.model_copy(update=updates)
+
+
+def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
+    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch."""
+    import ray
+
+    samples = load_samples(cfg.data_root, "train")
+    if not samples:
+        raise ValueError(f"no training images under {cfg.data_root}")
+    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
+    return ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)]), len(samples)
 
 
 def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
@@ -324,17 +335,20 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    samples = load_samples(cfg.data_root, "train")
-    if not samples:
-        raise ValueError(f"no training images under {cfg.data_root}")
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
-    ds = ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)])
+    mixed = None
+    if cfg.sources:
+        from reir.training.mixing import prepare_mixed
+
+        mixed = prepare_mixed(cfg)
+        cfg, ds, num_rows = mixed.config, mixed.dataset, mixed.rows_per_epoch
+    else:
+        ds, num_rows = _benchmark_dataset(cfg)
     out_root = Path(cfg.output_dir).resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples)},
+        train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -343,7 +357,7 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
         run_config=RunConfig(name=cfg.run_name, storage_path=str(out_root / "ray")),
         datasets={"train": ds},
     )
-    echo(f"training stage {cfg.stage}: {len(samples)} images, {cfg.num_workers} worker(s), "
+    echo(f"training stage {cfg.stage}: {num_rows} images{' per epoch' if mixed else ''}, {cfg.num_workers} worker(s), "
          f"ZeRO {cfg.zero_stage}, model {cfg.model}")
     result = trainer.fit()
     if result.checkpoint is None:
@@ -352,5 +366,9 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     if model_dir.exists():
         shutil.rmtree(model_dir)
     result.checkpoint.to_directory(str(model_dir))
+    if mixed is not None:
+        from reir.training.mixing import record_sources
+
+        record_sources(model_dir, mixed)
     echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
     return model_dir
