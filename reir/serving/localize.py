@@ -101,10 +101,10 @@ class Localizer:
                 updates[i] = BoxUpdate(box, error=UNREADABLE)
         if not todo:
             return updates
+        readable = [image for i in todo if (image := images[items[i][0]]) is not None]  # all of them, by _small_in
         try:
-            zoomed = zoom_refine(self.localizer, [images[items[i][0]] for i in todo],  # type: ignore[misc]
-                                 [boxes[i] for i in todo], query, self.spec)
-        except Exception:  # noqa: BLE001 - the stored boxes still answer the query
+            zoomed = zoom_refine(self.localizer, readable, [boxes[i] for i in todo], query, self.spec)
+        except Exception:  # the stored boxes still answer the query
             log.exception("localize failed for %d boxes; keeping the stored boxes", len(todo))
             return [BoxUpdate(u.box, error=FAILED) if i in todo else u for i, u in enumerate(updates)]
         for i, result in zip(todo, zoomed, strict=True):
