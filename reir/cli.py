@@ -61,7 +61,7 @@ def synth(
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="benchmark directory (reir synth --out)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
     stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model) "
                               "or weak (expressions without referent boxes: detection + MIL contrast)"),
     model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
@@ -77,12 +77,15 @@ def train(
     lr: Optional[float] = typer.Option(None, min=0.0, help="[5e-4]"),
     zero: Optional[int] = typer.Option(None, min=0, max=2, help="DeepSpeed ZeRO stage [2]"),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
+    source: list[str] = typer.Option([], "--source", help="KIND:PATH[:WEIGHT] instead of --data, repeat to mix "
+                                     "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
-    from reir.training.config import TrainConfig
+    from reir.training.config import SourceSpec, TrainConfig
     from reir.training.trainer import run_training
 
-    _need_dir(data, "data directory")
+    if data is not None:
+        _need_dir(data, "data directory")
     if stage not in ("1", "2", "rerank", "weak"):
         raise ReirError(f"--stage must be 1, 2, rerank or weak, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
@@ -91,7 +94,13 @@ def train(
                  use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
                  batch_size=batch_size, lr=lr, zero_stage=zero)
     fields.update({k: v for k, v in flags.items() if v is not None})
-    fields.update(data_root=str(data), stage=stage)
+    fields.update(stage=stage)
+    if data is not None:
+        fields["data_root"] = str(data)
+    if source:
+        fields["sources"] = [SourceSpec.parse(s) for s in source]
+    if not fields.get("data_root") and not fields.get("sources"):
+        raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])")
     fields.setdefault("run_name", f"reir-{stage}" if stage in ("rerank", "weak") else f"reir-stage{stage}")
     cfg = TrainConfig(**fields)
     _init_ray()

@@ -7,13 +7,44 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+SourceKind = Literal["synthetic", "reircoco", "refcoco", "sorec", "coco"]
+
+
+class SourceSpec(BaseModel):
+    """One training data source (``reir.data.formats.load_source``) and its share of an epoch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: SourceKind
+    path: str = Field(description="synthetic: the benchmark dir; refcoco: refs(*).p; reircoco, sorec, coco: the json")
+    images: str | None = Field(None, description="image root (default: the folder of path)")
+    instances: str | None = Field(None, description="COCO instances json joined to reircoco / refcoco files "
+                                  "(refcoco default: instances.json beside the pickle)")
+    split: str = Field("train", description="records of synthetic / reircoco / refcoco files to use")
+    weight: float = Field(1.0, gt=0, description="share of each epoch, relative to the other sources' weights")
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        """``KIND:PATH[:WEIGHT]``, the form of ``reir train --source``."""
+        kind, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"source {text!r}: expected KIND:PATH[:WEIGHT]")
+        path, weight = rest, 1.0
+        head, sep, tail = rest.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass  # a colon inside the path
+        return cls.model_validate({"kind": kind, "path": path, "weight": weight})
+
 
 class TrainConfig(BaseModel):
     """One training run: a stage of the two-stage recipe on one data root."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data_root: str = Field(description="synthetic benchmark directory (reir synth --out)")
+    data_root: str = Field("", description="synthetic benchmark directory (reir synth --out); unused with sources")
     model: str = Field("small", description="preset name or model directory to start from")
     stage: Literal["1", "2", "rerank", "weak"] = Field(
         "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model; "
@@ -45,10 +76,20 @@ class TrainConfig(BaseModel):
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
+    sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
+                                      "data_root's train split, every image once per epoch")
+    epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
+                                   "(default: as many as they hold together)")
     loss_overrides: dict[str, Any] = Field(
         default_factory=dict, description="LossSpec fields for this run (weights, weak_* thresholds, "
         "weak_detection); unlike model_overrides they also apply to a checkpoint (no weights change) "
         "and are saved in the new checkpoint's config")
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> TrainConfig:
+        if not self.data_root and not self.sources:
+            raise ValueError("no training data: set data_root or sources")
+        return self
 
     @model_validator(mode="after")
     def _known_loss_fields(self) -> TrainConfig:

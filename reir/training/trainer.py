@@ -9,7 +9,6 @@ its shard of the dataset, and reports a checkpoint (a model directory that
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -187,6 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rng = random.Random(cfg.seed + rank)
     step, micro, samples_seen, started = 0, 0, 0, time.monotonic()
     last: dict[str, float] = {}
+    warm: tuple[float, int] | None = None  # (time, samples) at the end of step 1
     done = False
     for epoch in range(cfg.epochs if not cfg.max_steps else 10**6):
         batches = shard.iter_batches(
@@ -209,6 +209,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro % cfg.grad_accum:
                 continue
             step += 1
+            if step == 1:
+                warm = (time.monotonic(), samples_seen)
             last = {k: float(v.detach()) for k, v in losses.items()}
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 rate = samples_seen * world / max(1e-9, time.monotonic() - started)
@@ -223,7 +225,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seconds = time.monotonic() - started
     stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds, 1e-9),
              "world_size": world, **last}
+    stats.update(_steady_stats(warm, step, samples_seen, world, device))
     _report(rank, engine.module, processor, cfg, stats)
+
+
+def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int, world: int,
+                  device: torch.device) -> dict[str, float]:
+    """Rates after step 1 (which also pays for the data pipeline's start and lazy allocations,
+    a large share of a short benchmark run) and, on GPU, this worker's peak memory."""
+    out: dict[str, float] = {}
+    if warm is not None and steps > 1:
+        seconds = max(time.monotonic() - warm[0], 1e-9)
+        out["steady_samples_per_s"] = (samples_seen - warm[1]) * world / seconds
+        out["steady_step_s"] = seconds / (steps - 1)
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
@@ -293,23 +310,37 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     _report(rank, model, processor, cfg, stats, {"calibration.json": calibration})
 
 
-def without_referents(sample: ImageSample) -> ImageSample:
-    """The weak-supervision view of a sample: its expressions keep their image, lose their box.
+def without_referents(row: dict[str, Any]) -> dict[str, Any]:
+    """The weak-supervision view of a training row: its expressions keep their image and
+    lose their box index (``NO_REFERENT``).
 
-    Done on the driver, before rows reach the workers, so nothing in the weak stage can
-    read a referent box. The image's boxes stay (detection, when ``weak_detection``).
+    Mapped over the dataset before it reaches the workers, whatever the source, so
+    nothing in the weak stage can read a referent box. The image's boxes stay (detection,
+    when ``weak_detection``).
     """
-    return dataclasses.replace(sample, refs=[(text, NO_REFERENT) for text, _ in sample.refs])
+    refs = [[text, NO_REFERENT] for text, _ in json.loads(row["refs"])]
+    return {**row, "refs": json.dumps(refs)}
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
-    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()),
+    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else "",
                                "output_dir": str(Path(cfg.output_dir).resolve())}
     if Path(cfg.model).exists():
         updates["model"] = str(Path(cfg.model).resolve())
     return cfg.model_copy(update=updates)
+
+
+def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
+    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch."""
+    import ray
+
+    samples = load_samples(cfg.data_root, "train")
+    if not samples:
+        raise ValueError(f"no training images under {cfg.data_root}")
+    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
+    return ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)]), len(samples)
 
 
 def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
@@ -319,19 +350,22 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    samples = load_samples(cfg.data_root, "train")
-    if not samples:
-        raise ValueError(f"no training images under {cfg.data_root}")
-    if cfg.stage == "weak":
-        samples = [without_referents(s) for s in samples]
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
-    ds = ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)])
+    mixed = None
+    if cfg.sources:
+        from reir.training.mixing import prepare_mixed
+
+        mixed = prepare_mixed(cfg)
+        cfg, ds, num_rows = mixed.config, mixed.dataset, mixed.rows_per_epoch
+    else:
+        ds, num_rows = _benchmark_dataset(cfg)
+    if cfg.stage == "weak":
+        ds = ds.map(without_referents)
     out_root = Path(cfg.output_dir).resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples)},
+        train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -340,7 +374,7 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
         run_config=RunConfig(name=cfg.run_name, storage_path=str(out_root / "ray")),
         datasets={"train": ds},
     )
-    echo(f"training stage {cfg.stage}: {len(samples)} images, {cfg.num_workers} worker(s), "
+    echo(f"training stage {cfg.stage}: {num_rows} images{' per epoch' if mixed else ''}, {cfg.num_workers} worker(s), "
          f"ZeRO {cfg.zero_stage}, model {cfg.model}")
     result = trainer.fit()
     if result.checkpoint is None:
@@ -349,5 +383,9 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     if model_dir.exists():
         shutil.rmtree(model_dir)
     result.checkpoint.to_directory(str(model_dir))
+    if mixed is not None:
+        from reir.training.mixing import record_sources
+
+        record_sources(model_dir, mixed)
     echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
     return model_dir
