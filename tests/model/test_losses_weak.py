@@ -85,8 +85,7 @@ def test_the_same_best_instance_in_another_image_suppresses_the_pair() -> None:
     logits = torch.einsum("td,nqd->tnq", text, inst)
     best = logits.argmax(dim=-1)
     own = torch.tensor([0, 1, 2])
-    kwargs = dict(text_threshold=0.9, instance_threshold=0.95)
-    mask = suppressed_negatives(text, own, text, own, inst, weight, best, **kwargs)
+    mask = suppressed_negatives(text, own, text, own, inst, weight, best, text_threshold=0.9, instance_threshold=0.95)
     assert mask.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
     strict = suppressed_negatives(text, own, text, own, inst, weight, best, text_threshold=0.9,
                                   instance_threshold=1.5)  # fmt: skip
@@ -161,3 +160,15 @@ def test_stages_1_and_2_reject_weak_rows_by_name(tiny: tuple[ReirModel, ReirProc
         with pytest.raises(ValueError, match=rf"{data[1][1].image_id}.*stage 'weak'"):
             ReirCriterion(model.config, stage=stage)(model, batch)
     assert torch.isfinite(ReirCriterion(model.config, stage="weak")(model, batch)["loss"])
+
+
+def test_a_batch_without_expressions_trains_detection_only(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    model, proc = tiny
+    data = make_dataset(0, 2)
+    for _, s in data:
+        s.refs.clear()  # COCO-style images: boxes, no expressions
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    parts = ReirCriterion(model.config, stage="weak")(model, batch)
+    assert parts["loss_weak"].item() == 0.0 and parts["loss_obj"].item() > 0
+    parts["loss"].backward()
+    assert model.vision.heads.box[-1].weight.grad.abs().sum() > 0
