@@ -136,6 +136,18 @@ def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return torch.tensor([hash(r) for r in rows], dtype=torch.long, device=input_ids.device)
 
 
+def shared_positives(keys: torch.Tensor, all_keys: torch.Tensor, all_cols: torch.Tensor, *,
+                     num_columns: int) -> torch.Tensor:
+    """``[T, num_columns]`` bool: text ``t``'s positives are the referent columns of every
+    expression of the global batch with the same key (``text_keys``), its own included;
+    ``all_cols`` ``-1`` marks padding rows of the gather."""
+    same = (keys[:, None] == all_keys[None, :]) & (all_cols[None, :] >= 0)
+    rows, idx = same.nonzero(as_tuple=True)
+    positives = torch.zeros(keys.shape[0], num_columns, dtype=torch.bool, device=keys.device)
+    positives[rows, all_cols[idx]] = True
+    return positives
+
+
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
@@ -306,8 +318,5 @@ class ReirCriterion(nn.Module):
         if self.world_size > 1:
             all_keys = _gather_padded(keys, self.world_size, pad=0)
             all_cols = _gather_padded(cols, self.world_size, pad=-1)
-        same = (keys[:, None] == all_keys[None, :]) & (all_cols[None, :] >= 0)
-        rows, idx = same.nonzero(as_tuple=True)
-        positives = torch.zeros_like(logits, dtype=torch.bool)
-        positives[rows, all_cols[idx]] = True
+        positives = shared_positives(keys, all_keys, all_cols, num_columns=logits.shape[1])
         return siglip_pair_loss(logits, positives, valid)

@@ -95,22 +95,24 @@ def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
         ReirCriterion(model.config, stage="3")
 
 
-def test_identical_expressions_share_positives(
-    tiny: tuple[ReirModel, ReirProcessor], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_identical_expressions_share_positives(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     from reir.model import losses
 
     model, proc = tiny
-    data = make_dataset(0, 2)
-    for _, s in data:
-        s.refs = [("the red square", 0)]  # same words, different images/instances
+    data = make_dataset(0, 3)
+    refs = ["the red square", "the red square", "the blue circle"]  # same words on two images
+    for (_, s), text in zip(data, refs):
+        s.refs = [(text, 0)]
     batch = proc.collate([s for _, s in data], [im for im, _ in data])
     keys = losses.text_keys(batch.input_ids, batch.attention_mask)
-    assert keys[0] == keys[1]
-    seen: list[torch.Tensor] = []
-    real = losses.siglip_pair_loss
-    monkeypatch.setattr(losses, "siglip_pair_loss", lambda lg, pos, valid=None: seen.append(pos) or real(lg, pos, valid))
-    ReirCriterion(model.config, stage="2")(model, batch)
-    (positives,) = seen
-    assert positives.shape == (2, 2 * model.num_queries)
-    assert positives.sum(dim=1).tolist() == [2, 2]
+    assert keys[0] == keys[1] != keys[2]
+    q = model.num_queries
+    cols = torch.tensor([0 * q + 5, 1 * q + 7, 2 * q + 1])  # each referent's global column
+    positives = losses.shared_positives(keys, keys, cols, num_columns=3 * q)
+    assert positives.sum(dim=1).tolist() == [2, 2, 1]
+    assert positives[0, 5] and positives[0, q + 7] and positives[1, 5] and positives[1, q + 7]
+    assert positives[2, 2 * q + 1] and not positives[2, : 2 * q].any()
+    # A padding row of the gather (column -1) is never anyone's positive.
+    padded = losses.shared_positives(keys, torch.cat([keys, keys[:1]]), torch.cat([cols, torch.tensor([-1])]),
+                                     num_columns=3 * q)
+    assert torch.equal(padded, positives)
