@@ -43,11 +43,23 @@ class TrainConfig(BaseModel):
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
+    text_lr_mult: float = Field(1.0, gt=0, description="LR multiplier for the text encoder's parameters")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also report a resumable checkpoint every N optimizer steps (stages 1 and 2)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="newest checkpoints kept in the run's storage")
+    resume: bool = Field(False, description="continue from the latest checkpoint of run_name (stages 1 and 2)")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1: no limit")
+    eval_every: int | None = Field(
+        None, ge=1, description="rank 0 evaluates on the held-out split every N steps and at the end (stages 1, 2)")
+    eval_max_queries: int = Field(64, ge=1, description="held-out queries per evaluation (first N, fixed)")
+    eval_max_images: int = Field(64, ge=1, description="held-out gallery images per evaluation: the queries' "
+                                 "images first, then others as distractors")
 
     @model_validator(mode="after")
-    def _zero3_needs_gather(self) -> TrainConfig:
-        if self.zero_stage == 3:
-            raise ValueError("zero_stage 3 is not supported yet: checkpoints are saved from rank 0's full copy")
+    def _rerank_runs_once(self) -> TrainConfig:
+        if self.stage == "rerank" and (self.resume or self.checkpoint_every or self.eval_every):
+            raise ValueError("resume, checkpoint_every and eval_every apply to stages 1 and 2; "
+                             "stage rerank is short and reports one checkpoint at the end")
         return self
 
 

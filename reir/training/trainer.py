@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from reir.data.formats import ImageSample, load_samples, negative_groups
+from reir.data.formats import ImageSample, load_samples, negative_groups, test_queries
+from reir.training.checkpointing import check_resumable, export_model, is_uri, join
 from reir.training.config import TrainConfig, deepspeed_config
+from reir.training.operations import StepHook, TrainOps
 
 MODEL_DIRNAME = "model"
 
@@ -96,20 +98,27 @@ def _agree(value: float, device: torch.device) -> float:
 
 
 SCORE_PARAMS = ("logit_scale", "logit_bias")
+TEXT_PREFIX = "text."  # ReirModel.text: the text encoder (tower + MORE + projection)
 
 
 def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Weights decay; norms, biases and the score's temperature/bias do not; the latter
-    two learn ``score_lr_mult`` times faster. ``lr_mult`` is applied by the LR schedule."""
+    two learn ``score_lr_mult`` times faster, the text encoder ``text_lr_mult`` times
+    (a pretrained text tower is usually fine-tuned gentler than the fresh detector).
+    ``lr_mult`` is applied by the LR schedule."""
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
         "no_decay": {"params": [], "weight_decay": 0.0, "lr_mult": 1.0},
         "score": {"params": [], "weight_decay": 0.0, "lr_mult": cfg.score_lr_mult},
+        "text_decay": {"params": [], "weight_decay": cfg.weight_decay, "lr_mult": cfg.text_lr_mult},
+        "text_no_decay": {"params": [], "weight_decay": 0.0, "lr_mult": cfg.text_lr_mult},
     }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         key = "score" if name in SCORE_PARAMS else "decay" if p.ndim > 1 else "no_decay"
+        if key != "score" and name.startswith(TEXT_PREFIX):
+            key = f"text_{key}"
         groups[key]["params"].append(p)
     return [g for g in groups.values() if g["params"]]
 
@@ -174,22 +183,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    rng = random.Random(cfg.seed + rank)
+    ops = TrainOps(cfg=cfg, engine=engine, processor=processor, rank=rank, world=world, rng=rng,
+                   fit_id=str(loop_config.get("fit_id", "")), step_hook=loop_config.get("step_hook"))
+    state = ops.start_from(ray.train.get_checkpoint())
 
     shard = ray.train.get_dataset_shard("train")
     rows_per_worker = int(loop_config["num_rows"]) // world
     steps_per_epoch = max(1, rows_per_worker // (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     cache = ImageCache()
-    rng = random.Random(cfg.seed + rank)
-    step, micro, samples_seen, started = 0, 0, 0, time.monotonic()
+    # A resumed run continues the step count, the epoch (skipping the micro-batches it
+    # already trained on) and the time budget's clock.
+    step, micro, samples_seen, resumed_s = state.step, state.step * cfg.grad_accum, 0, state.elapsed_s
+    started = time.monotonic() - resumed_s
     last: dict[str, float] = {}
-    done = False
-    for epoch in range(cfg.epochs if not cfg.max_steps else 10**6):
+    done = step >= total_steps
+    for epoch in range(state.epoch, cfg.epochs if not cfg.max_steps else 10**6):
+        if done:
+            break
+        skip = state.micro_in_epoch if epoch == state.epoch else 0
         batches = shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
             local_shuffle_seed=cfg.seed + epoch, drop_last=True,
         )
+        micro_in_epoch = 0
         for frame in batches:
+            micro_in_epoch += 1
+            if micro_in_epoch <= skip:
+                continue
             samples = [row_to_sample(r) for r in frame.to_dict("records")]
             images = [cache.get(s.path) for s in samples]
             batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0, rng=rng)
@@ -207,19 +229,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += 1
             last = {k: float(v.detach()) for k, v in losses.items()}
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-                rate = samples_seen * world / max(1e-9, time.monotonic() - started)
+                rate = samples_seen * world / max(1e-9, time.monotonic() - started - resumed_s)
                 parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
                 print(f"[train stage {cfg.stage}] epoch {epoch} step {step}/{total_steps} {parts} "
                       f"{rate:.1f} samples/s", flush=True)
-            if step >= total_steps or progress >= 1.0:
-                done = True
+            done = step >= total_steps or progress >= 1.0
+            ops.after_step(last, epoch=epoch, micro_in_epoch=micro_in_epoch,
+                           elapsed_s=time.monotonic() - started, final=done)
+            if done:
                 break
         if done:
             break
     seconds = time.monotonic() - started
-    stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds, 1e-9),
+    stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds - resumed_s, 1e-9),
              "world_size": world, **last}
-    _report(rank, engine.module, processor, cfg, stats)
+    ops.finish(stats)
 
 
 def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
@@ -293,17 +317,25 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
     updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()),
-                               "output_dir": str(Path(cfg.output_dir).resolve())}
+                               "output_dir": cfg.output_dir if is_uri(cfg.output_dir)
+                               else str(Path(cfg.output_dir).resolve())}
     if Path(cfg.model).exists():
         updates["model"] = str(Path(cfg.model).resolve())
     return cfg.model_copy(update=updates)
 
 
-def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
-    """Train one stage; returns the model directory ``{output_dir}/{run_name}/model``."""
+def run_training(
+    cfg: TrainConfig, *, echo: Callable[[str], None] = print, step_hook: StepHook | None = None,
+) -> Path | str:
+    """Train one stage; returns the model directory ``{output_dir}/{run_name}/model``
+    (a ``Path``, or a URI string when ``output_dir`` is a URI).
+
+    Ray Train keeps the run's checkpoints under ``{output_dir}/ray/{run_name}``; a worker
+    group that fails is restarted (``max_failures``) from the latest of them. ``step_hook``
+    runs in every worker after every optimizer step of stages 1 and 2 (it must pickle)."""
     cfg = with_absolute_paths(cfg)
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     samples = load_samples(cfg.data_root, "train")
@@ -313,16 +345,23 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     ray.data.DataContext.get_current().enable_progress_bars = False
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
     ds = ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)])
-    out_root = Path(cfg.output_dir).resolve()
+    storage = join(cfg.output_dir, "ray")
+    if cfg.resume:
+        check_resumable(cfg, join(storage, cfg.run_name))
+    if cfg.eval_every and not test_queries(cfg.data_root):
+        raise ValueError(f"eval_every: {cfg.data_root}/reircoco.json has no test-split queries to evaluate on")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples)},
+        train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples), "fit_id": uuid.uuid4().hex,
+                           "step_hook": step_hook},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         ),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(out_root / "ray")),
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets={"train": ds},
     )
     echo(f"training stage {cfg.stage}: {len(samples)} images, {cfg.num_workers} worker(s), "
@@ -330,9 +369,7 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run_name} produced no checkpoint: {result.error}")
-    model_dir = out_root / cfg.run_name / MODEL_DIRNAME
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    result.checkpoint.to_directory(str(model_dir))
+    model_dir = join(cfg.output_dir, cfg.run_name, MODEL_DIRNAME)
+    export_model(result.checkpoint.filesystem, result.checkpoint.path, model_dir)
     echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
-    return model_dir
+    return model_dir if is_uri(model_dir) else Path(model_dir)
