@@ -74,7 +74,11 @@ def train(
     minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per worker step [16]"),
     lr: Optional[float] = typer.Option(None, min=0.0, help="[5e-4]"),
-    zero: Optional[int] = typer.Option(None, min=0, max=2, help="DeepSpeed ZeRO stage [2]"),
+    zero: Optional[int] = typer.Option(None, min=0, max=3, help="DeepSpeed ZeRO stage [2]"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="resumable checkpoint every N steps [end only]"),
+    resume: Optional[bool] = typer.Option(None, help="continue the latest checkpoint of --name [no]"),
+    max_failures: Optional[int] = typer.Option(None, min=-1, help="restarts from the latest checkpoint [0]"),
+    eval_every: Optional[int] = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
@@ -89,6 +93,7 @@ def train(
                  cpus_per_worker=cpus_per_worker,
                  use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
                  batch_size=batch_size, lr=lr, zero_stage=zero)
+    flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.update(data_root=str(data), stage=stage)
     fields.setdefault("run_name", "reir-rerank" if stage == "rerank" else f"reir-stage{stage}")

@@ -338,6 +338,11 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    storage = join(cfg.output_dir, "ray")
+    if cfg.resume:
+        check_resumable(cfg, join(storage, cfg.run_name))
+    if cfg.eval_every and not test_queries(cfg.data_root):
+        raise ValueError(f"eval_every: {cfg.data_root}/reircoco.json has no test-split queries to evaluate on")
     samples = load_samples(cfg.data_root, "train")
     if not samples:
         raise ValueError(f"no training images under {cfg.data_root}")
@@ -345,11 +350,6 @@ def run_training(
     ray.data.DataContext.get_current().enable_progress_bars = False
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
     ds = ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)])
-    storage = join(cfg.output_dir, "ray")
-    if cfg.resume:
-        check_resumable(cfg, join(storage, cfg.run_name))
-    if cfg.eval_every and not test_queries(cfg.data_root):
-        raise ValueError(f"eval_every: {cfg.data_root}/reircoco.json has no test-split queries to evaluate on")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples), "fit_id": uuid.uuid4().hex,
