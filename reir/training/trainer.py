@@ -4,7 +4,9 @@ The driver turns the benchmark's training split into a Ray Dataset (one row per 
 and starts ``num_workers`` Ray Train workers. Each worker builds the model, wraps it in
 a DeepSpeed engine (ZeRO stage from the config, gloo on CPU, NCCL + bf16 on GPU), reads
 its shard of the dataset, and reports a checkpoint (a model directory that
-``reir.model.create_model`` loads) at the end.
+``reir.model.create_model`` loads, plus the state to resume from) every
+``checkpoint_every`` steps and at the end; resume, restarts after a failure and
+evaluation during training live in :mod:`reir.training.operations`.
 """
 
 from __future__ import annotations
