@@ -108,9 +108,33 @@ def test_resume_continues_a_run_in_uri_storage(ray_session: None, data: Path, tm
     assert resumed == first and stats["steps"] == 4
     latest = latest_checkpoint(f"{uri}/ray/r")
     assert latest is not None and read_state(latest).step == 4
-    # Without resume, the same run name trains from step 0 again.
-    fresh_log = tmp_path / "fresh.jsonl"
-    run_training(_config(data, uri, run_name="r", max_steps=1), step_hook=_recorder(fresh_log))
-    assert _steps(fresh_log) == [{"step": 1, "rank": 0, "resumed_from": None}]
     with pytest.raises(ValueError, match="written by 1 workers"):
         run_training(_config(data, uri, run_name="r", resume=True, num_workers=2))
+
+
+def _saved_run(root: Path, *, step: int, fit_id: str, world_size: int = 1) -> str:
+    from reir.training.checkpointing import TrainState
+
+    (root / "train_state").mkdir(parents=True)
+    (root / "train_state" / "trainer.json").write_text(TrainState(step=step, fit_id=fit_id,
+                                                                  world_size=world_size).to_json())
+    return str(root)
+
+
+def test_a_new_run_under_an_old_name_starts_at_step_zero(tmp_path: Path) -> None:
+    """Ray hands a run's latest checkpoint to any later fit() of the same name; only a
+    restart of the same fit, or --resume, continues from it."""
+    import random
+
+    from reir.training.operations import TrainOps
+
+    def ops(cfg: TrainConfig, world: int = 1) -> TrainOps:  # the engine is only touched to restore
+        return TrainOps(cfg=cfg, engine=None, processor=None, rank=0, world=world, rng=random.Random(0), fit_id="new")
+
+    old = _saved_run(tmp_path / "old", step=4, fit_id="old")
+    fresh = ops(_config(tmp_path, "runs"))
+    assert fresh.start(old).step == 0 and fresh.resumed_from is None
+    with pytest.raises(ValueError, match="written by 1 workers, this run has 2"):
+        ops(_config(tmp_path, "runs", resume=True), world=2).start(old)
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        ops(_config(tmp_path, "runs", resume=True)).start(str(tmp_path))
