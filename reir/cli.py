@@ -61,10 +61,10 @@ def synth(
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="benchmark directory (reir synth --out)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
     stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA) or rerank (the re-ranker, on a stage-2 model)"),
     model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output directory for runs [runs]"),
+    out: Optional[str] = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
     name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
     workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers [1]"),
     cpus_per_worker: Optional[float] = typer.Option(None, min=0.1, help="CPUs (= torch threads) per worker [1]"),
@@ -80,22 +80,31 @@ def train(
     max_failures: Optional[int] = typer.Option(None, min=-1, help="restarts from the latest checkpoint [0]"),
     eval_every: Optional[int] = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
+    source: list[str] = typer.Option([], "--source", help="KIND:PATH[:WEIGHT] instead of --data, repeat to mix "
+                                     "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
-    from reir.training.config import TrainConfig
+    from reir.training.config import SourceSpec, TrainConfig
     from reir.training.trainer import run_training
 
-    _need_dir(data, "data directory")
+    if data is not None:
+        _need_dir(data, "data directory")
     if stage not in ("1", "2", "rerank"):
         raise ReirError(f"--stage must be 1, 2 or rerank, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
-    flags = dict(model=model, output_dir=None if out is None else str(out), run_name=name, num_workers=workers,
+    flags = dict(model=model, output_dir=out, run_name=name, num_workers=workers,
                  cpus_per_worker=cpus_per_worker,
                  use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
                  batch_size=batch_size, lr=lr, zero_stage=zero)
     flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every)
     fields.update({k: v for k, v in flags.items() if v is not None})
-    fields.update(data_root=str(data), stage=stage)
+    fields.update(stage=stage)
+    if data is not None:
+        fields["data_root"] = str(data)
+    if source:
+        fields["sources"] = [SourceSpec.parse(s) for s in source]
+    if not fields.get("data_root") and not fields.get("sources"):
+        raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])")
     fields.setdefault("run_name", "reir-rerank" if stage == "rerank" else f"reir-stage{stage}")
     cfg = TrainConfig(**fields)
     _init_ray()

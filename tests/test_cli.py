@@ -32,6 +32,8 @@ def test_every_command_has_help(command: str) -> None:
         (["api-key", "--name", "bad name!"], "invalid key name"),
         (["bogus"], "No such command 'bogus'"),
         (["train"], "Missing option '--data'"),
+        (["train", "--source", "voc:/x"], "invalid SourceSpec setting kind"),
+        (["train", "--source", "coco"], "expected KIND:PATH[:WEIGHT]"),
         (["train", "--data", ".", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     ],
 )

@@ -53,7 +53,7 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
 
     from reir.data.formats import test_queries
     from reir.evaluation.metrics import Prediction
-    from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
+    from reir.evaluation.runner import evaluate_index, evaluate_predictions, rec_accuracy_for
     from reir.ingestion.pipeline import run_ingestion
     from reir.platform.config import IngestConfig, MilvusConfig
     from reir.platform.milvus_server import EmbeddedMilvus
@@ -85,6 +85,9 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
                 answers = list(pool.map(ask, [q.text for q in queries]))
         finally:
             serve.delete("e2e")
+        # `reir evaluate` without --url runs the service's query path in process: same answers.
+        inprocess = evaluate_index(data, model_dir, milvus_uri=milvus.uri, collection="reir_live", url=None,
+                                   out=None, echo=lambda _: None)
 
     valid_ids = {p.stem for p in images}
     for ans in answers:
@@ -98,3 +101,4 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["BR@1@0.5"] <= metrics["BR@5@0.5"] <= metrics["BR@10@0.5"]
     assert metrics["BR@10@0.9"] <= metrics["BR@10@0.5"]
+    assert {k: inprocess[k] for k in metrics} == metrics

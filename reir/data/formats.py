@@ -1,8 +1,9 @@
 """Public file-format API of ``reir.data`` (see docs/interfaces.md).
 
 Records and strict loaders live in :mod:`reir.data.records`; samples and queries
-assembled from a benchmark directory in :mod:`reir.data.samples`. Other packages
-import from here so that split stays an internal detail.
+assembled from a benchmark directory in :mod:`reir.data.samples`; training sources in
+other formats (REIRCOCO, RefCOCO/+/g, SOREC, COCO) in :mod:`reir.data.sources`. Other
+packages import from here so that split stays an internal detail.
 """
 
 from __future__ import annotations
@@ -21,20 +22,40 @@ from reir.data.records import (
     validate_coco,
 )
 from reir.data.samples import ImageSample, Query, load_samples, negative_groups, test_queries
+from reir.data.sources import (
+    SOURCE_KINDS,
+    LabelSpace,
+    load_coco_source,
+    load_plain_pickle,
+    load_refer_source,
+    load_reircoco_source,
+    load_sorec_source,
+    load_source,
+    load_synthetic_source,
+)
 
 __all__ = [
+    "SOURCE_KINDS",
     "Annotation",
     "DiscoveryQuery",
     "ImageSample",
+    "LabelSpace",
     "Match",
     "Query",
     "RefEntry",
     "Sentence",
     "entry_to_dict",
     "load_coco",
+    "load_coco_source",
     "load_discovery",
+    "load_plain_pickle",
+    "load_refer_source",
     "load_reircoco",
+    "load_reircoco_source",
     "load_samples",
+    "load_sorec_source",
+    "load_source",
+    "load_synthetic_source",
     "negative_groups",
     "save_reircoco",
     "test_queries",

@@ -7,6 +7,7 @@ detector also learns objects nobody refers to) with the REIRCOCO sentences.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,17 @@ def _image_key(img: dict[str, Any]) -> str:
     return str(img.get("image_key", img["id"]))
 
 
-def _samples_from_coco(root: Path, coco_path: Path) -> dict[str, ImageSample]:
+def _samples_from_coco(
+    root: Path, coco_path: Path, referred: Collection[int] = ()
+) -> tuple[dict[str, ImageSample], list[str]]:
+    """Samples keyed by image id, and the category names their labels index.
+
+    Crowd regions (``iscrowd: 1``) cover many instances at once, so they are no
+    detection target (DETR practice) unless an expression in ``referred`` names them.
+    """
     data = validate_coco(coco_path)
-    cat_index = {c["id"]: k for k, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cat_index = {c["id"]: k for k, c in enumerate(cats)}
     by_id: dict[int, ImageSample] = {}
     for img in data["images"]:
         path = str((root / img["file_name"]).resolve())
@@ -58,16 +67,19 @@ def _samples_from_coco(root: Path, coco_path: Path) -> dict[str, ImageSample]:
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
         if ann["category_id"] not in cat_index:
             raise ValueError(f"{coco_path}: annotation id {ann['id']}: unknown category_id {ann['category_id']}")
+        if ann.get("iscrowd") and ann["id"] not in referred:
+            continue
         sample = by_id[ann["image_id"]]
         sample.boxes.append([float(v) for v in ann["bbox"]])
         sample.labels.append(cat_index[ann["category_id"]])
         sample.ann_ids.append(ann["id"])
-    return {s.image_id: s for s in by_id.values()}
+    return {s.image_id: s for s in by_id.values()}, [str(c["name"]) for c in cats]
 
 
-def _samples_from_entries(root: Path, entries: list[RefEntry]) -> dict[str, ImageSample]:
+def _samples_from_entries(root: Path, entries: list[RefEntry]) -> tuple[dict[str, ImageSample], list[str]]:
     """Fallback when no instances file exists: boxes come from ``det_anno``."""
-    cat_ids = sorted({a.category_id for e in entries for a in e.det_anno})
+    names = {a.category_id: a.category_name for e in entries for a in e.det_anno}
+    cat_ids = sorted(names)
     cat_index = {c: k for k, c in enumerate(cat_ids)}
     out: dict[str, ImageSample] = {}
     for e in entries:
@@ -79,7 +91,33 @@ def _samples_from_entries(root: Path, entries: list[RefEntry]) -> dict[str, Imag
             boxes=[list(a.bbox) for a in dets], labels=[cat_index[a.category_id] for a in dets],
             ann_ids=[a.ann_id for a in dets],
         )
-    return out
+    return out, [names[c] for c in cat_ids]
+
+
+def join_reircoco(
+    reircoco: Path, entries: list[RefEntry], coco_path: Path | None, image_root: Path
+) -> tuple[list[ImageSample], list[str]]:
+    """Every image with all its boxes (from ``coco_path``, else the ``det_anno`` of
+    ``entries``, one split's entries of the file ``reircoco``) and its refs; also the
+    category names the labels index, so that several sources can share one label space."""
+    if coco_path is not None:
+        referred = {e.ref_anno.ann_id for e in entries}
+        samples, names = _samples_from_coco(image_root, coco_path, referred)
+    else:
+        samples, names = _samples_from_entries(image_root, entries)
+    coco_name = coco_path.name if coco_path is not None else "det_anno"
+    for e in entries:
+        sample = samples.get(e.image_id)
+        if sample is None:
+            raise ValueError(f"{reircoco}: image_id {e.image_id!r} ({e.split}) is missing from {coco_name}")
+        try:
+            index = sample.ann_ids.index(e.ref_anno.ann_id)
+        except ValueError:
+            raise ValueError(
+                f"{reircoco}: image_id {e.image_id!r}: ref_anno.ann_id {e.ref_anno.ann_id} has no box in the image"
+            ) from None
+        sample.refs += [(s.raw, index) for s in e.sentences]
+    return sorted(samples.values(), key=lambda s: s.image_id), names
 
 
 def load_samples(root: str | Path, split: str) -> list[ImageSample]:
@@ -89,19 +127,7 @@ def load_samples(root: str | Path, split: str) -> list[ImageSample]:
     reircoco = root / "reircoco.json"
     entries = [e for e in load_reircoco(reircoco) if e.split == split]
     coco_path = root / f"instances_{split}.json"
-    samples = _samples_from_coco(root, coco_path) if coco_path.exists() else _samples_from_entries(root, entries)
-    for e in entries:
-        sample = samples.get(e.image_id)
-        if sample is None:
-            raise ValueError(f"{reircoco}: image_id {e.image_id!r} ({split}) is missing from {coco_path.name}")
-        try:
-            index = sample.ann_ids.index(e.ref_anno.ann_id)
-        except ValueError:
-            raise ValueError(
-                f"{reircoco}: image_id {e.image_id!r}: ref_anno.ann_id {e.ref_anno.ann_id} has no box in the image"
-            ) from None
-        sample.refs += [(s.raw, index) for s in e.sentences]
-    return sorted(samples.values(), key=lambda s: s.image_id)
+    return join_reircoco(reircoco, entries, coco_path if coco_path.exists() else None, root)[0]
 
 
 def negative_groups(root: str | Path, split: str, image_ids: list[str]) -> list[int]:

@@ -92,9 +92,18 @@ def _http_search(url: str) -> Callable[[str, int], list[Prediction]]:
 
 
 def _inprocess_search(model_dir: Path, milvus_uri: str, collection: str) -> Callable[[str, int], list[Prediction]]:
-    from reir.platform.config import MilvusConfig, ServeConfig
-    from reir.serving.retriever import Retriever
+    """The service's own query path (encode, ANN, re-rank when the checkpoint has a re-ranker)
+    in this process: the figures match what the Serve app answers."""
+    import asyncio
 
-    retriever = Retriever.from_config(ServeConfig(model_path=str(model_dir),
-                                                  milvus=MilvusConfig(uri=milvus_uri, collection=collection)))
-    return lambda text, k: [Prediction(r.image_id, r.box) for r in retriever.search(text, top_k=k)]
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.serving.pipeline import QueryRequest, local_pipeline
+
+    pipeline = local_pipeline(ServeConfig(model_path=str(model_dir),
+                                          milvus=MilvusConfig(uri=milvus_uri, collection=collection)))
+
+    def search(text: str, k: int) -> list[Prediction]:
+        outcome = asyncio.run(pipeline.run(QueryRequest(query=text, top_k=k)))
+        return [Prediction(r.image_id, r.box) for r in outcome.results]
+
+    return search

@@ -15,6 +15,7 @@ from .configuration import ReirConfig
 from .modeling import WEIGHTS_NAME, ReirModel
 from .processing import ReirProcessor
 from .tokenization import build_tokenizer, build_vocab
+from .towers import resolve_model_path
 
 _SECTIONS = ("vision", "text", "more", "loss", "rerank")
 # Convenience aliases for the overrides passed most often (local HF tower directories).
@@ -69,6 +70,14 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return out
 
 
+def _resolve_packaged(kwargs: dict[str, Any]) -> None:
+    """``model_path: "packaged:NAME"`` (e.g. preset ``small-minilm``) -> the pip package's directory."""
+    for section in ("vision", "text"):
+        spec = kwargs.get(section) or {}
+        if spec.get("model_path"):
+            spec["model_path"] = resolve_model_path(spec["model_path"], field=f"{section}.model_path")
+
+
 def _is_checkpoint(name_or_path: str | os.PathLike[str]) -> bool:
     path = Path(name_or_path)
     return path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / "config.json").is_file()
@@ -98,6 +107,7 @@ def create_model(name_or_path: str | os.PathLike[str], **overrides: Any) -> tupl
     name = str(name_or_path)
     kwargs = apply_overrides(load_preset(name), overrides)
     kwargs["preset"] = name
+    _resolve_packaged(kwargs)
     text = kwargs.setdefault("text", {})
     if text.get("encoder", "bert") == "bert":
         text["vocab_size"] = len(build_vocab())

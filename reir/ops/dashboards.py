@@ -124,6 +124,10 @@ def serving_dashboard() -> Dashboard:
             Panel("Milvus search latency", _quantiles(T.QUERY_SEARCH_LATENCY_SECONDS, (0.5, 0.9, 0.99)), unit="s",
                   description="ANN search + ranking, measured in the Searcher deployment."),
             Panel("ANN candidates per query", _quantiles(T.QUERY_CANDIDATES, (0.5, 0.99)), unit="short"),
+            Panel("Localize errors per second", (Target(rate(T.QUERY_LOCALIZE_ERRORS_TOTAL, by=("reason",)),
+                                                        "{{reason}}"),), unit="short",
+                  description="Results that kept their stored box because the localize (zoom) stage could not "
+                              "read the image (unreadable), run the model (failed) or be reached (unavailable)."),
             Panel("Text-encoder batch size (mean)", (Target(
                 f"{rate(T.QUERY_ENCODE_BATCH_SIZE, suffix='_sum')} / {rate(T.QUERY_ENCODE_BATCH_SIZE, suffix='_count')}",
                 "texts per forward pass"),), unit="short"),

@@ -159,6 +159,27 @@ class SecurityConfig(_Frozen):
 ServeStage = Literal["ingress", "encoder", "searcher", "reranker"]
 
 
+class LocalizeConfig(_Frozen):
+    """The localize stage (:mod:`reir.serving.localize`): zoom on small boxes of the top results.
+
+    A result's box is small when it covers less than ``small_area_fraction`` of its image;
+    the reranker replica then reads the image (the row's ``uri``, a local path), runs the
+    model on a window ``zoom_factor`` times the box, maps the referred box back and repeats
+    up to ``zoom_steps`` times. Only instances overlapping the previous box by
+    ``min_prior_iou`` may be chosen in a crop (a refinement, not a new pick).
+    """
+
+    enabled: bool = False
+    small_area_fraction: float = Field(default=0.02, gt=0, le=1)
+    zoom_factor: float = Field(default=3.0, gt=1, le=64)
+    zoom_steps: int = Field(default=3, ge=1, le=10)
+    max_results: int = Field(default=5, ge=1, le=1000)  # the top results that may be refined
+    converge_iou: float = Field(default=0.9, gt=0, le=1)
+    min_prior_iou: float = Field(default=0.3, ge=0, le=1)
+    top_k_instances: int = Field(default=10, ge=1, le=1000)  # instances kept per crop (after NMS)
+    max_image_pixels: int = Field(default=100_000_000, ge=1)
+
+
 class ServeConfig(_Frozen):
     """Online query serving (Ray Serve)."""
 
@@ -196,6 +217,7 @@ class ServeConfig(_Frozen):
     # Folders that GET /v1/images/{image_id} may read from; empty = wherever the stored uri points.
     image_roots: tuple[Path, ...] = ()
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    localize: LocalizeConfig = Field(default_factory=LocalizeConfig)
 
     @field_validator("milvus", mode="before")
     @classmethod

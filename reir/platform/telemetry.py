@@ -46,6 +46,13 @@ QUERY_STAGE_LATENCY_SECONDS = MetricSpec(
     ("stage",),
 )
 QUERY_CANDIDATES = MetricSpec("reir_query_candidates", "histogram", "ANN candidates considered per query")
+QUERY_LOCALIZE_ERRORS_TOTAL = MetricSpec(
+    "reir_query_localize_errors_total",
+    "counter",
+    "Results whose stored box was kept because the localize stage could not refine it "
+    "(reason: unreadable image, failed model call, unavailable stage)",
+    ("reason",),
+)
 INGEST_IMAGES_TOTAL = MetricSpec("reir_ingest_images_total", "counter", "Images encoded")
 INGEST_INSTANCES_TOTAL = MetricSpec("reir_ingest_instances_total", "counter", "Instance rows produced")
 INGEST_FAILURES_TOTAL = MetricSpec(
@@ -85,6 +92,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     QUERY_SEARCH_LATENCY_SECONDS,
     QUERY_STAGE_LATENCY_SECONDS,
     QUERY_CANDIDATES,
+    QUERY_LOCALIZE_ERRORS_TOTAL,
     INGEST_IMAGES_TOTAL,
     INGEST_INSTANCES_TOTAL,
     INGEST_FAILURES_TOTAL,

@@ -5,8 +5,9 @@ Graph: ``IngressDeployment`` (FastAPI, :mod:`reir.serving.http`, runs the
 ``@serve.batch`` so concurrent queries share one forward pass) -> ``SearcherDeployment``
 (Milvus ANN top-N with filters, no model: the encoder hands over the model's score
 calibration, see :mod:`reir.serving.retriever`) -> ``RerankerDeployment`` (model;
-fetches each candidate's image context from the searcher). Each deployment has its own
-replica count or autoscaling spec (``ServeConfig.autoscaling``).
+fetches each candidate's image context from the searcher; also runs the localize stage,
+:mod:`reir.serving.localize`, when ``ServeConfig.localize.enabled``). Each deployment has
+its own replica count or autoscaling spec (``ServeConfig.autoscaling``).
 
 Entry point: ``serve run reir.serving.app:build_app model_path=DIR milvus_uri=URI``
 (keys: any :class:`ServeConfig` field, ``milvus_<field>`` for Milvus settings, and
@@ -30,12 +31,13 @@ from ray.serve.handle import DeploymentHandle
 
 from reir.platform import telemetry as T
 from reir.platform.auth import KeyRing
-from reir.platform.config import MilvusConfig, ServeConfig, ServeStage, load_config
+from reir.platform.config import LocalizeConfig, MilvusConfig, ServeConfig, ServeStage, load_config
 from reir.platform.filters import StructuredFilter
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import Hit, MilvusStore
 from reir.serving.http import HttpSettings, create_http_app
-from reir.serving.pipeline import QueryPipeline
+from reir.serving.localize import BoxUpdate, Localizer
+from reir.serving.pipeline import QueryPipeline, localize_results_for
 from reir.serving.rerank import Reranker, Scored, ann_order, discover_threshold_for
 from reir.serving.retriever import Calibration, QueryEncoder, Result, Searcher
 
@@ -138,11 +140,12 @@ class SearcherDeployment:
 @serve.deployment(name="Reranker")
 class RerankerDeployment:
     """Re-ranks candidates with the model (:class:`reir.serving.rerank.Reranker`); the
-    candidates' image context comes from the searcher, which owns the store."""
+    candidates' image context comes from the searcher, which owns the store. Also the
+    localize stage (same model; reads the gallery images from the rows' uris)."""
 
     def __init__(
         self, model_path: str, searcher: DeploymentHandle, *, loader: ModelLoader = load_reir_model,
-        torch_threads: int = 1,
+        torch_threads: int = 1, localize: Mapping[str, Any] | None = None,
     ) -> None:
         import torch
 
@@ -150,6 +153,7 @@ class RerankerDeployment:
         model, processor = loader(model_path)
         calibration = QueryEncoder(model, processor).calibration
         self.reranker = Reranker(model, processor, calibration=calibration)
+        self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
         self.searcher = searcher
 
     def info(self) -> dict[str, Any]:
@@ -160,6 +164,9 @@ class RerankerDeployment:
             return ann_order(candidates, self.reranker.calibration)
         context = await self.searcher.context.remote(sorted({h.image_id for h in candidates}), model_version)
         return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
+
+    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
+        return await asyncio.to_thread(self.localizer.localize, query, items)
 
     def check_health(self) -> None:
         if self.reranker.model is None:
@@ -199,6 +206,9 @@ class HandleStages:
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
         return await _retry_once(lambda: self.reranker.rerank.remote(query, candidates, model_version))
 
+    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
+        return await _retry_once(lambda: self.reranker.localize.remote(query, items))
+
     async def image_uri(self, image_id: str) -> str | None:
         return await _retry_once(lambda: self.searcher.image_uri.remote(image_id))
 
@@ -221,16 +231,20 @@ class RayRequestMetrics:
 
 
 class RayStageMetrics:
-    """Per-stage latency histogram (``stage`` tag) and candidates per query."""
+    """Per-stage latency histogram (``stage`` tag), candidates per query, localize errors."""
 
     def __init__(self) -> None:
         self.stages = T.ray_metric(T.QUERY_STAGE_LATENCY_SECONDS)
         self.candidates = T.ray_metric(T.QUERY_CANDIDATES, boundaries=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000))
+        self.localize_errors = T.ray_metric(T.QUERY_LOCALIZE_ERRORS_TOTAL)
 
     def observe(self, timings_s: Mapping[str, float], candidates: int) -> None:
         for stage, seconds in timings_s.items():
             self.stages.observe(seconds, tags={"stage": stage})
         self.candidates.observe(candidates)
+
+    def count_localize_errors(self, reason: str, count: int) -> None:
+        self.localize_errors.inc(count, tags={"reason": reason})
 
 
 @serve.deployment(name="Ingress")
@@ -249,6 +263,7 @@ class IngressDeployment:
             HandleStages(encoder, searcher, reranker), candidates=self.cfg.candidates,
             rerank_candidates=self.cfg.rerank_candidates, dedupe_iou=self.cfg.dedupe_iou,
             filter_model_version=self.cfg.filter_model_version, metrics=RayStageMetrics(),
+            localize_results=localize_results_for(self.cfg),
         )  # fmt: skip
         # Keys (and the mounted secret file) are read here, on the replica; a rotation is a redeploy.
         self.keyring = KeyRing.from_config(self.cfg.security)
@@ -291,7 +306,8 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     ).bind(cfg.milvus.model_dump(), candidates=cfg.candidates, dedupe_iou=cfg.dedupe_iou)
     reranker = RerankerDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "reranker", cfg.reranker_replicas, cfg.num_cpus_reranker)
-    ).bind(cfg.model_path, searcher, loader=loader, torch_threads=max(1, int(cfg.num_cpus_reranker)))
+    ).bind(cfg.model_path, searcher, loader=loader, torch_threads=max(1, int(cfg.num_cpus_reranker)),
+           localize=cfg.localize.model_dump())
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
     ).bind(encoder, searcher, reranker, config=cfg.model_dump(mode="json"))

@@ -3,7 +3,7 @@
 Routes (all under ``/v1`` except the page and the probe):
 
 - ``POST /v1/search`` ``{"query", "top_k", "mode": "rank"|"discover", "rerank", "filters":
-  [{"field","op","value"}]}`` -> ``{"results": [{"image_id","uri","box","score"}],
+  [{"field","op","value"}]}`` -> ``{"results": [{"image_id","uri","box","score","refined"}],
   "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms", "took_ms"}``
 - ``GET /v1/images/{image_id}``: the gallery image (streamed from the stored uri, only
   inside ``image_roots`` when set); ``GET /v1/info``; ``GET /v1/admin/config`` (admin scope)
@@ -104,6 +104,7 @@ class SearchResult(BaseModel):
     uri: str
     box: list[float] = Field(description="absolute pixels [x, y, w, h]")
     score: float = Field(description="probability that this box is the described instance")
+    refined: bool = Field(default=False, description="the box was refined by the localize stage (zoom)")
 
 
 class SearchResponse(BaseModel):

@@ -2,7 +2,9 @@
 
 ``QueryPipeline.run(request)``: encode the text -> ANN top-N candidates (with the
 request's structured filters) -> re-rank the top ``rerank_candidates`` when asked and
-the model can -> answer. ``mode="rank"``: the best ``top_k`` (image, box) pairs, near
+the model can -> answer -> localize (when ``localize_results`` > 0: the first
+``localize_results`` answers' small boxes are refined by zooming, see
+:mod:`reir.serving.localize`; a failed localize stage keeps the stored boxes). ``mode="rank"``: the best ``top_k`` (image, box) pairs, near
 duplicates of a kept box dropped. ``mode="discover"``: every image with a candidate
 whose probability reaches the calibrated threshold, one answer (its best box) per image,
 possibly none. Stages are injected (:class:`QueryStages`): Serve handles in
@@ -12,10 +14,11 @@ possibly none. Stages are injected (:class:`QueryStages`): Serve handles in
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -25,8 +28,11 @@ from reir.platform.config import ServeConfig
 from reir.platform.filters import Condition, StructuredFilter
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import Hit
+from reir.serving.localize import UNAVAILABLE, BoxUpdate, Localizer
 from reir.serving.rerank import Reranker, Scored, ann_order
 from reir.serving.retriever import Calibration, QueryEncoder, Result
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["rank", "discover"]
 STAGES = ("encode", "search", "rerank", "localize", "total")
@@ -63,15 +69,24 @@ class QueryStages(Protocol):
 
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]: ...
 
+    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
+        """One :class:`BoxUpdate` per ``(uri, box)``, in order."""
+        ...
+
     async def health(self) -> dict[str, Any]: ...
 
 
 class StageMetrics(Protocol):
     def observe(self, timings_s: Mapping[str, float], candidates: int) -> None: ...
 
+    def count_localize_errors(self, reason: str, count: int) -> None: ...
+
 
 class NoStageMetrics:
     def observe(self, timings_s: Mapping[str, float], candidates: int) -> None:
+        return None
+
+    def count_localize_errors(self, reason: str, count: int) -> None:
         return None
 
 
@@ -117,8 +132,10 @@ class QueryPipeline:
         dedupe_iou: float = 0.9,
         filter_model_version: bool = True,
         metrics: StageMetrics | None = None,
+        localize_results: int = 0,
     ) -> None:
         self.stages = stages
+        self.localize_results = localize_results
         self.candidates = candidates
         self.rerank_candidates = rerank_candidates
         self.dedupe_iou = dedupe_iou
@@ -154,6 +171,10 @@ class QueryPipeline:
         threshold = float(info["discover_threshold"])
         results = answer(scored, mode=request.mode, top_k=request.top_k, threshold=threshold,
                          dedupe_iou=self.dedupe_iou)
+        if self.localize_results > 0 and results:
+            t = clock()
+            results = await self._localize(request.query, results)
+            timings["localize"] = clock() - t
         timings["total"] = clock() - start
         self.metrics.observe(timings, len(hits))
         return QueryOutcome(
@@ -161,6 +182,26 @@ class QueryPipeline:
             threshold=threshold if request.mode == "discover" else None, candidates=len(hits),
             timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()},
         )  # fmt: skip
+
+    async def _localize(self, query: str, results: list[Result]) -> list[Result]:
+        """Refined boxes for the first ``localize_results`` results; errors keep the stored box."""
+        head = results[: self.localize_results]
+        try:
+            updates = await self.stages.localize(query, [(r.uri, r.box) for r in head])
+            if len(updates) != len(head):
+                raise ValueError(f"localize answered {len(updates)} boxes for {len(head)}")
+        except Exception:  # a query is answered with the stored boxes rather than failed
+            log.exception("localize stage failed; answering with the stored boxes")
+            self.metrics.count_localize_errors(UNAVAILABLE, len(head))
+            return results
+        errors: dict[str, int] = {}
+        for update in updates:
+            if update.error:
+                errors[update.error] = errors.get(update.error, 0) + 1
+        for reason, count in sorted(errors.items()):
+            self.metrics.count_localize_errors(reason, count)
+        refined = [replace(r, box=u.box, refined=True) if u.refined else r for r, u in zip(head, updates, strict=True)]
+        return refined + results[len(head):]
 
     async def health(self) -> dict[str, Any]:
         return await self.stages.health()
@@ -183,11 +224,12 @@ class LocalStages:
     """:class:`QueryStages` over plain objects in this process (tests, benchmarks, notebooks)."""
 
     def __init__(self, encoder: QueryEncoder, store: ContextStore, reranker: Reranker, *,
-                 discover_threshold: float) -> None:
+                 discover_threshold: float, localizer: Localizer | None = None) -> None:
         self.encoder = encoder
         self.store = store
         self.reranker = reranker
         self.discover_threshold = discover_threshold
+        self.localizer = localizer
 
     async def info(self) -> dict[str, Any]:
         return {"model_version": self.encoder.model_version, "calibration": self.encoder.calibration.to_dict(),
@@ -202,6 +244,11 @@ class LocalStages:
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
         context = self.store.rows_for_images([h.image_id for h in candidates], model_version=model_version)
         return self.reranker.rerank(query, candidates, context)
+
+    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
+        if self.localizer is None:
+            return [BoxUpdate(box) for _, box in items]
+        return await asyncio.to_thread(self.localizer.localize, query, items)
 
     async def image_uri(self, image_id: str) -> str | None:
         rows = self.store.rows_for_images([image_id], with_vectors=False, max_per_image=1).get(image_id)
@@ -225,7 +272,14 @@ def local_pipeline(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -
     store = MilvusStore.from_config(cfg.milvus)
     store.load()
     reranker = Reranker(model, processor, calibration=encoder.calibration)
-    stages = LocalStages(encoder, store, reranker,
+    localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None
+    stages = LocalStages(encoder, store, reranker, localizer=localizer,
                          discover_threshold=discover_threshold_for(cfg.model_path, cfg.discover_threshold))
     return QueryPipeline(stages, candidates=cfg.candidates, rerank_candidates=cfg.rerank_candidates,
-                         dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version)
+                         dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version,
+                         localize_results=localize_results_for(cfg))
+
+
+def localize_results_for(cfg: ServeConfig) -> int:
+    """How many of the top results the localize stage sees (0: the stage is off)."""
+    return cfg.localize.max_results if cfg.localize.enabled else 0

@@ -88,10 +88,12 @@ class Result:
     ann_score: float = 0.0
     instance_score: float = 0.0
     pk: str = ""
+    refined: bool = False  # the localize stage replaced the stored box
 
     def to_wire(self) -> dict[str, Any]:
-        """The HTTP result object: ``{"image_id","uri","box","score"}``."""
-        return {"image_id": self.image_id, "uri": self.uri, "box": list(self.box), "score": self.score}
+        """The HTTP result object: ``{"image_id","uri","box","score","refined"}``."""
+        return {"image_id": self.image_id, "uri": self.uri, "box": list(self.box), "score": self.score,
+                "refined": self.refined}
 
 
 class QueryEncoder:

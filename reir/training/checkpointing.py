@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,27 @@ def export_model(checkpoint_fs: Any, checkpoint_path: str, destination: str) -> 
             continue
         dst_fs.create_dir(f"{dst}/{rel}".rsplit("/", 1)[0], recursive=True)
         pyarrow.fs.copy_files(info.path, f"{dst}/{rel}", source_filesystem=checkpoint_fs, destination_filesystem=dst_fs)
+
+
+@contextmanager
+def local_copy(directory: str, filename: str) -> Iterator[Path]:
+    """A local directory holding ``directory/filename`` to edit in place; for a URI, a
+    temporary copy that is uploaded back afterwards."""
+    if not is_uri(directory):
+        yield Path(directory)
+        return
+    import pyarrow.fs
+
+    fs, path = filesystem(directory)
+    with tempfile.TemporaryDirectory(prefix="reir-edit-") as tmp:
+        local = Path(tmp) / filename
+        if fs.get_file_info(f"{path}/{filename}").type == pyarrow.fs.FileType.File:
+            pyarrow.fs.copy_files(f"{path}/{filename}", str(local), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield Path(tmp)
+        if local.exists():
+            pyarrow.fs.copy_files(str(local), f"{path}/{filename}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
 
 
 class FullWeights:

@@ -6,13 +6,44 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+SourceKind = Literal["synthetic", "reircoco", "refcoco", "sorec", "coco"]
+
+
+class SourceSpec(BaseModel):
+    """One training data source (``reir.data.formats.load_source``) and its share of an epoch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: SourceKind
+    path: str = Field(description="synthetic: the benchmark dir; refcoco: refs(*).p; reircoco, sorec, coco: the json")
+    images: str | None = Field(None, description="image root (default: the folder of path)")
+    instances: str | None = Field(None, description="COCO instances json joined to reircoco / refcoco files "
+                                  "(refcoco default: instances.json beside the pickle)")
+    split: str = Field("train", description="records of synthetic / reircoco / refcoco files to use")
+    weight: float = Field(1.0, gt=0, description="share of each epoch, relative to the other sources' weights")
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        """``KIND:PATH[:WEIGHT]``, the form of ``reir train --source``."""
+        kind, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"source {text!r}: expected KIND:PATH[:WEIGHT]")
+        path, weight = rest, 1.0
+        head, sep, tail = rest.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass  # a colon inside the path
+        return cls.model_validate({"kind": kind, "path": path, "weight": weight})
+
 
 class TrainConfig(BaseModel):
     """One training run: a stage of the two-stage recipe on one data root."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data_root: str = Field(description="synthetic benchmark directory (reir synth --out)")
+    data_root: str = Field("", description="synthetic benchmark directory (reir synth --out); unused with sources")
     model: str = Field("small", description="preset name or model directory to start from")
     stage: Literal["1", "2", "rerank"] = Field(
         "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model")
@@ -43,6 +74,10 @@ class TrainConfig(BaseModel):
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
+    sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
+                                      "data_root's train split, every image once per epoch")
+    epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
+                                   "(default: as many as they hold together)")
     text_lr_mult: float = Field(1.0, gt=0, description="LR multiplier for the text encoder's parameters")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also report a resumable checkpoint every N optimizer steps (stages 1 and 2)")
@@ -56,10 +91,18 @@ class TrainConfig(BaseModel):
                                  "images first, then others as distractors")
 
     @model_validator(mode="after")
-    def _rerank_runs_once(self) -> TrainConfig:
+    def _needs_data(self) -> TrainConfig:
+        if not self.data_root and not self.sources:
+            raise ValueError("no training data: set data_root or sources")
+        return self
+
+    @model_validator(mode="after")
+    def _operations_fit(self) -> TrainConfig:
         if self.stage == "rerank" and (self.resume or self.checkpoint_every or self.eval_every):
             raise ValueError("resume, checkpoint_every and eval_every apply to stages 1 and 2; "
                              "stage rerank is short and reports one checkpoint at the end")
+        if self.eval_every and not self.data_root:
+            raise ValueError("eval_every evaluates on data_root's test split: set data_root too")
         return self
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from reir.data.formats import ImageSample, load_samples, negative_groups, test_queries
-from reir.training.checkpointing import check_resumable, export_model, is_uri, join
+from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
 from reir.training.config import TrainConfig, deepspeed_config
 from reir.training.operations import StepHook, TrainOps
 
@@ -197,14 +197,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cache = ImageCache()
     # A resumed run continues the step count, the epoch (skipping the micro-batches it
     # already trained on) and the time budget's clock.
-    step, micro, samples_seen, resumed_s = state.step, state.step * cfg.grad_accum, 0, state.elapsed_s
+    # (``state`` moves on with every step: keep where this attempt started.)
+    first_step, first_epoch, first_skip, resumed_s = state.step, state.epoch, state.micro_in_epoch, state.elapsed_s
+    step, micro, samples_seen = first_step, first_step * cfg.grad_accum, 0
     started = time.monotonic() - resumed_s
     last: dict[str, float] = {}
+    warm: tuple[float, int] | None = None  # (time, samples) at the end of this attempt's first step
     done = step >= total_steps
-    for epoch in range(state.epoch, cfg.epochs if not cfg.max_steps else 10**6):
+    for epoch in range(first_epoch, cfg.epochs if not cfg.max_steps else 10**6):
         if done:
             break
-        skip = state.micro_in_epoch if epoch == state.epoch else 0
+        skip = first_skip if epoch == first_epoch else 0
         batches = shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
             local_shuffle_seed=cfg.seed + epoch, drop_last=True,
@@ -229,6 +232,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro % cfg.grad_accum:
                 continue
             step += 1
+            if warm is None:
+                warm = (time.monotonic(), samples_seen)
             last = {k: float(v.detach()) for k, v in losses.items()}
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 rate = samples_seen * world / max(1e-9, time.monotonic() - started - resumed_s)
@@ -245,7 +250,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seconds = time.monotonic() - started
     stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds - resumed_s, 1e-9),
              "world_size": world, **last}
+    stats.update(_steady_stats(warm, step - first_step, samples_seen, world, device))
     ops.finish(stats)
+
+
+def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int, world: int,
+                  device: torch.device) -> dict[str, float]:
+    """Rates after step 1 (which also pays for the data pipeline's start and lazy allocations,
+    a large share of a short benchmark run) and, on GPU, this worker's peak memory."""
+    out: dict[str, float] = {}
+    if warm is not None and steps > 1:
+        seconds = max(time.monotonic() - warm[0], 1e-9)
+        out["steady_samples_per_s"] = (samples_seen - warm[1]) * world / seconds
+        out["steady_step_s"] = seconds / (steps - 1)
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
@@ -318,12 +338,23 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
-    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()),
+    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else "",
                                "output_dir": cfg.output_dir if is_uri(cfg.output_dir)
                                else str(Path(cfg.output_dir).resolve())}
     if Path(cfg.model).exists():
         updates["model"] = str(Path(cfg.model).resolve())
     return cfg.model_copy(update=updates)
+
+
+def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
+    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch."""
+    import ray
+
+    samples = load_samples(cfg.data_root, "train")
+    if not samples:
+        raise ValueError(f"no training images under {cfg.data_root}")
+    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
+    return ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)]), len(samples)
 
 
 def run_training(
@@ -345,16 +376,19 @@ def run_training(
         check_resumable(cfg, join(storage, cfg.run_name))
     if cfg.eval_every and not test_queries(cfg.data_root):
         raise ValueError(f"eval_every: {cfg.data_root}/reircoco.json has no test-split queries to evaluate on")
-    samples = load_samples(cfg.data_root, "train")
-    if not samples:
-        raise ValueError(f"no training images under {cfg.data_root}")
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
-    ds = ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)])
+    mixed = None
+    if cfg.sources:
+        from reir.training.mixing import prepare_mixed
+
+        mixed = prepare_mixed(cfg)
+        cfg, ds, num_rows = mixed.config, mixed.dataset, mixed.rows_per_epoch
+    else:
+        ds, num_rows = _benchmark_dataset(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "num_rows": len(samples), "fit_id": uuid.uuid4().hex,
+        train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows, "fit_id": uuid.uuid4().hex,
                            "step_hook": step_hook},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -366,12 +400,17 @@ def run_training(
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets={"train": ds},
     )
-    echo(f"training stage {cfg.stage}: {len(samples)} images, {cfg.num_workers} worker(s), "
+    echo(f"training stage {cfg.stage}: {num_rows} images{' per epoch' if mixed else ''}, {cfg.num_workers} worker(s), "
          f"ZeRO {cfg.zero_stage}, model {cfg.model}")
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run_name} produced no checkpoint: {result.error}")
     model_dir = join(cfg.output_dir, cfg.run_name, MODEL_DIRNAME)
     export_model(result.checkpoint.filesystem, result.checkpoint.path, model_dir)
+    if mixed is not None:
+        from reir.training.mixing import record_sources
+
+        with local_copy(model_dir, "training_args.json") as local_dir:
+            record_sources(local_dir, mixed)
     echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
     return model_dir if is_uri(model_dir) else Path(model_dir)

@@ -75,7 +75,8 @@ def test_search_returns_the_wire_format(client: TestClient, backend: StubBackend
     assert set(body) == {"results", "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms",
                          "took_ms"}
     assert body["model_version"] == "stub-1" and body["mode"] == "rank" and body["threshold"] is None
-    assert body["results"][0] == {"image_id": "img0", "uri": "/g/img0.jpg", "box": [1.0, 2.0, 3.0, 4.0], "score": 0.9}
+    assert body["results"][0] == {"image_id": "img0", "uri": "/g/img0.jpg", "box": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
+                                  "refined": False}
     assert body["timings_ms"]["total"] == 3.5 and body["candidates"] == 7
     assert backend.calls[0] == QueryRequest("the red square", 2, "rank", True, ())  # stripped, rerank by default
     assert len(client.post("/v1/search", json={"query": "x"}).json()["results"]) == 10  # default top_k

@@ -31,7 +31,8 @@ def test_rank_hits_orders_by_logit_and_dedupes_per_image() -> None:
     assert [r.pk for r in results] == ["a0", "b0", "a2"]
     top = results[0]
     assert top.logit == pytest.approx(3.0) and top.score == pytest.approx(1 / (1 + np.exp(-3.0)))
-    assert top.ann_score == 0.5 and top.to_wire() == {"image_id": "a", "uri": "/g/a.jpg", "box": [0, 0, 10, 10], "score": top.score}
+    assert top.ann_score == 0.5 and top.to_wire() == {"image_id": "a", "uri": "/g/a.jpg", "box": [0, 0, 10, 10], "score": top.score,
+                                                   "refined": False}
 
 
 def test_calibration_probe_recovers_affine_score_and_flags_others() -> None:

@@ -1,0 +1,138 @@
+"""The localize stage: refine the boxes of the top results by zooming on small ones.
+
+Runs after re-ranking on the first ``LocalizeConfig.max_results`` answers. The stored box
+of a result came from the text-free visual branch at the model's input size; for an
+instance that covers a small fraction of its image, the model is run again on an enlarged
+window around it, conditioned on the query (:func:`reir.model.localize.zoom_refine`), and
+the refined box replaces the stored one. Large boxes are left alone (their image header
+is read, never decoded).
+
+Images are read from the row's ``uri`` on the replica that runs the stage (a local path
+or ``file://``). An image that cannot be read keeps its stored box and is reported as an
+``unreadable`` error; a model failure keeps every box and reports ``failed``: the stage
+never fails a query.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from reir.model.localize import BatchLocalizer, InstanceLocalizer, ZoomSpec, as_box, is_small, zoom_refine
+from reir.platform.config import LocalizeConfig
+from reir.platform.schema import Box
+
+log = logging.getLogger(__name__)
+
+UNREADABLE, FAILED, UNAVAILABLE = "unreadable", "failed", "unavailable"
+ImageReader = Callable[[str], Image.Image]
+
+
+@dataclass(frozen=True)
+class BoxUpdate:
+    """The localize stage's answer for one result: its (possibly refined) box."""
+
+    box: Box
+    refined: bool = False
+    error: str = ""  # "", UNREADABLE or FAILED
+
+
+class ImageReadError(OSError):
+    pass
+
+
+def open_image(uri: str, *, max_pixels: int = 100_000_000) -> Image.Image:
+    """Open a local image lazily (header only); remote URIs are not readable here."""
+    if "://" in uri and not uri.startswith("file://"):
+        raise ImageReadError(f"{uri}: only local files can be localized")
+    path = uri.removeprefix("file://")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageReadError(f"{uri}: {exc}") from exc
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise ImageReadError(f"{uri}: {img.width}x{img.height} is over the pixel limit {max_pixels}")
+    return img
+
+
+def decode(img: Image.Image) -> Image.Image:
+    """Fully decode to upright RGB (truncated files fail here, not in the model)."""
+    try:
+        img.load()
+        return (ImageOps.exif_transpose(img) or img).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
+        raise ImageReadError(f"cannot decode image: {exc}") from exc
+
+
+class Localizer:
+    """``localize(query, [(uri, box)]) -> [BoxUpdate]`` with an injected batch localizer."""
+
+    def __init__(
+        self, localizer: BatchLocalizer, *, spec: ZoomSpec, open_image: ImageReader = open_image,
+    ) -> None:  # fmt: skip
+        self.localizer = localizer
+        self.spec = spec
+        self.open_image = open_image
+
+    @classmethod
+    def from_config(cls, model: object, processor: object, cfg: LocalizeConfig) -> Localizer:
+        spec = ZoomSpec(small_area_fraction=cfg.small_area_fraction, zoom_factor=cfg.zoom_factor,
+                        steps=cfg.zoom_steps, converge_iou=cfg.converge_iou)
+        localizer = InstanceLocalizer(model, processor, top_k=cfg.top_k_instances, min_prior_iou=cfg.min_prior_iou)
+        max_pixels = cfg.max_image_pixels
+        return cls(localizer, spec=spec, open_image=lambda uri: open_image(uri, max_pixels=max_pixels))
+
+    def localize(self, query: str, items: Sequence[tuple[str, Sequence[float]]]) -> list[BoxUpdate]:
+        boxes = [as_box(box) for _, box in items]
+        updates = [BoxUpdate(box) for box in boxes]
+        images: dict[str, Image.Image | None] = {}
+        todo: list[int] = []
+        for i, (uri, box) in enumerate(zip((u for u, _ in items), boxes, strict=True)):
+            if self._small_in(uri, box, images):
+                todo.append(i)
+            elif uri in images and images[uri] is None:
+                updates[i] = BoxUpdate(box, error=UNREADABLE)
+        if not todo:
+            return updates
+        readable = [image for i in todo if (image := images[items[i][0]]) is not None]  # all of them, by _small_in
+        try:
+            zoomed = zoom_refine(self.localizer, readable, [boxes[i] for i in todo], query, self.spec)
+        except Exception:  # the stored boxes still answer the query
+            log.exception("localize failed for %d boxes; keeping the stored boxes", len(todo))
+            return [BoxUpdate(u.box, error=FAILED) if i in todo else u for i, u in enumerate(updates)]
+        for i, result in zip(todo, zoomed, strict=True):
+            updates[i] = BoxUpdate(result.box, refined=result.refined)
+        return updates
+
+    def _small_in(self, uri: str, box: Box, cache: dict[str, Image.Image | None]) -> bool:
+        """Whether ``box`` is small in the image at ``uri``; decodes it into ``cache`` if so.
+
+        ``cache[uri]`` is None for an unreadable image; a large box's image is not decoded
+        (and not cached) unless another, small box of the same image needs it.
+        """
+        if uri in cache:
+            image = cache[uri]
+            return image is not None and is_small(box, image.size, self.spec.small_area_fraction)
+        try:
+            header = self.open_image(uri)
+        except OSError as exc:
+            log.warning("localize: %s", exc)
+            cache[uri] = None
+            return False
+        try:
+            if not is_small(box, header.size, self.spec.small_area_fraction):
+                return False
+            cache[uri] = decode(header)
+        except OSError as exc:
+            log.warning("localize: %s: %s", uri, exc)
+            cache[uri] = None
+        finally:
+            header.close()
+        return cache[uri] is not None
