@@ -65,7 +65,7 @@ def train(
     stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model) "
                               "or weak (expressions without referent boxes: detection + MIL contrast)"),
     model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output directory for runs [runs]"),
+    out: Optional[str] = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
     name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
     workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers [1]"),
     cpus_per_worker: Optional[float] = typer.Option(None, min=0.1, help="CPUs (= torch threads) per worker [1]"),
@@ -75,7 +75,11 @@ def train(
     minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per worker step [16]"),
     lr: Optional[float] = typer.Option(None, min=0.0, help="[5e-4]"),
-    zero: Optional[int] = typer.Option(None, min=0, max=2, help="DeepSpeed ZeRO stage [2]"),
+    zero: Optional[int] = typer.Option(None, min=0, max=3, help="DeepSpeed ZeRO stage [2]"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="resumable checkpoint every N steps [end only]"),
+    resume: Optional[bool] = typer.Option(None, help="continue the latest checkpoint of --name [no]"),
+    max_failures: Optional[int] = typer.Option(None, min=-1, help="restarts from the latest checkpoint [0]"),
+    eval_every: Optional[int] = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
     source: list[str] = typer.Option([], "--source", help="KIND:PATH[:WEIGHT] instead of --data, repeat to mix "
                                      "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
@@ -89,10 +93,11 @@ def train(
     if stage not in ("1", "2", "rerank", "weak"):
         raise ReirError(f"--stage must be 1, 2, rerank or weak, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
-    flags = dict(model=model, output_dir=None if out is None else str(out), run_name=name, num_workers=workers,
+    flags = dict(model=model, output_dir=out, run_name=name, num_workers=workers,
                  cpus_per_worker=cpus_per_worker,
                  use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
                  batch_size=batch_size, lr=lr, zero_stage=zero)
+    flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.update(stage=stage)
     if data is not None:

@@ -84,6 +84,17 @@ class TrainConfig(BaseModel):
         default_factory=dict, description="LossSpec fields for this run (weights, weak_* thresholds, "
         "weak_detection); unlike model_overrides they also apply to a checkpoint (no weights change) "
         "and are saved in the new checkpoint's config")
+    text_lr_mult: float = Field(1.0, gt=0, description="LR multiplier for the text encoder's parameters")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also report a resumable checkpoint every N optimizer steps (stages 1 and 2)")
+    checkpoints_to_keep: int = Field(2, ge=1, description="newest checkpoints kept in the run's storage")
+    resume: bool = Field(False, description="continue from the latest checkpoint of run_name (stages 1 and 2)")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1: no limit")
+    eval_every: int | None = Field(
+        None, ge=1, description="rank 0 evaluates on the held-out split every N steps and at the end (stages 1, 2)")
+    eval_max_queries: int = Field(64, ge=1, description="held-out queries per evaluation (first N, fixed)")
+    eval_max_images: int = Field(64, ge=1, description="held-out gallery images per evaluation: the queries' "
+                                 "images first, then others as distractors")
 
     @model_validator(mode="after")
     def _needs_data(self) -> TrainConfig:
@@ -101,9 +112,12 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _zero3_needs_gather(self) -> TrainConfig:
-        if self.zero_stage == 3:
-            raise ValueError("zero_stage 3 is not supported yet: checkpoints are saved from rank 0's full copy")
+    def _operations_fit(self) -> TrainConfig:
+        if self.stage == "rerank" and (self.resume or self.checkpoint_every or self.eval_every):
+            raise ValueError("resume, checkpoint_every and eval_every apply to stages 1 and 2; "
+                             "stage rerank is short and reports one checkpoint at the end")
+        if self.eval_every and not self.data_root:
+            raise ValueError("eval_every evaluates on data_root's test split: set data_root too")
         return self
 
 

@@ -4,7 +4,9 @@ The driver turns the benchmark's training split into a Ray Dataset (one row per 
 and starts ``num_workers`` Ray Train workers. Each worker builds the model, wraps it in
 a DeepSpeed engine (ZeRO stage from the config, gloo on CPU, NCCL + bf16 on GPU), reads
 its shard of the dataset, and reports a checkpoint (a model directory that
-``reir.model.create_model`` loads) at the end.
+``reir.model.create_model`` loads, plus the state to resume from) every
+``checkpoint_every`` steps and at the end; resume, restarts after a failure and
+evaluation during training live in :mod:`reir.training.operations`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from reir.data.formats import ImageSample, load_samples, negative_groups
+from reir.data.formats import ImageSample, load_samples, negative_groups, test_queries
 from reir.model.processing import NO_REFERENT
+from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
 from reir.training.config import TrainConfig, deepspeed_config
+from reir.training.operations import StepHook, TrainOps
 
 MODEL_DIRNAME = "model"
 
@@ -97,20 +101,27 @@ def _agree(value: float, device: torch.device) -> float:
 
 
 SCORE_PARAMS = ("logit_scale", "logit_bias")
+TEXT_PREFIX = "text."  # ReirModel.text: the text encoder (tower + MORE + projection)
 
 
 def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Weights decay; norms, biases and the score's temperature/bias do not; the latter
-    two learn ``score_lr_mult`` times faster. ``lr_mult`` is applied by the LR schedule."""
+    two learn ``score_lr_mult`` times faster, the text encoder ``text_lr_mult`` times
+    (a pretrained text tower is usually fine-tuned gentler than the fresh detector).
+    ``lr_mult`` is applied by the LR schedule."""
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
         "no_decay": {"params": [], "weight_decay": 0.0, "lr_mult": 1.0},
         "score": {"params": [], "weight_decay": 0.0, "lr_mult": cfg.score_lr_mult},
+        "text_decay": {"params": [], "weight_decay": cfg.weight_decay, "lr_mult": cfg.text_lr_mult},
+        "text_no_decay": {"params": [], "weight_decay": 0.0, "lr_mult": cfg.text_lr_mult},
     }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         key = "score" if name in SCORE_PARAMS else "decay" if p.ndim > 1 else "no_decay"
+        if key != "score" and name.startswith(TEXT_PREFIX):
+            key = f"text_{key}"
         groups[key]["params"].append(p)
     return [g for g in groups.values() if g["params"]]
 
@@ -177,23 +188,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    rng = random.Random(cfg.seed + rank)
+    ops = TrainOps(cfg=cfg, engine=engine, processor=processor, rank=rank, world=world, rng=rng,
+                   fit_id=str(loop_config.get("fit_id", "")), step_hook=loop_config.get("step_hook"))
+    state = ops.start_from(ray.train.get_checkpoint())
 
     shard = ray.train.get_dataset_shard("train")
     rows_per_worker = int(loop_config["num_rows"]) // world
     steps_per_epoch = max(1, rows_per_worker // (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     cache = ImageCache()
-    rng = random.Random(cfg.seed + rank)
-    step, micro, samples_seen, started = 0, 0, 0, time.monotonic()
+    # A resumed run continues the step count, the epoch (skipping the micro-batches it
+    # already trained on) and the time budget's clock.
+    # (``state`` moves on with every step: keep where this attempt started.)
+    first_step, first_epoch, first_skip, resumed_s = state.step, state.epoch, state.micro_in_epoch, state.elapsed_s
+    step, micro, samples_seen = first_step, first_step * cfg.grad_accum, 0
+    started = time.monotonic() - resumed_s
     last: dict[str, float] = {}
-    warm: tuple[float, int] | None = None  # (time, samples) at the end of step 1
-    done = False
-    for epoch in range(cfg.epochs if not cfg.max_steps else 10**6):
+    warm: tuple[float, int] | None = None  # (time, samples) at the end of this attempt's first step
+    done = step >= total_steps
+    for epoch in range(first_epoch, cfg.epochs if not cfg.max_steps else 10**6):
+        if done:
+            break
+        skip = first_skip if epoch == first_epoch else 0
         batches = shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
             local_shuffle_seed=cfg.seed + epoch, drop_last=True,
         )
+        micro_in_epoch = 0
         for frame in batches:
+            micro_in_epoch += 1
+            if micro_in_epoch <= skip:
+                continue
             samples = [row_to_sample(r) for r in frame.to_dict("records")]
             images = [cache.get(s.path) for s in samples]
             batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0, rng=rng)
@@ -209,24 +235,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro % cfg.grad_accum:
                 continue
             step += 1
-            if step == 1:
+            if warm is None:
                 warm = (time.monotonic(), samples_seen)
             last = {k: float(v.detach()) for k, v in losses.items()}
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-                rate = samples_seen * world / max(1e-9, time.monotonic() - started)
+                rate = samples_seen * world / max(1e-9, time.monotonic() - started - resumed_s)
                 parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
                 print(f"[train stage {cfg.stage}] epoch {epoch} step {step}/{total_steps} {parts} "
                       f"{rate:.1f} samples/s", flush=True)
-            if step >= total_steps or progress >= 1.0:
-                done = True
+            done = step >= total_steps or progress >= 1.0
+            ops.after_step(last, epoch=epoch, micro_in_epoch=micro_in_epoch,
+                           elapsed_s=time.monotonic() - started, final=done)
+            if done:
                 break
         if done:
             break
     seconds = time.monotonic() - started
-    stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds, 1e-9),
+    stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds - resumed_s, 1e-9),
              "world_size": world, **last}
-    stats.update(_steady_stats(warm, step, samples_seen, world, device))
-    _report(rank, engine.module, processor, cfg, stats)
+    stats.update(_steady_stats(warm, step - first_step, samples_seen, world, device))
+    ops.finish(stats)
 
 
 def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int, world: int,
@@ -326,7 +354,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
     updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else "",
-                               "output_dir": str(Path(cfg.output_dir).resolve())}
+                               "output_dir": cfg.output_dir if is_uri(cfg.output_dir)
+                               else str(Path(cfg.output_dir).resolve())}
     if Path(cfg.model).exists():
         updates["model"] = str(Path(cfg.model).resolve())
     return cfg.model_copy(update=updates)
@@ -343,13 +372,25 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     return ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)]), len(samples)
 
 
-def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Path:
-    """Train one stage; returns the model directory ``{output_dir}/{run_name}/model``."""
+def run_training(
+    cfg: TrainConfig, *, echo: Callable[[str], None] = print, step_hook: StepHook | None = None,
+) -> Path | str:
+    """Train one stage; returns the model directory ``{output_dir}/{run_name}/model``
+    (a ``Path``, or a URI string when ``output_dir`` is a URI).
+
+    Ray Train keeps the run's checkpoints under ``{output_dir}/ray/{run_name}``; a worker
+    group that fails is restarted (``max_failures``) from the latest of them. ``step_hook``
+    runs in every worker after every optimizer step of stages 1 and 2 (it must pickle)."""
     cfg = with_absolute_paths(cfg)
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    storage = join(cfg.output_dir, "ray")
+    if cfg.resume:
+        check_resumable(cfg, join(storage, cfg.run_name))
+    if cfg.eval_every and not test_queries(cfg.data_root):
+        raise ValueError(f"eval_every: {cfg.data_root}/reircoco.json has no test-split queries to evaluate on")
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     mixed = None
@@ -362,16 +403,18 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
         ds, num_rows = _benchmark_dataset(cfg)
     if cfg.stage == "weak":
         ds = ds.map(without_referents)
-    out_root = Path(cfg.output_dir).resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows},
+        train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows, "fit_id": uuid.uuid4().hex,
+                           "step_hook": step_hook},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         ),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(out_root / "ray")),
+        run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets={"train": ds},
     )
     echo(f"training stage {cfg.stage}: {num_rows} images{' per epoch' if mixed else ''}, {cfg.num_workers} worker(s), "
@@ -379,13 +422,12 @@ def run_training(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> Pa
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.run_name} produced no checkpoint: {result.error}")
-    model_dir = out_root / cfg.run_name / MODEL_DIRNAME
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    result.checkpoint.to_directory(str(model_dir))
+    model_dir = join(cfg.output_dir, cfg.run_name, MODEL_DIRNAME)
+    export_model(result.checkpoint.filesystem, result.checkpoint.path, model_dir)
     if mixed is not None:
         from reir.training.mixing import record_sources
 
-        record_sources(model_dir, mixed)
+        with local_copy(model_dir, "training_args.json") as local_dir:
+            record_sources(local_dir, mixed)
     echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
-    return model_dir
+    return model_dir if is_uri(model_dir) else Path(model_dir)

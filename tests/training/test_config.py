@@ -25,7 +25,10 @@ def test_unknown_or_bad_fields_are_rejected() -> None:
     with pytest.raises(ValidationError):
         TrainConfig(data_root="d", stage="3")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
-        TrainConfig(data_root="d", zero_stage=3)
+        TrainConfig(data_root="d", zero_stage=4)
+    assert TrainConfig(data_root="d", zero_stage=3).zero_stage == 3  # full weights are gathered to save
+    with pytest.raises(ValidationError, match="stage rerank"):
+        TrainConfig(data_root="d", stage="rerank", resume=True)
 
 
 def test_lr_warms_up_then_decays() -> None:
@@ -66,3 +69,16 @@ def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch)
     assert cfg.model == str(tmp_path / "ckpt")
     assert cfg.data_root == str(tmp_path / "data") and cfg.output_dir == str(tmp_path / "runs")
     assert with_absolute_paths(TrainConfig(data_root="d", model="small")).model == "small"  # presets stay names
+
+
+def test_text_encoder_learns_at_its_own_rate() -> None:
+    from reir.model import create_model
+    from reir.training.trainer import TEXT_PREFIX, _param_groups
+
+    model, _ = create_model("tiny")
+    groups = _param_groups(model, TrainConfig(data_root="d", text_lr_mult=0.1, score_lr_mult=7.0))
+    text_ids = {id(p) for n, p in model.named_parameters() if n.startswith(TEXT_PREFIX)}
+    slow = [p for g in groups if g["lr_mult"] == 0.1 for p in g["params"]]
+    assert text_ids and {id(p) for p in slow} == text_ids
+    assert {g["weight_decay"] for g in groups if g["lr_mult"] == 0.1} == {0.0, 0.05}  # norms/biases still skip decay
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
