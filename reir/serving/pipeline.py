@@ -258,11 +258,14 @@ class LocalStages:
         return {"model_version": self.encoder.model_version}
 
 
-def local_pipeline(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> QueryPipeline:
+def local_pipeline(
+    cfg: ServeConfig, *, loader: ModelLoader = load_reir_model, discover_threshold: float | None = None
+) -> QueryPipeline:
     """The whole query path (encode, ANN, re-rank, discover) in this process, from a ServeConfig.
 
     For evaluation and notebooks: ``asyncio.run(local_pipeline(cfg).run(QueryRequest(...)))``
     gives the same answers as the Serve app without Ray. Close ``.stages.store`` when done.
+    ``discover_threshold`` replaces the calibrated one (evaluation sweeps it from 0).
     """
     from reir.platform.store import MilvusStore
     from reir.serving.rerank import discover_threshold_for
@@ -274,7 +277,8 @@ def local_pipeline(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -
     reranker = Reranker(model, processor, calibration=encoder.calibration)
     localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None
     stages = LocalStages(encoder, store, reranker, localizer=localizer,
-                         discover_threshold=discover_threshold_for(cfg.model_path, cfg.discover_threshold))
+                         discover_threshold=discover_threshold if discover_threshold is not None
+                         else discover_threshold_for(cfg.model_path, cfg.discover_threshold))
     return QueryPipeline(stages, candidates=cfg.candidates, rerank_candidates=cfg.rerank_candidates,
                          dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version,
                          localize_results=localize_results_for(cfg))

@@ -1,0 +1,108 @@
+"""Discovery scoring on hand-built answers: every number below is counted by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reir.data.records import DiscoveryQuery, Match
+from reir.evaluation.discovery import Found, discovery_curve, discovery_scores, plot_curve, summarize
+
+BOX = (10.0, 10.0, 20.0, 20.0)
+SHIFTED = (25.0, 25.0, 20.0, 20.0)  # IoU with BOX = 25 / 775 < 0.5
+
+
+def _q(qid: str, *matches: tuple[str, tuple[float, ...]]) -> DiscoveryQuery:
+    return DiscoveryQuery(qid, f"query {qid}", "test", [Match(img, k, list(b)) for k, (img, b) in enumerate(matches)])
+
+
+QUERIES = [
+    _q("two", ("a", BOX), ("b", BOX)),  # the object is in two images
+    _q("one", ("c", BOX)),
+    _q("none"),  # nowhere in the gallery
+]
+ANSWERS = {
+    "two": [Found("a", BOX, 0.9), Found("x", BOX, 0.6), Found("b", BOX, 0.3)],
+    "one": [Found("c", SHIFTED, 0.8)],  # right image, wrong box: not correct
+    "none": [Found("y", BOX, 0.4)],
+}
+
+
+def test_scores_join_recall_and_localization_precision() -> None:
+    at_half = discovery_scores(ANSWERS, QUERIES, 0.5)
+    # kept: a (ok), x (wrong image), c (wrong box); none's 0.4 is dropped -> none answered with nothing
+    assert at_half["answers"] == 3
+    assert at_half["precision"] == pytest.approx(1 / 3)
+    assert at_half["recall"] == pytest.approx(1 / 3)  # a of {a, b, c}
+    assert at_half["none_accuracy"] == 1.0
+    assert at_half["f1"] == pytest.approx(1 / 3)
+    at_low = discovery_scores(ANSWERS, QUERIES, 0.0)
+    assert at_low["answers"] == 5 and at_low["precision"] == pytest.approx(2 / 5)
+    assert at_low["recall"] == pytest.approx(2 / 3) and at_low["none_accuracy"] == 0.0
+    nothing = discovery_scores(ANSWERS, QUERIES, 0.95)
+    assert nothing["answers"] == 0 and nothing["precision"] == 1.0 and nothing["recall"] == 0.0
+    assert nothing["f1"] == 0.0
+
+
+def test_a_correct_image_counts_once_and_tau_is_applied() -> None:
+    dup = {"one": [Found("c", BOX, 0.9), Found("c", BOX, 0.8)]}
+    s = discovery_scores(dup, [QUERIES[1]], 0.5)
+    assert s["recall"] == 1.0 and s["precision"] == 1.0  # both answers overlap the truth
+    assert discovery_scores({"one": [Found("c", SHIFTED, 0.9)]}, [QUERIES[1]], 0.5, tau=0.01)["recall"] == 1.0
+
+
+def test_curve_is_monotone_in_answers_and_the_png_is_written(tmp_path: Path) -> None:
+    curve = discovery_curve(ANSWERS, QUERIES, points=11)
+    answers = [c["answers"] for c in curve]
+    assert answers == sorted(answers, reverse=True) and answers[0] == 5
+    at = discovery_scores(ANSWERS, QUERIES, 0.5)
+    png = plot_curve(curve, at, tmp_path / "d.png", title="t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    summary = summarize(curve, at, QUERIES)
+    assert summary["empty_queries"] == 1 and summary["best_f1_on_curve"]["f1"] >= at["f1"]
+
+
+def test_a_match_without_box_is_an_error() -> None:
+    q = DiscoveryQuery("q", "q", "test", [Match("a", 1, None)])
+    with pytest.raises(ValueError, match="no bbox"):
+        discovery_scores({}, [q], 0.5)
+
+
+def test_bench_discovery_end_to_end_on_a_tiny_index(tmp_path: Path) -> None:
+    """bench/discovery.py on a generated benchmark with discovery queries, a tiny model with
+    a re-ranker and a real milvus-lite file: every query is answered, the PNG is written."""
+    import importlib.util
+    import json
+
+    import torch
+
+    from reir.data.formats import load_discovery, load_samples
+    from reir.data.synth import generate
+    from reir.evaluation.comparison import COLLECTION, encode_gallery, write_index
+    from reir.model import create_model
+
+    root = tmp_path / "data"
+    generate(root, num_images=16, test_fraction=0.5, image_size=64, seed=3, discovery_queries=6)
+    torch.manual_seed(1)
+    model, processor = create_model("tiny")
+    model.add_reranker(hidden_size=16)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    (ckpt / "calibration.json").write_text(json.dumps({"discover_threshold": 0.25}))
+    write_index(encode_gallery(ckpt, load_samples(root, "test"), top_k=5, batch_size=4), tmp_path / "idx.db")
+
+    spec = importlib.util.spec_from_file_location("bench_discovery", Path(__file__).parents[2] / "bench" / "discovery.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--data", str(root), "--model", str(ckpt), "--milvus", str(tmp_path / "idx.db"),
+                             "--collection", COLLECTION, "--png", str(tmp_path / "curve.png")])
+    result = bench.run(args)
+    queries = [q for q in load_discovery(root) if q.split == "test"]
+    assert result["num_queries"] == len(queries) > 0
+    assert result["at_calibrated_threshold"]["threshold"] == 0.25  # the checkpoint's calibration
+    assert 0.0 <= result["at_calibrated_threshold"]["recall"] <= 1.0
+    assert result["curve"][0]["answers"] >= result["curve"][-1]["answers"]
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
