@@ -93,7 +93,8 @@ def test_bench_discovery_end_to_end_on_a_tiny_index(tmp_path: Path) -> None:
     (ckpt / "calibration.json").write_text(json.dumps({"discover_threshold": 0.25}))
     write_index(encode_gallery(ckpt, load_samples(root, "test"), top_k=5, batch_size=4), tmp_path / "idx.db")
 
-    spec = importlib.util.spec_from_file_location("bench_discovery", Path(__file__).parents[2] / "bench" / "discovery.py")
+    script = Path(__file__).parents[2] / "bench" / "discovery.py"
+    spec = importlib.util.spec_from_file_location("bench_discovery", script)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
