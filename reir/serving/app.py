@@ -263,7 +263,8 @@ class IngressDeployment:
             HandleStages(encoder, searcher, reranker), candidates=self.cfg.candidates,
             rerank_candidates=self.cfg.rerank_candidates, dedupe_iou=self.cfg.dedupe_iou,
             filter_model_version=self.cfg.filter_model_version, metrics=RayStageMetrics(),
-            localize_results=localize_results_for(self.cfg),
+            localize_results=localize_results_for(self.cfg), discover_candidates=self.cfg.discover_candidates,
+            discover_rerank_candidates=self.cfg.discover_rerank_candidates,
         )  # fmt: skip
         # Keys (and the mounted secret file) are read here, on the replica; a rotation is a redeploy.
         self.keyring = KeyRing.from_config(self.cfg.security)

@@ -133,8 +133,13 @@ class QueryPipeline:
         filter_model_version: bool = True,
         metrics: StageMetrics | None = None,
         localize_results: int = 0,
+        discover_candidates: int | None = None,
+        discover_rerank_candidates: int | None = None,
     ) -> None:
         self.stages = stages
+        # Discover mode's pools (default: rank mode's): every image holding the object, not a top-k.
+        self.discover_candidates = discover_candidates or candidates
+        self.discover_rerank_candidates = discover_rerank_candidates or rerank_candidates
         self.localize_results = localize_results
         self.candidates = candidates
         self.rerank_candidates = rerank_candidates
@@ -158,12 +163,15 @@ class QueryPipeline:
         version = info["model_version"] if self.filter_model_version else None
         flt = StructuredFilter(model_version=version or None, conditions=request.conditions)
         t = clock()
-        hits = await self.stages.candidates(embedding, max(self.candidates, request.top_k), flt)
+        discover = request.mode == "discover"
+        pool = self.discover_candidates if discover else self.candidates
+        hits = await self.stages.candidates(embedding, max(pool, request.top_k), flt)
         timings["search"] = clock() - t
         reranked = bool(request.rerank and info.get("can_rerank") and hits)
         if reranked:
             t = clock()
-            head = sorted(hits, key=lambda h: (-h.score, h.pk))[: max(self.rerank_candidates, request.top_k)]
+            head_size = self.discover_rerank_candidates if discover else self.rerank_candidates
+            head = sorted(hits, key=lambda h: (-h.score, h.pk))[: max(head_size, request.top_k)]
             scored = await self.stages.rerank(request.query, head, version or None)
             timings["rerank"] = clock() - t
         else:
@@ -281,7 +289,8 @@ def local_pipeline(
                          else discover_threshold_for(cfg.model_path, cfg.discover_threshold))
     return QueryPipeline(stages, candidates=cfg.candidates, rerank_candidates=cfg.rerank_candidates,
                          dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version,
-                         localize_results=localize_results_for(cfg))
+                         localize_results=localize_results_for(cfg), discover_candidates=cfg.discover_candidates,
+                         discover_rerank_candidates=cfg.discover_rerank_candidates)
 
 
 def localize_results_for(cfg: ServeConfig) -> int:

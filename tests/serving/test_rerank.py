@@ -170,3 +170,42 @@ def test_local_pipeline_from_config_matches_the_index(tmp_path: Path, fake_check
         assert found.threshold == 0.5 and [r.image_id for r in found.results] == ["img_blue"]
     finally:
         pipeline.stages.store.close()  # type: ignore[attr-defined]
+
+
+class _PoolStages:
+    """Injected QueryStages that record the pools the pipeline asks for."""
+
+    def __init__(self) -> None:
+        self.top_n: list[int] = []
+        self.reranked: list[int] = []
+
+    async def info(self) -> dict[str, Any]:
+        return {"model_version": "v", "calibration": {"scale": 1.0, "bias": 0.0, "exact": True},
+                "discover_threshold": 0.5, "can_rerank": True}
+
+    async def encode(self, text: str) -> np.ndarray:
+        return np.ones(2, dtype=np.float32)
+
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any) -> list[Hit]:
+        self.top_n.append(top_n)
+        return [Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
+                for i in range(top_n)]
+
+    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Any]:
+        self.reranked.append(len(candidates))
+        return [(h, 0.9 if i % 3 == 0 else 0.1) for i, h in enumerate(candidates)]
+
+    async def health(self) -> dict[str, Any]:
+        return {}
+
+
+def test_discover_mode_searches_and_reranks_its_own_wider_pool() -> None:
+    stages = _PoolStages()
+    pipeline = QueryPipeline(stages, candidates=20, rerank_candidates=10,  # type: ignore[arg-type]
+                             discover_candidates=300, discover_rerank_candidates=120)
+    ranked = asyncio.run(pipeline.run(QueryRequest(query="q", top_k=5)))
+    found = asyncio.run(pipeline.run(QueryRequest(query="q", mode="discover")))
+    assert stages.top_n == [20, 300] and stages.reranked == [10, 120]
+    assert len(ranked.results) == 5
+    # every re-ranked image at or above the threshold: 1 in 3 of the 120
+    assert len(found.results) == 40 and all(r.score >= 0.5 for r in found.results)
