@@ -342,7 +342,7 @@ def evaluate(
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out"),
     num_images: int = typer.Option(2000, min=20),
-    minutes: float = typer.Option(14.5, min=0.2, help="training time budget (stages 1, 2 and the re-ranker)"),
+    minutes: float = typer.Option(14.0, min=0.2, help="training time budget (stages 1, 2 and the re-ranker)"),
     model: str = typer.Option("small", help="model preset"),
     seed: int = typer.Option(0),
 ) -> None:
