@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .boxes import BoxMode, convert, iou_xywh
+from .boxes import iou_xywh
+from .rerank import pack_instance_sets
 
 Box = tuple[float, float, float, float]  # absolute pixels [x, y, w, h]
 Window = tuple[int, int, int, int]  # integer pixels (x0, y0, x1, y1), x1/y1 exclusive
@@ -279,18 +280,10 @@ class InstanceLocalizer:
         out = [np.zeros(0, dtype=np.float32) for _ in per_image]
         per_image = [per_image[i] for i in full]
         sizes = [sizes[i] for i in full]
-        n, m = len(per_image), max(len(insts) for insts in per_image)
-        dim = int(np.asarray(per_image[0][0].embedding).shape[-1])
-        emb = np.zeros((n, m, dim), dtype=np.float32)
-        boxes = np.zeros((n, m, 4), dtype=np.float32)
-        objectness = np.zeros((n, m), dtype=np.float32)
-        inst_mask = np.zeros((n, m), dtype=bool)
-        for i, (insts, (width, height)) in enumerate(zip(per_image, sizes, strict=True)):
-            emb[i, : len(insts)] = np.stack([np.asarray(x.embedding, dtype=np.float32) for x in insts])
-            xywh = np.asarray([x.box_xywh for x in insts], dtype=np.float64)
-            boxes[i, : len(insts)] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
-            objectness[i, : len(insts)] = [x.score for x in insts]
-            inst_mask[i, : len(insts)] = True
+        emb, boxes, objectness, inst_mask = pack_instance_sets(
+            [[x.embedding for x in insts] for insts in per_image], [[x.box_xywh for x in insts] for insts in per_image],
+            [[x.score for x in insts] for insts in per_image], sizes,
+        )  # fmt: skip
         logits = _numpy(self.model.rerank_logits(
             ids, mask, *(self._to_device(torch.from_numpy(a)) for a in (emb, boxes, objectness, inst_mask))
         ))  # fmt: skip

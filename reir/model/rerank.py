@@ -28,14 +28,43 @@ gallery image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from .boxes import BoxMode, convert
 from .configuration import RerankSpec
 from .modeling_visual import Mlp
 
 NUM_GEOMETRY = 5
+
+
+def pack_instance_sets(
+    embeddings: Sequence[Sequence[np.ndarray]],
+    boxes_xywh: Sequence[Sequence[Sequence[float]]],
+    scores: Sequence[Sequence[float]],
+    sizes: Sequence[tuple[float, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image instance lists (pixel ``[x, y, w, h]`` boxes, image ``(width, height)``) ->
+    the padded ``emb [N, M, D]``, ``boxes [N, M, 4]`` (cxcywh normalized), ``objectness
+    [N, M]`` and ``mask [N, M]`` arrays :meth:`RelationReranker.forward` reads. Every image
+    needs at least one instance."""
+    n, m = len(embeddings), max(len(e) for e in embeddings)
+    dim = int(np.asarray(embeddings[0][0]).shape[-1])
+    emb = np.zeros((n, m, dim), dtype=np.float32)
+    boxes = np.zeros((n, m, 4), dtype=np.float32)
+    objectness = np.zeros((n, m), dtype=np.float32)
+    mask = np.zeros((n, m), dtype=bool)
+    for i, (e, b, sc, (width, height)) in enumerate(zip(embeddings, boxes_xywh, scores, sizes, strict=True)):
+        k = len(e)
+        emb[i, :k] = np.stack([np.asarray(x, dtype=np.float32) for x in e])
+        xywh = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+        boxes[i, :k] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
+        objectness[i, :k] = sc
+        mask[i, :k] = True
+    return emb, boxes, objectness, mask
 
 
 def relative_geometry(boxes: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reir.model.boxes import BoxMode, convert
+from reir.model.rerank import pack_instance_sets
 from reir.platform.store import Hit
 from reir.serving.retriever import Calibration, to_numpy
 
@@ -145,18 +145,11 @@ class Reranker:
 
     def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
         n, m = len(groups), max(len(g) for g in groups)
-        dim = int(np.asarray(groups[0][0].embedding).shape[-1])
-        emb = np.zeros((n, m, dim), dtype=np.float32)
-        boxes = np.zeros((n, m, 4), dtype=np.float32)
-        objectness = np.zeros((n, m), dtype=np.float32)
-        mask = np.zeros((n, m), dtype=bool)
-        for i, (image_id, group) in enumerate(zip(image_ids, groups, strict=True)):
-            width, height = self.image_size(image_id, group)
-            emb[i, : len(group)] = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in group])
-            xywh = np.asarray([r.box for r in group], dtype=np.float64)
-            boxes[i, : len(group)] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
-            objectness[i, : len(group)] = [r.instance_score for r in group]
-            mask[i, : len(group)] = True
+        sizes = [self.image_size(image_id, group) for image_id, group in zip(image_ids, groups, strict=True)]
+        emb, boxes, objectness, mask = pack_instance_sets(
+            [[r.embedding for r in g] for g in groups], [[r.box for r in g] for g in groups],
+            [[r.instance_score for r in g] for g in groups], sizes,
+        )  # fmt: skip
         device = getattr(self.model, "device", None)
         move = (lambda t: t.to(device)) if isinstance(device, torch.device) else (lambda t: t)
         with torch.inference_mode():
