@@ -34,6 +34,9 @@ def test_type_a_query_and_see_boxes(fake_app: FakeApp, tmp_path: Path) -> None:
             page.wait_for_selector(".card[data-loaded='1']", timeout=60_000)
             cards = page.locator(".card")
             assert cards.count() == 3
+            # Each card loads its image on its own: wait for all of them, not the first to finish.
+            page.wait_for_function("() => [...document.querySelectorAll('.card')]"
+                                   ".every(c => c.dataset.loaded === '1')", timeout=60_000)
             first = cards.nth(0)
             assert "img_yellow" in first.inner_text()
             rect = first.locator("svg rect")
