@@ -296,15 +296,19 @@ def test_prometheus_reads_back_query_counts_and_latency_quantiles(stack: Stack, 
     p99 = _value(prometheus, f"histogram_quantile(0.99, {buckets})")
     assert p50 is not None and p99 is not None
     # The server-side latency is inside the client's; a quantile lies within its bucket.
-    bound = min(b for b in T.LATENCY_BUCKETS_S if b >= max(stack.latencies))
-    assert 0 < p50 <= p99 <= bound
+    # Past the last finite bucket, histogram_quantile answers that bucket's bound (a slow
+    # first query on a loaded machine lands there).
+    bound = min((b for b in T.LATENCY_BUCKETS_S if b >= max(stack.latencies)), default=T.LATENCY_BUCKETS_S[-1])
+    assert 0 < p50 <= p99 <= bound, (p50, p99, bound, stack.latencies)
     count = _value(prometheus, "sum(" + stack.fresh("ray_reir_query_latency_seconds_count{" + search + "}") + ")")
-    assert count == QUERIES
+    assert count == QUERIES, count
     healthy_series = stack.fresh(f'ray_serve_deployment_replica_healthy{{application="{APP}"}}')
     healthy = _query(prometheus, f"sum by (deployment) ({healthy_series})")
-    assert {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy} == {
-        "Ingress": 1.0, "QueryEncoder": 1.0, "Searcher": 1.0, "Reranker": 1.0,
-    }  # fmt: skip
+    by_deployment = {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy}
+    # At least one healthy replica each (the dev overlay autoscales 1..2, and a replica a
+    # slow health check replaced may still show its last value for a while).
+    assert set(by_deployment) == {"Ingress", "QueryEncoder", "Searcher", "Reranker"}, by_deployment
+    assert all(v >= 1.0 for v in by_deployment.values()), by_deployment
 
 
 def test_every_dashboard_query_runs_in_prometheus(stack: Stack, prometheus: str) -> None:
