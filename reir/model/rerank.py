@@ -118,27 +118,45 @@ class RelationReranker(nn.Module):
         objectness: torch.Tensor,
         inst_mask: torch.Tensor,
         text_rows: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-instance logits ``[N, M]`` (``-inf`` where ``inst_mask`` is False).
+        """Per-instance logits ``[N, M]`` (``-inf`` where the instance is masked).
 
         Args:
             text_states: ``[T, L, Ht]`` token states of the expressions; ``text_mask [T, L]``.
             base_logits: ``[N, M]`` the dual encoder's logits for (expression, instance).
-            inst_emb: ``[N, M, D]`` stored instance embeddings; ``boxes [N, M, 4]`` cxcywh
-                normalized; ``objectness [N, M]`` probabilities; ``inst_mask [N, M]`` bool.
+            inst_emb: ``[U, M, D]`` stored instance embeddings; ``boxes [U, M, 4]`` cxcywh
+                normalized; ``objectness [U, M]`` probabilities; ``inst_mask [U, M]`` bool.
             text_rows: ``[N]`` which expression each candidate image is scored for
                 (default: ``arange(N)``, i.e. ``T == N``).
+            image_rows: ``[N]`` which of the ``U`` images each candidate row is (default:
+                ``arange(N)``, i.e. ``U == N``). Rows that share an image share its instance
+                projection and relation weights: computed once per image, the text-free half
+                of the work no longer grows with the number of expressions scored on it.
         """
-        n, m, _ = inst_emb.shape
+        n, m = base_logits.shape
+        device = base_logits.device
         if text_rows is None:
-            text_rows = torch.arange(n, device=inst_emb.device)
+            text_rows = torch.arange(n, device=device)
         ok = inst_mask.bool()
-        slots = self.text_slots(text_states, text_mask)[text_rows]  # [N, R+1, h]
-        v = self.inst(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1))  # [N, M, h]
-        match = torch.einsum("nrh,nmh->nrm", slots, v) / math.sqrt(v.shape[-1])  # [N, R+1, M]
-        w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [N, M(j), M(k), R]
-        pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=ok.device)[None]
+        slots = self.text_slots(text_states, text_mask)  # [T, R+1, h]
+        v = self.inst(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1))  # [U, M, h]
+        w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
+        pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=device)[None]
         w = w * pair_ok[..., None].to(w.dtype)
+        if image_rows is not None:
+            # index_select: its backward is an index_add, far cheaper on CPU than indexing's
+            v, w, ok = v.index_select(0, image_rows), w.index_select(0, image_rows), ok[image_rows]
+        t = slots.shape[0]
+        if n % t == 0 and torch.equal(text_rows, torch.arange(t, device=device).repeat_interleave(n // t)):
+            # Rows grouped by expression (every caller's layout): one [R+1, h] x [h, C*M]
+            # product per expression instead of N tiny ones.
+            h = v.shape[-1]
+            match = torch.einsum("trh,tch->trc", slots, v.reshape(t, -1, h))  # c runs over (row, instance)
+            match = match.view(t, -1, n // t, m).transpose(1, 2).reshape(n, -1, m)
+        else:
+            match = torch.einsum("nrh,nmh->nrm", slots.index_select(0, text_rows), v)
+        match = match / math.sqrt(v.shape[-1])  # [N, R+1, M]
         relation = torch.einsum("njkr,nrk->nj", w, match[:, 1:])
         delta = self.scale * (match[:, 0] + relation)
         return (base_logits + delta).masked_fill(~ok, float("-inf"))

@@ -170,17 +170,30 @@ def candidate_logits(
     b = text_idx.numel()
     imgs = torch.cat([rs.text_image[text_idx][:, None], neg_images], dim=1)  # [B, C]
     c = imgs.shape[1]
-    present = (imgs >= 0).reshape(-1)
-    flat = imgs.clamp(min=0).reshape(-1)
-    emb = rs.emb[flat].to(device)
-    text_emb = rs.text_emb[text_idx].repeat_interleave(c, 0).to(device)
-    base = logit_scale * torch.einsum("nd,nkd->nk", text_emb, emb) + logit_bias
+    present = (imgs >= 0).reshape(-1).to(device)
+    # Each distinct image once: expressions of one batch share many hard negatives.
+    unique, rows = torch.unique(imgs.clamp(min=0).reshape(-1), return_inverse=True)
+    emb = rs.emb[unique].to(device)
+    rows = rows.to(device)
+    text_emb = rs.text_emb[text_idx].to(device)
+    base = logit_scale * torch.einsum("bd,bukd->buk", text_emb, emb[rows.view(b, c)]).reshape(b * c, -1) + logit_bias
     length = int(rs.token_mask[text_idx].sum(dim=1).max())  # trim padding shared by the whole batch
-    return reranker(
+    logits = reranker(
         rs.token_states[text_idx, :length].to(device), rs.token_mask[text_idx, :length].to(device), base, emb,
-        rs.boxes[flat].to(device), rs.objectness[flat].to(device), (rs.mask[flat] & present[:, None]).to(device),
-        text_rows=torch.arange(b, device=device).repeat_interleave(c),
-    ).view(b, -1)  # fmt: skip
+        rs.boxes[unique].to(device), rs.objectness[unique].to(device), rs.mask[unique].to(device),
+        text_rows=torch.arange(b, device=device).repeat_interleave(c), image_rows=rows,
+    )  # fmt: skip
+    return logits.masked_fill(~present[:, None], float("-inf")).view(b, -1)
+
+
+def sample_texts(rs: RerankSet, pool: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch_size`` expressions of ``pool``, all from one negative group (drawn in
+    proportion to its share of ``pool``): their hard negatives come from the same images,
+    so :func:`candidate_logits` projects far fewer distinct images per expression."""
+    pick = int(pool[torch.randint(pool.numel(), (1,), generator=generator)])
+    group = rs.groups[rs.text_image[pick]]
+    same = pool[rs.groups[rs.text_image[pool]] == group]
+    return same[torch.randint(same.numel(), (batch_size,), generator=generator)]
 
 
 def rerank_loss(

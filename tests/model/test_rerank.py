@@ -86,3 +86,40 @@ def test_model_rerank_logits_without_and_with_reranker(tmp_path: Path) -> None:
         again = loaded.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, obj, inst_mask, rows)
     assert torch.allclose(reranked[inst_mask], again[inst_mask], atol=1e-5)
     assert not torch.allclose(reranked[inst_mask], plain[inst_mask])
+
+
+def test_rows_sharing_images_score_as_if_each_row_had_its_own_copy() -> None:
+    """``image_rows``: instances projected once per distinct image give the same logits and
+    gradients as per-row copies, in the grouped-by-expression layout and in any other."""
+    g = torch.Generator().manual_seed(1)
+    t, c, m, u = 3, 4, 5, 6
+    states, mask = torch.randn(t, 6, 8, generator=g), torch.ones(t, 6)
+    emb, boxes = torch.randn(u, m, 16, generator=g), torch.rand(u, m, 4, generator=g) * 0.5 + 0.1
+    obj, inst_mask = torch.rand(u, m, generator=g), torch.rand(u, m, generator=g) > 0.2
+    inst_mask[:, 0] = True
+    image_rows = torch.randint(u, (t * c,), generator=g)
+    base = torch.randn(t * c, m, generator=g)
+    grouped = torch.arange(t).repeat_interleave(c)
+    torch.manual_seed(0)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    torch.nn.init.constant_(rr.scale, 0.7)
+
+    def run(text_rows: torch.Tensor, shared: bool, order: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        rr.zero_grad()
+        rows = image_rows[order]
+        if shared:
+            out = rr(states, mask, base[order], emb, boxes, obj, inst_mask, text_rows=text_rows[order], image_rows=rows)
+        else:
+            out = rr(states, mask, base[order], emb[rows], boxes[rows], obj[rows], inst_mask[rows],
+                     text_rows=text_rows[order])  # fmt: skip
+        out.masked_fill(torch.isinf(out), 0).pow(2).sum().backward()
+        return out, [p.grad.clone() for p in rr.parameters()]
+
+    identity, shuffled = torch.arange(t * c), torch.randperm(t * c, generator=g)
+    ref, ref_grads = run(grouped, shared=False, order=identity)
+    for shared, order in ((True, identity), (True, shuffled), (False, shuffled)):
+        out, grads = run(grouped, shared, order)
+        assert torch.equal(torch.isinf(out), torch.isinf(ref[order]))
+        assert torch.allclose(out.nan_to_num(neginf=0), ref[order].nan_to_num(neginf=0), atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, ref_grads))
+    assert torch.isinf(ref[~inst_mask[image_rows]]).all() and not torch.isinf(ref[inst_mask[image_rows]]).any()

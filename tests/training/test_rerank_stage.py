@@ -11,7 +11,7 @@ from PIL import Image
 
 from reir.data.formats import load_samples, negative_groups
 from reir.model.rerank import RelationReranker, RerankSpec
-from reir.training.rerank import RerankSet, build_rerank_set, mine_hard_negatives, rerank_loss
+from reir.training.rerank import RerankSet, build_rerank_set, mine_hard_negatives, rerank_loss, sample_texts
 
 
 def _relation_world(n: int, seed: int) -> RerankSet:
@@ -65,6 +65,21 @@ def test_reranker_learns_a_spatial_relation_the_dual_encoder_ties_on() -> None:
         loss.backward()
         opt.step()
     assert _own_image_accuracy(rr, held_out) >= 0.9
+
+
+def test_batches_come_from_one_group_each_and_cover_every_group() -> None:
+    rs = _relation_world(40, seed=4)
+    rs.groups = torch.tensor([0] * 10 + [1] * 30)
+    pool = torch.arange(40)[torch.arange(40) % 5 != 4]  # some expressions held out
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for _ in range(200):
+        idx = sample_texts(rs, pool, 8, gen)
+        groups = rs.groups[rs.text_image[idx]].unique()
+        assert idx.shape == (8,) and groups.numel() == 1 and bool(torch.isin(idx, pool).all())
+        seen.append(int(groups))
+    # groups drawn in proportion to their expressions: about a quarter of batches from group 0
+    assert 0.1 < seen.count(0) / len(seen) < 0.4
 
 
 def test_hard_negatives_stay_in_the_group_and_skip_the_own_image() -> None:
