@@ -122,9 +122,9 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10,
                                       time_budget_s=stage2_s, lr=3e-4, **common))
     clock.begin(f"train the re-ranker on the frozen stage-2 model, {budget * cfg.rerank_share / 60:.1f} min")
-    rerank_common = {**common, "batch_size": 32}
+    rerank_common = {**common, "batch_size": 128}  # one negative group per batch: shared hard negatives
     return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank", warmup_steps=20,
-                                    time_budget_s=budget * cfg.rerank_share, lr=1e-3, weight_decay=0.01,
+                                    time_budget_s=budget * cfg.rerank_share, lr=4e-3, weight_decay=0.01,
                                     rerank_negatives=15, model_overrides={"rerank": {"hidden_size": 128}},
                                     **rerank_common)))  # a local output_dir: a Path
 

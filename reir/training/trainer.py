@@ -278,7 +278,9 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
 
     from reir.model import create_model
     from reir.model.modeling import score_scale
-    from reir.training.rerank import build_rerank_set, calibrate_presence, mine_hard_negatives, rerank_loss
+    from reir.training.rerank import (
+        build_rerank_set, calibrate_presence, mine_hard_negatives, rerank_loss, sample_texts,
+    )
 
     overrides = dict(cfg.model_overrides)
     rerank_spec = dict(overrides.pop("rerank", {}) or {})
@@ -316,7 +318,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
     step, started, last = 0, time.monotonic(), {}
     while True:
-        idx = train_idx[torch.randint(train_idx.numel(), (cfg.batch_size,), generator=gen)]
+        idx = sample_texts(rs, train_idx, cfg.batch_size, gen)  # one group: shared hard negatives
         losses = rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
         engine.backward(losses["loss"])
         progress = _agree(_progress(cfg, step, total_steps, started), device)
