@@ -1,0 +1,190 @@
+"""Re-ranker training recipes compared at equal wall-clock time, on a frozen stage-2 model.
+
+    python bench/rerank.py --data DATA --model STAGE2 --seconds 330 \
+        --variant random32:batch=32,lr=1e-3,group=0 --variant group128:batch=128,lr=4e-3,group=1
+
+``DATA`` is a synthetic benchmark dir, ``STAGE2`` a stage-2 checkpoint (the re-ranker's input:
+``reir train --stage rerank --model STAGE2``). The training features are built once, as
+stage ``rerank`` builds them (``reir.training.rerank.build_rerank_set``), then each variant
+trains a fresh re-ranker with the stage's own loss, hard negatives and LR schedule (warm-up,
+cosine by elapsed time) for ``--seconds`` of wall time, in this process (pure torch: what is
+compared is the recipe, not Ray Train). ``group=1`` draws each batch from one negative group
+(``sample_texts``, what stage ``rerank`` does), ``group=0`` uniformly.
+
+Scoring mirrors the service on an exact index: each test expression's top ``--candidates``
+instances by the dual encoder over the whole test gallery, their images re-ranked, one answer
+(best instance) per image; BR@k at IoU 0.5. Prints one JSON object (and writes ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="synthetic benchmark directory (reircoco.json)")
+    p.add_argument("--model", type=Path, required=True, help="a stage-2 checkpoint")
+    p.add_argument("--seconds", type=float, default=330.0, help="wall-clock training time per variant")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:batch=B,lr=LR,group=0|1 (repeatable; default: the demo's recipe)",
+    )
+    p.add_argument("--negatives", type=int, default=15)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--candidates", type=int, default=50, help="instances handed to the re-ranker (serving default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, float]]:
+    name, _, spec = text.partition(":")
+    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--variant {text!r}: unknown field {key!r} (batch, lr, group)")
+        fields[key] = float(value)
+    return name or "default", fields
+
+
+def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, Any]:
+    """Every test image's stored instances, and each test expression's ground-truth box."""
+    import torch
+
+    from reir.data.formats import load_samples
+    from reir.training.rerank import build_rerank_set
+    from reir.training.trainer import ImageCache
+
+    samples = load_samples(data, "test")
+    # min_iou 0: every expression is kept, found or not (a miss counts against BR@k).
+    rs = build_rerank_set(
+        model, processor, samples, [0] * len(samples), ImageCache(max_items=0).get, top_k=10, min_iou=0.0
+    )
+    gt = [convert_box(s.boxes[j], s.width, s.height) for s in samples for _, j in s.refs]
+    return rs, torch.stack(gt)
+
+
+def convert_box(xywh: Any, width: int, height: int) -> Any:
+    import torch
+
+    from reir.model.boxes import BoxMode, convert
+
+    return torch.as_tensor(convert([xywh], BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height))[
+        0
+    ].float()
+
+
+def evaluate(reranker: Any, rs: Any, gt: Any, scale: float, bias: float, candidates: int) -> dict[str, float]:
+    import torch
+
+    from reir.model.boxes import cxcywh_to_xyxy, pairwise_iou_xyxy
+    from reir.training.rerank import candidate_logits
+
+    ks = (1, 5, 10)
+    hits = {f"{p}BR@{k}@0.5": 0 for p in ("", "ANN_") for k in ks}
+    n, m, _ = rs.emb.shape
+    with torch.no_grad():
+        for t in range(rs.num_texts):
+            own = int(rs.text_image[t])
+            iou = pairwise_iou_xyxy(cxcywh_to_xyxy(gt[t][None]), cxcywh_to_xyxy(rs.boxes[own]))[0][0]
+            good = (iou >= 0.5) & rs.mask[own]
+            logits = (scale * torch.einsum("d,nkd->nk", rs.text_emb[t], rs.emb) + bias).masked_fill(~rs.mask, -1e9)
+            top = logits.flatten().topk(min(candidates, n * m)).indices
+            images = list(dict.fromkeys((top // m).tolist()))  # candidate images, ANN order
+            ann = [(i, int(logits[i].argmax())) for i in images]
+            negatives = torch.tensor([[i for i in images if i != own] or [-1]])
+            rows = [own] + negatives[0].tolist()
+            lg = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m)
+            best = lg.max(dim=1)
+            ranked = sorted(((img, float(v), int(s)) for img, v, s in zip(rows, best.values, best.indices)
+                             if img >= 0 and (img != own or own in images)), key=lambda r: -r[1])  # fmt: skip
+            for k in ks:
+                hits[f"BR@{k}@0.5"] += any(img == own and bool(good[s]) for img, _, s in ranked[:k])
+                hits[f"ANN_BR@{k}@0.5"] += any(img == own and bool(good[s]) for img, s in ann[:k])
+    return {key: v / max(rs.num_texts, 1) for key, v in hits.items()}
+
+
+def train_variant(
+    model: Any, rs: Any, fields: dict[str, float], args: argparse.Namespace, scale: float, bias: float
+) -> tuple[Any, dict[str, float]]:
+    import torch
+
+    from reir.training.rerank import mine_hard_negatives, rerank_loss, sample_texts
+
+    torch.manual_seed(args.seed)
+    reranker = model.add_reranker(hidden_size=args.hidden_size)
+    reranker.train()
+    lr, batch = fields["lr"], int(fields["batch"])
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=0.01)
+    negatives = mine_hard_negatives(rs, args.negatives)
+    pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(args.seed)
+    step, started = 0, time.monotonic()
+    while (elapsed := time.monotonic() - started) < args.seconds:
+        # the trainer's schedule: 20 warm-up steps, then cosine to 5% by elapsed time
+        cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / args.seconds))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * cosine
+        if fields["group"]:
+            idx = sample_texts(rs, pool, batch, gen)
+        else:
+            idx = pool[torch.randint(pool.numel(), (batch,), generator=gen)]
+        loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+    reranker.eval()
+    seconds = time.monotonic() - started
+    return reranker, {"steps": step, "seconds": round(seconds, 1), "texts_per_second": round(step * batch / seconds, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    from reir.data.formats import load_samples, negative_groups
+    from reir.model import create_model
+    from reir.model.modeling import score_scale
+    from reir.training.rerank import build_rerank_set
+    from reir.training.trainer import ImageCache
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [parse_variant(v) for v in (args.variant or ["demo:batch=128,lr=4e-3,group=1"])]
+    model, processor = create_model(str(args.model))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
+    started = time.monotonic()
+    samples = load_samples(args.data, "train")
+    groups = negative_groups(args.data, "train", [s.image_id for s in samples])
+    train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=10, min_iou=0.5)
+    test, gt = test_features(model, processor, args.data)
+    result: dict[str, Any] = {"features_seconds": round(time.monotonic() - started, 1), "train_texts": train.num_texts,
+                              "test_queries": test.num_texts, "seconds_per_variant": args.seconds,
+                              "threads": torch.get_num_threads(), "variants": {}}  # fmt: skip
+    for name, fields in variants:
+        reranker, stats = train_variant(model, train, fields, args, scale, bias)
+        metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
+        result["variants"][name] = {**fields, **stats, **{k: round(v, 4) for k, v in metrics.items()}}
+        print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
