@@ -76,13 +76,15 @@ def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, Any]:
 
 
 def convert_box(xywh: Any, width: int, height: int) -> Any:
+    import numpy as np
     import torch
 
     from reir.model.boxes import BoxMode, convert
 
-    return torch.as_tensor(convert([xywh], BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height))[
-        0
-    ].float()
+    box = convert(
+        np.asarray([xywh], dtype=np.float64), BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height
+    )
+    return torch.as_tensor(box[0]).float()
 
 
 def evaluate(reranker: Any, rs: Any, gt: Any, scale: float, bias: float, candidates: int) -> dict[str, float]:
