@@ -144,7 +144,6 @@ class Reranker:
         return sorted([*wanted, *others][: max(self.max_instances, len(wanted))], key=lambda r: rows.index(r))
 
     def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
-        n, m = len(groups), max(len(g) for g in groups)
         sizes = [self.image_size(image_id, group) for image_id, group in zip(image_ids, groups, strict=True)]
         emb, boxes, objectness, mask = pack_instance_sets(
             [[r.embedding for r in g] for g in groups], [[r.box for r in g] for g in groups],
@@ -160,4 +159,4 @@ class Reranker:
                 ids, attention, move(torch.from_numpy(emb)), move(torch.from_numpy(boxes)),
                 move(torch.from_numpy(objectness)), move(torch.from_numpy(mask)),
             )  # fmt: skip
-        return to_numpy(logits).reshape(n, m)
+        return to_numpy(logits).reshape(mask.shape)
