@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -58,10 +57,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     return name or "default", fields
 
 
-def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, Any]:
-    """Every test image's stored instances, and each test expression's ground-truth box."""
-    import torch
-
+def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, dict[str, tuple[str, list[float]]]]:
+    """Every test image's stored instances, and each test expression's ground truth
+    ``(image row, [x, y, w, h] normalized)``, keyed by expression row."""
     from reir.data.formats import load_samples
     from reir.training.rerank import build_rerank_set
     from reir.training.trainer import ImageCache
@@ -71,50 +69,40 @@ def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, Any]:
     rs = build_rerank_set(
         model, processor, samples, [0] * len(samples), ImageCache(max_items=0).get, top_k=10, min_iou=0.0
     )
-    gt = [convert_box(s.boxes[j], s.width, s.height) for s in samples for _, j in s.refs]
-    return rs, torch.stack(gt)
+    gt = [(str(row), [x / s.width, y / s.height, w / s.width, h / s.height])
+          for row, s in enumerate(samples) for _, j in s.refs for x, y, w, h in [s.boxes[j]]]  # fmt: skip
+    return rs, {str(t): g for t, g in enumerate(gt)}
 
 
-def convert_box(xywh: Any, width: int, height: int) -> Any:
-    import numpy as np
+def evaluate(reranker: Any, rs: Any, gt: dict[str, Any], scale: float, bias: float, candidates: int) -> dict[str, float]:
     import torch
 
+    from reir.evaluation.metrics import Prediction, box_recall_at_k
     from reir.model.boxes import BoxMode, convert
-
-    box = convert(
-        np.asarray([xywh], dtype=np.float64), BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height
-    )
-    return torch.as_tensor(box[0]).float()
-
-
-def evaluate(reranker: Any, rs: Any, gt: Any, scale: float, bias: float, candidates: int) -> dict[str, float]:
-    import torch
-
-    from reir.model.boxes import cxcywh_to_xyxy, pairwise_iou_xyxy
     from reir.training.rerank import candidate_logits
 
-    ks = (1, 5, 10)
-    hits = {f"{p}BR@{k}@0.5": 0 for p in ("", "ANN_") for k in ks}
     n, m, _ = rs.emb.shape
+    # normalized [x, y, w, h], the ground truth's frame (IoU does not change with it)
+    xywh = convert(rs.boxes.reshape(-1, 4).numpy(), BoxMode.CXCYWH_NORM, BoxMode.XYWH_ABS, width=1, height=1)
+    xywh = xywh.reshape(n, m, 4).tolist()
+    reranked: dict[str, list[Prediction]] = {}
+    ann: dict[str, list[Prediction]] = {}
     with torch.no_grad():
         for t in range(rs.num_texts):
             own = int(rs.text_image[t])
-            iou = pairwise_iou_xyxy(cxcywh_to_xyxy(gt[t][None]), cxcywh_to_xyxy(rs.boxes[own]))[0][0]
-            good = (iou >= 0.5) & rs.mask[own]
             logits = (scale * torch.einsum("d,nkd->nk", rs.text_emb[t], rs.emb) + bias).masked_fill(~rs.mask, -1e9)
             top = logits.flatten().topk(min(candidates, n * m)).indices
             images = list(dict.fromkeys((top // m).tolist()))  # candidate images, ANN order
-            ann = [(i, int(logits[i].argmax())) for i in images]
+            ann[str(t)] = [Prediction(str(i), xywh[i][int(logits[i].argmax())]) for i in images]
             negatives = torch.tensor([[i for i in images if i != own] or [-1]])
-            rows = [own] + negatives[0].tolist()
-            lg = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m)
-            best = lg.max(dim=1)
-            ranked = sorted(((img, float(v), int(s)) for img, v, s in zip(rows, best.values, best.indices)
-                             if img >= 0 and (img != own or own in images)), key=lambda r: -r[1])  # fmt: skip
-            for k in ks:
-                hits[f"BR@{k}@0.5"] += any(img == own and bool(good[s]) for img, _, s in ranked[:k])
-                hits[f"ANN_BR@{k}@0.5"] += any(img == own and bool(good[s]) for img, s in ann[:k])
-    return {key: v / max(rs.num_texts, 1) for key, v in hits.items()}
+            best = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m).max(dim=1)
+            # row 0 is the expression's own image: scored always, answered only if ANN found it
+            rows = [(img, float(v), int(s)) for img, v, s in zip([own, *negatives[0].tolist()], best.values, best.indices)
+                    if img >= 0 and (img != own or own in images)]  # fmt: skip
+            reranked[str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in sorted(rows, key=lambda r: -r[1])]
+    ks, taus = (1, 5, 10), (0.5,)
+    return {**box_recall_at_k(reranked, gt, ks, taus),
+            **{f"ANN_{k}": v for k, v in box_recall_at_k(ann, gt, ks, taus).items()}}  # fmt: skip
 
 
 def train_variant(
@@ -123,6 +111,7 @@ def train_variant(
     import torch
 
     from reir.training.rerank import mine_hard_negatives, rerank_loss, sample_texts
+    from reir.training.trainer import lr_factor
 
     torch.manual_seed(args.seed)
     reranker = model.add_reranker(hidden_size=args.hidden_size)
@@ -133,10 +122,8 @@ def train_variant(
     pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(args.seed)
     step, started = 0, time.monotonic()
     while (elapsed := time.monotonic() - started) < args.seconds:
-        # the trainer's schedule: 20 warm-up steps, then cosine to 5% by elapsed time
-        cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / args.seconds))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * cosine
+        for group in optimizer.param_groups:  # the trainer's schedule, by elapsed time
+            group["lr"] = lr * lr_factor(elapsed / args.seconds, step, warmup_steps=20)
         if fields["group"]:
             idx = sample_texts(rs, pool, batch, gen)
         else:
