@@ -6,23 +6,32 @@ relations it did not compress into the instance vector ("left of the red square"
 leftmost purple one"). The re-ranker runs only on the few images that hold the top ANN
 candidates and scores every stored instance ``j`` of such an image:
 
-    logit_j = base_j + a_j + sum_r sum_{k != j} w_r(geom(j, k)) * <u_r, v_k>
+    logit_j = base_j + s * (a_j + sum_r g_r * [sum_{k != j} w_r(geom(j, k)) <u_r, v_k>
+                                             + log(eps + sum_{k != j} w_r(geom(j, k)) p_rk)])
 
-* ``base_j``: the dual encoder's own logit (an untrained re-ranker keeps the ANN order);
+* ``base_j``: the dual encoder's own logit (an untrained re-ranker keeps the ANN order:
+  ``s`` starts at 0);
 * ``v_k = P [embedding_k, objectness_k]``: the stored instances, projected;
 * ``w_r(geom(j, k))`` in (0, 1): R learned *geometric relations* (an MLP over the
   relative box geometry dx, dy, log w/w', log h/h', log area ratio): one may learn
   "k is right of j", another "k is bigger than j";
-* ``u_r``: what the expression asks of the instances in relation r to the referent,
-  pooled from its tokens by a learned query per relation and gated by the whole
-  expression (zero when the expression names no such relation);
-* ``a_j = <u_0, v_j>``: a text-conditioned second look at the candidate itself.
+* ``u_r``: what the expression asks of the landmark in relation r, pooled from its tokens
+  by a learned query per relation; ``g_r`` in (0, 1): whether the expression names
+  relation r at all (from its pooled tokens); ``a_j = <u_0, v_j>``: a text-conditioned
+  second look at the candidate itself;
+* the first relation term is bilinear in (expression, landmark): quick to learn, but
+  additive: look-alikes elsewhere in the image add up, and it cannot say "none";
+* the second is a soft existential: ``p_rk = sigmoid(<u_r, v_k> + b_r)`` is the
+  probability that ``k`` is the landmark, ``sum_k w_r p_rk`` a soft count of instances
+  that are *both* in relation r to ``j`` and fit it, and its log is near 0 when one
+  exists and strongly negative when none does, so a candidate missing its landmark is
+  ruled out rather than outvoted.
 
-It is bilinear in (expression, landmark) for every relation, which is the structure of
-"<referent> <relation> <landmark>" expressions, so it learns from few steps; sums over k
-also express negation ("leftmost": no look-alike to the left). It reads only what the
-index stores per instance (embedding, box, objectness), so serving never re-encodes a
-gallery image.
+Measured on the synthetic benchmark (README, "Re-ranker"): with the existential term
+alone the re-ranker learns slowly from real stored vectors; with the bilinear term alone it
+plateaus; the sum of both raised BR@1 from about 32% to 50% on the same frozen stage-2
+model. It reads only what the index stores per instance (embedding, box, objectness), so
+serving never re-encodes a gallery image.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from .configuration import RerankSpec
 from .modeling_visual import Mlp
 
 NUM_GEOMETRY = 5
+LOG_EPS = 0.02  # floor of the soft landmark count inside the log: bounds "no landmark"
 
 
 def pack_instance_sets(
@@ -90,23 +100,25 @@ class RelationReranker(nn.Module):
         self.text_key = nn.Linear(text_hidden, h)
         self.text_value = nn.Linear(text_hidden, h)
         self.queries = nn.Parameter(torch.randn(r + 1, h) / math.sqrt(h))  # slot 0: the candidate itself
-        self.gate = nn.Linear(text_hidden, r + 1)
+        self.gate = nn.Linear(text_hidden, r)  # does the expression name relation r?
+        # Landmark probabilities start low: a soft count of ~0 until text and instances agree.
+        self.match_bias = nn.Parameter(torch.full((r,), -2.0))
         self.inst = nn.Sequential(nn.Linear(embed_dim + 1, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h))
         self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, r)
         # Starts as the identity on the dual encoder's logits: the relation term is scaled
         # by a learned factor that begins at 0.
         self.scale = nn.Parameter(torch.zeros(1))
 
-    def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """``[T, L, Ht]`` -> ``[T, R+1, h]``: per relation, what the expression asks of it."""
+    def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, L, Ht]`` -> ``[T, R+1, h]`` (slot 0: the candidate, then what the expression
+        asks of the landmark of each relation) and the relation gates ``[T, R]``."""
         x = self.text_norm(text_states)
         keys, values = self.text_key(x), self.text_value(x)
         att = torch.einsum("rh,tlh->trl", self.queries, keys) / math.sqrt(keys.shape[-1])
         att = att.masked_fill(~text_mask.bool()[:, None, :], torch.finfo(att.dtype).min).softmax(dim=-1)
         mask = text_mask.to(x.dtype)[..., None]
         pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        gate = torch.sigmoid(self.gate(pooled))  # [T, R+1]
-        return gate[..., None] * torch.einsum("trl,tlh->trh", att, values)
+        return torch.einsum("trl,tlh->trh", att, values), torch.sigmoid(self.gate(pooled))
 
     def forward(
         self,
@@ -139,7 +151,7 @@ class RelationReranker(nn.Module):
         if text_rows is None:
             text_rows = torch.arange(n, device=device)
         ok = inst_mask.bool()
-        slots = self.text_slots(text_states, text_mask)  # [T, R+1, h]
+        slots, gate = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R]
         v = self.inst(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1))  # [U, M, h]
         w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
         pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=device)[None]
@@ -154,9 +166,14 @@ class RelationReranker(nn.Module):
             h = v.shape[-1]
             match = torch.einsum("trh,tch->trc", slots, v.reshape(t, -1, h))  # c runs over (row, instance)
             match = match.view(t, -1, n // t, m).transpose(1, 2).reshape(n, -1, m)
+            gate = gate.repeat_interleave(n // t, dim=0)
         else:
             match = torch.einsum("nrh,nmh->nrm", slots.index_select(0, text_rows), v)
+            gate = gate.index_select(0, text_rows)
         match = match / math.sqrt(v.shape[-1])  # [N, R+1, M]
-        relation = torch.einsum("njkr,nrk->nj", w, match[:, 1:])
-        delta = self.scale * (match[:, 0] + relation)
+        landmark = torch.sigmoid(match[:, 1:] + self.match_bias[None, :, None])  # [N, R, M(k)]
+        count = torch.einsum("njkr,nrk->njr", w, landmark)  # soft count per (candidate, relation)
+        exists = (gate[:, None, :] * torch.log(count + LOG_EPS)).sum(dim=-1)  # [N, M]
+        additive = torch.einsum("njkr,nrk->nj", w, match[:, 1:] * gate[..., None])
+        delta = self.scale * (match[:, 0] + additive + exists)
         return (base_logits + delta).masked_fill(~ok, float("-inf"))
