@@ -39,7 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--negatives", type=int, default=15)
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--candidates", type=int, default=50, help="instances handed to the re-ranker (serving default)")
+    p.add_argument(
+        "--candidates",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[50],
+        help="instances handed to the re-ranker (serving default 50); a comma list scores each "
+        "trained variant at every size (keys of the extra sizes get the prefix cN_)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -166,8 +172,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "threads": torch.get_num_threads(), "variants": {}}  # fmt: skip
     for name, fields in variants:
         reranker, stats = train_variant(model, train, fields, args, scale, bias)
-        metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
-        result["variants"][name] = {**fields, **stats, **{k: round(v, 4) for k, v in metrics.items()}}
+        metrics: dict[str, float] = {}
+        for i, candidates in enumerate(args.candidates):
+            prefix = "" if i == 0 else f"c{candidates}_"
+            scored = evaluate(reranker, test, gt, scale, bias, candidates)
+            metrics.update({prefix + k: round(v, 4) for k, v in scored.items()})
+        result["variants"][name] = {**fields, **stats, "candidates": args.candidates, **metrics}
         print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
     if args.out:
