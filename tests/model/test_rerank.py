@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from reir.model import create_model
@@ -177,3 +178,24 @@ def test_reranker_learns_that_half_landmarks_do_not_make_a_whole_one() -> None:
         held_out = logits(200)
     accuracy = float((held_out.argmax(dim=1) == 0).float().mean())
     assert accuracy >= 0.95, f"picked image A's referent for {accuracy:.1%} of held-out expressions"
+
+
+def test_a_checkpoint_with_the_earlier_reranker_form_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """Re-ranker checkpoints from before the existential term (a gate over R+1 slots, no
+    ``match_bias``) cannot be scored by this form: loading says so instead of a bare
+    state-dict mismatch."""
+    from safetensors.torch import load_file, save_file
+
+    model, processor = create_model("tiny")
+    model.add_reranker(hidden_size=16, num_relations=4)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    create_model(str(tmp_path))  # the current form loads
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    del state["reranker.match_bias"]
+    state["reranker.gate.weight"] = torch.zeros(5, state["reranker.gate.weight"].shape[1])
+    state["reranker.gate.bias"] = torch.zeros(5)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="earlier bilinear-only form"):
+        create_model(str(tmp_path))
