@@ -364,13 +364,7 @@ class ReirModel(nn.Module):
         path = Path(directory)
         config = ReirConfig.from_pretrained(path)
         model = cls(config, load_towers=False)
-        state = load_file(str(path / WEIGHTS_NAME), device="cpu")
-        if "reranker.gate.weight" in state and "reranker.match_bias" not in state:
-            raise ValueError(
-                f"{path}: its re-ranker has the earlier bilinear-only form (no existential relation "
-                "term); retrain it on the same stage-2 model with `reir train --stage rerank`"
-            )
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device="cpu"), strict=True)
         return model.to(map_location).eval()
 
 

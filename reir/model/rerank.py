@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,6 +109,16 @@ class RelationReranker(nn.Module):
         # Starts as the identity on the dual encoder's logits: the relation term is scaled
         # by a learned factor that begins at 0.
         self.scale = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Weights of the earlier, bilinear-only form (gate over R+1 slots, no match_bias)
+        # cannot be scored by this one: say so rather than a bare shape mismatch.
+        if prefix + "gate.weight" in state_dict and prefix + "match_bias" not in state_dict:
+            raise ValueError(
+                "the checkpoint's re-ranker has the earlier bilinear-only form (no existential relation "
+                "term); retrain it on the same stage-2 model with `reir train --stage rerank`"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[T, L, Ht]`` -> ``[T, R+1, h]`` (slot 0: the candidate, then what the expression
