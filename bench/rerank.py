@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda v: [int(x) for x in v.split(",")],
         default=[50],
         help="instances handed to the re-ranker (serving default 50); a comma list scores each "
-        "trained variant at every size (keys of the extra sizes get the prefix cN_)",
+        "trained variant at every size (keys of the extra sizes get the prefix cN_; the ANN order "
+        "is scored once, from the largest pool)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +81,11 @@ def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, dict[str
     return rs, {str(t): g for t, g in enumerate(gt)}
 
 
-def evaluate(reranker: Any, rs: Any, gt: dict[str, Any], scale: float, bias: float, candidates: int) -> dict[str, float]:
+def evaluate(
+    reranker: Any, rs: Any, gt: dict[str, Any], scale: float, bias: float, pools: list[int]
+) -> dict[str, float]:
+    """BR@k of the re-ranked answers for each pool size in ``pools`` (keys of every size after
+    the first get the prefix ``cN_``) and of the ANN order (from the largest pool)."""
     import torch
 
     from reir.evaluation.metrics import Prediction, box_recall_at_k
@@ -91,24 +96,30 @@ def evaluate(reranker: Any, rs: Any, gt: dict[str, Any], scale: float, bias: flo
     # normalized [x, y, w, h], the ground truth's frame (IoU does not change with it)
     xywh = convert(rs.boxes.reshape(-1, 4).numpy(), BoxMode.CXCYWH_NORM, BoxMode.XYWH_ABS, width=1, height=1)
     xywh = xywh.reshape(n, m, 4).tolist()
-    reranked: dict[str, list[Prediction]] = {}
+    reranked: dict[int, dict[str, list[Prediction]]] = {size: {} for size in pools}
     ann: dict[str, list[Prediction]] = {}
     with torch.no_grad():
         for t in range(rs.num_texts):
             own = int(rs.text_image[t])
             logits = (scale * torch.einsum("d,nkd->nk", rs.text_emb[t], rs.emb) + bias).masked_fill(~rs.mask, -1e9)
-            top = logits.flatten().topk(min(candidates, n * m)).indices
-            images = list(dict.fromkeys((top // m).tolist()))  # candidate images, ANN order
-            ann[str(t)] = [Prediction(str(i), xywh[i][int(logits[i].argmax())]) for i in images]
-            negatives = torch.tensor([[i for i in images if i != own] or [-1]])
-            best = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m).max(dim=1)
-            # row 0 is the expression's own image: scored always, answered only if ANN found it
-            rows = [(img, float(v), int(s)) for img, v, s in zip([own, *negatives[0].tolist()], best.values, best.indices)
-                    if img >= 0 and (img != own or own in images)]  # fmt: skip
-            reranked[str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in sorted(rows, key=lambda r: -r[1])]
+            top = logits.flatten().topk(min(max(pools), n * m)).indices  # sorted: each pool is a prefix
+            for size in pools:
+                images = list(dict.fromkeys((top[:size] // m).tolist()))  # candidate images, ANN order
+                negatives = torch.tensor([[i for i in images if i != own] or [-1]])
+                best = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m).max(dim=1)
+                # row 0 is the expression's own image: scored always, answered only if ANN found it
+                rows = [(img, float(v), int(s)) for img, v, s in zip([own, *negatives[0].tolist()], best.values, best.indices)
+                        if img >= 0 and (img != own or own in images)]  # fmt: skip
+                ranked = sorted(rows, key=lambda r: -r[1])
+                reranked[size][str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in ranked]
+            ann_images = dict.fromkeys((top // m).tolist())  # the largest pool's images, ANN order
+            ann[str(t)] = [Prediction(str(i), xywh[i][int(logits[i].argmax())]) for i in ann_images]
     ks, taus = (1, 5, 10), (0.5,)
-    return {**box_recall_at_k(reranked, gt, ks, taus),
-            **{f"ANN_{k}": v for k, v in box_recall_at_k(ann, gt, ks, taus).items()}}  # fmt: skip
+    out = {f"ANN_{k}": v for k, v in box_recall_at_k(ann, gt, ks, taus).items()}
+    for i, size in enumerate(pools):
+        prefix = "" if i == 0 else f"c{size}_"
+        out.update({prefix + k: v for k, v in box_recall_at_k(reranked[size], gt, ks, taus).items()})
+    return out
 
 
 def train_variant(
@@ -172,12 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "threads": torch.get_num_threads(), "variants": {}}  # fmt: skip
     for name, fields in variants:
         reranker, stats = train_variant(model, train, fields, args, scale, bias)
-        metrics: dict[str, float] = {}
-        for i, candidates in enumerate(args.candidates):
-            prefix = "" if i == 0 else f"c{candidates}_"
-            scored = evaluate(reranker, test, gt, scale, bias, candidates)
-            metrics.update({prefix + k: round(v, 4) for k, v in scored.items()})
-        result["variants"][name] = {**fields, **stats, "candidates": args.candidates, **metrics}
+        metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
+        result["variants"][name] = {**fields, **stats, "candidates": args.candidates,
+                                    **{k: round(v, 4) for k, v in metrics.items()}}  # fmt: skip
         print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
     if args.out:
