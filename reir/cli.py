@@ -62,8 +62,9 @@ def synth(
 @app.command()
 def train(
     data: Optional[Path] = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
-    stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model) "
-                              "or weak (expressions without referent boxes: detection + MIL contrast)"),
+    stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model), "
+                              "weak (expressions without referent boxes: detection + MIL contrast) or weak-rerank "
+                              "(the re-ranker on a weak model, from the same pairs)"),
     model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
     out: Optional[str] = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
     name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
@@ -90,8 +91,8 @@ def train(
 
     if data is not None:
         _need_dir(data, "data directory")
-    if stage not in ("1", "2", "rerank", "weak"):
-        raise ReirError(f"--stage must be 1, 2, rerank or weak, got {stage!r}")
+    if stage not in ("1", "2", "rerank", "weak", "weak-rerank"):
+        raise ReirError(f"--stage must be 1, 2, rerank, weak or weak-rerank, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
     flags = dict(model=model, output_dir=out, run_name=name, num_workers=workers,
                  cpus_per_worker=cpus_per_worker,
@@ -106,7 +107,7 @@ def train(
         fields["sources"] = [SourceSpec.parse(s) for s in source]
     if not fields.get("data_root") and not fields.get("sources"):
         raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])")
-    fields.setdefault("run_name", f"reir-{stage}" if stage in ("rerank", "weak") else f"reir-stage{stage}")
+    fields.setdefault("run_name", f"reir-{stage}" if stage in ("rerank", "weak", "weak-rerank") else f"reir-stage{stage}")
     cfg = TrainConfig(**fields)
     _init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))

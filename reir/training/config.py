@@ -46,9 +46,10 @@ class TrainConfig(BaseModel):
 
     data_root: str = Field("", description="synthetic benchmark directory (reir synth --out); unused with sources")
     model: str = Field("small", description="preset name or model directory to start from")
-    stage: Literal["1", "2", "rerank", "weak"] = Field(
+    stage: Literal["1", "2", "rerank", "weak", "weak-rerank"] = Field(
         "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model; "
-        "weak: (image, expression) pairs without referent boxes (detection + MIL contrast)")
+        "weak: (image, expression) pairs without referent boxes (detection + MIL contrast); weak-rerank: the "
+        "re-ranker on a frozen weak model, from the same pairs (multiple-instance loss over images)")
     output_dir: str = "runs"
     run_name: str = "reir"
     num_workers: int = Field(1, ge=1)
@@ -72,7 +73,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     log_every: int = Field(20, ge=1)
     model_overrides: dict[str, Any] = Field(default_factory=dict)
-    rerank_negatives: int = Field(15, ge=0, description="hard negative images per expression (stage rerank)")
+    rerank_negatives: int = Field(15, ge=0, description="hard negative images per expression (stages rerank, weak-rerank)")
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
@@ -96,6 +97,16 @@ class TrainConfig(BaseModel):
     eval_max_images: int = Field(64, ge=1, description="held-out gallery images per evaluation: the queries' "
                                  "images first, then others as distractors")
 
+    @property
+    def trains_reranker(self) -> bool:
+        """Stages ``rerank`` and ``weak-rerank``: a frozen model, the re-ranker head trains."""
+        return self.stage in ("rerank", "weak-rerank")
+
+    @property
+    def without_referents(self) -> bool:
+        """Stages ``weak`` and ``weak-rerank``: no referent box reaches the workers."""
+        return self.stage in ("weak", "weak-rerank")
+
     @model_validator(mode="after")
     def _needs_data(self) -> TrainConfig:
         if not self.data_root and not self.sources:
@@ -113,9 +124,9 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _operations_fit(self) -> TrainConfig:
-        if self.stage == "rerank" and (self.resume or self.checkpoint_every or self.eval_every):
-            raise ValueError("resume, checkpoint_every and eval_every apply to stages 1 and 2; "
-                             "stage rerank is short and reports one checkpoint at the end")
+        if self.trains_reranker and (self.resume or self.checkpoint_every or self.eval_every):
+            raise ValueError(f"resume, checkpoint_every and eval_every apply to stages 1, 2 and weak; "
+                             f"stage {self.stage} is short and reports one checkpoint at the end")
         if self.eval_every and not self.data_root:
             raise ValueError("eval_every evaluates on data_root's test split: set data_root too")
         return self

@@ -9,6 +9,10 @@ the dual encoder ranks highest, i.e. the images the ANN search would hand the re
 Loss: cross-entropy over all those instances (the referent is the target) plus a small
 sigmoid term that keeps the logits calibrated as probabilities (presence decisions).
 
+Stage ``weak-rerank`` trains the same re-ranker from (image, expression) pairs alone, on a
+frozen weak-stage model: each image is a bag of its stored instances and the own image
+must beat the hard negatives (:func:`weak_rerank_loss`).
+
 Pure torch (no Ray): the Ray Train + DeepSpeed loop in ``reir.training.trainer`` calls it.
 """
 
@@ -25,7 +29,7 @@ from torch.nn import functional as F
 from reir.data.formats import ImageSample
 from reir.model.boxes import BoxMode, convert, cxcywh_to_xyxy, pairwise_iou_xyxy
 from reir.model.modeling import ReirModel
-from reir.model.processing import ReirProcessor
+from reir.model.processing import NO_REFERENT, ReirProcessor
 from reir.model.rerank import RelationReranker
 
 
@@ -43,8 +47,9 @@ class RerankSet:
     token_mask: torch.Tensor  # [T, L]
     text_emb: torch.Tensor  # [T, D]
     text_image: torch.Tensor  # [T] long, image row of each expression
-    positive: torch.Tensor  # [T] long, instance slot of the referent in its image
-    skipped: int = 0  # expressions whose referent no stored instance covers (IoU < min_iou)
+    positive: torch.Tensor  # [T] long, instance slot of the referent in its image (-1: weak)
+    skipped: int = 0  # expressions whose referent no stored instance covers (IoU < min_iou; weak: no instance)
+    weak: bool = False  # no referent slots: only each expression's image is known
 
     @property
     def num_texts(self) -> int:
@@ -68,8 +73,13 @@ def build_rerank_set(
     top_k: int,
     batch_size: int = 32,
     min_iou: float = 0.5,
+    weak: bool = False,
 ) -> RerankSet:
-    """Encode ``samples`` as ingestion would and pair every expression with its referent slot."""
+    """Encode ``samples`` as ingestion would and pair every expression with its referent slot.
+
+    ``weak``: the rows carry no referent box (``NO_REFERENT``, stage ``weak-rerank``): every
+    expression is kept with ``positive = -1`` and only its image is known. Without
+    ``weak`` such a row is an error that names its image."""
     device = model.device
     n, dim = len(samples), model.config.embed_dim
     emb = torch.zeros(n, top_k, dim)
@@ -92,6 +102,19 @@ def build_rerank_set(
     for row, s in enumerate(samples):
         if not s.refs:
             continue
+        if weak:
+            if not bool(mask[row].any()):  # nothing stored for this image: no bag to score
+                skipped += len(s.refs)
+                continue
+            for text, _ in s.refs:
+                texts.append(text)
+                text_image.append(row)
+                positive.append(NO_REFERENT)
+            continue
+        missing = [text for text, j in s.refs if j == NO_REFERENT]
+        if missing:
+            raise ValueError(f"expression {missing[0]!r} of image {s.image_id!r} has no referent box (a weak row): "
+                             "stage rerank needs the box; train such rows with stage 'weak-rerank'")
         gts = _cxcywh_norm([s.boxes[j] for _, j in s.refs], s.width, s.height)
         ious = pairwise_iou_xyxy(cxcywh_to_xyxy(gts), cxcywh_to_xyxy(boxes[row]))[0] * mask[row][None]
         best, slot = ious.max(dim=1)
@@ -125,7 +148,7 @@ def build_rerank_set(
         groups=torch.as_tensor(list(groups), dtype=torch.long), token_states=token_states,
         token_mask=token_mask.long(), text_emb=text_emb,
         text_image=torch.tensor(text_image, dtype=torch.long),
-        positive=torch.tensor(positive, dtype=torch.long), skipped=skipped,
+        positive=torch.tensor(positive, dtype=torch.long), skipped=skipped, weak=weak,
     )  # fmt: skip
 
 
@@ -207,9 +230,14 @@ def rerank_loss(
     bce_weight: float = 0.1,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Listwise loss for expressions ``text_idx [B]`` over their own image + ``neg_images [B, C-1]``."""
+    """Listwise loss for expressions ``text_idx [B]`` over their own image + ``neg_images [B, C-1]``.
+
+    With referent slots: cross-entropy over every instance of those images (the referent
+    is the target). Weak (``rs.weak``): see :func:`weak_rerank_loss`."""
     b = text_idx.numel()
     logits = candidate_logits(reranker, rs, text_idx, neg_images, logit_scale, logit_bias, device=device)
+    if rs.weak:
+        return weak_rerank_loss(logits.view(b, -1, rs.emb.shape[1]), bce_weight=bce_weight)
     target = rs.positive[text_idx].to(device)  # slot in image 0 of each row's list
     ce = F.cross_entropy(logits, target)
     finite = torch.isfinite(logits)
@@ -217,6 +245,31 @@ def rerank_loss(
     labels[torch.arange(b, device=logits.device), target] = 1.0
     bce = F.binary_cross_entropy_with_logits(logits[finite], labels[finite], reduction="sum") / max(b, 1)
     acc = (logits.argmax(dim=1) == target).float().mean()
+    return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}
+
+
+def weak_rerank_loss(logits: torch.Tensor, *, bce_weight: float = 0.1) -> dict[str, torch.Tensor]:
+    """Multiple-instance loss on ``logits [B, C, K]`` (image 0 of each row: the expression's
+    own image, then its hard negatives; ``-inf`` = masked instance or absent image).
+
+    Each image is a bag: its score is the log-sum-exp of its instances' logits, and a
+    cross-entropy over the C images makes the own image win. The negatives are the images
+    the dual encoder confuses with the own one, so they hold look-alikes of the referent
+    (same colour, same shape, a landmark in the wrong place); an instance can only lift its
+    own image above them by what sets the referent apart, which is how the re-ranker learns
+    to localize without a box. The sigmoid term (weight ``bce_weight``) reads each image's
+    best instance as "this image holds it": 1 for the own image, 0 for the negatives, so
+    the top logit stays a presence probability for discovery mode."""
+    b = logits.shape[0]
+    pooled = torch.logsumexp(logits, dim=2)  # [B, C], -inf for an absent image
+    target = torch.zeros(b, dtype=torch.long, device=logits.device)
+    ce = F.cross_entropy(pooled, target)
+    best = logits.amax(dim=2)
+    finite = torch.isfinite(best)
+    labels = torch.zeros_like(best)
+    labels[:, 0] = 1.0
+    bce = F.binary_cross_entropy_with_logits(best[finite], labels[finite], reduction="sum") / max(b, 1)
+    acc = (pooled.argmax(dim=1) == 0).float().mean()
     return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}
 
 
@@ -234,6 +287,9 @@ def calibrate_presence(
     """The probability threshold that best separates referents from every other instance
     of their own and their hard-negative images (max F1), on held-out expressions.
 
+    Weak (``rs.weak``, no referent slots): each image's best instance stands for the image,
+    and the threshold separates the own images from the hard negatives.
+
     Returns ``{"discover_threshold", "precision", "recall", "f1", "num_texts"}``; serving
     reads ``discover_threshold`` (``calibration.json``) for presence decisions.
     """
@@ -243,8 +299,13 @@ def calibrate_presence(
         b = idx.numel()
         logits = candidate_logits(reranker, rs, idx, neg_images[start : start + 64], logit_scale, logit_bias,
                                   device=device).float().cpu()
-        target = torch.zeros_like(logits, dtype=torch.bool)
-        target[torch.arange(b), rs.positive[idx]] = True
+        if rs.weak:
+            logits = logits.view(b, -1, rs.emb.shape[1]).amax(dim=2)
+            target = torch.zeros_like(logits, dtype=torch.bool)
+            target[:, 0] = True
+        else:
+            target = torch.zeros_like(logits, dtype=torch.bool)
+            target[torch.arange(b), rs.positive[idx]] = True
         keep = torch.isfinite(logits)
         probs.append(torch.sigmoid(logits[keep]))
         labels.append(target[keep])

@@ -183,7 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-    if cfg.stage == "rerank":
+    if cfg.trains_reranker:
         _rerank_loop(cfg, rank, world, device)
         return
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
@@ -272,7 +272,8 @@ def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int,
 
 
 def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
-    """Stage ``rerank``: frozen model -> features of this worker's shard -> train the re-ranker."""
+    """Stages ``rerank`` and ``weak-rerank``: frozen model -> features of this worker's shard
+    -> train the re-ranker (weak: its rows carry no referent box, the loss is over images)."""
     import deepspeed
     import ray.train
 
@@ -299,13 +300,15 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     started = time.monotonic()
     # One pass over the shard: decoded images are not kept (max_items=0).
     rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], ImageCache(max_items=0).get,
-                          top_k=cfg.rerank_top_k, min_iou=cfg.rerank_min_iou)
+                          top_k=cfg.rerank_top_k, min_iou=cfg.rerank_min_iou, weak=cfg.without_referents)
     negatives = mine_hard_negatives(rs, cfg.rerank_negatives)
+    why = "image without stored instances" if rs.weak else "referent not detected"
     if rank == 0:
-        print(f"[train stage rerank] features: {len(samples)} images, {rs.num_texts} expressions "
-              f"({rs.skipped} skipped: referent not detected) in {time.monotonic() - started:.1f}s", flush=True)
+        print(f"[train stage {cfg.stage}] features: {len(samples)} images, {rs.num_texts} expressions "
+              f"({rs.skipped} skipped: {why}) in {time.monotonic() - started:.1f}s", flush=True)
     if rs.num_texts == 0:
-        raise ValueError("stage rerank: no expression's referent is among the stored instances; train stage 1/2 first")
+        first = "train stage weak first" if rs.weak else "train stage 1/2 first"
+        raise ValueError(f"stage {cfg.stage}: no expression can be scored ({rs.skipped} skipped: {why}); {first}")
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds_cfg = deepspeed_config(cfg)
     ds_cfg["bf16"] = {"enabled": False}  # small head, fp32 features
@@ -328,7 +331,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
         last = {k: float(v.detach()) for k, v in losses.items()}
         if rank == 0 and (step % cfg.log_every == 0 or step == 1):
             parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
-            print(f"[train stage rerank] step {step}/{total_steps} {parts}", flush=True)
+            print(f"[train stage {cfg.stage}] step {step}/{total_steps} {parts}", flush=True)
         if step >= total_steps or progress >= 1.0:
             break
     seconds = time.monotonic() - started
@@ -403,7 +406,7 @@ def run_training(
         cfg, ds, num_rows = mixed.config, mixed.dataset, mixed.rows_per_epoch
     else:
         ds, num_rows = _benchmark_dataset(cfg)
-    if cfg.stage == "weak":
+    if cfg.without_referents:
         ds = ds.map(without_referents)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -3,6 +3,7 @@ a relation the dual encoder cannot express."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from reir.data.formats import load_samples, negative_groups
+from reir.model.processing import NO_REFERENT
 from reir.model.rerank import RelationReranker, RerankSpec
 from reir.training.rerank import RerankSet, build_rerank_set, mine_hard_negatives, rerank_loss, sample_texts
 
@@ -65,6 +67,84 @@ def test_reranker_learns_a_spatial_relation_the_dual_encoder_ties_on() -> None:
         loss.backward()
         opt.step()
     assert _own_image_accuracy(rr, held_out) >= 0.9
+
+
+def _conjunction_world(n: int, seed: int) -> tuple[RerankSet, list[list[tuple[int, int]]]]:
+    """Instances are (colour, shape) pairs; each image holds the referent (c, s) and two
+    half matches, (c, s') and (c', s), plus a random one. The expression names c and s;
+    the dual encoder knows the colour only, so it ties the referent with (c, s'). Returns
+    the set (``positive``: the referent's slot, for scoring only) and each image's pairs in slot order."""
+    g = torch.Generator().manual_seed(seed)
+    colours = shapes = 4
+    words = torch.randn(colours + shapes, 8, generator=torch.Generator().manual_seed(0))
+    emb, boxes, positive, states, text_emb, contents = [], [], [], [], [], []
+    for _ in range(n):
+        c, c2 = torch.randperm(colours, generator=g)[:2].tolist()
+        s, s2 = torch.randperm(shapes, generator=g)[:2].tolist()
+        other = (int(torch.randint(colours, (1,), generator=g)), s2)
+        pairs = [(c, s), (c, s2), (c2, s), other if other != (c, s) else (c2, s2)]
+        perm = torch.randperm(4, generator=g).tolist()
+        pairs = [pairs[p] for p in perm]
+        emb.append(torch.stack([torch.cat([torch.eye(colours)[a], torch.eye(shapes)[b]]) / 2**0.5 for a, b in pairs]))
+        boxes.append(torch.rand(4, 2, generator=g).mul(0.8).add(0.1).repeat(1, 2) * torch.tensor([1, 1, 0.1, 0.1]))
+        positive.append(pairs.index((c, s)))
+        states.append(torch.stack([words[c], words[colours + s]]))
+        text_emb.append(torch.cat([torch.eye(colours)[c], torch.zeros(shapes)]))
+        contents.append(pairs)
+    rs = RerankSet(
+        image_ids=[f"img{i}" for i in range(n)], emb=torch.stack(emb), boxes=torch.stack(boxes),
+        objectness=torch.ones(n, 4), mask=torch.ones(n, 4, dtype=torch.bool), groups=torch.zeros(n, dtype=torch.long),
+        token_states=torch.stack(states), token_mask=torch.ones(n, 2, dtype=torch.long), text_emb=torch.stack(text_emb),
+        text_image=torch.arange(n), positive=torch.tensor(positive),
+    )  # fmt: skip
+    return rs, contents
+
+
+def test_weak_reranker_learns_to_localize_from_images_alone() -> None:
+    torch.manual_seed(0)
+    world, contents = _conjunction_world(256, seed=1)
+    held_out, _ = _conjunction_world(128, seed=2)
+    referents = [pairs[int(k)] for pairs, k in zip(contents, world.positive)]
+    # What a weak run has: the expression and its image, no slot. Negatives: images that do
+    # not hold (c, s), the ones with colour c first (what the dual encoder would hand over).
+    weak = replace(world, positive=torch.full_like(world.positive, -1), weak=True)
+    holds = torch.tensor([[ref in pairs for pairs in contents] for ref in referents])  # [T, N]
+    colour_match = torch.einsum("td,nkd->tnk", world.text_emb, world.emb).amax(dim=2) > 0
+    rank = colour_match.float() + torch.rand(holds.shape, generator=torch.Generator().manual_seed(3))
+    negatives = rank.masked_fill(holds, -1.0).topk(3, dim=1).indices
+    assert not bool(holds.gather(1, negatives).any())
+    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=2), text_hidden=8, embed_dim=8)
+    before = _own_image_accuracy(rr, held_out)
+    assert before <= 0.65  # the colour ties the referent with its half match
+    opt = torch.optim.AdamW(rr.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(weak.num_texts, (32,), generator=gen)
+        losses = rerank_loss(rr, weak, idx, negatives[idx], 5.0, 0.0)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert float(losses["rerank_acc"]) >= 0.9  # the own image wins among its look-alikes
+    assert _own_image_accuracy(rr, held_out) >= 0.9  # and within it, the referent: never told which
+
+
+def test_stage_rerank_names_a_weak_row_and_weak_rerank_keeps_it(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from reir.data.synth import generate
+    from reir.model import create_model
+
+    data = tmp_path / "data"
+    generate(data, num_images=6, test_fraction=0.34, image_size=64, seed=5, discovery_queries=0)
+    samples = [replace(s, refs=[(t, NO_REFERENT) for t, _ in s.refs]) for s in load_samples(data, "train")]
+    groups = negative_groups(data, "train", [s.image_id for s in samples])
+    model, processor = create_model(str(tiny_checkpoint))
+    load = lambda p: Image.open(p).convert("RGB")  # noqa: E731
+    with pytest.raises(ValueError, match=f"of image {samples[0].image_id!r} has no referent box.*weak-rerank"):
+        build_rerank_set(model, processor, samples, groups, load, top_k=5, min_iou=0.0)
+    rs = build_rerank_set(model, processor, samples, groups, load, top_k=5, min_iou=1.0, weak=True)
+    assert rs.weak and rs.num_texts == sum(len(s.refs) for s in samples) and rs.skipped == 0  # no IoU test
+    assert bool((rs.positive == NO_REFERENT).all())
+    losses = rerank_loss(model.add_reranker(), rs, torch.arange(rs.num_texts), mine_hard_negatives(rs, 2), 5.0, 0.0)
+    assert torch.isfinite(losses["loss"].detach()) and float(losses["loss_rerank_ce"].detach()) > 0
 
 
 def test_batches_come_from_one_group_each_and_cover_every_group() -> None:
