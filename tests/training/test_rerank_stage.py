@@ -137,7 +137,7 @@ def test_stage_rerank_names_a_weak_row_and_weak_rerank_keeps_it(tmp_path: Path, 
     samples = [replace(s, refs=[(t, NO_REFERENT) for t, _ in s.refs]) for s in load_samples(data, "train")]
     groups = negative_groups(data, "train", [s.image_id for s in samples])
     model, processor = create_model(str(tiny_checkpoint))
-    load = lambda p: Image.open(p).convert("RGB")  # noqa: E731
+    load = lambda p: Image.open(p).convert("RGB")
     with pytest.raises(ValueError, match=f"of image {samples[0].image_id!r} has no referent box.*weak-rerank"):
         build_rerank_set(model, processor, samples, groups, load, top_k=5, min_iou=0.0)
     rs = build_rerank_set(model, processor, samples, groups, load, top_k=5, min_iou=1.0, weak=True)
