@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from reir.data.formats import ImageSample
+from reir.data.formats import ImageSample, load_samples
 from reir.model.processing import NO_REFERENT
 from reir.training.config import TrainConfig
 from reir.training.trainer import row_to_sample, sample_to_row, without_referents
@@ -48,3 +48,17 @@ def test_weak_stage_trains_on_ray_and_deepspeed(ray_session: None, tmp_path: Pat
     model, processor = create_model(str(model_dir))
     assert model.config.loss_spec.weak_text_threshold == 0.995  # the run's loss settings travel along
     assert processor.image_size == 64
+
+    # The re-ranker from the same pairs, on the frozen weak model: every expression is kept
+    # (no referent to detect), the loss is over images, and the checkpoint ships it.
+    reranked = run_training(cfg.model_copy(update={"model": str(model_dir), "stage": "weak-rerank",
+                                                   "run_name": "weak-rr", "rerank_negatives": 2}))
+    args = json.loads((reranked / "training_args.json").read_text())
+    stats = args["stats"]
+    train_refs = sum(len(s.refs) for s in load_samples(data, "train"))
+    assert args["config"]["stage"] == "weak-rerank" and stats["steps"] == 2
+    assert stats["loss_rerank_ce"] > 0 and 0.0 <= stats["rerank_acc"] <= 1.0
+    assert stats["rerank_texts"] == train_refs
+    calibration = json.loads((reranked / "calibration.json").read_text())
+    assert 0.0 < calibration["discover_threshold"] < 1.0 and calibration["num_texts"] > 0
+    assert create_model(str(reranked))[0].reranker is not None
