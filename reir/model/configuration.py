@@ -99,6 +99,12 @@ class LossSpec:
     weak_text_threshold: float = 0.999  # another image's expression vs this one
     weak_instance_threshold: float = 0.99  # that image's best instance vs the own image's best
     weak_suppressed_weight: float = 0.0  # weight of a suppressed negative pair (0: masked)
+    # At most this fraction of an expression's negative images is suppressed (the most alike
+    # first). Unbounded, a run collapsed: once every expression is one vector and one
+    # embedding is every image's best candidate, every negative looks like a false negative,
+    # the loss (positives only) falls to ~0 and nothing pushes back (lr 2e-3, step ~600:
+    # 100% of the negatives masked, image retrieval at chance).
+    weak_max_suppressed: float = 0.2
 
 
 def _merge(spec_cls: type, value: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,6 +21,8 @@ Pure torch; rank and world size are arguments (gathers use ``torch.distributed``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
@@ -67,6 +69,8 @@ def suppressed_negatives(
     *,
     text_threshold: float,
     instance_threshold: float,
+    max_fraction: float = 1.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[T, N]`` bool: negative (expression, image) pairs that are likely false negatives.
 
@@ -84,26 +88,42 @@ def suppressed_negatives(
     different expressions at init), which would make every negative look like a duplicate
     and leave nothing to learn from. A threshold above 1 turns that test off (for texts,
     identical ones included). Positives (own image) are never suppressed.
+
+    Both tests are the model judging itself, so they are bounded: per expression at most
+    ``max_fraction`` of the negative images (``valid [N]``: real images; default all) are
+    suppressed (rounded up), the most similar first (identical texts, then by cosine). Unbounded, a
+    collapsed model (every expression one vector, one embedding every image's best
+    candidate) masks every negative and the loss, positives only, rewards the collapse.
     """
     t, n = text_emb.shape[0], inst_emb.shape[0]
     if t == 0:
         return torch.zeros(0, n, dtype=torch.bool, device=text_emb.device)
-    by_text = torch.zeros(t, n, dtype=torch.bool, device=text_emb.device)
+    # How alike (expression, image) look, where a test fires; -inf where none does.
+    likeness = torch.full((t, n), float("-inf"), device=text_emb.device)
     if text_threshold <= 1.0:
-        real = all_text_image >= 0
+        real_text = all_text_image >= 0
         text_emb, all_text_emb = text_emb.float(), all_text_emb.float()
-        text_center = all_text_emb[real].mean(dim=0)
-        identical = (text_emb @ all_text_emb.t()) > IDENTICAL
-        similar = _centered_cosine(text_emb[:, None], all_text_emb[None], text_center) > text_threshold
-        duplicate = (identical | similar) & real[None, :]
-        image_of = F.one_hot(all_text_image.clamp(min=0), n).float() * real[:, None].float()  # [U, N]
-        by_text = (duplicate.float() @ image_of) > 0
+        text_center = all_text_emb[real_text].mean(dim=0)
+        cos = _centered_cosine(text_emb[:, None], all_text_emb[None], text_center)  # [T, U]
+        cos = torch.where((text_emb @ all_text_emb.t()) > IDENTICAL, torch.full_like(cos, 2.0), cos)
+        cos = cos.masked_fill(~(((cos > text_threshold) | (cos >= 2.0)) & real_text[None, :]), float("-inf"))
+        image_of = F.one_hot(all_text_image.clamp(min=0), n).bool() & real_text[:, None]  # [U, N]
+        per_image = cos[:, :, None].masked_fill(~image_of[None], float("-inf")).amax(dim=1)  # [T, N]
+        likeness = torch.maximum(likeness, per_image)
     emb, weight = inst_emb.detach().float(), inst_weight.float()
     inst_center = (weight[..., None] * emb).sum(dim=(0, 1)) / weight.sum().clamp(min=1e-6)
     best_emb = emb[torch.arange(n, device=best.device)[None, :], best]  # [T, N, D]
     own_best = best_emb[torch.arange(t, device=best.device), own_image]  # [T, D]
-    by_instance = _centered_cosine(own_best[:, None], best_emb, inst_center) > instance_threshold
-    return (by_text | by_instance) & ~F.one_hot(own_image, n).bool()
+    cosine = _centered_cosine(own_best[:, None], best_emb, inst_center)  # [T, N]
+    likeness = torch.maximum(likeness, cosine.masked_fill(cosine <= instance_threshold, float("-inf")))
+    own = F.one_hot(own_image, n).bool()
+    real = torch.ones(n, dtype=torch.bool, device=cosine.device) if valid is None else valid.bool()
+    candidates = torch.isfinite(likeness) & ~own & real[None, :]
+    cap = min(math.ceil(max_fraction * max(int(real.sum()) - 1, 0)), n)
+    keep = torch.zeros_like(candidates)
+    if cap > 0 and bool(candidates.any()):
+        keep.scatter_(1, likeness.masked_fill(~candidates, float("-inf")).topk(cap, dim=1).indices, True)
+    return candidates & keep
 
 
 def _gather_rows(x: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -168,6 +188,7 @@ def weak_contrastive_loss(
     suppressed = suppressed_negatives(
         text_emb.detach(), own, all_text_emb, all_text_image, inst_emb, inst_weight, best,
         text_threshold=spec.weak_text_threshold, instance_threshold=spec.weak_instance_threshold,
+        max_fraction=spec.weak_max_suppressed, valid=valid,
     )  # fmt: skip
     n = inst_emb.shape[0]
     positive = F.one_hot(own, n).bool() if own.numel() else torch.zeros_like(pooled, dtype=torch.bool)
