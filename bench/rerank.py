@@ -14,6 +14,7 @@ compared is the recipe, not Ray Train). ``group=1`` draws each batch from one ne
 Scoring mirrors the service on an exact index: each test expression's top ``--candidates``
 instances by the dual encoder over the whole test gallery, their images re-ranked, one answer
 (best instance) per image; BR@k at IoU 0.5. Prints one JSON object (and writes ``--out``).
+``--weak`` trains as stage ``weak-rerank`` (no referent slots; a weak or any frozen model).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "trained variant at every size (keys of the extra sizes get the prefix cN_; the ANN order "
         "is scored once, from the largest pool)",
     )
+    p.add_argument("--weak", action="store_true", help="train as stage weak-rerank does: the training "
+                   "expressions lose their referent box, the loss is over images (test scoring unchanged)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from reir.data.formats import load_samples, negative_groups
     from reir.model import create_model
     from reir.model.modeling import score_scale
+    from reir.model.processing import NO_REFERENT
     from reir.training.rerank import build_rerank_set
     from reir.training.trainer import ImageCache
 
@@ -176,9 +181,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     samples = load_samples(args.data, "train")
     groups = negative_groups(args.data, "train", [s.image_id for s in samples])
-    train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=10, min_iou=0.5)
+    if args.weak:
+        samples = [replace(s, refs=[(text, NO_REFERENT) for text, _ in s.refs]) for s in samples]
+    train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=10, min_iou=0.5,
+                             weak=args.weak)
     test, gt = test_features(model, processor, args.data)
-    result: dict[str, Any] = {"features_seconds": round(time.monotonic() - started, 1), "train_texts": train.num_texts,
+    result: dict[str, Any] = {"weak": args.weak, "features_seconds": round(time.monotonic() - started, 1),
+                              "train_texts": train.num_texts,
                               "test_queries": test.num_texts, "seconds_per_variant": args.seconds,
                               "threads": torch.get_num_threads(), "variants": {}}  # fmt: skip
     for name, fields in variants:
