@@ -71,9 +71,10 @@ def train(
     workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers [1]"),
     cpus_per_worker: Optional[float] = typer.Option(None, min=0.1, help="CPUs (= torch threads) per worker [1]"),
     gpu: Optional[bool] = typer.Option(None, help="one GPU per worker, NCCL, bf16 [no]"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="[10]"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="passes over the data [10]; the run stops at the "
+                                         "first of --epochs (or --max-steps) and --minutes"),
     max_steps: Optional[int] = typer.Option(None, min=1),
-    minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget"),
+    minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget (raise --epochs for a longer run)"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per worker step [16]"),
     lr: Optional[float] = typer.Option(None, min=0.0, help="[5e-4]"),
     zero: Optional[int] = typer.Option(None, min=0, max=3, help="DeepSpeed ZeRO stage [2]"),

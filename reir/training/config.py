@@ -57,7 +57,8 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     batch_size: int = Field(16, ge=1, description="micro-batch of images per worker")
     grad_accum: int = Field(1, ge=1)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="passes over the data; a run stops at the first of epochs "
+                        "(or max_steps) and time_budget_s")
     max_steps: int | None = Field(None, ge=1)
     time_budget_s: float | None = Field(None, gt=0, description="stop (and finish the LR schedule) by then")
     lr: float = Field(5e-4, gt=0)
