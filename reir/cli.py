@@ -87,13 +87,13 @@ def train(
                                      "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
-    from reir.training.config import SourceSpec, TrainConfig
+    from reir.training.config import STAGES, SourceSpec, TrainConfig
     from reir.training.trainer import run_training
 
     if data is not None:
         _need_dir(data, "data directory")
-    if stage not in ("1", "2", "rerank", "weak", "weak-rerank"):
-        raise ReirError(f"--stage must be 1, 2, rerank, weak or weak-rerank, got {stage!r}")
+    if stage not in STAGES:
+        raise ReirError(f"--stage must be {', '.join(STAGES[:-1])} or {STAGES[-1]}, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
     flags = dict(model=model, output_dir=out, run_name=name, num_workers=workers,
                  cpus_per_worker=cpus_per_worker,
@@ -108,7 +108,7 @@ def train(
         fields["sources"] = [SourceSpec.parse(s) for s in source]
     if not fields.get("data_root") and not fields.get("sources"):
         raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])")
-    fields.setdefault("run_name", f"reir-{stage}" if stage in ("rerank", "weak", "weak-rerank") else f"reir-stage{stage}")
+    fields.setdefault("run_name", f"reir-stage{stage}" if stage in ("1", "2") else f"reir-{stage}")
     cfg = TrainConfig(**fields)
     _init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +39,10 @@ class SourceSpec(BaseModel):
         return cls.model_validate({"kind": kind, "path": path, "weight": weight})
 
 
+Stage = Literal["1", "2", "rerank", "weak", "weak-rerank"]
+STAGES: tuple[str, ...] = get_args(Stage)
+
+
 class TrainConfig(BaseModel):
     """One training run: a stage of the two-stage recipe on one data root."""
 
@@ -46,7 +50,7 @@ class TrainConfig(BaseModel):
 
     data_root: str = Field("", description="synthetic benchmark directory (reir synth --out); unused with sources")
     model: str = Field("small", description="preset name or model directory to start from")
-    stage: Literal["1", "2", "rerank", "weak", "weak-rerank"] = Field(
+    stage: Stage = Field(
         "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model; "
         "weak: (image, expression) pairs without referent boxes (detection + MIL contrast); weak-rerank: the "
         "re-ranker on a frozen weak model, from the same pairs (multiple-instance loss over images)")
