@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +165,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from reir.data.formats import load_samples, negative_groups
     from reir.model import create_model
     from reir.model.modeling import score_scale
-    from reir.model.processing import NO_REFERENT
     from reir.training.rerank import build_rerank_set
     from reir.training.trainer import ImageCache
 
@@ -181,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     samples = load_samples(args.data, "train")
     groups = negative_groups(args.data, "train", [s.image_id for s in samples])
-    if args.weak:
-        samples = [replace(s, refs=[(text, NO_REFERENT) for text, _ in s.refs]) for s in samples]
+    # weak: build_rerank_set keeps every expression with its image only, never its box index
     train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=10, min_iou=0.5,
                              weak=args.weak)
     test, gt = test_features(model, processor, args.data)

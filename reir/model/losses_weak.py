@@ -106,7 +106,7 @@ def suppressed_negatives(
         text_center = all_text_emb[real_text].mean(dim=0)
         cos = _centered_cosine(text_emb[:, None], all_text_emb[None], text_center)  # [T, U]
         cos = torch.where((text_emb @ all_text_emb.t()) > IDENTICAL, torch.full_like(cos, 2.0), cos)
-        cos = cos.masked_fill(~(((cos > text_threshold) | (cos >= 2.0)) & real_text[None, :]), float("-inf"))
+        cos = cos.masked_fill(~((cos > text_threshold) & real_text[None, :]), float("-inf"))  # 2.0 > any threshold
         image_of = F.one_hot(all_text_image.clamp(min=0), n).bool() & real_text[:, None]  # [U, N]
         per_image = cos[:, :, None].masked_fill(~image_of[None], float("-inf")).amax(dim=1)  # [T, N]
         likeness = torch.maximum(likeness, per_image)
