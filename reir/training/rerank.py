@@ -11,7 +11,7 @@ sigmoid term that keeps the logits calibrated as probabilities (presence decisio
 
 Stage ``weak-rerank`` trains the same re-ranker from (image, expression) pairs alone, on a
 frozen weak-stage model: each image is a bag of its stored instances and the own image
-must beat the hard negatives (:func:`weak_rerank_loss`).
+must beat the hard negatives (:func:`rerank_loss`).
 
 Pure torch (no Ray): the Ray Train + DeepSpeed loop in ``reir.training.trainer`` calls it.
 """
@@ -233,44 +233,34 @@ def rerank_loss(
     """Listwise loss for expressions ``text_idx [B]`` over their own image + ``neg_images [B, C-1]``.
 
     With referent slots: cross-entropy over every instance of those images (the referent
-    is the target). Weak (``rs.weak``): see :func:`weak_rerank_loss`."""
+    is the target). Weak (``rs.weak``, multiple-instance): each image is a bag whose score
+    is the log-sum-exp of its instances' logits, and the cross-entropy over the C images
+    makes the own image win. The negatives are the images the dual encoder confuses with
+    the own one, so they hold look-alikes of the referent (its colour, its shape, a landmark
+    in the wrong place); an instance can only lift its own image above them by what sets
+    the referent apart, which is how the re-ranker learns to localize without a box.
+    Either way a sigmoid term (weight ``bce_weight``) over :func:`presence_scores` keeps the
+    logits presence probabilities for discovery mode."""
     b = text_idx.numel()
     logits = candidate_logits(reranker, rs, text_idx, neg_images, logit_scale, logit_bias, device=device)
+    scores, target = presence_scores(logits, rs, text_idx)
+    ranked = torch.logsumexp(logits.view(b, -1, rs.emb.shape[1]), dim=2) if rs.weak else logits
+    ce = F.cross_entropy(ranked, target)
+    finite = torch.isfinite(scores)
+    labels = F.one_hot(target, scores.shape[1]).to(scores.dtype)
+    bce = F.binary_cross_entropy_with_logits(scores[finite], labels[finite], reduction="sum") / max(b, 1)
+    acc = (ranked.argmax(dim=1) == target).float().mean()
+    return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}
+
+
+def presence_scores(logits: torch.Tensor, rs: RerankSet, text_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a presence decision reads, from :func:`candidate_logits` ``[B, C * K]``: every
+    instance, with the referent's slot as the target; weak (``rs.weak``): each image's best
+    instance ``[B, C]``, with the own image (column 0) as the target. Returns (scores, target ``[B]``)."""
     if rs.weak:
-        return weak_rerank_loss(logits.view(b, -1, rs.emb.shape[1]), bce_weight=bce_weight)
-    target = rs.positive[text_idx].to(device)  # slot in image 0 of each row's list
-    ce = F.cross_entropy(logits, target)
-    finite = torch.isfinite(logits)
-    labels = torch.zeros_like(logits)
-    labels[torch.arange(b, device=logits.device), target] = 1.0
-    bce = F.binary_cross_entropy_with_logits(logits[finite], labels[finite], reduction="sum") / max(b, 1)
-    acc = (logits.argmax(dim=1) == target).float().mean()
-    return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}
-
-
-def weak_rerank_loss(logits: torch.Tensor, *, bce_weight: float = 0.1) -> dict[str, torch.Tensor]:
-    """Multiple-instance loss on ``logits [B, C, K]`` (image 0 of each row: the expression's
-    own image, then its hard negatives; ``-inf`` = masked instance or absent image).
-
-    Each image is a bag: its score is the log-sum-exp of its instances' logits, and a
-    cross-entropy over the C images makes the own image win. The negatives are the images
-    the dual encoder confuses with the own one, so they hold look-alikes of the referent
-    (same colour, same shape, a landmark in the wrong place); an instance can only lift its
-    own image above them by what sets the referent apart, which is how the re-ranker learns
-    to localize without a box. The sigmoid term (weight ``bce_weight``) reads each image's
-    best instance as "this image holds it": 1 for the own image, 0 for the negatives, so
-    the top logit stays a presence probability for discovery mode."""
-    b = logits.shape[0]
-    pooled = torch.logsumexp(logits, dim=2)  # [B, C], -inf for an absent image
-    target = torch.zeros(b, dtype=torch.long, device=logits.device)
-    ce = F.cross_entropy(pooled, target)
-    best = logits.amax(dim=2)
-    finite = torch.isfinite(best)
-    labels = torch.zeros_like(best)
-    labels[:, 0] = 1.0
-    bce = F.binary_cross_entropy_with_logits(best[finite], labels[finite], reduction="sum") / max(b, 1)
-    acc = (pooled.argmax(dim=1) == 0).float().mean()
-    return {"loss": ce + bce_weight * bce, "loss_rerank_ce": ce, "loss_rerank_bce": bce, "rerank_acc": acc}
+        b = text_idx.numel()
+        return logits.view(b, -1, rs.emb.shape[1]).amax(dim=2), torch.zeros(b, dtype=torch.long, device=logits.device)
+    return logits, rs.positive[text_idx].to(logits.device)
 
 
 @torch.no_grad()
@@ -296,18 +286,12 @@ def calibrate_presence(
     probs, labels = [], []
     for start in range(0, int(text_idx.numel()), 64):
         idx = text_idx[start : start + 64]
-        b = idx.numel()
         logits = candidate_logits(reranker, rs, idx, neg_images[start : start + 64], logit_scale, logit_bias,
                                   device=device).float().cpu()
-        if rs.weak:
-            logits = logits.view(b, -1, rs.emb.shape[1]).amax(dim=2)
-            target = torch.zeros_like(logits, dtype=torch.bool)
-            target[:, 0] = True
-        else:
-            target = torch.zeros_like(logits, dtype=torch.bool)
-            target[torch.arange(b), rs.positive[idx]] = True
-        keep = torch.isfinite(logits)
-        probs.append(torch.sigmoid(logits[keep]))
+        scores, slot = presence_scores(logits, rs, idx)
+        target = F.one_hot(slot, scores.shape[1]).bool()
+        keep = torch.isfinite(scores)
+        probs.append(torch.sigmoid(scores[keep]))
         labels.append(target[keep])
     p, y = torch.cat(probs), torch.cat(labels)
     if not bool(y.any()):
