@@ -106,17 +106,19 @@ def evaluate(
             own = int(rs.text_image[t])
             logits = (scale * torch.einsum("d,nkd->nk", rs.text_emb[t], rs.emb) + bias).masked_fill(~rs.mask, -1e9)
             top = logits.flatten().topk(min(max(pools), n * m)).indices  # sorted: each pool is a prefix
-            for size in pools:
-                images = list(dict.fromkeys((top[:size] // m).tolist()))  # candidate images, ANN order
-                negatives = torch.tensor([[i for i in images if i != own] or [-1]])
-                best = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m).max(dim=1)
-                # row 0 is the expression's own image: scored always, answered only if ANN found it
-                rows = [(img, float(v), int(s)) for img, v, s in zip([own, *negatives[0].tolist()], best.values, best.indices)
-                        if img >= 0 and (img != own or own in images)]  # fmt: skip
-                ranked = sorted(rows, key=lambda r: -r[1])
-                reranked[size][str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in ranked]
-            ann_images = dict.fromkeys((top // m).tolist())  # the largest pool's images, ANN order
+            ann_images = list(dict.fromkeys((top // m).tolist()))  # the largest pool's images, ANN order
             ann[str(t)] = [Prediction(str(i), xywh[i][int(logits[i].argmax())]) for i in ann_images]
+            # An image's re-ranked scores depend on that image alone: score the largest pool's
+            # images once, and each pool answers from the images it holds.
+            negatives = torch.tensor([[i for i in ann_images if i != own] or [-1]])
+            best = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m).max(dim=1)
+            # row 0 is the expression's own image: scored always, answered only if ANN found it
+            scored = [(img, float(v), int(s)) for img, v, s in zip([own, *negatives[0].tolist()], best.values, best.indices)
+                      if img >= 0]  # fmt: skip
+            for size in pools:
+                held = set((top[:size] // m).tolist())
+                ranked = sorted((r for r in scored if r[0] in held), key=lambda r: -r[1])
+                reranked[size][str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in ranked]
     ks, taus = (1, 5, 10), (0.5,)
     out = {f"ANN_{k}": v for k, v in box_recall_at_k(ann, gt, ks, taus).items()}
     for i, size in enumerate(pools):
