@@ -82,6 +82,8 @@ def train(
     resume: Optional[bool] = typer.Option(None, help="continue the latest checkpoint of --name [no]"),
     max_failures: Optional[int] = typer.Option(None, min=-1, help="restarts from the latest checkpoint [0]"),
     eval_every: Optional[int] = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
+    lookalike_partners: Optional[int] = typer.Option(
+        None, min=0, help="stages 1, 2, weak: look-alike images per image in a batch (hard negatives) [0]"),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
     source: list[str] = typer.Option([], "--source", help="KIND:PATH[:WEIGHT] instead of --data, repeat to mix "
                                      "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
@@ -99,7 +101,8 @@ def train(
                  cpus_per_worker=cpus_per_worker,
                  use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
                  batch_size=batch_size, lr=lr, zero_stage=zero)
-    flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every)
+    flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every,
+                 lookalike_partners=lookalike_partners)
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields.update(stage=stage)
     if data is not None:
@@ -347,11 +350,13 @@ def demo(
     minutes: float = typer.Option(14.0, min=0.2, help="training time budget (stages 1, 2 and the re-ranker)"),
     model: str = typer.Option("small", help="model preset"),
     seed: int = typer.Option(0),
+    lookalike_partners: int = typer.Option(0, min=0, help="stage 2: look-alike images per image in a batch"),
 ) -> None:
     """Synth -> train (2 stages) -> ingest -> serve -> query over HTTP -> BR@k table + picture."""
     from reir.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=str(out), num_images=num_images, train_minutes=minutes, model=model, seed=seed))
+    run_demo(DemoConfig(out=str(out), num_images=num_images, train_minutes=minutes, model=model, seed=seed,
+                        lookalike_partners=lookalike_partners))
 
 
 def _yaml(path: Path) -> dict[str, Any]:

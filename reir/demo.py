@@ -34,6 +34,8 @@ class DemoConfig:
     model: str = "small"
     seed: int = 0
     batch_size: int = 16
+    # stage 2: look-alike images per image of a batch (reir.training.batching); 0: random batches
+    lookalike_partners: int = 0
     top_k: int = 10
     http_port: int = 8000
     query_concurrency: int = 4
@@ -128,7 +130,8 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     stage2_s = budget * (1 - cfg.stage1_share - cfg.rerank_share)
     clock.begin(f"train stage 2 (CLIA), {stage2_s / 60:.1f} min")
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10,
-                                      time_budget_s=stage2_s, lr=3e-4, **common))
+                                      time_budget_s=stage2_s, lr=3e-4,
+                                      lookalike_partners=cfg.lookalike_partners, **common))
     clock.begin(f"train the re-ranker on the frozen stage-2 model, {budget * cfg.rerank_share / 60:.1f} min")
     rerank_common = {**common, "batch_size": 128}  # one negative group per batch: shared hard negatives
     return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank", warmup_steps=20,

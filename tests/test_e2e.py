@@ -25,7 +25,9 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tupl
     common = dict(data_root=str(data), output_dir=str(root / "runs"), batch_size=4, epochs=1,
                   warmup_steps=1, log_every=1)
     stage1 = run_training(TrainConfig(model="tiny", stage="1", run_name="s1", max_steps=3, **common))
-    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2, **common))
+    # stage 2 batches look-alike images (their expressions begin alike) from windows of 8 rows
+    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2,
+                                      lookalike_partners=1, lookalike_window=8, **common))
     # min IoU 0: a 5-step tiny model localizes nothing, yet every expression must still train the re-ranker
     reranked = run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rr", max_steps=2,
                                         rerank_min_iou=0.0, rerank_negatives=3, **common))
@@ -41,6 +43,7 @@ def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> Non
     assert args["stats"]["loss"] > 0 and "loss_rerank_ce" in args["stats"]
     stage2_args = json.loads((model_dir.parent.parent / "s2" / "model" / "training_args.json").read_text())
     assert stage2_args["stats"]["loss"] > 0 and "loss_clia" in stage2_args["stats"]
+    assert stage2_args["config"]["lookalike_partners"] == 1 and stage2_args["stats"]["steps"] == 2
     calibration = json.loads((model_dir / "calibration.json").read_text())
     assert 0.0 < calibration["discover_threshold"] < 1.0
     model, processor = create_model(str(model_dir))

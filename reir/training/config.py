@@ -75,6 +75,11 @@ class TrainConfig(BaseModel):
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = Field(True, description="bf16 on GPU; always fp32 on CPU")
     flip_augment: bool = True
+    lookalike_partners: int = Field(
+        0, ge=0, description="stages 1, 2 and weak: each image of a micro-batch comes with up to this many "
+        "images of its negative group whose expressions begin alike (hard negatives for the cross-batch "
+        "losses); 0: random batches")
+    lookalike_window: int = Field(512, ge=2, description="rows of the shard among which look-alikes are chosen")
     seed: int = 0
     log_every: int = Field(20, ge=1)
     model_overrides: dict[str, Any] = Field(default_factory=dict)

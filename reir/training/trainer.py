@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from reir.data.formats import ImageSample, load_samples, negative_groups, test_queries
 from reir.model.processing import NO_REFERENT
+from reir.training.batching import window_batches
 from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
 from reir.training.config import TrainConfig, deepspeed_config
 from reir.training.operations import StepHook, TrainOps
@@ -211,16 +212,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if done:
             break
         skip = first_skip if epoch == first_epoch else 0
-        batches = shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
-            local_shuffle_seed=cfg.seed + epoch, drop_last=True,
-        )
         micro_in_epoch = 0
-        for frame in batches:
+        for samples in micro_batches(shard, cfg, epoch, rng):
             micro_in_epoch += 1
             if micro_in_epoch <= skip:
                 continue
-            samples = [row_to_sample(r) for r in frame.to_dict("records")]
             images = [cache.get(s.path) for s in samples]
             batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0, rng=rng)
             batch = batch.to(device)
@@ -255,6 +251,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              "world_size": world, **last}
     stats.update(_steady_stats(warm, step - first_step, samples_seen, world, device))
     ops.finish(stats)
+
+
+def micro_batches(shard: Any, cfg: TrainConfig, epoch: int, rng: random.Random) -> Iterator[list[ImageSample]]:
+    """One epoch of the worker's shard as micro-batches of ``cfg.batch_size`` samples:
+    shuffled rows, or with ``cfg.lookalike_partners`` look-alike clusters cut from
+    windows of ``cfg.lookalike_window`` rows (``reir.training.batching``)."""
+    if not cfg.lookalike_partners:
+        for frame in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
+                                        local_shuffle_seed=cfg.seed + epoch, drop_last=True):
+            yield [row_to_sample(r) for r in frame.to_dict("records")]
+        return
+    windows = (
+        [(row_to_sample(r), int(r["group"])) for r in frame.to_dict("records")]
+        for frame in shard.iter_batches(batch_size=cfg.lookalike_window, batch_format="pandas",
+                                        local_shuffle_buffer_size=max(256, cfg.lookalike_window),
+                                        local_shuffle_seed=cfg.seed + epoch)
+    )  # fmt: skip
+    yield from window_batches(windows, cfg.batch_size, cfg.lookalike_partners, rng)
 
 
 def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int, world: int,
