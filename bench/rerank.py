@@ -36,8 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variant",
         action="append",
         default=[],
-        help="NAME:batch=B,lr=LR,group=0|1,heads=H,image=0|1 (repeatable; default: the demo's recipe; heads and "
-        "image: the re-ranker's landmark_heads and image_term)",
+        help="NAME:batch=B,lr=LR,group=0|1 (repeatable; default: the demo's recipe)",
     )
     p.add_argument("--negatives", type=int, default=15)
     p.add_argument("--hidden-size", type=int, default=128)
@@ -59,15 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     name, _, spec = text.partition(":")
-    from reir.model.configuration import RerankSpec
-
-    default = RerankSpec()
-    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0, "heads": float(default.landmark_heads),
-              "image": float(default.image_term)}
+    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in fields:
-            raise SystemExit(f"--variant {text!r}: unknown field {key!r} ({', '.join(fields)})")
+            raise SystemExit(f"--variant {text!r}: unknown field {key!r} (batch, lr, group)")
         fields[key] = float(value)
     return name or "default", fields
 
@@ -141,8 +136,7 @@ def train_variant(
     from reir.training.trainer import lr_factor
 
     torch.manual_seed(args.seed)
-    reranker = model.add_reranker(hidden_size=args.hidden_size, landmark_heads=int(fields["heads"]),
-                                  image_term=bool(fields["image"]))
+    reranker = model.add_reranker(hidden_size=args.hidden_size)
     reranker.train()
     lr, batch = fields["lr"], int(fields["batch"])
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=0.01)

@@ -68,13 +68,6 @@ class RerankSpec:
     hidden_size: int = 0
     num_relations: int = 8  # learned geometric relations (soft "left of", "bigger than", ...)
     geometry_hidden: int = 32
-    # Each landmark test is a product of this many sigmoids (a soft AND: "red" and "triangle"
-    # on one instance, not a red square beside a blue triangle); 1: one sigmoid, the form
-    # of re-rankers trained before the field existed.
-    landmark_heads: int = 1
-    # A text-conditioned look at the mean of the image's instances (image-level facts: the
-    # background); off in re-rankers trained before the field existed.
-    image_term: bool = False
 
 
 @dataclass

@@ -7,8 +7,7 @@ leftmost purple one"). The re-ranker runs only on the few images that hold the t
 candidates and scores every stored instance ``j`` of such an image:
 
     logit_j = base_j + s * (a_j + sum_r g_r * [sum_{k != j} w_r(geom(j, k)) <u_r, v_k>
-                                             + log(eps + sum_{k != j} w_r(geom(j, k)) p_rk)]
-                               [+ <u_img, mean_k v_k>])
+                                             + log(eps + sum_{k != j} w_r(geom(j, k)) p_rk)])
 
 * ``base_j``: the dual encoder's own logit (an untrained re-ranker keeps the ANN order:
   ``s`` starts at 0);
@@ -26,13 +25,7 @@ candidates and scores every stored instance ``j`` of such an image:
   probability that ``k`` is the landmark, ``sum_k w_r p_rk`` a soft count of instances
   that are *both* in relation r to ``j`` and fit it, and its log is near 0 when one
   exists and strongly negative when none does, so a candidate missing its landmark is
-  ruled out rather than outvoted;
-* with ``landmark_heads = H > 1`` each relation asks H questions of the landmark and
-  ``p_rk = prod_h sigmoid(<u_rh, v_k> + b_rh)``: a soft AND, so a red square and a blue
-  triangle do not add up to "the red triangle" (the bilinear term sums the H matches);
-* with ``image_term``, one more slot ``u_img`` is matched against the mean of the image's
-  projected instances and added to every candidate of the image: image-level facts
-  ("on the striped background") that each instance vector carries only faintly.
+  ruled out rather than outvoted.
 
 Measured on the synthetic benchmark (README, "Re-ranker"): with the existential term
 alone the re-ranker learns slowly from real stored vectors; with the bilinear term alone it
@@ -102,22 +95,15 @@ class RelationReranker(nn.Module):
 
     def __init__(self, spec: RerankSpec, text_hidden: int, embed_dim: int) -> None:
         super().__init__()
-        h, r, heads = spec.hidden_size, spec.num_relations, spec.landmark_heads
-        if heads < 1:
-            raise ValueError(f"landmark_heads must be >= 1, got {heads}")
+        h, r = spec.hidden_size, spec.num_relations
         self.spec = spec
         self.text_norm = nn.LayerNorm(text_hidden)
         self.text_key = nn.Linear(text_hidden, h)
         self.text_value = nn.Linear(text_hidden, h)
-        # slot 0: the candidate itself; then ``heads`` slots per relation's landmark; last,
-        # with ``image_term``, what the expression asks of the image as a whole
-        slots = 1 + r * heads + int(spec.image_term)
-        self.queries = nn.Parameter(torch.randn(slots, h) / math.sqrt(h))
+        self.queries = nn.Parameter(torch.randn(r + 1, h) / math.sqrt(h))  # slot 0: the candidate itself
         self.gate = nn.Linear(text_hidden, r)  # does the expression name relation r?
         # Landmark probabilities start low: a soft count of ~0 until text and instances agree.
-        # Each of a landmark's heads starts at the same overall prior: sigmoid(-2) in all.
-        prior = math.log(math.pow(torch.sigmoid(torch.tensor(-2.0)).item(), 1.0 / heads))
-        self.match_bias = nn.Parameter(torch.full((r * heads,), prior - math.log1p(-math.exp(prior))))
+        self.match_bias = nn.Parameter(torch.full((r,), -2.0))
         self.inst = nn.Sequential(nn.Linear(embed_dim + 1, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h))
         self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, r)
         # Starts as the identity on the dual encoder's logits: the relation term is scaled
@@ -135,9 +121,8 @@ class RelationReranker(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[T, L, Ht]`` -> ``[T, S, h]`` (slot 0: the candidate, then ``landmark_heads``
-        slots per relation for what the expression asks of its landmark, then the image
-        slot with ``image_term``: ``S = 1 + R * H [+ 1]``) and the relation gates ``[T, R]``."""
+        """``[T, L, Ht]`` -> ``[T, R+1, h]`` (slot 0: the candidate, then what the expression
+        asks of the landmark of each relation) and the relation gates ``[T, R]``."""
         x = self.text_norm(text_states)
         keys, values = self.text_key(x), self.text_value(x)
         att = torch.einsum("rh,tlh->trl", self.queries, keys) / math.sqrt(keys.shape[-1])
@@ -196,17 +181,10 @@ class RelationReranker(nn.Module):
         else:
             match = torch.einsum("nrh,nmh->nrm", slots.index_select(0, text_rows), v)
             gate = gate.index_select(0, text_rows)
-        match = match / math.sqrt(v.shape[-1])  # [N, S, M]
-        r, heads = self.spec.num_relations, self.spec.landmark_heads
-        rel = match[:, 1:1 + r * heads]  # [N, R*H, M(k)]
-        # P(k is the landmark of r): every head must agree (a product of sigmoids)
-        landmark = torch.sigmoid(rel + self.match_bias[None, :, None]).view(n, r, heads, m).prod(dim=2)
+        match = match / math.sqrt(v.shape[-1])  # [N, R+1, M]
+        landmark = torch.sigmoid(match[:, 1:] + self.match_bias[None, :, None])  # [N, R, M(k)]
         count = torch.einsum("njkr,nrk->njr", w, landmark)  # soft count per (candidate, relation)
         exists = (gate[:, None, :] * torch.log(count + LOG_EPS)).sum(dim=-1)  # [N, M]
-        additive = torch.einsum("njkr,nrk->nj", w, rel.view(n, r, heads, m).sum(dim=2) * gate[..., None])
-        delta = match[:, 0] + additive + exists
-        if self.spec.image_term:
-            # <u_image, mean of the image's projected instances>: one value per image
-            okf = ok.to(match.dtype)
-            delta = delta + ((match[:, -1] * okf).sum(-1, keepdim=True) / okf.sum(-1, keepdim=True).clamp(min=1.0))
-        return (base_logits + self.scale * delta).masked_fill(~ok, float("-inf"))
+        additive = torch.einsum("njkr,nrk->nj", w, match[:, 1:] * gate[..., None])
+        delta = self.scale * (match[:, 0] + additive + exists)
+        return (base_logits + delta).masked_fill(~ok, float("-inf"))

@@ -67,7 +67,7 @@ def test_every_wrong_answer_is_counted_once(tmp_path: Path, with_reranker: bool)
     torch.manual_seed(0)
     model, processor = create_model("tiny")
     if with_reranker:
-        model.add_reranker(hidden_size=16, landmark_heads=2, image_term=True)
+        model.add_reranker(hidden_size=16)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     out = tmp_path / "diag.json"

@@ -36,25 +36,19 @@ def test_relative_geometry_is_antisymmetric_in_offsets_and_log_ratios() -> None:
     assert torch.allclose(g[0, 0, 0], torch.zeros(5))
 
 
-# the form before landmark heads and the image term, and the forms with them
-FORMS = [{}, {"landmark_heads": 2}, {"image_term": True}, {"landmark_heads": 3, "image_term": True}]
-
-
-@pytest.mark.parametrize("form", FORMS)
-def test_untrained_reranker_keeps_the_dual_encoder_logits_and_masks_padding(form: dict) -> None:
+def test_untrained_reranker_keeps_the_dual_encoder_logits_and_masks_padding() -> None:
     states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
-    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, **form), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
     out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     assert out.shape == base.shape
     assert torch.isneginf(out[2, 3])
     assert torch.allclose(out[inst_mask], base[inst_mask])
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_trained_reranker_depends_on_the_other_instances_of_the_image(form: dict) -> None:
+def test_trained_reranker_depends_on_the_other_instances_of_the_image() -> None:
     states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, **form), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
     torch.nn.init.constant_(rr.scale, 1.0)  # as after training: the relation term is switched on
     out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     moved = boxes.clone()
@@ -95,8 +89,7 @@ def test_model_rerank_logits_without_and_with_reranker(tmp_path: Path) -> None:
     assert not torch.allclose(reranked[inst_mask], plain[inst_mask])
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_rows_sharing_images_score_as_if_each_row_had_its_own_copy(form: dict) -> None:
+def test_rows_sharing_images_score_as_if_each_row_had_its_own_copy() -> None:
     """``image_rows``: instances projected once per distinct image give the same logits and
     gradients as per-row copies, in the grouped-by-expression layout and in any other."""
     g = torch.Generator().manual_seed(1)
@@ -109,7 +102,7 @@ def test_rows_sharing_images_score_as_if_each_row_had_its_own_copy(form: dict) -
     base = torch.randn(t * c, m, generator=g)
     grouped = torch.arange(t).repeat_interleave(c)
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, **form), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
     torch.nn.init.constant_(rr.scale, 0.7)
 
     def run(text_rows: torch.Tensor, shared: bool, order: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -158,8 +151,7 @@ def _conjunction_batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     return states, torch.ones(n, length), torch.nn.functional.normalize(emb, dim=-1), boxes
 
 
-@pytest.mark.parametrize("form", [{}, {"landmark_heads": 2, "image_term": True}])
-def test_reranker_learns_that_half_landmarks_do_not_make_a_whole_one(form: dict) -> None:
+def test_reranker_learns_that_half_landmarks_do_not_make_a_whole_one() -> None:
     """Learned from scratch on toy batches, scored on held-out ones: the re-ranker must read
     the relation (the whole landmark to the *left* of image B's look-alike does not count)
     and the landmark as a conjunction (two instances that each fit half of its description,
@@ -167,8 +159,7 @@ def test_reranker_learns_that_half_landmarks_do_not_make_a_whole_one(form: dict)
     slot 0; untrained, the re-ranker scores every instance alike."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=4, geometry_hidden=16, **form), text_hidden=14,
-                          embed_dim=8)
+    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=4, geometry_hidden=16), text_hidden=14, embed_dim=8)
     opt = torch.optim.Adam(rr.parameters(), lr=1e-2)
 
     def logits(n: int) -> torch.Tensor:
