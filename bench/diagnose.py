@@ -100,14 +100,13 @@ def landmark_kind(expr: Any, scene: Any, i: int) -> str:
 
 
 def error_breakdown(model: Any, processor: Any, data: Path, candidates: int) -> dict[str, Any]:
-    import torch
 
     from reir.data.formats import load_samples
     from reir.data.semantics import Expr
     from reir.data.synth import load_gallery
     from reir.model.boxes import BoxMode, convert
     from reir.model.modeling import score_scale
-    from reir.training.rerank import build_rerank_set, candidate_logits
+    from reir.training.rerank import build_rerank_set, rank_pool
     from reir.training.trainer import ImageCache
 
     samples = load_samples(data, "test")
@@ -115,7 +114,6 @@ def error_breakdown(model: Any, processor: Any, data: Path, candidates: int) -> 
     programs = _programs(data)
     rs = build_rerank_set(model, processor, samples, [0] * len(samples), ImageCache(max_items=0).get, top_k=10,
                           min_iou=0.0)  # fmt: skip
-    n, m, _ = rs.emb.shape
     scale, bias = float(score_scale(model.logit_scale.detach())), float(model.logit_bias.detach())
     texts = [(row, text) for row, s in enumerate(samples) for text, _ in s.refs]
     errors: Counter[str] = Counter()
@@ -123,41 +121,31 @@ def error_breakdown(model: Any, processor: Any, data: Path, candidates: int) -> 
     parts_all: Counter[str] = Counter()
     parts_wrong: Counter[str] = Counter()
     right = 0
-    with torch.no_grad():
-        for t, (own, text) in enumerate(texts):
-            expr = Expr.from_program(programs[(samples[own].image_id, text)])
-            parts = [k for k in ("background", "relation", "superlative", "context", "size") if getattr(expr, k)]
-            parts_all.update(parts)
-            logits = (scale * torch.einsum("d,nkd->nk", rs.text_emb[t], rs.emb) + bias).masked_fill(~rs.mask, -1e9)
-            pool = list(dict.fromkeys((logits.flatten().topk(min(candidates, n * m)).indices // m).tolist()))
-            if model.reranker is not None:
-                negatives = torch.tensor([[i for i in pool if i != own] or [-1]])
-                rows = [own, *negatives[0].tolist()]
-                best = candidate_logits(model.reranker, rs, torch.tensor([t]), negatives, scale, bias)[0]
-                best = best.view(-1, m).max(dim=1)
-                ranked = sorted((r for r in range(len(rows)) if rows[r] >= 0 and rows[r] in pool),
-                                key=lambda r: -float(best.values[r]))
-                top, slot = (rows[ranked[0]], int(best.indices[ranked[0]])) if ranked else (-1, 0)
-            else:
-                top, slot = pool[0], int(logits[pool[0]].argmax())
-            if top == own:
-                right += 1
-                continue
-            parts_wrong.update(parts)
-            if own not in pool:
-                errors["own image not among the candidates"] += 1
-                continue
-            sample, scene = samples[top], scenes[samples[top].image_id]
-            box = convert(rs.boxes[top, slot].view(1, 4).numpy(), BoxMode.CXCYWH_NORM, BoxMode.XYWH_ABS,
-                          width=sample.width, height=sample.height)[0].tolist()  # fmt: skip
-            i = _object_at(scene, box)
-            if i is None:
-                errors["box on no object"] += 1
-                continue
-            broken = broken_conjuncts(expr, scene, i)
-            errors["+".join(broken) or "none broken (borderline)"] += 1
-            if broken == ["relation"]:
-                relation[landmark_kind(expr, scene, i)] += 1
+    for t, (own, text) in enumerate(texts):
+        expr = Expr.from_program(programs[(samples[own].image_id, text)])
+        parts = [k for k in ("background", "relation", "superlative", "context", "size") if getattr(expr, k)]
+        parts_all.update(parts)
+        _, ann, ranked = rank_pool(model.reranker, rs, t, candidates, scale, bias)
+        pool = {img for img, _, _ in ann}
+        top, _, slot = next((r for r in ranked if r[0] in pool), (-1, 0.0, 0))
+        if top == own:
+            right += 1
+            continue
+        parts_wrong.update(parts)
+        if own not in pool:
+            errors["own image not among the candidates"] += 1
+            continue
+        sample, scene = samples[top], scenes[samples[top].image_id]
+        box = convert(rs.boxes[top, slot].view(1, 4).numpy(), BoxMode.CXCYWH_NORM, BoxMode.XYWH_ABS,
+                      width=sample.width, height=sample.height)[0].tolist()  # fmt: skip
+        i = _object_at(scene, box)
+        if i is None:
+            errors["box on no object"] += 1
+            continue
+        broken = broken_conjuncts(expr, scene, i)
+        errors["+".join(broken) or "none broken (borderline)"] += 1
+        if broken == ["relation"]:
+            relation[landmark_kind(expr, scene, i)] += 1
     return {"queries": len(texts), "image_top1": round(right / len(texts), 4), "wrong": len(texts) - right,
             "wrong_by_broken_conjunct": dict(errors.most_common()), "relation_only_errors": dict(relation.most_common()),
             "wrong_share_by_expression_part": {k: f"{parts_wrong[k]}/{parts_all[k]}" for k in parts_all}}
@@ -184,12 +172,19 @@ def background_probes(model: Any, processor: Any, data: Path, train_images: int)
                 with Image.open(s.path) as f:
                     images.append(f.convert("RGB"))
             pixels = processor.collate(batch, images).pixel_values
+            seen: list[torch.Tensor] = []
+            # the encoder's output tokens, as the instance heads receive them
+            hook = v.norm.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out))
+            try:
+                with torch.no_grad():
+                    inst = model.encode_images(pixels)
+            finally:
+                hook.remove()
             with torch.no_grad():
-                tokens = v.norm(v.encoder(v.input_proj(v.backbone(pixels)) + v.pos))
-                _, objectness, emb = v.heads(tokens)
-                top = objectness.topk(min(10, objectness.shape[1]), dim=1).indices
+                top = inst.objectness_logits.topk(min(10, inst.objectness_logits.shape[1]), dim=1).indices
+                emb = inst.embeddings
                 stored = torch.gather(emb, 1, top[..., None].expand(-1, -1, emb.shape[-1]))
-                mean = tokens.mean(dim=1)
+                mean = seen[0].mean(dim=1)
                 for view, x in zip(out, (mean, v.heads.context(mean), stored.mean(dim=1))):
                     view.append(x)
         labels = torch.tensor([BACKGROUNDS.index(background[s.image_id]) for s in samples])

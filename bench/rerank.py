@@ -89,11 +89,10 @@ def evaluate(
 ) -> dict[str, float]:
     """BR@k of the re-ranked answers for each pool size in ``pools`` (keys of every size after
     the first get the prefix ``cN_``) and of the ANN order (from the largest pool)."""
-    import torch
 
     from reir.evaluation.metrics import Prediction, box_recall_at_k
     from reir.model.boxes import BoxMode, convert
-    from reir.training.rerank import candidate_logits
+    from reir.training.rerank import rank_pool
 
     n, m, _ = rs.emb.shape
     # normalized [x, y, w, h], the ground truth's frame (IoU does not change with it)
@@ -101,24 +100,14 @@ def evaluate(
     xywh = xywh.reshape(n, m, 4).tolist()
     reranked: dict[int, dict[str, list[Prediction]]] = {size: {} for size in pools}
     ann: dict[str, list[Prediction]] = {}
-    with torch.no_grad():
-        for t in range(rs.num_texts):
-            own = int(rs.text_image[t])
-            logits = (scale * torch.einsum("d,nkd->nk", rs.text_emb[t], rs.emb) + bias).masked_fill(~rs.mask, -1e9)
-            top = logits.flatten().topk(min(max(pools), n * m)).indices  # sorted: each pool is a prefix
-            ann_images = list(dict.fromkeys((top // m).tolist()))  # the largest pool's images, ANN order
-            ann[str(t)] = [Prediction(str(i), xywh[i][int(logits[i].argmax())]) for i in ann_images]
-            # An image's re-ranked scores depend on that image alone: score the largest pool's
-            # images once, and each pool answers from the images it holds.
-            negatives = torch.tensor([[i for i in ann_images if i != own] or [-1]])
-            best = candidate_logits(reranker, rs, torch.tensor([t]), negatives, scale, bias)[0].view(-1, m).max(dim=1)
-            # row 0 is the expression's own image: scored always, answered only if ANN found it
-            scored = [(img, float(v), int(s)) for img, v, s in zip([own, *negatives[0].tolist()], best.values, best.indices)
-                      if img >= 0]  # fmt: skip
-            for size in pools:
-                held = set((top[:size] // m).tolist())
-                ranked = sorted((r for r in scored if r[0] in held), key=lambda r: -r[1])
-                reranked[size][str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in ranked]
+    for t in range(rs.num_texts):
+        # An image's re-ranked scores depend on that image alone: score the largest pool's
+        # images once, and each pool answers from the images it holds.
+        top, ann_order, scored = rank_pool(reranker, rs, t, max(pools), scale, bias)
+        ann[str(t)] = [Prediction(str(i), xywh[i][s]) for i, _, s in ann_order]
+        for size in pools:
+            held = set((top[:size] // m).tolist())
+            reranked[size][str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in scored if i in held]
     ks, taus = (1, 5, 10), (0.5,)
     out = {f"ANN_{k}": v for k, v in box_recall_at_k(ann, gt, ks, taus).items()}
     for i, size in enumerate(pools):

@@ -209,6 +209,43 @@ def candidate_logits(
     return logits.masked_fill(~present[:, None], float("-inf")).view(b, -1)
 
 
+def rank_pool(
+    reranker: RelationReranker | torch.nn.Module | None,
+    rs: RerankSet,
+    text: int,
+    candidates: int,
+    logit_scale: float,
+    logit_bias: float,
+) -> tuple[torch.Tensor, list[tuple[int, float, int]], list[tuple[int, float, int]]]:
+    """What serving does for one expression of ``rs``, on an exact index: its top
+    ``candidates`` instances by the dual encoder over every image of ``rs``, their images,
+    and each image's best instance.
+
+    Returns the top instances' flat indices (``image * K + slot``, best first), the pool's
+    images in ANN order as ``(image, logit, best slot)`` by the dual encoder, and the same
+    images re-ranked by ``reranker``, best first (the expression's own image is always
+    scored and listed: callers keep the images their pool holds; without a re-ranker: the
+    ANN list).
+    """
+    n, m, _ = rs.emb.shape
+    with torch.no_grad():
+        logits = logit_scale * torch.einsum("d,nkd->nk", rs.text_emb[text], rs.emb) + logit_bias
+        logits = logits.masked_fill(~rs.mask, -1e9)
+        top = logits.flatten().topk(min(candidates, n * m)).indices
+        pool = list(dict.fromkeys((top // m).tolist()))
+        best = logits[pool].max(dim=1)
+        ann = [(i, float(v), int(k)) for i, v, k in zip(pool, best.values, best.indices)]
+        if reranker is None:
+            return top, ann, ann
+        own = int(rs.text_image[text])
+        negatives = torch.tensor([[i for i in pool if i != own] or [-1]])
+        scored = candidate_logits(reranker, rs, torch.tensor([text]), negatives, logit_scale, logit_bias)[0]
+        best = scored.view(-1, m).max(dim=1)
+    rows = [own, *negatives[0].tolist()]
+    ranked = [(img, float(v), int(k)) for img, v, k in zip(rows, best.values, best.indices) if img >= 0]
+    return top, ann, sorted(ranked, key=lambda r: -r[1])
+
+
 def sample_texts(rs: RerankSet, pool: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """``batch_size`` expressions of ``pool``, all from one negative group (drawn in
     proportion to its share of ``pool``): their hard negatives come from the same images,
