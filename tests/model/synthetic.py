@@ -109,6 +109,12 @@ def _descriptions(i: int, sample: SynthSample) -> list[str]:
         out.append(f"the small {color} {shape}")
     if boxes[areas[-1]][2] > 1.4 * boxes[areas[-2]][2] and i == areas[-1]:
         out.append(f"the large {color} {shape}")
+    if len(twins) == 2:  # a relation to a unique anchor that sits between the twins
+        other = twins[0] if twins[1] == i else twins[1]
+        for j, attrs in enumerate(sample.attrs):
+            if sample.attrs.count(attrs) == 1 and min(cx[i], cx[other]) < cx[j] < max(cx[i], cx[other]):
+                side = "left" if cx[i] < cx[j] else "right"
+                out.append(f"the {color} {shape} {side} of the {attrs[0]} {attrs[1]}")
     return out
 
 
