@@ -21,7 +21,7 @@ from reir.data.records import (
     save_reircoco,
     validate_coco,
 )
-from reir.data.samples import ImageSample, Query, load_labeled_samples, load_samples, negative_groups, test_queries
+from reir.data.samples import ImageSample, Query, load_samples, negative_groups, test_queries
 from reir.data.sources import (
     SOURCE_KINDS,
     LabelSpace,
@@ -52,7 +52,6 @@ __all__ = [
     "load_refer_source",
     "load_reircoco",
     "load_reircoco_source",
-    "load_labeled_samples",
     "load_samples",
     "load_sorec_source",
     "load_source",

@@ -122,17 +122,12 @@ def join_reircoco(
 
 def load_samples(root: str | Path, split: str) -> list[ImageSample]:
     """Every image of ``split`` with all its boxes and its (expression, box index) refs."""
-    return load_labeled_samples(root, split)[0]
-
-
-def load_labeled_samples(root: str | Path, split: str) -> tuple[list[ImageSample], list[str]]:
-    """``load_samples`` and the category names the samples' labels index."""
     _check_split(split)
     root = Path(root)
     reircoco = root / "reircoco.json"
     entries = [e for e in load_reircoco(reircoco) if e.split == split]
     coco_path = root / f"instances_{split}.json"
-    return join_reircoco(reircoco, entries, coco_path if coco_path.exists() else None, root)
+    return join_reircoco(reircoco, entries, coco_path if coco_path.exists() else None, root)[0]
 
 
 def negative_groups(root: str | Path, split: str, image_ids: list[str]) -> list[int]:

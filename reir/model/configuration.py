@@ -105,13 +105,6 @@ class LossSpec:
     # the loss (positives only) falls to ~0 and nothing pushes back (lr 2e-3, step ~600:
     # 100% of the negatives masked, image retrieval at chance).
     weak_max_suppressed: float = 0.2
-    # Category grounding (weak stage, with ``weak_detection``): the phrase "the {category}"
-    # of every label in the label space against the instances matched to the images' own
-    # boxes, a sigmoid loss with the box's category as the positive. It uses only what a
-    # detection dataset has (boxes and category names, never a referent), and gives the
-    # instance embeddings an object-level meaning before the MIL contrast can find the
-    # referents. 0 turns it off; it is also off when the trainer knows no category names.
-    w_weak_category: float = 1.0
 
 
 def _merge(spec_cls: type, value: dict[str, Any] | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy
 from .configuration import LossSpec, ReirConfig
-from .losses_weak import category_grounding_loss, weak_contrastive_loss
+from .losses_weak import weak_contrastive_loss
 from .modeling import InstanceOutput, ReirOutput, score_from_similarity
 from .processing import TrainBatch
 
@@ -155,24 +155,17 @@ class ReirCriterion(nn.Module):
     ``criterion(model, batch)`` runs ``model(...)`` (so DDP/DeepSpeed wrappers work) and
     returns ``{"loss": total, "loss_obj", "loss_l1", "loss_giou", "loss_rec",
     "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``);
-    stage ``"weak"`` adds ``"loss_weak"``, ``"weak_suppressed"`` (a diagnostic: the
-    fraction of negative pairs suppressed as likely false negatives) and, given
-    ``category_tokens``, ``"loss_category"``.
-
-    ``category_tokens`` (``{"input_ids", "attention_mask"}`` of "the {name}" for every
-    category of the label space, in label order) turns on the weak stage's category
-    grounding (``LossSpec.w_weak_category``, see ``category_grounding_loss``).
+    stage ``"weak"`` adds ``"loss_weak"`` and ``"weak_suppressed"`` (a diagnostic: the
+    fraction of negative pairs suppressed as likely false negatives).
     """
 
-    def __init__(self, config: ReirConfig, *, stage: str, rank: int = 0, world_size: int = 1,
-                 category_tokens: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    def __init__(self, config: ReirConfig, *, stage: str, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         if str(stage) not in ("1", "2", "weak"):
             raise ValueError(f"stage must be '1', '2' or 'weak', got {stage!r}")
         self.stage = str(stage)
         self.spec: LossSpec = config.loss_spec
         self.rank, self.world_size = rank, world_size
-        self.category_tokens = category_tokens
 
     def forward(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
         out: ReirOutput = model(
@@ -180,7 +173,7 @@ class ReirCriterion(nn.Module):
         )
         assert out.instances is not None and out.text is not None
         if self.stage == "weak":
-            return self._weak(model, out, batch)
+            return self._weak(out, batch)
         inst = out.instances
         matches = [self._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
         parts = self._detection(inst, batch, matches)
@@ -203,26 +196,16 @@ class ReirCriterion(nn.Module):
         )
         return parts
 
-    def _weak(self, model: nn.Module, out: ReirOutput, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    def _weak(self, out: ReirOutput, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Stage "weak": ``text_target_index`` is never read. The images' own boxes (not
-        linked to any expression) train detection when ``weak_detection`` is on, and with
-        ``category_tokens`` ground the category phrases in the boxes' instances; otherwise
+        linked to any expression) train detection when ``weak_detection`` is on; otherwise
         the detection heads only join the graph with weight 0 (every rank's DeepSpeed
         engine then sees the same parameters take part)."""
         assert out.instances is not None and out.text is not None
         inst, s = out.instances, self.spec
-        loss_category = torch.zeros((), device=inst.boxes.device)
         if s.weak_detection:
             matches = [self._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
             parts = self._detection(inst, batch, matches)
-            if self.category_tokens is not None and s.w_weak_category > 0:
-                phrases = model(input_ids=self.category_tokens["input_ids"],
-                                attention_mask=self.category_tokens["attention_mask"]).text
-                assert phrases is not None
-                loss_category = category_grounding_loss(
-                    phrases.embeddings, inst.embeddings, matches, [t["labels"] for t in batch.targets],
-                    out.logit_scale, out.logit_bias,
-                )  # fmt: skip
         else:
             unused = inst.boxes.sum() * 0.0 + inst.objectness_logits.sum() * 0.0
             if inst.class_logits is not None:
@@ -235,14 +218,12 @@ class ReirCriterion(nn.Module):
         ))  # fmt: skip
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_rec"], parts["loss_clia"], parts["loss_aux"] = zero, zero, out.text.aux_loss
-        parts["loss_category"] = loss_category
         parts["loss"] = (
             s.w_obj * parts["loss_obj"]
             + s.w_l1 * parts["loss_l1"]
             + s.w_giou * parts["loss_giou"]
             + s.w_cls * parts["loss_cls"]
             + s.w_weak * parts["loss_weak"]
-            + s.w_weak_category * loss_category
             + s.w_aux * parts["loss_aux"]
         )
         return parts

@@ -16,10 +16,6 @@ the model's own intra-modal similarities: text-text (another image's expression 
 near duplicate) and instance-instance (the best candidate in the other image is nearly
 the same embedding as the best candidate in the expression's own image).
 
-Category grounding (``category_grounding_loss``) ties the words of a detection dataset's
-category names to the instances of the images' own boxes, so that the candidates of a bag
-mean objects before the contrast has found any referent.
-
 Pure torch; rank and world size are arguments (gathers use ``torch.distributed``).
 """
 
@@ -204,31 +200,3 @@ def weak_contrastive_loss(
     negatives = ~positive if valid is None else ~positive & valid[None, :]
     fraction = suppressed.sum().float() / negatives.sum().clamp(min=1).float()
     return {"loss_weak": loss, "weak_suppressed": fraction}
-
-
-def category_grounding_loss(
-    phrase_emb: torch.Tensor,
-    inst_emb: torch.Tensor,
-    matches: list[torch.Tensor],
-    labels: list[torch.Tensor],
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor,
-) -> torch.Tensor:
-    """Sigmoid loss of every annotated instance against every category phrase.
-
-    ``phrase_emb [K, D]`` embeds "the {name}" for the K categories of the label space;
-    ``inst_emb [B, Q, D]``; ``matches[b] [n_b]`` the query matched to each of image b's
-    boxes and ``labels[b] [n_b]`` their categories (0..K-1). An instance's positive is its
-    box's category phrase, the K-1 others are negatives. Summed over pairs, divided by the
-    number of instances (0 without any box).
-    """
-    emb = torch.cat([inst_emb[b, m] for b, m in enumerate(matches)])
-    cats = torch.cat([lab.long() for lab in labels]).to(emb.device)
-    if cats.numel() == 0:
-        return phrase_emb.sum() * 0.0 + inst_emb.sum() * 0.0
-    k = phrase_emb.shape[0]
-    if int(cats.max()) >= k or int(cats.min()) < 0:
-        raise ValueError(f"label {int(cats.max())} outside the {k} category phrases")
-    logits = score_from_similarity(emb @ phrase_emb.t(), logit_scale, logit_bias)
-    signs = F.one_hot(cats, k).to(logits.dtype) * 2 - 1
-    return -F.logsigmoid(signs * logits).sum() / cats.numel()

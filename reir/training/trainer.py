@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from reir.data.formats import ImageSample, load_labeled_samples, negative_groups, test_queries
+from reir.data.formats import ImageSample, load_samples, negative_groups, test_queries
 from reir.model.processing import NO_REFERENT
 from reir.training.batching import window_batches
 from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
@@ -127,9 +127,7 @@ def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, An
     return [g for g in groups.values() if g["params"]]
 
 
-def _build_engine(
-    cfg: TrainConfig, rank: int, world: int, device: torch.device, categories: list[str] | None = None
-) -> tuple[Any, Any, Any]:
+def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[Any, Any, Any]:
     import deepspeed
 
     from reir.model import create_model
@@ -141,10 +139,7 @@ def _build_engine(
     model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
-    tokens = None
-    if cfg.stage == "weak" and categories:  # category grounding (LossSpec.w_weak_category)
-        tokens = {k: v.to(device) for k, v in processor.text([f"the {name}" for name in categories]).items()}
-    criterion = ReirCriterion(model.config, stage=cfg.stage, rank=rank, world_size=world, category_tokens=tokens)
+    criterion = ReirCriterion(model.config, stage=cfg.stage, rank=rank, world_size=world)
     return engine, processor, criterion
 
 
@@ -192,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.trains_reranker:
         _rerank_loop(cfg, rank, world, device)
         return
-    engine, processor, criterion = _build_engine(cfg, rank, world, device, loop_config.get("categories"))
+    engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     rng = random.Random(cfg.seed + rank)
     ops = TrainOps(cfg=cfg, engine=engine, processor=processor, rank=rank, world=world, rng=rng,
@@ -385,17 +380,15 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update=updates)
 
 
-def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[str]]:
-    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch,
-    and the category names its labels index."""
+def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
+    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch."""
     import ray
 
-    samples, categories = load_labeled_samples(cfg.data_root, "train")
+    samples = load_samples(cfg.data_root, "train")
     if not samples:
         raise ValueError(f"no training images under {cfg.data_root}")
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
-    rows = [sample_to_row(s, g) for s, g in zip(samples, groups)]
-    return ray.data.from_items(rows), len(samples), categories
+    return ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)]), len(samples)
 
 
 def run_training(
@@ -424,15 +417,15 @@ def run_training(
         from reir.training.mixing import prepare_mixed
 
         mixed = prepare_mixed(cfg)
-        cfg, ds, num_rows, categories = mixed.config, mixed.dataset, mixed.rows_per_epoch, mixed.categories
+        cfg, ds, num_rows = mixed.config, mixed.dataset, mixed.rows_per_epoch
     else:
-        ds, num_rows, categories = _benchmark_dataset(cfg)
+        ds, num_rows = _benchmark_dataset(cfg)
     if cfg.without_referents:
         ds = ds.map(without_referents)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows, "fit_id": uuid.uuid4().hex,
-                           "step_hook": step_hook, "categories": categories},
+                           "step_hook": step_hook},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from reir.model import ReirCriterion, ReirModel, ReirProcessor
 from reir.model.configuration import LossSpec
-from reir.model.losses_weak import category_grounding_loss, suppressed_negatives, weak_contrastive_loss
+from reir.model.losses_weak import suppressed_negatives, weak_contrastive_loss
 from reir.model.processing import NO_REFERENT
 
 from .synthetic import make_dataset
@@ -129,12 +129,6 @@ def _weak_batch(proc: ReirProcessor, seed: int = 0, n: int = 6):  # type: ignore
     return proc.collate([s for _, s in data], [im for im, _ in data])
 
 
-def _category_tokens(proc: ReirProcessor) -> dict[str, torch.Tensor]:
-    from .synthetic import SHAPES
-
-    return proc.text([f"the {shape}" for shape in SHAPES])  # in label order
-
-
 def test_weak_loss_never_reads_referent_boxes(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     model, proc = tiny
     batch = _weak_batch(proc)
@@ -143,7 +137,7 @@ def test_weak_loss_never_reads_referent_boxes(tiny: tuple[ReirModel, ReirProcess
     # Every expression now points at another box of its own image.
     shuffled = replace(batch, text_target_index=(batch.text_target_index + 1) % counts)
     unknown = replace(batch, text_target_index=torch.full_like(batch.text_target_index, NO_REFERENT))
-    weak = ReirCriterion(model.config, stage="weak", category_tokens=_category_tokens(proc))
+    weak = ReirCriterion(model.config, stage="weak")
     with torch.no_grad():
         ref = weak(model, batch)
         for other in (shuffled, unknown):
@@ -152,40 +146,6 @@ def test_weak_loss_never_reads_referent_boxes(tiny: tuple[ReirModel, ReirProcess
         stage1 = ReirCriterion(model.config, stage="1")
         assert stage1(model, shuffled)["loss"].item() != stage1(model, batch)["loss"].item()
     assert ref["loss_rec"].item() == 0.0 and ref["loss_clia"].item() == 0.0 and ref["loss_weak"].item() > 0
-    assert ref["loss_category"].item() > 0
-
-
-def test_category_phrases_are_grounded_in_the_boxes_of_their_category(tiny: tuple[ReirModel, ReirProcessor]) -> None:
-    model, proc = tiny
-    batch = _weak_batch(proc)
-    tokens = _category_tokens(proc)
-    weak = ReirCriterion(model.config, stage="weak", category_tokens=tokens)
-    with torch.no_grad():
-        parts = weak(model, batch)
-        relabeled = replace(batch, targets=[{**t, "labels": (t["labels"] + 1) % 3} for t in batch.targets])
-        assert weak(model, relabeled)["loss_category"].item() != parts["loss_category"].item()  # labels are read
-        assert ReirCriterion(model.config, stage="weak")(model, batch)["loss_category"].item() == 0.0
-        model.config.loss = {**model.config.loss, "w_weak_category": 0.0}
-        unweighted = ReirCriterion(model.config, stage="weak", category_tokens=tokens)(model, batch)
-    assert unweighted["loss"].item() == pytest.approx(parts["loss"].item() - parts["loss_category"].item(), rel=1e-5)
-
-
-def test_category_grounding_pulls_an_instance_to_its_category_phrase() -> None:
-    phrases = _unit(_axis(0), _axis(1), _axis(2))
-    # Image 0: a "category 0" box matched to query 1, a "category 2" box to query 3.
-    inst = _unit(_axis(5), _axis(1), _axis(6), _axis(0))[None].clone().requires_grad_(True)
-    matches, labels = [torch.tensor([1, 3])], [torch.tensor([0, 2])]
-    loss = category_grounding_loss(phrases, inst, matches, labels, SCALE, BIAS)
-    loss.backward()
-    assert inst.grad is not None
-    assert float(inst.grad[0, 1] @ phrases[0]) < 0 and float(inst.grad[0, 1] @ phrases[1]) > 0
-    assert float(inst.grad[0, 3] @ phrases[2]) < 0 and float(inst.grad[0, 3] @ phrases[0]) > 0
-    assert inst.grad[0, [0, 2]].abs().sum() == 0  # unmatched queries are no target
-    aligned = category_grounding_loss(phrases, _unit(_axis(5), _axis(0), _axis(6), _axis(2))[None], matches,
-                                      labels, SCALE, BIAS)  # fmt: skip
-    assert float(aligned) < float(loss.detach())
-    with pytest.raises(ValueError, match="outside the 3 category phrases"):
-        category_grounding_loss(phrases, inst, matches, [torch.tensor([0, 3])], SCALE, BIAS)
 
 
 def test_without_detection_the_boxes_are_not_read_and_every_weight_joins_the_graph(

@@ -44,7 +44,6 @@ def test_weak_stage_trains_on_ray_and_deepspeed(ray_session: None, tmp_path: Pat
     stats = args["stats"]
     assert args["config"]["stage"] == "weak" and stats["steps"] == 2
     assert stats["loss_weak"] > 0 and stats["loss_obj"] > 0  # detection kept by default
-    assert stats["loss_category"] > 0  # "the {category}" phrases of the benchmark's label space
     assert stats["loss_rec"] == 0 and stats["loss_clia"] == 0  # nothing tied to a referent box
     model, processor = create_model(str(model_dir))
     assert model.config.loss_spec.weak_text_threshold == 0.995  # the run's loss settings travel along
