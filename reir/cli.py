@@ -117,6 +117,22 @@ def train(
     typer.echo(str(run_training(cfg, echo=typer.echo)))
 
 
+@app.command("pseudo-label")
+def pseudo_label(
+    data: Path = typer.Option(..., "--data", help="benchmark directory whose train referents are replaced"),
+    model: Path = typer.Option(..., help="weak model directory (reir train --stage weak)"),
+    out: Path = typer.Option(..., "--out", help="new benchmark directory (images are linked, not copied)"),
+    keep: float = typer.Option(0.5, min=0.01, max=1.0, help="most confident fraction of the answers kept"),
+    min_iou: float = typer.Option(0.5, min=0.0, max=1.0, help="an answer must cover an annotated box this well"),
+) -> None:
+    """Weak mode's self-training step: the weak model's answers become the train referents."""
+    from reir.training.pseudo import pseudo_label as run
+
+    _need_dir(data, "data directory")
+    _need_dir(model, "model directory")
+    typer.echo(json.dumps(run(model, data, out, keep=keep, min_iou=min_iou), indent=2))
+
+
 @app.command()
 def ingest(
     gallery: Optional[Path] = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),

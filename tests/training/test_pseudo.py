@@ -1,0 +1,99 @@
+"""Pseudo referents for weak mode: the weak model's answers, never the true referents."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reir.data.formats import load_reircoco, load_samples, save_reircoco
+from reir.model import create_model
+from reir.model.boxes import iou_xywh
+from reir.training.pseudo import pseudo_label
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from reir.data.synth import generate
+
+    root = tmp_path_factory.mktemp("pseudo")
+    generate(root / "data", num_images=16, test_fraction=0.25, image_size=64, seed=3, discovery_queries=0)
+    model, processor = create_model("tiny")
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    return root / "data", root / "model"
+
+
+def _train_labels(root: Path) -> dict[str, tuple[str, int]]:
+    """sentence id -> (image id, referent ann id) of the train split."""
+    return {s.sent_id: (e.image_id, e.ref_anno.ann_id)
+            for e in load_reircoco(root / "reircoco.json") if e.split == "train" for s in e.sentences}  # fmt: skip
+
+
+def test_labels_are_the_models_answers_snapped_to_annotated_boxes(bench: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model_dir = bench
+    report = pseudo_label(model_dir, data, tmp_path / "out", keep=1.0, min_iou=0.0)
+    out = tmp_path / "out"
+    labels = _train_labels(out)
+    assert report["kept"] == len(labels) == report["answered"] > 0
+    assert report["expressions"] == len(_train_labels(data))
+    model, processor = create_model(str(model_dir))
+    model.eval()
+    entries = {e.image_id: e for e in load_reircoco(data / "reircoco.json") if e.split == "train"}
+    texts = {s.sent_id: s.raw for e in load_reircoco(data / "reircoco.json") for s in e.sentences}
+    for sent_id, (image_id, ann_id) in list(labels.items())[:8]:  # every label is the model's own answer
+        entry = entries[image_id]
+        with Image.open(data / entry.file_name) as im:
+            image = im.convert("RGB")
+        out_img = model.encode_images(processor.images([image]))
+        (insts,) = processor.postprocess(out_img, sizes=[(image.width, image.height)], top_k=10)
+        text = model.encode_text(**processor.text([texts[sent_id]])).embeddings
+        scores = model.score(text, torch.from_numpy(np.stack([i.embedding for i in insts])))
+        best = insts[int(scores.argmax())]
+        nearest = max(entry.det_anno, key=lambda a: iou_xywh(best.box_xywh, a.bbox))
+        assert nearest.ann_id == ann_id
+    # The test split is what evaluation reads: copied as it is.
+    test = lambda root: [(e.image_id, e.ref_anno.ann_id, [s.raw for s in e.sentences])  # noqa: E731
+                         for e in load_reircoco(root / "reircoco.json") if e.split == "test"]  # fmt: skip
+    assert test(out) == test(data)
+    samples = load_samples(out, "train")  # trains like any benchmark
+    assert sum(len(s.refs) for s in samples) == len(labels)
+    assert json.loads((out / "pseudo_labels.json").read_text())["kept"] == report["kept"]
+
+
+def test_the_true_referents_never_reach_the_labels(bench: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model_dir = bench
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("meta.json", "instances_train.json", "instances_test.json"):
+        (moved / name).write_bytes((data / name).read_bytes())
+    (moved / "images").symlink_to((data / "images").resolve(), target_is_directory=True)
+    entries = load_reircoco(data / "reircoco.json")
+    # Every train expression now names another box of its image as its referent.
+    shifted = [replace(e, ref_anno=e.det_anno[(e.det_anno.index(e.ref_anno) + 1) % len(e.det_anno)])
+               if e.split == "train" else e for e in entries]  # fmt: skip
+    save_reircoco(moved / "reircoco.json", shifted)
+    a = pseudo_label(model_dir, data, tmp_path / "a", keep=0.5, min_iou=0.0)
+    b = pseudo_label(model_dir, moved, tmp_path / "b", keep=0.5, min_iou=0.0)
+    assert _train_labels(tmp_path / "a") == _train_labels(tmp_path / "b")
+    assert a["answered"] > 0 and a["kept"] == b["kept"] == -(-a["answered"] // 2)
+    # The report's precision is the one place the truth is read: one label cannot be right
+    # under both truths.
+    assert a["precision_kept"] + b["precision_kept"] <= 1.0 + 1e-9
+
+
+def test_answers_on_no_annotated_box_are_dropped_and_bad_arguments_refused(
+    bench: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, model_dir = bench
+    strict = pseudo_label(model_dir, data, tmp_path / "strict", min_iou=0.999)  # an untrained model's boxes
+    assert strict["unmatched"] == strict["expressions"] > 0 and strict["kept"] == 0
+    with pytest.raises(ValueError, match="keep must be"):
+        pseudo_label(model_dir, data, data.parent / "x", keep=0.0)
+    with pytest.raises(ValueError, match="must differ"):
+        pseudo_label(model_dir, data, data, keep=0.5)
