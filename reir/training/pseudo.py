@@ -27,19 +27,31 @@ import torch
 
 from reir.data.formats import Annotation, Match, RefEntry, load_reircoco, save_reircoco
 from reir.model.boxes import iou_xywh
+from reir.model.rerank import pack_instance_sets
 
 
 def _confidences(model: Any, processor: Any, image: Any, texts: list[str], top_k: int) -> tuple[list[Any], np.ndarray]:
-    """The image's top instances and, per text, the softmax of its logits over them."""
+    """The image's top instances and, per text, the softmax of its logits over them: the
+    re-ranker's logits when the model has one (as serving localizes), else the dual
+    encoder's."""
     size = (int(image.width), int(image.height))
     with torch.inference_mode():
         out = model.encode_images(processor.images([image]))
         (insts,) = processor.postprocess(out, sizes=[size], top_k=top_k)
         if not insts:
             return [], np.zeros((len(texts), 0), dtype=np.float32)
-        text = model.encode_text(**processor.text(texts)).embeddings
-        emb = torch.from_numpy(np.stack([np.asarray(i.embedding, dtype=np.float32) for i in insts]))
-        probs = model.score(text, emb).float().softmax(dim=1).numpy()
+        enc = processor.text(texts)
+        if model.reranker is not None:
+            arrays = pack_instance_sets([[i.embedding for i in insts]], [[i.box_xywh for i in insts]],
+                                        [[i.score for i in insts]], [size])  # fmt: skip
+            emb, boxes, objectness, mask = (torch.from_numpy(a).expand(len(texts), *a.shape[1:]) for a in arrays)
+            logits = model.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, objectness, mask,
+                                         text_index=torch.arange(len(texts)))  # fmt: skip
+        else:
+            text = model.encode_text(**enc).embeddings
+            emb = torch.from_numpy(np.stack([np.asarray(i.embedding, dtype=np.float32) for i in insts]))
+            logits = model.score(text, emb)
+        probs = logits.float().softmax(dim=1).numpy()
     return list(insts), probs
 
 

@@ -97,3 +97,30 @@ def test_answers_on_no_annotated_box_are_dropped_and_bad_arguments_refused(
         pseudo_label(model_dir, data, data.parent / "x", keep=0.0)
     with pytest.raises(ValueError, match="must differ"):
         pseudo_label(model_dir, data, data, keep=0.5)
+
+
+def test_a_model_with_a_reranker_labels_with_the_reranker(bench: tuple[Path, Path], tmp_path: Path) -> None:
+    from reir.model.localize import InstanceLocalizer
+
+    data, model_dir = bench
+    model, processor = create_model(str(model_dir))
+    torch.manual_seed(0)
+    for p in model.add_reranker().parameters():  # a re-ranker that reorders the dual encoder's answers
+        torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(tmp_path / "rr")
+    processor.save_pretrained(tmp_path / "rr")
+    pseudo_label(tmp_path / "rr", data, tmp_path / "with", keep=1.0, min_iou=0.0)
+    pseudo_label(model_dir, data, tmp_path / "without", keep=1.0, min_iou=0.0)
+    labels, plain = _train_labels(tmp_path / "with"), _train_labels(tmp_path / "without")
+    assert labels != plain
+    model.eval()
+    localize = InstanceLocalizer(model, processor, top_k=10)
+    train = [e for e in load_reircoco(data / "reircoco.json") if e.split == "train"]
+    entries = {e.image_id: e for e in train}  # every entry of an image lists all its boxes
+    texts = {s.sent_id: s.raw for e in train for s in e.sentences}
+    for sent_id, (image_id, ann_id) in labels.items():
+        entry = entries[image_id]
+        with Image.open(data / entry.file_name) as im:
+            (answer,) = localize([im.convert("RGB")], texts[sent_id])
+        assert answer is not None
+        assert max(entry.det_anno, key=lambda a: iou_xywh(answer.box_xywh, a.bbox)).ann_id == ann_id
