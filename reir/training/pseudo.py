@@ -127,8 +127,14 @@ def pseudo_label(
         images.symlink_to((data_root / "images").resolve(), target_is_directory=True)
     total = sum(len(e.sentences) for e in train)
     report = {
-        "model": str(model_dir), "data": str(data_root), "keep": keep, "min_iou": min_iou,
-        "expressions": total, "answered": len(answers), "unmatched": unmatched, "kept": len(kept),
+        "model": str(model_dir),
+        "data": str(data_root),
+        "keep": keep,
+        "min_iou": min_iou,
+        "expressions": total,
+        "answered": len(answers),
+        "unmatched": unmatched,
+        "kept": len(kept),
         "precision_kept": sum(a[4] for a in kept) / max(len(kept), 1),
         "precision_all": sum(a[4] for a in answers) / max(len(answers), 1),
         "min_confidence_kept": kept[-1][0] if kept else None,

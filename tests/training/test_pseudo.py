@@ -58,7 +58,7 @@ def test_labels_are_the_models_answers_snapped_to_annotated_boxes(bench: tuple[P
         nearest = max(entry.det_anno, key=lambda a: iou_xywh(best.box_xywh, a.bbox))
         assert nearest.ann_id == ann_id
     # The test split is what evaluation reads: copied as it is.
-    test = lambda root: [(e.image_id, e.ref_anno.ann_id, [s.raw for s in e.sentences])  # noqa: E731
+    test = lambda root: [(e.image_id, e.ref_anno.ann_id, [s.raw for s in e.sentences])
                          for e in load_reircoco(root / "reircoco.json") if e.split == "test"]  # fmt: skip
     assert test(out) == test(data)
     samples = load_samples(out, "train")  # trains like any benchmark
