@@ -100,7 +100,6 @@ def landmark_kind(expr: Any, scene: Any, i: int) -> str:
 
 
 def error_breakdown(model: Any, processor: Any, data: Path, candidates: int) -> dict[str, Any]:
-
     from reir.data.formats import load_samples
     from reir.data.semantics import Expr
     from reir.data.synth import load_gallery

@@ -89,7 +89,6 @@ def evaluate(
 ) -> dict[str, float]:
     """BR@k of the re-ranked answers for each pool size in ``pools`` (keys of every size after
     the first get the prefix ``cN_``) and of the ANN order (from the largest pool)."""
-
     from reir.evaluation.metrics import Prediction, box_recall_at_k
     from reir.model.boxes import BoxMode, convert
     from reir.training.rerank import rank_pool

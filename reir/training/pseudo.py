@@ -31,9 +31,9 @@ from reir.model.rerank import pack_instance_sets
 
 
 def _confidences(model: Any, processor: Any, image: Any, texts: list[str], top_k: int) -> tuple[list[Any], np.ndarray]:
-    """The image's top instances and, per text, the softmax of its logits over them: the
-    re-ranker's logits when the model has one (as serving localizes), else the dual
-    encoder's."""
+    """The image's top instances and, per text, the softmax of its logits over them
+    (``rerank_logits``: the re-ranker's when the model has one, as serving localizes, else
+    the dual encoder's)."""
     size = (int(image.width), int(image.height))
     with torch.inference_mode():
         out = model.encode_images(processor.images([image]))
@@ -41,16 +41,11 @@ def _confidences(model: Any, processor: Any, image: Any, texts: list[str], top_k
         if not insts:
             return [], np.zeros((len(texts), 0), dtype=np.float32)
         enc = processor.text(texts)
-        if model.reranker is not None:
-            arrays = pack_instance_sets([[i.embedding for i in insts]], [[i.box_xywh for i in insts]],
-                                        [[i.score for i in insts]], [size])  # fmt: skip
-            emb, boxes, objectness, mask = (torch.from_numpy(a).expand(len(texts), *a.shape[1:]) for a in arrays)
-            logits = model.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, objectness, mask,
-                                         text_index=torch.arange(len(texts)))  # fmt: skip
-        else:
-            text = model.encode_text(**enc).embeddings
-            emb = torch.from_numpy(np.stack([np.asarray(i.embedding, dtype=np.float32) for i in insts]))
-            logits = model.score(text, emb)
+        arrays = pack_instance_sets([[i.embedding for i in insts]], [[i.box_xywh for i in insts]],
+                                    [[i.score for i in insts]], [size])  # fmt: skip
+        emb, boxes, objectness, mask = (torch.from_numpy(a).expand(len(texts), *a.shape[1:]) for a in arrays)
+        logits = model.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, objectness, mask,
+                                     text_index=torch.arange(len(texts)))  # fmt: skip
         probs = logits.float().softmax(dim=1).numpy()
     return list(insts), probs
 
@@ -94,10 +89,10 @@ def pseudo_label(
         with Image.open(data_root / first.file_name) as im:
             image = im.convert("RGB")
         insts, probs = _confidences(model, processor, image, [s.raw for s, _ in sentences], top_k)
+        if not insts:
+            unmatched += len(sentences)
+            continue
         for (sentence, true_ann), row in zip(sentences, probs):
-            if not insts:
-                unmatched += 1
-                continue
             best = int(row.argmax())
             ious = [iou_xywh(insts[best].box_xywh, a.bbox) for a in first.det_anno]
             if not ious or max(ious) < min_iou:
@@ -107,16 +102,14 @@ def pseudo_label(
             answers.append((float(row[best]), image_id, sentence, ann, ann.ann_id == true_ann))
     answers.sort(key=lambda a: -a[0])
     kept = answers[: math.ceil(keep * len(answers))] if answers else []
-    grouped: dict[tuple[str, int], list[Any]] = {}
+    grouped: dict[tuple[str, int], tuple[Annotation, list[Any]]] = {}
     for _, image_id, sentence, ann, _ in kept:
-        grouped.setdefault((image_id, ann.ann_id), []).append(sentence)
-    new_train = []
-    for (image_id, ann_id), sentences in sorted(grouped.items()):
-        base = by_image[image_id][0]
-        ann = next(a for a in base.det_anno if a.ann_id == ann_id)
-        new_train.append(replace(base, ref_anno=ann, sentences=[
-            replace(s, matches=[Match(image_id=image_id, ann_id=ann_id)]) for s in sentences
-        ]))  # fmt: skip
+        grouped.setdefault((image_id, ann.ann_id), (ann, []))[1].append(sentence)
+    new_train = [
+        replace(by_image[image_id][0], ref_anno=ann,
+                sentences=[replace(s, matches=[Match(image_id=image_id, ann_id=ann_id)]) for s in sentences])
+        for (image_id, ann_id), (ann, sentences) in sorted(grouped.items(), key=lambda kv: kv[0])
+    ]  # fmt: skip
     out_root.mkdir(parents=True, exist_ok=True)
     save_reircoco(out_root / "reircoco.json", new_train + [e for e in entries if e.split != "train"])
     for name in ("meta.json", "instances_train.json", "instances_test.json", "discovery.json"):

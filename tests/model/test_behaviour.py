@@ -53,7 +53,8 @@ def _size_twins(sample: SynthSample) -> tuple[int, int] | None:
     return (small, large) if sample.boxes[large][2] > 1.4 * sample.boxes[small][2] else None
 
 
-def _train_checkpoint(out: Path) -> None:
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -62,22 +63,9 @@ def _train_checkpoint(out: Path) -> None:
         sample.refs = [(_paraphrase(text, rng), target) for text, target in sample.refs]
     model, processor = create_model("tiny")
     train(model, processor, data, steps=2500, batch_size=16, lr=1e-3, seed=0)
+    out = tmp_path_factory.mktemp("behaviour") / "model"
     model.save_pretrained(out)
     processor.save_pretrained(out)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Trained in a fresh process: the same seeds then give the same weights whatever ran
-    before in the test session (an earlier test's torch state changed the last bits of the
-    first steps, and after 1,500 steps the relation score moved from 32/37 to 25/37)."""
-    import multiprocessing
-
-    out = tmp_path_factory.mktemp("behaviour") / "model"
-    proc = multiprocessing.get_context("spawn").Process(target=_train_checkpoint, args=(out,))
-    proc.start()
-    proc.join()
-    assert proc.exitcode == 0, f"training the behaviour checkpoint failed (exit code {proc.exitcode})"
     return out
 
 

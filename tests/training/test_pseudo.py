@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,6 +14,7 @@ from PIL import Image
 from reir.data.formats import load_reircoco, load_samples, save_reircoco
 from reir.model import create_model
 from reir.model.boxes import iou_xywh
+from reir.model.localize import InstanceLocalizer
 from reir.training.pseudo import pseudo_label
 
 
@@ -35,6 +36,21 @@ def _train_labels(root: Path) -> dict[str, tuple[str, int]]:
             for e in load_reircoco(root / "reircoco.json") if e.split == "train" for s in e.sentences}  # fmt: skip
 
 
+def _assert_labels_are_the_answers(model: Any, processor: Any, data: Path, labels: dict[str, tuple[str, int]]) -> None:
+    """Each label is the annotated box nearest to what serving's localizer answers."""
+    model.eval()
+    localize = InstanceLocalizer(model, processor, top_k=10)
+    train = [e for e in load_reircoco(data / "reircoco.json") if e.split == "train"]
+    entries = {e.image_id: e for e in train}  # every entry of an image lists all its boxes
+    texts = {s.sent_id: s.raw for e in train for s in e.sentences}
+    for sent_id, (image_id, ann_id) in labels.items():
+        entry = entries[image_id]
+        with Image.open(data / entry.file_name) as im:
+            (answer,) = localize([im.convert("RGB")], texts[sent_id])
+        assert answer is not None
+        assert max(entry.det_anno, key=lambda a: iou_xywh(answer.box_xywh, a.bbox)).ann_id == ann_id
+
+
 def test_labels_are_the_models_answers_snapped_to_annotated_boxes(bench: tuple[Path, Path], tmp_path: Path) -> None:
     data, model_dir = bench
     report = pseudo_label(model_dir, data, tmp_path / "out", keep=1.0, min_iou=0.0)
@@ -43,20 +59,7 @@ def test_labels_are_the_models_answers_snapped_to_annotated_boxes(bench: tuple[P
     assert report["kept"] == len(labels) == report["answered"] > 0
     assert report["expressions"] == len(_train_labels(data))
     model, processor = create_model(str(model_dir))
-    model.eval()
-    entries = {e.image_id: e for e in load_reircoco(data / "reircoco.json") if e.split == "train"}
-    texts = {s.sent_id: s.raw for e in load_reircoco(data / "reircoco.json") for s in e.sentences}
-    for sent_id, (image_id, ann_id) in list(labels.items())[:8]:  # every label is the model's own answer
-        entry = entries[image_id]
-        with Image.open(data / entry.file_name) as im:
-            image = im.convert("RGB")
-        out_img = model.encode_images(processor.images([image]))
-        (insts,) = processor.postprocess(out_img, sizes=[(image.width, image.height)], top_k=10)
-        text = model.encode_text(**processor.text([texts[sent_id]])).embeddings
-        scores = model.score(text, torch.from_numpy(np.stack([i.embedding for i in insts])))
-        best = insts[int(scores.argmax())]
-        nearest = max(entry.det_anno, key=lambda a: iou_xywh(best.box_xywh, a.bbox))
-        assert nearest.ann_id == ann_id
+    _assert_labels_are_the_answers(model, processor, data, dict(list(labels.items())[:8]))
     # The test split is what evaluation reads: copied as it is.
     test = lambda root: [(e.image_id, e.ref_anno.ann_id, [s.raw for s in e.sentences])
                          for e in load_reircoco(root / "reircoco.json") if e.split == "test"]  # fmt: skip
@@ -100,8 +103,6 @@ def test_answers_on_no_annotated_box_are_dropped_and_bad_arguments_refused(
 
 
 def test_a_model_with_a_reranker_labels_with_the_reranker(bench: tuple[Path, Path], tmp_path: Path) -> None:
-    from reir.model.localize import InstanceLocalizer
-
     data, model_dir = bench
     model, processor = create_model(str(model_dir))
     torch.manual_seed(0)
@@ -113,14 +114,4 @@ def test_a_model_with_a_reranker_labels_with_the_reranker(bench: tuple[Path, Pat
     pseudo_label(model_dir, data, tmp_path / "without", keep=1.0, min_iou=0.0)
     labels, plain = _train_labels(tmp_path / "with"), _train_labels(tmp_path / "without")
     assert labels != plain
-    model.eval()
-    localize = InstanceLocalizer(model, processor, top_k=10)
-    train = [e for e in load_reircoco(data / "reircoco.json") if e.split == "train"]
-    entries = {e.image_id: e for e in train}  # every entry of an image lists all its boxes
-    texts = {s.sent_id: s.raw for e in train for s in e.sentences}
-    for sent_id, (image_id, ann_id) in labels.items():
-        entry = entries[image_id]
-        with Image.open(data / entry.file_name) as im:
-            (answer,) = localize([im.convert("RGB")], texts[sent_id])
-        assert answer is not None
-        assert max(entry.det_anno, key=lambda a: iou_xywh(answer.box_xywh, a.bbox)).ann_id == ann_id
+    _assert_labels_are_the_answers(model, processor, data, labels)
