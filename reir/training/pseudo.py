@@ -108,7 +108,7 @@ def pseudo_label(
     new_train = [
         replace(by_image[image_id][0], ref_anno=ann,
                 sentences=[replace(s, matches=[Match(image_id=image_id, ann_id=ann_id)]) for s in sentences])
-        for (image_id, ann_id), (ann, sentences) in sorted(grouped.items(), key=lambda kv: kv[0])
+        for (image_id, ann_id), (ann, sentences) in sorted(grouped.items())  # keys are unique
     ]  # fmt: skip
     out_root.mkdir(parents=True, exist_ok=True)
     save_reircoco(out_root / "reircoco.json", new_train + [e for e in entries if e.split != "train"])
