@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from localize import milvus_uri  # noqa: E402  (bench/ helper: serve a milvus-lite data dir)
+from localize import milvus_uri  # bench/ helper: serve a milvus-lite data dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -61,30 +61,30 @@ def synth(
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
+    data: Path | None = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
     stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model), "
                               "weak (expressions without referent boxes: detection + MIL contrast) or weak-rerank "
                               "(the re-ranker on a weak model, from the same pairs)"),
-    model: Optional[str] = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
-    out: Optional[str] = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
-    name: Optional[str] = typer.Option(None, help="run name [reir-stage{N}]"),
-    workers: Optional[int] = typer.Option(None, min=1, help="Ray Train workers [1]"),
-    cpus_per_worker: Optional[float] = typer.Option(None, min=0.1, help="CPUs (= torch threads) per worker [1]"),
-    gpu: Optional[bool] = typer.Option(None, help="one GPU per worker, NCCL, bf16 [no]"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="passes over the data [10]; the run stops at the "
+    model: str | None = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
+    out: str | None = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
+    name: str | None = typer.Option(None, help="run name [reir-stage{N}]"),
+    workers: int | None = typer.Option(None, min=1, help="Ray Train workers [1]"),
+    cpus_per_worker: float | None = typer.Option(None, min=0.1, help="CPUs (= torch threads) per worker [1]"),
+    gpu: bool | None = typer.Option(None, help="one GPU per worker, NCCL, bf16 [no]"),
+    epochs: int | None = typer.Option(None, min=1, help="passes over the data [10]; the run stops at the "
                                          "first of --epochs (or --max-steps) and --minutes"),
-    max_steps: Optional[int] = typer.Option(None, min=1),
-    minutes: Optional[float] = typer.Option(None, min=0.05, help="time budget (raise --epochs for a longer run)"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="images per worker step [16]"),
-    lr: Optional[float] = typer.Option(None, min=0.0, help="[5e-4]"),
-    zero: Optional[int] = typer.Option(None, min=0, max=3, help="DeepSpeed ZeRO stage [2]"),
-    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="resumable checkpoint every N steps [end only]"),
-    resume: Optional[bool] = typer.Option(None, help="continue the latest checkpoint of --name [no]"),
-    max_failures: Optional[int] = typer.Option(None, min=-1, help="restarts from the latest checkpoint [0]"),
-    eval_every: Optional[int] = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
-    lookalike_partners: Optional[int] = typer.Option(
+    max_steps: int | None = typer.Option(None, min=1),
+    minutes: float | None = typer.Option(None, min=0.05, help="time budget (raise --epochs for a longer run)"),
+    batch_size: int | None = typer.Option(None, min=1, help="images per worker step [16]"),
+    lr: float | None = typer.Option(None, min=0.0, help="[5e-4]"),
+    zero: int | None = typer.Option(None, min=0, max=3, help="DeepSpeed ZeRO stage [2]"),
+    checkpoint_every: int | None = typer.Option(None, min=1, help="resumable checkpoint every N steps [end only]"),
+    resume: bool | None = typer.Option(None, help="continue the latest checkpoint of --name [no]"),
+    max_failures: int | None = typer.Option(None, min=-1, help="restarts from the latest checkpoint [0]"),
+    eval_every: int | None = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
+    lookalike_partners: int | None = typer.Option(
         None, min=0, help="stages 1, 2, weak: look-alike images per image in a batch (hard negatives) [0]"),
-    config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
+    config: Path | None = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
     source: list[str] = typer.Option([], "--source", help="KIND:PATH[:WEIGHT] instead of --data, repeat to mix "
                                      "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
 ) -> None:
@@ -97,10 +97,10 @@ def train(
     if stage not in STAGES:
         raise ReirError(f"--stage must be {', '.join(STAGES[:-1])} or {STAGES[-1]}, got {stage!r}")
     fields: dict[str, Any] = _yaml(config) if config else {}
-    flags = dict(model=model, output_dir=out, run_name=name, num_workers=workers,
-                 cpus_per_worker=cpus_per_worker,
-                 use_gpu=gpu, epochs=epochs, max_steps=max_steps, time_budget_s=minutes * 60 if minutes else None,
-                 batch_size=batch_size, lr=lr, zero_stage=zero)
+    flags = {"model": model, "output_dir": out, "run_name": name, "num_workers": workers,
+             "cpus_per_worker": cpus_per_worker, "use_gpu": gpu, "epochs": epochs, "max_steps": max_steps,
+             "time_budget_s": minutes * 60 if minutes else None, "batch_size": batch_size, "lr": lr,
+             "zero_stage": zero}
     flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every,
                  lookalike_partners=lookalike_partners)
     fields.update({k: v for k, v in flags.items() if v is not None})
@@ -135,13 +135,13 @@ def pseudo_label(
 
 @app.command()
 def ingest(
-    gallery: Optional[Path] = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),
-    manifest: Optional[str] = typer.Option(None, help="jsonl / csv / parquet with uri [+ image_id, metadata]"),
-    annotations: Optional[Path] = typer.Option(None, help="COCO instances or REIRCOCO json"),
+    gallery: Path | None = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),
+    manifest: str | None = typer.Option(None, help="jsonl / csv / parquet with uri [+ image_id, metadata]"),
+    annotations: Path | None = typer.Option(None, help="COCO instances or REIRCOCO json"),
     model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
     milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
     collection: str = typer.Option("reir_instances", help="collection (with --alias: versions' base name)"),
-    alias: Optional[str] = typer.Option("reir_live", help="serving alias promoted after a checked build"),
+    alias: str | None = typer.Option("reir_live", help="serving alias promoted after a checked build"),
     no_alias: bool = typer.Option(False, "--no-alias", help="write straight into --collection (no versions)"),
     rebuild: bool = typer.Option(False, help="a new collection version even if one for this model exists"),
     full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
@@ -151,8 +151,8 @@ def ingest(
     index_type: str = typer.Option("AUTOINDEX", help="AUTOINDEX, HNSW, IVF_FLAT or FLAT"),
     metadata_field: list[str] = typer.Option([], "--metadata-field", help="NAME:TYPE (str|int|float|bool), repeat"),
     device: str = typer.Option("auto", help="auto (GPU when Ray has one), cpu or cuda"),
-    dead_letter: Optional[Path] = typer.Option(None, help="also write failed images (jsonl) here"),
-    object_store_mb: Optional[int] = typer.Option(None, min=1, help="Ray Data object store budget (MiB)"),
+    dead_letter: Path | None = typer.Option(None, help="also write failed images (jsonl) here"),
+    object_store_mb: int | None = typer.Option(None, min=1, help="Ray Data object store budget (MiB)"),
 ) -> None:
     """Encode a gallery on a Ray Data actor pool and write one row per instance to Milvus."""
     from reir.ingestion.pipeline import run_ingestion
@@ -205,7 +205,7 @@ def _catalog_session(milvus_uri: str) -> Any:
 @index_app.command("list")
 def index_list(
     milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
-    alias: Optional[str] = typer.Option(None, help="only versions of this alias"),
+    alias: str | None = typer.Option(None, help="only versions of this alias"),
 ) -> None:
     """Collection versions (newest first) with state, rows, and which one each alias serves."""
     from reir.platform.catalog import describe
@@ -258,7 +258,7 @@ def serve(
     collection: str = typer.Option("reir_live", help="collection or alias (reir_live falls back to reir_instances)"),
     port: int = typer.Option(8000),
     host: str = typer.Option("127.0.0.1"),
-    config: Optional[Path] = typer.Option(None, "--config", help="ServeConfig YAML (keys, autoscaling, limits)"),
+    config: Path | None = typer.Option(None, "--config", help="ServeConfig YAML (keys, autoscaling, limits)"),
 ) -> None:
     """Run the Ray Serve app (blocks until Ctrl-C); the search page is at http://HOST:PORT/."""
     import time
@@ -293,10 +293,10 @@ def search(
     query: str = typer.Argument(..., help="referring expression"),
     url: str = typer.Option("http://127.0.0.1:8000", help="serving URL"),
     top_k: int = typer.Option(5, min=1, max=1000),
-    api_key: Optional[str] = typer.Option(None, envvar="REIR_API_KEY"),
+    api_key: str | None = typer.Option(None, envvar="REIR_API_KEY"),
     discover: bool = typer.Option(False, "--discover", help="every image that holds the object (or none)"),
-    rerank: Optional[bool] = typer.Option(None, "--rerank/--no-rerank", help="default: the service's setting"),
-    filters: Optional[str] = typer.Option(
+    rerank: bool | None = typer.Option(None, "--rerank/--no-rerank", help="default: the service's setting"),
+    filters: str | None = typer.Option(
         None, "--filters", help='JSON list, e.g. \'[{"field": "image_id", "op": "in", "value": ["a", "b"]}]\''
     ),
 ) -> None:
@@ -346,8 +346,8 @@ def evaluate(
     model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
     milvus_uri: str = typer.Option("reir.db", help="index written by reir ingest"),
     collection: str = typer.Option("reir_live", help="collection or alias (reir_live falls back to reir_instances)"),
-    url: Optional[str] = typer.Option(None, help="evaluate over HTTP against a running service"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write metrics JSON here"),
+    url: str | None = typer.Option(None, help="evaluate over HTTP against a running service"),
+    out: Path | None = typer.Option(None, "--out", help="write metrics JSON here"),
 ) -> None:
     """BR@k at IoU tau (k 1/5/10, tau .5/.7/.9) and REC accuracy on the test queries."""
     from reir.evaluation.runner import evaluate_index

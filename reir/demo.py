@@ -121,9 +121,9 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     from reir.training.trainer import run_training
 
     budget = cfg.train_minutes * 60
-    common: dict[str, Any] = dict(data_root=str(data), output_dir=str(out / "runs"), batch_size=cfg.batch_size,
-                                  cpus_per_worker=2.0,
-                                  epochs=1000, seed=cfg.seed, zero_stage=2, log_every=25)
+    common: dict[str, Any] = {"data_root": str(data), "output_dir": str(out / "runs"), "batch_size": cfg.batch_size,
+                              "cpus_per_worker": 2.0, "epochs": 1000, "seed": cfg.seed, "zero_stage": 2,
+                              "log_every": 25}
     clock.begin(f"train stage 1 (detection + REC), {budget * cfg.stage1_share / 60:.1f} min")
     stage1 = run_training(TrainConfig(model=cfg.model, stage="1", run_name="stage1",
                                       time_budget_s=budget * cfg.stage1_share, **common))

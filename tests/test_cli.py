@@ -10,7 +10,8 @@ COMMANDS = ["synth", "train", "ingest", "serve", "search", "eval", "demo", "api-
 
 
 def _reir(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reir.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "reir.cli", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -22,8 +22,8 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tupl
     root = tmp_path_factory.mktemp("e2e")
     data = root / "data"
     generate(data, num_images=30, test_fraction=0.3, image_size=64, seed=3, discovery_queries=5)
-    common = dict(data_root=str(data), output_dir=str(root / "runs"), batch_size=4, epochs=1,
-                  warmup_steps=1, log_every=1)
+    common = {"data_root": str(data), "output_dir": str(root / "runs"), "batch_size": 4, "epochs": 1,
+              "warmup_steps": 1, "log_every": 1}
     stage1 = run_training(TrainConfig(model="tiny", stage="1", run_name="s1", max_steps=3, **common))
     # stage 2 batches look-alike images (their expressions begin alike) from windows of 8 rows
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2,

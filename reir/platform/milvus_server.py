@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pymilvus import MilvusClient
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 
 def free_port(host: str = "127.0.0.1") -> int:

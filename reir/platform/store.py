@@ -27,7 +27,7 @@ from pymilvus import MilvusClient
 from reir.platform import schema as S
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
     from reir.platform.config import MilvusConfig
 

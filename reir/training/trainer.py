@@ -294,7 +294,11 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     from reir.model import create_model
     from reir.model.modeling import score_scale
     from reir.training.rerank import (
-        build_rerank_set, calibrate_presence, mine_hard_negatives, rerank_loss, sample_texts,
+        build_rerank_set,
+        calibrate_presence,
+        mine_hard_negatives,
+        rerank_loss,
+        sample_texts,
     )
 
     overrides = dict(cfg.model_overrides)
