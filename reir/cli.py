@@ -28,16 +28,9 @@ def _need_dir(path: Path, what: str) -> Path:
 
 
 def _init_ray(num_cpus: int | None = None) -> None:
-    import ray
+    from reir.platform.raylocal import init_ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # Logical CPUs above the core count keep Ray Data + Train from deadlocking on 2 cores.
-            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=False,
-                     log_to_driver=True)
+    init_ray(num_cpus)
 
 
 @app.command()

@@ -72,6 +72,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from reir.evaluation.metrics import write_metrics_json
     from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
     from reir.platform.milvus_server import EmbeddedMilvus
+    from reir.platform.raylocal import init_ray
     from reir.progress import progress_bar
 
     console = Console()
@@ -86,7 +87,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     queries = test_queries(data)
     console.print(f"{len(queries)} test queries, each unique across the whole test gallery")
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    init_ray(4, local=True)  # the demo's milvus-lite and files are on this machine
     try:
         model_dir = _train(cfg, data, out, clock)
         with EmbeddedMilvus(out / "milvus") as milvus:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,25 @@ def test_api_key_prints_a_key_and_its_stored_hash() -> None:
     assert entry == {"name": "frontend", "sha256": hashlib.sha256(key.encode()).hexdigest(),
                      "scopes": ["search", "admin"], "rate_per_s": None, "burst": None}
     assert key not in res.stdout
+
+
+def test_the_local_ray_instance_serves_the_state_api_that_ray_train_polls() -> None:
+    """Ray Train's placement-group cleaner asks the state API whether the controller lives;
+    the CLI's local instance must serve it. ``local=True`` (the demo) ignores ``RAY_ADDRESS``."""
+    code = (
+        "import ray\n"
+        "from ray.util.state import get_actor\n"
+        "from reir.platform.raylocal import init_ray\n"
+        "init_ray(2, local=True)\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Probe:\n"
+        "    def ping(self): return 1\n"
+        "probe = Probe.remote()\n"
+        "ray.get(probe.ping.remote())\n"
+        "print('state', get_actor(probe._actor_id.hex(), timeout=20).state)\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "RAY_USAGE_STATS_ENABLED": "0"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+                         check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "state ALIVE" in res.stdout
