@@ -23,7 +23,9 @@ def ray_session() -> Iterator[None]:
         # Workers inherit the driver's environment when Ray starts.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        from reir.platform.raylocal import init_ray
+
+        init_ray(4, local=True, log_to_driver=False)  # the CLI's local instance, dashboard included
     yield
     if started:
         try:

@@ -79,23 +79,34 @@ def test_api_key_prints_a_key_and_its_stored_hash() -> None:
     assert key not in res.stdout
 
 
-def test_the_local_ray_instance_serves_the_state_api_that_ray_train_polls() -> None:
-    """Ray Train's placement-group cleaner asks the state API whether the controller lives;
-    the CLI's local instance must serve it. ``local=True`` (the demo) ignores ``RAY_ADDRESS``."""
+def test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance() -> None:
+    """Ray Train's placement-group cleaner (an actor) asks the state API whether the controller
+    lives. Asked from inside the CLI's local instance, after a second Ray instance started on
+    the machine, the answer must come from our own instance: an unknown actor reads as dead
+    and the cleaner would remove the run's placement group. ``local=True`` (the demo) ignores
+    ``RAY_ADDRESS``."""
     code = (
-        "import ray\n"
-        "from ray.util.state import get_actor\n"
+        "import subprocess, sys, ray\n"
         "from reir.platform.raylocal import init_ray\n"
         "init_ray(2, local=True)\n"
+        "later = subprocess.Popen([sys.executable, '-c', 'import ray, time; ray.init(num_cpus=1, include_dashboard=True);"
+        " print(1, flush=True); time.sleep(120)'], stdout=subprocess.PIPE, text=True)\n"
+        "assert later.stdout.readline().strip() == '1'\n"
         "@ray.remote(num_cpus=0)\n"
         "class Probe:\n"
-        "    def ping(self): return 1\n"
+        "    def state(self, actor_id):\n"
+        "        from ray.util.state import get_actor\n"
+        "        found = get_actor(actor_id, timeout=20)\n"
+        "        return found.state if found else None\n"
         "probe = Probe.remote()\n"
-        "ray.get(probe.ping.remote())\n"
-        "print('state', get_actor(probe._actor_id.hex(), timeout=20).state)\n"
+        "try:\n"
+        "    print('state', ray.get(probe.state.remote(probe._actor_id.hex())))\n"
+        "finally:\n"
+        "    later.kill()\n"
+        "    later.wait()\n"
     )
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "RAY_USAGE_STATS_ENABLED": "0"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
                          check=False)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "state ALIVE" in res.stdout
+    assert "state ALIVE" in res.stdout, res.stdout[-2000:]

@@ -8,14 +8,20 @@ import os
 def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver: bool = True) -> None:
     """Connect to ``RAY_ADDRESS`` (unless ``local``) or start a local Ray instance, once per process.
 
-    The local instance runs the dashboard: it serves Ray's state API, which Ray Train's
-    placement-group cleaner polls every second to learn whether the train controller still
-    lives. Without it the cleaner cannot tell, logs "Failed to query Ray Train Controller actor
-    state" once a second for the whole run and would leave a dead run's placement group
-    behind. Logical CPUs above the core count keep Ray Data + Train from deadlocking on
-    2 cores.
+    The local instance runs the dashboard on a free port, and its workers are told that port
+    (``RAY_API_SERVER_ADDRESS``). Ray Train's placement-group cleaner polls the state API every
+    second to learn whether the train controller still lives:
+    - without a dashboard it cannot tell, and logs "Failed to query Ray Train Controller actor
+      state" once a second for the whole run;
+    - without the pinned address it asks the Ray instance started last on this machine, where
+      the controller is unknown, takes it for dead and removes the run's placement group: a
+      training run died that way when a second local instance started beside it (another
+      `reir` command, a test session).
+    Logical CPUs above the core count keep Ray Data + Train from deadlocking on 2 cores.
     """
     import ray
+
+    from reir.platform.milvus_server import free_port
 
     if ray.is_initialized():
         return
@@ -24,6 +30,8 @@ def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=log_to_driver)  # fmt: skip
+        return
+    port = free_port()
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+             log_to_driver=log_to_driver)  # fmt: skip
