@@ -105,6 +105,9 @@ class LossSpec:
     # the loss (positives only) falls to ~0 and nothing pushes back (lr 2e-3, step ~600:
     # 100% of the negatives masked, image retrieval at chance).
     weak_max_suppressed: float = 0.2
+    # Within-image competition (``within_image_loss``): the candidate an expression picks must
+    # fit it better than the image's other expressions, which mostly describe other objects.
+    w_weak_within: float = 0.0
 
 
 def _merge(spec_cls: type, value: dict[str, Any] | None) -> dict[str, Any]:

@@ -155,7 +155,7 @@ class ReirCriterion(nn.Module):
     ``criterion(model, batch)`` runs ``model(...)`` (so DDP/DeepSpeed wrappers work) and
     returns ``{"loss": total, "loss_obj", "loss_l1", "loss_giou", "loss_rec",
     "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``);
-    stage ``"weak"`` adds ``"loss_weak"`` and ``"weak_suppressed"`` (a diagnostic: the
+    stage ``"weak"`` adds ``"loss_weak"``, ``"loss_weak_within"`` and ``"weak_suppressed"`` (a diagnostic: the
     fraction of negative pairs suppressed as likely false negatives).
     """
 
@@ -224,6 +224,7 @@ class ReirCriterion(nn.Module):
             + s.w_giou * parts["loss_giou"]
             + s.w_cls * parts["loss_cls"]
             + s.w_weak * parts["loss_weak"]
+            + s.w_weak_within * parts["loss_weak_within"]
             + s.w_aux * parts["loss_aux"]
         )
         return parts

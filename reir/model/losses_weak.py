@@ -126,6 +126,57 @@ def suppressed_negatives(
     return candidates & keep
 
 
+def within_image_loss(
+    logits: torch.Tensor,
+    objectness_logits: torch.Tensor,
+    text_image: torch.Tensor,
+    text_emb: torch.Tensor,
+    *,
+    temperature: float,
+    objectness_weight: float,
+    text_threshold: float,
+) -> torch.Tensor:
+    """Expressions of one image compete for its candidates; a scalar (mean over expressions).
+
+    ``logits [T, Q]``: each local expression against the candidates of its own image
+    (``text_image [T]``, objectness ``objectness_logits [T, Q]`` of that image). An image's
+    expressions mostly describe different objects, so the candidate that expression t picks
+    (MIL attention ``a_t = softmax_q((s_tq + alpha log p_q) / tau)``) must fit t better than
+    the image's other expressions: ``P(t | q) = softmax over the image's expressions of
+    s_t'q``, and ``loss_t = -log sum_q a_t(q) P(t | q)``. The cross-image contrast only asks
+    that some candidate of the own image fits; this asks that it be the one the words single
+    out, which is what binds "red" to the red object when every image holds something red.
+
+    Near duplicates of t (centered text cosine above ``text_threshold``, or identical)
+    leave the competition; two wordings of one object that are not caught settle at an
+    even split with no net gradient between them. Expressions alone in their image (after
+    that) do not count. Pure within-worker: no gather.
+    """
+    t = logits.shape[0]
+    if t < 2:
+        return logits.sum() * 0.0
+    prior = objectness_weight * F.logsigmoid(objectness_logits.detach().float()).to(logits.dtype)
+    attention = torch.log_softmax((logits + prior) / temperature, dim=-1)  # [T, Q] log a_t(q)
+    same = text_image[:, None] == text_image[None, :]
+    with torch.no_grad():
+        emb = text_emb.detach().float()
+        duplicate = (emb @ emb.t()) > IDENTICAL
+        if text_threshold <= 1.0:
+            duplicate |= _centered_cosine(emb[:, None], emb[None], emb.mean(dim=0)) > text_threshold
+        rivals = same & ~duplicate  # [T, T'] who competes with t (t itself is added below)
+        eye = torch.eye(t, dtype=torch.bool, device=logits.device)
+        members = rivals | eye
+    # log P(t | q): t against its rivals at every candidate q of its image.
+    scores = logits[None, :, :].expand(t, t, -1)  # [t, t', q] = s_t'q (same image where it counts)
+    denom = torch.logsumexp(scores.masked_fill(~members[:, :, None], float("-inf")), dim=1)  # [T, Q]
+    log_p = logits - denom
+    per_text = -torch.logsumexp(attention + log_p, dim=-1)  # [T]
+    counted = (rivals & ~eye).any(dim=1)
+    if not bool(counted.any()):
+        return logits.sum() * 0.0
+    return per_text[counted].mean()
+
+
 def _gather_rows(x: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All-gather ``[n, ...]`` of uneven n from every worker, without gradient.
 
@@ -161,8 +212,9 @@ def weak_contrastive_loss(
     ``inst_emb [B, Q, D]`` and ``objectness_logits [B, Q]`` of the local images. Only
     instances (and, without gradient, objectness and the expressions for suppression) are
     gathered: each worker scores its own expressions, so every pair of the global batch is
-    counted once. Returns ``{"loss_weak": sum over pairs / T, "weak_suppressed": fraction
-    of negative pairs suppressed}``.
+    counted once. Returns ``{"loss_weak": sum over pairs / T, "loss_weak_within":
+    :func:`within_image_loss` (weighted by ``w_weak_within`` in the total), "weak_suppressed":
+    fraction of negative pairs suppressed}``.
     """
     from .losses import _gather_instances  # the autograd-aware gather CLIA uses
 
@@ -199,4 +251,10 @@ def weak_contrastive_loss(
     loss = (-F.logsigmoid(labels * pooled) * weights).sum() / max(text_emb.shape[0], 1)
     negatives = ~positive if valid is None else ~positive & valid[None, :]
     fraction = suppressed.sum().float() / negatives.sum().clamp(min=1).float()
-    return {"loss_weak": loss, "weak_suppressed": fraction}
+    rows = torch.arange(own.shape[0], device=own.device)
+    within = within_image_loss(
+        logits[rows, own], objectness_logits[own], text_image, text_emb,
+        temperature=spec.weak_temperature, objectness_weight=spec.weak_objectness_weight,
+        text_threshold=spec.weak_text_threshold,
+    )  # fmt: skip
+    return {"loss_weak": loss, "loss_weak_within": within, "weak_suppressed": fraction}
