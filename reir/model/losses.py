@@ -203,9 +203,13 @@ class ReirCriterion(nn.Module):
         engine then sees the same parameters take part)."""
         assert out.instances is not None and out.text is not None
         inst, s = out.instances, self.spec
+        matched = None
         if s.weak_detection:
             matches = [self._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
             parts = self._detection(inst, batch, matches)
+            matched = torch.zeros(inst.objectness_logits.shape, dtype=torch.bool, device=inst.objectness_logits.device)
+            for b, m in enumerate(matches):
+                matched[b, m] = True
         else:
             unused = inst.boxes.sum() * 0.0 + inst.objectness_logits.sum() * 0.0
             if inst.class_logits is not None:
@@ -214,7 +218,7 @@ class ReirCriterion(nn.Module):
         text_emb = out.text.embeddings
         parts.update(weak_contrastive_loss(
             text_emb, batch.text_image_index, inst.embeddings, inst.objectness_logits, out.logit_scale,
-            out.logit_bias, s, rank=self.rank, world_size=self.world_size,
+            out.logit_bias, s, rank=self.rank, world_size=self.world_size, matched=matched,
         ))  # fmt: skip
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_rec"], parts["loss_clia"], parts["loss_aux"] = zero, zero, out.text.aux_loss

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 
 from reir.model import ReirCriterion, ReirModel, ReirProcessor
 from reir.model.configuration import LossSpec
-from reir.model.losses_weak import suppressed_negatives, weak_contrastive_loss
+from reir.model.modeling import score_from_similarity
+from reir.model.losses_weak import suppressed_negatives, weak_contrastive_loss, within_image_loss
 from reir.model.processing import NO_REFERENT
 
 from .synthetic import make_dataset
@@ -106,6 +107,56 @@ def test_a_collapsed_model_cannot_suppress_its_way_to_a_zero_loss() -> None:
     assert uncapped["weak_suppressed"].item() == 1.0 and uncapped["loss_weak"].item() < 0.1
     assert capped["weak_suppressed"].item() == pytest.approx(3 / 15)  # ceil(0.2 * 15) of 15 negatives
     assert capped["loss_weak"].item() > 50  # the 12 kept negatives, all scored as matches
+
+
+def _picks(text: torch.Tensor, inst: torch.Tensor) -> list[int]:
+    return (text @ inst.t()).argmax(dim=1).tolist()
+
+
+def _fit_texts(inst: torch.Tensor, start: torch.Tensor, within: float, steps: int = 60) -> torch.Tensor:
+    """Gradient steps on free text embeddings of image 0 (a red and a blue circle); image 1,
+    the negative, holds a red and a blue circle as well, so the cross-image contrast has
+    nothing to tell the colours by."""
+    text = start.clone().requires_grad_(True)
+    images = inst.expand(2, -1, -1).contiguous()
+    obj = torch.full((2, inst.shape[0]), 3.0)
+    spec = LossSpec(w_weak_within=within)
+    opt = torch.optim.SGD([text], lr=0.5)
+    for _ in range(steps):
+        out = weak_contrastive_loss(F.normalize(text, dim=-1), torch.tensor([0, 0]), images, obj, SCALE, BIAS, spec)
+        loss = out["loss_weak"] + within * out["loss_weak_within"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return F.normalize(text.detach(), dim=-1)
+
+
+def test_expressions_of_one_image_compete_for_its_candidates() -> None:
+    # Candidates: red circle, blue circle, two background slots far from both. Both
+    # expressions start out as "a circle, a bit red": both pick the red circle.
+    inst = _unit([1, 0, 1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0], _axis(5), _axis(6))
+    start = _unit([0.2, 0, 1, 0, 0, 0, 0, 0], [0.2, 0.05, 1, 0, 0, 0, 0, 0])  # "red circle", "blue circle"
+    assert _picks(start, inst) == [0, 0]
+    assert _picks(_fit_texts(inst, start, within=0.0), inst) == [0, 0]  # the contrast alone: no reason to move
+    assert _picks(_fit_texts(inst, start, within=1.0), inst) == [0, 1]  # competition: each its own object
+
+
+def test_only_distinct_expressions_of_the_same_image_compete() -> None:
+    inst = _unit(_axis(0), _axis(1), _axis(2), _axis(3))
+    obj = torch.full((4,), 3.0)
+    logits = score_from_similarity(_unit(_axis(0), _axis(0), _axis(1)) @ inst.t(), SCALE, BIAS)
+    text = _unit(_axis(0), _axis(0), _axis(1))
+    kw = {"temperature": 1.0, "objectness_weight": 1.0, "text_threshold": 0.999}
+    # Alone in its image, or beside its own duplicate only: nothing to compete with.
+    assert within_image_loss(logits[:2], obj.expand(2, -1), torch.tensor([0, 0]), text[:2], **kw).item() == 0.0
+    assert within_image_loss(logits, obj.expand(3, -1), torch.tensor([0, 1, 2]), text, **kw).item() == 0.0
+    # Beside a distinct expression that picks another object: a small loss; beside one
+    # that picks the same object: large.
+    apart = within_image_loss(logits, obj.expand(3, -1), torch.tensor([0, 0, 0]), text, **kw).item()
+    same = score_from_similarity(_unit(_axis(0), _axis(0), [1, 0.1, 0, 0, 0, 0, 0, 0]) @ inst.t(), SCALE, BIAS)
+    clash = within_image_loss(same, obj.expand(3, -1), torch.tensor([0, 0, 0]),
+                              _unit(_axis(0), _axis(0), [1, 0.1, 0, 0, 0, 0, 0, 0]), **kw).item()  # fmt: skip
+    assert 0 < apart < 0.01 and clash > 0.5, (apart, clash)
 
 
 def test_an_untrained_encoder_does_not_suppress_every_negative(tiny: tuple[ReirModel, ReirProcessor]) -> None:
