@@ -200,7 +200,9 @@ class ReirCriterion(nn.Module):
         """Stage "weak": ``text_target_index`` is never read. The images' own boxes (not
         linked to any expression) train detection when ``weak_detection`` is on; otherwise
         the detection heads only join the graph with weight 0 (every rank's DeepSpeed
-        engine then sees the same parameters take part)."""
+        engine then sees the same parameters take part). The within-image competition
+        (``w_weak_within``) runs over the queries matched to those boxes, so without
+        detection it is 0."""
         assert out.instances is not None and out.text is not None
         inst, s = out.instances, self.spec
         matched = None
@@ -220,6 +222,8 @@ class ReirCriterion(nn.Module):
             text_emb, batch.text_image_index, inst.embeddings, inst.objectness_logits, out.logit_scale,
             out.logit_bias, s, rank=self.rank, world_size=self.world_size, matched=matched,
         ))  # fmt: skip
+        if matched is None:  # no annotated boxes to compete for: over all queries it learns slot routing
+            parts["loss_weak_within"] = parts["loss_weak_within"].detach() * 0.0
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_rec"], parts["loss_clia"], parts["loss_aux"] = zero, zero, out.text.aux_loss
         parts["loss"] = (

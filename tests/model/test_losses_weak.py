@@ -159,6 +159,33 @@ def test_only_distinct_expressions_of_the_same_image_compete() -> None:
     assert 0 < apart < 0.01 and clash > 0.5, (apart, clash)
 
 
+def test_only_queries_matched_to_annotated_boxes_compete() -> None:
+    # Query 3 is a background slot that fits "red" best; it is not matched to a box.
+    logits = torch.tensor([[2.0, 0.0, -1.0, 5.0], [0.0, 2.0, -1.0, 4.0]], requires_grad=True)
+    obj = torch.full((2, 4), 3.0)
+    matched = torch.tensor([[True, True, True, False]] * 2)
+    text = _unit(_axis(0), _axis(1))
+    kw = {"temperature": 1.0, "objectness_weight": 1.0, "text_threshold": 0.999}
+    within_image_loss(logits, obj, torch.tensor([0, 0]), text, candidates=matched, **kw).backward()
+    assert logits.grad is not None
+    assert logits.grad[:, 3].abs().max().item() == 0.0 and logits.grad[:, :3].abs().sum().item() > 0
+    free = within_image_loss(logits.detach(), obj, torch.tensor([0, 0]), text, **kw).item()
+    held = within_image_loss(logits.detach(), obj, torch.tensor([0, 0]), text, candidates=matched, **kw).item()
+    assert held < free  # over every query both wordings pick slot 3 and clash there
+
+
+def test_the_criterion_runs_the_competition_only_with_detection(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    model, proc = tiny
+    batch = _weak_batch(proc)
+    with torch.no_grad():
+        model.config.loss = {**model.config.loss, "w_weak_within": 1.0}
+        on = ReirCriterion(model.config, stage="weak")(model, batch)
+        model.config.loss = {**model.config.loss, "weak_detection": False}
+        off = ReirCriterion(model.config, stage="weak")(model, batch)
+    assert on["loss_weak_within"].item() > 0
+    assert off["loss_weak_within"].item() == 0.0
+
+
 def test_an_untrained_encoder_does_not_suppress_every_negative(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     """Raw cosines of a random encoder are all near 1; centered ones are not."""
     model, proc = tiny
