@@ -108,6 +108,7 @@ class LossSpec:
     # Within-image competition (``within_image_loss``): the candidate an expression picks must
     # fit it better than the image's other expressions, which mostly describe other objects.
     w_weak_within: float = 0.0
+    weak_mil_matched: bool = False  # the cross-image MIL pools over those matched queries only
 
 
 def _merge(spec_cls: type, value: dict[str, Any] | None) -> dict[str, Any]:

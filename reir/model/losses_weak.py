@@ -47,6 +47,10 @@ def mil_pool(logits: torch.Tensor, objectness_logits: torch.Tensor, *, temperatu
     return pooled, adjusted.detach().argmax(dim=-1)
 
 
+# Objectness logit given to queries that are not candidates (``weak_mil_matched``): a prior
+# of alpha * log sigmoid(-1e4), out of reach of any score.
+UNMATCHED_LOGIT = -1.0e4
+
 # Cosine at which two embeddings count as identical, whatever the centering says:
 # the same words give the same text embedding (the built-in towers have no dropout).
 IDENTICAL = 1.0 - 1e-5
@@ -230,13 +234,20 @@ def weak_contrastive_loss(
     :func:`within_image_loss` (weighted by ``w_weak_within`` in the total), "weak_suppressed":
     fraction of negative pairs suppressed}``. ``matched [B, Q]`` bool (local images): the
     queries the detection loss matched to annotated boxes, the within-image competition's
-    candidates (None: every query, by objectness).
+    candidates (None: every query, by objectness); with ``weak_mil_matched`` also the
+    candidates of the cross-image contrast.
     """
     from .losses import _gather_instances  # the autograd-aware gather CLIA uses
 
     offset = 0
     valid: torch.Tensor | None = None
     all_text_emb, all_text_image = text_emb.detach(), text_image
+    within_objectness = objectness_logits
+    if matched is not None and spec.weak_mil_matched:
+        # Only annotated objects are candidates of the cross-image contrast too (an image
+        # without annotated boxes keeps every query, weighted by objectness).
+        keep = matched | ~matched.any(dim=1, keepdim=True)
+        objectness_logits = objectness_logits.masked_fill(~keep, UNMATCHED_LOGIT)
     if world_size > 1:
         inst_emb, valid, b_max = _gather_instances(inst_emb, world_size)
         objectness_logits = _gather_rows(objectness_logits, world_size)[0]
@@ -269,7 +280,7 @@ def weak_contrastive_loss(
     fraction = suppressed.sum().float() / negatives.sum().clamp(min=1).float()
     rows = torch.arange(own.shape[0], device=own.device)
     within = within_image_loss(
-        logits[rows, own], objectness_logits[own], text_image, text_emb,
+        logits[rows, own], within_objectness[text_image], text_image, text_emb,
         temperature=spec.weak_temperature, objectness_weight=spec.weak_objectness_weight,
         text_threshold=spec.weak_text_threshold, candidates=None if matched is None else matched[text_image],
     )  # fmt: skip

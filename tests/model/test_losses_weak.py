@@ -174,6 +174,27 @@ def test_only_queries_matched_to_annotated_boxes_compete() -> None:
     assert held < free  # over every query both wordings pick slot 3 and clash there
 
 
+def test_with_weak_mil_matched_the_contrast_pools_over_annotated_objects_only() -> None:
+    # Image 0: query 3 is a background slot that fits the expression best, query 2 the object.
+    text = _unit(_axis(0))
+    inst = torch.stack([
+        _unit(_axis(1), _axis(2), [0.8, 0.6, 0, 0, 0, 0, 0, 0], _axis(0)),
+        _unit(_axis(3), _axis(4), _axis(5), _axis(6)),
+    ])  # fmt: skip
+    obj = torch.full((2, Q), 3.0)
+    matched = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    grads = {}
+    for flag in (False, True):
+        x = inst.clone().requires_grad_(True)
+        weak_contrastive_loss(text, torch.tensor([0]), x, obj, SCALE, BIAS, LossSpec(weak_mil_matched=flag),
+                              matched=matched)["loss_weak"].backward()  # fmt: skip
+        assert x.grad is not None
+        grads[flag] = x.grad.norm(dim=-1)
+    assert grads[False][0, 3] > grads[False][0, 2]  # by objectness alone the slot wins
+    assert grads[True][0, 3].item() == 0.0 and grads[True][0, 2] > 0
+    assert grads[True][1, 2:].abs().max().item() == 0.0  # nor do a negative image's unmatched slots count
+
+
 def test_the_criterion_runs_the_competition_only_with_detection(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     model, proc = tiny
     batch = _weak_batch(proc)
