@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from reir.model import ReirCriterion, ReirModel, ReirProcessor
 from reir.model.configuration import LossSpec
-from reir.model.modeling import score_from_similarity
 from reir.model.losses_weak import suppressed_negatives, weak_contrastive_loss, within_image_loss
+from reir.model.modeling import score_from_similarity
 from reir.model.processing import NO_REFERENT
 
 from .synthetic import make_dataset
