@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from reir.errors import ReirError
+from reir.platform.raylocal import init_ray  # imports ray only when called
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,12 +26,6 @@ def _need_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise ReirError(f"{what} not found: {path}")
     return path
-
-
-def _init_ray(num_cpus: int | None = None) -> None:
-    from reir.platform.raylocal import init_ray
-
-    init_ray(num_cpus)
 
 
 @app.command()
@@ -106,7 +101,7 @@ def train(
         raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])")
     fields.setdefault("run_name", f"reir-stage{stage}" if stage in ("1", "2") else f"reir-{stage}")
     cfg = TrainConfig(**fields)
-    _init_ray()
+    init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))
 
 
@@ -164,7 +159,7 @@ def ingest(
                                            metadata_fields=fields),
                        num_encoders=encoders, batch_size=batch_size, dead_letter_path=dead_letter,
                        object_store_memory_limit=object_store_mb * 2**20 if object_store_mb else None)
-    _init_ray()
+    init_ray()
     summary = run_ingestion(cfg)
     typer.echo(json.dumps(_plain(summary), indent=2))
     _write_job_summary(_plain(summary))
@@ -270,7 +265,7 @@ def serve(
         application = build_app(args)
     except ValueError as e:  # pydantic ValidationError is a ValueError
         raise ReirError(f"invalid serve configuration: {e}") from e
-    _init_ray()
+    init_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(application)
     typer.echo(f"serving on http://{host}:{port}/ (API: /v1/search, spec: /openapi.json; Ctrl-C stops)")

@@ -222,8 +222,6 @@ class ReirCriterion(nn.Module):
             text_emb, batch.text_image_index, inst.embeddings, inst.objectness_logits, out.logit_scale,
             out.logit_bias, s, rank=self.rank, world_size=self.world_size, matched=matched,
         ))  # fmt: skip
-        if matched is None:  # no annotated boxes to compete for: over all queries it learns slot routing
-            parts["loss_weak_within"] = parts["loss_weak_within"].detach() * 0.0
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_rec"], parts["loss_clia"], parts["loss_aux"] = zero, zero, out.text.aux_loss
         parts["loss"] = (

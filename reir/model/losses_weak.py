@@ -61,6 +61,13 @@ def _centered_cosine(a: torch.Tensor, b: torch.Tensor, center: torch.Tensor) -> 
     return (F.normalize(a - center, dim=-1) * F.normalize(b - center, dim=-1)).sum(-1)
 
 
+def _text_likeness(a: torch.Tensor, b: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``[A, B]`` centered cosines of text embeddings ``a [A, D]`` and ``b [B, D]``; 2.0 where
+    they are identical (above any threshold)."""
+    cos = _centered_cosine(a[:, None], b[None], center)
+    return torch.where((a @ b.t()) > IDENTICAL, torch.full_like(cos, 2.0), cos)
+
+
 @torch.no_grad()
 def suppressed_negatives(
     text_emb: torch.Tensor,
@@ -108,8 +115,7 @@ def suppressed_negatives(
         real_text = all_text_image >= 0
         text_emb, all_text_emb = text_emb.float(), all_text_emb.float()
         text_center = all_text_emb[real_text].mean(dim=0)
-        cos = _centered_cosine(text_emb[:, None], all_text_emb[None], text_center)  # [T, U]
-        cos = torch.where((text_emb @ all_text_emb.t()) > IDENTICAL, torch.full_like(cos, 2.0), cos)
+        cos = _text_likeness(text_emb, all_text_emb, text_center)  # [T, U]
         cos = cos.masked_fill(~((cos > text_threshold) & real_text[None, :]), float("-inf"))  # 2.0 > any threshold
         image_of = F.one_hot(all_text_image.clamp(min=0), n).bool() & real_text[:, None]  # [U, N]
         per_image = cos[:, :, None].masked_fill(~image_of[None], float("-inf")).amax(dim=1)  # [T, N]
@@ -177,9 +183,7 @@ def within_image_loss(
     same = text_image[:, None] == text_image[None, :]
     with torch.no_grad():
         emb = text_emb.detach().float()
-        duplicate = (emb @ emb.t()) > IDENTICAL
-        if text_threshold <= 1.0:
-            duplicate |= _centered_cosine(emb[:, None], emb[None], emb.mean(dim=0)) > text_threshold
+        duplicate = _text_likeness(emb, emb, emb.mean(dim=0)) > min(text_threshold, 1.0)  # identical: always
         rivals = same & ~duplicate  # [T, T'] who competes with t (t itself is added below)
         eye = torch.eye(t, dtype=torch.bool, device=logits.device)
         members = rivals | eye
@@ -234,8 +238,8 @@ def weak_contrastive_loss(
     :func:`within_image_loss` (weighted by ``w_weak_within`` in the total), "weak_suppressed":
     fraction of negative pairs suppressed}``. ``matched [B, Q]`` bool (local images): the
     queries the detection loss matched to annotated boxes, the within-image competition's
-    candidates (None: every query, by objectness); with ``weak_mil_matched`` also the
-    candidates of the cross-image contrast.
+    candidates (None, or ``w_weak_within`` 0: no competition, the term is 0); with
+    ``weak_mil_matched`` also the candidates of the cross-image contrast.
     """
     from .losses import _gather_instances  # the autograd-aware gather CLIA uses
 
@@ -278,10 +282,13 @@ def weak_contrastive_loss(
     loss = (-F.logsigmoid(labels * pooled) * weights).sum() / max(text_emb.shape[0], 1)
     negatives = ~positive if valid is None else ~positive & valid[None, :]
     fraction = suppressed.sum().float() / negatives.sum().clamp(min=1).float()
-    rows = torch.arange(own.shape[0], device=own.device)
-    within = within_image_loss(
-        logits[rows, own], within_objectness[text_image], text_image, text_emb,
-        temperature=spec.weak_temperature, objectness_weight=spec.weak_objectness_weight,
-        text_threshold=spec.weak_text_threshold, candidates=None if matched is None else matched[text_image],
-    )  # fmt: skip
+    if matched is None or spec.w_weak_within == 0:  # over every query it learns slot routing
+        within = loss.detach() * 0.0
+    else:
+        rows = torch.arange(own.shape[0], device=own.device)
+        within = within_image_loss(
+            logits[rows, own], within_objectness[text_image], text_image, text_emb,
+            temperature=spec.weak_temperature, objectness_weight=spec.weak_objectness_weight,
+            text_threshold=spec.weak_text_threshold, candidates=matched[text_image],
+        )  # fmt: skip
     return {"loss_weak": loss, "loss_weak_within": within, "weak_suppressed": fraction}

@@ -120,10 +120,12 @@ def _fit_texts(inst: torch.Tensor, start: torch.Tensor, within: float, steps: in
     text = start.clone().requires_grad_(True)
     images = inst.expand(2, -1, -1).contiguous()
     obj = torch.full((2, inst.shape[0]), 3.0)
+    matched = torch.tensor([[True, True, False, False]] * 2)  # the two circles carry annotated boxes
     spec = LossSpec(w_weak_within=within)
     opt = torch.optim.SGD([text], lr=0.5)
     for _ in range(steps):
-        out = weak_contrastive_loss(F.normalize(text, dim=-1), torch.tensor([0, 0]), images, obj, SCALE, BIAS, spec)
+        out = weak_contrastive_loss(F.normalize(text, dim=-1), torch.tensor([0, 0]), images, obj, SCALE, BIAS, spec,
+                                    matched=matched)  # fmt: skip
         loss = out["loss_weak"] + within * out["loss_weak_within"]
         opt.zero_grad()
         loss.backward()
