@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--weak", action="store_true", help="train as stage weak-rerank does: the training "
                    "expressions lose their referent box, the loss is over images (test scoring unchanged)")
+    p.add_argument("--train-gallery", type=int, default=0, metavar="N",
+                   help="also score N train expressions on a gallery of the first train chunk (images "
+                   "the stage-2 model and the re-ranker trained on): the keys train_* measure how far the "
+                   "test figures fall short of the seen images'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -58,23 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     name, _, spec = text.partition(":")
-    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0}
+    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0, "noise": 0.0}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in fields:
-            raise SystemExit(f"--variant {text!r}: unknown field {key!r} (batch, lr, group)")
+            raise SystemExit(f"--variant {text!r}: unknown field {key!r} (batch, lr, group, noise)")
         fields[key] = float(value)
     return name or "default", fields
 
 
-def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, dict[str, tuple[str, list[float]]]]:
-    """Every test image's stored instances, and each test expression's ground truth
-    ``(image row, [x, y, w, h] normalized)``, keyed by expression row."""
-    from reir.data.formats import load_samples
+def gallery_features(model: Any, processor: Any, samples: list[Any]) -> tuple[Any, dict[str, tuple[str, list[float]]]]:
+    """Every gallery image's stored instances, and each of its expressions' ground truth
+    ``(image row, [x, y, w, h] normalized)``, keyed by expression row. The expressions must be
+    unique in the gallery (the test split; one chunk of the synthetic train split)."""
     from reir.training.rerank import build_rerank_set
     from reir.training.trainer import ImageCache
 
-    samples = load_samples(data, "test")
     # min_iou 0: every expression is kept, found or not (a miss counts against BR@k).
     rs = build_rerank_set(
         model, processor, samples, [0] * len(samples), ImageCache(max_items=0).get, top_k=10, min_iou=0.0
@@ -82,6 +85,20 @@ def test_features(model: Any, processor: Any, data: Path) -> tuple[Any, dict[str
     gt = [(str(row), [x / s.width, y / s.height, w / s.width, h / s.height])
           for row, s in enumerate(samples) for _, j in s.refs for x, y, w, h in [s.boxes[j]]]  # fmt: skip
     return rs, {str(t): g for t, g in enumerate(gt)}
+
+
+def train_chunk(data: Path, samples: list[Any], groups: list[int], queries: int, seed: int) -> list[Any]:
+    """The train images of negative group 0 (expressions unique among them) with ``queries``
+    of their expressions drawn at random (seeded), the rest of their refs dropped."""
+    import dataclasses
+    import random
+
+    chunk = [s for s, g in zip(samples, groups, strict=True) if g == 0]
+    if len(chunk) == len(samples):
+        raise SystemExit(f"{data}: the train split has no negative groups (chunks); --train-gallery needs them")
+    refs = [(i, r) for i, s in enumerate(chunk) for r in range(len(s.refs))]
+    keep = set(random.Random(seed).sample(refs, min(queries, len(refs))))
+    return [dataclasses.replace(s, refs=[ref for r, ref in enumerate(s.refs) if (i, r) in keep]) for i, s in enumerate(chunk)]
 
 
 def evaluate(
@@ -138,7 +155,7 @@ def train_variant(
             idx = sample_texts(rs, pool, batch, gen)
         else:
             idx = pool[torch.randint(pool.numel(), (batch,), generator=gen)]
-        loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias)["loss"]
+        loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias, emb_noise=fields["noise"])["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -172,7 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # weak: build_rerank_set keeps every expression with its image only, never its box index
     train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=10, min_iou=0.5,
                              weak=args.weak)
-    test, gt = test_features(model, processor, args.data)
+    test, gt = gallery_features(model, processor, load_samples(args.data, "test"))
+    seen = None
+    if args.train_gallery:
+        seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed))
     result: dict[str, Any] = {"weak": args.weak, "features_seconds": round(time.monotonic() - started, 1),
                               "train_texts": train.num_texts,
                               "test_queries": test.num_texts, "seconds_per_variant": args.seconds,
@@ -180,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, fields in variants:
         reranker, stats = train_variant(model, train, fields, args, scale, bias)
         metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
+        if seen is not None:
+            seen_metrics = evaluate(reranker, *seen, scale, bias, args.candidates[:1])
+            metrics.update({f"train_{k}": v for k, v in seen_metrics.items()})
         result["variants"][name] = {**fields, **stats, "candidates": args.candidates,
                                     **{k: round(v, 4) for k, v in metrics.items()}}  # fmt: skip
         print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)

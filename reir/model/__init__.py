@@ -11,7 +11,7 @@ from .configuration import LossSpec, MoreSpec, ReirConfig, TextSpec, VisionSpec
 from .factory import create_model, list_models
 from .losses import ReirCriterion, hungarian_match, siglip_pair_loss
 from .modeling import InstanceOutput, ReirModel, ReirOutput, TextOutput
-from .processing import Instance, ReirProcessor, TrainBatch, swap_left_right
+from .processing import Instance, ReirProcessor, TrainBatch, swap_left_right, swap_top_bottom
 
 __all__ = [
     "BoxMode",
@@ -35,4 +35,5 @@ __all__ = [
     "list_models",
     "siglip_pair_loss",
     "swap_left_right",
+    "swap_top_bottom",
 ]

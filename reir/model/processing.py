@@ -31,6 +31,10 @@ PROCESSOR_NAME = "preprocessor_config.json"
 NO_REFERENT = -1
 _LR_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 _LR_PATTERN = re.compile(r"\b(leftmost|rightmost|left|right)\b", re.IGNORECASE)
+_TB_PAIRS = [("above", "below"), ("over", "under"), ("top", "bottom"), ("topmost", "bottommost"),
+             ("highest", "lowest"), ("upper", "lower")]
+_TB_SWAP = {**dict(_TB_PAIRS), **{b: a for a, b in _TB_PAIRS}}
+_TB_PATTERN = re.compile(r"\b(" + "|".join(sorted(_TB_SWAP, key=len, reverse=True)) + r")\b", re.IGNORECASE)
 
 
 class SampleLike(Protocol):
@@ -97,15 +101,24 @@ class TrainBatch:
         )
 
 
-def swap_left_right(text: str) -> str:
-    """Mirror horizontal spatial words (used with horizontal-flip augmentation)."""
-
+def _swap_words(text: str, pattern: re.Pattern[str], table: dict[str, str]) -> str:
     def _swap(match: re.Match[str]) -> str:
         word = match.group(0)
-        out = _LR_SWAP[word.lower()]
+        out = table[word.lower()]
         return out.capitalize() if word[0].isupper() else out
 
-    return _LR_PATTERN.sub(_swap, text)
+    return pattern.sub(_swap, text)
+
+
+def swap_left_right(text: str) -> str:
+    """Mirror horizontal spatial words (used with horizontal-flip augmentation)."""
+    return _swap_words(text, _LR_PATTERN, _LR_SWAP)
+
+
+def swap_top_bottom(text: str) -> str:
+    """Mirror vertical spatial words, "above" / "below", "topmost" / "bottommost", "upper" /
+    "lower" (used with vertical-flip augmentation)."""
+    return _swap_words(text, _TB_PATTERN, _TB_SWAP)
 
 
 class ReirProcessor:
@@ -216,10 +229,13 @@ class ReirProcessor:
         images: Sequence[Image.Image],
         *,
         hflip_prob: float = 0.0,
+        vflip_prob: float = 0.0,
         rng: random.Random | None = None,
     ) -> TrainBatch:
         """Build a :class:`TrainBatch`; optionally flip images horizontally with ``hflip_prob``
-        (boxes mirrored, "left"/"right" swapped in expressions)."""
+        (boxes mirrored, "left"/"right" swapped in expressions) and vertically with
+        ``vflip_prob`` ("above"/"below", "topmost"/"bottommost" swapped): only for images
+        without a natural up, such as the synthetic scenes or aerial views."""
         if len(samples) != len(images):
             raise ValueError(f"{len(samples)} samples but {len(images)} images")
         rng = rng or random.Random()
@@ -230,11 +246,14 @@ class ReirProcessor:
         tgt_idx: list[int] = []
         for i, (sample, image) in enumerate(zip(samples, images)):
             flip = hflip_prob > 0 and rng.random() < hflip_prob
-            boxes = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
+            vflip = vflip_prob > 0 and rng.random() < vflip_prob
+            boxes = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4).copy()
             if flip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                boxes = boxes.copy()
                 boxes[:, 0] = sample.width - boxes[:, 0] - boxes[:, 2]
+            if vflip:
+                image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+                boxes[:, 1] = sample.height - boxes[:, 1] - boxes[:, 3]
             norm = convert(boxes, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=sample.width, height=sample.height)
             targets.append(
                 {
@@ -244,7 +263,8 @@ class ReirProcessor:
             )
             pil.append(image)
             for text, box_index in sample.refs:
-                texts.append(swap_left_right(text) if flip else text)
+                text = swap_left_right(text) if flip else text
+                texts.append(swap_top_bottom(text) if vflip else text)
                 img_idx.append(i)
                 tgt_idx.append(int(box_index))
         enc = self.text(texts)

@@ -74,7 +74,11 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = Field(True, description="bf16 on GPU; always fp32 on CPU")
-    flip_augment: bool = True
+    flip_augment: bool = Field(True, description="flip half the images horizontally (\"left\" / \"right\" "
+                               "swapped in their expressions)")
+    vflip_augment: bool = Field(False, description="also flip half the images vertically (\"above\" / "
+                                "\"below\", \"topmost\" / \"bottommost\" swapped): for images without a natural "
+                                "up (synthetic scenes, aerial or microscope views), not for photographs")
     lookalike_partners: int = Field(
         0, ge=0, description="stages 1, 2 and weak: each image of a micro-batch comes with up to this many "
         "images of its negative group whose expressions begin alike (hard negatives for the cross-batch "

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reir.model import InstanceOutput, ReirModel, ReirProcessor, swap_left_right
+from reir.model import InstanceOutput, ReirModel, ReirProcessor, swap_left_right, swap_top_bottom
 
 from .synthetic import make_dataset
 
@@ -79,6 +79,29 @@ def test_collate_and_hflip(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     assert flipped.texts[len(s0.refs) - 1] == "the shape right of the leftmost one"
     torch.testing.assert_close(flipped.pixel_values, batch.pixel_values.flip(-1), atol=0.05, rtol=0)
     assert batch.to("cpu").input_ids is not None
+
+
+def test_vflip_mirrors_boxes_pixels_and_vertical_words(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    _, proc = tiny
+    data = make_dataset(3, 3)
+    samples, images = [s for _, s in data], [im for im, _ in data]
+    samples[0].refs.append(("the circle above the lowest one, left of the star", 0))
+    batch = proc.collate(samples, images)
+    flipped = proc.collate(samples, images, vflip_prob=1.0, rng=random.Random(0))
+    fb, b = flipped.targets[0]["boxes"], batch.targets[0]["boxes"]
+    torch.testing.assert_close(fb[:, 1], 1 - b[:, 1])
+    torch.testing.assert_close(fb[:, [0, 2, 3]], b[:, [0, 2, 3]])
+    assert flipped.texts[len(samples[0].refs) - 1] == "the circle below the highest one, left of the star"
+    torch.testing.assert_close(flipped.pixel_values, batch.pixel_values.flip(-2), atol=0.05, rtol=0)
+    both = proc.collate(samples, images, hflip_prob=1.0, vflip_prob=1.0, rng=random.Random(0))
+    torch.testing.assert_close(both.targets[0]["boxes"][:, :2], 1 - b[:, :2])
+    assert both.texts[len(samples[0].refs) - 1] == "the circle below the highest one, right of the star"
+
+
+def test_swap_top_bottom() -> None:
+    assert swap_top_bottom("Above the topmost, under the upper one") == "Below the bottommost, over the lower one"
+    assert swap_top_bottom("the highest square over a stopover") == "the lowest square under a stopover"
+    assert swap_top_bottom("left of the largest") == "left of the largest"
 
 
 def test_swap_left_right() -> None:
