@@ -62,11 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     name, _, spec = text.partition(":")
-    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0, "noise": 0.0}
+    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in fields:
-            raise SystemExit(f"--variant {text!r}: unknown field {key!r} (batch, lr, group, noise)")
+            raise SystemExit(f"--variant {text!r}: unknown field {key!r} (batch, lr, group)")
         fields[key] = float(value)
     return name or "default", fields
 
@@ -155,7 +155,7 @@ def train_variant(
             idx = sample_texts(rs, pool, batch, gen)
         else:
             idx = pool[torch.randint(pool.numel(), (batch,), generator=gen)]
-        loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias, emb_noise=fields["noise"])["loss"]
+        loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -183,16 +183,12 @@ def candidate_logits(
     logit_bias: float,
     *,
     device: torch.device | str = "cpu",
-    emb_noise: float = 0.0,
 ) -> torch.Tensor:
     """``[B, C * K]`` re-ranked logits of every instance of each expression's own image
     (slots ``0..K-1``, so the referent's column is ``positive``) and of its ``C - 1`` negative
     images (``-1`` = none: its instances are masked to ``-inf``).
 
     ``logit_scale`` / ``logit_bias``: the dual encoder's affine score, ``scale * cos + bias``.
-    ``emb_noise``: Gaussian noise of that standard deviation (per dimension) on the stored
-    embeddings, renormalized (training only): the training images' embeddings are cleaner
-    than those of images the dual encoder never saw.
     """
     b = text_idx.numel()
     imgs = torch.cat([rs.text_image[text_idx][:, None], neg_images], dim=1)  # [B, C]
@@ -201,8 +197,6 @@ def candidate_logits(
     # Each distinct image once: expressions of one batch share many hard negatives.
     unique, rows = torch.unique(imgs.clamp(min=0).reshape(-1), return_inverse=True)
     emb = rs.emb[unique].to(device)
-    if emb_noise > 0:
-        emb = F.normalize(emb + emb_noise * torch.randn_like(emb), dim=-1) * (emb.norm(dim=-1, keepdim=True) > 0)
     rows = rows.to(device)
     text_emb = rs.text_emb[text_idx].to(device)
     base = logit_scale * torch.einsum("bd,bukd->buk", text_emb, emb[rows.view(b, c)]).reshape(b * c, -1) + logit_bias
@@ -272,7 +266,6 @@ def rerank_loss(
     *,
     bce_weight: float = 0.1,
     device: torch.device | str = "cpu",
-    emb_noise: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Listwise loss for expressions ``text_idx [B]`` over their own image + ``neg_images [B, C-1]``.
 
@@ -286,8 +279,7 @@ def rerank_loss(
     Either way a sigmoid term (weight ``bce_weight``) over :func:`presence_scores` keeps the
     logits presence probabilities for discovery mode."""
     b = text_idx.numel()
-    logits = candidate_logits(reranker, rs, text_idx, neg_images, logit_scale, logit_bias, device=device,
-                              emb_noise=emb_noise)
+    logits = candidate_logits(reranker, rs, text_idx, neg_images, logit_scale, logit_bias, device=device)
     scores, target = presence_scores(logits, rs, text_idx)
     ranked = torch.logsumexp(logits.view(b, -1, rs.emb.shape[1]), dim=2) if rs.weak else logits
     ce = F.cross_entropy(ranked, target)
