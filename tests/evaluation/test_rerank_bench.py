@@ -1,0 +1,50 @@
+"""bench/rerank.py: the seen-images gallery (--train-gallery) it scores beside the test split."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from reir.data.formats import ImageSample
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_rerank", ROOT / "bench" / "rerank.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_rerank"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def _samples(n: int, refs_each: int) -> list[ImageSample]:
+    return [ImageSample(f"im{i}", f"/x/{i}.png", 64, 64, boxes=[[0.0, 0.0, 8.0, 8.0]] * refs_each, labels=[0] * refs_each,
+                        refs=[(f"expression {i}.{r}", r) for r in range(refs_each)]) for i in range(n)]  # fmt: skip
+
+
+def test_train_chunk_keeps_group_0_and_draws_the_queries() -> None:
+    samples = _samples(6, 3)
+    groups = [0, 1, 0, 1, 0, 1]
+    chunk = bench.train_chunk(Path("d"), samples, groups, 4, seed=0)
+    assert [s.image_id for s in chunk] == ["im0", "im2", "im4"]  # every image of the gallery, refs or not
+    kept = [text for s in chunk for text, _ in s.refs]
+    assert len(kept) == 4 and len(set(kept)) == 4
+    for s in chunk:  # each kept ref still points at its own box
+        assert all(text == f"expression {s.image_id[2:]}.{j}" for text, j in s.refs)
+    assert samples[0].refs and len(samples[0].refs) == 3  # the caller's samples are not modified
+    assert bench.train_chunk(Path("d"), samples, groups, 100, seed=0)[0].refs == samples[0].refs  # capped at all refs
+    assert kept != [t for s in bench.train_chunk(Path("d"), samples, groups, 4, seed=1) for t, _ in s.refs]
+
+
+def test_train_chunk_needs_negative_groups() -> None:
+    with pytest.raises(SystemExit, match="no negative groups"):
+        bench.train_chunk(Path("d"), _samples(3, 1), [0, 0, 0], 2, seed=0)
