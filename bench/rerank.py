@@ -7,14 +7,18 @@
 ``reir train --stage rerank --model STAGE2``). The training features are built once, as
 stage ``rerank`` builds them (``reir.training.rerank.build_rerank_set``), then each variant
 trains a fresh re-ranker with the stage's own loss, hard negatives and LR schedule (warm-up,
-cosine by elapsed time) for ``--seconds`` of wall time, in this process (pure torch: what is
-compared is the recipe, not Ray Train). ``group=1`` draws each batch from one negative group
+cosine by elapsed time) for ``--seconds`` of wall time, or for ``--steps`` (cosine by step:
+comparisons of two stage-2 models that machine load does not skew), in this process (pure
+torch: what is compared is the recipe, not Ray Train). ``group=1`` draws each batch from one negative group
 (``sample_texts``, what stage ``rerank`` does), ``group=0`` uniformly.
 
 Scoring mirrors the service on an exact index: each test expression's top ``--candidates``
 instances by the dual encoder over the whole test gallery, their images re-ranked, one answer
 (best instance) per image; BR@k at IoU 0.5. Prints one JSON object (and writes ``--out``).
 ``--weak`` trains as stage ``weak-rerank`` (no referent slots; a weak or any frozen model).
+``--train-gallery N`` also scores N train expressions on the first train chunk (400 images the
+models trained on, expressions unique among them): the ``train_*`` keys, against the test
+split's, say how much of the shortfall is generalization.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="synthetic benchmark directory (reircoco.json)")
     p.add_argument("--model", type=Path, required=True, help="a stage-2 checkpoint")
     p.add_argument("--seconds", type=float, default=330.0, help="wall-clock training time per variant")
+    p.add_argument("--steps", type=int, default=0, help="train each variant this many steps instead (the LR "
+                   "schedule by step): a comparison that the machine's load does not skew")
     p.add_argument(
         "--variant",
         action="append",
@@ -148,9 +154,9 @@ def train_variant(
     negatives = mine_hard_negatives(rs, args.negatives)
     pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(args.seed)
     step, started = 0, time.monotonic()
-    while (elapsed := time.monotonic() - started) < args.seconds:
-        for group in optimizer.param_groups:  # the trainer's schedule, by elapsed time
-            group["lr"] = lr * lr_factor(elapsed / args.seconds, step, warmup_steps=20)
+    while (progress := step / args.steps if args.steps else (time.monotonic() - started) / args.seconds) < 1.0:
+        for group in optimizer.param_groups:  # the trainer's schedule, by elapsed time (or step)
+            group["lr"] = lr * lr_factor(progress, step, warmup_steps=20)
         if fields["group"]:
             idx = sample_texts(rs, pool, batch, gen)
         else:
@@ -195,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed))
     result: dict[str, Any] = {"weak": args.weak, "features_seconds": round(time.monotonic() - started, 1),
                               "train_texts": train.num_texts,
-                              "test_queries": test.num_texts, "seconds_per_variant": args.seconds,
+                              "test_queries": test.num_texts, "seconds_per_variant": None if args.steps else args.seconds,
+                              "steps_per_variant": args.steps or None,
                               "threads": torch.get_num_threads(), "variants": {}}  # fmt: skip
     for name, fields in variants:
         reranker, stats = train_variant(model, train, fields, args, scale, bias)
