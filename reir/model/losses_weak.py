@@ -283,7 +283,7 @@ def weak_contrastive_loss(
     negatives = ~positive if valid is None else ~positive & valid[None, :]
     fraction = suppressed.sum().float() / negatives.sum().clamp(min=1).float()
     if matched is None or spec.w_weak_within == 0:  # over every query it learns slot routing
-        within = loss.detach() * 0.0
+        within = loss.new_zeros(())
     else:
         rows = torch.arange(own.shape[0], device=own.device)
         within = within_image_loss(

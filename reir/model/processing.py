@@ -29,12 +29,17 @@ PROCESSOR_NAME = "preprocessor_config.json"
 # A ref's box index when the expression's referent is unknown (weak supervision: an
 # (image, expression) pair without the box). Only the "weak" loss stage accepts it.
 NO_REFERENT = -1
-_LR_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_LR_PATTERN = re.compile(r"\b(leftmost|rightmost|left|right)\b", re.IGNORECASE)
-_TB_PAIRS = [("above", "below"), ("over", "under"), ("top", "bottom"), ("topmost", "bottommost"),
-             ("highest", "lowest"), ("upper", "lower")]
-_TB_SWAP = {**dict(_TB_PAIRS), **{b: a for a, b in _TB_PAIRS}}
-_TB_PATTERN = re.compile(r"\b(" + "|".join(sorted(_TB_SWAP, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+
+
+def _mirror(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], re.Pattern[str]]:
+    """Word pairs that a flip exchanges -> the swap table and the whole-word pattern finding them."""
+    table = {**dict(pairs), **{b: a for a, b in pairs}}
+    return table, re.compile(r"\b(" + "|".join(table) + r")\b", re.IGNORECASE)
+
+
+_LR_SWAP, _LR_PATTERN = _mirror([("left", "right"), ("leftmost", "rightmost")])
+_TB_SWAP, _TB_PATTERN = _mirror([("above", "below"), ("over", "under"), ("top", "bottom"), ("topmost", "bottommost"),
+                                 ("highest", "lowest"), ("upper", "lower")])
 
 
 class SampleLike(Protocol):
@@ -245,10 +250,10 @@ class ReirProcessor:
         img_idx: list[int] = []
         tgt_idx: list[int] = []
         for i, (sample, image) in enumerate(zip(samples, images)):
-            flip = hflip_prob > 0 and rng.random() < hflip_prob
+            hflip = hflip_prob > 0 and rng.random() < hflip_prob
             vflip = vflip_prob > 0 and rng.random() < vflip_prob
-            boxes = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4).copy()
-            if flip:
+            boxes = np.array(sample.boxes, dtype=np.float64).reshape(-1, 4)  # a copy: flips write into it
+            if hflip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 boxes[:, 0] = sample.width - boxes[:, 0] - boxes[:, 2]
             if vflip:
@@ -263,7 +268,7 @@ class ReirProcessor:
             )
             pil.append(image)
             for text, box_index in sample.refs:
-                text = swap_left_right(text) if flip else text
+                text = swap_left_right(text) if hflip else text
                 texts.append(swap_top_bottom(text) if vflip else text)
                 img_idx.append(i)
                 tgt_idx.append(int(box_index))

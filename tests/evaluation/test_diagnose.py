@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from reir.data.semantics import Expr, Obj, Relation, Scene, Thing
 
-ROOT = Path(__file__).resolve().parents[2]
+from .benchload import load_bench
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_diagnose", ROOT / "bench" / "diagnose.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_diagnose"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-diagnose = _load()
+diagnose = load_bench("diagnose")
 
 
 def _scene(*objects: Obj, background: str = "plain") -> Scene:

@@ -9,6 +9,8 @@ import pytest
 from reir.data.records import DiscoveryQuery, Match
 from reir.evaluation.discovery import Found, discovery_curve, discovery_scores, plot_curve, summarize
 
+from .benchload import load_bench
+
 BOX = (10.0, 10.0, 20.0, 20.0)
 SHIFTED = (25.0, 25.0, 20.0, 20.0)  # IoU with BOX = 25 / 775 < 0.5
 
@@ -72,7 +74,6 @@ def test_a_match_without_box_is_an_error() -> None:
 def test_bench_discovery_end_to_end_on_a_tiny_index(tmp_path: Path) -> None:
     """bench/discovery.py on a generated benchmark with discovery queries, a tiny model with
     a re-ranker and a real milvus-lite file: every query is answered, the PNG is written."""
-    import importlib.util
     import json
 
     import torch
@@ -93,11 +94,7 @@ def test_bench_discovery_end_to_end_on_a_tiny_index(tmp_path: Path) -> None:
     (ckpt / "calibration.json").write_text(json.dumps({"discover_threshold": 0.25}))
     write_index(encode_gallery(ckpt, load_samples(root, "test"), top_k=5, batch_size=4), tmp_path / "idx.db")
 
-    script = Path(__file__).parents[2] / "bench" / "discovery.py"
-    spec = importlib.util.spec_from_file_location("bench_discovery", script)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("discovery")
     args = bench.parse_args(["--data", str(root), "--model", str(ckpt), "--milvus", str(tmp_path / "idx.db"),
                              "--collection", COLLECTION, "--png", str(tmp_path / "curve.png")])
     result = bench.run(args)

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from reir.data.formats import ImageSample
 
-ROOT = Path(__file__).resolve().parents[2]
+from .benchload import load_bench
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_rerank", ROOT / "bench" / "rerank.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_rerank"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_bench("rerank")
 
 
 def _samples(n: int, refs_each: int) -> list[ImageSample]:

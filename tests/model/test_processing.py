@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,11 +60,17 @@ def test_postprocess_real_model(tiny: tuple[ReirModel, ReirProcessor]) -> None:
         assert 0 <= x and 0 <= y and x + w <= 30 + 1e-4 and y + h <= 60 + 1e-4
 
 
-def test_collate_and_hflip(tiny: tuple[ReirModel, ReirProcessor]) -> None:
-    _, proc = tiny
+def _scenes_with_ref(text: str) -> tuple[list[Any], list[Image.Image]]:
+    """Three generated scenes; ``text`` is the last expression of the first, about its box 0."""
     data = make_dataset(3, 3)
     samples, images = [s for _, s in data], [im for im, _ in data]
-    samples[0].refs.append(("the shape left of the rightmost one", 0))
+    samples[0].refs.append((text, 0))
+    return samples, images
+
+
+def test_collate_and_hflip(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    _, proc = tiny
+    samples, images = _scenes_with_ref("the shape left of the rightmost one")
     batch = proc.collate(samples, images)
     n_refs = sum(len(s.refs) for s in samples)
     assert batch.pixel_values.shape == (3, 3, 64, 64)
@@ -83,9 +90,7 @@ def test_collate_and_hflip(tiny: tuple[ReirModel, ReirProcessor]) -> None:
 
 def test_vflip_mirrors_boxes_pixels_and_vertical_words(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     _, proc = tiny
-    data = make_dataset(3, 3)
-    samples, images = [s for _, s in data], [im for im, _ in data]
-    samples[0].refs.append(("the circle above the lowest one, left of the star", 0))
+    samples, images = _scenes_with_ref("the circle above the lowest one, left of the star")
     batch = proc.collate(samples, images)
     flipped = proc.collate(samples, images, vflip_prob=1.0, rng=random.Random(0))
     fb, b = flipped.targets[0]["boxes"], batch.targets[0]["boxes"]
