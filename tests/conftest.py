@@ -11,6 +11,27 @@ from PIL import Image
 
 from tests.platform.fakes import COLORS, quadrant_image, save_fake_checkpoint
 
+RAY_GROUP = "ray"
+# Tests that start Ray of their own, without the ``ray_session`` fixture.
+OWN_RAY_TESTS = {"tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Work units for ``pytest -n 2 --dist loadgroup`` (``make test``): one unit per module, so a
+    module's fixtures (the behaviour test's trained checkpoint) are built once, and one unit,
+    run in order on one worker, for every module that uses Ray (and with it Serve or the Milvus
+    standalone server) and every test that starts a Ray instance of its own. Those share one
+    Ray instance and Serve's proxy, and a Ray started beside them would be a second instance on
+    the machine; the other worker runs the rest beside them. Without xdist the marks do nothing."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    for module, members in modules.items():
+        uses_ray = any("ray_session" in item.fixturenames for item in members)
+        for item in members:
+            ray_test = uses_ray or item.nodeid in OWN_RAY_TESTS
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP if ray_test else module))
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
