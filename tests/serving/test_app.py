@@ -141,35 +141,50 @@ def test_reir_search_cli_against_the_service(fake_app: FakeApp) -> None:
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def _scrape(port: int, names: list[str], min_total: float, timeout_s: float = 60.0) -> dict[str, list[str]]:
-    """Poll Ray's metrics port until every family in ``names`` has samples (Ray exports every ~10 s)."""
+def _metric_lines(port: int) -> list[str]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+def _search_requests(lines: list[str]) -> dict[str, float]:
+    """``/v1/search`` requests counted so far, by status."""
+    counts: dict[str, float] = {}
+    for line in lines:
+        if line.startswith("ray_reir_query_requests_total") and 'route="/v1/search"' in line:
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = counts.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def _scrape(port: int, names: list[str], expected: dict[str, float], timeout_s: float = 60.0) -> dict[str, list[str]]:
+    """Poll Ray's metrics port until every family in ``names`` has samples and the ``/v1/search``
+    request counts reach ``expected`` (by status). Ray exports every ~10 s, each process on its
+    own, so one count can arrive a flush before another."""
     deadline = time.monotonic() + timeout_s
     while True:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        lines = [line for line in text.splitlines() if not line.startswith("#")]
+        lines = _metric_lines(port)
         found = {n: [line for line in lines if line.startswith(n)] for n in names}
-        total = sum(
-            float(line.rsplit(" ", 1)[1]) for line in found[names[0]] if 'route="/v1/search"' in line
-        ) if found[names[0]] else 0.0  # fmt: skip
-        if all(found.values()) and total >= min_total:
+        counts = _search_requests(lines)
+        if all(found.values()) and all(counts.get(s, 0.0) >= n for s, n in expected.items()):
             return found
         if time.monotonic() > deadline:
             missing = [n for n, v in found.items() if not v]
-            raise AssertionError(f"metrics missing {missing} or requests {total} < {min_total}")
+            raise AssertionError(f"metrics missing {missing} or search requests {counts} < {expected}")
         time.sleep(2)
 
 
 def test_metrics_are_exported_on_rays_metrics_port(fake_app: FakeApp) -> None:
     url, auth = fake_app.url, fake_app.search_headers
+    port = ray.nodes()[0]["MetricsExportPort"]
+    before = _search_requests(_metric_lines(port))  # earlier tests of the module searched too
     for i in range(5):
         assert requests.post(f"{url}/v1/search", json={"query": f"red {i}"}, headers=auth, timeout=60).status_code == 200
     assert requests.post(f"{url}/v1/search", json={"query": "red", "top_k": 0}, headers=auth, timeout=60).status_code == 422
-    port = ray.nodes()[0]["MetricsExportPort"]
     found = _scrape(port, [
         "ray_reir_query_requests_total", "ray_reir_query_latency_seconds_bucket",
         "ray_reir_query_stage_latency_seconds_bucket", "ray_reir_query_candidates_bucket",
         "ray_reir_query_encode_batch_size_bucket", "ray_reir_query_search_latency_seconds_count",
-    ], min_total=6)  # fmt: skip
+    ], expected={"200": before.get("200", 0.0) + 5, "422": before.get("422", 0.0) + 1})  # fmt: skip
     requests_lines = found["ray_reir_query_requests_total"]
     assert any('status="200"' in line for line in requests_lines)
     assert any('status="422"' in line and 'route="/v1/search"' in line for line in requests_lines)
