@@ -33,6 +33,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(RAY_GROUP if ray_test else module))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """An xdist worker lowers its priority for good at its first test outside the Ray unit: the
+    Ray unit is the longest path of the run and has waits with deadlines (autoscaling, metrics
+    flushes), so the other worker's training tests take the cores it leaves."""
+    group = item.get_closest_marker("xdist_group")
+    if os.environ.get("PYTEST_XDIST_WORKER") and group and group.args[0] != RAY_GROUP and os.nice(0) == 0:
+        os.nice(10)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """A local Ray with more logical CPUs than cores: Ray Data stages and Serve
