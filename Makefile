@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not e2e and not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not e2e and not slow"
 
 demo: install
 	$(VENV)/bin/reir demo --out demo_out

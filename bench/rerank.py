@@ -32,6 +32,8 @@ from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from reir.training.config import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="synthetic benchmark directory (reircoco.json)")
     p.add_argument("--model", type=Path, required=True, help="a stage-2 checkpoint")
@@ -62,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "test figures fall short of the seen images'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    # The demo's re-ranker recipe (reir/demo.py), which leaves the clip at the trainer's default.
+    p.add_argument("--grad-clip", type=float, default=TrainConfig.model_fields["grad_clip"].default,
+                   help="gradient norm clip (0: none; default: the trainer's, as in the demo)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
@@ -150,13 +157,13 @@ def train_variant(
     reranker = model.add_reranker(hidden_size=args.hidden_size)
     reranker.train()
     lr, batch = fields["lr"], int(fields["batch"])
-    optimizer = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=args.weight_decay)
     negatives = mine_hard_negatives(rs, args.negatives)
     pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(args.seed)
     step, started = 0, time.monotonic()
     while (progress := step / args.steps if args.steps else (time.monotonic() - started) / args.seconds) < 1.0:
         for group in optimizer.param_groups:  # the trainer's schedule, by elapsed time (or step)
-            group["lr"] = lr * lr_factor(progress, step, warmup_steps=20)
+            group["lr"] = lr * lr_factor(progress, step, warmup_steps=args.warmup_steps)
         if fields["group"]:
             idx = sample_texts(rs, pool, batch, gen)
         else:
@@ -164,6 +171,8 @@ def train_variant(
         loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias)["loss"]
         optimizer.zero_grad()
         loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(reranker.parameters(), args.grad_clip)
         optimizer.step()
         step += 1
     reranker.eval()
@@ -203,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "train_texts": train.num_texts,
                               "test_queries": test.num_texts, "seconds_per_variant": None if args.steps else args.seconds,
                               "steps_per_variant": args.steps or None,
-                              "threads": torch.get_num_threads(), "variants": {}}  # fmt: skip
+                              "threads": torch.get_num_threads(), "grad_clip": args.grad_clip,
+                              "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+                              "variants": {}}  # fmt: skip
     for name, fields in variants:
         reranker, stats = train_variant(model, train, fields, args, scale, bias)
         metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)

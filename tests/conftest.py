@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,35 +12,66 @@ from PIL import Image
 
 from tests.platform.fakes import COLORS, quadrant_image, save_fake_checkpoint
 
-RAY_GROUP = "ray"
-# Tests that start Ray of their own, without the ``ray_session`` fixture.
+RAY_UNIT = "ray"
+# Modules that use the session's Ray instance (``ray_session``), and with it Serve or the Milvus
+# standalone server, and tests that start a Ray of their own. ``make test`` runs them as one work
+# unit, in order, on one xdist worker; collection fails when a module that uses ``ray_session``
+# is missing here.
+RAY_MODULES = {
+    "tests/ingestion/test_faults.py", "tests/ingestion/test_live_reindex.py", "tests/ingestion/test_milvus_standalone.py",
+    "tests/ingestion/test_pipeline.py", "tests/ingestion/test_reindex.py", "tests/ops/test_live_metrics.py",
+    "tests/platform/test_milvus_server.py", "tests/serving/test_app.py", "tests/serving/test_autoscale.py",
+    "tests/serving/test_fuzz.py", "tests/serving/test_localize.py", "tests/serving/test_page.py", "tests/test_e2e.py",
+    "tests/training/test_batching.py", "tests/training/test_mixing.py", "tests/training/test_operations.py",
+    "tests/training/test_weak_stage.py",
+}  # fmt: skip
 OWN_RAY_TESTS = {"tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance"}
+_ran_ray_unit = False
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: the Ray unit, or its module (whose fixtures, such as the
+    behaviour test's trained checkpoint, are then built once)."""
+    module = nodeid.split("::")[0]
+    return RAY_UNIT if module in RAY_MODULES or nodeid in OWN_RAY_TESTS else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``make test`` runs on two workers (``-n 2``): one takes the Ray unit, the longest path of
+    the run; the other the remaining modules beside it. (xdist's own ``loadgroup`` reads marks
+    into node ids that pytest 9 no longer takes.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return RayUnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Work units for ``pytest -n 2 --dist loadgroup`` (``make test``): one unit per module, so a
-    module's fixtures (the behaviour test's trained checkpoint) are built once, and one unit,
-    run in order on one worker, for every module that uses Ray (and with it Serve or the Milvus
-    standalone server) and every test that starts a Ray instance of its own. Those share one
-    Ray instance and Serve's proxy, and a Ray started beside them would be a second instance on
-    the machine; the other worker runs the rest beside them. Without xdist the marks do nothing."""
-    modules: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    for module, members in modules.items():
-        uses_ray = any("ray_session" in item.fixturenames for item in members)
-        for item in members:
-            ray_test = uses_ray or item.nodeid in OWN_RAY_TESTS
-            item.add_marker(pytest.mark.xdist_group(RAY_GROUP if ray_test else module))
+    missing = sorted({work_unit(i.nodeid) for i in items if "ray_session" in i.fixturenames} - {RAY_UNIT})
+    if missing:
+        raise pytest.UsageError(f"{', '.join(missing)} use ray_session: add them to RAY_MODULES in tests/conftest.py")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """An xdist worker lowers its priority for good at its first test outside the Ray unit: the
     Ray unit is the longest path of the run and has waits with deadlines (autoscaling, metrics
     flushes), so the other worker's training tests take the cores it leaves."""
-    group = item.get_closest_marker("xdist_group")
-    if os.environ.get("PYTEST_XDIST_WORKER") and group and group.args[0] != RAY_GROUP and os.nice(0) == 0:
+    global _ran_ray_unit
+    if work_unit(item.nodeid) == RAY_UNIT:
+        _ran_ray_unit = True
+    elif os.environ.get("PYTEST_XDIST_WORKER") and os.nice(0) == 0:
         os.nice(10)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """A test outside the Ray unit must not start Ray: it would be a second instance beside the
+    Ray unit's, on the other worker."""
+    ray = sys.modules.get("ray")
+    if not _ran_ray_unit and work_unit(item.nodeid) != RAY_UNIT and ray is not None and ray.is_initialized():
+        raise pytest.UsageError(f"{item.nodeid} started Ray outside the Ray unit: add it to RAY_MODULES in tests/conftest.py")
 
 
 @pytest.fixture(scope="session")
