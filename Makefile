@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# two xdist workers: the Ray tests on one, the rest beside them (tests/conftest.py)
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 2
+
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -n 2
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not e2e and not slow"
+	$(PYTEST) -m "not e2e and not slow"
 
 demo: install
 	$(VENV)/bin/reir demo --out demo_out

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reir.demo import RERANK_RECIPE as DEMO
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from reir.training.config import TrainConfig
@@ -46,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="NAME:batch=B,lr=LR,group=0|1 (repeatable; default: the demo's recipe)",
     )
-    p.add_argument("--negatives", type=int, default=15)
-    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--negatives", type=int, default=DEMO["rerank_negatives"])
+    p.add_argument("--hidden-size", type=int, default=DEMO["model_overrides"]["rerank"]["hidden_size"])
     p.add_argument(
         "--candidates",
         type=lambda v: [int(x) for x in v.split(",")],
@@ -64,18 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "test figures fall short of the seen images'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    # The demo's re-ranker recipe (reir/demo.py), which leaves the clip at the trainer's default.
+    # The demo's re-ranker recipe, which leaves the clip at the trainer's default.
     p.add_argument("--grad-clip", type=float, default=TrainConfig.model_fields["grad_clip"].default,
                    help="gradient norm clip (0: none; default: the trainer's, as in the demo)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=DEMO["weight_decay"])
+    p.add_argument("--warmup-steps", type=int, default=DEMO["warmup_steps"])
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     name, _, spec = text.partition(":")
-    fields = {"batch": 128.0, "lr": 4e-3, "group": 1.0}
+    fields = {"batch": float(DEMO["batch_size"]), "lr": DEMO["lr"], "group": 1.0}  # the demo's recipe
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in fields:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = [parse_variant(v) for v in (args.variant or ["demo:batch=128,lr=4e-3,group=1"])]
+    variants = [parse_variant(v) for v in (args.variant or ["demo"])]
     model, processor = create_model(str(args.model))
     model.eval()
     for p in model.parameters():

@@ -15,6 +15,10 @@ from typing import Any
 
 from rich.console import Console
 
+# The demo's re-ranker recipe: batches of 128 expressions from one negative group (shared hard
+# negatives), lr 4e-3. bench/rerank.py trains its default variant with the same.
+RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 20, "weight_decay": 0.01,
+                                 "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128}}}
 # Everything but training (data, ingestion, HTTP queries, evaluation): `make demo` = 14 + 6 min.
 DEMO_OVERHEAD_S = 6 * 60
 
@@ -134,11 +138,9 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
                                       time_budget_s=stage2_s, lr=3e-4,
                                       lookalike_partners=cfg.lookalike_partners, **common))
     clock.begin(f"train the re-ranker on the frozen stage-2 model, {budget * cfg.rerank_share / 60:.1f} min")
-    rerank_common = {**common, "batch_size": 128}  # one negative group per batch: shared hard negatives
-    return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank", warmup_steps=20,
-                                    time_budget_s=budget * cfg.rerank_share, lr=4e-3, weight_decay=0.01,
-                                    rerank_negatives=15, model_overrides={"rerank": {"hidden_size": 128}},
-                                    **rerank_common)))  # a local output_dir: a Path
+    return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank",
+                                         time_budget_s=budget * cfg.rerank_share,
+                                         **{**common, **RERANK_RECIPE})))  # a local output_dir: a Path
 
 
 def _ingest(model_dir: Path, data: Path, milvus_uri: str) -> Any:
