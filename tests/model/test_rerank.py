@@ -1,4 +1,4 @@
-"""The relation-aware re-ranker: shapes, masking, the untrained identity, save/load."""
+"""The relation-aware re-ranker: shapes, masking, its non-negative relation weight, save/load."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from reir.model import create_model
 from reir.model.configuration import RerankSpec
-from reir.model.rerank import RelationReranker, relative_geometry
+from reir.model.rerank import SCALE_INIT, RelationReranker, relative_geometry
 
 
 def _inputs(n: int = 3, m: int = 4, t: int = 2, length: int = 5, dim: int = 16) -> tuple[torch.Tensor, ...]:
@@ -36,20 +36,43 @@ def test_relative_geometry_is_antisymmetric_in_offsets_and_log_ratios() -> None:
     assert torch.allclose(g[0, 0, 0], torch.zeros(5))
 
 
-def test_untrained_reranker_keeps_the_dual_encoder_logits_and_masks_padding() -> None:
+def test_relation_weight_is_non_negative_and_scales_the_relation_term_and_masks_padding() -> None:
     states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    torch.manual_seed(0)
     rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    assert float(rr.scale.detach()) == pytest.approx(SCALE_INIT, rel=1e-5)
     out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     assert out.shape == base.shape
     assert torch.isneginf(out[2, 3])
+    delta = out[inst_mask] - base[inst_mask]
+    assert float(delta.abs().max()) > 1e-3
+    rr.set_scale(2 * SCALE_INIT)
+    doubled = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+    assert torch.allclose(doubled[inst_mask] - base[inst_mask], 2 * delta, atol=1e-5)
+    # however far an optimizer pushes its parameter down, the weight stays >= 0
+    with torch.no_grad():
+        rr.scale_raw.fill_(-50.0)
+    assert 0.0 <= float(rr.scale.detach()) < 1e-20
+    out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     assert torch.allclose(out[inst_mask], base[inst_mask])
+
+
+def test_earlier_free_relation_factor_loads_when_positive_and_is_refused_when_not() -> None:
+    spec = RerankSpec(hidden_size=16, num_relations=4)
+    rr = RelationReranker(spec, text_hidden=8, embed_dim=16)
+    old = {k: v for k, v in rr.state_dict().items() if k != "scale_raw"}
+    fresh = RelationReranker(spec, text_hidden=8, embed_dim=16)
+    fresh.load_state_dict({**old, "scale": torch.tensor([0.8])})
+    assert float(fresh.scale.detach()) == pytest.approx(0.8, rel=1e-5)
+    with pytest.raises(ValueError, match="relation weight of -0.2"):
+        fresh.load_state_dict({**old, "scale": torch.tensor([-0.2])})
 
 
 def test_trained_reranker_depends_on_the_other_instances_of_the_image() -> None:
     states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
     torch.manual_seed(0)
     rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
-    torch.nn.init.constant_(rr.scale, 1.0)  # as after training: the relation term is switched on
+    rr.set_scale(1.0)  # as after training: the relation term is switched on
     out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     moved = boxes.clone()
     moved[0, 1, 0] = 0.95  # move a neighbour of instance 0 in image 0 to the far right
@@ -76,7 +99,7 @@ def test_model_rerank_logits_without_and_with_reranker(tmp_path: Path) -> None:
 
     model.add_reranker(hidden_size=16, num_relations=4)
     assert model.reranker is not None
-    torch.nn.init.constant_(model.reranker.scale, 1.0)
+    model.reranker.set_scale(1.0)
     with torch.no_grad():
         reranked = model.rerank_logits(enc["input_ids"], enc["attention_mask"], emb, boxes, obj, inst_mask, rows)
     model.save_pretrained(tmp_path)
@@ -103,7 +126,7 @@ def test_rows_sharing_images_score_as_if_each_row_had_its_own_copy() -> None:
     grouped = torch.arange(t).repeat_interleave(c)
     torch.manual_seed(0)
     rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
-    torch.nn.init.constant_(rr.scale, 0.7)
+    rr.set_scale(0.7)
 
     def run(text_rows: torch.Tensor, shared: bool, order: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         rr.zero_grad()
