@@ -34,6 +34,7 @@ from reir.demo import RERANK_RECIPE as DEMO
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from reir.model.configuration import RerankSpec
     from reir.training.config import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--negatives", type=int, default=DEMO["rerank_negatives"])
     p.add_argument("--hidden-size", type=int, default=DEMO["model_overrides"]["rerank"]["hidden_size"])
+    p.add_argument("--input-dropout", type=float, default=RerankSpec.input_dropout,
+                   help="dropout on the stored instance vectors while training (RerankSpec's default)")
     p.add_argument(
         "--candidates",
         type=lambda v: [int(x) for x in v.split(",")],
@@ -65,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the stage-2 model and the re-ranker trained on): the keys train_* measure how far the "
                    "test figures fall short of the seen images'")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                   help="re-ranker seed, or a comma list: every variant is trained once per seed on the same "
+                   "features (keys NAME@seedN) and the spread of BR@1 is reported")
     # The demo's re-ranker recipe, which leaves the clip at the trainer's default.
     p.add_argument("--grad-clip", type=float, default=TrainConfig.model_fields["grad_clip"].default,
                    help="gradient norm clip (0: none; default: the trainer's, as in the demo)")
@@ -148,20 +153,20 @@ def evaluate(
 
 
 def train_variant(
-    model: Any, rs: Any, fields: dict[str, float], args: argparse.Namespace, scale: float, bias: float
+    model: Any, rs: Any, fields: dict[str, float], args: argparse.Namespace, scale: float, bias: float, seed: int
 ) -> tuple[Any, dict[str, float]]:
     import torch
 
     from reir.training.rerank import mine_hard_negatives, rerank_loss, sample_texts
     from reir.training.trainer import lr_factor
 
-    torch.manual_seed(args.seed)
-    reranker = model.add_reranker(hidden_size=args.hidden_size)
+    torch.manual_seed(seed)
+    reranker = model.add_reranker(hidden_size=args.hidden_size, input_dropout=args.input_dropout)
     reranker.train()
     lr, batch = fields["lr"], int(fields["batch"])
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=args.weight_decay)
     negatives = mine_hard_negatives(rs, args.negatives)
-    pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(args.seed)
+    pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(seed)
     step, started = 0, time.monotonic()
     while (progress := step / args.steps if args.steps else (time.monotonic() - started) / args.seconds) < 1.0:
         for group in optimizer.param_groups:  # the trainer's schedule, by elapsed time (or step)
@@ -209,23 +214,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test, gt = gallery_features(model, processor, load_samples(args.data, "test"))
     seen = None
     if args.train_gallery:
-        seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed))
+        seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed[0]))
     result: dict[str, Any] = {"weak": args.weak, "features_seconds": round(time.monotonic() - started, 1),
                               "train_texts": train.num_texts,
                               "test_queries": test.num_texts, "seconds_per_variant": None if args.steps else args.seconds,
                               "steps_per_variant": args.steps or None,
                               "threads": torch.get_num_threads(), "grad_clip": args.grad_clip,
                               "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+                              "input_dropout": args.input_dropout,
                               "variants": {}}  # fmt: skip
     for name, fields in variants:
-        reranker, stats = train_variant(model, train, fields, args, scale, bias)
-        metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
-        if seen is not None:
-            seen_metrics = evaluate(reranker, *seen, scale, bias, args.candidates[:1])
-            metrics.update({f"train_{k}": v for k, v in seen_metrics.items()})
-        result["variants"][name] = {**fields, **stats, "candidates": args.candidates,
-                                    **{k: round(v, 4) for k, v in metrics.items()}}  # fmt: skip
-        print(json.dumps({name: result["variants"][name]}), file=sys.stderr, flush=True)
+        for seed in args.seed:
+            key = name if len(args.seed) == 1 else f"{name}@seed{seed}"
+            reranker, stats = train_variant(model, train, fields, args, scale, bias, seed)
+            metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
+            if seen is not None:
+                seen_metrics = evaluate(reranker, *seen, scale, bias, args.candidates[:1])
+                metrics.update({f"train_{k}": v for k, v in seen_metrics.items()})
+            result["variants"][key] = {**fields, **stats, "seed": seed, "candidates": args.candidates,
+                                       **{k: round(v, 4) for k, v in metrics.items()}}  # fmt: skip
+            print(json.dumps({key: result["variants"][key]}), file=sys.stderr, flush=True)
+        if len(args.seed) > 1:
+            top1 = [result["variants"][f"{name}@seed{seed}"]["BR@1@0.5"] for seed in args.seed]
+            result.setdefault("seed_spread", {})[name] = {
+                "BR@1@0.5_mean": round(sum(top1) / len(top1), 4), "BR@1@0.5_min": min(top1), "BR@1@0.5_max": max(top1)}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

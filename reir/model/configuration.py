@@ -68,6 +68,9 @@ class RerankSpec:
     hidden_size: int = 0
     num_relations: int = 8  # learned geometric relations (soft "left of", "bigger than", ...)
     geometry_hidden: int = 32
+    # dropout on the stored instance vectors while training: the re-ranker trains on vectors
+    # of images the stage-2 model fit, and scores vectors of images it never saw
+    input_dropout: float = 0.4
 
 
 @dataclass

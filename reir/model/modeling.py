@@ -264,12 +264,12 @@ class ReirModel(nn.Module):
         return RelationReranker(spec, int(self.text.model.config.hidden_size), self.config.embed_dim)
 
     def add_reranker(self, **spec: Any) -> RelationReranker:
-        """Attach a fresh (untrained: it keeps the dual encoder's order) re-ranker; returns it."""
+        """Attach a fresh (untrained) re-ranker, in this model's train / eval mode; returns it."""
         rerank_spec = RerankSpec(**{**self.config.rerank, **spec})
         if rerank_spec.hidden_size <= 0:  # the config says "none": give the new one a width
             rerank_spec = replace(rerank_spec, hidden_size=128)
         self.config.rerank = asdict(rerank_spec)
-        self.reranker = self._build_reranker(rerank_spec).to(self.device)
+        self.reranker = self._build_reranker(rerank_spec).to(self.device).train(self.training)
         return self.reranker
 
     def _record_tower_configs(self) -> None:

@@ -110,6 +110,7 @@ class RelationReranker(nn.Module):
         self.gate = nn.Linear(text_hidden, r)  # does the expression name relation r?
         # Landmark probabilities start low: a soft count of ~0 until text and instances agree.
         self.match_bias = nn.Parameter(torch.full((r,), -2.0))
+        self.input_dropout = nn.Dropout(spec.input_dropout)  # training only (RerankSpec)
         self.inst = nn.Sequential(nn.Linear(embed_dim + 1, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h))
         self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, r)
         # The relation term is weighted by s = softplus(scale_raw) >= 0. The earlier form, a
@@ -192,7 +193,7 @@ class RelationReranker(nn.Module):
             text_rows = torch.arange(n, device=device)
         ok = inst_mask.bool()
         slots, gate = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R]
-        v = self.inst(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1))  # [U, M, h]
+        v = self.inst(self.input_dropout(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1)))
         w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
         pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=device)[None]
         w = w * pair_ok[..., None].to(w.dtype)

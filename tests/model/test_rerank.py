@@ -39,7 +39,7 @@ def test_relative_geometry_is_antisymmetric_in_offsets_and_log_ratios() -> None:
 def test_relation_weight_is_non_negative_and_scales_the_relation_term_and_masks_padding() -> None:
     states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.0), text_hidden=8, embed_dim=16)
     assert float(rr.scale.detach()) == pytest.approx(SCALE_INIT, rel=1e-5)
     out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     assert out.shape == base.shape
@@ -57,8 +57,19 @@ def test_relation_weight_is_non_negative_and_scales_the_relation_term_and_masks_
     assert torch.allclose(out[inst_mask], base[inst_mask])
 
 
+def test_input_dropout_acts_while_training_only() -> None:
+    states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.5), text_hidden=8, embed_dim=16)
+    rr.set_scale(1.0)
+    a, b = (rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows) for _ in range(2))
+    assert not torch.allclose(a[inst_mask], b[inst_mask])
+    rr.eval()
+    a, b = (rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows) for _ in range(2))
+    assert torch.equal(a, b)
+
+
 def test_earlier_free_relation_factor_loads_when_positive_and_is_refused_when_not() -> None:
-    spec = RerankSpec(hidden_size=16, num_relations=4)
+    spec = RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.0)
     rr = RelationReranker(spec, text_hidden=8, embed_dim=16)
     old = {k: v for k, v in rr.state_dict().items() if k != "scale_raw"}
     fresh = RelationReranker(spec, text_hidden=8, embed_dim=16)
@@ -71,7 +82,7 @@ def test_earlier_free_relation_factor_loads_when_positive_and_is_refused_when_no
 def test_trained_reranker_depends_on_the_other_instances_of_the_image() -> None:
     states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.0), text_hidden=8, embed_dim=16)
     rr.set_scale(1.0)  # as after training: the relation term is switched on
     out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
     moved = boxes.clone()
@@ -125,7 +136,7 @@ def test_rows_sharing_images_score_as_if_each_row_had_its_own_copy() -> None:
     base = torch.randn(t * c, m, generator=g)
     grouped = torch.arange(t).repeat_interleave(c)
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.0), text_hidden=8, embed_dim=16)
     rr.set_scale(0.7)
 
     def run(text_rows: torch.Tensor, shared: bool, order: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -182,7 +193,7 @@ def test_reranker_learns_that_half_landmarks_do_not_make_a_whole_one() -> None:
     slot 0; untrained, the re-ranker scores every instance alike."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=4, geometry_hidden=16), text_hidden=14, embed_dim=8)
+    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=4, geometry_hidden=16, input_dropout=0.0), text_hidden=14, embed_dim=8)
     opt = torch.optim.Adam(rr.parameters(), lr=1e-2)
 
     def logits(n: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ def _own_image_accuracy(rr: RelationReranker, rs: RerankSet) -> float:
 def test_reranker_learns_a_spatial_relation_the_dual_encoder_ties_on() -> None:
     torch.manual_seed(0)
     train, held_out = _relation_world(256, seed=1), _relation_world(128, seed=2)
-    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=4), text_hidden=8, embed_dim=16)
+    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=4, input_dropout=0.0), text_hidden=8, embed_dim=16)
     assert _own_image_accuracy(rr, held_out) <= 0.7  # ties: the dual encoder guesses between two
     negatives = mine_hard_negatives(train, 3)
     opt = torch.optim.AdamW(rr.parameters(), lr=3e-3)
@@ -113,7 +113,7 @@ def test_weak_reranker_learns_to_localize_from_images_alone() -> None:
     rank = colour_match.float() + torch.rand(holds.shape, generator=torch.Generator().manual_seed(3))
     negatives = rank.masked_fill(holds, -1.0).topk(3, dim=1).indices
     assert not bool(holds.gather(1, negatives).any())
-    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=2), text_hidden=8, embed_dim=8)
+    rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=2, input_dropout=0.0), text_hidden=8, embed_dim=8)
     before = _own_image_accuracy(rr, held_out)
     assert before <= 0.65  # the colour ties the referent with its half match
     opt = torch.optim.AdamW(rr.parameters(), lr=3e-3)
