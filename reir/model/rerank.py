@@ -118,7 +118,8 @@ class RelationReranker(nn.Module):
         # of the first gradient and took the sign of the random terms' first correlation with
         # the target: negative on half the seeds, which inverts the existential term (a
         # candidate with its landmark below one without) and ended 25 points of BR@1 lower.
-        # Starting at 0.3 the other weights learn from the first step (README, "Re-ranker").
+        # Starting at 0.3 the other weights learn from the first step (README, Benchmarks: "The
+        # re-ranker's relation weight").
         self.scale_raw = nn.Parameter(torch.full((1,), _inverse_softplus(SCALE_INIT)))
 
     @property
