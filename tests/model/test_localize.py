@@ -168,9 +168,14 @@ def test_instance_localizer_prior_and_reranker(tiny: tuple[ReirModel, ReirProces
     strict = InstanceLocalizer(model, processor, top_k=5, min_prior_iou=0.5)
     assert strict([image], "the red square", [(0.0, 0.0, 1.0, 1.0)]) == [None]
     assert strict([image], "the red square", [plain.box_xywh]) == [plain]
-    # a freshly attached re-ranker keeps the dual encoder's logits: the same answer
-    model.add_reranker()
+    # a re-ranker whose relation weight is ~0 keeps the dual encoder's logits: the same answer
+    model.add_reranker().set_scale(1e-9)
     reranked = InstanceLocalizer(model, processor, top_k=5)([image], "the red square", None)[0]
     assert reranked is not None and reranked.box_xywh == plain.box_xywh
     assert reranked.score == pytest.approx(plain.score, rel=1e-4)
     assert iou_xywh(reranked.box_xywh, plain.box_xywh) == 1.0
+    # and the localizer scores with it: a weight of 3 moves the score
+    assert model.reranker is not None
+    model.reranker.set_scale(3.0)
+    moved = InstanceLocalizer(model, processor, top_k=5)([image], "the red square", None)[0]
+    assert moved is not None and moved.score != pytest.approx(plain.score, rel=1e-3)
