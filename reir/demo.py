@@ -29,7 +29,8 @@ class DemoConfig:
     num_images: int = 2000
     train_minutes: float = 14.0
     # 2.5 min stage 1, 8 min stage 2, 3.5 min re-ranker (batches of 128 from one negative
-    # group, lr 4e-3): 47.7% BR@1 in 19.0 min with the re-ranker's existential relation
+    # group, lr 4e-3): 55.8% BR@1 in 18.3 min (2026-11-24, non-negative relation weight and
+    # input dropout; 47.7% on 2026-11-22 before them) with the re-ranker's existential relation
     # term, 33.3% before it. With 32 random expressions at lr 1e-3 the same
     # split gave 24.3%; 3 / 5 / 3.6 min gave 16.5% and 2.5 / 6.5 / 5.5 min 23.2% (the re-ranker
     # only reorders what the embeddings tell apart, so stage 2 keeps the largest share).
