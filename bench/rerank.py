@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "input_dropout": args.input_dropout,
                               "variants": {}}  # fmt: skip
     for name, fields in variants:
+        top1 = []
         for seed in args.seed:
             key = name if len(args.seed) == 1 else f"{name}@seed{seed}"
             reranker, stats = train_variant(model, train, fields, args, scale, bias, seed)
@@ -233,9 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 metrics.update({f"train_{k}": v for k, v in seen_metrics.items()})
             result["variants"][key] = {**fields, **stats, "seed": seed, "candidates": args.candidates,
                                        **{k: round(v, 4) for k, v in metrics.items()}}  # fmt: skip
+            top1.append(result["variants"][key]["BR@1@0.5"])
             print(json.dumps({key: result["variants"][key]}), file=sys.stderr, flush=True)
-        if len(args.seed) > 1:
-            top1 = [result["variants"][f"{name}@seed{seed}"]["BR@1@0.5"] for seed in args.seed]
+        if len(top1) > 1:
             result.setdefault("seed_spread", {})[name] = {
                 "BR@1@0.5_mean": round(sum(top1) / len(top1), 4), "BR@1@0.5_min": min(top1), "BR@1@0.5_max": max(top1)}
     print(json.dumps(result, indent=2))
