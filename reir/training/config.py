@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
+    rerank_calibration_every: int = Field(
+        10, ge=0, description="stages rerank, weak-rerank: the expressions of every N-th image are held out of "
+        "training to calibrate the presence threshold; 0: none held out, calibrated on training expressions")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
@@ -143,6 +146,9 @@ class TrainConfig(BaseModel):
                              f"stage {self.stage} is short and reports one checkpoint at the end")
         if self.eval_every and not self.data_root:
             raise ValueError("eval_every evaluates on data_root's test split: set data_root too")
+        if self.rerank_calibration_every == 1:
+            raise ValueError("rerank_calibration_every 1 would hold every expression out of training: "
+                             "use 0 (none held out) or 2 and more")
         return self
 
 

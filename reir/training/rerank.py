@@ -246,6 +246,18 @@ def rank_pool(
     return top, ann, sorted(ranked, key=lambda r: -r[1])
 
 
+def calibration_split(text_image: torch.Tensor, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held)`` expression indices: the expressions of every ``every``-th image are
+    held out of training to calibrate the presence threshold (whole images, so no wording of a
+    held-out referent is trained on). ``every`` 0, or fewer than ``2 * every`` expressions:
+    nothing is held out."""
+    if every == 1:
+        raise ValueError("every 1 would hold every expression out of training")
+    n = int(text_image.numel())
+    held = (text_image % every == every - 1) if every and n >= 2 * every else torch.zeros(n, dtype=torch.bool)
+    return torch.nonzero(~held).squeeze(1), torch.nonzero(held).squeeze(1)
+
+
 def sample_texts(rs: RerankSet, pool: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """``batch_size`` expressions of ``pool``, all from one negative group (drawn in
     proportion to its share of ``pool``): their hard negatives come from the same images,

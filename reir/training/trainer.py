@@ -297,6 +297,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     from reir.training.rerank import (
         build_rerank_set,
         calibrate_presence,
+        calibration_split,
         mine_hard_negatives,
         rerank_loss,
         sample_texts,
@@ -334,9 +335,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     engine, _, _, _ = deepspeed.initialize(model=reranker, optimizer=optimizer, config=ds_cfg)
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
-    # Every 10th image's expressions are held out: they calibrate the presence threshold.
-    held = (rs.text_image % 10 == 9) if rs.num_texts >= 20 else torch.zeros(rs.num_texts, dtype=torch.bool)
-    train_idx, held_idx = torch.nonzero(~held).squeeze(1), torch.nonzero(held).squeeze(1)
+    train_idx, held_idx = calibration_split(rs.text_image, cfg.rerank_calibration_every)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
     step, started, last = 0, time.monotonic(), {}
     while True:

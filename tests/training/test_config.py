@@ -29,6 +29,10 @@ def test_unknown_or_bad_fields_are_rejected() -> None:
     assert TrainConfig(data_root="d", zero_stage=3).zero_stage == 3  # full weights are gathered to save
     with pytest.raises(ValidationError, match="stage rerank"):
         TrainConfig(data_root="d", stage="rerank", resume=True)
+    with pytest.raises(ValidationError, match="rerank_calibration_every 1"):
+        TrainConfig(data_root="d", stage="rerank", rerank_calibration_every=1)
+    with pytest.raises(ValidationError):
+        TrainConfig(data_root="d", stage="rerank", rerank_calibration_every=-2)
 
 
 def test_lr_warms_up_then_decays() -> None:

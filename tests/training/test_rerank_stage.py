@@ -13,7 +13,14 @@ from PIL import Image
 from reir.data.formats import load_samples, negative_groups
 from reir.model.processing import NO_REFERENT
 from reir.model.rerank import RelationReranker, RerankSpec
-from reir.training.rerank import RerankSet, build_rerank_set, mine_hard_negatives, rerank_loss, sample_texts
+from reir.training.rerank import (
+    RerankSet,
+    build_rerank_set,
+    calibration_split,
+    mine_hard_negatives,
+    rerank_loss,
+    sample_texts,
+)
 
 
 def _relation_world(n: int, seed: int) -> RerankSet:
@@ -207,3 +214,17 @@ def test_negative_groups_follow_the_benchmark_scope(tmp_path: Path, scope: str |
     assert set(groups) == expected if expected is not None else groups == list(range(5))
     (tmp_path / "meta.json").write_text(json.dumps({"splits": {"train": {"chunk_size": 2, "matches_scope": "x"}}}))
     assert negative_groups(tmp_path, "train", list(reversed(ids))) == [2, 1, 1, 0, 0]
+
+
+def test_calibration_holds_out_whole_images() -> None:
+    text_image = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 7, 8, 9, 9, 10, 11, 11, 12, 13])  # 20 expressions
+    train, held = calibration_split(text_image, 4)
+    assert sorted(train.tolist() + held.tolist()) == list(range(20))  # a partition
+    assert set(text_image[held].tolist()) == {3, 7, 11}  # every 4th image, all of its expressions
+    assert not set(text_image[train].tolist()) & {3, 7, 11}
+    _, held20 = calibration_split(text_image, 20)
+    assert held20.numel() == 0  # too few expressions to hold any out
+    train0, held0 = calibration_split(text_image, 0)
+    assert held0.numel() == 0 and train0.tolist() == list(range(20))
+    with pytest.raises(ValueError, match="every 1"):
+        calibration_split(text_image, 1)
