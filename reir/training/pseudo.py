@@ -10,7 +10,8 @@ Stages 1 and 2 then train on the result as on any REIRCOCO file.
 
 Only the model's answers decide a label. The true referent of a training expression is
 read for one thing, the report's ``precision`` (the share of kept labels that are right,
-on data that has it), and never reaches the written file.
+on data that has it, overall and split by whether the referent's category is unique in its
+image), and never reaches the written file.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def pseudo_label(
     by_image: dict[str, list[RefEntry]] = {}
     for e in train:
         by_image.setdefault(e.image_id, []).append(e)
-    # (confidence, image id, sentence, picked annotation, right?) per train expression
-    answers: list[tuple[float, str, Any, Annotation, bool]] = []
+    # (confidence, image id, sentence, picked annotation, right?, referent's category shared?)
+    answers: list[tuple[float, str, Any, Annotation, bool, bool]] = []
     unmatched = 0
     for image_id, group in by_image.items():
         first = group[0]
@@ -92,6 +93,8 @@ def pseudo_label(
         if not insts:
             unmatched += len(sentences)
             continue
+        categories = [a.category_id for a in first.det_anno]
+        shared = {a.ann_id: categories.count(a.category_id) > 1 for a in first.det_anno}
         for (sentence, true_ann), row in zip(sentences, probs):
             best = int(row.argmax())
             ious = [iou_xywh(insts[best].box_xywh, a.bbox) for a in first.det_anno]
@@ -99,11 +102,12 @@ def pseudo_label(
                 unmatched += 1
                 continue
             ann = first.det_anno[int(np.argmax(ious))]
-            answers.append((float(row[best]), image_id, sentence, ann, ann.ann_id == true_ann))
+            answers.append((float(row[best]), image_id, sentence, ann, ann.ann_id == true_ann,
+                            shared.get(true_ann, False)))
     answers.sort(key=lambda a: -a[0])
     kept = answers[: math.ceil(keep * len(answers))] if answers else []
     grouped: dict[tuple[str, int], tuple[Annotation, list[Any]]] = {}
-    for _, image_id, sentence, ann, _ in kept:
+    for _, image_id, sentence, ann, _, _ in kept:
         grouped.setdefault((image_id, ann.ann_id), (ann, []))[1].append(sentence)
     new_train = [
         replace(by_image[image_id][0], ref_anno=ann,
@@ -131,6 +135,15 @@ def pseudo_label(
         "precision_kept": sum(a[4] for a in kept) / max(len(kept), 1),
         "precision_all": sum(a[4] for a in answers) / max(len(answers), 1),
         "min_confidence_kept": kept[-1][0] if kept else None,
+        # A confident answer is mostly one whose referent is the only object of its category in
+        # the image: keeping the confident ones selects the easy half, so both are reported.
+        "by_referent_category": {
+            name: {"answered": len(rows), "kept": len(kept_rows),
+                   "precision_all": sum(a[4] for a in rows) / max(len(rows), 1),
+                   "precision_kept": sum(a[4] for a in kept_rows) / max(len(kept_rows), 1)}
+            for name, flag in (("unique_in_image", False), ("shared_in_image", True))
+            for rows, kept_rows in [([a for a in answers if a[5] == flag], [a for a in kept if a[5] == flag])]
+        },
     }
     (out_root / "pseudo_labels.json").write_text(json.dumps(report, indent=2))
     return report

@@ -67,6 +67,18 @@ def test_labels_are_the_models_answers_snapped_to_annotated_boxes(bench: tuple[P
     samples = load_samples(out, "train")  # trains like any benchmark
     assert sum(len(s.refs) for s in samples) == len(labels)
     assert json.loads((out / "pseudo_labels.json").read_text())["kept"] == report["kept"]
+    # The precision split by whether the referent's category is unique in its image adds up.
+    split = report["by_referent_category"]
+    truth = {e.image_id: e for e in load_reircoco(data / "reircoco.json") if e.split == "train"}
+    shared = sum(
+        sum(a.category_id == ref.category_id for a in truth[iid].det_anno) > 1
+        for iid, ann_id in _train_labels(data).values()
+        for ref in [next(a for a in truth[iid].det_anno if a.ann_id == ann_id)]
+    )
+    assert split["shared_in_image"]["answered"] == shared
+    assert split["unique_in_image"]["answered"] + shared == report["answered"]
+    right = sum(split[k]["precision_all"] * split[k]["answered"] for k in split)
+    assert right == pytest.approx(report["precision_all"] * report["answered"])
 
 
 def test_the_true_referents_never_reach_the_labels(bench: tuple[Path, Path], tmp_path: Path) -> None:
