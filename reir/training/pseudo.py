@@ -51,6 +51,11 @@ def _confidences(model: Any, processor: Any, image: Any, texts: list[str], top_k
     return list(insts), probs
 
 
+def _precision(answers: list[tuple[Any, ...]]) -> float:
+    """The share of ``answers`` whose picked box is the true referent (0 when there are none)."""
+    return sum(a[4] for a in answers) / max(len(answers), 1)
+
+
 def pseudo_label(
     model_dir: str | Path,
     data_root: str | Path,
@@ -132,17 +137,16 @@ def pseudo_label(
         "answered": len(answers),
         "unmatched": unmatched,
         "kept": len(kept),
-        "precision_kept": sum(a[4] for a in kept) / max(len(kept), 1),
-        "precision_all": sum(a[4] for a in answers) / max(len(answers), 1),
+        "precision_kept": _precision(kept),
+        "precision_all": _precision(answers),
         "min_confidence_kept": kept[-1][0] if kept else None,
         # A confident answer is mostly one whose referent is the only object of its category in
         # the image: keeping the confident ones selects the easy half, so both are reported.
         "by_referent_category": {
-            name: {"answered": len(rows), "kept": len(kept_rows),
-                   "precision_all": sum(a[4] for a in rows) / max(len(rows), 1),
-                   "precision_kept": sum(a[4] for a in kept_rows) / max(len(kept_rows), 1)}
-            for name, flag in (("unique_in_image", False), ("shared_in_image", True))
-            for rows, kept_rows in [([a for a in answers if a[5] == flag], [a for a in kept if a[5] == flag])]
+            name: {"answered": sum(a[5] == shared for a in answers), "kept": sum(a[5] == shared for a in kept),
+                   "precision_all": _precision([a for a in answers if a[5] == shared]),
+                   "precision_kept": _precision([a for a in kept if a[5] == shared])}
+            for name, shared in (("unique_in_image", False), ("shared_in_image", True))
         },
     }
     (out_root / "pseudo_labels.json").write_text(json.dumps(report, indent=2))
