@@ -21,7 +21,7 @@ import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,9 +51,20 @@ def _confidences(model: Any, processor: Any, image: Any, texts: list[str], top_k
     return list(insts), probs
 
 
-def _precision(answers: list[tuple[Any, ...]]) -> float:
+class _Answer(NamedTuple):
+    """The weak model's answer for one training expression."""
+
+    confidence: float
+    image_id: str
+    sentence: Any
+    ann: Annotation  # the annotated box the answer was snapped to
+    right: bool  # the true referent (for the report only)
+    shared_category: bool  # the true referent's category has another object in the image
+
+
+def _precision(answers: list[_Answer]) -> float:
     """The share of ``answers`` whose picked box is the true referent (0 when there are none)."""
-    return sum(a[4] for a in answers) / max(len(answers), 1)
+    return sum(a.right for a in answers) / max(len(answers), 1)
 
 
 def pseudo_label(
@@ -86,8 +97,7 @@ def pseudo_label(
     by_image: dict[str, list[RefEntry]] = {}
     for e in train:
         by_image.setdefault(e.image_id, []).append(e)
-    # (confidence, image id, sentence, picked annotation, right?, referent's category shared?)
-    answers: list[tuple[float, str, Any, Annotation, bool, bool]] = []
+    answers: list[_Answer] = []
     unmatched = 0
     for image_id, group in by_image.items():
         first = group[0]
@@ -99,7 +109,7 @@ def pseudo_label(
             unmatched += len(sentences)
             continue
         categories = [a.category_id for a in first.det_anno]
-        shared = {a.ann_id: categories.count(a.category_id) > 1 for a in first.det_anno}
+        shared_category = {a.ann_id: categories.count(a.category_id) > 1 for a in first.det_anno}
         for (sentence, true_ann), row in zip(sentences, probs):
             best = int(row.argmax())
             ious = [iou_xywh(insts[best].box_xywh, a.bbox) for a in first.det_anno]
@@ -107,13 +117,13 @@ def pseudo_label(
                 unmatched += 1
                 continue
             ann = first.det_anno[int(np.argmax(ious))]
-            answers.append((float(row[best]), image_id, sentence, ann, ann.ann_id == true_ann,
-                            shared.get(true_ann, False)))
-    answers.sort(key=lambda a: -a[0])
+            answers.append(_Answer(float(row[best]), image_id, sentence, ann, ann.ann_id == true_ann,
+                                   shared_category.get(true_ann, False)))
+    answers.sort(key=lambda a: -a.confidence)
     kept = answers[: math.ceil(keep * len(answers))] if answers else []
     grouped: dict[tuple[str, int], tuple[Annotation, list[Any]]] = {}
-    for _, image_id, sentence, ann, _, _ in kept:
-        grouped.setdefault((image_id, ann.ann_id), (ann, []))[1].append(sentence)
+    for a in kept:
+        grouped.setdefault((a.image_id, a.ann.ann_id), (a.ann, []))[1].append(a.sentence)
     new_train = [
         replace(by_image[image_id][0], ref_anno=ann,
                 sentences=[replace(s, matches=[Match(image_id=image_id, ann_id=ann_id)]) for s in sentences])
@@ -128,6 +138,8 @@ def pseudo_label(
     if not images.exists() and (data_root / "images").is_dir():
         images.symlink_to((data_root / "images").resolve(), target_is_directory=True)
     total = sum(len(e.sentences) for e in train)
+    parts = {name: ([a for a in answers if a.shared_category == flag], [a for a in kept if a.shared_category == flag])
+             for name, flag in (("unique_in_image", False), ("shared_in_image", True))}
     report = {
         "model": str(model_dir),
         "data": str(data_root),
@@ -139,14 +151,13 @@ def pseudo_label(
         "kept": len(kept),
         "precision_kept": _precision(kept),
         "precision_all": _precision(answers),
-        "min_confidence_kept": kept[-1][0] if kept else None,
+        "min_confidence_kept": kept[-1].confidence if kept else None,
         # A confident answer is mostly one whose referent is the only object of its category in
         # the image: keeping the confident ones selects the easy half, so both are reported.
         "by_referent_category": {
-            name: {"answered": sum(a[5] == shared for a in answers), "kept": sum(a[5] == shared for a in kept),
-                   "precision_all": _precision([a for a in answers if a[5] == shared]),
-                   "precision_kept": _precision([a for a in kept if a[5] == shared])}
-            for name, shared in (("unique_in_image", False), ("shared_in_image", True))
+            name: {"answered": len(part_all), "kept": len(part_kept),
+                   "precision_all": _precision(part_all), "precision_kept": _precision(part_kept)}
+            for name, (part_all, part_kept) in parts.items()
         },
     }
     (out_root / "pseudo_labels.json").write_text(json.dumps(report, indent=2))
