@@ -138,3 +138,26 @@ def nms_xyxy(
             break
         suppressed |= iou[i] > iou_threshold
     return order[torch.as_tensor(kept, dtype=torch.long)]
+
+
+def region_means(pixels: torch.Tensor, boxes: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
+    """Mean pixel value ``[n, C]`` of the central part of each box.
+
+    ``pixels [C, H, W]``; ``boxes [n, 4]`` normalized cxcywh. The region keeps the box's
+    centre and ``fraction`` of its width and height (at least one pixel), where the object
+    itself, not the background around it, fills most of the box. An integral image makes
+    each box O(1).
+    """
+    c, h, w = pixels.shape
+    if boxes.numel() == 0:
+        return pixels.new_zeros((0, c))
+    integral = torch.zeros((c, h + 1, w + 1), dtype=torch.float32, device=pixels.device)
+    integral[:, 1:, 1:] = pixels.float().cumsum(1).cumsum(2)
+    cx, cy, bw, bh = boxes.detach().float().unbind(-1)
+    half_w, half_h = bw * fraction / 2, bh * fraction / 2
+    x0 = ((cx - half_w) * w).floor().long().clamp(0, w - 1)
+    y0 = ((cy - half_h) * h).floor().long().clamp(0, h - 1)
+    x1 = torch.maximum(((cx + half_w) * w).ceil().long().clamp(1, w), x0 + 1)
+    y1 = torch.maximum(((cy + half_h) * h).ceil().long().clamp(1, h), y0 + 1)
+    total = integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]  # [C, n]
+    return (total / ((x1 - x0) * (y1 - y0)).float()).t()

@@ -29,6 +29,12 @@ class VisionSpec:
     # > 0: a class head on every query, trained on matched queries (DETR's class loss);
     # it makes the instance features carry the category, which retrieval needs.
     num_classes: int = 0
+    # A head on every query that predicts the mean colour of the centre of its box (trained on
+    # matched queries, ``LossSpec.w_appearance``). Detection alone teaches the trunk the
+    # category and the box, and a trunk trained from scratch then drops colour: weak mode,
+    # which has no other signal that names it, ends with instance embeddings from which a
+    # linear probe reads colour at chance. Predicting it keeps it in the tokens.
+    appearance_head: bool = False
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     model_path: str | None = None  # local HF dir, read only when a model is first created
@@ -88,6 +94,7 @@ class LossSpec:
     w_clia: float = 1.0
     w_cls: float = 1.0
     w_aux: float = 0.01
+    w_appearance: float = 1.0  # the appearance head's loss (models with ``vision.appearance_head``)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # Weak stage (expressions without their referent's box), see ``reir.model.losses_weak``.

@@ -13,13 +13,13 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
-from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy
+from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy, region_means
 from .configuration import LossSpec, ReirConfig
 from .losses_weak import weak_contrastive_loss
 from .modeling import InstanceOutput, ReirOutput, score_from_similarity
 from .processing import TrainBatch
 
-LOSS_KEYS = ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_rec", "loss_clia", "loss_aux")
+LOSS_KEYS = ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app", "loss_rec", "loss_clia", "loss_aux")
 
 
 @torch.no_grad()
@@ -153,8 +153,8 @@ class ReirCriterion(nn.Module):
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
 
     ``criterion(model, batch)`` runs ``model(...)`` (so DDP/DeepSpeed wrappers work) and
-    returns ``{"loss": total, "loss_obj", "loss_l1", "loss_giou", "loss_rec",
-    "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``);
+    returns ``{"loss": total, "loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app",
+    "loss_rec", "loss_clia", "loss_aux"}`` (parts unweighted, total weighted by ``config.loss``);
     stage ``"weak"`` adds ``"loss_weak"``, ``"loss_weak_within"`` and ``"weak_suppressed"`` (a diagnostic: the
     fraction of negative pairs suppressed as likely false negatives).
     """
@@ -190,6 +190,7 @@ class ReirCriterion(nn.Module):
             + s.w_l1 * parts["loss_l1"]
             + s.w_giou * parts["loss_giou"]
             + s.w_cls * parts["loss_cls"]
+            + s.w_appearance * parts["loss_app"]
             + w_rec * parts["loss_rec"]
             + s.w_clia * parts["loss_clia"]
             + s.w_aux * parts["loss_aux"]
@@ -214,9 +215,10 @@ class ReirCriterion(nn.Module):
                 matched[b, m] = True
         else:
             unused = inst.boxes.sum() * 0.0 + inst.objectness_logits.sum() * 0.0
-            if inst.class_logits is not None:
-                unused = unused + inst.class_logits.sum() * 0.0
-            parts = {k: unused for k in ("loss_obj", "loss_l1", "loss_giou", "loss_cls")}
+            for head in (inst.class_logits, inst.appearance):
+                if head is not None:
+                    unused = unused + head.sum() * 0.0
+            parts = {k: unused for k in ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app")}
         text_emb = out.text.embeddings
         parts.update(weak_contrastive_loss(
             text_emb, batch.text_image_index, inst.embeddings, inst.objectness_logits, out.logit_scale,
@@ -229,6 +231,7 @@ class ReirCriterion(nn.Module):
             + s.w_l1 * parts["loss_l1"]
             + s.w_giou * parts["loss_giou"]
             + s.w_cls * parts["loss_cls"]
+            + s.w_appearance * parts["loss_app"]
             + s.w_weak * parts["loss_weak"]
             + s.w_weak_within * parts["loss_weak_within"]
             + s.w_aux * parts["loss_aux"]
@@ -257,7 +260,21 @@ class ReirCriterion(nn.Module):
         loss_l1 = F.l1_loss(pred, gt, reduction="sum")
         loss_giou = (1 - torch.diag(generalized_iou_xyxy(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))).sum()
         return {"loss_obj": loss_obj / num_boxes, "loss_l1": loss_l1 / num_boxes, "loss_giou": loss_giou / num_boxes,
-                "loss_cls": self._classification(inst, batch, matches)}
+                "loss_cls": self._classification(inst, batch, matches),
+                "loss_app": self._appearance(inst, batch, matches)}
+
+    @staticmethod
+    def _appearance(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
+        """Smooth L1 of the matched queries' predicted colour against the mean pixel of the
+        centre of their boxes (:func:`reir.model.boxes.region_means`); 0 without the head.
+        The target comes from the pixels alone, so weak data (boxes, no words) has it."""
+        if inst.appearance is None:
+            return torch.zeros((), device=inst.boxes.device)
+        pred = torch.cat([inst.appearance[b, m] for b, m in enumerate(matches)])
+        if pred.shape[0] == 0:
+            return inst.appearance.sum() * 0.0
+        target = torch.cat([region_means(batch.pixel_values[b], t["boxes"]) for b, t in enumerate(batch.targets)])
+        return F.smooth_l1_loss(pred.float(), target.to(pred.device), beta=0.1)
 
     @staticmethod
     def _classification(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:

@@ -51,12 +51,16 @@ class InstanceOutput:
         embeddings: ``[B, Q, D]`` float, L2-normalized instance embeddings.
         class_logits: ``[B, Q, C]`` float category logits, or None when the model has no
             class head (``vision.num_classes == 0``).
+        appearance: ``[B, Q, 3]`` float, the predicted mean colour (normalized pixel
+            values) of the centre of each query's box, or None without
+            ``vision.appearance_head``.
     """
 
     boxes: torch.Tensor
     objectness_logits: torch.Tensor
     embeddings: torch.Tensor
     class_logits: torch.Tensor | None = None
+    appearance: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,7 +136,8 @@ class VisualEncoder(nn.Module):
         tokens = self.norm(self.encoder(tokens))
         boxes, obj, emb = self.heads(tokens)
         cls = self.heads.classifier(tokens) if self.heads.classifier is not None else None
-        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls)
+        app = self.heads.appearance(tokens) if self.heads.appearance is not None else None
+        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls, appearance=app)
 
 
 class MixtureOfRelationExperts(nn.Module):

@@ -149,6 +149,7 @@ class InstanceHeads(nn.Module):
         self.freqs = spec.geometry_freqs
         self.objectness = nn.Linear(hidden, 1)
         self.classifier = nn.Linear(hidden, spec.num_classes) if spec.num_classes > 0 else None
+        self.appearance = nn.Linear(hidden, 3) if spec.appearance_head else None
         self.box = Mlp(hidden, hidden, 4, num_layers=3)
         self.geometry = nn.Linear(4 * 2 * spec.geometry_freqs, hidden)
         # A summary of the whole image joins each instance's embedding input: expressions

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from reir.model.boxes import (
+    region_means,
     BoxMode,
     convert,
     cxcywh_to_xyxy,
@@ -44,3 +45,18 @@ def test_nms_removes_duplicates() -> None:
 def test_iou_xywh() -> None:
     assert iou_xywh([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert abs(iou_xywh([0, 0, 10, 10], [5, 0, 10, 10]) - 1 / 3) < 1e-9
+
+
+def test_region_means_reads_the_centre_of_each_box() -> None:
+    pixels = torch.zeros(3, 16, 16)
+    pixels[:, 4:12, 4:12] = torch.tensor([1.0, -1.0, 0.5])[:, None, None]  # an 8x8 object
+    # A box 12 px wide around it (2 px of background on each side): its centre half is the object.
+    boxes = torch.tensor([[0.5, 0.5, 0.75, 0.75], [0.125, 0.125, 0.25, 0.25]])
+    means = region_means(pixels, boxes)
+    assert torch.allclose(means[0], torch.tensor([1.0, -1.0, 0.5]))
+    assert torch.allclose(means[1], torch.zeros(3))  # background corner
+    whole = region_means(pixels, boxes[:1], fraction=1.0)  # 64 of 144 pixels are the object
+    assert torch.allclose(whole[0], torch.tensor([1.0, -1.0, 0.5]) * 64 / 144)
+    tiny_box = region_means(pixels, torch.tensor([[0.5, 0.5, 0.0, 0.0]]))  # at least one pixel
+    assert torch.allclose(tiny_box[0], torch.tensor([1.0, -1.0, 0.5]))
+    assert region_means(pixels, torch.zeros(0, 4)).shape == (0, 3)

@@ -7,6 +7,7 @@ import torch
 
 from reir.model import (
     ReirCriterion,
+    create_model,
     ReirModel,
     ReirProcessor,
     hungarian_match,
@@ -60,7 +61,9 @@ def test_criterion_runs_and_backprops(tiny: tuple[ReirModel, ReirProcessor], sta
     data = make_dataset(0, 4)
     batch = proc.collate([s for _, s in data], [im for im, _ in data])
     parts = ReirCriterion(model.config, stage=stage)(model, batch)
-    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_rec", "loss_clia", "loss_aux"}
+    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app", "loss_rec", "loss_clia",
+                          "loss_aux"}
+    assert parts["loss_app"].item() == 0.0  # tiny has no appearance head
     assert all(torch.isfinite(v) for v in parts.values())
     assert (parts["loss_clia"].item() > 0) == (stage == "2")
     parts["loss"].backward()
@@ -81,6 +84,39 @@ def test_class_loss_trains_matched_queries_and_rejects_unknown_labels(tiny: tupl
     batch.targets[0]["labels"][0] = num_classes
     with pytest.raises(ValueError, match="num_classes"):
         criterion(model, batch)
+
+
+@pytest.mark.parametrize("stage", ["1", "weak"])
+def test_appearance_head_learns_the_colour_of_its_box(stage: str) -> None:
+    """The appearance head's target is the mean pixel of each annotated box's centre; a
+    few steps on that loss alone bring the matched queries' predictions near it."""
+    model, proc = create_model("tiny", vision={"appearance_head": True})
+    model.train()
+    data = make_dataset(0, 4)
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    criterion = ReirCriterion(model.config, stage=stage)
+    opt = torch.optim.Adam(model.vision.heads.appearance.parameters(), lr=0.05)
+    first = criterion(model, batch)["loss_app"].item()
+    assert first > 0.05
+    for _ in range(60):
+        opt.zero_grad()
+        parts = criterion(model, batch)
+        parts["loss_app"].backward()
+        opt.step()
+    assert parts["loss_app"].item() < 0.3 * first
+    model.zero_grad()
+    criterion(model, batch)["loss"].backward()  # the total carries it (w_appearance)
+    assert model.vision.heads.appearance.weight.grad.abs().sum() > 0
+
+
+def test_appearance_head_without_detection_joins_the_graph_at_zero() -> None:
+    model, proc = create_model("tiny", vision={"appearance_head": True}, loss={"weak_detection": False})
+    data = make_dataset(0, 2)
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    parts = ReirCriterion(model.config, stage="weak")(model, batch)
+    assert parts["loss_app"].item() == 0.0
+    parts["loss"].backward()
+    assert model.vision.heads.appearance.weight.grad is not None  # every rank sees the same parameters
 
 
 def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
