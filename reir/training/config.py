@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -138,6 +139,20 @@ class TrainConfig(BaseModel):
         if unknown:
             raise ValueError(f"loss_overrides: unknown LossSpec fields {sorted(unknown)}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weak_keeps_colour(cls, data: Any) -> Any:
+        """Stage ``weak`` from a preset adds the appearance head (``vision.appearance_head``)
+        unless ``model_overrides`` names it: without referent boxes nothing else teaches the
+        instances colour (README, weak mode). A checkpoint keeps its own architecture."""
+        if not isinstance(data, dict) or data.get("stage") != "weak" or Path(str(data.get("model", "small"))).is_dir():
+            return data
+        overrides = dict(data.get("model_overrides") or {})
+        vision = overrides.get("vision")
+        if "vision__appearance_head" in overrides or (isinstance(vision, dict) and "appearance_head" in vision):
+            return data
+        return {**data, "model_overrides": {**overrides, "vision__appearance_head": True}}
 
     @model_validator(mode="after")
     def _operations_fit(self) -> TrainConfig:

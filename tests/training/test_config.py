@@ -35,6 +35,17 @@ def test_unknown_or_bad_fields_are_rejected() -> None:
         TrainConfig(data_root="d", stage="rerank", rerank_calibration_every=-2)
 
 
+def test_weak_stage_from_a_preset_gets_the_appearance_head(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert TrainConfig(data_root="d", stage="weak").model_overrides == {"vision__appearance_head": True}
+    kept = {"vision": {"appearance_head": False}, "embed_dim": 64}
+    assert TrainConfig(data_root="d", stage="weak", model_overrides=kept).model_overrides == kept
+    assert TrainConfig(data_root="d", stage="weak", model_overrides={"vision__appearance_head": False}
+                       ).model_overrides == {"vision__appearance_head": False}  # fmt: skip
+    assert TrainConfig(data_root="d", stage="1").model_overrides == {}
+    (tmp_path / "model").mkdir()  # a checkpoint directory keeps its own architecture
+    assert TrainConfig(data_root="d", stage="weak", model=str(tmp_path / "model")).model_overrides == {}
+
+
 def test_lr_warms_up_then_decays() -> None:
     assert lr_factor(0.0, 0, 10) == pytest.approx(0.1)
     assert lr_factor(0.0, 9, 10) == pytest.approx(1.0)
