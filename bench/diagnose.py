@@ -157,6 +157,7 @@ def background_probes(model: Any, processor: Any, data: Path, train_images: int)
     from reir.data.formats import load_samples
     from reir.data.synth import load_gallery
     from reir.data.vocab import BACKGROUNDS
+    from reir.evaluation.probes import probe_accuracy
 
     v = model.vision
 
@@ -192,18 +193,8 @@ def background_probes(model: Any, processor: Any, data: Path, train_images: int)
     (train, y_train), (test, y_test) = views("train", train_images), views("test", 10**9)
     result = {}
     for name, x_train, x_test in zip(("token_mean", "context_projection", "stored_embedding_mean"), train, test):
-        mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-        x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
-        torch.manual_seed(0)
-        head = torch.nn.Linear(x_train.shape[1], len(BACKGROUNDS))
-        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-        for _ in range(300):
-            loss = torch.nn.functional.cross_entropy(head(x_train), y_train)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            result[name] = round(float((head(x_test).argmax(1) == y_test).float().mean()), 4)
+        acc = probe_accuracy(x_train, y_train, x_test, y_test, num_classes=len(BACKGROUNDS), steps=300)
+        result[name] = round(acc, 4)
     return result
 
 

@@ -23,29 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def fit_probe(features: list[np.ndarray], labels: list[str], *, steps: int = 500, seed: int = 0) -> dict[str, Any]:
-    """Held-out accuracy of a linear classifier (standardized inputs, Adam, full batch);
-    None below 10 examples (nothing to hold out)."""
-    if len(labels) < 10:
-        return {"accuracy": None, "majority": None, "n": len(labels), "classes": len(set(labels))}
-    x = torch.tensor(np.stack(features), dtype=torch.float32)
-    names = sorted(set(labels))
-    y = torch.tensor([names.index(v) for v in labels])
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    train, test = perm[: int(0.7 * len(y))], perm[int(0.7 * len(y)) :]
-    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
-    torch.manual_seed(seed)
-    linear = torch.nn.Linear(x.shape[1], len(names))
-    opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(linear(x[train]), y[train]).backward()
-        opt.step()
-    with torch.no_grad():
-        acc = (linear(x[test]).argmax(1) == y[test]).float().mean().item()
-    majority = float(np.bincount(y[test].numpy(), minlength=len(names)).max()) / max(len(test), 1)
-    return {"accuracy": round(acc, 4), "majority": round(majority, 4), "n": len(y), "classes": len(names)}
+from reir.evaluation.probes import split_probe
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -89,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ious = [iou_xywh(inst.box_xywh, ann.bbox) for inst in insts]
             if ious and max(ious) >= 0.5:
                 stored["feature"].append(np.asarray(insts[int(np.argmax(ious))].embedding, dtype=np.float32))
-                for key in stored_labels:
-                    stored_labels[key].append(str(ann.attributes[key]))
+                for key, values in stored_labels.items():
+                    values.append(str(ann.attributes[key]))
             x, y, w, h = ann.bbox
             col = min(int((x + w / 2) / image.width * grid), grid - 1)
             row = min(int((y + h / 2) / image.height * grid), grid - 1)
@@ -111,9 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             text_features += list(model.encode_text(enc["input_ids"], enc["attention_mask"]).embeddings.float().numpy())
     report: dict[str, Any] = {
         "model": str(args.model), "data": str(args.data), "images": args.images,
-        "stored_instance": {key: fit_probe(stored["feature"], labels) for key, labels in stored_labels.items()},
-        "box_centre_token_colour": {key: fit_probe(feats, centre_colour) for key, feats in at_centre.items()},
-        "text_head_colour": fit_probe(text_features, text_colour),
+        "stored_instance": {key: split_probe(stored["feature"], labels) for key, labels in stored_labels.items()},
+        "box_centre_token_colour": {key: split_probe(feats, centre_colour) for key, feats in at_centre.items()},
+        "text_head_colour": split_probe(text_features, text_colour),
     }  # fmt: skip
     text = json.dumps(report, indent=1)
     print(text)

@@ -1,4 +1,4 @@
-"""bench/probe.py: linear probes of what a checkpoint's embeddings carry."""
+"""Linear probes (reir.evaluation.probes) and bench/probe.py, what a checkpoint's embeddings carry."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from reir.evaluation.probes import split_probe
 
 from .benchload import load_bench
 
@@ -17,10 +19,10 @@ def test_probe_reads_an_attribute_that_is_there_and_not_one_that_is_not() -> Non
     labels = [str(v) for v in rng.integers(0, 4, size=400)]
     carried = [np.eye(4)[int(v)] * 3 + rng.normal(size=4) * 0.1 for v in labels]
     noise = [rng.normal(size=4) for _ in labels]
-    there, absent = probe.fit_probe(carried, labels), probe.fit_probe(noise, labels)
+    there, absent = split_probe(carried, labels), split_probe(noise, labels)
     assert there["accuracy"] > 0.95 and there["classes"] == 4 and there["n"] == 400
     assert absent["accuracy"] < absent["majority"] + 0.15
-    assert probe.fit_probe(carried[:5], labels[:5])["accuracy"] is None  # too few to hold any out
+    assert split_probe(carried[:5], labels[:5])["accuracy"] is None  # too few to hold any out
 
 
 def test_probe_runs_on_a_checkpoint(tmp_path: Path) -> None:

@@ -4,12 +4,12 @@ import numpy as np
 import torch
 
 from reir.model.boxes import (
-    region_means,
     BoxMode,
     convert,
     cxcywh_to_xyxy,
     iou_xywh,
     nms_xyxy,
+    region_means,
     xyxy_to_cxcywh,
 )
 

@@ -7,9 +7,9 @@ import torch
 
 from reir.model import (
     ReirCriterion,
-    create_model,
     ReirModel,
     ReirProcessor,
+    create_model,
     hungarian_match,
     siglip_pair_loss,
 )
