@@ -121,6 +121,20 @@ class TrainConfig(BaseModel):
         return self.stage in ("rerank", "weak-rerank")
 
     @property
+    def applied_model_overrides(self) -> dict[str, Any]:
+        """``model_overrides`` as the run applies them to a preset: stage ``weak`` adds the
+        appearance head (``vision.appearance_head``) unless they name it, because without
+        referent boxes nothing else teaches the instances colour (README, weak mode). A
+        checkpoint keeps its own architecture (and refuses any model override)."""
+        overrides = dict(self.model_overrides)
+        if self.stage != "weak" or Path(self.model).is_dir():
+            return overrides
+        vision = overrides.get("vision")
+        if "vision__appearance_head" in overrides or (isinstance(vision, dict) and "appearance_head" in vision):
+            return overrides
+        return {**overrides, "vision__appearance_head": True}
+
+    @property
     def without_referents(self) -> bool:
         """Stages ``weak`` and ``weak-rerank``: no referent box reaches the workers."""
         return self.stage in ("weak", "weak-rerank")
@@ -139,20 +153,6 @@ class TrainConfig(BaseModel):
         if unknown:
             raise ValueError(f"loss_overrides: unknown LossSpec fields {sorted(unknown)}")
         return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _weak_keeps_colour(cls, data: Any) -> Any:
-        """Stage ``weak`` from a preset adds the appearance head (``vision.appearance_head``)
-        unless ``model_overrides`` names it: without referent boxes nothing else teaches the
-        instances colour (README, weak mode). A checkpoint keeps its own architecture."""
-        if not isinstance(data, dict) or data.get("stage") != "weak" or Path(str(data.get("model", "small"))).is_dir():
-            return data
-        overrides = dict(data.get("model_overrides") or {})
-        vision = overrides.get("vision")
-        if "vision__appearance_head" in overrides or (isinstance(vision, dict) and "appearance_head" in vision):
-            return data
-        return {**data, "model_overrides": {**overrides, "vision__appearance_head": True}}
 
     @model_validator(mode="after")
     def _operations_fit(self) -> TrainConfig:

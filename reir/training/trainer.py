@@ -133,7 +133,7 @@ def _build_engine(cfg: TrainConfig, rank: int, world: int, device: torch.device)
     from reir.model import create_model
     from reir.model.losses import ReirCriterion
 
-    model, processor = create_model(cfg.model, **cfg.model_overrides)
+    model, processor = create_model(cfg.model, **cfg.applied_model_overrides)
     if cfg.loss_overrides:
         model.config.loss = {**model.config.loss, **cfg.loss_overrides}
     model.to(device)

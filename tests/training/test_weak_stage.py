@@ -47,6 +47,7 @@ def test_weak_stage_trains_on_ray_and_deepspeed(ray_session: None, tmp_path: Pat
     assert stats["loss_rec"] == 0 and stats["loss_clia"] == 0  # nothing tied to a referent box
     model, processor = create_model(str(model_dir))
     assert model.config.loss_spec.weak_text_threshold == 0.995  # the run's loss settings travel along
+    assert model.config.vision_spec.appearance_head and stats["loss_app"] > 0  # added for stage weak
     assert processor.image_size == 64
 
     # The re-ranker from the same pairs, on the frozen weak model: every expression is kept
