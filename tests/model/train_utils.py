@@ -23,6 +23,7 @@ class EvalResult:
     det_top1_precision: float  # highest-objectness instance hits some GT box
     num_texts: int
     rec_acc_twins: float = float("nan")  # referents whose (color, shape) has a twin in the image
+    rec_acc_same_shape: float = float("nan")  # referents whose shape another object of the image has
 
 
 def train(
@@ -76,7 +77,7 @@ def evaluate(
     model: ReirModel, processor: ReirProcessor, data: Sequence[tuple[Image.Image, SynthSample]], top_k: int = 10
 ) -> EvalResult:
     model.eval()
-    hits = covered = total_gt = top1 = n_texts = twin_hits = twin_texts = 0
+    hits = covered = total_gt = top1 = n_texts = twin_hits = twin_texts = shape_hits = shape_texts = 0
     for start in range(0, len(data), 32):
         chunk = data[start : start + 32]
         out = model.encode_images(processor.images([im for im, _ in chunk]))
@@ -98,10 +99,14 @@ def evaluate(
                 if sample.attrs.count(sample.attrs[target]) > 1:
                     twin_hits += hit
                     twin_texts += 1
+                if sample.labels.count(sample.labels[target]) > 1:
+                    shape_hits += hit
+                    shape_texts += 1
     return EvalResult(
         rec_acc=hits / max(n_texts, 1),
         det_recall=covered / max(total_gt, 1),
         det_top1_precision=top1 / max(len(data), 1),
         num_texts=n_texts,
         rec_acc_twins=twin_hits / twin_texts if twin_texts else float("nan"),
+        rec_acc_same_shape=shape_hits / shape_texts if shape_texts else float("nan"),
     )
