@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from reir.data.formats import load_reircoco
     from reir.model import create_model
     from reir.model.boxes import iou_xywh
+    from reir.serving.retriever import QueryEncoder
 
     model, processor = create_model(str(args.model))
     model.eval()
@@ -82,11 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if sentence.program and sentence.program.get("color"):
                     texts.append(sentence.raw)
                     text_colour.append(sentence.program["color"])
-    text_features = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), 256):
-            enc = processor.text(texts[start : start + 256])
-            text_features += list(model.encode_text(enc["input_ids"], enc["attention_mask"]).embeddings.float().numpy())
+    encoder = QueryEncoder(model, processor)  # the text embeddings serving searches with
+    text_features = [row for start in range(0, len(texts), 256) for row in encoder.encode(texts[start : start + 256])]
     report: dict[str, Any] = {
         "model": str(args.model), "data": str(args.data), "images": args.images,
         "stored_instance": {key: split_probe(stored["feature"], labels) for key, labels in stored_labels.items()},

@@ -19,8 +19,6 @@ from .losses_weak import weak_contrastive_loss
 from .modeling import InstanceOutput, ReirOutput, score_from_similarity
 from .processing import TrainBatch
 
-LOSS_KEYS = ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app", "loss_rec", "loss_clia", "loss_aux")
-
 
 @torch.no_grad()
 def hungarian_match(
@@ -186,11 +184,7 @@ class ReirCriterion(nn.Module):
         s = self.spec
         w_rec = s.w_rec if self.stage == "1" else s.w_rec_stage2
         parts["loss"] = (
-            s.w_obj * parts["loss_obj"]
-            + s.w_l1 * parts["loss_l1"]
-            + s.w_giou * parts["loss_giou"]
-            + s.w_cls * parts["loss_cls"]
-            + s.w_appearance * parts["loss_app"]
+            self._weighted_detection(parts)
             + w_rec * parts["loss_rec"]
             + s.w_clia * parts["loss_clia"]
             + s.w_aux * parts["loss_aux"]
@@ -227,16 +221,18 @@ class ReirCriterion(nn.Module):
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_rec"], parts["loss_clia"], parts["loss_aux"] = zero, zero, out.text.aux_loss
         parts["loss"] = (
-            s.w_obj * parts["loss_obj"]
-            + s.w_l1 * parts["loss_l1"]
-            + s.w_giou * parts["loss_giou"]
-            + s.w_cls * parts["loss_cls"]
-            + s.w_appearance * parts["loss_app"]
+            self._weighted_detection(parts)
             + s.w_weak * parts["loss_weak"]
             + s.w_weak_within * parts["loss_weak_within"]
             + s.w_aux * parts["loss_aux"]
         )
         return parts
+
+    def _weighted_detection(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The detection parts of the total (every stage): objectness, box, class, appearance."""
+        s = self.spec
+        return (s.w_obj * parts["loss_obj"] + s.w_l1 * parts["loss_l1"] + s.w_giou * parts["loss_giou"]
+                + s.w_cls * parts["loss_cls"] + s.w_appearance * parts["loss_app"])
 
     def _match(self, inst: InstanceOutput, b: int, gt: torch.Tensor) -> torch.Tensor:
         s = self.spec

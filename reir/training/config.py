@@ -123,14 +123,16 @@ class TrainConfig(BaseModel):
     @property
     def applied_model_overrides(self) -> dict[str, Any]:
         """``model_overrides`` as the run applies them to a preset: stage ``weak`` adds the
-        appearance head (``vision.appearance_head``) unless they name it, because without
-        referent boxes nothing else teaches the instances colour (README, weak mode). A
-        checkpoint keeps its own architecture (and refuses any model override)."""
+        appearance head (``vision.appearance_head``) unless the preset or the overrides (in
+        any form ``apply_overrides`` takes) name it, because without referent boxes nothing
+        else teaches the instances colour (README, weak mode). A checkpoint keeps its own
+        architecture (and refuses any model override)."""
+        from reir.model.factory import apply_overrides, load_preset
+
         overrides = dict(self.model_overrides)
         if self.stage != "weak" or Path(self.model).is_dir():
             return overrides
-        vision = overrides.get("vision")
-        if "vision__appearance_head" in overrides or (isinstance(vision, dict) and "appearance_head" in vision):
+        if "appearance_head" in apply_overrides(load_preset(self.model), overrides).get("vision", {}):
             return overrides
         return {**overrides, "vision__appearance_head": True}
 
