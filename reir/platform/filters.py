@@ -2,10 +2,11 @@
 
 Callers (the HTTP API) never send expression text. A filter names a field from an
 allow-list (the built-in ``image_id``, ``model_version``, ``uri`` plus the metadata
-fields a deployment declares), an operator that fits the field's type, and a value
-that is checked, not escaped: strings must match a conservative character set, numbers
-must be finite and in int64 range. Anything else raises :class:`FilterError` (the API
-answers 422), so no user text can change the structure of the expression.
+fields a deployment declares), an operator that fits the field's type, and a value.
+String values are escaped into one complete literal (:func:`reir.platform.store.quote_string`):
+any file name a user has (spaces, brackets, quotes, backslashes, unicode) can be filtered
+on, and no value can end the literal early. Numbers must be finite and in int64 range.
+Anything else raises :class:`FilterError` (the API answers 422).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from reir.platform import schema as S
-from reir.platform.store import SearchFilter
+from reir.platform.store import SearchFilter, quote_string
 
 FieldType = Literal["str", "int", "float", "bool"]
 Op = Literal["eq", "ne", "in", "not_in", "prefix", "lt", "le", "gt", "ge"]
@@ -31,8 +32,8 @@ OPS_BY_TYPE: dict[FieldType, frozenset[str]] = {
 }
 _COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-# No quotes, backslashes, spaces, brackets or LIKE's '%': nothing that can end a literal.
-_SAFE_STRING = re.compile(r"^[A-Za-z0-9_.:/@+\-]{1,512}$")
+# LIKE's wildcards and its escape character; a prefix filter matches them literally.
+_LIKE_SPECIAL = re.compile(r"([\\%_])")
 _INT64 = (-(2**63), 2**63 - 1)
 MAX_LIST_VALUES = 100
 
@@ -57,9 +58,12 @@ def allowed_fields(metadata: Mapping[str, FieldType] | None = None) -> dict[str,
 
 def _literal(kind: FieldType, value: Any, field: str) -> str:
     if kind == "str":
-        if not isinstance(value, str) or not _SAFE_STRING.match(value):
-            raise FilterError(f"{field}: string values must match [A-Za-z0-9_.:/@+-]{{1,512}}")
-        return f'"{value}"'
+        if not isinstance(value, str) or not value:
+            raise FilterError(f"{field}: expected a non-empty string")
+        try:
+            return quote_string(value)
+        except ValueError as exc:
+            raise FilterError(f"{field}: {exc}") from exc
     if kind == "bool":
         if not isinstance(value, bool):
             raise FilterError(f"{field}: expected true or false")
@@ -81,7 +85,7 @@ class Condition:
 
     field: str
     op: str
-    literal: str  # already validated / rendered by _literal
+    literal: str  # a complete literal rendered by _literal (for prefix: the LIKE pattern)
 
     def to_expr(self) -> str:
         if self.op in _COMPARE:
@@ -90,8 +94,7 @@ class Condition:
             return f"{self.field} in {self.literal}"
         if self.op == "not_in":
             return f"{self.field} not in {self.literal}"
-        # prefix: LIKE's single-character wildcard '_' is escaped so it matches itself.
-        return f"{self.field} like {self.literal[:-1].replace('_', chr(92) * 2 + '_')}%\""
+        return f"{self.field} like {self.literal}"
 
 
 def compile_condition(field: str, op: str, value: Any, fields: Mapping[str, FieldType]) -> Condition:
@@ -107,6 +110,11 @@ def compile_condition(field: str, op: str, value: Any, fields: Mapping[str, Fiel
         return Condition(field, op, "[" + ", ".join(_literal(kind, v, field) for v in value) + "]")
     if isinstance(value, list):
         raise FilterError(f"{field}: {op} needs a single value")
+    if op == "prefix":
+        if not isinstance(value, str) or not value:
+            raise FilterError(f"{field}: expected a non-empty string")
+        # '%', '_' and '\' in the value match themselves, then anything may follow.
+        return Condition(field, op, _literal(kind, _LIKE_SPECIAL.sub(r"\\\1", value) + "%", field))
     return Condition(field, op, _literal(kind, value, field))
 
 

@@ -2,8 +2,9 @@
 
 Vectors are L2-normalized and searched with the IP metric, so ANN scores are cosine
 similarities in [-1, 1]. Filters are never raw strings: callers pass a
-:class:`SearchFilter` whose values are validated before the expression is built,
-so user text can not reach the Milvus expression parser.
+:class:`SearchFilter`, and every string value enters the expression only through
+:func:`quote_string` (a complete double-quoted literal with its quotes and backslashes
+escaped), so user text can not change the expression's structure.
 
 A milvus-lite ``.db`` path is a data directory that one process locks exclusively.
 pymilvus starts an in-process server for it and keeps it (and the lock) until the
@@ -36,9 +37,11 @@ _DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
     "HNSW": {"M": 16, "efConstruction": 200},
     "IVF_FLAT": {"nlist": 128},
 }
-# Values allowed inside a filter expression: ids, versions, paths. Anything else is
-# rejected rather than escaped, which is simpler to reason about than quoting rules.
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+\-]{1,512}$")
+# Escapes Milvus' expression parser understands inside "...": file names hold spaces,
+# brackets, quotes and unicode, so values are escaped, not refused. It knows no \x / \u
+# escapes, so other control characters can not be written and are refused.
+_STRING_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+MAX_FILTER_VALUE_LEN = 2048  # the longest stored string (a uri)
 
 _GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False, "grpc.keepalive_time_ms": 60_000}
 
@@ -73,9 +76,9 @@ class SearchFilter:
     def to_expr(self) -> str:
         parts: list[str] = [_metadata_expr(name, value) for name, value in self.metadata]
         if self.model_version is not None:
-            parts.append(f'{S.MODEL_VERSION} == "{_safe(self.model_version)}"')
+            parts.append(f"{S.MODEL_VERSION} == {quote_string(self.model_version)}")
         if self.image_ids:
-            values = ", ".join(f'"{_safe(v)}"' for v in self.image_ids)
+            values = ", ".join(quote_string(v) for v in self.image_ids)
             parts.append(f"{S.IMAGE_ID} in [{values}]")
         return " and ".join(parts)
 
@@ -90,13 +93,21 @@ def _metadata_expr(name: str, value: str | float | bool) -> str:
         return f"{name} == {str(value).lower()}"
     if isinstance(value, int | float):
         return f"{name} == {value!r}"
-    return f'{name} == "{_safe(str(value))}"'
+    return f"{name} == {quote_string(str(value))}"
 
 
-def _safe(value: str) -> str:
-    if not _SAFE_VALUE.match(value):
-        raise ValueError(f"unsafe filter value {value!r}: allowed [A-Za-z0-9_.:/@+-]")
-    return value
+def quote_string(value: str) -> str:
+    """``value`` as one Milvus string literal, quotes included; raises ValueError for a value
+    the grammar can not hold (too long, or a control character other than tab/CR/LF)."""
+    if not isinstance(value, str) or len(value) > MAX_FILTER_VALUE_LEN:
+        raise ValueError(f"filter value must be a string of at most {MAX_FILTER_VALUE_LEN} characters")
+    out: list[str] = []
+    for ch in value:
+        escaped = _STRING_ESCAPES.get(ch)
+        if escaped is None and (ord(ch) < 0x20 or ord(ch) == 0x7F):
+            raise ValueError(f"filter value {value!r} holds control character {ch!r}")
+        out.append(escaped or ch)
+    return '"' + "".join(out) + '"'
 
 
 def _normalize(vectors: np.ndarray) -> np.ndarray:
@@ -307,8 +318,8 @@ class MilvusStore:
     ) -> dict[str, list[Hit]]:
         """Every stored instance of each image (rank order), with vectors when asked.
 
-        The ids go through :class:`SearchFilter` (validated values), so the expression
-        is built only from checked text. ``Hit.score`` is 0 here (there is no query).
+        The ids go through :class:`SearchFilter` (escaped literals), so no id can change
+        the expression's structure. ``Hit.score`` is 0 here (there is no query).
         """
         ids = tuple(dict.fromkeys(image_ids))
         if not ids:
