@@ -118,7 +118,7 @@ class LossSpec:
     # Within-image competition (``within_image_loss``): the candidate an expression picks must
     # fit it better than the image's other expressions, which mostly describe other objects.
     # On by default since the appearance head: with both, 96.5% of the weak model's answers on
-    # the training set are right, 72.4% without this term (README, weak mode).
+    # the training set are right, 72.4% without this term (docs/model.md, weak mode).
     w_weak_within: float = 1.0
     weak_mil_matched: bool = False  # the cross-image MIL pools over those matched queries only
 

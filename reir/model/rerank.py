@@ -27,7 +27,7 @@ candidates and scores every stored instance ``j`` of such an image:
   exists and strongly negative when none does, so a candidate missing its landmark is
   ruled out rather than outvoted.
 
-Measured on the synthetic benchmark (README, "Re-ranker"): with the existential term
+Measured on the synthetic benchmark (docs/model.md, "The re-ranker"): with the existential term
 alone the re-ranker learns slowly from real stored vectors; with the bilinear term alone it
 plateaus; the sum of both raised BR@1 from about 32% to 50% on the same frozen stage-2
 model. It reads only what the index stores per instance (embedding, box, objectness), so
@@ -118,8 +118,8 @@ class RelationReranker(nn.Module):
         # of the first gradient and took the sign of the random terms' first correlation with
         # the target: negative on half the seeds, which inverts the existential term (a
         # candidate with its landmark below one without) and ended 25 points of BR@1 lower.
-        # Starting at 0.3 the other weights learn from the first step (README, Benchmarks: "The
-        # re-ranker's relation weight").
+        # Starting at 0.3 the other weights learn from the first step (docs/model.md, "The
+        # re-ranker"; docs/decisions.md).
         self.scale_raw = nn.Parameter(torch.full((1,), _inverse_softplus(SCALE_INIT)))
 
     @property

@@ -19,22 +19,23 @@ with a file URI keep one searcher replica (validated), or serve the data with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from reir.errors import DependencyUnavailable
 from reir.platform import telemetry as T
 from reir.platform.auth import KeyRing
 from reir.platform.config import LocalizeConfig, MilvusConfig, ServeConfig, ServeStage, load_config
 from reir.platform.filters import StructuredFilter
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import Hit, MilvusStore
+from reir.serving.failures import milvus_call, stage_call
 from reir.serving.http import HttpSettings, create_http_app
 from reir.serving.localize import BoxUpdate, Localizer
 from reir.serving.pipeline import QueryPipeline, localize_results_for
@@ -104,7 +105,7 @@ class SearcherDeployment:
         loop = asyncio.get_running_loop()
         start = loop.time()
         results = await asyncio.to_thread(
-            self.searcher.search, np.atleast_2d(embedding), top_k, Calibration(**calibration), model_version
+            milvus_call, self.searcher.search, np.atleast_2d(embedding), top_k, Calibration(**calibration), model_version
         )
         self._latency.observe(loop.time() - start)
         return results[0]
@@ -113,7 +114,7 @@ class SearcherDeployment:
         """ANN top-N instances for one query embedding, under the (validated) filter."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        hits = await asyncio.to_thread(self.store.search, np.atleast_2d(embedding), top_n, flt)
+        hits = await asyncio.to_thread(milvus_call, self.store.search, np.atleast_2d(embedding), top_n, flt)
         self._latency.observe(loop.time() - start)
         return hits[0]
 
@@ -122,14 +123,15 @@ class SearcherDeployment:
         return await asyncio.to_thread(self.store.rows_for_images, image_ids, model_version=model_version)
 
     async def image_uri(self, image_id: str) -> str | None:
-        rows = await asyncio.to_thread(self.store.rows_for_images, [image_id], with_vectors=False, max_per_image=1)
+        rows = await asyncio.to_thread(milvus_call, self.store.rows_for_images, [image_id], with_vectors=False,
+                                       max_per_image=1)
         found = rows.get(image_id)
         return found[0].uri if found else None
 
     async def ping(self) -> dict[str, Any]:
-        exists = await asyncio.to_thread(self.store.exists)
+        exists = await asyncio.to_thread(milvus_call, self.store.exists)
         if not exists:
-            raise RuntimeError("collection is gone")
+            raise DependencyUnavailable(f"collection {self.store.collection!r} is gone", retry_after_s=5.0)
         return {"collection": self.store.collection}
 
     def check_health(self) -> None:
@@ -173,18 +175,6 @@ class RerankerDeployment:
             raise RuntimeError("re-ranker has no model")
 
 
-async def _retry_once(call: Callable[[], Awaitable[Any]]) -> Any:
-    """Run an idempotent stage call; if its replica died mid-request, ask again once.
-
-    Serve routes the second try to a live replica, so one replica crash under load
-    costs latency, not failed queries.
-    """
-    try:
-        return await call()
-    except (RayActorError, ActorUnavailableError):
-        return await call()
-
-
 class HandleStages:
     """:class:`reir.serving.pipeline.QueryStages` over the deployment handles (read-only
     stages, so a call whose replica died is retried once)."""
@@ -198,23 +188,23 @@ class HandleStages:
         return {**(await self.encoder.info.remote()), **(await self.reranker.info.remote())}
 
     async def encode(self, text: str) -> np.ndarray:
-        return await _retry_once(lambda: self.encoder.encode.remote(text))
+        return await stage_call(lambda: self.encoder.encode.remote(text), "QueryEncoder")
 
     async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
-        return await _retry_once(lambda: self.searcher.candidates.remote(embedding, top_n, flt))
+        return await stage_call(lambda: self.searcher.candidates.remote(embedding, top_n, flt), "Searcher")
 
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
-        return await _retry_once(lambda: self.reranker.rerank.remote(query, candidates, model_version))
+        return await stage_call(lambda: self.reranker.rerank.remote(query, candidates, model_version), "Reranker")
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
-        return await _retry_once(lambda: self.reranker.localize.remote(query, items))
+        return await stage_call(lambda: self.reranker.localize.remote(query, items), "Reranker")
 
     async def image_uri(self, image_id: str) -> str | None:
-        return await _retry_once(lambda: self.searcher.image_uri.remote(image_id))
+        return await stage_call(lambda: self.searcher.image_uri.remote(image_id), "Searcher")
 
     async def health(self) -> dict[str, Any]:
-        info = await self.encoder.info.remote()
-        await self.searcher.ping.remote()
+        info = await stage_call(lambda: self.encoder.info.remote(), "QueryEncoder")
+        await stage_call(lambda: self.searcher.ping.remote(), "Searcher")
         return {"model_version": info["model_version"]}
 
 

@@ -7,13 +7,18 @@ Routes (all under ``/v1`` except the page and the probe):
   "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms", "took_ms"}``
 - ``GET /v1/images/{image_id}``: the gallery image (streamed from the stored uri, only
   inside ``image_roots`` when set); ``GET /v1/info``; ``GET /v1/admin/config`` (admin scope)
-- ``GET /`` the search page, ``GET /healthz`` readiness (no key needed for either).
+- ``POST /v1/search/batch`` ``{"queries": [<search body>, ...]}`` (at most ``max_batch``) ->
+  ``{"responses": [{"status", "result" | "error", ...}]}``: each query answered or refused on its own
+- ``GET /`` the search page; probes (no key): ``GET /livez`` (the process answers),
+  ``GET /readyz`` (model loaded and store reachable, else 503), ``GET /healthz`` (= readyz).
 
 Input handling: requests are strict (unknown fields, wrong types, out-of-range values
 -> 422 with one message per problem), bodies over ``max_body_bytes`` -> 413, filters
 are checked against the allow-list (:mod:`reir.platform.filters`) -> 422. With API keys
 configured: no/unknown key -> 401, key without the route's scope -> 403, over the key's
-rate -> 429 with ``Retry-After``.
+rate -> 429 with ``Retry-After``. A dependency down (:class:`reir.errors.DependencyUnavailable`)
+-> 503 with ``Retry-After``; any other exception is a bug -> 500 with a request id
+(:mod:`reir.serving.boundary`). docs/errors.md has the whole table.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from starlette.exceptions import HTTPException
 from reir.platform.auth import KeyRing, Principal
 from reir.platform.config import ServeConfig
 from reir.platform.filters import FieldType, FilterError, allowed_fields, compile_filters
+from reir.serving.batch import add_batch_route
+from reir.serving.boundary import BoundaryRoute
+from reir.limits import MAX_BATCH_QUERIES, MAX_TOP_K
 from reir.serving.page import SEARCH_PAGE
 from reir.serving.pipeline import QueryOutcome, QueryRequest
 
@@ -55,10 +63,14 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or unknown API key"},
     403: {"description": "the key may not use this route"},
+LIVE_ROUTE = "/livez"
+READY_ROUTE = "/readyz"
+BATCH_ROUTE = "/v1/search/batch"
     413: {"description": "request body too large"},
     422: {"description": "invalid request"},
     429: {"description": "rate limit exceeded (see Retry-After)"},
-    503: {"description": "a dependency (model, Milvus) is unavailable; retry"},
+    500: {"description": "internal error (a bug; not retryable); the body has a request_id"},
+    503: {"description": "a dependency (Milvus, a model replica) is down; retry after Retry-After"},
 }
 
 
@@ -83,7 +95,8 @@ class NoMetrics:
 
 @dataclass(frozen=True)
 class HttpSettings:
-    max_top_k: int = 100
+    max_top_k: int = MAX_TOP_K
+    max_batch: int = MAX_BATCH_QUERIES
     max_query_chars: int = MAX_QUERY_CHARS
     max_body_bytes: int = 16_384
     max_filters: int = 16
@@ -221,7 +234,7 @@ class BodyLimit:
 class RecordRequests:
     """ASGI middleware (outermost): every response's route label, status and latency."""
 
-    ROUTES = (SEARCH_ROUTE, INFO_ROUTE, ADMIN_ROUTE, HEALTH_ROUTE)
+    ROUTES = (SEARCH_ROUTE, BATCH_ROUTE, INFO_ROUTE, ADMIN_ROUTE, HEALTH_ROUTE, LIVE_ROUTE, READY_ROUTE)
 
     def __init__(self, app: Callable[..., Awaitable[None]], recorder: RequestMetrics) -> None:
         self.app = app
@@ -316,19 +329,17 @@ def create_http_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
 
-    async def search(body: Any, _: Any) -> Any:
+    async def answer(body: Any) -> SearchResponse | JSONResponse:
         start = time.perf_counter()
         try:
             flt = compile_filters([c.model_dump() for c in body.filters], settings.filter_fields)
+    app.router.route_class = BoundaryRoute  # exceptions -> 503 (dependency down) or 500 (bug)
         except FilterError as exc:
             return _invalid([{"field": "filters", "message": str(exc)}])
         rerank = settings.rerank_default if body.rerank is None else body.rerank
-        try:
-            outcome = await backend.run(QueryRequest(query=body.query, top_k=body.top_k, mode=body.mode,
-                                                     rerank=rerank, conditions=flt.conditions))
-        except Exception:  # a stage (model, Milvus) failed: retryable for the caller
-            log.exception("search failed")
-            return JSONResponse(status_code=503, content={"error": "search backend unavailable, retry later"})
+        # Exceptions propagate: BoundaryRoute maps them by type (503 retryable, 500 a bug).
+        outcome = await backend.run(QueryRequest(query=body.query, top_k=body.top_k, mode=body.mode,
+                                                 rerank=rerank, conditions=flt.conditions))
         return SearchResponse(
             results=[SearchResult(**r.to_wire()) for r in outcome.results], model_version=outcome.model_version,
             mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold,
@@ -343,11 +354,15 @@ def create_http_app(
     app.post(SEARCH_ROUTE, response_model=SearchResponse, responses=_ERRORS)(search)
 
     @app.get(IMAGE_ROUTE + "/{image_id}", response_class=FileResponse,
+    async def search(body: Any, _: Any) -> Any:
+        return await answer(body)
+
              responses={**_ERRORS, 404: {"description": "no such image"}})
     async def image(
         image_id: str = PathParam(pattern=IMAGE_ID_PATTERN, max_length=256),
         _: Principal | None = Depends(search_guard),  # noqa: B008
     ) -> FileResponse:
+    add_batch_route(app, BATCH_ROUTE, answer, request_model, search_guard, settings.max_batch, _ERRORS)
         uri = await backend.image_uri(image_id)
         path = None if uri is None else _local_image(uri, settings.image_roots)
         if path is None:
@@ -375,15 +390,26 @@ def create_http_app(
     async def page() -> HTMLResponse:
         return HTMLResponse(SEARCH_PAGE)
 
-    @app.get(HEALTH_ROUTE, responses={503: {"description": "a dependency is down"}})
-    async def healthz() -> JSONResponse:
+    @app.get(LIVE_ROUTE)
+    async def livez() -> dict[str, str]:
+        """Liveness: the process answers (restart it when this fails); touches no dependency."""
+        return {"status": "alive"}
+
+    @app.get(READY_ROUTE, responses={503: {"description": "not ready: the model or the store is unavailable"}})
+    async def readyz() -> JSONResponse:
+        """Readiness: the model is loaded and the store answers (send traffic only when 200)."""
         try:
             data = await backend.health()
-        except Exception as exc:  # noqa: BLE001 - any dependency down -> not ready
-            return JSONResponse(status_code=503, content={"status": "unavailable", "error": str(exc)[:300]})
+        except Exception as exc:  # noqa: BLE001 - whatever is down, the answer is "not ready"
+            return JSONResponse(status_code=503, headers={"Retry-After": "5"},
+                                content={"status": "unavailable", "error": str(exc).splitlines()[0][:300]
+                                         if str(exc) else type(exc).__name__})  # fmt: skip
         return JSONResponse(status_code=200, content={"status": "ok", **data})
 
     # The last added middleware is the outermost: metrics see the 413s of the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RecordRequests, recorder=metrics or NoMetrics())
     return app
+    # Kept for probes and scripts written before /livez and /readyz: same answer as /readyz.
+    app.get(HEALTH_ROUTE, responses={503: {"description": "a dependency is down"}})(readyz)
+

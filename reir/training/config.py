@@ -125,7 +125,7 @@ class TrainConfig(BaseModel):
         """``model_overrides`` as the run applies them to a preset: stage ``weak`` adds the
         appearance head (``vision.appearance_head``) unless the preset or the overrides (in
         any form ``apply_overrides`` takes) name it, because without referent boxes nothing
-        else teaches the instances colour (README, weak mode). A checkpoint keeps its own
+        else teaches the instances colour (docs/model.md, weak mode). A checkpoint keeps its own
         architecture (and refuses any model override)."""
         from reir.model.factory import apply_overrides, load_preset
 

@@ -87,7 +87,7 @@ def test_the_appearance_head_lets_weak_training_tell_same_shape_objects_apart() 
     """The real tiny model, stage "weak" (no referent box), on rendered scenes where two
     objects of one shape differ by colour: with the appearance head the weak model picks the
     right one; without it the trunk, taught by detection alone, has no colour to bind the word
-    to (on the benchmark: a linear probe reads colour at chance, README weak mode)."""
+    to (on the benchmark: a linear probe reads colour at chance, docs/model.md weak mode)."""
     from .synthetic import make_dataset
     from .train_utils import evaluate, train
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from reir.errors import DependencyUnavailable
+from reir.limits import MAX_TOP_K
 from reir.platform.auth import KeyRing, hash_key
 from reir.platform.config import ApiKeySpec
 from reir.platform.filters import allowed_fields
@@ -234,16 +237,77 @@ def test_healthz_and_metric_labels(backend: StubBackend, metrics: ListMetrics) -
 
 def test_openapi_spec_lists_the_versioned_routes(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    assert {"/v1/search", "/v1/images/{image_id}", "/v1/info", "/v1/admin/config", "/healthz", "/"} <= set(spec["paths"])
-    search = spec["paths"]["/v1/search"]["post"]
-    assert {"401", "403", "413", "422", "429"} <= set(search["responses"])
+    assert {"/v1/search", "/v1/search/batch", "/v1/images/{image_id}", "/v1/info", "/v1/admin/config", "/healthz",
+            "/livez", "/readyz", "/"} <= set(spec["paths"])
+    for route in ("/v1/search", "/v1/search/batch"):
+        assert {"401", "403", "413", "422", "429", "500", "503"} <= set(spec["paths"][route]["post"]["responses"])
 
 
-def test_a_failing_stage_is_503_not_a_traceback(metrics: ListMetrics) -> None:
-    class Broken(StubBackend):
-        async def run(self, request: QueryRequest) -> QueryOutcome:
-            raise ConnectionError("milvus gone")
+class Failing(StubBackend):
+    """A backend whose answer depends on the query: "down" -> a dependency is down, "bug" -> a bug."""
 
-    client = TestClient(create_http_app(Broken(), metrics=metrics))
-    resp = client.post("/v1/search", json={"query": "x"})
-    assert resp.status_code == 503 and "milvus" not in resp.text and metrics.records == [("/v1/search", 503)]
+    async def run(self, request: QueryRequest) -> QueryOutcome:
+        if request.query == "down":
+            raise DependencyUnavailable("Milvus unavailable: MilvusUnavailableException", retry_after_s=2.5)
+        if request.query == "bug":
+            raise KeyError("calibration")
+        return await super().run(request)
+
+
+def test_a_dependency_down_is_503_with_retry_after(metrics: ListMetrics) -> None:
+    client = TestClient(create_http_app(Failing(), metrics=metrics))
+    resp = client.post("/v1/search", json={"query": "down"})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "3"
+    body = resp.json()
+    assert body["retry_after_s"] == 3 and "Milvus unavailable" in body["reason"] and body["request_id"]
+    assert metrics.records == [("/v1/search", 503)]
+
+
+def test_a_bug_is_500_with_a_request_id_in_body_and_log(metrics: ListMetrics, caplog: pytest.LogCaptureFixture) -> None:
+    client = TestClient(create_http_app(Failing(), metrics=metrics))
+    with caplog.at_level(logging.ERROR, logger="reir.serving.http"):
+        resp = client.post("/v1/search", json={"query": "bug"})
+    assert resp.status_code == 500 and "Retry-After" not in resp.headers
+    body = resp.json()
+    assert body == {"error": "internal error", "request_id": resp.headers["X-Request-ID"]}
+    assert "calibration" not in resp.text  # internals stay in the log
+    (record,) = [r for r in caplog.records if body["request_id"] in r.getMessage()]
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+    assert metrics.records == [("/v1/search", 500)]
+
+
+def test_livez_never_touches_the_backend_and_readyz_does(backend: StubBackend) -> None:
+    client = TestClient(create_http_app(backend))
+    backend.healthy = False
+    assert client.get("/livez").json() == {"status": "alive"}
+    resp = client.get("/readyz")
+    assert resp.status_code == 503 and resp.json()["error"] == "milvus down" and resp.headers["Retry-After"]
+    backend.healthy = True
+    assert client.get("/readyz").json() == {"status": "ok", "model_version": "stub-1"}
+
+
+def test_batch_answers_each_query_on_its_own(metrics: ListMetrics) -> None:
+    client = TestClient(create_http_app(Failing(), settings=SETTINGS, metrics=metrics))
+    queries = [{"query": "red", "top_k": 2}, {"query": "down"}, {"query": "bug"}, {"query": "x", "top_k": 0},
+               {"query": "y", "filters": [{"field": "nope", "op": "eq", "value": 1}]}, {"query": "z", "colour": 1}]
+    resp = client.post("/v1/search/batch", json={"queries": queries})
+    assert resp.status_code == 200
+    items = resp.json()["responses"]
+    assert [i["status"] for i in items] == [200, 503, 500, 422, 422, 422]
+    assert [r["image_id"] for r in items[0]["result"]["results"]] == ["img0", "img1"]
+    assert items[1]["request_id"] and items[2]["error"] == "internal error"
+    assert items[3]["detail"][0]["field"] == "top_k" and items[5]["detail"][0]["field"] == "colour"
+    assert items[4]["detail"][0]["field"] == "filters"
+    assert metrics.records == [("/v1/search/batch", 200)]
+
+
+@pytest.mark.parametrize("body", [{"queries": []}, {"queries": [{"query": "a"}] * 17}, {"queries": "a"}, {"q": []}])
+def test_malformed_batches_are_422(client: TestClient, body: dict) -> None:
+    resp = client.post("/v1/search/batch", json=body)
+    assert resp.status_code == 422 and resp.json()["error"] == "invalid request"
+
+
+def test_the_shared_top_k_limit_is_the_serve_default() -> None:
+    from reir.platform.config import ServeConfig
+
+    assert ServeConfig.model_fields["max_top_k"].default == MAX_TOP_K == HttpSettings().max_top_k
