@@ -169,8 +169,8 @@ class InstanceEncoder:
             for item in decoded:
                 self._encode_one(builder, *item)
             return
-        for (image_id, uri, _), instances in zip(decoded, per_image, strict=True):
-            self._add(builder, image_id, uri, instances)
+        for (image_id, uri, img), instances in zip(decoded, per_image, strict=True):
+            self._add(builder, image_id, uri, instances, img.size)
 
     def _encode_one(self, builder: _RowBuilder, image_id: str, uri: str, img: Image.Image) -> None:
         try:
@@ -178,15 +178,19 @@ class InstanceEncoder:
         except Exception as exc:  # noqa: BLE001 - recorded in the dead-letter list
             self._fail(builder, image_id, uri, exc)
             return
-        self._add(builder, image_id, uri, instances)
+        self._add(builder, image_id, uri, instances, img.size)
 
-    def _add(self, builder: _RowBuilder, image_id: str, uri: str, instances: list[InstanceLike]) -> None:
+    def _add(self, builder: _RowBuilder, image_id: str, uri: str, instances: list[InstanceLike],
+             size: tuple[int, int]) -> None:  # fmt: skip
         self.images += 1
         self.instances += len(instances)
         if not instances:
             builder.add_status(image_id, uri, STATUS_EMPTY, "")
+        # Size and count travel with every row: the query path then needs no image file and
+        # fetches an image's context by primary key (ranks 0..n-1).
+        context = (float(size[0]), float(size[1]), len(instances))
         for inst in instances:
-            builder.add_instance(image_id, uri, inst)
+            builder.add_instance(image_id, uri, inst, context)
 
     def _fail(self, builder: _RowBuilder, image_id: str, uri: str, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:500]
@@ -206,21 +210,23 @@ class _RowBuilder:
         self.cols: dict[str, list[Any]] = {name: [] for name in (*OUTPUT_COLUMNS, *self.passthrough)}
 
     def _append(self, image_id: str, uri: str, box: Sequence[float], score: float, rank: int,
-                embedding: np.ndarray, status: str, error: str) -> None:  # fmt: skip
+                embedding: np.ndarray, status: str, error: str,
+                context: tuple[float, float, int] = (0.0, 0.0, 0)) -> None:  # fmt: skip
         pk = S.make_pk(self.model_version, image_id, rank) if rank >= 0 else ""
         values = (pk, image_id, uri, *(float(v) for v in box), float(score), int(rank),
-                  self.model_version, embedding, status, error)  # fmt: skip
+                  self.model_version, *context, embedding, status, error)  # fmt: skip
         for name, value in zip(OUTPUT_COLUMNS, values, strict=True):
             self.cols[name].append(value)
         for name, value in zip(self.passthrough, self.extras.get(image_id, ()), strict=True):
             self.cols[name].append(value)
 
-    def add_instance(self, image_id: str, uri: str, inst: InstanceLike) -> None:
+    def add_instance(self, image_id: str, uri: str, inst: InstanceLike,
+                     context: tuple[float, float, int] = (0.0, 0.0, 0)) -> None:  # fmt: skip
         emb = np.asarray(inst.embedding, dtype=np.float32).reshape(-1)
         if emb.shape[0] != self.dim:
             raise ValueError(f"embedding dim {emb.shape[0]} != {self.dim}")
         box = [float(v) for v in inst.box_xywh]
-        self._append(image_id, uri, box, inst.score, int(inst.rank), emb, STATUS_OK, "")
+        self._append(image_id, uri, box, inst.score, int(inst.rank), emb, STATUS_OK, "", context)
 
     def add_status(self, image_id: str, uri: str, status: str, error: str) -> None:
         zeros = np.zeros(self.dim, dtype=np.float32)
@@ -231,9 +237,9 @@ class _RowBuilder:
         for name, values in self.cols.items():
             if name == S.EMBEDDING:
                 out[name] = np.stack(values).astype(np.float32) if values else np.zeros((0, self.dim), np.float32)
-            elif name in S.BOX_FIELDS or name == S.SCORE:
+            elif name in S.BOX_FIELDS or name in (S.SCORE, S.IMAGE_W, S.IMAGE_H):
                 out[name] = np.asarray(values, dtype=np.float32)
-            elif name == S.RANK:
+            elif name in (S.RANK, S.N_INSTANCES):
                 out[name] = np.asarray(values, dtype=np.int64)
             elif name in self.passthrough:
                 out[name] = np.asarray(values)

@@ -2,8 +2,10 @@
 
 Readers (exactly one per job, see :class:`IngestConfig`): a directory tree, a JSON-lines
 image list, a manifest table (jsonl / csv / parquet: ``uri`` + optional ``image_id`` +
-metadata columns) and COCO / REIRCOCO annotation files. Paths may be local or any URI a
-pyarrow filesystem understands (``s3://``, ``gs://``, ``file://``...).
+metadata columns) and COCO / REIRCOCO annotation files. Paths may be local, ``http(s)://``
+or any URI a pyarrow filesystem understands (``s3://``, ``gs://``, ``file://``...): bytes are
+read by :func:`reir.platform.uri.read_uri` (size cap, deadline), so the reading node needs no
+copy of the gallery.
 
 Listing happens on the driver (cheap, deterministic order, and the incremental planner
 joins it with the ledger); reading happens in Ray Data tasks, where an unreadable file
@@ -27,6 +29,7 @@ import numpy as np
 
 from reir.platform import schema as S
 from reir.platform.config import IngestConfig
+from reir.platform.uri import filesystem_for, join_uri, read_uri
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +108,13 @@ def _from_image_list(path: Path) -> list[GalleryItem]:
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path in it) for a local path or a filesystem URI."""
-    from pyarrow import fs
-
-    if "://" in uri:
-        return fs.FileSystem.from_uri(uri)
-    return fs.LocalFileSystem(), str(Path(uri).resolve())
+    """(pyarrow filesystem, path in it) for a local path or a URI (http(s) included)."""
+    return filesystem_for(uri)
 
 
 def _join(base_uri: str, relative: str) -> str:
     """Resolve a manifest/annotation entry against the directory of the file that lists it."""
-    if "://" in relative or relative.startswith("/"):
-        return relative
-    if "://" in base_uri:
-        scheme, rest = base_uri.split("://", 1)
-        return f"{scheme}://{posixpath.join(posixpath.dirname(rest), relative)}"
-    return str((Path(base_uri).resolve().parent / relative).resolve())
+    return join_uri(base_uri, relative)
 
 
 def read_manifest(uri: str, metadata_fields: Mapping[str, str]) -> list[GalleryItem]:
@@ -193,16 +187,6 @@ def read_annotations(
         GalleryItem(image_id, str((base / rec["file_name"]).resolve()), {k: rec.get(k) for k in metadata_fields})
         for image_id, rec in records.items()
     ]
-
-
-def read_uri(uri: str) -> bytes:
-    """The file's bytes: local paths directly, other URIs through a pyarrow filesystem."""
-    path = uri.removeprefix("file://")
-    if "://" not in path:
-        return Path(path).read_bytes()
-    fs, inner = _filesystem(uri)
-    with fs.open_input_file(inner) as fh:
-        return bytes(fh.read())
 
 
 def content_hash(data: bytes) -> str:

@@ -13,7 +13,7 @@ STATUS = "status"
 ERROR = "error"
 STATUS_OK, STATUS_FAILED, STATUS_EMPTY = "ok", "failed", "empty"
 # Schema columns plus the bookkeeping columns; status rows have rank -1 and no pk.
-OUTPUT_COLUMNS: tuple[str, ...] = (*S.SCALAR_FIELDS, S.EMBEDDING, STATUS, ERROR)
+OUTPUT_COLUMNS: tuple[str, ...] = (*S.SCALAR_FIELDS, *S.CONTEXT_FIELDS, S.EMBEDDING, STATUS, ERROR)
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,8 @@ class MilvusDatasink(Datasink[WriteStats]):
                     continue
                 ok, stats = _stats_for(columns)
                 if np.any(ok):
-                    kept = {name: columns[name][ok] for name in (*S.ROW_FIELDS, *self.milvus.metadata_fields)}
+                    kept = {name: columns[name][ok] for name in (*S.ROW_FIELDS, *self.milvus.metadata_fields)
+                            if name in columns}  # context fields are absent from older encoders' batches
                     if not collection_ready:
                         _ensure_collection(store, kept[S.EMBEDDING].shape[-1])
                         collection_ready = True

@@ -26,12 +26,17 @@ SCORE = "score"
 RANK = "rank"
 MODEL_VERSION = "model_version"
 EMBEDDING = "embedding"
+# Per-image facts repeated on each of its rows, so the re-ranker needs no image file and
+# the context fetch knows which keys to ask for (ranks 0..n_instances-1). Collections
+# written before these fields existed lack them; readers fall back (see MilvusStore).
+IMAGE_W, IMAGE_H, N_INSTANCES = "image_w", "image_h", "n_instances"
+CONTEXT_FIELDS: tuple[str, str, str] = (IMAGE_W, IMAGE_H, N_INSTANCES)
 
 BOX_FIELDS: tuple[str, str, str, str] = (BOX_X, BOX_Y, BOX_W, BOX_H)
 # Every stored scalar column, in schema order (the vector is kept apart: searches
 # never need it back, and it is the bulk of the payload).
 SCALAR_FIELDS: tuple[str, ...] = (PK, IMAGE_ID, URI, *BOX_FIELDS, SCORE, RANK, MODEL_VERSION)
-ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, EMBEDDING)
+ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, *CONTEXT_FIELDS, EMBEDDING)
 
 MAX_PK_LEN = 512
 MAX_IMAGE_ID_LEN = 256
@@ -107,6 +112,9 @@ def collection_schema(dim: int, metadata_fields: Mapping[str, str] | None = None
     schema.add_field(SCORE, DataType.FLOAT)
     schema.add_field(RANK, DataType.INT64)
     schema.add_field(MODEL_VERSION, DataType.VARCHAR, max_length=MAX_MODEL_VERSION_LEN)
+    schema.add_field(IMAGE_W, DataType.FLOAT)
+    schema.add_field(IMAGE_H, DataType.FLOAT)
+    schema.add_field(N_INSTANCES, DataType.INT64)
     for name, kind in (metadata_fields or {}).items():
         if name in ROW_FIELDS or kind not in METADATA_TYPES:
             raise ValueError(f"bad metadata field {name!r}: {kind!r} (types: {sorted(METADATA_TYPES)})")
@@ -128,6 +136,9 @@ class InstanceRow:
     model_version: str
     embedding: np.ndarray
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # (width, height) of the decoded image and how many instances it has stored; 0 = unknown.
+    image_size: tuple[float, float] = (0.0, 0.0)
+    n_instances: int = 0
 
     @property
     def pk(self) -> str:
@@ -146,6 +157,9 @@ class InstanceRow:
             SCORE: float(self.score),
             RANK: int(self.rank),
             MODEL_VERSION: self.model_version,
+            IMAGE_W: float(self.image_size[0]),
+            IMAGE_H: float(self.image_size[1]),
+            N_INSTANCES: int(self.n_instances),
             EMBEDDING: np.asarray(self.embedding, dtype=np.float32).reshape(-1).tolist(),
         }
         row.update(self.extra)
@@ -164,6 +178,8 @@ class InstanceRow:
             model_version=str(row[MODEL_VERSION]),
             embedding=np.asarray(row.get(EMBEDDING, []), dtype=np.float32),
             extra=extra,
+            image_size=(float(row.get(IMAGE_W, 0.0)), float(row.get(IMAGE_H, 0.0))),
+            n_instances=int(row.get(N_INSTANCES, 0)),
         )
 
 
@@ -172,9 +188,12 @@ def rows_from_columns(columns: Mapping[str, Any], extra_fields: Iterable[str] = 
 
     Only schema fields (and the named ``extra_fields``, e.g. declared metadata) are taken
     (``pk`` is recomputed) so bookkeeping columns of a pipeline never leak into the store.
+    The context columns (``image_w``, ``image_h``, ``n_instances``) are optional: 0 when absent.
     """
     extra_fields = tuple(extra_fields)
     n = len(columns[IMAGE_ID])
+    zeros = np.zeros(n)
+    width, height, count = (np.asarray(columns.get(name, zeros)) for name in CONTEXT_FIELDS)
     embeddings = np.asarray(columns[EMBEDDING], dtype=np.float32).reshape(n, -1)
     for i in range(n):
         row = InstanceRow(
@@ -186,6 +205,8 @@ def rows_from_columns(columns: Mapping[str, Any], extra_fields: Iterable[str] = 
             model_version=str(columns[MODEL_VERSION][i]),
             embedding=embeddings[i],
             extra={name: _plain(columns[name][i]) for name in extra_fields},
+            image_size=(float(width[i]), float(height[i])),
+            n_instances=int(count[i]),
         )
         yield row.to_dict()
 

@@ -19,13 +19,14 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pymilvus import MilvusClient
 
 from reir.platform import schema as S
+from reir.platform.backend import DEFAULT_PARTITION, Layout, auto_index, is_lite_version, partition_for, search_params
 
 if TYPE_CHECKING:
     from typing import Self
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from reir.platform.config import MilvusConfig
 
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT")
+# Keys per keyed fetch: one Milvus ``get`` call stays well under its message size limit.
+_GET_BATCH = 4096
 _DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
     "HNSW": {"M": 16, "efConstruction": 200},
     "IVF_FLAT": {"nlist": 128},
@@ -62,6 +65,10 @@ class Hit:
     model_version: str
     # Only set by reads that ask for vectors (``rows_for_images``); searches leave it None.
     embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # (width, height) of the image and its stored instance count; None/0 when the collection
+    # predates these fields (the re-ranker and the context fetch then fall back).
+    image_size: tuple[float, float] | None = field(default=None, compare=False)
+    n_instances: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,8 @@ class MilvusStore:
         self.upsert_batch_size = upsert_batch_size
         self._search_params = dict(search_params or {})
         self._lite_path = os.path.abspath(uri) if uri.endswith(".db") else None
+        self._layout: Layout | None = None
+        self._lite: bool | None = True if self._lite_path is not None else None
         if self._lite_path is not None:
             with _lite_lock:
                 _lite_refs[self._lite_path] = _lite_refs.get(self._lite_path, 0) + 1
@@ -208,24 +217,67 @@ class MilvusStore:
         if existing is None:
             schema = S.collection_schema(dim, self.metadata_fields)
             self.client.create_collection(self.collection, schema=schema)
+            self.refresh()
         elif existing != dim:
             raise ValueError(
                 f"collection {self.collection} has dim {existing}, rows have dim {dim}; "
                 "use another collection name for this model"
             )
 
+    @property
+    def lite(self) -> bool:
+        """milvus-lite (scans) rather than a Milvus server (real ANN indexes)."""
+        if self._lite is None:
+            self._lite = is_lite_version(str(self.client.get_server_version()))
+        return self._lite
+
+    def layout(self) -> Layout:
+        """Index type, fields and partitions of the collection, read once (refreshed when stale)."""
+        if self._layout is None or self._layout.stale:
+            client = self.client
+            kind = None
+            if S.EMBEDDING in client.list_indexes(self.collection):
+                kind = str(client.describe_index(self.collection, S.EMBEDDING)["index_type"])
+            fields = frozenset(f["name"] for f in client.describe_collection(self.collection)["fields"])
+            parts = frozenset(client.list_partitions(self.collection))
+            self._layout = Layout(index_type=kind, fields=fields, partitions=parts)
+        return self._layout
+
+    def refresh(self) -> None:
+        """Forget the cached layout (after an index build, a new partition, an alias move)."""
+        self._layout = None
+
     def upsert(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Insert or replace rows by primary key, in batches; returns rows written."""
+        """Insert or replace rows by primary key, in batches; returns rows written.
+
+        In a collection with the context fields each model version's rows go to its own
+        partition (searches then need no version filter); older collections keep one.
+        """
         written = 0
-        prepared = (self._prepare(row) for row in rows)
+        layout = self.layout()
+        prepared = (self._prepare(row, layout.has_context) for row in rows)
         for chunk in _chunks(prepared, self.upsert_batch_size):
-            self.client.upsert(self.collection, chunk)
+            by_partition: dict[str, list[dict[str, Any]]] = {}
+            for row in chunk:
+                name = partition_for(row[S.MODEL_VERSION]) if layout.has_context else DEFAULT_PARTITION
+                by_partition.setdefault(name, []).append(row)
+            for name, part in by_partition.items():
+                if name not in layout.partitions:
+                    if not self.client.has_partition(self.collection, name):
+                        self.client.create_partition(self.collection, name)
+                    layout.partitions = layout.partitions | {name}
+                self.client.upsert(self.collection, part, partition_name=name)
             written += len(chunk)
         return written
 
     @staticmethod
-    def _prepare(row: Mapping[str, Any]) -> dict[str, Any]:
+    def _prepare(row: Mapping[str, Any], has_context: bool = True) -> dict[str, Any]:
         out = dict(row)
+        for name, default in zip(S.CONTEXT_FIELDS, (0.0, 0.0, 0), strict=True):
+            if has_context:
+                out.setdefault(name, default)
+            else:  # an older collection: these would land in its dynamic JSON field
+                out.pop(name, None)
         out[S.EMBEDDING] = _normalize(np.asarray(row[S.EMBEDDING]))[0].tolist()
         if S.PK not in out:
             out[S.PK] = S.make_pk(out[S.MODEL_VERSION], out[S.IMAGE_ID], int(out[S.RANK]))
@@ -237,9 +289,15 @@ class MilvusStore:
         self.client.flush(self.collection)
 
     def build_index(self, index_type: str = "AUTOINDEX", params: Mapping[str, Any] | None = None) -> None:
-        """(Re)build the vector index; a no-op when the same index type already exists."""
+        """(Re)build the vector index; a no-op when the same index type already exists.
+
+        ``AUTOINDEX`` means the backend's default: milvus-lite's own, HNSW on a server.
+        """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+        index_type, defaults = auto_index(self.lite, index_type)
+        params = {**defaults, **dict(params or {})}
+        self.refresh()
         current = self._current_index_type()
         if current == index_type:
             return
@@ -255,11 +313,10 @@ class MilvusStore:
             params={**_DEFAULT_INDEX_PARAMS.get(index_type, {}), **dict(params or {})},
         )
         self.client.create_index(self.collection, index_params)
+        self.refresh()
 
     def _current_index_type(self) -> str | None:
-        if S.EMBEDDING not in self.client.list_indexes(self.collection):
-            return None
-        return str(self.client.describe_index(self.collection, S.EMBEDDING)["index_type"])
+        return self.layout().index_type
 
     def index_type(self) -> str | None:
         return self._current_index_type()
@@ -267,46 +324,86 @@ class MilvusStore:
     def load(self) -> None:
         self.client.load_collection(self.collection)
 
-    def _search_params_for(self, top_n: int) -> dict[str, Any]:
-        kind = self._current_index_type()
-        params: dict[str, Any] = {}
-        if kind == "HNSW":
-            params["ef"] = max(top_n, 64)  # HNSW needs ef >= limit
-        elif kind == "IVF_FLAT":
-            params["nprobe"] = 16
-        params.update(self._search_params)
-        return {"metric_type": S.METRIC, "params": params}
-
     def search(
         self, vectors: np.ndarray, top_n: int, filter: SearchFilter | None = None
     ) -> list[list[Hit]]:
-        """Nearest instances for each query vector, best first."""
+        """Nearest instances for each query vector, best first.
+
+        A ``model_version`` filter becomes the version's partition when the collection has
+        one; the layout is re-read once if the call fails (the alias may have moved).
+        """
         if top_n < 1:
             raise ValueError("top_n must be >= 1")
-        queries = _normalize(vectors)
+        queries = _normalize(vectors).tolist()
+        try:
+            return self._search(queries, top_n, filter)
+        except Exception:
+            if self._layout is None:
+                raise
+            self.refresh()
+            return self._search(queries, top_n, filter)
+
+    def _search(self, queries: list[list[float]], top_n: int, filter: SearchFilter | None) -> list[list[Hit]]:
+        layout = self.layout()
+        partition = layout.partition_of(filter.model_version if filter is not None else None)
+        if partition is not None and filter is not None:
+            filter = replace(filter, model_version=None)
         results = self.client.search(
             self.collection,
-            data=queries.tolist(),
+            data=queries,
             limit=top_n,
             filter=filter.to_expr() if filter is not None else "",
-            output_fields=[f for f in S.SCALAR_FIELDS if f != S.PK],
-            search_params=self._search_params_for(top_n),
+            output_fields=self._scalar_fields(layout),
+            search_params=search_params(layout.index_type, top_n, self.lite, self._search_params),
             anns_field=S.EMBEDDING,
+            partition_names=[partition] if partition is not None else None,
         )
-        return [[self._to_hit(h) for h in hits] for hits in results]
+        return [[self._to_hit(h.get("entity", {}), h, float(h["distance"])) for h in hits] for hits in results]
 
     @staticmethod
-    def _to_hit(hit: Mapping[str, Any]) -> Hit:
-        entity = hit.get("entity", {})
+    def _scalar_fields(layout: Layout) -> list[str]:
+        return [*S.SCALAR_FIELDS, *(S.CONTEXT_FIELDS if layout.has_context else ())]
+
+    @staticmethod
+    def _to_hit(row: Mapping[str, Any], hit: Mapping[str, Any] | None = None, score: float = 0.0) -> Hit:
+        """A search hit (``row`` = its entity) or a fetched row (score 0, vector when present)."""
+        pk = row.get(S.PK) if hit is None else hit.get("pk", hit.get("id"))
+        vector = row.get(S.EMBEDDING) if hit is None else None
+        width = float(row.get(S.IMAGE_W) or 0.0)
+        height = float(row.get(S.IMAGE_H) or 0.0)
         return Hit(
-            pk=str(hit.get("pk", hit.get("id"))),
-            image_id=str(entity[S.IMAGE_ID]),
-            uri=str(entity[S.URI]),
-            box=S.as_box(entity[f] for f in S.BOX_FIELDS),
-            score=float(hit["distance"]),
-            instance_score=float(entity[S.SCORE]),
-            model_version=str(entity[S.MODEL_VERSION]),
-        )
+            pk=str(pk), image_id=str(row[S.IMAGE_ID]), uri=str(row[S.URI]),
+            box=S.as_box(row[f] for f in S.BOX_FIELDS), score=score, instance_score=float(row[S.SCORE]),
+            model_version=str(row[S.MODEL_VERSION]),
+            embedding=None if vector is None else np.asarray(vector, dtype=np.float32),
+            image_size=(width, height) if width > 0 and height > 0 else None,
+            n_instances=int(row.get(S.N_INSTANCES) or 0),
+        )  # fmt: skip
+
+    def context(self, hits: Sequence[Hit], *, model_version: str | None = None) -> dict[str, list[Hit]]:
+        """Every stored instance (rank order, with vectors) of each hit's image: the re-ranker's input.
+
+        A keyed lookup: the primary keys of ranks 0..n_instances-1 are known from the hit, so
+        this is one ``get`` however large the collection. Images whose hits do not carry a
+        count (collections older than the field) are read with the scalar query instead.
+        """
+        keys: list[str] = []
+        legacy: list[str] = []
+        for hit in {h.image_id: h for h in reversed(hits)}.values():
+            if hit.n_instances > 0:
+                keys.extend(S.make_pk(hit.model_version, hit.image_id, r) for r in range(hit.n_instances))
+            else:
+                legacy.append(hit.image_id)
+        out: dict[str, list[Hit]] = {h.image_id: [] for h in hits}
+        fields = [*self._scalar_fields(self.layout()), S.EMBEDDING]
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(keys), _GET_BATCH):
+            rows.extend(self.client.get(self.collection, ids=keys[start : start + _GET_BATCH], output_fields=fields))
+        for row in sorted(rows, key=lambda r: int(r[S.RANK])):
+            out[str(row[S.IMAGE_ID])].append(self._to_hit(row))
+        if legacy:
+            out.update(self.rows_for_images(legacy, model_version=model_version))
+        return out
 
     def rows_for_images(
         self,
@@ -325,19 +422,13 @@ class MilvusStore:
         if not ids:
             return {}
         expr = SearchFilter(model_version=model_version, image_ids=ids).to_expr() + f" and {S.RANK} >= 0"
-        fields = [*S.SCALAR_FIELDS, *([S.EMBEDDING] if with_vectors else [])]
+        fields = [*self._scalar_fields(self.layout()), *([S.EMBEDDING] if with_vectors else [])]
         rows = self.client.query(
             self.collection, filter=expr, output_fields=fields, limit=min(16_384, len(ids) * max_per_image)
         )
         out: dict[str, list[Hit]] = {i: [] for i in ids}
         for row in sorted(rows, key=lambda r: (str(r[S.IMAGE_ID]), int(r[S.RANK]))):
-            vector = row.get(S.EMBEDDING)
-            out.setdefault(str(row[S.IMAGE_ID]), []).append(Hit(
-                pk=str(row[S.PK]), image_id=str(row[S.IMAGE_ID]), uri=str(row[S.URI]),
-                box=S.as_box(row[f] for f in S.BOX_FIELDS), score=0.0, instance_score=float(row[S.SCORE]),
-                model_version=str(row[S.MODEL_VERSION]),
-                embedding=None if vector is None else np.asarray(vector, dtype=np.float32),
-            ))  # fmt: skip
+            out.setdefault(str(row[S.IMAGE_ID]), []).append(self._to_hit(row))
         return out
 
     def get(self, pks: Sequence[str]) -> list[dict[str, Any]]:
@@ -360,6 +451,7 @@ class MilvusStore:
     def drop(self) -> None:
         if self.exists():
             self.client.drop_collection(self.collection)
+        self.refresh()
 
     def close(self) -> None:
         if self._client is None:

@@ -118,9 +118,9 @@ class SearcherDeployment:
         self._latency.observe(loop.time() - start)
         return hits[0]
 
-    async def context(self, image_ids: list[str], model_version: str | None) -> dict[str, list[Hit]]:
-        """Every stored instance (with vectors) of each image: the re-ranker's context."""
-        return await asyncio.to_thread(self.store.rows_for_images, image_ids, model_version=model_version)
+    async def context(self, hits: list[Hit], model_version: str | None) -> dict[str, list[Hit]]:
+        """Every stored instance (with vectors) of each hit's image: the re-ranker's context."""
+        return await asyncio.to_thread(self.store.context, hits, model_version=model_version)
 
     async def image_uri(self, image_id: str) -> str | None:
         rows = await asyncio.to_thread(milvus_call, self.store.rows_for_images, [image_id], with_vectors=False,
@@ -164,7 +164,7 @@ class RerankerDeployment:
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
         if not self.reranker.can_rerank:
             return ann_order(candidates, self.reranker.calibration)
-        context = await self.searcher.context.remote(sorted({h.image_id for h in candidates}), model_version)
+        context = await self.searcher.context.remote(candidates, model_version)
         return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:

@@ -7,14 +7,15 @@ window around it, conditioned on the query (:func:`reir.model.localize.zoom_refi
 the refined box replaces the stored one. Large boxes are left alone (their image header
 is read, never decoded).
 
-Images are read from the row's ``uri`` on the replica that runs the stage (a local path
-or ``file://``). An image that cannot be read keeps its stored box and is reported as an
-``unreadable`` error; a model failure keeps every box and reports ``failed``: the stage
-never fails a query.
+Images are read from the row's ``uri`` on the replica that runs the stage (a local path,
+``file://``, ``http(s)://`` or a pyarrow filesystem URI). An image that cannot be read keeps
+its stored box and is reported as an ``unreadable`` error; a model failure keeps every box
+and reports ``failed``: the stage never fails a query.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps
 from reir.model.localize import BatchLocalizer, InstanceLocalizer, ZoomSpec, as_box, is_small, zoom_refine
 from reir.platform.config import LocalizeConfig
 from reir.platform.schema import Box
+from reir.platform.uri import DEFAULT_MAX_BYTES, is_local, read_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,17 @@ class ImageReadError(OSError):
     pass
 
 
-def open_image(uri: str, *, max_pixels: int = 100_000_000) -> Image.Image:
-    """Open a local image lazily (header only); remote URIs are not readable here."""
-    if "://" in uri and not uri.startswith("file://"):
-        raise ImageReadError(f"{uri}: only local files can be localized")
-    path = uri.removeprefix("file://")
+def open_image(uri: str, *, max_pixels: int = 100_000_000, max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+    """Open an image lazily: a local file's header only; any other URI (``http(s)://``,
+    ``s3://``...) is fetched whole (capped) by :func:`reir.platform.uri.read_uri`, so the
+    replica need not share a disk with the gallery."""
+    source: str | io.BytesIO = uri.removeprefix("file://")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            if not is_local(uri):
+                source = io.BytesIO(read_uri(uri, max_bytes=max_bytes))
+            img = Image.open(source)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageReadError(f"{uri}: {exc}") from exc
     if img.width * img.height > max_pixels:

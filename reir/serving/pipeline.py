@@ -222,6 +222,8 @@ class QueryPipeline:
 class ContextStore(Protocol):
     def search(self, vectors: np.ndarray, top_n: int, filter: Any = None) -> list[list[Hit]]: ...
 
+    def context(self, hits: Sequence[Hit], *, model_version: str | None = None) -> dict[str, list[Hit]]: ...
+
     def rows_for_images(
         self, image_ids: Sequence[str], *, model_version: str | None = None, with_vectors: bool = True,
         max_per_image: int = 64,
@@ -250,7 +252,7 @@ class LocalStages:
         return (await asyncio.to_thread(self.store.search, np.atleast_2d(embedding), top_n, flt))[0]
 
     async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
-        context = self.store.rows_for_images([h.image_id for h in candidates], model_version=model_version)
+        context = await asyncio.to_thread(self.store.context, candidates, model_version=model_version)
         return self.reranker.rerank(query, candidates, context)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:

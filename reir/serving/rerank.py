@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reir.model.images import upright_size
 from reir.model.rerank import pack_instance_sets
 from reir.platform.store import Hit
 from reir.serving.retriever import Calibration, to_numpy
@@ -65,13 +66,17 @@ def ann_order(candidates: Sequence[Hit], calibration: Calibration) -> list[Score
 
 
 class ImageSizes:
-    """(width, height) per image: the file header when readable, else the instances' extent."""
+    """(width, height) per image: stored with the rows; for collections older than that field,
+    the file header when readable, else the instances' extent."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self._cache: dict[str, tuple[float, float]] = {}
         self.max_entries = max_entries
 
     def __call__(self, image_id: str, rows: Sequence[Hit]) -> tuple[float, float]:
+        stored = next((r.image_size for r in rows if r.image_size is not None), None)
+        if stored is not None:
+            return stored
         if image_id in self._cache:
             return self._cache[image_id]
         size = self._from_file(rows[0].uri) if rows else None
@@ -85,7 +90,8 @@ class ImageSizes:
     def _from_file(uri: str) -> tuple[float, float] | None:
         try:
             with Image.open(uri) as img:  # reads the header only
-                return float(img.width), float(img.height)
+                w, h = upright_size(img)  # stored boxes are in the EXIF-upright picture
+                return float(w), float(h)
         except (OSError, ValueError):
             return None
 

@@ -1,0 +1,97 @@
+"""What a Milvus backend is, and the defaults that suit it (used by :mod:`reir.platform.store`).
+
+milvus-lite (a ``.db`` file, or ``milvus-lite server`` by URI) scans: its "indexes" do not
+make a search sublinear, so it stays the embedded default for small galleries. A Milvus
+server (standalone or cluster) gets a real ANN index, HNSW with M 16 / efConstruction 200,
+searched with ``ef`` wide enough for recall@100 >= 0.95 (measured in ``bench/query.py``).
+
+Each model version's rows live in their own partition (``mv_<version>``) of collections
+created with the context fields (``image_w``/``image_h``/``n_instances``), so a search for one
+version names the partition instead of carrying a scalar filter. Older collections keep
+their rows in ``_default`` and are searched with the ``model_version`` filter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from reir.platform import schema as S
+
+DEFAULT_PARTITION = "_default"
+# HNSW ef per top-N on a server: recall@100 on random unit vectors needs far more than the
+# top-N itself; model embeddings (clustered) reach 0.95 earlier. See docs/query-path.md.
+SERVER_HNSW_EF = 512
+SERVER_INDEX: tuple[str, dict[str, Any]] = ("HNSW", {"M": 16, "efConstruction": 200})
+_PARTITION_CHARS = re.compile(r"[^A-Za-z0-9_]")
+
+
+def is_lite_version(server_version: str) -> bool:
+    """``get_server_version()`` of milvus-lite says so (e.g. ``milvus_lite-3.2.2``)."""
+    return "lite" in server_version.lower()
+
+
+def partition_for(model_version: str) -> str:
+    """A valid, stable partition name for a model version (Milvus allows [A-Za-z0-9_], 255 chars).
+
+    The readable part is lossy (any other char becomes ``_``), so a short hash of the exact
+    version keeps two versions that differ only there apart.
+    """
+    readable = _PARTITION_CHARS.sub("_", model_version)[:80]
+    digest = hashlib.sha1(model_version.encode()).hexdigest()[:10]
+    return f"mv_{readable}_{digest}"
+
+
+def auto_index(lite: bool, requested: str) -> tuple[str, dict[str, Any]]:
+    """The index to build: the requested one, or per backend for ``AUTOINDEX`` on a server."""
+    if requested == "AUTOINDEX" and not lite:
+        return SERVER_INDEX[0], dict(SERVER_INDEX[1])
+    return requested, {}
+
+
+def search_params(index_type: str | None, top_n: int, lite: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Per-search parameters for the index in place; ``overrides`` (configuration) win."""
+    params: dict[str, Any] = {}
+    if index_type == "HNSW":
+        # ef >= limit is required; on milvus-lite HNSW is a scan anyway, so keep it minimal.
+        params["ef"] = max(top_n, 64) if lite else max(top_n, SERVER_HNSW_EF)
+    elif index_type == "IVF_FLAT":
+        params["nprobe"] = 16
+    params.update(overrides)
+    return {"metric_type": S.METRIC, "params": params}
+
+
+@dataclass
+class Layout:
+    """A collection's facts that every search needs, read once and kept (see ``MAX_AGE_S``).
+
+    ``fields``: its field names; ``partitions``: its partition names; ``index_type``: of the
+    vector field, None without one. ``has_context``: rows carry image size and count.
+    """
+
+    index_type: str | None
+    fields: frozenset[str]
+    partitions: frozenset[str]
+    read_at: float = field(default_factory=time.monotonic)
+
+    # An alias may be moved to another collection by another process (the catalog's
+    # promote); re-reading now and then is what notices it without a call per search.
+    MAX_AGE_S = 30.0
+
+    @property
+    def has_context(self) -> bool:
+        return set(S.CONTEXT_FIELDS) <= self.fields
+
+    @property
+    def stale(self) -> bool:
+        return time.monotonic() - self.read_at > self.MAX_AGE_S
+
+    def partition_of(self, model_version: str | None) -> str | None:
+        """The partition that holds exactly this version's rows, when the layout has one."""
+        if model_version is None or not self.has_context:
+            return None
+        name = partition_for(model_version)
+        return name if name in self.partitions else None
