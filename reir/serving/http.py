@@ -40,12 +40,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException
 
+from reir.limits import MAX_BATCH_QUERIES, MAX_TOP_K
 from reir.platform.auth import KeyRing, Principal
 from reir.platform.config import ServeConfig
 from reir.platform.filters import FieldType, FilterError, allowed_fields, compile_filters
 from reir.serving.batch import add_batch_route
 from reir.serving.boundary import BoundaryRoute
-from reir.limits import MAX_BATCH_QUERIES, MAX_TOP_K
 from reir.serving.page import SEARCH_PAGE
 from reir.serving.pipeline import QueryOutcome, QueryRequest
 
@@ -56,6 +56,9 @@ IMAGE_ROUTE = "/v1/images"
 INFO_ROUTE = "/v1/info"
 ADMIN_ROUTE = "/v1/admin/config"
 HEALTH_ROUTE = "/healthz"
+LIVE_ROUTE = "/livez"
+READY_ROUTE = "/readyz"
+BATCH_ROUTE = "/v1/search/batch"
 PAGE_ROUTE = "/"
 MAX_QUERY_CHARS = 500
 IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:@+\-]{1,256}$"
@@ -63,9 +66,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or unknown API key"},
     403: {"description": "the key may not use this route"},
-LIVE_ROUTE = "/livez"
-READY_ROUTE = "/readyz"
-BATCH_ROUTE = "/v1/search/batch"
     413: {"description": "request body too large"},
     422: {"description": "invalid request"},
     429: {"description": "rate limit exceeded (see Retry-After)"},
@@ -326,6 +326,7 @@ def create_http_app(
     search_guard, admin_guard = require("search"), require("admin")
     request_model = _request_model(settings)
     app = FastAPI(title="reir", version="1", description="Referring expression instance retrieval")
+    app.router.route_class = BoundaryRoute  # exceptions -> 503 (dependency down) or 500 (bug)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
 
@@ -333,7 +334,6 @@ def create_http_app(
         start = time.perf_counter()
         try:
             flt = compile_filters([c.model_dump() for c in body.filters], settings.filter_fields)
-    app.router.route_class = BoundaryRoute  # exceptions -> 503 (dependency down) or 500 (bug)
         except FilterError as exc:
             return _invalid([{"field": "filters", "message": str(exc)}])
         rerank = settings.rerank_default if body.rerank is None else body.rerank
@@ -347,22 +347,22 @@ def create_http_app(
             took_ms=round((time.perf_counter() - start) * 1000.0, 3),
         )  # fmt: skip
 
+    async def search(body: Any, _: Any) -> Any:
+        return await answer(body)
+
     # The request model is built per app (limits from config), so it is a local name that
     # FastAPI could not resolve from a string annotation: set the real classes.
     search.__annotations__ = {"body": request_model, "_": Principal | None, "return": SearchResponse}
     search.__defaults__ = (Depends(search_guard),)
     app.post(SEARCH_ROUTE, response_model=SearchResponse, responses=_ERRORS)(search)
+    add_batch_route(app, BATCH_ROUTE, answer, request_model, search_guard, settings.max_batch, _ERRORS)
 
     @app.get(IMAGE_ROUTE + "/{image_id}", response_class=FileResponse,
-    async def search(body: Any, _: Any) -> Any:
-        return await answer(body)
-
              responses={**_ERRORS, 404: {"description": "no such image"}})
     async def image(
         image_id: str = PathParam(pattern=IMAGE_ID_PATTERN, max_length=256),
         _: Principal | None = Depends(search_guard),  # noqa: B008
     ) -> FileResponse:
-    add_batch_route(app, BATCH_ROUTE, answer, request_model, search_guard, settings.max_batch, _ERRORS)
         uri = await backend.image_uri(image_id)
         path = None if uri is None else _local_image(uri, settings.image_roots)
         if path is None:
@@ -406,10 +406,10 @@ def create_http_app(
                                          if str(exc) else type(exc).__name__})  # fmt: skip
         return JSONResponse(status_code=200, content={"status": "ok", **data})
 
+    # Kept for probes and scripts written before /livez and /readyz: same answer as /readyz.
+    app.get(HEALTH_ROUTE, responses={503: {"description": "a dependency is down"}})(readyz)
+
     # The last added middleware is the outermost: metrics see the 413s of the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RecordRequests, recorder=metrics or NoMetrics())
     return app
-    # Kept for probes and scripts written before /livez and /readyz: same answer as /readyz.
-    app.get(HEALTH_ROUTE, responses={503: {"description": "a dependency is down"}})(readyz)
-
