@@ -50,8 +50,8 @@ def synth(
 @app.command()
 def train(
     data: Path | None = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
-    stage: str = typer.Option("1", help="1 (detection + REC), 2 (CLIA), rerank (the re-ranker, on a stage-2 model), "
-                              "weak (expressions without referent boxes: detection + MIL contrast) or weak-rerank "
+    stage: str | None = typer.Option(None, help="1 (detection + REC) [default], 2 (CLIA), rerank (the re-ranker, "
+                              "on a stage-2 model), weak (expressions without referent boxes: detection + MIL contrast) or weak-rerank "
                               "(the re-ranker on a weak model, from the same pairs)"),
     model: str | None = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
     out: str | None = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
@@ -72,35 +72,35 @@ def train(
     eval_every: int | None = typer.Option(None, min=1, help="held-out BR@k / REC Acc every N steps [off]"),
     lookalike_partners: int | None = typer.Option(
         None, min=0, help="stages 1, 2, weak: look-alike images per image in a batch (hard negatives) [0]"),
-    config: Path | None = typer.Option(None, help="YAML with TrainConfig fields; flags given win"),
+    config: Path | None = typer.Option(None, help="YAML: TrainConfig fields, or a `train:` section [$REIR_CONFIG]; "
+                                       "flags given win"),
     source: list[str] = typer.Option([], "--source", help="KIND:PATH[:WEIGHT] instead of --data, repeat to mix "
                                      "by weight; KIND: synthetic, reircoco, refcoco, sorec or coco"),
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
-    from reir.training.config import STAGES, SourceSpec, TrainConfig
+    from reir.settings import command_config
+    from reir.training.config import STAGES, SourceSpec
     from reir.training.trainer import run_training
 
     if data is not None:
         _need_dir(data, "data directory")
-    if stage not in STAGES:
+    if stage is not None and stage not in STAGES:
         raise ReirError(f"--stage must be {', '.join(STAGES[:-1])} or {STAGES[-1]}, got {stage!r}")
-    fields: dict[str, Any] = _yaml(config) if config else {}
-    flags = {"model": model, "output_dir": out, "run_name": name, "num_workers": workers,
-             "cpus_per_worker": cpus_per_worker, "use_gpu": gpu, "epochs": epochs, "max_steps": max_steps,
-             "time_budget_s": minutes * 60 if minutes else None, "batch_size": batch_size, "lr": lr,
-             "zero_stage": zero}
-    flags.update(checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures, eval_every=eval_every,
-                 lookalike_partners=lookalike_partners)
-    fields.update({k: v for k, v in flags.items() if v is not None})
-    fields.update(stage=stage)
-    if data is not None:
-        fields["data_root"] = str(data)
-    if source:
-        fields["sources"] = [SourceSpec.parse(s) for s in source]
-    if not fields.get("data_root") and not fields.get("sources"):
-        raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])")
-    fields.setdefault("run_name", f"reir-stage{stage}" if stage in ("1", "2") else f"reir-{stage}")
-    cfg = TrainConfig(**fields)
+    flags = {"data": str(data) if data is not None else None, "stage": stage, "model": model, "out": out,
+             "name": name, "workers": workers, "cpus_per_worker": cpus_per_worker, "gpu": gpu, "epochs": epochs,
+             "max_steps": max_steps, "minutes": minutes * 60 if minutes else None, "batch_size": batch_size,
+             "lr": lr, "zero": zero, "checkpoint_every": checkpoint_every, "resume": resume,
+             "max_failures": max_failures, "eval_every": eval_every, "lookalike_partners": lookalike_partners,
+             "source": [SourceSpec.parse(s) for s in source] or None}
+    try:
+        cfg = command_config("train", config=config, flags=flags)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        if "no training data" in str(e):
+            raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])") from e
+        raise
+    if "run_name" not in cfg.model_fields_set:
+        cfg = cfg.model_copy(update={"run_name": f"reir-stage{cfg.stage}" if cfg.stage in ("1", "2")
+                                     else f"reir-{cfg.stage}"})
     init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))
 
@@ -126,39 +126,41 @@ def ingest(
     gallery: Path | None = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),
     manifest: str | None = typer.Option(None, help="jsonl / csv / parquet with uri [+ image_id, metadata]"),
     annotations: Path | None = typer.Option(None, help="COCO instances or REIRCOCO json"),
-    model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
-    milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
-    collection: str = typer.Option("reir_instances", help="collection (with --alias: versions' base name)"),
-    alias: str | None = typer.Option("reir_live", help="serving alias promoted after a checked build"),
+    model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
+    milvus_uri: str | None = typer.Option(None, help="milvus-lite file, or http://host:port [reir.db]"),
+    collection: str | None = typer.Option(None, help="collection (with --alias: versions' base name) [reir_instances]"),
+    alias: str | None = typer.Option(None, help="serving alias promoted after a checked build [reir_live]"),
     no_alias: bool = typer.Option(False, "--no-alias", help="write straight into --collection (no versions)"),
     rebuild: bool = typer.Option(False, help="a new collection version even if one for this model exists"),
     full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
-    split: str = typer.Option("test", help="split, when --gallery is a benchmark dir or --annotations REIRCOCO"),
-    encoders: int = typer.Option(1, min=1, help="encoder actors"),
-    batch_size: int = typer.Option(32, min=1),
-    index_type: str = typer.Option("AUTOINDEX", help="AUTOINDEX, HNSW, IVF_FLAT or FLAT"),
+    split: str | None = typer.Option(None, help="split, when --gallery is a benchmark dir or --annotations REIRCOCO "
+                                     "[test]"),
+    encoders: int | None = typer.Option(None, min=1, help="encoder actors [1]"),
+    batch_size: int | None = typer.Option(None, min=1, help="[32]"),
+    index_type: str | None = typer.Option(None, help="AUTOINDEX, HNSW, IVF_FLAT or FLAT [AUTOINDEX]"),
     metadata_field: list[str] = typer.Option([], "--metadata-field", help="NAME:TYPE (str|int|float|bool), repeat"),
-    device: str = typer.Option("auto", help="auto (GPU when Ray has one), cpu or cuda"),
+    device: str | None = typer.Option(None, help="auto (GPU when Ray has one), cpu or cuda [auto]"),
     dead_letter: Path | None = typer.Option(None, help="also write failed images (jsonl) here"),
     object_store_mb: int | None = typer.Option(None, min=1, help="Ray Data object store budget (MiB)"),
+    config: Path | None = typer.Option(None, help="YAML: IngestConfig fields or an `ingest:` section "
+                                       "[$REIR_CONFIG]; flags given win"),
 ) -> None:
     """Encode a gallery on a Ray Data actor pool and write one row per instance to Milvus."""
     from reir.ingestion.pipeline import run_ingestion
-    from reir.platform.config import IngestConfig, MilvusConfig
+    from reir.settings import command_config
 
     if gallery is not None:
         _need_dir(gallery, "gallery")
     if annotations is not None and not annotations.is_file():
         raise ReirError(f"annotations file not found: {annotations}")
-    _need_dir(model_dir, "model directory")
-    fields = dict(_metadata_field(f) for f in metadata_field)
-    cfg = IngestConfig(gallery_root=gallery, manifest=manifest, annotations=annotations, split=split,
-                       model_path=str(model_dir), alias=None if no_alias else alias, rebuild=rebuild,
-                       incremental=not full, device=device,
-                       milvus=MilvusConfig(uri=milvus_uri, collection=collection, index_type=index_type,
-                                           metadata_fields=fields),
-                       num_encoders=encoders, batch_size=batch_size, dead_letter_path=dead_letter,
-                       object_store_memory_limit=object_store_mb * 2**20 if object_store_mb else None)
+    flags = {"gallery": gallery, "manifest": manifest, "annotations": annotations,
+             "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri, "collection": collection,
+             "alias": alias, "rebuild": rebuild or None, "full": False if full else None, "split": split,
+             "encoders": encoders, "batch_size": batch_size, "index_type": index_type,
+             "metadata_field": dict(_metadata_field(f) for f in metadata_field) or None, "device": device,
+             "dead_letter": dead_letter, "object_store_mb": object_store_mb * 2**20 if object_store_mb else None}
+    cfg = command_config("ingest", config=config, flags=flags, extra={"alias": None} if no_alias else None)
+    _need_dir(Path(cfg.model_path), "model directory")
     init_ray()
     summary = run_ingestion(cfg)
     typer.echo(json.dumps(_plain(summary), indent=2))
@@ -179,26 +181,36 @@ index_app = typer.Typer(no_args_is_help=True, help="Index versions and the servi
 app.add_typer(index_app, name="index")
 
 
-def _catalog_session(milvus_uri: str) -> Any:
-    """(catalog, store) over a Milvus URI; a .db file is opened in this process."""
+_INDEX_URI_HELP = "milvus-lite file, or http://host:port [reir.db; $REIR_MILVUS__URI]"
+_INDEX_ALIAS_HELP = "serving alias [reir_live]"
+_INDEX_CONFIG_HELP = "YAML with an `index:` section or shared `milvus:` keys [$REIR_CONFIG]"
+
+
+def _catalog_session(milvus_uri: str | None, alias: str | None = None, config: Path | None = None) -> Any:
+    """(catalog, store, IndexConfig) from the one config system (so `kubectl exec ... reir index list`
+    finds the deployed Milvus through the pod's REIR_MILVUS__URI); a .db file is opened in this process."""
     from reir.platform.catalog import IndexCatalog
     from reir.platform.store import MilvusStore
+    from reir.settings import command_config
 
-    if milvus_uri.endswith(".db") and not Path(milvus_uri).exists():
-        raise ReirError(f"milvus-lite file not found: {milvus_uri}")
-    store = MilvusStore(milvus_uri, "reir_catalog")
-    return IndexCatalog(store.client), store
+    cfg = command_config("index", config=config, flags={"milvus_uri": milvus_uri, "alias": alias})
+    uri = cfg.milvus.uri
+    if cfg.milvus.is_lite_file and not Path(uri).exists():
+        raise ReirError(f"milvus-lite file not found: {uri}")
+    store = MilvusStore(uri, "reir_catalog", token=cfg.milvus.token)
+    return IndexCatalog(store.client), store, cfg
 
 
 @index_app.command("list")
 def index_list(
-    milvus_uri: str = typer.Option("reir.db", help="milvus-lite file, or http://host:port"),
+    milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
     alias: str | None = typer.Option(None, help="only versions of this alias"),
+    config: Path | None = typer.Option(None, help=_INDEX_CONFIG_HELP),
 ) -> None:
     """Collection versions (newest first) with state, rows, and which one each alias serves."""
     from reir.platform.catalog import describe
 
-    catalog, store = _catalog_session(milvus_uri)
+    catalog, store, _ = _catalog_session(milvus_uri, config=config)
     with store:
         versions = catalog.versions(alias)
         lives = {a: catalog.live(a) for a in {v.alias for v in versions}}
@@ -208,31 +220,40 @@ def index_list(
 @index_app.command("promote")
 def index_promote(
     name: str = typer.Argument(..., help="collection version to serve"),
-    milvus_uri: str = typer.Option("reir.db"),
-    alias: str = typer.Option("reir_live"),
+    milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
+    alias: str | None = typer.Option(None, help=_INDEX_ALIAS_HELP),
+    config: Path | None = typer.Option(None, help=_INDEX_CONFIG_HELP),
 ) -> None:
     """Point the serving alias at a checked version (atomic for readers)."""
-    catalog, store = _catalog_session(milvus_uri)
+    catalog, store, cfg = _catalog_session(milvus_uri, alias, config)
     with store:
-        version = catalog.promote(alias, name)
-    typer.echo(f"{alias} -> {version.name}")
+        version = catalog.promote(cfg.alias, name)
+    typer.echo(f"{cfg.alias} -> {version.name}")
 
 
 @index_app.command("rollback")
-def index_rollback(milvus_uri: str = typer.Option("reir.db"), alias: str = typer.Option("reir_live")) -> None:
+def index_rollback(
+    milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
+    alias: str | None = typer.Option(None, help=_INDEX_ALIAS_HELP),
+    config: Path | None = typer.Option(None, help=_INDEX_CONFIG_HELP),
+) -> None:
     """Point the alias back at the version it served before the current one."""
-    catalog, store = _catalog_session(milvus_uri)
+    catalog, store, cfg = _catalog_session(milvus_uri, alias, config)
     with store:
-        version = catalog.rollback(alias)
-    typer.echo(f"{alias} -> {version.name}")
+        version = catalog.rollback(cfg.alias)
+    typer.echo(f"{cfg.alias} -> {version.name}")
 
 
 @index_app.command("drop")
-def index_drop(name: str = typer.Argument(...), milvus_uri: str = typer.Option("reir.db")) -> None:
+def index_drop(
+    name: str = typer.Argument(...),
+    milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
+    config: Path | None = typer.Option(None, help=_INDEX_CONFIG_HELP),
+) -> None:
     """Drop a version that no alias serves (its collection, ledger and record)."""
     from reir.ingestion.ledger import drop_collection_entries
 
-    catalog, store = _catalog_session(milvus_uri)
+    catalog, store, _ = _catalog_session(milvus_uri, config=config)
     with store:
         catalog.drop(name)
         drop_collection_entries(store.client, name)
@@ -241,30 +262,29 @@ def index_drop(name: str = typer.Argument(...), milvus_uri: str = typer.Option("
 
 @app.command()
 def serve(
-    model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
-    milvus_uri: str = typer.Option(..., help="http://host:port of a Milvus (lite server) instance"),
-    collection: str = typer.Option("reir_live", help="collection or alias (reir_live falls back to reir_instances)"),
-    port: int = typer.Option(8000),
-    host: str = typer.Option("127.0.0.1"),
-    config: Path | None = typer.Option(None, "--config", help="ServeConfig YAML (keys, autoscaling, limits)"),
+    model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
+    milvus_uri: str | None = typer.Option(None, help="milvus-lite file or http://host:port of a Milvus [reir.db]"),
+    collection: str | None = typer.Option(None, help="collection or alias (reir_live falls back to reir_instances) "
+                                          "[reir_live]"),
+    port: int | None = typer.Option(None, help="[8000]"),
+    host: str | None = typer.Option(None, help="[127.0.0.1]"),
+    config: Path | None = typer.Option(None, "--config", help="ServeConfig YAML or a `serve:` section (keys, "
+                                       "autoscaling, limits) [$REIR_CONFIG]"),
 ) -> None:
     """Run the Ray Serve app (blocks until Ctrl-C); the search page is at http://HOST:PORT/."""
     import time
 
     from ray import serve
 
-    from reir.serving.app import build_app
+    from reir.serving.app import app_for
+    from reir.settings import command_config
 
-    _need_dir(model_dir, "model directory")
-    args: dict[str, Any] = {"model_path": str(model_dir), "milvus_uri": milvus_uri, "collection": collection}
-    if config is not None:
-        if not config.is_file():
-            raise ReirError(f"config file not found: {config}")
-        args["config"] = str(config)
-    try:
-        application = build_app(args)
-    except ValueError as e:  # pydantic ValidationError is a ValueError
-        raise ReirError(f"invalid serve configuration: {e}") from e
+    flags = {"model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
+             "collection": collection, "port": port, "host": host}
+    cfg = command_config("serve", config=config, flags=flags)
+    _need_dir(Path(cfg.model_path), "model directory")
+    host, port = cfg.host, cfg.port
+    application = app_for(cfg)
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(application)
@@ -279,9 +299,10 @@ def serve(
 @app.command()
 def search(
     query: str = typer.Argument(..., help="referring expression"),
-    url: str = typer.Option("http://127.0.0.1:8000", help="serving URL"),
-    top_k: int = typer.Option(5, min=1, max=1000),
-    api_key: str | None = typer.Option(None, envvar="REIR_API_KEY"),
+    url: str | None = typer.Option(None, help="serving URL [http://127.0.0.1:8000]"),
+    top_k: int | None = typer.Option(None, min=1, max=1000, help="[5]"),
+    api_key: str | None = typer.Option(None, help="[$REIR_API_KEY]"),
+    config: Path | None = typer.Option(None, help="YAML with a `search:` section [$REIR_CONFIG]"),
     discover: bool = typer.Option(False, "--discover", help="every image that holds the object (or none)"),
     rerank: bool | None = typer.Option(None, "--rerank/--no-rerank", help="default: the service's setting"),
     filters: str | None = typer.Option(
@@ -290,6 +311,7 @@ def search(
 ) -> None:
     """Query a running reir service and print the ranked answers."""
     from reir.client import Client
+    from reir.settings import command_config
 
     clauses: list[Any] = []
     if filters:
@@ -299,8 +321,9 @@ def search(
             raise ReirError(f"--filters is not valid JSON: {e.msg}") from e
         if not isinstance(clauses, list) or not all(isinstance(c, dict) for c in clauses):
             raise ReirError('--filters must be a JSON list of {"field", "op", "value"} objects')
-    body = Client(url, api_key=api_key).search_full(query, top_k=top_k, mode="discover" if discover else "rank",
-                                                    rerank=rerank, filters=clauses)
+    cfg = command_config("search", config=config, flags={"url": url, "top_k": top_k, "api_key": api_key})
+    body = Client(cfg.url, api_key=cfg.api_key).search_full(query, top_k=cfg.top_k, rerank=rerank, filters=clauses,
+                                                            mode="discover" if discover else "rank")
     if discover:
         typer.echo(f"{len(body['results'])} image(s) at probability >= {body['threshold']:.3f}")
     for rank, r in enumerate(body["results"], start=1):
@@ -330,48 +353,50 @@ def api_key(
 
 @app.command("eval")
 def evaluate(
-    data: Path = typer.Option(..., "--data", help="benchmark directory"),
-    model_dir: Path = typer.Option(..., "--model", help="trained model directory"),
-    milvus_uri: str = typer.Option("reir.db", help="index written by reir ingest"),
-    collection: str = typer.Option("reir_live", help="collection or alias (reir_live falls back to reir_instances)"),
+    data: Path | None = typer.Option(None, "--data", help="benchmark directory (required, or data_root)"),
+    model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
+    milvus_uri: str | None = typer.Option(None, help="index written by reir ingest [reir.db]"),
+    collection: str | None = typer.Option(None, help="collection or alias (reir_live falls back to reir_instances) "
+                                          "[reir_live]"),
     url: str | None = typer.Option(None, help="evaluate over HTTP against a running service"),
     out: Path | None = typer.Option(None, "--out", help="write metrics JSON here"),
+    config: Path | None = typer.Option(None, help="YAML with an `eval:` section [$REIR_CONFIG]"),
 ) -> None:
     """BR@k at IoU tau (k 1/5/10, tau .5/.7/.9) and REC accuracy on the test queries."""
     from reir.evaluation.runner import evaluate_index
+    from reir.settings import command_config
 
-    _need_dir(data, "data directory")
-    _need_dir(model_dir, "model directory")
-    metrics = evaluate_index(data, model_dir, milvus_uri=milvus_uri, collection=collection, url=url,
-                             out=out, echo=typer.echo)
+    if data is not None:
+        _need_dir(data, "data directory")
+    flags = {"data": data, "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
+             "collection": collection, "url": url, "out": out}
+    cfg = command_config("eval", config=config, flags=flags)
+    _need_dir(cfg.data_root, "data directory")
+    _need_dir(Path(cfg.model_path), "model directory")
+    metrics = evaluate_index(cfg.data_root, Path(cfg.model_path), milvus_uri=cfg.milvus.uri,
+                             collection=cfg.milvus.collection, url=cfg.url, out=cfg.out, echo=typer.echo)
     typer.echo(json.dumps(metrics, indent=2))
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), "--out"),
-    num_images: int = typer.Option(2000, min=20),
-    minutes: float = typer.Option(14.0, min=0.2, help="training time budget (stages 1, 2 and the re-ranker)"),
-    model: str = typer.Option("small", help="model preset"),
-    seed: int = typer.Option(0),
-    lookalike_partners: int = typer.Option(0, min=0, help="stage 2: look-alike images per image in a batch"),
+    out: Path | None = typer.Option(None, "--out", help="[demo_out]"),
+    num_images: int | None = typer.Option(None, min=20, help="[2000]"),
+    minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
+                                         "[14]"),
+    model: str | None = typer.Option(None, help="model preset [small]"),
+    seed: int | None = typer.Option(None, help="[0]"),
+    lookalike_partners: int | None = typer.Option(None, min=0, help="stage 2: look-alike images per image in a "
+                                                  "batch [0]"),
+    config: Path | None = typer.Option(None, help="YAML with a `demo:` section [$REIR_CONFIG]"),
 ) -> None:
     """Synth -> train (2 stages) -> ingest -> serve -> query over HTTP -> BR@k table + picture."""
     from reir.demo import DemoConfig, run_demo
+    from reir.settings import command_config
 
-    run_demo(DemoConfig(out=str(out), num_images=num_images, train_minutes=minutes, model=model, seed=seed,
-                        lookalike_partners=lookalike_partners))
-
-
-def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise ReirError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ReirError(f"config file {path} must hold a mapping")
-    return data
+    flags = {"out": str(out) if out else None, "num_images": num_images, "minutes": minutes, "model": model,
+             "seed": seed, "lookalike_partners": lookalike_partners}
+    run_demo(DemoConfig(**command_config("demo", config=config, flags=flags).model_dump()))
 
 
 def _write_job_summary(summary: Any) -> None:

@@ -8,6 +8,11 @@ model defaults < YAML file < ``REIR_*`` environment variables < explicit overrid
 Environment variables map onto fields with ``__`` as the nesting separator, e.g.
 ``REIR_MILVUS__URI=http://127.0.0.1:19530`` or ``REIR_BATCH_SIZE=32``. Overrides are a
 flat dict whose keys may be dotted (``{"milvus.uri": ...}``) or nested dicts.
+
+The YAML file is either one command's settings (flat) or a file of sections, one per
+command (``ingest:``, ``serve:``, ...) beside shared top-level keys (``milvus:``) that
+apply to every command whose config has that field. ``REIR_CONFIG`` names the file when
+no ``--config`` is given, so a pod that mounts it needs no flag (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 IndexType = Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"]
 MetadataType = Literal["str", "int", "float", "bool"]
 ENV_PREFIX = "REIR_"
+CONFIG_ENV = "REIR_CONFIG"
+# The one milvus-lite default, shared by every command (what `reir ingest` writes `reir serve` reads).
+DEFAULT_MILVUS_URI = "reir.db"
+# Top-level keys that make a YAML file a file of per-command sections.
+SECTIONS = ("train", "ingest", "serve", "search", "eval", "index", "demo")
 # The serving alias a versioned ingestion promotes, and the collection name used before
 # aliases existed (what a searcher falls back to when the alias is absent).
 LIVE_ALIAS = "reir_live"
@@ -37,7 +47,7 @@ class _Frozen(BaseModel):
 class MilvusConfig(_Frozen):
     """Where instance rows live. ``uri``: a milvus-lite ``.db`` path or ``http://host:port``."""
 
-    uri: str = "./reir_milvus.db"
+    uri: str = DEFAULT_MILVUS_URI
     collection: str = Field(default="reir_instances", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
     token: str = Field(default="", repr=False)
     index_type: IndexType = "AUTOINDEX"
@@ -293,25 +303,63 @@ def _unflatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def config_path(explicit: str | Path | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The YAML file to read: ``explicit`` (``--config``) else ``$REIR_CONFIG`` else none."""
+    chosen = explicit if explicit is not None else (os.environ if env is None else env).get(CONFIG_ENV) or None
+    return None if chosen is None else Path(chosen)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a clear error when it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: top level must be a mapping")  # noqa: TRY004 - a config error, shown as one line
+    return loaded
+
+
+def is_sectioned(data: Mapping[str, Any]) -> bool:
+    """A file of per-command sections (any top-level key names a command)."""
+    return any(key in SECTIONS for key in data)
+
+
+def select_section(data: Mapping[str, Any], section: str | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``section``'s settings of a sectioned file over the shared keys naming one of ``fields``;
+    a flat file is returned whole (a file per command)."""
+    if not is_sectioned(data):
+        return dict(data)
+    if section is None:
+        raise ValueError(f"a file of sections ({', '.join(SECTIONS)}) needs the command's section")
+    own = data.get(section) or {}
+    if not isinstance(own, Mapping):
+        raise ValueError(f"config section {section!r} must be a mapping")  # noqa: TRY004 - as above
+    shared = {k: v for k, v in data.items() if k not in SECTIONS and k in fields}
+    return _deep_merge(shared, own)
+
+
 def load_config(
     cls: type[ConfigT],
-    yaml_path: str | Path | None = None,
+    yaml_path: str | Path | Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
     env: Mapping[str, str] | None = None,
+    section: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> ConfigT:
-    """Build ``cls`` from YAML, then ``REIR_*`` env vars, then ``overrides``.
+    """Build ``cls`` from ``defaults``, then YAML, then ``REIR_*`` env vars, then ``overrides``.
 
-    ``env`` defaults to ``os.environ``; this is the only place the environment is read.
-    Only env vars naming a field of ``cls`` are applied, so one environment can serve
-    several config classes.
+    ``defaults``: a command's own defaults where they differ from ``cls``'s (lowest layer).
+    ``yaml_path``: a file, or its already parsed mapping; ``section`` picks the command's
+    part of a sectioned file. ``env`` defaults to ``os.environ``; this is the only place the
+    environment is read. Only env vars naming a field of ``cls`` are applied, so one
+    environment can serve several config classes.
     """
-    data: dict[str, Any] = {}
+    data = _unflatten(defaults or {})
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{yaml_path}: top level must be a mapping")
-        data = loaded
+        loaded = read_yaml(yaml_path) if isinstance(yaml_path, (str, Path)) else dict(yaml_path)
+        data = _deep_merge(data, select_section(loaded, section, cls.model_fields))
     env_data = _env_overrides(os.environ if env is None else env)
     env_data = {k: v for k, v in env_data.items() if k in cls.model_fields}
     data = _deep_merge(data, env_data)

@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from reir.errors import DependencyUnavailable
 from reir.platform import telemetry as T
 from reir.platform.auth import KeyRing
-from reir.platform.config import LocalizeConfig, MilvusConfig, ServeConfig, ServeStage, load_config
+from reir.platform.config import LocalizeConfig, MilvusConfig, ServeConfig, ServeStage, config_path, load_config
 from reir.platform.filters import StructuredFilter
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import Hit, MilvusStore
@@ -319,7 +319,8 @@ def serve_config_from_args(args: Mapping[str, Any]) -> ServeConfig:
         elif key in MilvusConfig.model_fields and key not in ServeConfig.model_fields:
             key = "milvus." + key
         overrides[key.replace("__", ".")] = value
-    return load_config(ServeConfig, yaml_path, overrides)
+    # The same file and environment as every other command (reir.settings): --config or $REIR_CONFIG.
+    return load_config(ServeConfig, config_path(yaml_path), overrides, section="serve")
 
 
 def build_app(args: dict[str, Any]) -> Application:
