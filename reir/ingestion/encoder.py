@@ -10,15 +10,13 @@ images and failures exactly without a side channel; sinks must not store them.
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from reir.ingestion.records import (
     ERROR,
@@ -28,53 +26,14 @@ from reir.ingestion.records import (
     STATUS_OK,
     DeadLetter,
 )
+from reir.model.images import MAX_IMAGE_PIXELS, decode_image
 from reir.platform import schema as S
 from reir.platform.modeling import ImageModel, ImageProcessor, InstanceLike
 
 log = logging.getLogger(__name__)
 
-# Decompression-bomb guard: far above any gallery photo, far below what exhausts RAM.
-MAX_IMAGE_PIXELS = 100_000_000
 # Columns the encoder consumes; every other input column is copied onto each output row.
 _CONSUMED = frozenset({"image_id", "uri", "bytes", ERROR})
-
-
-def decode_image(data: bytes | None, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Bytes -> upright 8-bit RGB image, fully decoded now so truncated files fail here.
-
-    Checked before any pixel is decoded: empty input and images over ``max_pixels``
-    (the header states the size; a decompression bomb is refused without inflating it).
-    EXIF orientation is applied; 16-bit / 32-bit grayscale is scaled to 8 bit; alpha is
-    composited on black; CMYK, palette, 1-bit and LA images become RGB.
-    """
-    if not data:
-        raise ValueError("zero-byte file")
-    with warnings.catch_warnings():
-        # Our own limit decides; Pillow's bomb *warning* would otherwise pass silently.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:  # Pillow's own hard cap (2x Image.MAX_IMAGE_PIXELS)
-            raise ValueError(f"image over the pixel limit: {exc}") from exc
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ValueError(f"image over the pixel limit: {w}x{h} > {max_pixels}")
-        img.load()
-    img = ImageOps.exif_transpose(img) or img
-    return _to_rgb(img)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        gray = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 class InstanceEncoder:

@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import posixpath
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,25 +76,63 @@ def _with_metadata(item: GalleryItem, fields: Mapping[str, str]) -> GalleryItem:
     return GalleryItem(item.image_id, item.uri, meta)
 
 
-def list_image_dir(root: Path, split: str | None = None) -> list[GalleryItem]:
-    """A synthetic benchmark (``root/images/{split}``, id = file stem) or any image dir.
+# Image ids travel in URLs (``/v1/images/{id}``), filters and logs: one portable alphabet.
+_ID_CHARS = re.compile(r"[^A-Za-z0-9_.\-]+")
+# Separates a normalized id from its hash; outside _ID_CHARS, so an id that needed no change
+# can never equal one that did.
+ID_HASH_SEP = "~"
+_ID_HASH_LEN = 10
+_MAX_SEGMENT = 80
+_MAX_ID_LEN = 200  # + the hash suffix, under S.MAX_IMAGE_ID_LEN
 
-    In a plain directory (searched recursively) the id is the path relative to
-    ``root`` without suffix, which equals the stem for flat directories and stays
-    unique for nested ones.
+
+def image_id_for(relative: str) -> str:
+    """A readable id that is safe in URLs and filters, from a relative path without suffix.
+
+    Folders stay; each segment is folded to ASCII and any other run of characters becomes
+    ``_``. When that changed anything, ``~`` and a hash of the original path follow
+    (``2024/a trip/IMG 1`` -> ``2024/a_trip/IMG_1~3f9c01d2ab``), so two names that fold
+    alike (``a trip`` / ``a_trip``) keep distinct ids. The hash is of the path, not the
+    bytes, so an edited photo keeps its id. Ids stay under the schema's 256 characters.
+    """
+    segments = []
+    for segment in relative.replace("\\", "/").split("/"):
+        ascii_ = unicodedata.normalize("NFKD", segment).encode("ascii", "ignore").decode()
+        segments.append(_ID_CHARS.sub("_", ascii_).strip("._")[:_MAX_SEGMENT] or "_")
+    folded = "/".join(segments)[:_MAX_ID_LEN]
+    if folded == relative:
+        return folded
+    digest = hashlib.sha256(relative.encode("utf-8", "surrogateescape")).hexdigest()[:_ID_HASH_LEN]
+    return f"{folded}{ID_HASH_SEP}{digest}"
+
+
+def list_image_dir(root: Path, split: str | None = None) -> list[GalleryItem]:
+    """A synthetic benchmark (``root/images/{split}``, id = file stem) or any image folder tree.
+
+    In a plain directory (searched recursively, hidden files and folders skipped) the id
+    is :func:`image_id_for` of the path relative to ``root`` without suffix; where two
+    files differ only by suffix (``IMG_1.jpg``, ``IMG_1.png``) both keep their suffix.
+    The ``uri`` is the file's absolute path, whatever characters it holds.
     """
     root = Path(root)
     synthetic = root / "images" / split if split else None
     base = synthetic if synthetic is not None and synthetic.is_dir() else root
     if not base.is_dir():
         raise FileNotFoundError(f"gallery directory not found: {base}")
-    files = [p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = sorted(
+        p for p in base.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(base).parts)
+    )  # fmt: skip
     if not files:
         raise FileNotFoundError(f"no images under {base}")
+    stems = [p.relative_to(base).with_suffix("").as_posix() for p in files]
+    taken = {stem: stems.count(stem) for stem in stems}
     return [
-        GalleryItem(image_id=p.relative_to(base).with_suffix("").as_posix(), uri=str(p.resolve()))
-        for p in files
-    ]
+        GalleryItem(image_id=image_id_for(stem if taken[stem] == 1 else p.relative_to(base).as_posix()),
+                    uri=str(p.resolve()))
+        for stem, p in zip(stems, files, strict=True)
+    ]  # fmt: skip
 
 
 def _from_image_list(path: Path) -> list[GalleryItem]:
@@ -153,7 +193,7 @@ def read_manifest(uri: str, metadata_fields: Mapping[str, str]) -> list[GalleryI
         image_uri = _join(uri, str(row["uri"]))
         image_id = row.get("image_id")
         if image_id in (None, ""):
-            image_id = posixpath.splitext(str(row["uri"]).split("://", 1)[-1].lstrip("/"))[0]
+            image_id = image_id_for(posixpath.splitext(str(row["uri"]).split("://", 1)[-1].lstrip("/"))[0])
         items.append(GalleryItem(str(image_id), image_uri, {k: row.get(k) for k in metadata_fields}))
     if not items:
         raise ValueError(f"manifest {uri} lists no images")

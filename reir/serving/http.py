@@ -61,7 +61,9 @@ READY_ROUTE = "/readyz"
 BATCH_ROUTE = "/v1/search/batch"
 PAGE_ROUTE = "/"
 MAX_QUERY_CHARS = 500
-IMAGE_ID_PATTERN = r"^[A-Za-z0-9_.:@+\-]{1,256}$"
+# Any id a gallery can have (folders give it "/", manifests may give it anything): only
+# control characters are refused; the lookup escapes the id into a filter literal.
+IMAGE_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,256}$"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or unknown API key"},
@@ -357,7 +359,7 @@ def create_http_app(
     app.post(SEARCH_ROUTE, response_model=SearchResponse, responses=_ERRORS)(search)
     add_batch_route(app, BATCH_ROUTE, answer, request_model, search_guard, settings.max_batch, _ERRORS)
 
-    @app.get(IMAGE_ROUTE + "/{image_id}", response_class=FileResponse,
+    @app.get(IMAGE_ROUTE + "/{image_id:path}", response_class=FileResponse,
              responses={**_ERRORS, 404: {"description": "no such image"}})
     async def image(
         image_id: str = PathParam(pattern=IMAGE_ID_PATTERN, max_length=256),

@@ -15,14 +15,13 @@ and reports ``failed``: the stage never fails a query.
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image
 
+from reir.model import images
 from reir.model.localize import BatchLocalizer, InstanceLocalizer, ZoomSpec, as_box, is_small, zoom_refine
 from reir.platform.config import LocalizeConfig
 from reir.platform.schema import Box
@@ -47,32 +46,24 @@ class ImageReadError(OSError):
     pass
 
 
-def open_image(uri: str, *, max_pixels: int = 100_000_000, max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
-    """Open an image lazily: a local file's header only; any other URI (``http(s)://``,
-    ``s3://``...) is fetched whole (capped) by :func:`reir.platform.uri.read_uri`, so the
-    replica need not share a disk with the gallery."""
-    source: str | io.BytesIO = uri.removeprefix("file://")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            if not is_local(uri):
-                source = io.BytesIO(read_uri(uri, max_bytes=max_bytes))
-            img = Image.open(source)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageReadError(f"{uri}: {exc}") from exc
-    if img.width * img.height > max_pixels:
-        img.close()
-        raise ImageReadError(f"{uri}: {img.width}x{img.height} is over the pixel limit {max_pixels}")
-    return img
+def open_image(
+    uri: str, *, max_pixels: int = images.MAX_IMAGE_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Image.Image:
+    """Open an image lazily (header only): a local file in place, any other URI read first
+    (size-capped by :func:`reir.platform.uri.read_uri`)."""
+    try:
+        source = uri if is_local(uri) else read_uri(uri, max_bytes=max_bytes)
+        return images.open_image(source, max_pixels=max_pixels)
+    except (images.ImageDecodeError, OSError) as exc:  # OSError: read_uri's (404, size cap, deadline)
+        raise ImageReadError(f"{uri}: {exc}") from exc
 
 
 def decode(img: Image.Image) -> Image.Image:
-    """Fully decode to upright RGB (truncated files fail here, not in the model)."""
+    """Fully decode to upright RGB, the way ingestion did (truncated files fail here)."""
     try:
-        img.load()
-        return (ImageOps.exif_transpose(img) or img).convert("RGB")
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken headers
-        raise ImageReadError(f"cannot decode image: {exc}") from exc
+        return images.to_upright_rgb(img)
+    except images.ImageDecodeError as exc:
+        raise ImageReadError(str(exc)) from exc
 
 
 class Localizer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from PIL import Image
 
 from reir.ingestion.encoder import InstanceEncoder, decode_image
 from reir.ingestion.records import ERROR, STATUS
+from reir.model import images
+from reir.serving import localize
 from tests.platform.fakes import FakeModel, FakeProcessor, quadrant_image
 
 
@@ -48,6 +51,10 @@ GOOD: dict[str, bytes] = {
     "rgba": _save(Image.new("RGBA", (30, 20), (255, 0, 0, 255)), "PNG"),
     "exif": _exif_rotated(),
     "bilevel": _save(Image.new("1", (30, 20), 1), "PNG"),
+    "webp": _save(Image.new("RGB", (30, 20), (0, 255, 0)), "WEBP", lossless=True),
+    "gray_jpeg": _save(Image.new("L", (30, 20), 200), "JPEG"),
+    "la": _save(Image.new("LA", (30, 20), (255, 255)), "PNG"),
+    "gif": _save(quadrant_image(("red", "green", "blue", "white")), "GIF"),
 }
 BAD: dict[str, tuple[bytes, str]] = {
     "zero_byte": (b"", "zero-byte"),
@@ -110,3 +117,27 @@ def test_encoder_turns_each_bad_file_into_one_dead_letter() -> None:
     assert ok.sum() == 2 * len(GOOD)
     # passthrough columns follow their image onto every row
     assert all(h == f"h-{i}" for h, i in zip(cols["content_hash"], cols["image_id"], strict=True))
+
+
+def test_one_decode_for_ingestion_and_serving(tmp_path: Path) -> None:
+    """Bytes (ingestion) and a path (the serving localize stage) decode to the same pixels."""
+    path = tmp_path / "rotated photo ünï.jpg"
+    path.write_bytes(GOOD["exif"])
+    from_bytes = decode_image(GOOD["exif"])
+    from_path = images.decode_image(path)
+    from_serving = localize.decode(localize.open_image(str(path)))
+    assert from_bytes.size == from_path.size == from_serving.size == (20, 40)
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(from_serving))
+    with Image.open(path) as header:  # the re-ranker's image size: upright, from the header only
+        assert header.size == (40, 20) and images.upright_size(header) == (20, 40)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(BAD["corrupt"][0])
+    with pytest.raises(images.ImageDecodeError, match="not a readable image"):
+        images.decode_image(bad)
+    with pytest.raises(localize.ImageReadError, match="broken.jpg"):
+        localize.open_image(str(bad))
+
+
+def test_webp_and_gray_keep_their_pixels() -> None:
+    assert decode_image(GOOD["webp"]).getpixel((3, 3)) == (0, 255, 0)
+    assert decode_image(GOOD["gray_jpeg"]).getpixel((3, 3))[0] in range(195, 206)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from reir.ingestion.gallery import list_gallery, read_uri
+from reir.ingestion.gallery import image_id_for, list_gallery, read_uri
 from reir.platform.config import IngestConfig, MilvusConfig
 
 FIELDS = {"site": "str", "year": "int", "weight": "float", "public": "bool"}
@@ -84,3 +85,25 @@ def test_coco_and_reircoco_annotations(tmp_path: Path) -> None:
     ]))  # fmt: skip
     items = list_gallery(IngestConfig(model_path="/m", annotations=refs, annotations_root=tmp_path / "r", split="test"))
     assert [(i.image_id, i.uri) for i in items] == [("s2", str(tmp_path / "r" / "images" / "test" / "s2.jpg"))]
+
+
+def test_a_folder_tree_of_real_file_names_gets_safe_unique_ids(tmp_path: Path) -> None:
+    names = ["2024/a trip/IMG 0001.jpg", "2024/a_trip/IMG_0001.jpg", "2024/a-trip/IMG_0001.jpg",
+             "ünï cödé/日本 [1].png", "other/it's \"quoted\".webp", "other/x.jpg", "other/x.png",
+             "other/100%.jpeg", ".thumbs/skip.jpg", "other/notes.txt"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not decoded here")
+    items = list_gallery(IngestConfig(model_path="/m", gallery_root=tmp_path))
+    by_uri = {Path(i.uri).relative_to(tmp_path).as_posix(): i.image_id for i in items}
+    assert set(by_uri) == set(names[:8])  # hidden folders and non-images are skipped
+    assert by_uri["2024/a_trip/IMG_0001.jpg"] == "2024/a_trip/IMG_0001"  # already safe: unchanged
+    assert by_uri["2024/a-trip/IMG_0001.jpg"] == "2024/a-trip/IMG_0001"
+    assert by_uri["2024/a trip/IMG 0001.jpg"].startswith("2024/a_trip/IMG_0001~")  # folded + hashed: no clash
+    assert by_uri["other/x.jpg"] == "other/x.jpg" and by_uri["other/x.png"] == "other/x.png"  # same stem
+    assert len(set(by_uri.values())) == len(by_uri)
+    for image_id in by_uri.values():
+        assert re.fullmatch(r"[A-Za-z0-9_.\-/]+(~[0-9a-f]{10})?", image_id), image_id
+    assert image_id_for("ünï cödé/日本 [1]") == by_uri["ünï cödé/日本 [1].png"]  # stable across runs
+    assert image_id_for("ünï cödé/日本 [1]").startswith("uni_code/1~")
+    assert len(image_id_for("/".join(["a long folder name"] * 40))) <= 256
