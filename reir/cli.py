@@ -1,6 +1,8 @@
 """The ``reir`` command line: synth, train, ingest, serve, search, eval, demo, index.
 
-Every command fails with one clear line (no traceback) on bad arguments or missing files.
+Every command fails with one clear line on stderr (no traceback): exit 2 for a usage error
+(bad flags, invalid settings), exit 1 for a failure while running (a missing file, a refused
+connection, a bug: its traceback goes to a file named in the line). docs/errors.md.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 import typer
 
-from reir.errors import ReirError
+from reir.errors import ReirError, UsageError
+from reir.limits import MAX_TOP_K
 from reir.platform.raylocal import init_ray  # imports ray only when called
 
 app = typer.Typer(
@@ -85,7 +88,7 @@ def train(
     if data is not None:
         _need_dir(data, "data directory")
     if stage is not None and stage not in STAGES:
-        raise ReirError(f"--stage must be {', '.join(STAGES[:-1])} or {STAGES[-1]}, got {stage!r}")
+        raise UsageError(f"--stage must be {', '.join(STAGES[:-1])} or {STAGES[-1]}, got {stage!r}")
     flags = {"data": str(data) if data is not None else None, "stage": stage, "model": model, "out": out,
              "name": name, "workers": workers, "cpus_per_worker": cpus_per_worker, "gpu": gpu, "epochs": epochs,
              "max_steps": max_steps, "minutes": minutes * 60 if minutes else None, "batch_size": batch_size,
@@ -96,7 +99,7 @@ def train(
         cfg = command_config("train", config=config, flags=flags)
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         if "no training data" in str(e):
-            raise ReirError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])") from e
+            raise UsageError("Missing option '--data' (or --source KIND:PATH[:WEIGHT])") from e
         raise
     if "run_name" not in cfg.model_fields_set:
         cfg = cfg.model_copy(update={"run_name": f"reir-stage{cfg.stage}" if cfg.stage in ("1", "2")
@@ -173,7 +176,7 @@ def ingest(
 def _metadata_field(spec: str) -> tuple[str, str]:
     name, _, kind = spec.partition(":")
     if not name or kind not in ("str", "int", "float", "bool"):
-        raise ReirError(f"--metadata-field wants NAME:TYPE with TYPE str|int|float|bool, got {spec!r}")
+        raise UsageError(f"--metadata-field wants NAME:TYPE with TYPE str|int|float|bool, got {spec!r}")
     return name, kind
 
 
@@ -260,23 +263,40 @@ def index_drop(
     typer.echo(f"dropped {name}")
 
 
+model_app = typer.Typer(no_args_is_help=True, help="Trained models: publish one where ingestion and serving read it.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("publish")
+def model_publish(
+    run_dir: Path = typer.Argument(..., help="training run directory (RUN/model) or a model directory"),
+    to: Path = typer.Option(..., "--to", help="models folder; the jobs and the RayService read TO/current"),
+    version: str | None = typer.Option(None, help="version name [run name + UTC time]; an existing one: "
+                                       "point current back at it"),
+) -> None:
+    """Copy a trained model to TO/VERSION and point TO/current at it (one atomic rename)."""
+    from reir.ops.publish import publish_model
+
+    done = publish_model(run_dir, to, version=version)
+    typer.echo(json.dumps({"version": done.version, "path": str(done.path), "previous": done.previous}))
+
+
 @app.command()
 def serve(
     model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
     milvus_uri: str | None = typer.Option(None, help="milvus-lite file or http://host:port of a Milvus [reir.db]"),
     collection: str | None = typer.Option(None, help="collection or alias (reir_live falls back to reir_instances) "
                                           "[reir_live]"),
-    port: int | None = typer.Option(None, help="[8000]"),
+    port: int | None = typer.Option(None, min=1, max=65535, help="[8000]"),
     host: str | None = typer.Option(None, help="[127.0.0.1]"),
     config: Path | None = typer.Option(None, "--config", help="ServeConfig YAML or a `serve:` section (keys, "
                                        "autoscaling, limits) [$REIR_CONFIG]"),
 ) -> None:
     """Run the Ray Serve app (blocks until Ctrl-C); the search page is at http://HOST:PORT/."""
-    import time
-
     from ray import serve
 
     from reir.serving.app import app_for
+    from reir.serving.lifecycle import check_port_free, shutdown_serving, wait_for_stop_signal
     from reir.settings import command_config
 
     flags = {"model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
@@ -285,22 +305,23 @@ def serve(
     _need_dir(Path(cfg.model_path), "model directory")
     host, port = cfg.host, cfg.port
     application = app_for(cfg)
+    check_port_free(host, port)
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application)
-    typer.echo(f"serving on http://{host}:{port}/ (API: /v1/search, spec: /openapi.json; Ctrl-C stops)")
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application)
+        typer.echo(f"serving on http://{host}:{port}/ (API: /v1/search, spec: /openapi.json; Ctrl-C stops)")
+        stop = wait_for_stop_signal()
+        typer.echo(f"{stop.name if stop else 'stop'}: shutting down", err=True)
+    finally:
+        shutdown_serving()
 
 
 @app.command()
 def search(
     query: str = typer.Argument(..., help="referring expression"),
     url: str | None = typer.Option(None, help="serving URL [http://127.0.0.1:8000]"),
-    top_k: int | None = typer.Option(None, min=1, max=1000, help="[5]"),
+    top_k: int | None = typer.Option(None, min=1, max=MAX_TOP_K, help="[5]"),
     api_key: str | None = typer.Option(None, help="[$REIR_API_KEY]"),
     config: Path | None = typer.Option(None, help="YAML with a `search:` section [$REIR_CONFIG]"),
     discover: bool = typer.Option(False, "--discover", help="every image that holds the object (or none)"),
@@ -318,9 +339,9 @@ def search(
         try:
             clauses = json.loads(filters)
         except json.JSONDecodeError as e:
-            raise ReirError(f"--filters is not valid JSON: {e.msg}") from e
+            raise UsageError(f"--filters is not valid JSON: {e.msg}") from e
         if not isinstance(clauses, list) or not all(isinstance(c, dict) for c in clauses):
-            raise ReirError('--filters must be a JSON list of {"field", "op", "value"} objects')
+            raise UsageError('--filters must be a JSON list of {"field", "op", "value"} objects')
     cfg = command_config("search", config=config, flags={"url": url, "top_k": top_k, "api_key": api_key})
     body = Client(cfg.url, api_key=cfg.api_key).search_full(query, top_k=cfg.top_k, rerank=rerank, filters=clauses,
                                                             mode="discover" if discover else "rank")
@@ -346,7 +367,7 @@ def api_key(
     try:
         spec = ApiKeySpec(name=name, sha256=hash_key(key), scopes=("search", "admin") if admin else ("search",))
     except ValueError as e:
-        raise ReirError(f"invalid key name: {name!r} (letters, digits, _ . - only)") from e
+        raise UsageError(f"invalid key name: {name!r} (letters, digits, _ . - only)") from e
     typer.echo(f"key (shown once): {key}", err=True)
     typer.echo(yaml.safe_dump([{**spec.model_dump(mode="json"), "scopes": list(spec.scopes)}], sort_keys=False).strip())
 
@@ -419,34 +440,57 @@ def _plain(obj: Any) -> Any:
 
 
 def main() -> None:
+    """Run the CLI; every failure ends in one line on stderr and an exit code (docs/errors.md)."""
+    sys.exit(_run(lambda: app(standalone_mode=False)))
+
+
+def _run(call: Any) -> int:
     from pydantic import ValidationError
 
     try:
-        app(standalone_mode=False)
+        call()
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return int(e.exit_code)
     except typer.Abort:
         typer.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except typer.TyperException as e:  # usage errors from the command-line parser
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         if type(e).__name__ == "NoArgsIsHelpError":
             typer.echo(message, err=True)
         else:
             typer.echo(f"error: {' '.join(message.split())}", err=True)
-        sys.exit(2)
-    except ValidationError as e:
+        return 2
+    except ValidationError as e:  # a setting (file, environment or flag) the config refuses
         err = e.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ())) or e.title
         typer.echo(f"error: invalid {e.title} setting {where}: {err.get('msg', '')}", err=True)
-        sys.exit(2)
-    except (ReirError, FileNotFoundError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        typer.echo(f"error: {msg}", err=True)
-        sys.exit(2)
+        return 2
+    except (ReirError, OSError, ValueError) as e:  # found while running: not the caller's syntax
+        typer.echo(f"error: {_first_line(e)}", err=True)
+        return int(getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        typer.echo(f"error: internal error ({type(e).__name__}: {_first_line(e)}); traceback in {_save_traceback()}",
+                   err=True)
+        return 1
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _save_traceback() -> str:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="reir-error-", suffix=".txt", delete=False) as fh:
+        traceback.print_exc(file=fh)
+    return fh.name
 
 
 if __name__ == "__main__":
