@@ -1,0 +1,73 @@
+"""How ``reir serve`` starts and stops: the port checked up front, a clean exit on SIGTERM.
+
+A container stop sends SIGTERM; Python's default for it is to die on the spot, and a
+KeyboardInterrupt (Ctrl-C) arrives wherever the main thread happens to be, so either way
+the process used to end in a stack dump with Serve and Ray left to their own cleanup.
+Here both signals only set an event; the main thread then shuts Serve and Ray down in
+order and the command exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from reir.errors import ReirError
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast, with one line, when ``host:port`` is taken (Serve would only log it from its proxy)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: a port in TIME_WAIT after a previous run is free for the proxy too.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ReirError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def wait_for_stop_signal(
+    stopped: threading.Event | None = None, signals: tuple[signal.Signals, ...] = STOP_SIGNALS
+) -> signal.Signals | None:
+    """Block until one of ``signals`` arrives (or ``stopped`` is set); returns the signal.
+
+    The previous handlers are put back afterwards, so a second Ctrl-C during the shutdown
+    still interrupts a hung cleanup.
+    """
+    stopped = stopped or threading.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum))
+        stopped.set()
+
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
+    for sig in signals:
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        # A timed wait: an untimed Event.wait() would not let the handler run on some Pythons.
+        while not stopped.wait(timeout=1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    return received[0] if received else None
+
+
+def shutdown_serving() -> None:
+    """Serve first (drains the proxy and replicas), then this process's Ray."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
