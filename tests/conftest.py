@@ -25,7 +25,10 @@ RAY_MODULES = {
     "tests/training/test_batching.py", "tests/training/test_mixing.py", "tests/training/test_operations.py",
     "tests/training/test_weak_stage.py",
 }  # fmt: skip
-OWN_RAY_TESTS = {"tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance"}
+OWN_RAY_TESTS = {
+    "tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance",
+    "tests/test_multinode.py::test_ingestion_and_serving_run_on_the_node_without_the_gallery",
+}
 _ran_ray_unit = False
 
 

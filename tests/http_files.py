@@ -31,7 +31,7 @@ class FileServer:
 class _Handler(SimpleHTTPRequestHandler):
     log_to: list[str]
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.log_to.append(self.path)
         if self.path == "/drip":
             self._raw_body(b"x" * int(DRIP_SECONDS * 10), pause_s=0.1)
@@ -54,7 +54,7 @@ class _Handler(SimpleHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the reader gave up, as it should
             return
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:
         return None
 
 

@@ -65,8 +65,10 @@ def test_an_http_manifest_resolves_relative_entries_against_its_own_url(files: t
     rows = [{"uri": "photos/a.png", "image_id": "a"}, {"uri": f"{server.url}/photos/b.bin", "image_id": "b"}]
     (root / "gallery.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     items = read_manifest(f"{server.url}/gallery.jsonl", {})
-    assert [(i.image_id, i.uri) for i in items] == [("a", f"{server.url}/photos/a.png"),
-                                                    ("b", f"{server.url}/photos/b.bin")]
+    assert [(i.image_id, i.uri) for i in items] == [
+        ("a", f"{server.url}/photos/a.png"),
+        ("b", f"{server.url}/photos/b.bin"),
+    ]
     batch = {"image_id": ["a", "gone"], "uri": [items[0].uri, f"{server.url}/photos/gone.png"]}
     out = read_image_bytes(batch)
     assert out["bytes"][0] == (root / "photos" / "a.png").read_bytes() and out["error"][0] == ""

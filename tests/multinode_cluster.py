@@ -1,0 +1,153 @@
+"""Driver of tests/test_multinode.py: ingest and serve on a two-node Ray cluster, report where.
+
+Run as ``python -m tests.multinode_cluster SPEC.json`` in its own process, so its Ray never
+meets the test session's. It starts a real two-node cluster on this machine with Ray's own
+``ray.cluster_utils.Cluster`` (a head and a worker, each its own raylet and object store):
+
+- the head has no CPUs (as KubeRay's head does) and a ``gallery`` resource: it is where the
+  driver lists the image list and where the milvus-lite server runs;
+- the worker has the CPUs (and a ``remote`` resource), so the Ray Data read tasks, the
+  encoder actors and every Serve replica land there, and they see the gallery only as the
+  ``http://`` URIs of the image list.
+
+It then ingests the image list into the shared milvus-lite server, serves the app (HTTP
+proxy on the head), asks one search and one image over HTTP, and writes a JSON report: the
+node ids, the actors with the node each ran on, the ingestion summary and the answers.
+Every process it starts (raylets, GCS, workers, milvus-lite) is stopped before it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HEAD_RESOURCES = {"gallery": 1.0}
+WORKER_RESOURCES = {"remote": 4.0}
+WORKER_CPUS = 4
+
+
+def _http_json(url: str, body: dict[str, Any] | None = None, timeout_s: float = 60.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def _http_bytes(url: str, timeout_s: float = 60.0) -> tuple[bytes, str]:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return response.read(), response.headers.get("Content-Type", "")
+
+
+def _actors() -> list[dict[str, str]]:
+    """Every actor of the cluster (alive or finished) and the node it ran on.
+
+    The GCS actor table, not ``ray.util.state``: that one needs the dashboard, which this
+    cluster does not start (seconds of start-up and a core's worth of CPU on this machine).
+    """
+    from ray._private import state
+
+    return [
+        {"class": str(a.get("ActorClassName", "")), "name": str(a.get("Name", "")),
+         "node": str((a.get("Address") or {}).get("NodeID", "")), "state": str(a.get("State", ""))}
+        for a in state.actors().values()
+    ]  # fmt: skip
+
+
+def _ingest(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
+    from reir.ingestion.pipeline import run_ingestion
+    from reir.platform.config import IngestConfig
+    from tests.platform.fakes import fake_loader
+
+    cfg = IngestConfig(
+        image_list=Path(spec["image_list"]), model_path=spec["checkpoint"], split=None,
+        milvus={"uri": milvus_uri, "collection": spec["collection"]}, batch_size=4, num_encoders=1,
+        num_cpus_per_encoder=1.0, write_concurrency=1, check_samples=0,
+    )  # fmt: skip
+    return run_ingestion(cfg, loader=fake_loader).to_dict()
+
+
+def _serve_and_ask(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
+    from ray import serve
+
+    from reir.platform.config import ServeConfig
+    from reir.platform.milvus_server import free_port
+    from reir.serving.app import app_for
+    from tests.platform.fakes import fake_loader
+
+    port = free_port()
+    cfg = ServeConfig(
+        model_path=spec["checkpoint"], milvus={"uri": milvus_uri, "collection": spec["collection"]},
+        host="127.0.0.1", port=port, num_cpus_encoder=0.5, num_cpus_searcher=0.25, num_cpus_reranker=0.25,
+        num_cpus_ingress=0.25,
+    )  # fmt: skip
+    # One proxy, on the head: proxies on both nodes would bind the same port of this machine.
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": port})
+    serve.run(app_for(cfg, loader=fake_loader), name=cfg.app_name, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    answer = _http_json(f"{base}/v1/search", {"query": spec["query"], "top_k": 3})
+    top = answer["results"][0]["image_id"] if answer["results"] else ""
+    image, media_type = _http_bytes(f"{base}/v1/images/{top}") if top else (b"", "")
+    return {"search": answer, "image_bytes": len(image), "image_sha": _sha(image), "image_type": media_type}
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from reir.platform.milvus_server import EmbeddedMilvus
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "resources": HEAD_RESOURCES, "temp_dir": spec["ray_temp_dir"], "include_dashboard": False,
+    })  # fmt: skip
+    try:
+        worker = cluster.add_node(num_cpus=WORKER_CPUS, resources=WORKER_RESOURCES)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        timings["cluster_s"] = time.perf_counter() - start
+        report: dict[str, Any] = {"head_node": cluster.head_node.node_id, "worker_node": worker.node_id,
+                                  "nodes": len([n for n in ray.nodes() if n["Alive"]])}  # fmt: skip
+        mark = time.perf_counter()
+        with EmbeddedMilvus(Path(spec["work_dir"]) / "milvus.db") as milvus:
+            timings["milvus_s"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            report["ingest"] = _ingest(spec, milvus.uri)
+            timings["ingest_s"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            report.update(_serve_and_ask(spec, milvus.uri))
+            timings["serve_and_ask_s"] = time.perf_counter() - mark
+            report["actors"] = _actors()
+            mark = time.perf_counter()
+            serve.shutdown()
+        timings["serve_shutdown_s"] = time.perf_counter() - mark
+        return {**report, "timings": timings}
+    finally:
+        mark = time.perf_counter()
+        ray.shutdown()
+        cluster.shutdown()
+        print(f"cluster shutdown: {time.perf_counter() - mark:.1f} s", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    started = time.perf_counter()
+    report = run(spec)
+    report["timings"]["driver_s"] = time.perf_counter() - started
+    Path(spec["report"]).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,112 @@
+"""Two Ray nodes, no shared disk: ingestion and serving run on the node without the gallery.
+
+The gallery is served over HTTP by this test process and listed by ``http://`` URIs only;
+:mod:`tests.multinode_cluster` starts a head (no CPUs, a ``gallery`` resource) and a worker
+(the CPUs) as separate raylets, ingests, serves, searches and reports where every actor ran.
+It runs in its own process (and Ray temp dir), so it never meets the session's local Ray;
+every process it leaves behind on failure is found by that temp dir and stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.http_files import serve_files
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER_TIMEOUT_S = 420
+
+
+def _pids_using(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (this test's Ray temp dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def _ray_temp_dir() -> Iterator[str]:
+    # Short (Ray's socket paths must fit 107 bytes) and unique: it tags this cluster's processes.
+    path = tempfile.mkdtemp(prefix="reir-mn-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        for pid in _pids_using(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_driver(spec_path: Path, ray_temp_dir: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_cluster", str(spec_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=DRIVER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"multi-node driver ran over {DRIVER_TIMEOUT_S} s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def _nodes_of(report: dict[str, Any], match: Callable[[dict[str, str]], bool]) -> set[str]:
+    return {a["node"] for a in report["actors"] if match(a)}
+
+
+def test_ingestion_and_serving_run_on_the_node_without_the_gallery(
+    tmp_path: Path, fake_checkpoint: Path, make_gallery: Callable[..., Path]
+) -> None:
+    gallery = make_gallery(tmp_path / "gallery", n=6, corrupt=1, synthetic_split=None)
+    with serve_files(gallery) as files, _ray_temp_dir() as ray_temp_dir:
+        names = sorted(p.name for p in gallery.iterdir())
+        image_list = tmp_path / "images.jsonl"
+        image_list.write_text("".join(
+            json.dumps({"image_id": Path(n).stem, "uri": f"{files.url}/{n}"}) + "\n" for n in names
+        ))  # fmt: skip
+        spec = {"image_list": str(image_list), "checkpoint": str(fake_checkpoint), "collection": "multinode",
+                "query": "red", "work_dir": str(tmp_path), "ray_temp_dir": ray_temp_dir,
+                "report": str(tmp_path / "report.json")}  # fmt: skip
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        done = _run_driver(spec_path, ray_temp_dir)
+        assert done.returncode == 0, done.stdout[-6000:]
+        read_over_http = sorted(path.lstrip("/") for path in files.requests)
+    report = json.loads(Path(spec["report"]).read_text())
+
+    head, worker = report["head_node"], report["worker_node"]
+    assert report["nodes"] == 2 and head != worker
+    # Every gallery image (the corrupt one too) was read over HTTP, for ingestion or the image route.
+    assert set(read_over_http) == set(names)
+    ingest = report["ingest"]
+    assert (ingest["images"], ingest["failures"], ingest["instances"]) == (6, 1, 6 * 4)
+    assert [d["image_id"] for d in ingest["dead_letter"]] == ["bad000"]
+
+    encoders = _nodes_of(report, lambda a: "MapWorker" in a["class"] or "EncoderActor" in a["class"])
+    assert encoders == {worker}, report["actors"]
+    replicas = {a["class"].rsplit(":", 1)[-1]: a["node"] for a in report["actors"] if "ServeReplica" in a["class"]}
+    assert replicas == {"Ingress": worker, "QueryEncoder": worker, "Searcher": worker, "Reranker": worker}
+
+    results = report["search"]["results"]
+    assert results[0]["image_id"] == "img000" and results[0]["uri"] == f"{files.url}/img000.jpg"
+    assert report["image_type"] == "image/jpeg"
+    assert report["image_sha"] == hashlib.sha256((gallery / "img000.jpg").read_bytes()).hexdigest()
+    print("multinode timings:", report["timings"])
