@@ -5,8 +5,9 @@ Routes (all under ``/v1`` except the page and the probe):
 - ``POST /v1/search`` ``{"query", "top_k", "mode": "rank"|"discover", "rerank", "filters":
   [{"field","op","value"}]}`` -> ``{"results": [{"image_id","uri","box","score","refined"}],
   "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms", "took_ms"}``
-- ``GET /v1/images/{image_id}``: the gallery image (streamed from the stored uri, only
-  inside ``image_roots`` when set); ``GET /v1/info``; ``GET /v1/admin/config`` (admin scope)
+- ``GET /v1/images/{image_id}`` (the id may hold ``/``; URL-encode the rest): the gallery
+  image (streamed from the stored uri, only inside ``image_roots`` when set; an http(s)/s3/gs
+  uri is proxied, :mod:`reir.serving.images`); ``GET /v1/info``; ``GET /v1/admin/config`` (admin scope)
 - ``POST /v1/search/batch`` ``{"queries": [<search body>, ...]}`` (at most ``max_batch``) ->
   ``{"responses": [{"status", "result" | "error", ...}]}``: each query answered or refused on its own
 - ``GET /`` the search page; probes (no key): ``GET /livez`` (the process answers),
@@ -35,7 +36,7 @@ from typing import Any, Literal, Protocol
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException
@@ -44,8 +45,10 @@ from reir.limits import MAX_BATCH_QUERIES, MAX_TOP_K
 from reir.platform.auth import KeyRing, Principal
 from reir.platform.config import ServeConfig
 from reir.platform.filters import FieldType, FilterError, allowed_fields, compile_filters
+from reir.platform.uri import UriReadError, is_local
 from reir.serving.batch import add_batch_route
 from reir.serving.boundary import BoundaryRoute
+from reir.serving.images import fetch_image
 from reir.serving.page import SEARCH_PAGE
 from reir.serving.pipeline import QueryOutcome, QueryRequest
 
@@ -301,7 +304,7 @@ def _guard(keyring: KeyRing) -> Callable[[str], Callable[..., Awaitable[Principa
 
 def _local_image(uri: str, roots: tuple[Path, ...]) -> Path | None:
     """The file behind a stored uri, if it is a local image inside ``roots`` (when given)."""
-    if "://" in uri and not uri.startswith("file://"):
+    if not is_local(uri):
         return None
     try:
         path = Path(uri.removeprefix("file://")).resolve(strict=True)
@@ -360,12 +363,23 @@ def create_http_app(
     add_batch_route(app, BATCH_ROUTE, answer, request_model, search_guard, settings.max_batch, _ERRORS)
 
     @app.get(IMAGE_ROUTE + "/{image_id:path}", response_class=FileResponse,
-             responses={**_ERRORS, 404: {"description": "no such image"}})
+             responses={**_ERRORS, 404: {"description": "no such image"},
+                        502: {"description": "the image's source (http, s3...) could not be read"}})
     async def image(
         image_id: str = PathParam(pattern=IMAGE_ID_PATTERN, max_length=256),
         _: Principal | None = Depends(search_guard),  # noqa: B008
-    ) -> FileResponse:
+    ) -> Response:
         uri = await backend.image_uri(image_id)
+        if uri is not None and not is_local(uri):  # proxied: the browser may not reach the source
+            try:
+                fetched = await fetch_image(uri)
+            except UriReadError as exc:
+                log.warning("image %s: %s", image_id, exc)
+                raise HTTPException(502, "the image's source could not be read") from exc
+            if fetched is None:
+                raise HTTPException(404, "no such image")
+            return Response(fetched.data, media_type=fetched.media_type,
+                            headers={"Cache-Control": "private, max-age=3600"})
         path = None if uri is None else _local_image(uri, settings.image_roots)
         if path is None:
             raise HTTPException(404, "no such image")
