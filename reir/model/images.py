@@ -47,6 +47,9 @@ def open_image(source: bytes | str | Path | None, *, max_pixels: int = MAX_IMAGE
             img = Image.open(stream)
         except Image.DecompressionBombError as exc:  # Pillow's own hard cap (2x Image.MAX_IMAGE_PIXELS)
             raise ImageDecodeError(f"image over the pixel limit: {exc}") from exc
+        except Image.UnidentifiedImageError as exc:  # its message names a BytesIO object: useless
+            raise ImageDecodeError("not a readable image (UnidentifiedImageError: no image format "
+                                   "Pillow knows)") from exc
         except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: some broken headers
             raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
     w, h = img.size

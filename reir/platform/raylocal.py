@@ -32,6 +32,9 @@ def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
     port = free_port()
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
+    # address="local": without it ray.init joins any cluster a `ray start` left on this machine
+    # (and then refuses num_cpus); joining one is what RAY_ADDRESS is for.
+    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=True,
+             dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
              log_to_driver=log_to_driver)  # fmt: skip

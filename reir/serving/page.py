@@ -2,8 +2,10 @@
 
 It calls the same API as every other client: ``POST v1/search`` and
 ``GET v1/images/{image_id}`` (fetched with the API key, shown as blob URLs), and draws
-each answer's box as an SVG rectangle over the image, in the image's pixel coordinates.
-URLs are relative to the page, so it works under any Serve route prefix.
+each answer's box as an SVG rectangle over the image, in the image's pixel coordinates
+(the browser shows a photo EXIF-upright, the orientation its boxes were indexed in).
+The "image" field narrows the search to one image id or a folder (an ``image_id``
+prefix filter). URLs are relative to the page, so it works under any Serve route prefix.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SEARCH_PAGE = """<!doctype html>
   <label>top <input id="k" type="number" min="1" max="100" value="10" style="width:4rem"></label>
   <label><input id="discover" type="checkbox"> discovery mode (every image that holds it)</label>
   <label><input id="rerank" type="checkbox" checked> re-rank</label>
+  <input id="image" type="search" placeholder="image id or folder (optional)" maxlength="256"
+         title="only images whose id starts with this, e.g. 2024/a_trip/ or one image's id">
   <input id="key" type="password" placeholder="API key (if required)" autocomplete="off">
   <button type="submit">Search</button>
 </form>
@@ -56,7 +60,9 @@ function headers() {
 }
 
 async function loadImage(img, imageId) {
-  const resp = await fetch(base + "v1/images/" + encodeURIComponent(imageId), {headers: headers()});
+  // Ids from folders hold "/": each segment is encoded, the slashes stay path separators.
+  const path = imageId.split("/").map(encodeURIComponent).join("/");
+  const resp = await fetch(base + "v1/images/" + path, {headers: headers()});
   if (!resp.ok) { img.alt = "image unavailable (" + resp.status + ")"; return; }
   img.src = URL.createObjectURL(await resp.blob());
 }
@@ -64,6 +70,7 @@ async function loadImage(img, imageId) {
 function card(result, rank) {
   const el = document.createElement("div");
   el.className = "card";
+  el.dataset.imageId = result.image_id;
   const frame = document.createElement("div");
   frame.className = "frame";
   const img = document.createElement("img");
@@ -96,6 +103,8 @@ $("search").addEventListener("submit", async (event) => {
   event.preventDefault();
   const body = {query: $("q").value, top_k: Number($("k").value) || 10,
                 mode: $("discover").checked ? "discover" : "rank", rerank: $("rerank").checked};
+  const image = $("image").value.trim();
+  if (image) body.filters = [{field: "image_id", op: "prefix", value: image}];
   $("status").textContent = "searching...";
   $("results").replaceChildren();
   let resp;
