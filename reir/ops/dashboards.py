@@ -1,7 +1,7 @@
 """Grafana dashboards as code, built from the metric catalog.
 
 ``python -m reir.ops.dashboards --out k8s/monitoring/dashboards/`` writes one JSON file
-per dashboard; the files are committed and a test checks they equal what this module
+per dashboard (``--namespace reir-dev --out k8s/overlays/dev/dashboards/`` an overlay's); the files are committed and a test checks they equal what this module
 generates, so nobody edits them by hand. Every reir series comes from a
 :class:`~reir.platform.telemetry.MetricSpec` in ``ALL_METRICS`` through
 :func:`series`, which knows where it is exported:
@@ -41,6 +41,20 @@ SERVE_TARGET_REPLICAS = "ray_serve_autoscaling_target_replicas"
 SERVE_METRICS: frozenset[str] = frozenset({SERVE_REPLICAS_HEALTHY, SERVE_TARGET_REPLICAS})
 RATE = "$__rate_interval"
 METRIC_NAME = re.compile(r"\b((?:ray_|reir_)[a-z0-9_]+)\b")
+_SELECTED = re.compile(r"\b((?:ray_|reir_)[a-z0-9_]+)\b(\{[^}]*\})?")
+# Every query is limited to the namespaces picked in the dashboard's `namespace` variable,
+# the label Prometheus adds to each scraped target, so one Grafana can show dev and prod apart.
+NAMESPACE_MATCHER = 'namespace=~"$namespace"'
+
+
+def scoped(expr: str) -> str:
+    """``expr`` with :data:`NAMESPACE_MATCHER` in the selector of every metric it reads."""
+
+    def add(m: re.Match[str]) -> str:
+        inner = (m.group(2) or "{}")[1:-1]
+        return f"{m.group(1)}{{{NAMESPACE_MATCHER}{',' + inner if inner else ''}}}"
+
+    return _SELECTED.sub(add, expr)
 
 
 def series(spec: T.MetricSpec, suffix: str = "") -> str:
@@ -175,8 +189,22 @@ def all_dashboards() -> tuple[Dashboard, ...]:
     return (serving_dashboard(), indexing_dashboard())
 
 
-def to_grafana(dash: Dashboard) -> dict[str, Any]:
-    """Grafana dashboard JSON (schema 39) with a Prometheus data-source variable."""
+def _namespace_variable(namespace: str | None) -> dict[str, Any]:
+    current = {"text": namespace, "value": namespace} if namespace else {"text": "All", "value": "$__all"}
+    return {"name": "namespace", "label": "Namespace", "type": "query",
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "query": {"query": "label_values(up, namespace)", "refId": "namespaces"},
+            "definition": "label_values(up, namespace)", "refresh": 2, "includeAll": True, "allValue": ".*",
+            "multi": True, "current": current, "hide": 0}  # fmt: skip
+
+
+def to_grafana(dash: Dashboard, namespace: str | None = None) -> dict[str, Any]:
+    """Grafana dashboard JSON (schema 39) with data-source and namespace variables.
+
+    ``namespace``: the install's namespace (a k8s overlay's): the namespace variable
+    starts there and the uid and title carry it, so two installs that share a Grafana
+    keep two dashboards instead of overwriting one.
+    """
     datasource = {"type": "prometheus", "uid": "${datasource}"}
     panels = []
     for i, panel in enumerate(dash.panels):
@@ -188,22 +216,25 @@ def to_grafana(dash: Dashboard) -> dict[str, Any]:
             "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
             "options": {"legend": {"displayMode": "list", "placement": "bottom"}} if panel.kind == "timeseries" else {},
             "targets": [
-                {"refId": chr(ord("A") + j), "datasource": datasource, "expr": t.expr, "legendFormat": t.legend}
+                {"refId": chr(ord("A") + j), "datasource": datasource, "expr": scoped(t.expr),
+                 "legendFormat": t.legend}
                 for j, t in enumerate(panel.targets)
             ],
         })  # fmt: skip
     return {
-        "uid": dash.uid, "title": dash.title, "description": dash.description,
+        "uid": f"{dash.uid}-{namespace}" if namespace else dash.uid,
+        "title": f"{dash.title} ({namespace})" if namespace else dash.title, "description": dash.description,
         "tags": ["reir"], "timezone": "utc", "schemaVersion": 39, "version": 1, "editable": False,
         "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
         "templating": {"list": [{"name": "datasource", "label": "Prometheus", "type": "datasource",
-                                 "query": "prometheus", "current": {}, "hide": 0}]},
+                                 "query": "prometheus", "current": {}, "hide": 0},
+                                _namespace_variable(namespace)]},
         "panels": panels,
     }  # fmt: skip
 
 
-def render(dash: Dashboard) -> str:
-    return json.dumps(to_grafana(dash), indent=2, sort_keys=False) + "\n"
+def render(dash: Dashboard, namespace: str | None = None) -> str:
+    return json.dumps(to_grafana(dash, namespace), indent=2, sort_keys=False) + "\n"
 
 
 def metric_names(expr: str) -> set[str]:
@@ -216,12 +247,14 @@ def family(name: str) -> str:
     return re.sub(r"_(bucket|sum|count)$", "", name)
 
 
-def write_all(out: Path) -> list[Path]:
+def write_all(out: Path, namespace: str | None = None) -> list[Path]:
+    """One file per dashboard, named by its base uid whatever the namespace (the overlays
+    replace the monitoring base's ConfigMap keys one for one)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for dash in all_dashboards():
         path = out / f"{dash.uid}.json"
-        path.write_text(render(dash))
+        path.write_text(render(dash, namespace))
         written.append(path)
     return written
 
@@ -229,8 +262,9 @@ def write_all(out: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reir.ops.dashboards", description="write the Grafana dashboards")
     parser.add_argument("--out", type=Path, required=True, help="directory for the JSON files")
+    parser.add_argument("--namespace", default=None, help="the install's namespace (uid suffix, variable default)")
     args = parser.parse_args(argv)
-    for path in write_all(args.out):
+    for path in write_all(args.out, args.namespace):
         print(path)
     return 0
 

@@ -114,12 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reir.ops.jobrun", description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True, help="Pushgateway job name (grouping key)")
     parser.add_argument("--pushgateway", default="", help="host:port or URL; empty: do not push")
+    parser.add_argument("--skip-unless-exists", default=None, metavar="PATH",
+                        help="exit 0 without running or pushing while PATH is missing (a schedule installed "
+                             "before the first model is published stays quiet instead of failing)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.skip_unless_exists and not os.path.exists(args.skip_unless_exists):
+        log.info("skipped %s: %s does not exist yet", args.job, args.skip_unless_exists)
+        return 0
     return run_and_report(command, job=args.job, gateway=args.pushgateway or None).returncode
 
 

@@ -17,7 +17,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-KUSTOMIZATIONS = ("base", "monitoring", "overlays/dev", "overlays/prod")
+KUSTOMIZATIONS = ("base", "monitoring", "jobs", "overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod/jobs")
+# Each install: its long-lived kustomization (`kubectl apply -k`) and its one-off jobs.
+DEPLOYABLE = ("base", "overlays/dev", "overlays/prod")
+JOBS = {"base": "jobs", "overlays/dev": "overlays/dev/jobs", "overlays/prod": "overlays/prod/jobs"}
 MIN_KUSTOMIZE = (4, 0)  # `labels:`, inline JSON6902 `patches:` with targets
 
 
@@ -47,6 +50,11 @@ def render(kustomization: str) -> list[dict[str, Any]]:
     if proc.returncode != 0:
         raise AssertionError(f"kustomize failed for {kustomization}:\n{proc.stderr}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def deployment(kustomization: str) -> list[dict[str, Any]]:
+    """Everything an install creates: the long-lived objects plus its (suspended) jobs."""
+    return render(kustomization) + render(JOBS[kustomization])
 
 
 def crd_dir() -> Path | None:

@@ -14,19 +14,28 @@ import pytest
 import ray
 import yaml
 
-from reir.platform.config import IngestConfig, ServeConfig, load_config
+from reir.platform.config import ServeConfig
 from reir.serving.app import IngressDeployment, QueryEncoderDeployment, SearcherDeployment, serve_config_from_args
+from reir.settings import command_config
 from reir.training.config import TrainConfig
-from tests.k8s.support import K8S, KUSTOMIZATIONS, crd_dir, crd_errors, crd_schemas, kustomize_command, render
+from tests.k8s.support import (
+    DEPLOYABLE,
+    K8S,
+    KUSTOMIZATIONS,
+    crd_dir,
+    crd_errors,
+    crd_schemas,
+    deployment,
+    kustomize_command,
+    render,
+)
 
 RAY_KINDS = {"RayService", "RayJob", "RayCronJob", "RayCluster"}
 CUSTOM_GROUPS = ("ray.io/", "milvus.io/", "monitoring.coreos.com/")
-# `reir ingest` promotes the checked build to the alias itself (exit 1 when the check fails)
-REINDEX = ["reir", "ingest", "--gallery", "/data/gallery", "--model", "/models/reir/current", "--milvus-uri",
-           "$REIR_MILVUS__URI", "--alias", "reir_live", "--encoders", "4", "--batch-size", "32", "--dead-letter",
-           "/data/dead-letter/reindex.jsonl"]
+# `reir ingest` promotes the checked build to the alias itself (exit 1 when the check fails);
+# every setting comes from the mounted file's `ingest:` section and reir-env.
+REINDEX = ["reir", "ingest", "--config", "/etc/reir/reir.yaml"]
 OUT_OF_BAND_SECRETS = {"overlays/prod": {"reir-api-keys"}, "base": {"reir-api-keys"}}
-DEPLOYABLE = ("base", "overlays/dev", "overlays/prod")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,6 +81,16 @@ def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _configmap_env(docs: list[dict[str, Any]]) -> dict[str, str]:
     return dict(_one(docs, "ConfigMap", "reir-env")["data"])
+
+
+def _pod_files(docs: list[dict[str, Any]], tmp: Path) -> tuple[dict[str, str], Path]:
+    """(the pods' environment, where /etc/reir is): reir-files written to ``tmp`` and
+    REIR_CONFIG pointed there, so reir reads them as it does on the cluster."""
+    for name, text in _one(docs, "ConfigMap", "reir-files")["data"].items():
+        (tmp / name).write_text(text)
+    env = _configmap_env(docs)
+    assert env["REIR_CONFIG"].startswith("/etc/reir/")
+    return {**env, "REIR_CONFIG": str(tmp / Path(env["REIR_CONFIG"]).name)}, tmp
 
 
 # --- rendering and schemas ----------------------------------------------------------------------
@@ -128,7 +147,7 @@ def schemas() -> dict[tuple[str, str], dict[str, Any]]:
 def test_kuberay_and_milvus_resources_pass_their_crd_schemas(
     kustomization: str, schemas: dict[tuple[str, str], dict[str, Any]]
 ) -> None:
-    custom = [d for d in render(kustomization) if d["apiVersion"].startswith(("ray.io/", "milvus.io/"))]
+    custom = [d for d in deployment(kustomization) if d["apiVersion"].startswith(("ray.io/", "milvus.io/"))]
     assert {d["kind"] for d in custom} == RAY_KINDS | {"Milvus"}
     for doc in custom:
         key = (doc["apiVersion"], doc["kind"])
@@ -154,7 +173,7 @@ def test_crd_validation_rejects_typos_and_wrong_types(schemas: dict[tuple[str, s
 
 @pytest.mark.parametrize("kustomization", DEPLOYABLE)
 def test_serve_config_passes_rays_schema_and_builds_a_reir_config(
-    kustomization: str, monkeypatch: pytest.MonkeyPatch
+    kustomization: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -163,13 +182,16 @@ def test_serve_config_passes_rays_schema_and_builds_a_reir_config(
     serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
     (app,) = serve_cfg.applications
     assert app.import_path == "reir.serving.app:build_app"
-    # What build_app sees on the cluster: the args plus the pods' environment (reir-env).
-    for key, value in _configmap_env(docs).items():
+    # What build_app sees on the cluster: the args plus the pods' environment (reir-env) and
+    # the mounted file ($REIR_CONFIG).
+    env, _ = _pod_files(docs, tmp_path)
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     cfg = serve_config_from_args(dict(app.args))
     assert isinstance(cfg, ServeConfig)
     assert cfg.milvus.uri.startswith("http://") and not cfg.milvus.is_lite_file
-    assert cfg.milvus.collection == "reir_live"
+    assert cfg.milvus.collection == "reir_live" and cfg.milvus.index_type == "HNSW"
+    assert cfg.model_path == "/models/reir/current"
     names = {d.name for d in (IngressDeployment, QueryEncoderDeployment, SearcherDeployment)}  # type: ignore[attr-defined]
     assert {d.name for d in app.deployments} == names
     for dep in app.deployments:
@@ -186,9 +208,10 @@ def test_rayservice_cluster_shape(kustomization: str) -> None:
     cluster = svc["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert set(groups) == {"cpu", "gpu"}
-    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
-    assert gpu["limits"]["nvidia.com/gpu"] == "1"
+    assert set(groups) == ({"cpu"} if kustomization == "overlays/dev" else {"cpu", "gpu"})  # dev: CPU only
+    if "gpu" in groups:
+        gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
+        assert gpu["limits"]["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     # API keys: the Secret is projected where REIR_SECURITY__API_KEYS_FILE says.
     keys_file = _configmap_env(docs)["REIR_SECURITY__API_KEYS_FILE"]
@@ -203,7 +226,7 @@ def test_rayservice_cluster_shape(kustomization: str) -> None:
 
 @pytest.mark.parametrize("kustomization", DEPLOYABLE)
 def test_every_ray_cluster_matches_ray_and_keeps_work_off_the_head(kustomization: str) -> None:
-    for doc in render(kustomization):
+    for doc in deployment(kustomization):
         if doc["kind"] not in RAY_KINDS:
             continue
         for cluster in _cluster_specs(doc):
@@ -224,33 +247,32 @@ def test_every_ray_cluster_matches_ray_and_keeps_work_off_the_head(kustomization
 # --- jobs ---------------------------------------------------------------------------------------
 
 
-def _files(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {k: yaml.safe_load(v) for k, v in _one(docs, "ConfigMap", "reir-files")["data"].items()}
-
-
 @pytest.mark.parametrize("kustomization", DEPLOYABLE)
-def test_training_jobs_run_deepspeed_on_gpu_workers_with_checkpoint_storage(kustomization: str) -> None:
-    docs = render(kustomization)
-    files, env = _files(docs), _configmap_env(docs)
+def test_training_jobs_run_deepspeed_with_checkpoint_storage(kustomization: str, tmp_path: Path) -> None:
+    docs = deployment(kustomization)
+    env, etc = _pod_files(docs, tmp_path)
+    gpu = kustomization != "overlays/dev"  # dev trains on CPU workers
+    configs = {}
     for stage in ("1", "2"):
         job = _one(docs, "RayJob", f"reir-train-stage{stage}")
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[:3] == ["reir", "train", "--config"]
-        cfg = load_config(TrainConfig, None, files[Path(argv[3]).name], env=env)
-        assert (cfg.stage, cfg.use_gpu) == (stage, True) and cfg.zero_stage >= 1
+        # As `reir train --config FILE` builds it in the pod: file < REIR_* environment.
+        cfg = configs[stage] = command_config("train", config=etc / Path(argv[3]).name, env=env)
+        assert isinstance(cfg, TrainConfig)
+        assert (cfg.stage, cfg.use_gpu) == (stage, gpu) and cfg.zero_stage >= (1 if gpu else 0)
         assert cfg.output_dir.startswith("/models/")
         (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         pod = workers["template"]["spec"]
-        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") == ("1" if gpu else None)
         assert workers["replicas"] >= 1
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert not mounts["/models"].get("readOnly"), "checkpoints are written to /models"
         claim = {v["name"]: v for v in pod["volumes"]}[mounts["/models"]["name"]]["persistentVolumeClaim"]
         pvc = _one(docs, "PersistentVolumeClaim", claim["claimName"])
         assert "ReadWriteMany" in pvc["spec"]["accessModes"]
-    stage2 = TrainConfig.model_validate(files["train-stage2.yaml"])
-    stage1 = TrainConfig.model_validate(files["train-stage1.yaml"])
-    assert stage2.model == f"{stage1.output_dir}/{stage1.run_name}/model", "stage 2 starts from stage 1's model"
+    stage1 = configs["1"]
+    assert configs["2"].model == f"{stage1.output_dir}/{stage1.run_name}/model", "stage 2 starts from stage 1's model"
 
 
 def _jobrun_command(argv: list[str]) -> list[str]:
@@ -260,10 +282,10 @@ def _jobrun_command(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("kustomization", DEPLOYABLE)
 def test_ingestion_and_both_reindex_schedules_run_the_same_promoting_command(
-    kustomization: str, monkeypatch: pytest.MonkeyPatch
+    kustomization: str, tmp_path: Path
 ) -> None:
-    docs = render(kustomization)
-    env = _configmap_env(docs)
+    docs = deployment(kustomization)
+    env, etc = _pod_files(docs, tmp_path)
     one_off = shlex.split(_one(docs, "RayJob", "reir-ingest")["spec"]["entrypoint"])
     cron = _one(docs, "RayCronJob", "reir-reindex")
     ray_cron = shlex.split(cron["spec"]["jobTemplate"]["entrypoint"])
@@ -275,14 +297,23 @@ def test_ingestion_and_both_reindex_schedules_run_the_same_promoting_command(
     for argv in (one_off, ray_cron, submitted):
         assert _jobrun_command(argv) == REINDEX
         assert argv[argv.index("--pushgateway") + 1] == "$REIR_PUSHGATEWAY_URL"
+    # The schedules skip quietly until a model is published; the one-off ingest must not.
+    for argv in (ray_cron, submitted):
+        assert argv[argv.index("--skip-unless-exists") + 1] == "/models/reir/current"
+    assert "--skip-unless-exists" not in one_off
     # The plain CronJob submits to the batch cluster's head service (KubeRay names it <cluster>-head-svc).
     address = {e["name"]: e["value"] for e in container["env"]}["RAY_ADDRESS"]
     assert address == f"http://{_one(docs, 'RayCluster', 'reir-batch')['metadata']['name']}-head-svc:8265"
     assert plain["spec"]["concurrencyPolicy"] == "Forbid"
-    # The ingest config loads as reir's IngestConfig with the cluster's environment.
-    ingest = yaml.safe_load(_one(docs, "ConfigMap", "reir-files")["data"]["ingest.yaml"])
-    cfg = load_config(IngestConfig, None, ingest, env=env)
-    assert cfg.milvus.uri == env["REIR_MILVUS__URI"] and cfg.milvus.collection == "reir_live"
+    # What `reir ingest --config /etc/reir/reir.yaml` builds in the pod: the file's ingest section,
+    # its shared milvus keys and the environment (the Milvus URI, the HNSW index it asks for).
+    cfg = command_config("ingest", config=etc / Path(REINDEX[-1]).name, env=env)
+    assert cfg.milvus.uri == env["REIR_MILVUS__URI"] and cfg.milvus.index_type == "HNSW"
+    assert (cfg.alias, cfg.model_path, cfg.top_k_instances) == ("reir_live", "/models/reir/current", 30)
+    assert cfg.milvus.collection == "reir_instances"  # the versions' base name behind the alias
+    # `kubectl exec ... reir index list` finds the same Milvus with no flag.
+    index = command_config("index", env=env)
+    assert (index.milvus.uri, index.alias) == (cfg.milvus.uri, cfg.alias)
     if kustomization != "base":  # exactly one schedule is live per environment
         active = [d["kind"] for d in (cron, plain) if not d["spec"].get("suspend", False)]
         assert len(active) == 1, active
@@ -301,7 +332,7 @@ def test_milvus_uri_points_at_the_operators_service(kustomization: str) -> None:
 
 @pytest.mark.parametrize("kustomization", DEPLOYABLE)
 def test_every_referenced_configmap_secret_and_claim_exists(kustomization: str) -> None:
-    docs = render(kustomization)
+    docs = deployment(kustomization)
     have = {(d["kind"], d["metadata"]["name"]) for d in docs}
     missing = set()
     for doc in docs:
@@ -324,14 +355,14 @@ def test_every_referenced_configmap_secret_and_claim_exists(kustomization: str) 
 
 @pytest.mark.parametrize("kustomization", ("overlays/dev", "overlays/prod"))
 def test_overlay_sets_namespace_and_images(kustomization: str) -> None:
-    docs = render(kustomization)
+    docs = deployment(kustomization)
     assert {d["metadata"].get("namespace") for d in docs} == {"reir-dev" if "dev" in kustomization else "reir"}
     images = {c["image"] for d in docs for t in _pod_templates(d) for c in t["spec"]["containers"]}
     reir_images = {i for i in images if "reir" in i.split("/")[-1]}
     if kustomization == "overlays/prod":
         assert reir_images == {"registry.example.com/reir/reir:0.1.0", "registry.example.com/reir/reir-gpu:0.1.0"}
     else:
-        assert reir_images == {"reir:dev", "reir-gpu:dev"}
+        assert reir_images == {"reir:dev"}  # CPU only: no CUDA image
 
 
 # --- monitoring ---------------------------------------------------------------------------------
@@ -341,7 +372,7 @@ def test_monitors_select_what_exports_metrics() -> None:
     """No CRD for the Prometheus Operator's kinds is at hand, so their contract is checked
     against the objects they must find: labels and named ports."""
     mon = render("monitoring")
-    base = render("base")
+    base = deployment("base")
     pod_monitor = _one(mon, "PodMonitor", "reir-ray")
     selector = pod_monitor["spec"]["selector"]["matchLabels"]
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]

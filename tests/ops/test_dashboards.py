@@ -14,13 +14,34 @@ from reir.platform import telemetry as T
 COMMITTED = Path(__file__).resolve().parents[2] / "k8s" / "monitoring" / "dashboards"
 
 
-def test_committed_dashboards_equal_the_generated_ones(tmp_path: Path) -> None:
-    assert D.main(["--out", str(tmp_path)]) == 0
+K8S = COMMITTED.parents[1]
+# Where each copy lives and the namespace it was generated for (None: the monitoring base's).
+COPIES = {COMMITTED: None, K8S / "overlays" / "dev" / "dashboards": "reir-dev",
+          K8S / "overlays" / "prod" / "dashboards": "reir"}
+
+
+@pytest.mark.parametrize("directory", list(COPIES), ids=lambda p: str(p.relative_to(K8S)))
+def test_committed_dashboards_equal_the_generated_ones(directory: Path, tmp_path: Path) -> None:
+    namespace = COPIES[directory]
+    assert D.main(["--out", str(tmp_path), *(["--namespace", namespace] if namespace else [])]) == 0
     generated = {p.name: p.read_text() for p in tmp_path.glob("*.json")}
-    committed = {p.name: p.read_text() for p in COMMITTED.glob("*.json")}
+    committed = {p.name: p.read_text() for p in directory.glob("*.json")}
     assert generated.keys() == committed.keys()
+    hint = f"python -m reir.ops.dashboards --out {directory}" + (f" --namespace {namespace}" if namespace else "")
     for name, text in generated.items():
-        assert committed[name] == text, f"{name} is stale: python -m reir.ops.dashboards --out {COMMITTED}"
+        assert committed[name] == text, f"{name} is stale: {hint}"
+
+
+def test_every_query_is_limited_to_the_chosen_namespaces() -> None:
+    assert D.scoped("max(reir_index_runs_total)") == 'max(reir_index_runs_total{namespace=~"$namespace"})'
+    assert D.scoped('rate(ray_x_bucket{route="/v1/search"}[5m])') == (
+        'rate(ray_x_bucket{namespace=~"$namespace",route="/v1/search"}[5m])')
+    dev = D.to_grafana(D.serving_dashboard(), "reir-dev")
+    assert dev["uid"] == "reir-serving-reir-dev" != D.to_grafana(D.serving_dashboard(), "reir")["uid"]
+    for panel in dev["panels"]:
+        for target in panel["targets"]:
+            names = D.metric_names(target["expr"])
+            assert target["expr"].count('namespace=~"$namespace"') >= len(names) > 0, target["expr"]
 
 
 def test_dashboards_are_valid_grafana_json_with_unique_ids() -> None:

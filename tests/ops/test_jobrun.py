@@ -84,3 +84,17 @@ def test_the_summary_the_command_leaves_pushes_its_collection_rows(tmp_path) -> 
     rec = Recorder()
     assert run_and_report([sys.executable, "-c", garbage], job="j", gateway="gw", push=rec).summary == {}
     assert "reir_index_collection_rows" not in rec.pushes[0][2] and 'status="ok"' in rec.pushes[0][2]
+
+
+def test_a_schedule_before_the_first_published_model_skips_quietly(tmp_path) -> None:
+    """The re-index schedules run `--skip-unless-exists /models/reir/current`: before the
+    first `reir model publish` they neither run nor push (no ReirReindexFailed page)."""
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close(); raise SystemExit(3)"]
+    missing = str(tmp_path / "current")
+    # An unreachable gateway would only log; the point is that nothing runs at all.
+    assert main(["--job", "j", "--skip-unless-exists", missing, "--", *command]) == 0
+    assert not marker.exists()
+    (tmp_path / "current").mkdir()
+    assert main(["--job", "j", "--skip-unless-exists", missing, "--", *command]) == 3
+    assert marker.exists()

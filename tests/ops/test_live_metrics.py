@@ -113,7 +113,8 @@ def _dev_serve_config(model: Path, milvus_uri: str, port: int) -> Any:
     assert app["name"] == APP
     app["args"]["model_path"] = str(model)
     # On the cluster these come from the pods' envFrom: reir-env.
-    env = {k: v for k, v in reir_env["data"].items() if k != "REIR_SECURITY__API_KEYS_FILE"}  # auth: tests/serving
+    # auth: tests/serving; REIR_CONFIG names the pods' mounted file, absent here.
+    env = {k: v for k, v in reir_env["data"].items() if k not in {"REIR_SECURITY__API_KEYS_FILE", "REIR_CONFIG"}}
     app["runtime_env"] = {"env_vars": {**env, "REIR_MILVUS__URI": milvus_uri,
                                        "REIR_MILVUS__COLLECTION": COLLECTION}}  # fmt: skip
     return ServeDeploySchema.model_validate(config)
@@ -316,7 +317,8 @@ def test_every_dashboard_query_runs_in_prometheus(stack: Stack, prometheus: str)
     for dash in all_dashboards():
         for panel in to_grafana(dash)["panels"]:
             for target in panel["targets"]:
-                expr = target["expr"].replace("$__rate_interval", "1m")
+                # Grafana fills these in; the local stack's series carry no namespace label.
+                expr = target["expr"].replace("$__rate_interval", "1m").replace("$namespace", ".*")
                 result = _query(prometheus, expr)
                 live = {family(n) for n in metric_names(expr)} <= EXPECTED_LIVE
                 assert bool(result) or not live, f"{dash.uid} / {panel['title']}: no data for {expr}"
