@@ -82,7 +82,7 @@ def train(
 ) -> None:
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
     from reir.settings import command_config
-    from reir.training.config import STAGES, SourceSpec
+    from reir.training.config import STAGES
     from reir.training.trainer import run_training
 
     if data is not None:
@@ -94,7 +94,7 @@ def train(
              "max_steps": max_steps, "minutes": minutes * 60 if minutes else None, "batch_size": batch_size,
              "lr": lr, "zero": zero, "checkpoint_every": checkpoint_every, "resume": resume,
              "max_failures": max_failures, "eval_every": eval_every, "lookalike_partners": lookalike_partners,
-             "source": [SourceSpec.parse(s) for s in source] or None}
+             "source": _sources(source)}
     try:
         cfg = command_config("train", config=config, flags=flags)
     except ValueError as e:  # pydantic's ValidationError is a ValueError
@@ -171,6 +171,20 @@ def ingest(
     if cfg.alias and not summary.promoted:
         typer.echo(f"error: {summary.collection} was not promoted to {cfg.alias}: {summary.check}", err=True)
         raise typer.Exit(1)
+
+
+def _sources(specs: list[str]) -> list[Any] | None:
+    """``--source`` values; a malformed one is a usage error (exit 2), like a bad flag."""
+    from pydantic import ValidationError
+
+    from reir.training.config import SourceSpec
+
+    try:
+        return [SourceSpec.parse(s) for s in specs] or None
+    except ValidationError:
+        raise  # main() names the setting
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def _metadata_field(spec: str) -> tuple[str, str]:

@@ -28,6 +28,7 @@ RAY_MODULES = {
 OWN_RAY_TESTS = {
     "tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance",
     "tests/test_multinode.py::test_ingestion_and_serving_run_on_the_node_without_the_gallery",
+    "tests/test_cli.py::test_serve_stops_cleanly_on_sigterm",
 }
 _ran_ray_unit = False
 

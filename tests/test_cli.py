@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from reir.limits import MAX_TOP_K
+
 COMMANDS = ["synth", "train", "ingest", "serve", "search", "eval", "demo", "api-key"]
 
 
@@ -23,28 +25,46 @@ def test_every_command_has_help(command: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["train", "--data", "/nonexistent/bench"], "data directory not found: /nonexistent/bench"),
-        (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found"),
-        (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found"),
-        (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service"),
-        (["search", "red", "--filters", "{not json"], "--filters is not valid JSON"),
-        (["search", "red", "--filters", '{"field": "image_id"}'], "--filters must be a JSON list"),
-        (["api-key", "--name", "bad name!"], "invalid key name"),
-        (["bogus"], "No such command 'bogus'"),
-        (["train"], "Missing option '--data'"),
-        (["train", "--source", "voc:/x"], "invalid SourceSpec setting kind"),
-        (["train", "--source", "coco"], "expected KIND:PATH[:WEIGHT]"),
-        (["train", "--data", ".", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        # usage errors (the caller's syntax or settings): exit 2
+        (["search", "red", "--filters", "{not json"], "--filters is not valid JSON", 2),
+        (["search", "red", "--filters", '{"field": "image_id"}'], "--filters must be a JSON list", 2),
+        (["search", "red", "--top-k", str(MAX_TOP_K + 1)], "Invalid value for '--top-k'", 2),
+        (["serve", "--model", ".", "--port", "99999"], "Invalid value for '--port'", 2),
+        (["api-key", "--name", "bad name!"], "invalid key name", 2),
+        (["bogus"], "No such command 'bogus'", 2),
+        (["train"], "Missing option '--data'", 2),
+        (["train", "--source", "voc:/x"], "invalid SourceSpec setting kind", 2),
+        (["train", "--source", "coco"], "expected KIND:PATH[:WEIGHT]", 2),
+        (["train", "--data", ".", "--batch-size", "0"], "Invalid value for '--batch-size'", 2),
+        # failures while running (a missing file, a refused connection): exit 1
+        (["train", "--data", "/nonexistent/bench"], "data directory not found: /nonexistent/bench", 1),
+        (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found", 1),
+        (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found", 1),
+        (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service", 1),
     ],
 )
-def test_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
+def test_errors_are_one_line_without_traceback(args: list[str], message: str, code: int) -> None:
     res = _reir(*args)
-    assert res.returncode == 2
+    assert res.returncode == code, res.stderr
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_bug_is_one_line_exit_1_with_the_traceback_in_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    from reir.cli import _run
+
+    def broken() -> None:
+        {}["calibration"]  # the bug under test
+
+    assert _run(broken) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: internal error (KeyError: 'calibration'); traceback in ") and "\n" not in err
+    saved = Path(err.rsplit(" ", 1)[1])
+    assert "Traceback" in saved.read_text() and "broken" in saved.read_text()
+    saved.unlink()
 
 
 def test_bad_option_values_are_rejected_cleanly(tmp_path: Path) -> None:
@@ -110,3 +130,61 @@ def test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instan
                          check=False)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert "state ALIVE" in res.stdout, res.stdout[-2000:]
+
+
+def test_serve_stops_cleanly_on_sigterm(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Every container stop is a SIGTERM: Serve and Ray shut down, exit 0, no stack dump."""
+    import signal
+    import time
+
+    import requests
+
+    from reir.platform.milvus_server import free_port
+    from reir.platform.modeling import load_reir_model
+    from tests.serving.conftest import COLLECTION, fill_store
+
+    fill_store(tmp_path / "idx.db", tiny_checkpoint, load_reir_model)
+    (tmp_path / "serve.yaml").write_text("num_cpus_encoder: 0.25\nnum_cpus_reranker: 0.25\nnum_cpus_searcher: 0.1\n"
+                                         "num_cpus_ingress: 0.1\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REIR_CONFIG")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reir.cli", "serve", "--model", str(tiny_checkpoint), "--milvus-uri",
+         str(tmp_path / "idx.db"), "--collection", COLLECTION, "--port", str(port), "--config",
+         str(tmp_path / "serve.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""  # blocks until the app is deployed
+        if not line.startswith("serving on"):
+            proc.wait(timeout=60)
+            pytest.fail(f"reir serve exited {proc.returncode}: {proc.stderr.read()[-3000:] if proc.stderr else ''}")
+        deadline = time.monotonic() + 60
+        while requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.5)
+        assert requests.get(f"http://127.0.0.1:{port}/livez", timeout=10).json() == {"status": "alive"}
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: shutting down" in err and "Traceback" not in err, err[-3000:]
+    with pytest.raises(requests.ConnectionError):  # the proxy is gone with the process
+        requests.get(f"http://127.0.0.1:{port}/livez", timeout=5)
+
+
+def test_serve_on_a_taken_port_is_one_line_exit_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "model").mkdir()
+        res = _reir("serve", "--model", str(tmp_path / "model"), "--milvus-uri", str(tmp_path / "x.db"),
+                    "--port", str(port))
+    assert res.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
