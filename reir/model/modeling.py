@@ -319,6 +319,7 @@ class ReirModel(nn.Module):
         objectness: torch.Tensor,
         inst_mask: torch.Tensor,
         text_index: torch.Tensor | None = None,
+        text: TextOutput | None = None,
     ) -> torch.Tensor:
         """Re-ranked logits ``[N, M]`` of every stored instance of N candidate images.
 
@@ -327,8 +328,11 @@ class ReirModel(nn.Module):
         describe each candidate image's instances as stored in the index; ``text_index [N]``
         says which expression row n is scored for (default: all rows for expression 0).
         Without a re-ranker the dual encoder's logits come back (same order as the ANN).
+        ``text``: the expressions already encoded (``encode_text`` of the same ids), so a
+        query path that encoded them for the search does not encode them again.
         """
-        text = self.encode_text(input_ids, attention_mask)
+        if text is None:
+            text = self.encode_text(input_ids, attention_mask)
         if text_index is None:
             text_index = torch.zeros(inst_emb.shape[0], dtype=torch.long, device=inst_emb.device)
         emb = text.embeddings[text_index]

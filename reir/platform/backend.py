@@ -30,8 +30,9 @@ _PARTITION_CHARS = re.compile(r"[^A-Za-z0-9_]")
 
 
 def is_lite_version(server_version: str) -> bool:
-    """``get_server_version()`` of milvus-lite says so (e.g. ``milvus_lite-3.2.2``)."""
-    return "lite" in server_version.lower()
+    """``get_server_version()`` of milvus-lite says so (``milvus_lite-3.2.2``); pip's Milvus 2.3.5
+    standalone (a real server with real indexes) answers ``v2.3.5-lite``, hence the prefix test."""
+    return server_version.lower().startswith("milvus_lite")
 
 
 def partition_for(model_version: str) -> str:

@@ -3,10 +3,12 @@
 Graph: ``IngressDeployment`` (FastAPI, :mod:`reir.serving.http`, runs the
 :class:`~reir.serving.pipeline.QueryPipeline`) -> ``QueryEncoderDeployment`` (model,
 ``@serve.batch`` so concurrent queries share one forward pass) -> ``SearcherDeployment``
-(Milvus ANN top-N with filters, no model: the encoder hands over the model's score
-calibration, see :mod:`reir.serving.retriever`) -> ``RerankerDeployment`` (model;
-fetches each candidate's image context from the searcher; also runs the localize stage,
-:mod:`reir.serving.localize`, when ``ServeConfig.localize.enabled``). Each deployment has
+(Milvus ANN top-N with filters and, in the same call, the keyed fetch of the re-rank
+head's image rows; no model: the encoder hands over the model's score calibration, see
+:mod:`reir.serving.retriever`) -> ``RerankerDeployment`` (model; gets the query's token
+states from the encoder and the context from the searcher, so three hops per query and no
+second text forward; also runs the localize stage, :mod:`reir.serving.localize`, when
+``ServeConfig.localize.enabled``). Each deployment has
 its own replica count or autoscaling spec (``ServeConfig.autoscaling``).
 
 Entry point: ``serve run reir.serving.app:build_app model_path=DIR milvus_uri=URI``
@@ -38,9 +40,9 @@ from reir.platform.store import Hit, MilvusStore
 from reir.serving.failures import milvus_call, stage_call
 from reir.serving.http import HttpSettings, create_http_app
 from reir.serving.localize import BoxUpdate, Localizer
-from reir.serving.pipeline import QueryPipeline, localize_results_for
-from reir.serving.rerank import Reranker, Scored, ann_order, discover_threshold_for
-from reir.serving.retriever import Calibration, QueryEncoder, Result, Searcher
+from reir.serving.pipeline import Candidates, QueryPipeline, localize_results_for, search_with_context
+from reir.serving.rerank import Reranker, Scored, discover_threshold_for
+from reir.serving.retriever import EncodedQuery, QueryEncoder
 
 
 @serve.deployment(name="QueryEncoder")
@@ -76,11 +78,10 @@ class QueryEncoderDeployment:
         return dict(self._info)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode(self, texts: list[str]) -> list[np.ndarray]:
+    async def encode(self, texts: list[str]) -> list[EncodedQuery]:
         self._batch_size.observe(len(texts))
         # Off the event loop, so health checks and the batch queue stay responsive.
-        embeddings = await asyncio.to_thread(self.encoder.encode, texts)
-        return list(embeddings)
+        return await asyncio.to_thread(self.encoder.encode_queries, texts)
 
     def check_health(self) -> None:
         if self.encoder.model is None:
@@ -89,38 +90,23 @@ class QueryEncoderDeployment:
 
 @serve.deployment(name="Searcher")
 class SearcherDeployment:
-    def __init__(self, milvus: Mapping[str, Any], *, candidates: int = 100, dedupe_iou: float = 0.9) -> None:
+    def __init__(self, milvus: Mapping[str, Any]) -> None:
         cfg = MilvusConfig.model_validate(dict(milvus))
         self.store = MilvusStore.from_config(cfg)
         if not self.store.exists():
             self.store.close()
             raise RuntimeError(f"collection {cfg.collection!r} not found at {cfg.uri}; run ingestion first")
         self.store.load()
-        self.searcher = Searcher(self.store, candidates=candidates, dedupe_iou=dedupe_iou)
         self._latency = T.ray_metric(T.QUERY_SEARCH_LATENCY_SECONDS)
 
-    async def search(
-        self, embedding: np.ndarray, top_k: int, calibration: Mapping[str, Any], model_version: str | None
-    ) -> list[Result]:
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        """ANN top-N for one query embedding under the (validated) filter, and the re-rank
+        head's image rows in the same call (one hop, one search, one keyed fetch)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        results = await asyncio.to_thread(
-            milvus_call, self.searcher.search, np.atleast_2d(embedding), top_k, Calibration(**calibration), model_version
-        )
+        found = await asyncio.to_thread(milvus_call, search_with_context, self.store, embedding, top_n, flt, head)
         self._latency.observe(loop.time() - start)
-        return results[0]
-
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
-        """ANN top-N instances for one query embedding, under the (validated) filter."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        hits = await asyncio.to_thread(milvus_call, self.store.search, np.atleast_2d(embedding), top_n, flt)
-        self._latency.observe(loop.time() - start)
-        return hits[0]
-
-    async def context(self, hits: list[Hit], model_version: str | None) -> dict[str, list[Hit]]:
-        """Every stored instance (with vectors) of each hit's image: the re-ranker's context."""
-        return await asyncio.to_thread(self.store.context, hits, model_version=model_version)
+        return found
 
     async def image_uri(self, image_id: str) -> str | None:
         rows = await asyncio.to_thread(milvus_call, self.store.rows_for_images, [image_id], with_vectors=False,
@@ -142,11 +128,12 @@ class SearcherDeployment:
 @serve.deployment(name="Reranker")
 class RerankerDeployment:
     """Re-ranks candidates with the model (:class:`reir.serving.rerank.Reranker`); the
-    candidates' image context comes from the searcher, which owns the store. Also the
-    localize stage (same model; reads the gallery images from the rows' uris)."""
+    candidates' image context arrives with them (the searcher fetched it with the search) and
+    the query's token states with the query, so this stage needs no store and no text forward.
+    Also the localize stage (same model; reads the gallery images from the rows' uris)."""
 
     def __init__(
-        self, model_path: str, searcher: DeploymentHandle, *, loader: ModelLoader = load_reir_model,
+        self, model_path: str, *, loader: ModelLoader = load_reir_model,
         torch_threads: int = 1, localize: Mapping[str, Any] | None = None,
     ) -> None:
         import torch
@@ -156,15 +143,12 @@ class RerankerDeployment:
         calibration = QueryEncoder(model, processor).calibration
         self.reranker = Reranker(model, processor, calibration=calibration)
         self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
-        self.searcher = searcher
 
     def info(self) -> dict[str, Any]:
         return {"can_rerank": self.reranker.can_rerank}
 
-    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
-        if not self.reranker.can_rerank:
-            return ann_order(candidates, self.reranker.calibration)
-        context = await self.searcher.context.remote(candidates, model_version)
+    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
+                     ) -> list[Scored]:  # fmt: skip
         return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
@@ -187,14 +171,15 @@ class HandleStages:
     async def info(self) -> dict[str, Any]:
         return {**(await self.encoder.info.remote()), **(await self.reranker.info.remote())}
 
-    async def encode(self, text: str) -> np.ndarray:
+    async def encode(self, text: str) -> EncodedQuery:
         return await stage_call(lambda: self.encoder.encode.remote(text), "QueryEncoder")
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
-        return await stage_call(lambda: self.searcher.candidates.remote(embedding, top_n, flt), "Searcher")
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        return await stage_call(lambda: self.searcher.candidates.remote(embedding, top_n, flt, head), "Searcher")
 
-    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
-        return await stage_call(lambda: self.reranker.rerank.remote(query, candidates, model_version), "Reranker")
+    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
+                     ) -> list[Scored]:  # fmt: skip
+        return await stage_call(lambda: self.reranker.rerank.remote(query, candidates, context), "Reranker")
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         return await stage_call(lambda: self.reranker.localize.remote(query, items), "Reranker")
@@ -294,10 +279,10 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     )
     searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
-    ).bind(cfg.milvus.model_dump(), candidates=cfg.candidates, dedupe_iou=cfg.dedupe_iou)
+    ).bind(cfg.milvus.model_dump())
     reranker = RerankerDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "reranker", cfg.reranker_replicas, cfg.num_cpus_reranker)
-    ).bind(cfg.model_path, searcher, loader=loader, torch_threads=max(1, int(cfg.num_cpus_reranker)),
+    ).bind(cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_reranker)),
            localize=cfg.localize.model_dump())
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)

@@ -30,12 +30,44 @@ from reir.platform.modeling import ModelLoader, load_reir_model, model_version_f
 from reir.platform.store import Hit
 from reir.serving.localize import UNAVAILABLE, BoxUpdate, Localizer
 from reir.serving.rerank import Reranker, Scored, ann_order
-from reir.serving.retriever import Calibration, QueryEncoder, Result
+from reir.serving.retriever import Calibration, EncodedQuery, QueryEncoder, Result
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["rank", "discover"]
-STAGES = ("encode", "search", "rerank", "localize", "total")
+# "search" is the whole candidates stage: "ann" (the vector search) + "context" (the keyed
+# fetch of the re-rank head's image rows), both in the store's process.
+STAGES = ("encode", "search", "ann", "context", "rerank", "localize", "total")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """ANN hits (best first) and, for the re-rank head's images, every stored row with vectors."""
+
+    hits: list[Hit]
+    context: dict[str, list[Hit]] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def rerank_head(hits: Sequence[Hit], size: int) -> list[Hit]:
+    """The candidates the re-ranker sees: the ``size`` best by ANN score (pk breaks ties)."""
+    return sorted(hits, key=lambda h: (-h.score, h.pk))[:size]
+
+
+def search_with_context(store: ContextStore, embedding: np.ndarray, top_n: int, flt: StructuredFilter,
+                        head: int) -> Candidates:  # fmt: skip
+    """One ANN search, then (``head`` > 0) one keyed fetch of the head's images: the store's
+    whole share of a query, run where the store is so the rows cross no extra hop."""
+    clock = time.perf_counter
+    t = clock()
+    hits = store.search(np.atleast_2d(embedding), top_n, flt)[0]
+    timings = {"ann": clock() - t}
+    context: dict[str, list[Hit]] = {}
+    if head > 0 and hits:
+        t = clock()
+        context = store.context(rerank_head(hits, head), model_version=flt.model_version)
+        timings["context"] = clock() - t
+    return Candidates(hits, context, timings)
 
 
 @dataclass(frozen=True)
@@ -63,11 +95,16 @@ class QueryStages(Protocol):
         """``model_version``, ``calibration`` (dict), ``discover_threshold``, ``can_rerank``."""
         ...
 
-    async def encode(self, text: str) -> np.ndarray: ...
+    async def encode(self, text: str) -> EncodedQuery:
+        """The query encoded once; its token states travel on to the re-ranker."""
+        ...
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]: ...
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        """ANN top-N under the filter, plus the context of the best ``head`` (0: no re-rank)."""
+        ...
 
-    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]: ...
+    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
+                     ) -> list[Scored]: ...  # fmt: skip
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         """One :class:`BoxUpdate` per ``(uri, box)``, in order."""
@@ -158,21 +195,23 @@ class QueryPipeline:
         start = clock()
         info = await self.info()
         timings: dict[str, float] = {}
-        embedding = await self.stages.encode(request.query)
+        encoded = await self.stages.encode(request.query)
         timings["encode"] = clock() - start
         version = info["model_version"] if self.filter_model_version else None
         flt = StructuredFilter(model_version=version or None, conditions=request.conditions)
         t = clock()
         discover = request.mode == "discover"
         pool = self.discover_candidates if discover else self.candidates
-        hits = await self.stages.candidates(embedding, max(pool, request.top_k), flt)
+        head_size = self.discover_rerank_candidates if discover else self.rerank_candidates
+        head_size = max(head_size, request.top_k) if request.rerank and info.get("can_rerank") else 0
+        found = await self.stages.candidates(encoded.embedding, max(pool, request.top_k), flt, head_size)
+        hits = found.hits
         timings["search"] = clock() - t
-        reranked = bool(request.rerank and info.get("can_rerank") and hits)
+        timings.update(found.timings_s)
+        reranked = bool(head_size and hits)
         if reranked:
             t = clock()
-            head_size = self.discover_rerank_candidates if discover else self.rerank_candidates
-            head = sorted(hits, key=lambda h: (-h.score, h.pk))[: max(head_size, request.top_k)]
-            scored = await self.stages.rerank(request.query, head, version or None)
+            scored = await self.stages.rerank(encoded, rerank_head(hits, head_size), found.context)
             timings["rerank"] = clock() - t
         else:
             scored = ann_order(hits, Calibration(**info["calibration"]))
@@ -245,15 +284,15 @@ class LocalStages:
         return {"model_version": self.encoder.model_version, "calibration": self.encoder.calibration.to_dict(),
                 "discover_threshold": self.discover_threshold, "can_rerank": self.reranker.can_rerank}
 
-    async def encode(self, text: str) -> np.ndarray:
-        return self.encoder.encode([text])[0]
+    async def encode(self, text: str) -> EncodedQuery:
+        return self.encoder.encode_queries([text])[0]
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter) -> list[Hit]:
-        return (await asyncio.to_thread(self.store.search, np.atleast_2d(embedding), top_n, flt))[0]
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        return await asyncio.to_thread(search_with_context, self.store, embedding, top_n, flt, head)
 
-    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Scored]:
-        context = await asyncio.to_thread(self.store.context, candidates, model_version=model_version)
-        return self.reranker.rerank(query, candidates, context)
+    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
+                     ) -> list[Scored]:  # fmt: skip
+        return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         if self.localizer is None:

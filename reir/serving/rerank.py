@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 
 from reir.model.images import upright_size
+from reir.model.modeling import TextOutput
 from reir.model.rerank import pack_instance_sets
 from reir.platform.store import Hit
-from reir.serving.retriever import Calibration, to_numpy
+from reir.serving.retriever import Calibration, EncodedQuery, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ class Reranker:
         # ReirModel always has rerank_logits; without a trained re-ranker it only repeats the ANN scores.
         return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
 
-    def rerank(self, query_text: str, candidates: Sequence[Hit], context: Mapping[str, Sequence[Hit]]) -> list[Scored]:
+    def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit],
+               context: Mapping[str, Sequence[Hit]]) -> list[Scored]:  # fmt: skip
+        """``query``: the text, or the query as the encoder left it (then it is not re-encoded)."""
         if not candidates:
             return []
         if not self.can_rerank:
@@ -135,7 +138,7 @@ class Reranker:
                 log.warning("image %s has no stored context; its candidates are dropped from re-ranking", image_id)
         if not groups:
             return ann_order(candidates, self.calibration)
-        logits = self._logits(query_text, image_ids, groups)
+        logits = self._logits(query, image_ids, groups)
         scored = [(by_pk.get(row.pk, row), sigmoid(float(logits[i, j])))
                   for i, group in enumerate(groups) for j, row in enumerate(group)]
         return sorted(scored, key=lambda s: (-s[1], s[0].pk))
@@ -149,7 +152,7 @@ class Reranker:
         others = [r for r in rows if r.pk not in candidates]
         return sorted([*wanted, *others][: max(self.max_instances, len(wanted))], key=lambda r: rows.index(r))
 
-    def _logits(self, query: str, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
+    def _logits(self, query: str | EncodedQuery, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
         sizes = [self.image_size(image_id, group) for image_id, group in zip(image_ids, groups, strict=True)]
         emb, boxes, objectness, mask = pack_instance_sets(
             [[r.embedding for r in g] for g in groups], [[r.box for r in g] for g in groups],
@@ -157,12 +160,19 @@ class Reranker:
         )  # fmt: skip
         device = getattr(self.model, "device", None)
         move = (lambda t: t.to(device)) if isinstance(device, torch.device) else (lambda t: t)
+        tensors = [move(torch.from_numpy(a)) for a in (emb, boxes, objectness, mask)]
         with torch.inference_mode():
-            text = self.processor.text([query])
-            ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
-                              for v in (text["input_ids"], text["attention_mask"]))
-            logits = self.model.rerank_logits(
-                ids, attention, move(torch.from_numpy(emb)), move(torch.from_numpy(boxes)),
-                move(torch.from_numpy(objectness)), move(torch.from_numpy(mask)),
-            )  # fmt: skip
+            if isinstance(query, EncodedQuery) and query.token_states is not None and query.attention_mask is not None:
+                encoded = TextOutput(
+                    embeddings=move(torch.from_numpy(query.embedding[None].astype(np.float32))),
+                    aux_loss=torch.zeros(()), gate_probs=torch.zeros((1, 0)),
+                    token_states=move(torch.from_numpy(query.token_states[None].astype(np.float32))),
+                )  # fmt: skip
+                attention = move(torch.from_numpy(query.attention_mask[None].astype(np.int64)))
+                logits = self.model.rerank_logits(None, attention, *tensors, text=encoded)
+            else:
+                text = self.processor.text([query.text if isinstance(query, EncodedQuery) else query])
+                ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
+                                  for v in (text["input_ids"], text["attention_mask"]))
+                logits = self.model.rerank_logits(ids, attention, *tensors)
         return to_numpy(logits).reshape(mask.shape)

@@ -96,6 +96,21 @@ class Result:
                 "refined": self.refined}
 
 
+@dataclass(frozen=True)
+class EncodedQuery:
+    """One query text as the text tower left it: what the search and the re-ranker both need.
+
+    ``embedding [D]`` L2-normalized; ``token_states [L, H]`` and ``attention_mask [L]`` the
+    tower's last hidden states (None when the model gives none: the re-ranker then encodes
+    the text itself). Encoding once and passing this on saves the re-ranker a text forward.
+    """
+
+    text: str
+    embedding: np.ndarray
+    token_states: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
+
+
 class QueryEncoder:
     """Texts -> L2-normalized embeddings with the model (``reir.model`` contract)."""
 
@@ -105,6 +120,10 @@ class QueryEncoder:
         self.model_version = model_version
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([q.embedding for q in self.encode_queries(texts)])
+
+    def encode_queries(self, texts: Sequence[str]) -> list[EncodedQuery]:
+        """One :class:`EncodedQuery` per text (one forward pass for all)."""
         if not texts:
             raise ValueError("no texts to encode")
         with torch.inference_mode():
@@ -112,7 +131,12 @@ class QueryEncoder:
             out = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
         emb = to_numpy(out.embeddings).reshape(len(texts), -1)
         # The model already normalizes; renormalizing keeps IP == cosine regardless.
-        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        states = getattr(out, "token_states", None)
+        states = None if states is None else to_numpy(states)
+        mask = to_numpy(batch["attention_mask"]) if states is not None else None
+        return [EncodedQuery(text, emb[i], None if states is None else states[i],
+                             None if mask is None else mask[i]) for i, text in enumerate(texts)]  # fmt: skip
 
     def score(self, text_emb: np.ndarray, inst_emb: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -19,7 +19,8 @@ from reir.platform.modeling import model_version_for
 from reir.platform.schema import EMBEDDING, IMAGE_ID, MODEL_VERSION, RANK, SCORE, URI, rows_from_columns
 from reir.platform.store import Hit, MilvusStore
 from reir.serving.localize import FAILED, UNAVAILABLE, UNREADABLE, BoxUpdate, Localizer
-from reir.serving.pipeline import QueryPipeline, QueryRequest
+from reir.serving.pipeline import Candidates, QueryPipeline, QueryRequest
+from reir.serving.retriever import EncodedQuery
 from tests.platform.fakes import FakeModel, FakeProcessor, color_embedding
 
 SIZE = (128, 96)
@@ -94,13 +95,14 @@ class _Stages:
         return {"model_version": "v", "calibration": {"scale": 1.0, "bias": 0.0, "exact": True},
                 "discover_threshold": 0.5, "can_rerank": False}
 
-    async def encode(self, text: str) -> np.ndarray:
-        return np.ones(2, dtype=np.float32)
+    async def encode(self, text: str) -> EncodedQuery:
+        return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any) -> list[Hit]:
-        return [Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 10, 0.5, "v") for i in range(4)]
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any, head: int) -> Candidates:
+        return Candidates([Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 10, 0.5, "v")
+                           for i in range(4)])  # fmt: skip
 
-    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Any]:
+    async def rerank(self, query: Any, candidates: list[Hit], context: Any) -> list[Any]:
         raise AssertionError("not asked to re-rank")
 
     async def localize(self, query: str, items: list[tuple[str, Box]]) -> list[BoxUpdate]:

@@ -13,9 +13,9 @@ import torch
 
 from reir.platform.schema import InstanceRow
 from reir.platform.store import Hit, MilvusStore
-from reir.serving.pipeline import LocalStages, QueryPipeline, QueryRequest, answer
+from reir.serving.pipeline import Candidates, LocalStages, QueryPipeline, QueryRequest, answer
 from reir.serving.rerank import Reranker, ann_order, discover_threshold_for
-from reir.serving.retriever import Calibration, QueryEncoder
+from reir.serving.retriever import Calibration, EncodedQuery, QueryEncoder
 from tests.platform.fakes import BIAS, SCALE, FakeModel, FakeProcessor
 
 CAL = Calibration(SCALE, BIAS)
@@ -183,15 +183,15 @@ class _PoolStages:
         return {"model_version": "v", "calibration": {"scale": 1.0, "bias": 0.0, "exact": True},
                 "discover_threshold": 0.5, "can_rerank": True}
 
-    async def encode(self, text: str) -> np.ndarray:
-        return np.ones(2, dtype=np.float32)
+    async def encode(self, text: str) -> EncodedQuery:
+        return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any) -> list[Hit]:
+    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any, head: int) -> Candidates:
         self.top_n.append(top_n)
-        return [Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
-                for i in range(top_n)]
+        return Candidates([Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
+                           for i in range(top_n)])  # fmt: skip
 
-    async def rerank(self, query: str, candidates: list[Hit], model_version: str | None) -> list[Any]:
+    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Any) -> list[Any]:
         self.reranked.append(len(candidates))
         return [(h, 0.9 if i % 3 == 0 else 0.1) for i, h in enumerate(candidates)]
 
@@ -209,3 +209,49 @@ def test_discover_mode_searches_and_reranks_its_own_wider_pool() -> None:
     assert len(ranked.results) == 5
     # every re-ranked image at or above the threshold: 1 in 3 of the 120
     assert len(found.results) == 40 and all(r.score >= 0.5 for r in found.results)
+
+
+class _CountingModel:
+    """The real tiny model behind an injected wrapper that counts text-tower forwards."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.text_forwards = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        self.text_forwards += 1
+        return self.model.encode_text(input_ids, attention_mask)
+
+    def rerank_logits(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("text") is None:  # the model re-encodes through its own encode_text
+            self.text_forwards += 1
+        return self.model.rerank_logits(*args, **kwargs)
+
+
+def test_the_encoded_query_reaches_the_reranker_without_a_second_text_forward() -> None:
+    from reir.model.factory import create_model
+
+    torch.manual_seed(0)
+    model, processor = create_model("tiny")
+    model.add_reranker(hidden_size=16, num_relations=4)
+    model.eval()
+    counting = _CountingModel(model)
+    encoder = QueryEncoder(counting, processor, model_version="v")  # type: ignore[arg-type]
+    reranker = Reranker(counting, processor, calibration=Calibration())
+    query = encoder.encode_queries(["the red square left of the circle"])[0]
+    assert query.token_states is not None and counting.text_forwards == 1
+    dim = query.embedding.shape[0]
+    rng = np.random.default_rng(0)
+    context = {f"i{k}": [Hit(f"v:i{k}:{r}", f"i{k}", "/x.jpg", (10.0 * r, 5.0, 20.0, 20.0), 0.3, 0.8, "v",
+                             embedding=rng.normal(size=dim).astype(np.float32), image_size=(64.0, 48.0))
+                         for r in range(3)] for k in range(2)}  # fmt: skip
+    candidates = [rows[0] for rows in context.values()]
+    from_text = reranker.rerank(query.text, candidates, context)
+    assert counting.text_forwards == 2
+    from_states = reranker.rerank(query, candidates, context)
+    assert counting.text_forwards == 2  # the token states were used, nothing re-encoded
+    assert [h.pk for h, _ in from_states] == [h.pk for h, _ in from_text]
+    assert np.allclose([p for _, p in from_states], [p for _, p in from_text], atol=1e-5)

@@ -1,0 +1,214 @@
+"""Query path at scale: one ANN search + one keyed context fetch per query, per backend and size.
+
+    python bench/query_scale.py server --dir /tmp/milvus --port-file /tmp/milvus.port   # Milvus 2.3.5, stays up
+    python bench/query_scale.py fill --uri URI --collection C --instances 1000000 [--source random|FILE.npz]
+    python bench/query_scale.py measure --uri URI --collection C --instances 1000000 [--source ...] \
+        [--model DIR] --out bench/results/query-scale-2cpu.json
+
+``fill`` writes ``--instances`` rows (``--per-image`` per image, ranks 0..n-1, image size and count
+stored) through :class:`MilvusStore` (so the backend's default index and the per-version
+partition are what a deployment gets). ``--source random``: unit vectors from a seeded
+generator (the worst case for graph indexes); ``--source FILE.npz`` (``embeddings [N, D]``, from
+``encode-gallery``): a trained model's instance embeddings, replicated with small noise to reach
+the size. ``measure`` regenerates the same vectors, so recall@100 of the ANN is measured
+against exact (numpy) search, and times each stage of the query path in process: the store
+search, the keyed context fetch and, with ``--model``, encoding and re-ranking. JSON to stdout;
+``--out`` appends it to a results file (one entry per backend/size/source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VERSION = "bench"
+BATCH = 20_000
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def vectors(source: str, instances: int, dim: int, *, noise: float = 0.05) -> Iterator[np.ndarray]:
+    """The gallery's vectors in batches of ``BATCH``, the same on every call (seeded)."""
+    base = None if source == "random" else unit(np.load(source)["embeddings"])
+    for k, lo in enumerate(range(0, instances, BATCH)):
+        n = min(BATCH, instances - lo)
+        rng = np.random.default_rng(1000 + k)
+        if base is None:
+            yield unit(rng.normal(size=(n, dim)))
+            continue
+        idx = np.arange(lo, lo + n) % len(base)
+        # The first copy is the model's own embeddings; later copies are near-duplicates.
+        jitter = np.where((np.arange(lo, lo + n) >= len(base))[:, None], noise, 0.0)
+        yield unit(base[idx] + jitter * rng.normal(size=(n, base.shape[1])) / np.sqrt(base.shape[1]))
+
+
+def rows_for(lo: int, vecs: np.ndarray, per_image: int) -> list[dict[str, Any]]:
+    from reir.platform import schema as S
+
+    rows = []
+    for j, vec in enumerate(vecs):
+        i = lo + j
+        image_id, rank = f"b{i // per_image:08d}", i % per_image
+        x, y = float((i * 37) % 400), float((i * 91) % 300)
+        rows.append({
+            S.IMAGE_ID: image_id, S.URI: f"/bench/{image_id}.jpg", S.BOX_X: x, S.BOX_Y: y, S.BOX_W: 48.0,
+            S.BOX_H: 40.0, S.SCORE: 0.5, S.RANK: rank, S.MODEL_VERSION: VERSION, S.IMAGE_W: 640.0,
+            S.IMAGE_H: 480.0, S.N_INSTANCES: per_image, S.EMBEDDING: vec,
+        })  # fmt: skip
+    return rows
+
+
+def fill(args: argparse.Namespace) -> dict[str, Any]:
+    from reir.platform.store import MilvusStore
+
+    start = time.perf_counter()
+    with MilvusStore(args.uri, args.collection, dim=args.dim, upsert_batch_size=5000) as store:
+        for k, vecs in enumerate(vectors(args.source, args.instances, args.dim)):
+            store.upsert(rows_for(k * BATCH, vecs, args.per_image))
+            if k % 10 == 0:
+                print(f"filled {(k + 1) * BATCH} rows, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        inserted = time.perf_counter() - start
+        store.flush()
+        t = time.perf_counter()
+        store.build_index(args.index)
+        store.load()
+        built = time.perf_counter() - t
+        count = store.count()
+        kind = store.index_type()
+    return {"phase": "fill", "instances": count, "insert_s": round(inserted, 1), "index_build_and_load_s": round(built, 1),
+            "index_type": kind}  # fmt: skip
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def exact_top(queries: np.ndarray, source: str, instances: int, dim: int, k: int) -> np.ndarray:
+    """Row indices of the exact top-k by inner product, streamed over the gallery."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for b, vecs in enumerate(vectors(source, instances, dim)):
+        sims = queries @ vecs.T
+        top = np.argpartition(-sims, min(k, sims.shape[1] - 1), axis=1)[:, :k]
+        best_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1)
+        best_i = np.concatenate([best_i, top + b * BATCH], 1)
+        keep = np.argsort(-best_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_i
+
+
+def pct(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values) * 1000.0
+    return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p95_ms": round(float(np.percentile(a, 95)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2), "n": len(values)}  # fmt: skip
+
+
+def query_vectors(args: argparse.Namespace, n: int) -> np.ndarray:
+    if args.queries_npz:
+        return unit(np.load(args.queries_npz)["embeddings"][:n])
+    return unit(np.random.default_rng(7).normal(size=(n, args.dim)))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from reir.platform.store import MilvusStore, SearchFilter
+
+    qv = query_vectors(args, args.queries)
+    out: dict[str, Any] = {"phase": "measure", "uri_kind": "file" if args.uri.endswith(".db") else "server",
+                           "instances": args.instances, "source": Path(args.source).name, "per_image": args.per_image}
+    with MilvusStore(args.uri, args.collection) as store:
+        store.load()
+        flt = SearchFilter(model_version=VERSION)
+        out["backend"] = "milvus-lite" if store.lite else "milvus-server"
+        out["index_type"] = store.index_type()
+        for q in qv[:3]:  # warm
+            store.context(store.search(q, 100, flt)[0][:50], model_version=VERSION)
+        search_s, fetch_s, found = [], [], []
+        for q in qv:
+            t = time.perf_counter()
+            hits = store.search(q, 100, flt)[0]
+            search_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ctx = store.context(hits[:50], model_version=VERSION)
+            fetch_s.append(time.perf_counter() - t)
+            found.append([int(h.image_id[1:]) * args.per_image + int(h.pk.rsplit(":", 1)[1]) for h in hits])
+            assert sum(len(v) for v in ctx.values()) >= len({h.image_id for h in hits[:50]})
+        out["search"] = pct(search_s)
+        out["context_fetch_50_images"] = pct(fetch_s)
+        if args.recall:
+            exact = exact_top(qv, args.source, args.instances, args.dim, 100)
+            recall = [len(set(f) & set(e.tolist())) / 100.0 for f, e in zip(found, exact, strict=True)]
+            out["recall_at_100"] = round(float(np.mean(recall)), 4)
+    out["rss_mb"] = {"bench": round(rss_mb(os.getpid()), 1)}
+    if args.server_pid:
+        out["rss_mb"]["milvus"] = round(rss_mb(args.server_pid), 1)
+    return out
+
+
+def server(args: argparse.Namespace) -> None:
+    import milvus
+
+    from reir.platform.milvus_server import free_port
+
+    srv = milvus.default_server
+    srv.set_base_dir(args.dir)
+    srv.listen_port = free_port()
+    srv.start()
+    Path(args.port_file).write_text(f"{srv.listen_port}\n")
+    print(f"milvus on http://127.0.0.1:{srv.listen_port}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(60)
+    finally:
+        srv.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--dir", required=True)
+    s.add_argument("--port-file", required=True)
+    for name in ("fill", "measure"):
+        c = sub.add_parser(name)
+        c.add_argument("--uri", required=True)
+        c.add_argument("--collection", default="scale")
+        c.add_argument("--instances", type=int, default=100_000)
+        c.add_argument("--per-image", type=int, default=10)
+        c.add_argument("--dim", type=int, default=128)
+        c.add_argument("--source", default="random", help="random, or an .npz with embeddings [N, D]")
+        c.add_argument("--index", default="AUTOINDEX")
+        c.add_argument("--queries", type=int, default=200)
+        c.add_argument("--queries-npz", default="", help=".npz with query embeddings [Q, D] (default random)")
+        c.add_argument("--recall", action="store_true")
+        c.add_argument("--server-pid", type=int, default=0)
+        c.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.cmd == "server":
+        server(args)
+        return
+    result = fill(args) if args.cmd == "fill" else measure(args)
+    print(json.dumps(result))
+    if args.out:
+        path = Path(args.out)
+        entries = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*entries, result], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
