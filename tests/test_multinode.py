@@ -4,7 +4,8 @@ The gallery is served over HTTP by this test process and listed by ``http://`` U
 :mod:`tests.multinode_cluster` starts a head (no CPUs, a ``gallery`` resource) and a worker
 (the CPUs) as separate raylets, ingests, serves, searches and reports where every actor ran.
 It runs in its own process (and Ray temp dir), so it never meets the session's local Ray;
-every process it leaves behind on failure is found by that temp dir and stopped.
+the driver is a session leader, and every process it leaves behind (raylets, agents, workers,
+milvus-lite) is found by that session, or by the temp dir, and killed: never a ``ray stop``.
 """
 
 from __future__ import annotations
@@ -30,15 +31,29 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER_TIMEOUT_S = 420
 
 
-def _pids_using(marker: str) -> list[int]:
-    """Processes whose command line names ``marker`` (this test's Ray temp dir)."""
+def _pids_where(match: Callable[[Path], bool]) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if match(entry):
                     pids.append(int(entry.name))
     return pids
+
+
+def _in_session(sid: int) -> Callable[[Path], bool]:
+    # Ray's processes stay in the driver's session (they change process group, not session).
+    return lambda proc: int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid
+
+
+def _naming(marker: str) -> Callable[[Path], bool]:
+    return lambda proc: marker in (proc / "cmdline").read_bytes().decode(errors="replace")
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -48,13 +63,12 @@ def _ray_temp_dir() -> Iterator[str]:
     try:
         yield path
     finally:
-        for pid in _pids_using(path):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill(_pids_where(_naming(path)))  # raylets and agents name it; workers retitle themselves
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _run_driver(spec_path: Path, ray_temp_dir: str) -> subprocess.CompletedProcess[str]:
+def _run_driver(spec_path: Path) -> subprocess.CompletedProcess[str]:
+    """The driver as a session leader, so everything it starts can be found (and stopped) by session."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_cluster", str(spec_path)], cwd=REPO, env=env,
@@ -62,9 +76,11 @@ def _run_driver(spec_path: Path, ray_temp_dir: str) -> subprocess.CompletedProce
     try:
         out, _ = proc.communicate(timeout=DRIVER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
         out, _ = proc.communicate()
         pytest.fail(f"multi-node driver ran over {DRIVER_TIMEOUT_S} s:\n{out[-4000:]}")
+    finally:
+        _kill(_pids_where(_in_session(proc.pid)))
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
@@ -87,7 +103,7 @@ def test_ingestion_and_serving_run_on_the_node_without_the_gallery(
                 "report": str(tmp_path / "report.json")}  # fmt: skip
         spec_path = tmp_path / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        done = _run_driver(spec_path, ray_temp_dir)
+        done = _run_driver(spec_path)
         assert done.returncode == 0, done.stdout[-6000:]
         read_over_http = sorted(path.lstrip("/") for path in files.requests)
     report = json.loads(Path(spec["report"]).read_text())
