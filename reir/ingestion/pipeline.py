@@ -7,6 +7,12 @@ ActorPoolStrategy)`` (model loaded once per actor) -> ``write_datasink(MilvusDat
 (upsert rows, trim stale ranks, record the ledger) -> remove deleted images -> build the
 index + load -> with an ``alias``: check the version and promote it.
 
+Failure-rate guard (:mod:`reir.ingestion.guard`): the encoder actors report every batch to
+one shared counter; once ``failure_rate_min_images`` were tried and more than
+``max_failure_rate`` of them failed (a broken model, an unreadable mount), the run stops
+with :class:`~reir.errors.IngestionAborted` naming the counts and first errors, and the
+version is marked ``check_failed`` (nothing is promoted).
+
 Milvus-lite files: a ``.db`` path is a data directory locked by the one process that
 opens it, but write tasks run in several worker processes, so the pipeline starts
 :class:`EmbeddedMilvus` on that directory for the run and everyone (driver, write tasks)
@@ -35,6 +41,7 @@ from ray.data import ActorPoolStrategy
 
 from reir.ingestion.encoder import InstanceEncoder
 from reir.ingestion.gallery import PREV_HASH, PREV_INSTANCES, GalleryItem, list_gallery, read_image_bytes
+from reir.ingestion.guard import abort_if_tripped, check_batch, start_guard
 from reir.ingestion.ledger import Ledger, LedgerEntry, instance_pks, summarize
 from reir.ingestion.records import DeadLetter
 from reir.ingestion.sink import MilvusDatasink
@@ -120,6 +127,7 @@ class EncoderActor:
         device: str = "cpu",
         max_pixels: int = 100_000_000,
         fault: FaultHook | None = None,
+        guard: Any = None,
     ) -> None:
         import torch
 
@@ -133,6 +141,7 @@ class EncoderActor:
             device=device, bf16=device != "cpu", max_pixels=max_pixels,
         )  # fmt: skip
         self.fault = fault
+        self.guard = guard  # the run's FailureGuard actor (None: no guard)
         self.batches = 0
         self._images = T.ray_metric(T.INGEST_IMAGES_TOTAL)
         self._instances = T.ray_metric(T.INGEST_INSTANCES_TOTAL)
@@ -155,6 +164,10 @@ class EncoderActor:
             self._instances.inc(enc.instances - before[1])
         if enc.failures > before[2]:
             self._failures.inc(enc.failures - before[2], tags={"reason": "decode"})
+        failed = enc.failures - before[2]
+        if self.guard is not None and enc.images - before[0] + failed > 0:
+            check_batch(self.guard, enc.images - before[0] + failed, failed,
+                        [d.error for d in enc.dead_letter[before[2]:]])
         return out
 
 
@@ -190,6 +203,7 @@ def build_dataset(
     loader: ModelLoader,
     plan: ResourcePlan,
     fault: FaultHook | None = None,
+    guard: Any = None,
 ) -> ray.data.Dataset:
     """The lazy read -> encode plan (nothing runs until it is written)."""
     num_blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size)))
@@ -209,6 +223,7 @@ def build_dataset(
             "device": plan.device,
             "max_pixels": cfg.max_image_pixels,
             "fault": fault,
+            "guard": guard,
         },
         compute=ActorPoolStrategy(size=plan.encoders, max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
         batch_size=cfg.batch_size,
@@ -252,10 +267,17 @@ def run_ingestion(
                  collection)  # fmt: skip
         target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
         sink = MilvusDatasink(target, model_version=model_version, ledger=True)
-        with data_limits(cfg):
-            build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault).write_datasink(
-                sink, concurrency=cfg.write_concurrency, ray_remote_args={"num_cpus": cfg.num_cpus_per_writer}
-            )
+        guard = start_guard(cfg.max_failure_rate, cfg.failure_rate_min_images)
+        try:
+            with data_limits(cfg):
+                build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault, guard).write_datasink(
+                    sink, concurrency=cfg.write_concurrency, ray_remote_args={"num_cpus": cfg.num_cpus_per_writer}
+                )
+        except Exception:
+            abort_if_tripped(guard, milvus, version, len(items))
+            raise
+        finally:
+            ray.kill(guard)
         stats = sink.result
         with MilvusStore.from_config(milvus) as control:
             ledger = Ledger(control.client, collection=collection, model_version=model_version, create=False)

@@ -154,9 +154,13 @@ class IndexCatalog:
 
     def live(self, alias: str) -> str | None:
         """The collection ``alias`` points at, or None."""
+        # Listed first: describe_alias on a missing alias (every first promotion) makes pymilvus
+        # log an ERROR with a traceback before it raises, for what is a normal answer here.
+        if alias not in self.client.list_aliases().get("aliases", []):
+            return None
         try:
             return str(self.client.describe_alias(alias)["collection_name"])
-        except Exception:  # noqa: BLE001 - pymilvus raises on a missing alias
+        except Exception:  # noqa: BLE001 - dropped between the two calls
             return None
 
     def promote(self, alias: str, name: str) -> IndexVersion:

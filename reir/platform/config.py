@@ -96,6 +96,10 @@ class IngestConfig(_Frozen):
     alias: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
     rebuild: bool = False  # a fresh collection version even if one for this model exists
     check_samples: int = Field(default=5, ge=0, le=1000)  # ingested embeddings re-searched before promotion
+    # Stop early (nothing promoted) when more than this fraction of the images tried so far
+    # failed, once at least failure_rate_min_images were tried; 1.0 turns the guard off.
+    max_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    failure_rate_min_images: int = Field(default=20, ge=1)
     incremental: bool = True  # skip images whose content hash is already indexed; remove deleted ones
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus_per_encoder: float = Field(default=0.0, ge=0)

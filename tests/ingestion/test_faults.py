@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +12,11 @@ from pathlib import Path
 import pytest
 from pymilvus import MilvusClient
 
+from reir.errors import IngestionAborted
+from reir.ingestion.guard import FailureGuard
 from reir.ingestion.ledger import Ledger
 from reir.ingestion.pipeline import run_ingestion
+from reir.platform.catalog import IndexCatalog, IndexVersion
 from reir.platform.config import IngestConfig, MilvusConfig
 from reir.platform.milvus_server import EmbeddedMilvus
 from reir.platform.modeling import model_version_for
@@ -106,3 +111,48 @@ def test_crashed_job_resumes_without_redoing_or_duplicating(
         assert resumed.rows_in_store == N * TOP_K
         pks = _all_pks(server.uri, "gal")
         assert len(pks) == len(set(pks)) == N * TOP_K
+
+
+def test_mostly_failing_ingestion_stops_early_and_promotes_nothing(
+    tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path]
+) -> None:
+    """An unreadable gallery (30 of 32 files corrupt, listed first) trips the failure-rate guard."""
+    root = make_gallery(tmp_path / "g", n=2, corrupt=30, synthetic_split=None)
+    db = tmp_path / "idx.db"
+    cfg = _cfg(root, fake_checkpoint, str(db), num_encoders=1, alias="live_t", max_failure_rate=0.5,
+               failure_rate_min_images=4)
+    with pytest.raises(IngestionAborted, match="ingestion stopped early, nothing promoted") as caught:
+        run_ingestion(cfg, loader=fake_loader)
+    message = str(caught.value)
+    tried = int(re.search(r"of the first (\d+) images failed", message).group(1))  # type: ignore[union-attr]
+    assert 4 <= tried < 32 and "(32 images listed)" in message  # stopped before the end
+    assert "UnidentifiedImageError" in message or "cannot identify image" in message  # the first errors
+    with MilvusStore(str(db), "reir_catalog") as store:
+        catalog = IndexCatalog(store.client)
+        assert catalog.live("live_t") is None
+        (version,) = catalog.versions("live_t")
+        assert version.state == "check_failed" and "max_failure_rate" in version.info
+
+
+def test_the_guard_counts_across_batches_and_keeps_the_first_errors() -> None:
+    guard = FailureGuard(max_rate=0.5, min_images=10, keep_errors=2)
+    assert not guard.add(4, 4, ["e1", "e2", "e3"])  # 100% failed, but too few tried to judge
+    assert not guard.add(6, 1, ["e4"])  # 5 of 10: not over half
+    assert guard.add(2, 2, [])  # 7 of 12
+    assert guard.first_errors == ["e1", "e2"] and "7 of the first 12 images failed (58%" in guard.reason()
+    assert not FailureGuard(max_rate=1.0, min_images=1).add(5, 5, [])  # 1.0: the guard is off
+
+
+def test_first_promotion_into_a_fresh_milvus_logs_no_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG), MilvusStore(str(tmp_path / "fresh.db"), "reir_catalog") as store:
+        catalog = IndexCatalog(store.client)
+        assert catalog.live("reir_live") is None
+        catalog.record(IndexVersion(name="gal_v1", base="gal", alias="reir_live", model_version="m", built_at=1.0))
+        store.client.create_collection("gal_v1", dimension=4)
+        catalog.update("gal_v1", state="ready")
+        catalog.promote("reir_live", "gal_v1")
+        assert catalog.live("reir_live") == "gal_v1"
+    # (milvus-lite's own gRPC server logs an unrelated "AllocTimestamp not implemented"; not ours)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and ("alias" in r.getMessage()
+                                                                            or r.name.startswith("pymilvus"))]
+    assert errors == [], [r.getMessage()[:200] for r in errors]
