@@ -48,6 +48,8 @@ def test_failures_are_uri_read_errors_that_say_why(files: tuple[Path, FileServer
         read_uri(str(root / "photos" / "b.bin"), max_bytes=10)
     with pytest.raises(UriReadError, match="nosuch"):
         read_uri("nosuch://bucket/a.jpg")
+    with pytest.raises(UriReadError, match="does not exist"):  # through a pyarrow filesystem (as s3/gs)
+        read_uri("mock:///bucket/a.jpg")
     with pytest.raises(UriReadError):  # nothing listens there
         read_uri(f"{server.url.rsplit(':', 1)[0]}:9/a.jpg", timeout_s=2)
 
