@@ -132,3 +132,20 @@ def test_index_commands_find_milvus_through_the_environment(tmp_path: Path) -> N
     res = subprocess.run([sys.executable, "-m", "reir.cli", "index", "list"], capture_output=True, text=True,
                          env=env, timeout=120, check=False)
     assert f"milvus-lite file not found: {missing}" in res.stderr
+
+
+def test_cli_commands_read_their_section_of_the_file(tmp_path: Path) -> None:
+    """`reir ingest` / `reir eval` with only --config: the settings come from the file (the
+    first one the command checks is the model directory, named only there)."""
+    from typer.testing import CliRunner
+
+    from reir.cli import app
+    from reir.errors import ReirError
+
+    cfg = tmp_path / "reir.yaml"
+    cfg.write_text(f"ingest:\n  gallery_root: {tmp_path}\n  model_path: {tmp_path / 'no-model'}\n"
+                   f"eval:\n  data_root: {tmp_path}\n  model_path: {tmp_path / 'no-eval-model'}\n")
+    for command, missing in (("ingest", "no-model"), ("eval", "no-eval-model")):
+        res = CliRunner().invoke(app, [command, "--config", str(cfg)], env={"REIR_CONFIG": ""})
+        assert isinstance(res.exception, ReirError), res.output
+        assert str(res.exception) == f"model directory not found: {tmp_path / missing}"
