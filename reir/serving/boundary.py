@@ -32,6 +32,13 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def own_error(exc: BaseException) -> BaseException:
+    """The exception a stage raised, without Ray's wrapper (whose text starts with the replica's
+    pid and actor id: not something to show a caller)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
 def retry_after(exc: BaseException) -> int:
     """Whole seconds (>= 1) for the ``Retry-After`` header of a 503."""
     # getattr: a stage's exception may arrive wrapped by Ray (which forwards attributes to the cause).
@@ -42,9 +49,10 @@ def error_body(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any]
     """(status, JSON body, headers) for an exception that escaped a handler; logs it."""
     if isinstance(exc, DependencyUnavailable):
         # The reason is ours (no user data, no internals): it tells the operator what is down.
-        log.warning("request %s: dependency unavailable: %s", request_id, exc)
+        reason = str(own_error(exc)).strip().splitlines()[0][:200] if str(own_error(exc)).strip() else "unavailable"
+        log.warning("request %s: dependency unavailable: %s", request_id, reason)
         seconds = retry_after(exc)
-        return 503, {"error": "service temporarily unavailable, retry later", "reason": str(exc).splitlines()[0][:200],
+        return 503, {"error": "service temporarily unavailable, retry later", "reason": reason,
                      "retry_after_s": seconds, "request_id": request_id}, {"Retry-After": str(seconds)}
     log.error("request %s failed with an internal error", request_id, exc_info=exc)
     return 500, {"error": "internal error", "request_id": request_id}, {}

@@ -47,7 +47,7 @@ from reir.platform.config import ServeConfig
 from reir.platform.filters import FieldType, FilterError, allowed_fields, compile_filters
 from reir.platform.uri import UriReadError, is_local
 from reir.serving.batch import add_batch_route
-from reir.serving.boundary import BoundaryRoute
+from reir.serving.boundary import BoundaryRoute, own_error
 from reir.serving.images import fetch_image
 from reir.serving.page import SEARCH_PAGE
 from reir.serving.pipeline import QueryOutcome, QueryRequest
@@ -417,9 +417,10 @@ def create_http_app(
         try:
             data = await backend.health()
         except Exception as exc:  # noqa: BLE001 - whatever is down, the answer is "not ready"
+            cause = own_error(exc)
             return JSONResponse(status_code=503, headers={"Retry-After": "5"},
-                                content={"status": "unavailable", "error": str(exc).splitlines()[0][:300]
-                                         if str(exc) else type(exc).__name__})  # fmt: skip
+                                content={"status": "unavailable", "error": str(cause).splitlines()[0][:300]
+                                         if str(cause) else type(cause).__name__})  # fmt: skip
         return JSONResponse(status_code=200, content={"status": "ok", **data})
 
     # Kept for probes and scripts written before /livez and /readyz: same answer as /readyz.

@@ -311,3 +311,25 @@ def test_the_shared_top_k_limit_is_the_serve_default() -> None:
     from reir.platform.config import ServeConfig
 
     assert ServeConfig.model_fields["max_top_k"].default == MAX_TOP_K == HttpSettings().max_top_k
+
+
+def test_a_stage_error_wrapped_by_ray_shows_the_stage_message_not_rays(metrics: ListMetrics) -> None:
+    from ray.exceptions import RayTaskError
+
+    def wrapped() -> Exception:  # what a handle call raises when the Searcher replica raised
+        cause = DependencyUnavailable("collection 'gal' is gone", retry_after_s=5.0)
+        return RayTaskError("ray::ServeReplica:app:Searcher.ping() (pid=1)", "Traceback ...", cause).as_instanceof_cause()
+
+    class Wrapped(StubBackend):
+        async def run(self, request: QueryRequest) -> QueryOutcome:
+            raise wrapped()
+
+        async def health(self) -> dict[str, Any]:
+            raise wrapped()
+
+    client = TestClient(create_http_app(Wrapped(), metrics=metrics))
+    resp = client.post("/v1/search", json={"query": "x"})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    assert resp.json()["reason"] == "collection 'gal' is gone" and "ServeReplica" not in resp.text
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["error"] == "collection 'gal' is gone"
