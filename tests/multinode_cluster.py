@@ -4,11 +4,12 @@ Run as ``python -m tests.multinode_cluster SPEC.json`` in its own process, so it
 meets the test session's. It starts a real two-node cluster on this machine with Ray's own
 ``ray.cluster_utils.Cluster`` (a head and a worker, each its own raylet and object store):
 
-- the head has no CPUs (as KubeRay's head does) and a ``gallery`` resource: it is where the
-  driver lists the image list and where the milvus-lite server runs;
-- the worker has the CPUs (and a ``remote`` resource), so the Ray Data read tasks, the
-  encoder actors and every Serve replica land there, and they see the gallery only as the
-  ``http://`` URIs of the image list.
+- the head has one CPU and a ``gallery`` resource: it is where the driver lists the image
+  list and where the milvus-lite server runs;
+- the worker has more CPUs and a ``remote`` resource, which the encoder actors
+  (``IngestConfig.encoder_resources``) and every Serve replica (``ServeConfig.replica_resources``)
+  ask for, so they land there (and only there), seeing the gallery only as the ``http://``
+  URIs of the image list.
 
 It then ingests the image list into the shared milvus-lite server, serves the app (HTTP
 proxy on the head), asks one search and one image over HTTP, and writes a JSON report: the
@@ -25,9 +26,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-HEAD_RESOURCES = {"gallery": 1.0}
-WORKER_RESOURCES = {"remote": 4.0}
-WORKER_CPUS = 4
+HEAD_CPUS, HEAD_RESOURCES = 1, {"gallery": 1.0}
+WORKER_CPUS, WORKER_RESOURCES = 4, {"remote": 8.0}
+PIN = {"remote": 1.0}  # what each encoder actor and each replica asks for
 
 
 def _http_json(url: str, body: dict[str, Any] | None = None, timeout_s: float = 60.0) -> Any:
@@ -87,7 +88,7 @@ def _ingest(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
     cfg = IngestConfig(
         image_list=Path(spec["image_list"]), model_path=spec["checkpoint"], split=None,
         milvus={"uri": milvus_uri, "collection": spec["collection"]}, batch_size=4, num_encoders=1,
-        num_cpus_per_encoder=1.0, write_concurrency=1, check_samples=0,
+        num_cpus_per_encoder=1.0, write_concurrency=1, check_samples=0, encoder_resources=PIN,
     )  # fmt: skip
     return run_ingestion(cfg, loader=fake_loader).to_dict()
 
@@ -104,7 +105,7 @@ def _serve_and_ask(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
     cfg = ServeConfig(
         model_path=spec["checkpoint"], milvus={"uri": milvus_uri, "collection": spec["collection"]},
         host="127.0.0.1", port=port, num_cpus_encoder=0.5, num_cpus_searcher=0.25, num_cpus_reranker=0.25,
-        num_cpus_ingress=0.25,
+        num_cpus_ingress=0.25, replica_resources=PIN,
     )  # fmt: skip
     # One proxy, on the head: proxies on both nodes would bind the same port of this machine.
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": port})
@@ -131,7 +132,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "resources": HEAD_RESOURCES, "temp_dir": spec["ray_temp_dir"], "include_dashboard": False,
+        "num_cpus": HEAD_CPUS, "resources": HEAD_RESOURCES, "temp_dir": spec["ray_temp_dir"], "include_dashboard": False,
     })  # fmt: skip
     try:
         worker = cluster.add_node(num_cpus=WORKER_CPUS, resources=WORKER_RESOURCES)

@@ -1,8 +1,9 @@
 """Two Ray nodes, no shared disk: ingestion and serving run on the node without the gallery.
 
 The gallery is served over HTTP by this test process and listed by ``http://`` URIs only;
-:mod:`tests.multinode_cluster` starts a head (no CPUs, a ``gallery`` resource) and a worker
-(the CPUs) as separate raylets, ingests, serves, searches and reports where every actor ran.
+:mod:`tests.multinode_cluster` starts a head (1 CPU, a ``gallery`` resource) and a worker (a
+``remote`` resource, which the encoder actors and the Serve replicas ask for) as separate
+raylets, ingests, serves, searches and reports where every actor ran.
 It runs in its own process (and Ray temp dir), so it never meets the session's local Ray;
 the driver is a session leader, and every process it leaves behind (raylets, agents, workers,
 milvus-lite) is found by that session, or by the temp dir, and killed: never a ``ray stop``.

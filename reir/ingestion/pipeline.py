@@ -230,6 +230,7 @@ def build_dataset(
         batch_format="numpy",
         num_cpus=plan.cpus_per_encoder,
         num_gpus=plan.gpus_per_encoder or None,
+        **({"resources": dict(cfg.encoder_resources)} if cfg.encoder_resources else {}),
     )
 
 

@@ -111,6 +111,9 @@ class IngestConfig(_Frozen):
     batch_size: int = Field(default=16, ge=1, le=4096)
     num_encoders: int = Field(default=1, ge=1, le=256)
     num_cpus_per_encoder: float = Field(default=1.0, gt=0)
+    # Custom Ray resources each encoder actor asks for, e.g. {"encode": 1} to keep the actors on
+    # the nodes that offer it (a GPU pool, nodes near the gallery); docs/multi-node.md.
+    encoder_resources: dict[str, float] = Field(default_factory=dict)
     num_cpus_per_reader: float = Field(default=0.25, gt=0)
     num_cpus_per_writer: float = Field(default=0.25, gt=0)
     write_concurrency: int = Field(default=2, ge=1)
@@ -212,6 +215,8 @@ class ServeConfig(_Frozen):
     num_cpus_encoder: float = Field(default=1.0, ge=0)
     num_cpus_searcher: float = Field(default=0.25, ge=0)
     num_cpus_ingress: float = Field(default=0.25, ge=0)
+    # Custom Ray resources every replica asks for (pins the app to the nodes that offer them).
+    replica_resources: dict[str, float] = Field(default_factory=dict)
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     filter_model_version: bool = True
