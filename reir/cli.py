@@ -194,7 +194,8 @@ def _metadata_field(spec: str) -> tuple[str, str]:
     return name, kind
 
 
-index_app = typer.Typer(no_args_is_help=True, help="Index versions and the serving alias: list, promote, rollback, drop.")
+index_app = typer.Typer(no_args_is_help=True, help="Index a folder of photos (add PATH); index versions and the "
+                        "serving alias: list, promote, rollback, drop.")
 app.add_typer(index_app, name="index")
 
 
@@ -216,6 +217,46 @@ def _catalog_session(milvus_uri: str | None, alias: str | None = None, config: P
         raise ReirError(f"milvus-lite file not found: {uri}")
     store = MilvusStore(uri, "reir_catalog", token=cfg.milvus.token)
     return IndexCatalog(store.client), store, cfg
+
+
+@index_app.command("add")
+def index_add(
+    path: Path = typer.Argument(..., help="folder of images (searched recursively; any file names)"),
+    model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
+    milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
+    full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
+    dead_letter: Path | None = typer.Option(None, help="also write failed images (jsonl) here"),
+    config: Path | None = typer.Option(None, help="YAML: IngestConfig fields or an `ingest:` section "
+                                       "[$REIR_CONFIG]; flags given win"),
+) -> None:
+    """Index a folder of your own photos into the default index; then `reir serve` serves it.
+
+    Nested folders, spaces, unicode and any image format Pillow reads are fine; a file that can not be decoded is counted as failed and named. A rerun indexes only new and changed photos.
+    """
+    from reir.ingestion.folder import describe_scan, scan_folder, summary_lines
+    from reir.ingestion.gallery import IMAGE_SUFFIXES
+    from reir.ingestion.pipeline import run_ingestion
+    from reir.settings import command_config
+
+    _need_dir(path, "folder")
+    flags = {"gallery": path.resolve(), "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
+             "full": False if full else None, "dead_letter": dead_letter}
+    # split None: the folder is taken as it is, even when it holds an images/test subfolder
+    cfg = command_config("ingest", config=config, flags=flags, extra={"split": None})
+    _need_dir(Path(cfg.model_path), "model directory")
+    scan = scan_folder(path)
+    if scan.images == 0:
+        raise ReirError(f"no images under {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    typer.echo(describe_scan(path, scan), err=True)
+    typer.echo(f"indexing into {cfg.milvus.uri} with {cfg.model_path} (progress below)...", err=True)
+    init_ray()
+    summary = run_ingestion(cfg)
+    for line in summary_lines(summary, scan):
+        typer.echo(line)
+    _write_job_summary(_plain(summary))
+    if cfg.alias and not summary.promoted:
+        raise ReirError(f"{summary.collection} was not promoted to {cfg.alias}: {summary.check}")
+    typer.echo(f"next: reir serve --model {cfg.model_path}" + (f" --milvus-uri {milvus_uri}" if milvus_uri else ""))
 
 
 @index_app.command("list")

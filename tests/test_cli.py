@@ -41,6 +41,7 @@ def test_every_command_has_help(command: str) -> None:
         # failures while running (a missing file, a refused connection): exit 1
         (["train", "--data", "/nonexistent/bench"], "data directory not found: /nonexistent/bench", 1),
         (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found", 1),
+        (["index", "add", "/nonexistent/my photos", "--model", "/x"], "folder not found: /nonexistent/my photos", 1),
         (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found", 1),
         (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service", 1),
     ],
@@ -188,3 +189,17 @@ def test_serve_on_a_taken_port_is_one_line_exit_1(tmp_path: Path) -> None:
                     "--port", str(port))
     assert res.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_index_add_is_the_folder_flow_and_refuses_a_folder_without_images(tmp_path: Path) -> None:
+    res = _reir("index", "--help")
+    assert res.returncode == 0 and "add" in res.stdout and "folder of photos" in res.stdout
+    res = _reir("index", "add", "--help")
+    assert res.returncode == 0 and "reir serve" in res.stdout
+    empty = tmp_path / "no photos here"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("x")
+    (empty / ".hidden.jpg").write_bytes(b"x")  # hidden files are not photos
+    res = _reir("index", "add", str(empty), "--model", str(tmp_path))
+    assert res.returncode == 1 and f"error: no images under {empty}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
