@@ -22,6 +22,7 @@ import requests
 from reir.errors import DependencyUnavailable, ReirError
 
 RETRY_STATUSES = frozenset({502, 503, 504})
+USAGE_STATUSES = frozenset({400, 413, 422})
 
 
 class ServiceError(ReirError):
@@ -34,6 +35,8 @@ class ServiceError(ReirError):
         self.status = status
         self.request_id = request_id
         self.retry_after_s = retry_after_s
+        # For the CLI: a request the service refused as malformed came from the flags (usage, 2).
+        self.exit_code = 2 if status in USAGE_STATUSES else 1
 
 
 @dataclass(frozen=True)

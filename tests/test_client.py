@@ -86,6 +86,7 @@ def test_4xx_and_500_are_never_retried(scripted: Callable[..., Scripted], status
     with pytest.raises(ServiceError) as caught:
         Client(server.url, retry=FAST).info()
     assert caught.value.status == status and len(server.seen) == 1
+    assert caught.value.exit_code == (2 if status in (400, 413, 422) else 1)  # the CLI's usage vs runtime
     assert f"HTTP {status}: no" in str(caught.value)
     if status == 500:  # a bug: the request id is what to report
         assert caught.value.request_id == "abc123" and "request id abc123" in str(caught.value)

@@ -169,7 +169,8 @@ class HandleStages:
         self.reranker = reranker
 
     async def info(self) -> dict[str, Any]:
-        return {**(await self.encoder.info.remote()), **(await self.reranker.info.remote())}
+        encoder = await stage_call(lambda: self.encoder.info.remote(), "QueryEncoder")
+        return {**encoder, **(await stage_call(lambda: self.reranker.info.remote(), "Reranker"))}
 
     async def encode(self, text: str) -> EncodedQuery:
         return await stage_call(lambda: self.encoder.encode.remote(text), "QueryEncoder")
