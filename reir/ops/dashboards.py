@@ -1,8 +1,9 @@
 """Grafana dashboards as code, built from the metric catalog.
 
 ``python -m reir.ops.dashboards --out k8s/monitoring/dashboards/`` writes one JSON file
-per dashboard (``--namespace reir-dev --out k8s/overlays/dev/dashboards/`` an overlay's); the files are committed and a test checks they equal what this module
-generates, so nobody edits them by hand. Every reir series comes from a
+per dashboard (``--namespace reir-dev --out k8s/overlays/dev/dashboards/``: an overlay's,
+with its own uids); the files are committed and a test checks they equal what this
+module generates, so nobody edits them by hand. Every reir series comes from a
 :class:`~reir.platform.telemetry.MetricSpec` in ``ALL_METRICS`` through
 :func:`series`, which knows where it is exported:
 
