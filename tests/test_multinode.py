@@ -70,7 +70,8 @@ def _ray_temp_dir() -> Iterator[str]:
 
 def _run_driver(spec_path: Path) -> subprocess.CompletedProcess[str]:
     """The driver as a session leader, so everything it starts can be found (and stopped) by session."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # Not the session Ray's: its address, and what ray.init sets in the driver's environment.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_CLIENT_MODE", "PYTHONBREAKPOINT")}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_cluster", str(spec_path)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
