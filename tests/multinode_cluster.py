@@ -46,8 +46,8 @@ def _http_bytes(url: str, timeout_s: float = 60.0) -> tuple[bytes, str]:
 def _actors() -> list[dict[str, str]]:
     """Every actor of the cluster (alive or finished) and the node it ran on.
 
-    The GCS actor table, not ``ray.util.state``: that one needs the dashboard, which this
-    cluster does not start (seconds of start-up and a core's worth of CPU on this machine).
+    The GCS actor table (a developer API), not ``ray.util.state``: that one needs the
+    dashboard, which this cluster does not start, to save its start-up time and CPU.
     """
     from ray._private import state
 
