@@ -6,7 +6,7 @@ What it does (all on this machine, loopback only, bounded in count and time):
 1. Saves the ``tiny`` model (or ``--model``) to a checkpoint dir and writes ``--instances``
    rows (random unit vectors + fake boxes, ``--instances / --images`` per image) straight into a
    milvus-lite *server* (EmbeddedMilvus). Random vectors: this measures cost, not quality.
-2. In-process :class:`~reir.serving.retriever.Retriever` p50 (encode + ANN + rank, no HTTP), and
+2. In-process :class:`~reir.serving.pipeline.QueryPipeline` p50 (the HTTP route's code, no HTTP), and
    the HTTP/in-process p50 ratio from queries that alternate between the two (same load).
 3. The Serve app (``build_app`` path, 2 encoder replicas) over HTTP at concurrency 1 / 8 / 32:
    p50/p95/p99, throughput, and the per-stage medians the service reports (``timings_ms``).
@@ -20,6 +20,7 @@ What it does (all on this machine, loopback only, bounded in count and time):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -253,7 +254,9 @@ def main() -> None:
     from reir.platform.modeling import model_version_for
     from reir.platform.store import MilvusStore
     from reir.serving.app import app_for
-    from reir.serving.retriever import QueryEncoder, Retriever
+    from reir.serving.pipeline import LocalStages, QueryPipeline, QueryRequest
+    from reir.serving.rerank import Reranker
+    from reir.serving.retriever import QueryEncoder
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -275,9 +278,14 @@ def main() -> None:
                                       instances=args.instances, images=args.images)
         store = MilvusStore(milvus.uri, "bench")
         store.load()
-        retriever = Retriever(encoder, store, candidates=100)
+        reranker = Reranker(model, processor, calibration=encoder.calibration)
+        pipeline = QueryPipeline(LocalStages(encoder, store, reranker, discover_threshold=0.5), candidates=100)
         it = iter(range(10**9))
-        inproc = timed(lambda: retriever.search(texts[next(it) % len(texts)], top_k=10), args.inprocess)
+
+        def search(text: str) -> Any:
+            return asyncio.run(pipeline.run(QueryRequest(text, top_k=10)))
+
+        inproc = timed(lambda: search(texts[next(it) % len(texts)]), args.inprocess)
         result["inprocess"] = percentiles(inproc)
         enc_only = timed(lambda: encoder.encode([texts[next(it) % len(texts)]]), args.inprocess)
         result["inprocess_encode_p50_ms"] = percentiles(enc_only)["p50_ms"]
@@ -302,7 +310,7 @@ def main() -> None:
             one = result["http"]["1"]
             result["p50_ms"], result["p95_ms"], result["p99_ms"] = one["p50_ms"], one["p95_ms"], one["p99_ms"]
             result["qps"] = max(v["qps"] for v in result["http"].values())
-            result["interleaved"] = interleaved(url, lambda t: retriever.search(t, top_k=10), texts, args.inprocess)
+            result["interleaved"] = interleaved(url, search, texts, args.inprocess)
             result["http_vs_inprocess_p50_ratio"] = result["interleaved"]["ratio"]
             progress(result)
             scan_ms = per_image * 1000.0 * args.rec_images

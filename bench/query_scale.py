@@ -52,29 +52,45 @@ def vectors(source: str, instances: int, dim: int, *, noise: float = 0.05) -> It
         yield unit(base[idx] + jitter * rng.normal(size=(n, base.shape[1])) / np.sqrt(base.shape[1]))
 
 
-def rows_for(lo: int, vecs: np.ndarray, per_image: int) -> list[dict[str, Any]]:
+class Gallery:
+    """Row i's image id, box, rank, count and size: from the encoded gallery (``--source`` npz;
+    copy c > 0 of row r is image ``c{c}_{id}``, a near-duplicate), else synthetic."""
+
+    def __init__(self, source: str, per_image: int) -> None:
+        self.per_image = per_image
+        self.meta = None if source == "random" else np.load(source)
+
+    def row(self, i: int) -> dict[str, Any]:
+        from reir.platform import schema as S
+
+        if self.meta is None:
+            image_id, rank, count = f"b{i // self.per_image:08d}", i % self.per_image, self.per_image
+            box, size = ((i * 37) % 400, (i * 91) % 300, 48.0, 40.0), (640.0, 480.0)
+        else:
+            m, r = self.meta, i % len(self.meta["rank"])
+            copy = i // len(self.meta["rank"])
+            image_id = str(m["image_id"][r]) if copy == 0 else f"c{copy}_{m['image_id'][r]}"
+            rank, count, box, size = int(m["rank"][r]), int(m["n_instances"][r]), m["box"][r], m["size"][r]
+        return {S.IMAGE_ID: image_id, S.URI: f"/bench/{image_id}.jpg",
+                **{f: float(v) for f, v in zip(S.BOX_FIELDS, box, strict=True)}, S.SCORE: 0.5, S.RANK: rank,
+                S.MODEL_VERSION: VERSION, S.IMAGE_W: float(size[0]), S.IMAGE_H: float(size[1]),
+                S.N_INSTANCES: count}  # fmt: skip
+
+
+def rows_for(lo: int, vecs: np.ndarray, gallery: Gallery) -> list[dict[str, Any]]:
     from reir.platform import schema as S
 
-    rows = []
-    for j, vec in enumerate(vecs):
-        i = lo + j
-        image_id, rank = f"b{i // per_image:08d}", i % per_image
-        x, y = float((i * 37) % 400), float((i * 91) % 300)
-        rows.append({
-            S.IMAGE_ID: image_id, S.URI: f"/bench/{image_id}.jpg", S.BOX_X: x, S.BOX_Y: y, S.BOX_W: 48.0,
-            S.BOX_H: 40.0, S.SCORE: 0.5, S.RANK: rank, S.MODEL_VERSION: VERSION, S.IMAGE_W: 640.0,
-            S.IMAGE_H: 480.0, S.N_INSTANCES: per_image, S.EMBEDDING: vec,
-        })  # fmt: skip
-    return rows
+    return [{**gallery.row(lo + j), S.EMBEDDING: vec} for j, vec in enumerate(vecs)]
 
 
 def fill(args: argparse.Namespace) -> dict[str, Any]:
     from reir.platform.store import MilvusStore
 
     start = time.perf_counter()
+    gallery = Gallery(args.source, args.per_image)
     with MilvusStore(args.uri, args.collection, dim=args.dim, upsert_batch_size=5000) as store:
         for k, vecs in enumerate(vectors(args.source, args.instances, args.dim)):
-            store.upsert(rows_for(k * BATCH, vecs, args.per_image))
+            store.upsert(rows_for(k * BATCH, vecs, gallery))
             if k % 10 == 0:
                 print(f"filled {(k + 1) * BATCH} rows, {time.perf_counter() - start:.0f} s", file=sys.stderr)
         inserted = time.perf_counter() - start
@@ -113,6 +129,18 @@ def exact_top(queries: np.ndarray, source: str, instances: int, dim: int, k: int
     return best_i
 
 
+class KeyIndex(dict):  # type: ignore[type-arg]
+    """Primary key -> gallery row number (to compare ANN answers with exact search's rows)."""
+
+    def __init__(self, gallery: Gallery, instances: int) -> None:
+        from reir.platform import schema as S
+
+        super().__init__()
+        for i in range(instances):
+            row = gallery.row(i)
+            self[S.make_pk(VERSION, row[S.IMAGE_ID], row[S.RANK])] = i
+
+
 def pct(values: list[float]) -> dict[str, float]:
     a = np.asarray(values) * 1000.0
     return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p95_ms": round(float(np.percentile(a, 95)), 2),
@@ -129,6 +157,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from reir.platform.store import MilvusStore, SearchFilter
 
     qv = query_vectors(args, args.queries)
+    gallery = Gallery(args.source, args.per_image)
+    index = KeyIndex(gallery, args.instances)
     out: dict[str, Any] = {"phase": "measure", "uri_kind": "file" if args.uri.endswith(".db") else "server",
                            "instances": args.instances, "source": Path(args.source).name, "per_image": args.per_image}
     with MilvusStore(args.uri, args.collection) as store:
@@ -146,7 +176,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             ctx = store.context(hits[:50], model_version=VERSION)
             fetch_s.append(time.perf_counter() - t)
-            found.append([int(h.image_id[1:]) * args.per_image + int(h.pk.rsplit(":", 1)[1]) for h in hits])
+            found.append([index[h.pk] for h in hits])
             assert sum(len(v) for v in ctx.values()) >= len({h.image_id for h in hits[:50]})
         out["search"] = pct(search_s)
         out["context_fetch_50_images"] = pct(fetch_s)

@@ -1,4 +1,7 @@
-"""Plain (Ray-free) query path: text -> embedding -> ANN candidates -> ranked (image, box).
+"""The query path's model-side pieces: the text encoder, the score calibration, the result.
+
+The stages themselves (search, re-rank, answer) are :class:`reir.serving.pipeline.QueryPipeline`,
+the one query path that the HTTP route, ``reir eval`` and notebooks all run.
 
 Scoring. The model scores a (text, instance) pair with a SigLIP-style logit
 ``scale * <t, i> + bias``. That is affine in the inner product Milvus already returns,
@@ -19,21 +22,15 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-from reir.model.boxes import iou_xywh
-from reir.platform.config import ServeConfig
 from reir.platform.modeling import (
-    ModelLoader,
     TextModel,
     TextProcessor,
-    load_reir_model,
-    model_version_for,
 )
-from reir.platform.store import Hit, MilvusStore, SearchFilter
 
 log = logging.getLogger(__name__)
 
@@ -150,112 +147,3 @@ class QueryEncoder:
     @cached_property
     def calibration(self) -> Calibration:
         return Calibration.probe(self.score, self.dim)
-
-
-class TextEncoder(Protocol):
-    model_version: str
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
-
-    @property
-    def calibration(self) -> Calibration: ...
-
-
-class VectorStore(Protocol):
-    def search(self, vectors: np.ndarray, top_n: int, filter: SearchFilter | None = None) -> list[list[Hit]]: ...
-
-
-def rank_hits(hits: Sequence[Hit], calibration: Calibration, top_k: int, dedupe_iou: float) -> list[Result]:
-    """Score, sort (best first, pk breaks ties) and dedupe near-identical boxes per image."""
-    logits = calibration.logits(np.asarray([h.score for h in hits], dtype=np.float64))
-    order = sorted(range(len(hits)), key=lambda i: (-logits[i], hits[i].pk))
-    kept: list[Result] = []
-    kept_boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    for i in order:
-        hit = hits[i]
-        same_image = kept_boxes.setdefault(hit.image_id, [])
-        if any(iou_xywh(hit.box, box) >= dedupe_iou for box in same_image):
-            continue
-        same_image.append(hit.box)
-        logit = float(logits[i])
-        kept.append(Result(
-            image_id=hit.image_id, uri=hit.uri, box=hit.box,
-            score=float(1.0 / (1.0 + np.exp(-logit))), logit=logit,
-            ann_score=hit.score, instance_score=hit.instance_score, pk=hit.pk,
-        ))  # fmt: skip
-        if len(kept) >= top_k:
-            break
-    return kept
-
-
-class Searcher:
-    """ANN candidates from the store + ranking; needs no model (see module docstring)."""
-
-    def __init__(self, store: VectorStore, *, candidates: int = 100, dedupe_iou: float = 0.9) -> None:
-        self.store = store
-        self.candidates = candidates
-        self.dedupe_iou = dedupe_iou
-
-    def search(
-        self,
-        embeddings: np.ndarray,
-        top_k: int,
-        calibration: Calibration,
-        model_version: str | None = None,
-    ) -> list[list[Result]]:
-        """One ranked result list per query embedding (rows of ``embeddings``)."""
-        if top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        flt = SearchFilter(model_version=model_version) if model_version else None
-        # Dedupe can drop candidates, so never ask for fewer than top_k.
-        hits = self.store.search(np.atleast_2d(embeddings), max(self.candidates, top_k), flt)
-        return [rank_hits(h, calibration, top_k, self.dedupe_iou) for h in hits]
-
-
-class Retriever:
-    """``search(query, top_k) -> list[Result]``: QueryEncoder + Searcher in one process."""
-
-    def __init__(
-        self,
-        encoder: TextEncoder,
-        store: VectorStore,
-        *,
-        candidates: int = 100,
-        dedupe_iou: float = 0.9,
-        filter_model_version: bool = True,
-    ) -> None:
-        self.encoder = encoder
-        self.searcher = Searcher(store, candidates=candidates, dedupe_iou=dedupe_iou)
-        self.filter_model_version = filter_model_version
-
-    @classmethod
-    def from_config(cls, cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Retriever:
-        """Model + store in this process (evaluation, notebooks); :meth:`close` when done."""
-        model, processor = loader(cfg.model_path)
-        encoder = QueryEncoder(model, processor, model_version=model_version_for(cfg.model_path))
-        store = MilvusStore.from_config(cfg.milvus)
-        store.load()
-        return cls(
-            encoder,
-            store,
-            candidates=cfg.candidates,
-            dedupe_iou=cfg.dedupe_iou,
-            filter_model_version=cfg.filter_model_version,
-        )
-
-    def close(self) -> None:
-        close = getattr(self.searcher.store, "close", None)
-        if close is not None:
-            close()
-
-    @property
-    def model_version(self) -> str:
-        return self.encoder.model_version
-
-    def search_batch(self, queries: Sequence[str], top_k: int = 10) -> list[list[Result]]:
-        emb = self.encoder.encode(list(queries))
-        version = self.encoder.model_version if self.filter_model_version else None
-        return self.searcher.search(emb, top_k, self.encoder.calibration, version or None)
-
-    def search(self, query: str, top_k: int = 10) -> list[Result]:
-        return self.search_batch([query], top_k)[0]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from reir.ingestion.encoder import InstanceEncoder
 from reir.platform.modeling import load_reir_model
 from reir.platform.schema import ROW_FIELDS, rows_from_columns
 from reir.platform.store import Hit, MilvusStore
-from reir.serving.retriever import Calibration, QueryEncoder, Retriever, rank_hits
+from reir.serving.pipeline import LocalStages, QueryPipeline, QueryRequest, answer
+from reir.serving.rerank import Reranker, ann_order
+from reir.serving.retriever import Calibration, QueryEncoder, Result
 from tests.platform.fakes import BIAS, SCALE, FakeModel, FakeProcessor, quadrant_image
 
 
@@ -18,7 +21,7 @@ def _hit(pk: str, image_id: str, box: tuple[float, float, float, float], score: 
     return Hit(pk, image_id, f"/g/{image_id}.jpg", box, score, 0.9, "v")
 
 
-def test_rank_hits_orders_by_logit_and_dedupes_per_image() -> None:
+def test_ann_answer_orders_by_logit_and_dedupes_per_image() -> None:
     hits = [
         _hit("a0", "a", (0, 0, 10, 10), 0.50),
         _hit("a1", "a", (0, 0, 10, 10.5), 0.49),  # near-duplicate of a0: dropped
@@ -27,10 +30,10 @@ def test_rank_hits_orders_by_logit_and_dedupes_per_image() -> None:
         _hit("c0", "c", (0, 0, 5, 5), 0.10),
     ]
     cal = Calibration(scale=10.0, bias=-2.0)
-    results = rank_hits(hits, cal, top_k=3, dedupe_iou=0.9)
+    results = answer(ann_order(hits, cal), mode="rank", top_k=3, threshold=0.5, dedupe_iou=0.9)
     assert [r.pk for r in results] == ["a0", "b0", "a2"]
     top = results[0]
-    assert top.logit == pytest.approx(3.0) and top.score == pytest.approx(1 / (1 + np.exp(-3.0)))
+    assert top.logit == pytest.approx(3.0, abs=1e-6) and top.score == pytest.approx(1 / (1 + np.exp(-3.0)))
     assert top.ann_score == 0.5 and top.to_wire() == {"image_id": "a", "uri": "/g/a.jpg", "box": [0, 0, 10, 10], "score": top.score,
                                                    "refined": False}
 
@@ -70,18 +73,22 @@ def test_retriever_with_fake_model_finds_the_coloured_box(tmp_path: Path) -> Non
         _fill(store, "other-2", {"decoy": ("blue", "blue", "blue", "blue")})  # another model's rows
         store.load()
         encoder = QueryEncoder(FakeModel(), FakeProcessor(), model_version="fake-1")
-        retriever = Retriever(encoder, store, candidates=20)
+        reranker = Reranker(FakeModel(), FakeProcessor(), calibration=encoder.calibration)
+        pipeline = QueryPipeline(LocalStages(encoder, store, reranker, discover_threshold=0.5), candidates=20)
 
-        blue = retriever.search("the blue square", top_k=1)
+        def search(text: str, top_k: int) -> list[Result]:
+            return asyncio.run(pipeline.run(QueryRequest(text, top_k=top_k))).results
+
+        blue = search("the blue square", top_k=1)
         assert [(r.image_id, r.box) for r in blue] == [("blue", (0.0, 24.0, 32.0, 24.0))]
         assert blue[0].score == pytest.approx(1 / (1 + np.exp(-(SCALE + BIAS))), rel=1e-4)
 
-        reds = retriever.search("red", top_k=2)  # two red boxes in one image, both returned
+        reds = search("red", top_k=2)  # two red boxes in one image, both returned
         assert {(r.image_id, r.box) for r in reds} == {("reds", (0.0, 0.0, 32.0, 24.0)), ("reds", (32.0, 24.0, 32.0, 24.0))}
-        many = retriever.search_batch(["yellow", "white"], top_k=5)
+        many = [search("yellow", top_k=5), search("white", top_k=5)]
         assert many[0][0].image_id == many[1][0].image_id == "mixed"
         assert all(r.image_id != "decoy" for rs in many for r in rs)
-        assert len(retriever.search("blue", top_k=50)) == 12  # all of fake-1's instances, no dupes
+        assert len(search("blue", top_k=50)) == 12  # all of fake-1's instances, no dupes
 
 
 def test_query_encoder_with_real_tiny_model(tiny_checkpoint: Path) -> None:
@@ -98,10 +105,11 @@ def test_query_encoder_with_real_tiny_model(tiny_checkpoint: Path) -> None:
         enc.encode([])
 
 
-def test_retriever_from_config_and_serve_args(tmp_path: Path, fake_checkpoint: Path) -> None:
+def test_local_pipeline_from_config_and_serve_args(tmp_path: Path, fake_checkpoint: Path) -> None:
     from reir.platform.config import MilvusConfig, ServeConfig
     from reir.platform.modeling import model_version_for
     from reir.serving.app import serve_config_from_args
+    from reir.serving.pipeline import local_pipeline
     from tests.platform.fakes import fake_loader
 
     version = model_version_for(fake_checkpoint)
@@ -113,10 +121,11 @@ def test_retriever_from_config_and_serve_args(tmp_path: Path, fake_checkpoint: P
     )
     assert cfg.milvus == MilvusConfig(uri=str(db), collection="gallery") and cfg.candidates == 7
     assert ServeConfig.model_validate(cfg.model_dump()) == cfg
-    retriever = Retriever.from_config(cfg, loader=fake_loader)
+    pipeline = local_pipeline(cfg, loader=fake_loader)
     try:
-        (best,) = retriever.search("green", top_k=1)
+        outcome = asyncio.run(pipeline.run(QueryRequest("green", top_k=1)))
+        (best,) = outcome.results
         assert (best.image_id, best.box) == ("g", (0.0, 0.0, 32.0, 24.0))
-        assert retriever.model_version == version
+        assert outcome.model_version == version
     finally:
-        retriever.close()
+        pipeline.stages.store.close()  # type: ignore[attr-defined]
