@@ -162,13 +162,15 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
                               "in_process": _pct(stages["total"]),
                               "stage_p50_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
     pipeline.stages.store.close()  # type: ignore[attr-defined]
+    print(json.dumps(result), file=sys.stderr, flush=True)  # kept even if the HTTP part fails
     if not args.http:
         return result
     import ray
 
     from reir.serving.app import run_app
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    # address="local": a Ray of our own even when another job's cluster runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         run_app(cfg)
         client = Client(f"http://127.0.0.1:{cfg.port}")

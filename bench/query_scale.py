@@ -208,9 +208,34 @@ def server(args: argparse.Namespace) -> None:
         srv.stop()
 
 
+def plot(results: Path, out: Path) -> None:
+    """p50 of the store search (and search + context fetch) against collection size, per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in json.loads(results.read_text()) if e.get("phase") == "measure" and e["source"] == "random"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for backend in sorted({e["backend"] for e in entries}):
+        rows = sorted((e["instances"], e["search"]["p50_ms"], e["context_fetch_50_images"]["p50_ms"])
+                      for e in entries if e["backend"] == backend)  # fmt: skip
+        sizes = [r[0] for r in rows]
+        ax.plot(sizes, [r[1] for r in rows], marker="o", label=f"{backend}: ANN search")
+        ax.plot(sizes, [r[1] + r[2] for r in rows], marker="s", linestyle="--", label=f"{backend}: + keyed context")
+    ax.set(xscale="log", yscale="log", xlabel="instances in the collection", ylabel="p50 (ms)",
+           title="Query store cost per backend (2 shared cores)")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    pl = sub.add_parser("plot")
+    pl.add_argument("--results", default="bench/results/query-scale-2cpu.json")
+    pl.add_argument("--out", default="bench/results/query-scale-2cpu.png")
     s = sub.add_parser("server")
     s.add_argument("--dir", required=True)
     s.add_argument("--port-file", required=True)
@@ -231,6 +256,9 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd == "server":
         server(args)
+        return
+    if args.cmd == "plot":
+        plot(Path(args.results), Path(args.out))
         return
     result = fill(args) if args.cmd == "fill" else measure(args)
     print(json.dumps(result))
