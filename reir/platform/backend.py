@@ -1,9 +1,11 @@
 """What a Milvus backend is, and the defaults that suit it (used by :mod:`reir.platform.store`).
 
-milvus-lite (a ``.db`` file, or ``milvus-lite server`` by URI) scans: its "indexes" do not
-make a search sublinear, so it stays the embedded default for small galleries. A Milvus
-server (standalone or cluster) gets a real ANN index, HNSW with M 16 / efConstruction 200,
-searched with ``ef`` wide enough for recall@100 >= 0.95 (measured in ``bench/query.py``).
+milvus-lite (a ``.db`` file, or ``milvus-lite server`` by URI) is one process: its
+``AUTOINDEX`` is a FAISS HNSW (brute force without faiss), its scalar queries scan, so it
+stays the embedded default for small galleries. A Milvus server (standalone or cluster)
+gets HNSW with M 16 / efConstruction 200. Both are searched with ``ef`` = ``HNSW_EF`` (or
+the top-N when larger): FAISS's default of 64 is below a top-100 and gave recall@100 0.18
+on 100k random vectors (``bench/query_scale.py measure --recall``; docs/query-path.md).
 
 Each model version's rows live in their own partition (``mv_<version>``) of collections
 created with the context fields (``image_w``/``image_h``/``n_instances``), so a search for one
@@ -22,9 +24,9 @@ from typing import Any
 from reir.platform import schema as S
 
 DEFAULT_PARTITION = "_default"
-# HNSW ef per top-N on a server: recall@100 on random unit vectors needs far more than the
-# top-N itself; model embeddings (clustered) reach 0.95 earlier. See docs/query-path.md.
-SERVER_HNSW_EF = 512
+# HNSW ef per top-N: recall@100 on random unit vectors needs far more than the top-N
+# itself; model embeddings (clustered) reach 0.95 earlier. See docs/query-path.md.
+HNSW_EF = 512
 SERVER_INDEX: tuple[str, dict[str, Any]] = ("HNSW", {"M": 16, "efConstruction": 200})
 _PARTITION_CHARS = re.compile(r"[^A-Za-z0-9_]")
 
@@ -56,9 +58,8 @@ def auto_index(lite: bool, requested: str) -> tuple[str, dict[str, Any]]:
 def search_params(index_type: str | None, top_n: int, lite: bool, overrides: dict[str, Any]) -> dict[str, Any]:
     """Per-search parameters for the index in place; ``overrides`` (configuration) win."""
     params: dict[str, Any] = {}
-    if index_type == "HNSW":
-        # ef >= limit is required; on milvus-lite HNSW is a scan anyway, so keep it minimal.
-        params["ef"] = max(top_n, 64) if lite else max(top_n, SERVER_HNSW_EF)
+    if index_type == "HNSW" or (lite and index_type == "AUTOINDEX"):  # lite's AUTOINDEX is HNSW
+        params["ef"] = max(top_n, HNSW_EF)
     elif index_type == "IVF_FLAT":
         params["nprobe"] = 16
     params.update(overrides)

@@ -110,4 +110,6 @@ def test_backend_defaults() -> None:
     assert auto_index(lite=False, requested="IVF_FLAT") == ("IVF_FLAT", {})
     assert search_params("HNSW", 100, lite=False, overrides={})["params"]["ef"] >= 256
     assert search_params("HNSW", 100, lite=False, overrides={"ef": 300})["params"]["ef"] == 300
+    assert search_params("AUTOINDEX", 100, lite=True, overrides={})["params"]["ef"] >= 256  # FAISS HNSW in lite
+    assert "ef" not in search_params("AUTOINDEX", 100, lite=False, overrides={})["params"]
     assert partition_for("v1") != partition_for("v1.") and partition_for("a b").startswith("mv_a_b_")
