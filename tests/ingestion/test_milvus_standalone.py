@@ -68,3 +68,30 @@ def test_manifest_with_metadata_into_milvus_standalone(
 
     again = run_ingestion(cfg, loader=fake_loader)
     assert (again.images, again.unchanged, again.rows_in_store, again.collection) == (0, 7, 12, summary.collection)
+
+
+def test_server_defaults_hnsw_partition_per_version_and_keyed_context(milvus_server: str) -> None:
+    from reir.platform import schema as S
+    from reir.platform.backend import HNSW_EF, partition_for
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(60, 8)).astype(np.float32)
+    rows = [S.InstanceRow(f"i{n // 3}", f"/g/i{n // 3}.jpg", (n, 0.0, 5.0, 5.0), 0.5, n % 3, version, vecs[n],
+                          image_size=(320.0, 200.0), n_instances=3).to_dict()
+            for n in range(60) for version in ("va", "vb")]  # fmt: skip
+    with MilvusStore(milvus_server, "layout", dim=8) as store:
+        assert not store.lite
+        store.upsert(rows)
+        store.flush()
+        store.build_index()  # AUTOINDEX on a server means HNSW M16 / efConstruction 200
+        store.load()
+        assert store.index_type() == "HNSW"
+        assert {partition_for("va"), partition_for("vb")} <= store.layout().partitions
+        hits = store.search(vecs[7], 10, SearchFilter(model_version="vb"))[0]
+        assert hits[0].pk == "vb:i2:1" and {h.model_version for h in hits} == {"vb"}
+        assert hits[0].image_size == (320.0, 200.0) and hits[0].n_instances == 3
+        context = store.context(hits[:2], model_version="vb")
+        assert [h.pk for h in context["i2"]] == ["vb:i2:0", "vb:i2:1", "vb:i2:2"]
+        assert all(h.embedding is not None for h in context["i2"])
+        assert store.count(SearchFilter(model_version="va")) == 60
+    assert HNSW_EF >= 100
