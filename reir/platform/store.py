@@ -103,6 +103,17 @@ def _metadata_expr(name: str, value: str | float | bool) -> str:
     return f"{name} == {quote_string(str(value))}"
 
 
+LITE_FILTERED_EF = 32_768  # Milvus' largest ef
+
+
+def _narrows(filter: SearchFilter | None) -> bool:
+    """Whether ``filter`` selects rows by anything but the model version (a partition)."""
+    if filter is None:
+        return False
+    return bool(filter.image_ids or filter.metadata or getattr(filter, "conditions", ()) or (
+        filter.model_version is not None))  # fmt: skip
+
+
 def quote_string(value: str) -> str:
     """``value`` as one Milvus string literal, quotes included; raises ValueError for a value
     the grammar can not hold (too long, or a control character other than tab/CR/LF)."""
@@ -348,13 +359,18 @@ class MilvusStore:
         partition = layout.partition_of(filter.model_version if filter is not None else None)
         if partition is not None and filter is not None:
             filter = replace(filter, model_version=None)
+        params = search_params(layout.index_type, top_n, self.lite, self._search_params)
+        if self.lite and _narrows(filter):
+            # milvus-lite applies a filter to the ef nearest rows only: a selective filter (one
+            # image, one folder) found nothing unless ef covers the collection; lite is small.
+            params["params"]["ef"] = max(int(params["params"].get("ef", 0)), LITE_FILTERED_EF)
         results = self.client.search(
             self.collection,
             data=queries,
             limit=top_n,
             filter=filter.to_expr() if filter is not None else "",
             output_fields=self._scalar_fields(layout),
-            search_params=search_params(layout.index_type, top_n, self.lite, self._search_params),
+            search_params=params,
             anns_field=S.EMBEDDING,
             partition_names=[partition] if partition is not None else None,
         )

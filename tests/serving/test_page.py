@@ -120,6 +120,14 @@ def photos_app(
 
 
 def test_a_folder_of_real_photos_is_searchable_in_the_browser(chromium: str, photos_app: str, tmp_path: Path) -> None:
+    import requests
+
+    everything = requests.post(f"{photos_app}/v1/search", json={"query": "white", "top_k": 5}, timeout=60)
+    one = requests.post(f"{photos_app}/v1/search", json={"query": "white", "top_k": 5, "filters": [
+        {"field": "image_id", "op": "prefix", "value": GRAY_PHOTO}]}, timeout=60)  # fmt: skip
+    assert everything.status_code == one.status_code == 200, (everything.text, one.text)
+    assert len(everything.json()["results"]) == 5, everything.text
+    assert {r["image_id"] for r in one.json()["results"]} == {GRAY_PHOTO}, one.text
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--headless=new"])
         try:
@@ -128,6 +136,10 @@ def test_a_folder_of_real_photos_is_searchable_in_the_browser(chromium: str, pho
             page.fill("#q", "white")
             page.fill("#image", GRAY_PHOTO)  # find one photo by its id
             page.press("#q", "Enter")
+            page.wait_for_function("!document.querySelector('#status').textContent.startsWith('searching')",
+                                   timeout=60_000)
+            status = page.inner_text("#status")
+            assert "result(s)" in status and not status.startswith("0 "), status
             page.wait_for_selector(".card[data-loaded='1']", timeout=60_000)
             page.wait_for_function("() => [...document.querySelectorAll('.card')]"
                                    ".every(c => c.dataset.loaded === '1')", timeout=60_000)
