@@ -351,7 +351,7 @@ def serve(
     from ray import serve
 
     from reir.serving.app import app_for
-    from reir.serving.lifecycle import check_port_free, shutdown_serving, wait_for_stop_signal
+    from reir.serving.lifecycle import check_port_free, deploy_failure, shutdown_serving, wait_for_stop_signal
     from reir.settings import command_config
 
     flags = {"model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
@@ -364,7 +364,10 @@ def serve(
     init_ray()
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application)
+        try:
+            serve.run(application)
+        except RuntimeError as e:  # a replica's constructor failed: say why in one line
+            raise deploy_failure(e) from e
         typer.echo(f"serving on http://{host}:{port}/ (API: /v1/search, spec: /openapi.json; Ctrl-C stops)")
         stop = wait_for_stop_signal()
         typer.echo(f"{stop.name if stop else 'stop'}: shutting down", err=True)

@@ -203,3 +203,16 @@ def test_index_add_is_the_folder_flow_and_refuses_a_folder_without_images(tmp_pa
     res = _reir("index", "add", str(empty), "--model", str(tmp_path))
     assert res.returncode == 1 and f"error: no images under {empty}" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_failed_deploy_is_reported_by_the_replicas_own_error() -> None:
+    from reir.serving.lifecycle import deploy_failure
+
+    serve_error = RuntimeError("Deploying application default failed: Failed to update the deployments ['Searcher'].")
+    status = ("The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n"
+              '  File "replica.py", line 9, in initialize\n    raise RuntimeError(f"collection ...")\n'
+              "ray.exceptions.RayTaskError(RuntimeError): ray::ServeReplica:default:Searcher.initialize() (pid=7)\n"
+              "RuntimeError: collection 'reir_live' not found at reir.db; run ingestion first")
+    assert str(deploy_failure(serve_error, [status])) == (
+        "the app failed to start: RuntimeError: collection 'reir_live' not found at reir.db; run ingestion first")
+    assert str(deploy_failure(serve_error, [])) == f"the app failed to start: {serve_error}"

@@ -10,6 +10,7 @@ order and the command exits 0.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 import threading
@@ -59,6 +60,38 @@ def wait_for_stop_signal(
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return received[0] if received else None
+
+
+_RAISED = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Unavailable|Aborted))(?:\([^)]*\))?: (.+)$")
+
+
+def deploy_failure(exc: BaseException, details: list[str] | None = None) -> ReirError:
+    """One line for an app that failed to deploy: the exception a replica's constructor raised.
+
+    Serve raises only "Deploying application ... failed: Failed to update the deployments
+    [...]"; the reason is in the failed deployment's status message, which carries the
+    replica's whole traceback. Its last ``SomeError: message`` line is the reason
+    ("collection 'x' not found at ...; run ingestion first", a model that will not load).
+    """
+    for text in [*(details if details is not None else failed_deployment_messages()), str(exc)]:
+        for line in reversed(text.splitlines()):
+            found = _RAISED.match(line)
+            if found:
+                return ReirError(f"the app failed to start: {found.group(1)}: {found.group(2).strip()}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ReirError(f"the app failed to start: {first}")
+
+
+def failed_deployment_messages() -> list[str]:
+    """Status messages of the deployments that are not healthy (empty when Serve can not say)."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications.values()
+    except Exception:  # noqa: BLE001 - only a better error message is at stake
+        return []
+    return [d.message for app in apps for d in app.deployments.values()
+            if str(d.status) not in ("HEALTHY", "DeploymentStatus.HEALTHY") and d.message]  # fmt: skip
 
 
 def shutdown_serving() -> None:
