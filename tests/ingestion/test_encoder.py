@@ -43,6 +43,9 @@ def test_rows_for_batch_with_fake_model_counts_and_skips_bad_images() -> None:
     assert [d.image_id for d in enc.dead_letter] == ["bad", "gone"]
     assert "gone" in cols[ERROR][cols[S.IMAGE_ID] == "gone"][0]
     assert list(cols[S.PK][ok][:3]) == ["fake-1:a:0", "fake-1:a:1", "fake-1:a:2"]
+    # every row carries its image's decoded size and instance count (the query path reads no files)
+    assert set(cols[S.IMAGE_W][ok]) == {40.0} and set(cols[S.IMAGE_H][ok]) == {20.0}
+    assert set(cols[S.N_INSTANCES][ok]) == {3}
     assert cols[S.EMBEDDING].shape == (8, DIM) and cols[S.EMBEDDING].dtype == np.float32
     # rank 0 is the top-left quadrant in pixels of the original 40x20 image
     first = np.flatnonzero(ok)[0]
