@@ -115,7 +115,7 @@ def test_cli_index_errors_are_one_line(tmp_path: Path) -> None:
     db = tmp_path / "empty.db"
     res = subprocess.run([sys.executable, "-m", "reir.cli", "index", "rollback", "--milvus-uri", str(db)],
                          check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert res.returncode == 2 and res.stderr.strip() == f"error: milvus-lite file not found: {db}"
+    assert res.returncode == 1 and res.stderr.strip() == f"error: milvus-lite file not found: {db}"
 
 
 def test_serving_falls_back_to_the_pre_alias_collection(tmp_path: Path) -> None:
