@@ -215,14 +215,18 @@ def plot(results: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = [e for e in json.loads(results.read_text()) if e.get("phase") == "measure" and e["source"] == "random"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for backend in sorted({e["backend"] for e in entries}):
-        rows = sorted((e["instances"], e["search"]["p50_ms"], e["context_fetch_50_images"]["p50_ms"])
-                      for e in entries if e["backend"] == backend)  # fmt: skip
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    for e in json.loads(results.read_text()):
+        if e.get("phase") == "measure":  # the last run per (backend, index, data) and size wins
+            latest[(f"{e['backend']} {e['index_type']}, {e['source'].removesuffix('.npz')}", e["instances"])] = e
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for series in sorted({k for k, _ in latest}):
+        rows = sorted((n, e["search"]["p50_ms"], e["context_fetch_50_images"]["p50_ms"])
+                      for (k, n), e in latest.items() if k == series)  # fmt: skip
         sizes = [r[0] for r in rows]
-        ax.plot(sizes, [r[1] for r in rows], marker="o", label=f"{backend}: ANN search")
-        ax.plot(sizes, [r[1] + r[2] for r in rows], marker="s", linestyle="--", label=f"{backend}: + keyed context")
+        line = ax.plot(sizes, [r[1] for r in rows], marker="o", label=f"{series}: ANN search")[0]
+        ax.plot(sizes, [r[1] + r[2] for r in rows], marker="s", linestyle="--", color=line.get_color(),
+                label=f"{series}: + keyed context")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="instances in the collection", ylabel="p50 (ms)",
            title="Query store cost per backend (2 shared cores)")  # fmt: skip
     ax.legend(fontsize=7)
