@@ -161,9 +161,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     index = KeyIndex(gallery, args.instances)
     out: dict[str, Any] = {"phase": "measure", "uri_kind": "file" if args.uri.endswith(".db") else "server",
                            "instances": args.instances, "source": Path(args.source).name, "per_image": args.per_image}
-    with MilvusStore(args.uri, args.collection) as store:
+    params = {"ef": args.ef} if args.ef else None
+    with MilvusStore(args.uri, args.collection, search_params=params) as store:
         store.load()
         flt = SearchFilter(model_version=VERSION)
+        out["ef"] = args.ef or "default"
         out["backend"] = "milvus-lite" if store.lite else "milvus-server"
         out["index_type"] = store.index_type()
         for q in qv[:3]:  # warm
@@ -256,6 +258,7 @@ def main() -> None:
         c.add_argument("--queries-npz", default="", help=".npz with query embeddings [Q, D] (default random)")
         c.add_argument("--recall", action="store_true")
         c.add_argument("--server-pid", type=int, default=0)
+        c.add_argument("--ef", type=int, default=0, help="HNSW ef to search with (0: the store's default)")
         c.add_argument("--out", default="")
     args = p.parse_args()
     if args.cmd == "server":
