@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -160,6 +161,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         for node in [*cluster.worker_nodes, cluster.head_node]:
             if node is not None:
                 cluster.remove_node(node, allow_graceful=False)
+        _forget_address(cluster.address)
+
+
+def _forget_address(address: str) -> None:
+    """The head wrote its address to /tmp/ray/ray_current_cluster, where a later plain
+    ``ray.init()`` of this machine would try to join the dead cluster: remove the file, but only
+    while it still names this cluster."""
+    marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if marker.read_text().strip() == address:
+            marker.unlink()
+    except OSError:
+        pass
 
 
 def main(argv: list[str]) -> int:

@@ -110,7 +110,7 @@ def test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instan
         "import subprocess, sys, ray\n"
         "from reir.platform.raylocal import init_ray\n"
         "init_ray(2, local=True)\n"
-        "later = subprocess.Popen([sys.executable, '-c', 'import ray, time; ray.init(num_cpus=1, include_dashboard=True);"
+        "later = subprocess.Popen([sys.executable, '-c', 'import ray, time; ray.init(address=\"local\", num_cpus=1, include_dashboard=True);"
         " print(1, flush=True); time.sleep(120)'], stdout=subprocess.PIPE, text=True)\n"
         "assert later.stdout.readline().strip() == '1'\n"
         "@ray.remote(num_cpus=0)\n"

@@ -304,11 +304,18 @@ def test_prometheus_reads_back_query_counts_and_latency_quantiles(stack: Stack, 
     count = _value(prometheus, "sum(" + stack.fresh("ray_reir_query_latency_seconds_count{" + search + "}") + ")")
     assert count == QUERIES, count
     healthy_series = stack.fresh(f'ray_serve_deployment_replica_healthy{{application="{APP}"}}')
-    healthy = _query(prometheus, f"sum by (deployment) ({healthy_series})")
-    by_deployment = {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy}
+    deployments = {"Ingress", "QueryEncoder", "Searcher", "Reranker"}
+
+    def healthy_by_deployment() -> dict[str, float]:
+        healthy = _query(prometheus, f"sum by (deployment) ({healthy_series})")
+        return {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy}
+
+    # Each replica's gauge reaches Prometheus on its own export + scrape cycle: wait for all four.
+    _wait_for("every deployment's health gauge", lambda: set(healthy_by_deployment()) == deployments, timeout=60)
+    by_deployment = healthy_by_deployment()
     # At least one healthy replica each (the dev overlay autoscales 1..2, and a replica a
     # slow health check replaced may still show its last value for a while).
-    assert set(by_deployment) == {"Ingress", "QueryEncoder", "Searcher", "Reranker"}, by_deployment
+    assert set(by_deployment) == deployments, by_deployment
     assert all(v >= 1.0 for v in by_deployment.values()), by_deployment
 
 
