@@ -26,6 +26,7 @@ from reir.platform.config import (
     config_path,
     is_sectioned,
     load_config,
+    read_live_alias,
     read_yaml,
 )
 
@@ -67,9 +68,7 @@ class EvalConfig(_Settings):
     @classmethod
     def _read_live_alias(cls, value: Any) -> Any:
         # As in ServeConfig: REIR_MILVUS__URI alone still reads the live alias.
-        if isinstance(value, Mapping) and "collection" not in value:
-            value = {**value, "collection": LIVE_ALIAS}
-        return value
+        return read_live_alias(value)
 
 
 class DemoSettings(_Settings):

@@ -197,6 +197,14 @@ class LocalizeConfig(_Frozen):
     max_image_pixels: int = Field(default=100_000_000, ge=1)
 
 
+def read_live_alias(value: Any) -> Any:
+    """A ``milvus`` mapping without a collection reads the live alias: serving (and search/eval)
+    read what was promoted unless told otherwise; an old un-aliased index still serves."""
+    if isinstance(value, Mapping) and "collection" not in value:
+        value = {**value, "collection": LIVE_ALIAS}
+    return value
+
+
 class ServeConfig(_Frozen):
     """Online query serving (Ray Serve)."""
 
@@ -246,10 +254,7 @@ class ServeConfig(_Frozen):
     @field_validator("milvus", mode="before")
     @classmethod
     def _read_live_alias(cls, value: Any) -> Any:
-        """Serving reads the live alias unless told otherwise; an old un-aliased index still serves."""
-        if isinstance(value, Mapping) and "collection" not in value:
-            value = {**value, "collection": LIVE_ALIAS}
-        return value
+        return read_live_alias(value)
 
     @model_validator(mode="after")
     def _lite_single_reader(self) -> ServeConfig:
