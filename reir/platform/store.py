@@ -107,7 +107,8 @@ LITE_FILTERED_EF = 32_768  # Milvus' largest ef
 
 
 def _narrows(filter: SearchFilter | None) -> bool:
-    """Whether ``filter`` selects rows by anything but the model version (a partition)."""
+    """Whether ``filter`` still selects rows after the version became a partition: a version
+    filter left here (a collection written before partitions) narrows too."""
     if filter is None:
         return False
     return bool(filter.image_ids or filter.metadata or getattr(filter, "conditions", ()) or (
