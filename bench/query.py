@@ -299,7 +299,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
         cfg = ServeConfig(model_path=str(ckpt), milvus=MilvusConfig(uri=milvus.uri, collection="bench"),
                           encoder_replicas=2, num_cpus_encoder=0.5, num_cpus_searcher=0.5, num_cpus_ingress=0.5,
-                          num_cpus_reranker=0.25, candidates=100)
+                          candidates=100)
         serve.run(app_for(cfg), name="bench", route_prefix="/", logging_config=quiet)
         url = f"http://127.0.0.1:{port}/v1/search"
         try:

@@ -105,7 +105,7 @@ def _serve_and_ask(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
     port = free_port()
     cfg = ServeConfig(
         model_path=spec["checkpoint"], milvus={"uri": milvus_uri, "collection": spec["collection"]},
-        host="127.0.0.1", port=port, num_cpus_encoder=0.5, num_cpus_searcher=0.25, num_cpus_reranker=0.25,
+        host="127.0.0.1", port=port, num_cpus_encoder=0.5, num_cpus_searcher=0.5,
         num_cpus_ingress=0.25, replica_resources=PIN,
     )  # fmt: skip
     # One proxy, on the head: proxies on both nodes would bind the same port of this machine.

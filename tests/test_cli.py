@@ -145,7 +145,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path, tiny_checkpoint: Path) -
     from tests.serving.conftest import COLLECTION, fill_store
 
     fill_store(tmp_path / "idx.db", tiny_checkpoint, load_reir_model)
-    (tmp_path / "serve.yaml").write_text("num_cpus_encoder: 0.25\nnum_cpus_reranker: 0.25\nnum_cpus_searcher: 0.1\n"
+    (tmp_path / "serve.yaml").write_text("num_cpus_encoder: 0.25\nnum_cpus_searcher: 0.25\n"
                                          "num_cpus_ingress: 0.1\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "REIR_CONFIG")}

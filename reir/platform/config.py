@@ -173,14 +173,19 @@ class SecurityConfig(_Frozen):
     burst: int = Field(default=40, ge=1)
 
 
-ServeStage = Literal["ingress", "encoder", "searcher", "reranker"]
+ServeStage = Literal["ingress", "encoder", "searcher"]
+# Keys of an older ServeConfig, named in the error so a config that still sets them says what to do.
+_RETIRED_SERVE_KEYS = {
+    "reranker_replicas": "searcher_replicas",
+    "num_cpus_reranker": "num_cpus_searcher",
+}
 
 
 class LocalizeConfig(_Frozen):
     """The localize stage (:mod:`reir.serving.localize`): zoom on small boxes of the top results.
 
     A result's box is small when it covers less than ``small_area_fraction`` of its image;
-    the reranker replica then reads the image (the row's ``uri``, a local path), runs the
+    the searcher replica then reads the image (the row's ``uri``, a local path), runs the
     model on a window ``zoom_factor`` times the box, maps the referred box back and repeats
     up to ``zoom_steps`` times. Only instances overlapping the previous box by
     ``min_prior_iou`` may be chosen in a crop (a refinement, not a new pick).
@@ -221,7 +226,8 @@ class ServeConfig(_Frozen):
     searcher_replicas: int = Field(default=1, ge=1)
     ingress_replicas: int = Field(default=1, ge=1)
     num_cpus_encoder: float = Field(default=1.0, ge=0)
-    num_cpus_searcher: float = Field(default=0.25, ge=0)
+    # The searcher runs the ANN search, the keyed context fetch and the re-rank (model) in one replica.
+    num_cpus_searcher: float = Field(default=0.5, ge=0)
     num_cpus_ingress: float = Field(default=0.25, ge=0)
     # Custom Ray resources every replica asks for (pins the app to the nodes that offer them).
     replica_resources: dict[str, float] = Field(default_factory=dict)
@@ -229,8 +235,6 @@ class ServeConfig(_Frozen):
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     filter_model_version: bool = True
     # Re-rank / discovery (reir.serving.rerank); the threshold file in the checkpoint wins.
-    reranker_replicas: int = Field(default=1, ge=1)
-    num_cpus_reranker: float = Field(default=0.5, ge=0)
     rerank_default: bool = True
     rerank_candidates: int = Field(default=50, ge=1, le=1000)
     # Discover mode answers *every* image holding the object; it may search and re-rank a
@@ -255,6 +259,19 @@ class ServeConfig(_Frozen):
     @classmethod
     def _read_live_alias(cls, value: Any) -> Any:
         return read_live_alias(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            for old, new in _RETIRED_SERVE_KEYS.items():
+                if old in value:
+                    raise ValueError(f"{old} is gone: the Searcher deployment re-ranks now (one hop less per "
+                                     f"query); set {new} instead")  # fmt: skip
+            if isinstance(value.get("autoscaling"), Mapping) and "reranker" in value["autoscaling"]:
+                raise ValueError("autoscaling.reranker is gone: the Searcher deployment re-ranks now; "
+                                 "scale it with autoscaling.searcher")  # fmt: skip
+        return value
 
     @model_validator(mode="after")
     def _lite_single_reader(self) -> ServeConfig:

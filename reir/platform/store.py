@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT")
 # Keys per keyed fetch: one Milvus ``get`` call stays well under its message size limit.
 _GET_BATCH = 4096
+# What the context fetch reads per instance; the image's own facts come with the hit.
+_CONTEXT_OUTPUT = (S.PK, *S.BOX_FIELDS, S.SCORE, S.EMBEDDING)
 _DEFAULT_INDEX_PARAMS: dict[str, dict[str, Any]] = {
     "HNSW": {"M": 16, "efConstruction": 200},
     "IVF_FLAT": {"nlist": 128},
@@ -401,23 +403,38 @@ class MilvusStore:
         """Every stored instance (rank order, with vectors) of each hit's image: the re-ranker's input.
 
         A keyed lookup: the primary keys of ranks 0..n_instances-1 are known from the hit, so
-        this is one ``get`` however large the collection. Images whose hits do not carry a
-        count (collections older than the field) are read with the scalar query instead.
+        this is one ``get`` however large the collection, in the version's partition only.
+        Only what differs per instance comes back (vector, box, objectness); the image's uri,
+        size and count are the hit's. Images whose hits do not carry a count (collections
+        older than the field) are read with the scalar query instead.
         """
-        keys: list[str] = []
+        keys: dict[str, tuple[Hit, int]] = {}
         legacy: list[str] = []
         for hit in {h.image_id: h for h in reversed(hits)}.values():
             if hit.n_instances > 0:
-                keys.extend(S.make_pk(hit.model_version, hit.image_id, r) for r in range(hit.n_instances))
+                keys.update((S.make_pk(hit.model_version, hit.image_id, r), (hit, r)) for r in range(hit.n_instances))
             else:
                 legacy.append(hit.image_id)
         out: dict[str, list[Hit]] = {h.image_id: [] for h in hits}
-        fields = [*self._scalar_fields(self.layout()), S.EMBEDDING]
-        rows: list[dict[str, Any]] = []
-        for start in range(0, len(keys), _GET_BATCH):
-            rows.extend(self.client.get(self.collection, ids=keys[start : start + _GET_BATCH], output_fields=fields))
-        for row in sorted(rows, key=lambda r: int(r[S.RANK])):
-            out[str(row[S.IMAGE_ID])].append(self._to_hit(row))
+        if keys:
+            layout = self.layout()
+            versions = {hit.model_version for hit, _ in keys.values()}
+            partition = layout.partition_of(next(iter(versions))) if len(versions) == 1 else None
+            ids = list(keys)
+            rows: list[dict[str, Any]] = []
+            for start in range(0, len(ids), _GET_BATCH):
+                rows.extend(self.client.get(
+                    self.collection, ids=ids[start : start + _GET_BATCH], output_fields=list(_CONTEXT_OUTPUT),
+                    partition_names=[partition] if partition is not None else None,
+                ))  # fmt: skip
+            found = [(keys[str(row[S.PK])], row) for row in rows]
+            for (hit, rank), row in sorted(found, key=lambda f: f[0][1]):
+                out[hit.image_id].append(Hit(
+                    pk=str(row[S.PK]), image_id=hit.image_id, uri=hit.uri, box=S.as_box(row[f] for f in S.BOX_FIELDS),
+                    score=0.0, instance_score=float(row[S.SCORE]), model_version=hit.model_version,
+                    embedding=np.asarray(row[S.EMBEDDING], dtype=np.float32), image_size=hit.image_size,
+                    n_instances=hit.n_instances,
+                ))  # fmt: skip
         if legacy:
             out.update(self.rows_for_images(legacy, model_version=model_version))
         return out

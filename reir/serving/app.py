@@ -3,12 +3,11 @@
 Graph: ``IngressDeployment`` (FastAPI, :mod:`reir.serving.http`, runs the
 :class:`~reir.serving.pipeline.QueryPipeline`) -> ``QueryEncoderDeployment`` (model,
 ``@serve.batch`` so concurrent queries share one forward pass) -> ``SearcherDeployment``
-(Milvus ANN top-N with filters and, in the same call, the keyed fetch of the re-rank
-head's image rows; no model: the encoder hands over the model's score calibration, see
-:mod:`reir.serving.retriever`) -> ``RerankerDeployment`` (model; gets the query's token
-states from the encoder and the context from the searcher, so three hops per query and no
-second text forward; also runs the localize stage, :mod:`reir.serving.localize`, when
-``ServeConfig.localize.enabled``). Each deployment has
+(:class:`~reir.serving.pipeline.Ranker`: Milvus ANN top-N with filters and, in the same
+call, the keyed fetch of the re-rank head's image rows and the re-rank itself, with the
+query's token states from the encoder, so two hops per query, no second text forward, and
+the context rows never leave the replica; also the localize stage,
+:mod:`reir.serving.localize`, when ``ServeConfig.localize.enabled``). Each deployment has
 its own replica count or autoscaling spec (``ServeConfig.autoscaling``).
 
 Entry point: ``serve run reir.serving.app:build_app model_path=DIR milvus_uri=URI``
@@ -24,7 +23,6 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
@@ -36,12 +34,12 @@ from reir.platform.auth import KeyRing
 from reir.platform.config import LocalizeConfig, MilvusConfig, ServeConfig, ServeStage, config_path, load_config
 from reir.platform.filters import StructuredFilter
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
-from reir.platform.store import Hit, MilvusStore
+from reir.platform.store import MilvusStore
 from reir.serving.failures import milvus_call, stage_call
 from reir.serving.http import HttpSettings, create_http_app
 from reir.serving.localize import BoxUpdate, Localizer
-from reir.serving.pipeline import Candidates, QueryPipeline, localize_results_for, search_with_context
-from reir.serving.rerank import Reranker, Scored, discover_threshold_for
+from reir.serving.pipeline import Candidates, QueryPipeline, Ranker, localize_results_for
+from reir.serving.rerank import Reranker, discover_threshold_for
 from reir.serving.retriever import EncodedQuery, QueryEncoder
 
 
@@ -90,23 +88,45 @@ class QueryEncoderDeployment:
 
 @serve.deployment(name="Searcher")
 class SearcherDeployment:
-    def __init__(self, milvus: Mapping[str, Any]) -> None:
+    """The searcher stage (:class:`reir.serving.pipeline.Ranker`): one ANN search, the keyed
+    fetch of the re-rank head's images and their re-rank, in one replica, so the context rows
+    (the bulk of a query's data) never cross a hop. It holds the model for the re-ranker (the
+    query's token states arrive from the encoder: no second text forward) and the localize
+    stage (:mod:`reir.serving.localize`, reads the gallery images from the rows' uris)."""
+
+    def __init__(
+        self, milvus: Mapping[str, Any], model_path: str, *, loader: ModelLoader = load_reir_model,
+        torch_threads: int = 1, localize: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        import torch
+
         cfg = MilvusConfig.model_validate(dict(milvus))
         self.store = MilvusStore.from_config(cfg)
         if not self.store.exists():
             self.store.close()
             raise RuntimeError(f"collection {cfg.collection!r} not found at {cfg.uri}; run ingestion first")
         self.store.load()
+        torch.set_num_threads(max(1, torch_threads))
+        model, processor = loader(model_path)
+        calibration = QueryEncoder(model, processor).calibration
+        self.ranker = Ranker(self.store, Reranker(model, processor, calibration=calibration))
+        self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
         self._latency = T.ray_metric(T.QUERY_SEARCH_LATENCY_SECONDS)
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        """ANN top-N for one query embedding under the (validated) filter, and the re-rank
-        head's image rows in the same call (one hop, one search, one keyed fetch)."""
+    def info(self) -> dict[str, Any]:
+        return {"can_rerank": self.ranker.can_rerank}
+
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        """ANN top-N for one encoded query under the (validated) filter; the best ``head``
+        re-ranked with their images' context (one search, one keyed fetch, no extra hop)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        found = await asyncio.to_thread(milvus_call, search_with_context, self.store, embedding, top_n, flt, head)
+        found = await asyncio.to_thread(milvus_call, self.ranker.rank, query, top_n, flt, head)
         self._latency.observe(loop.time() - start)
         return found
+
+    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
+        return await asyncio.to_thread(self.localizer.localize, query, items)
 
     async def image_uri(self, image_id: str) -> str | None:
         rows = await asyncio.to_thread(milvus_call, self.store.rows_for_images, [image_id], with_vectors=False,
@@ -125,65 +145,26 @@ class SearcherDeployment:
             raise RuntimeError(f"collection {self.store.collection!r} not found")
 
 
-@serve.deployment(name="Reranker")
-class RerankerDeployment:
-    """Re-ranks candidates with the model (:class:`reir.serving.rerank.Reranker`); the
-    candidates' image context arrives with them (the searcher fetched it with the search) and
-    the query's token states with the query, so this stage needs no store and no text forward.
-    Also the localize stage (same model; reads the gallery images from the rows' uris)."""
-
-    def __init__(
-        self, model_path: str, *, loader: ModelLoader = load_reir_model,
-        torch_threads: int = 1, localize: Mapping[str, Any] | None = None,
-    ) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, torch_threads))
-        model, processor = loader(model_path)
-        calibration = QueryEncoder(model, processor).calibration
-        self.reranker = Reranker(model, processor, calibration=calibration)
-        self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
-
-    def info(self) -> dict[str, Any]:
-        return {"can_rerank": self.reranker.can_rerank}
-
-    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
-                     ) -> list[Scored]:  # fmt: skip
-        return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
-
-    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
-        return await asyncio.to_thread(self.localizer.localize, query, items)
-
-    def check_health(self) -> None:
-        if self.reranker.model is None:
-            raise RuntimeError("re-ranker has no model")
-
-
 class HandleStages:
     """:class:`reir.serving.pipeline.QueryStages` over the deployment handles (read-only
     stages, so a call whose replica died is retried once)."""
 
-    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, reranker: DeploymentHandle) -> None:
+    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle) -> None:
         self.encoder = encoder
         self.searcher = searcher
-        self.reranker = reranker
 
     async def info(self) -> dict[str, Any]:
         encoder = await stage_call(lambda: self.encoder.info.remote(), "QueryEncoder")
-        return {**encoder, **(await stage_call(lambda: self.reranker.info.remote(), "Reranker"))}
+        return {**encoder, **(await stage_call(lambda: self.searcher.info.remote(), "Searcher"))}
 
     async def encode(self, text: str) -> EncodedQuery:
         return await stage_call(lambda: self.encoder.encode.remote(text), "QueryEncoder")
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        return await stage_call(lambda: self.searcher.candidates.remote(embedding, top_n, flt, head), "Searcher")
-
-    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
-                     ) -> list[Scored]:  # fmt: skip
-        return await stage_call(lambda: self.reranker.rerank.remote(query, candidates, context), "Reranker")
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        return await stage_call(lambda: self.searcher.candidates.remote(query, top_n, flt, head), "Searcher")
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
-        return await stage_call(lambda: self.reranker.localize.remote(query, items), "Reranker")
+        return await stage_call(lambda: self.searcher.localize.remote(query, items), "Searcher")
 
     async def image_uri(self, image_id: str) -> str | None:
         return await stage_call(lambda: self.searcher.image_uri.remote(image_id), "Searcher")
@@ -230,13 +211,12 @@ class IngressDeployment:
         self,
         encoder: DeploymentHandle,
         searcher: DeploymentHandle,
-        reranker: DeploymentHandle,
         *,
         config: Mapping[str, Any],
     ) -> None:
         self.cfg = ServeConfig.model_validate(dict(config))
         self.pipeline = QueryPipeline(
-            HandleStages(encoder, searcher, reranker), candidates=self.cfg.candidates,
+            HandleStages(encoder, searcher), candidates=self.cfg.candidates,
             rerank_candidates=self.cfg.rerank_candidates, dedupe_iou=self.cfg.dedupe_iou,
             filter_model_version=self.cfg.filter_model_version, metrics=RayStageMetrics(),
             localize_results=localize_results_for(self.cfg), discover_candidates=self.cfg.discover_candidates,
@@ -282,14 +262,11 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     )
     searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
-    ).bind(cfg.milvus.model_dump())
-    reranker = RerankerDeployment.options(  # type: ignore[attr-defined]
-        **_scaling(cfg, "reranker", cfg.reranker_replicas, cfg.num_cpus_reranker)
-    ).bind(cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_reranker)),
+    ).bind(cfg.milvus.model_dump(), cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_searcher)),
            localize=cfg.localize.model_dump())
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
-    ).bind(encoder, searcher, reranker, config=cfg.model_dump(mode="json"))
+    ).bind(encoder, searcher, config=cfg.model_dump(mode="json"))
 
 
 def serve_config_from_args(args: Mapping[str, Any]) -> ServeConfig:

@@ -1,8 +1,9 @@
 """The query path as stages, independent of where each stage runs.
 
-``QueryPipeline.run(request)``: encode the text -> ANN top-N candidates (with the
-request's structured filters) -> re-rank the top ``rerank_candidates`` when asked and
-the model can -> answer -> localize (when ``localize_results`` > 0: the first
+``QueryPipeline.run(request)``: encode the text -> the searcher stage (:class:`Ranker`: ANN
+top-N candidates under the request's structured filters, then, when asked and the model can,
+the keyed context of the top ``rerank_candidates`` and their re-rank, in one place) -> answer
+-> localize (when ``localize_results`` > 0: the first
 ``localize_results`` answers' small boxes are refined by zooming, see
 :mod:`reir.serving.localize`; a failed localize stage keeps the stored boxes). ``mode="rank"``: the best ``top_k`` (image, box) pairs, near
 duplicates of a kept box dropped. ``mode="discover"``: every image with a candidate
@@ -35,17 +36,17 @@ from reir.serving.retriever import Calibration, EncodedQuery, QueryEncoder, Resu
 log = logging.getLogger(__name__)
 
 Mode = Literal["rank", "discover"]
-# "search" is the whole candidates stage: "ann" (the vector search) + "context" (the keyed
-# fetch of the re-rank head's image rows), both in the store's process.
+# "search" is the whole searcher stage as the pipeline waits for it; inside it, "ann" (the
+# vector search), "context" (the keyed fetch of the re-rank head's image rows) and "rerank".
 STAGES = ("encode", "search", "ann", "context", "rerank", "localize", "total")
 
 
 @dataclass(frozen=True)
 class Candidates:
-    """ANN hits (best first) and, for the re-rank head's images, every stored row with vectors."""
+    """ANN hits (best first) and, when the head was re-ranked, its scored instances (best first)."""
 
     hits: list[Hit]
-    context: dict[str, list[Hit]] = field(default_factory=dict)
+    scored: list[Scored] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -54,20 +55,35 @@ def rerank_head(hits: Sequence[Hit], size: int) -> list[Hit]:
     return sorted(hits, key=lambda h: (-h.score, h.pk))[:size]
 
 
-def search_with_context(store: ContextStore, embedding: np.ndarray, top_n: int, flt: StructuredFilter,
-                        head: int) -> Candidates:  # fmt: skip
-    """One ANN search, then (``head`` > 0) one keyed fetch of the head's images: the store's
-    whole share of a query, run where the store is so the rows cross no extra hop."""
-    clock = time.perf_counter
-    t = clock()
-    hits = store.search(np.atleast_2d(embedding), top_n, flt)[0]
-    timings = {"ann": clock() - t}
-    context: dict[str, list[Hit]] = {}
-    if head > 0 and hits:
+class Ranker:
+    """The searcher stage: one ANN search, then (``head`` > 0 and a re-ranker that can) one keyed
+    fetch of the head's images and the re-rank, all where the store is. The context (every
+    instance of the head's images, with vectors: the bulk of a query's data) never leaves this
+    process, and a query makes two hops (encoder, searcher) instead of three."""
+
+    def __init__(self, store: ContextStore, reranker: Reranker | None) -> None:
+        self.store = store
+        self.reranker = reranker
+
+    @property
+    def can_rerank(self) -> bool:
+        return self.reranker is not None and self.reranker.can_rerank
+
+    def rank(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        clock = time.perf_counter
         t = clock()
-        context = store.context(rerank_head(hits, head), model_version=flt.model_version)
+        hits = self.store.search(np.atleast_2d(query.embedding), top_n, flt)[0]
+        timings = {"ann": clock() - t}
+        if head <= 0 or not hits or self.reranker is None or not self.reranker.can_rerank:
+            return Candidates(hits, None, timings)
+        best = rerank_head(hits, head)
+        t = clock()
+        context = self.store.context(best, model_version=flt.model_version)
         timings["context"] = clock() - t
-    return Candidates(hits, context, timings)
+        t = clock()
+        scored = self.reranker.rerank(query, best, context)
+        timings["rerank"] = clock() - t
+        return Candidates(hits, scored, timings)
 
 
 @dataclass(frozen=True)
@@ -99,12 +115,9 @@ class QueryStages(Protocol):
         """The query encoded once; its token states travel on to the re-ranker."""
         ...
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        """ANN top-N under the filter, plus the context of the best ``head`` (0: no re-rank)."""
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        """ANN top-N under the filter; the best ``head`` re-ranked (0: no re-rank), see :class:`Ranker`."""
         ...
-
-    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
-                     ) -> list[Scored]: ...  # fmt: skip
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         """One :class:`BoxUpdate` per ``(uri, box)``, in order."""
@@ -204,17 +217,12 @@ class QueryPipeline:
         pool = self.discover_candidates if discover else self.candidates
         head_size = self.discover_rerank_candidates if discover else self.rerank_candidates
         head_size = max(head_size, request.top_k) if request.rerank and info.get("can_rerank") else 0
-        found = await self.stages.candidates(encoded.embedding, max(pool, request.top_k), flt, head_size)
+        found = await self.stages.candidates(encoded, max(pool, request.top_k), flt, head_size)
         hits = found.hits
         timings["search"] = clock() - t
         timings.update(found.timings_s)
-        reranked = bool(head_size and hits)
-        if reranked:
-            t = clock()
-            scored = await self.stages.rerank(encoded, rerank_head(hits, head_size), found.context)
-            timings["rerank"] = clock() - t
-        else:
-            scored = ann_order(hits, Calibration(**info["calibration"]))
+        reranked = found.scored is not None
+        scored = found.scored if found.scored is not None else ann_order(hits, Calibration(**info["calibration"]))
         threshold = float(info["discover_threshold"])
         results = answer(scored, mode=request.mode, top_k=request.top_k, threshold=threshold,
                          dedupe_iou=self.dedupe_iou)
@@ -277,6 +285,7 @@ class LocalStages:
         self.encoder = encoder
         self.store = store
         self.reranker = reranker
+        self.ranker = Ranker(store, reranker)
         self.discover_threshold = discover_threshold
         self.localizer = localizer
 
@@ -287,12 +296,8 @@ class LocalStages:
     async def encode(self, text: str) -> EncodedQuery:
         return self.encoder.encode_queries([text])[0]
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        return await asyncio.to_thread(search_with_context, self.store, embedding, top_n, flt, head)
-
-    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Mapping[str, list[Hit]]
-                     ) -> list[Scored]:  # fmt: skip
-        return await asyncio.to_thread(self.reranker.rerank, query, candidates, context)
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        return await asyncio.to_thread(self.ranker.rank, query, top_n, flt, head)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         if self.localizer is None:

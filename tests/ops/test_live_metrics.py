@@ -304,13 +304,13 @@ def test_prometheus_reads_back_query_counts_and_latency_quantiles(stack: Stack, 
     count = _value(prometheus, "sum(" + stack.fresh("ray_reir_query_latency_seconds_count{" + search + "}") + ")")
     assert count == QUERIES, count
     healthy_series = stack.fresh(f'ray_serve_deployment_replica_healthy{{application="{APP}"}}')
-    deployments = {"Ingress", "QueryEncoder", "Searcher", "Reranker"}
+    deployments = {"Ingress", "QueryEncoder", "Searcher"}
 
     def healthy_by_deployment() -> dict[str, float]:
         healthy = _query(prometheus, f"sum by (deployment) ({healthy_series})")
         return {r["metric"]["deployment"]: float(r["value"][1]) for r in healthy}
 
-    # Each replica's gauge reaches Prometheus on its own export + scrape cycle: wait for all four.
+    # Each replica's gauge reaches Prometheus on its own export + scrape cycle: wait for all three.
     _wait_for("every deployment's health gauge", lambda: set(healthy_by_deployment()) == deployments, timeout=60)
     by_deployment = healthy_by_deployment()
     # At least one healthy replica each (the dev overlay autoscales 1..2, and a replica a

@@ -25,6 +25,14 @@ def test_unknown_keys_and_bad_values_are_errors() -> None:
         load_config(ServeConfig, None, {"model_path": "/m", "milvus.index_type": "DISKANN"}, env={})
 
 
+@pytest.mark.parametrize("old, new", [({"num_cpus_reranker": 0.5}, "num_cpus_searcher"),
+                                      ({"reranker_replicas": 2}, "searcher_replicas"),
+                                      ({"autoscaling": {"reranker": {"max_replicas": 2}}}, "autoscaling.searcher")])
+def test_retired_reranker_keys_say_what_replaces_them(old: dict, new: str) -> None:
+    with pytest.raises(ValidationError, match=f"Searcher deployment re-ranks now.*{new}"):
+        ServeConfig(model_path="m", **old)
+
+
 def test_lite_file_allows_one_searcher_only() -> None:
     with pytest.raises(ValidationError, match="one process"):
         ServeConfig(model_path="/m", searcher_replicas=2, milvus=MilvusConfig(uri="/x/a.db"))

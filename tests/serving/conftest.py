@@ -98,7 +98,7 @@ def fake_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest.Tem
 
     cfg = serve_config_from_args({
         "model_path": str(ckpt), "milvus_uri": str(root / "fake.db"), "milvus_collection": COLLECTION,
-        "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1", "num_cpus_reranker": "0.1",
+        "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
         "candidates": "10", "security__api_keys_file": str(keys), "image_roots": [str(root / "gallery")],
         "metadata_fields": {"split": "str"},
     })  # fmt: skip

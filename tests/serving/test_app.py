@@ -26,7 +26,7 @@ def tiny_app(serve_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.Tem
     # Exactly what `serve run reir.serving.app:build_app key=value ...` passes: strings.
     app = build_app({
         "model_path": str(tiny_checkpoint), "milvus_uri": str(db), "milvus_collection": COLLECTION,
-        "num_cpus_encoder": "0.25", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1", "num_cpus_reranker": "0.1",
+        "num_cpus_encoder": "0.25", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
     })  # fmt: skip
     serve.run(app, name="tiny", route_prefix="/tiny")
     yield f"{serve_url}/tiny", version

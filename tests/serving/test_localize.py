@@ -98,12 +98,10 @@ class _Stages:
     async def encode(self, text: str) -> EncodedQuery:
         return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any, head: int) -> Candidates:
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int) -> Candidates:
+        assert head == 0, "not asked to re-rank"
         return Candidates([Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 10, 0.5, "v")
                            for i in range(4)])  # fmt: skip
-
-    async def rerank(self, query: Any, candidates: list[Hit], context: Any) -> list[Any]:
-        raise AssertionError("not asked to re-rank")
 
     async def localize(self, query: str, items: list[tuple[str, Box]]) -> list[BoxUpdate]:
         self.seen.append(items)
@@ -176,7 +174,7 @@ def localize_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest
         store.build_index("FLAT")
     cfg = serve_config_from_args({
         "model_path": str(ckpt), "milvus_uri": str(root / "loc.db"), "milvus_collection": "gallery",
-        "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1", "num_cpus_reranker": "0.1",
+        "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
         "localize": {"enabled": True, "zoom_steps": 1, "min_prior_iou": 0.0},
     })  # fmt: skip
     serve.run(app_for(cfg, loader=fake_loader), name="localize", route_prefix="/localize")

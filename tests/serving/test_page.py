@@ -112,7 +112,7 @@ def photos_app(
     assert (summary.images, summary.failures, summary.promoted) == (159, 0, True)
     cfg = serve_config_from_args({
         "model_path": str(fake_checkpoint), "milvus_uri": str(db), "candidates": "20",
-        "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1", "num_cpus_reranker": "0.1",
+        "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
     })  # fmt: skip
     serve.run(app_for(cfg, loader=fake_loader), name="photos", route_prefix="/photos")
     yield f"{serve_url}/photos"

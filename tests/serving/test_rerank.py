@@ -186,14 +186,12 @@ class _PoolStages:
     async def encode(self, text: str) -> EncodedQuery:
         return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
-    async def candidates(self, embedding: np.ndarray, top_n: int, flt: Any, head: int) -> Candidates:
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int) -> Candidates:
         self.top_n.append(top_n)
-        return Candidates([Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
-                           for i in range(top_n)])  # fmt: skip
-
-    async def rerank(self, query: EncodedQuery, candidates: list[Hit], context: Any) -> list[Any]:
-        self.reranked.append(len(candidates))
-        return [(h, 0.9 if i % 3 == 0 else 0.1) for i, h in enumerate(candidates)]
+        hits = [Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
+                for i in range(top_n)]
+        self.reranked.append(head)
+        return Candidates(hits, [(h, 0.9 if i % 3 == 0 else 0.1) for i, h in enumerate(hits[:head])])
 
     async def health(self) -> dict[str, Any]:
         return {}
