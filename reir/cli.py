@@ -216,7 +216,7 @@ def _catalog_session(milvus_uri: str | None, alias: str | None = None, config: P
     if cfg.milvus.is_lite_file and not Path(uri).exists():
         raise ReirError(f"milvus-lite file not found: {uri}")
     store = MilvusStore(uri, "reir_catalog", token=cfg.milvus.token)
-    return IndexCatalog(store.client), store, cfg
+    return IndexCatalog(store), store, cfg
 
 
 @index_app.command("add")
@@ -314,7 +314,7 @@ def index_drop(
     catalog, store, _ = _catalog_session(milvus_uri, config=config)
     with store:
         catalog.drop(name)
-        drop_collection_entries(store.client, name)
+        drop_collection_entries(store, name)
     typer.echo(f"dropped {name}")
 
 

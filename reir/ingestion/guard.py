@@ -82,6 +82,6 @@ def abort_if_tripped(guard: Any, milvus: MilvusConfig, version: IndexVersion | N
     if version is not None:
         with MilvusStore.from_config(milvus) as control:
             info = {**json.loads(version.info or "{}"), "check": reason}
-            IndexCatalog(control.client).update(version.name, state="check_failed", info=json.dumps(info))
+            IndexCatalog(control).update(version.name, state="check_failed", info=json.dumps(info))
     log.error("ingestion stopped early, nothing promoted: %s", reason)
     raise IngestionAborted(f"ingestion stopped early, nothing promoted: {reason}") from None

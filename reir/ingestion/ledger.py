@@ -16,17 +16,14 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pymilvus import DataType, MilvusClient
-
 from reir.ingestion.records import STATUS_FAILED
 from reir.platform import schema as S
-from reir.platform.catalog import ensure_table, query_table, upsert_table
+from reir.platform.store import MilvusStore
 
 LEDGER_COLLECTION = "reir_ledger"
 _COLUMNS = {
-    "collection": DataType.VARCHAR, "model_version": DataType.VARCHAR, "image_id": DataType.VARCHAR,
-    "uri": DataType.VARCHAR, "content_hash": DataType.VARCHAR, "instances": DataType.INT64,
-    "status": DataType.VARCHAR, "error": DataType.VARCHAR, "updated_at": DataType.DOUBLE,
+    "collection": "str", "model_version": "str", "image_id": "str", "uri": "str", "content_hash": "str",
+    "instances": "int", "status": "str", "error": "str", "updated_at": "float",
 }  # fmt: skip
 
 
@@ -43,22 +40,18 @@ class LedgerEntry:
 class Ledger:
     """Ledger rows of one collection and model version."""
 
-    def __init__(self, client: MilvusClient, *, collection: str, model_version: str,
+    def __init__(self, store: MilvusStore, *, collection: str, model_version: str,
                  table: str = LEDGER_COLLECTION, create: bool = True) -> None:  # fmt: skip
-        self.client = client
         self.collection = collection
         self.model_version = model_version
-        self.table = table
-        if create:
-            ensure_table(client, table, _COLUMNS)
+        self.table = store.table(table, _COLUMNS, create=create)
 
     def _pk(self, image_id: str) -> str:
         return f"{self.collection}|{self.model_version}|{image_id}"
 
     def entries(self) -> dict[str, LedgerEntry]:
-        expr = f'collection == "{self.collection}" and model_version == "{_quoted(self.model_version)}"'
         fields = ["image_id", "uri", "content_hash", "instances", "status", "error"]
-        rows = query_table(self.client, self.table, expr, fields)
+        rows = self.table.rows({"collection": self.collection, "model_version": self.model_version})
         return {str(r["image_id"]): LedgerEntry(**{f: r[f] for f in fields}) for r in rows}
 
     def record(self, entries: Iterable[LedgerEntry]) -> int:
@@ -69,32 +62,23 @@ class Ledger:
              "instances": int(e.instances), "status": e.status, "error": e.error[:2000], "updated_at": now}
             for e in entries
         ]  # fmt: skip
-        upsert_table(self.client, self.table, rows)
+        self.table.upsert(rows)
         return len(rows)
 
     def remove(self, image_ids: Iterable[str]) -> None:
-        pks = [self._pk(i) for i in image_ids]
-        for start in range(0, len(pks), 1000):
-            self.client.delete(self.table, ids=pks[start : start + 1000])
+        self.table.delete([self._pk(i) for i in image_ids])
 
     def dead_letters(self) -> list[LedgerEntry]:
         return [e for e in self.entries().values() if e.status == STATUS_FAILED]
 
 
-def drop_collection_entries(client: MilvusClient, collection: str, table: str = LEDGER_COLLECTION) -> None:
+def drop_collection_entries(store: MilvusStore, collection: str, table: str = LEDGER_COLLECTION) -> None:
     """Forget every ledger row of a dropped collection."""
-    if client.has_collection(table):
-        client.delete(table, filter=f'collection == "{collection}"')
+    store.table(table, _COLUMNS, create=False).delete_where({"collection": collection})
 
 
 def instance_pks(model_version: str, image_id: str, ranks: Iterable[int]) -> list[str]:
     return [S.make_pk(model_version, image_id, r) for r in ranks]
-
-
-def _quoted(value: str) -> str:
-    if '"' in value or "\\" in value:
-        raise ValueError(f"unexpected quote in {value!r}")
-    return value
 
 
 def summarize(entries: Mapping[str, LedgerEntry]) -> tuple[int, int]:

@@ -259,10 +259,10 @@ def run_ingestion(
         # Connections are not held across the (long) dataset run: an idle gRPC channel's
         # keepalive pings get it closed by the server ("too many pings").
         with MilvusStore.from_config(milvus) as control:
-            catalog = IndexCatalog(control.client) if cfg.alias else None
+            catalog = IndexCatalog(control) if cfg.alias else None
             version = _target_version(cfg, catalog, model_version) if catalog is not None else None
             collection = version.name if version is not None else milvus.collection
-            ledger = Ledger(control.client, collection=collection, model_version=model_version)
+            ledger = Ledger(control, collection=collection, model_version=model_version)
             known = ledger.entries() if cfg.incremental else {}
         log.info("ingesting %d images (%d known) with model %s into %s", len(items), len(known), model_version,
                  collection)  # fmt: skip
@@ -281,14 +281,14 @@ def run_ingestion(
             ray.kill(guard)
         stats = sink.result
         with MilvusStore.from_config(milvus) as control:
-            ledger = Ledger(control.client, collection=collection, model_version=model_version, create=False)
+            ledger = Ledger(control, collection=collection, model_version=model_version, create=False)
             deleted = _remove_deleted(control, ledger, known, items, model_version) if cfg.incremental and not cfg.limit else 0
             rows_in_store = _finalize_index(target, cfg.build_index, model_version)
             entries = ledger.entries()
             expected_rows, dead_total = summarize(entries)
             check, promoted = "", False
             if version is not None:
-                catalog = IndexCatalog(control.client)
+                catalog = IndexCatalog(control)
                 check, promoted = _check_and_promote(catalog, control, version, cfg, entries, model_version,
                                                      rows_in_store)  # fmt: skip
     seconds = time.perf_counter() - start
@@ -329,7 +329,7 @@ def _target_version(cfg: IngestConfig, catalog: IndexCatalog, model_version: str
             return existing
     built_at = time.time()
     name = version_name(base, model_version, built_at)
-    while catalog.get(name) is not None or catalog.client.has_collection(name):
+    while catalog.get(name) is not None or catalog.exists(name):
         built_at += 1
         name = version_name(base, model_version, built_at)
     info = {"index_type": cfg.milvus.index_type, "metadata_fields": cfg.milvus.metadata_fields}
@@ -346,9 +346,7 @@ def _remove_deleted(
     if not gone:
         return 0
     pks = [pk for i in gone for pk in instance_pks(model_version, i, range(known[i].instances))]
-    if pks and store.client.has_collection(ledger.collection):
-        for start in range(0, len(pks), 1000):
-            store.client.delete(ledger.collection, ids=pks[start : start + 1000])
+    store.delete(pks, collection=ledger.collection)
     ledger.remove(gone)
     log.info("removed %d deleted images (%d rows)", len(gone), len(pks))
     return len(gone)
@@ -377,8 +375,7 @@ def check_version(
     with_rows = sorted(i for i, e in entries.items() if e.instances > 0)
     step = max(1, len(with_rows) // max(samples, 1))
     pks = [instance_pks(model_version, i, [0])[0] for i in with_rows[::step][:samples]]
-    got = store.client.get(store.collection, ids=pks, output_fields=["pk", "embedding"],
-                           consistency_level="Strong") if pks else []  # fmt: skip
+    got = store.get(pks, output_fields=["pk", "embedding"], strong=True)
     if len(got) != len(pks):
         return f"{len(pks) - len(got)} sampled rows missing"
     for row in got:

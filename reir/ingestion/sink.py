@@ -131,7 +131,7 @@ class MilvusDatasink(Datasink[WriteStats]):
         rows_metric = T.ray_metric(T.INGEST_ROWS_WRITTEN_TOTAL)
         ledger = None
         if self.ledger:
-            ledger = Ledger(store.client, collection=self.milvus.collection, model_version=self.model_version,
+            ledger = Ledger(store, collection=self.milvus.collection, model_version=self.model_version,
                             create=False)  # fmt: skip
         collection_ready = False
         try:
@@ -164,8 +164,7 @@ class MilvusDatasink(Datasink[WriteStats]):
         for entry, before in images:
             if before > entry.instances and self.model_version:
                 stale += instance_pks(self.model_version, entry.image_id, range(entry.instances, before))
-        if stale and store.exists():
-            store.client.delete(store.collection, ids=stale)
+        store.delete(stale)
         return len(stale)
 
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:

@@ -1,4 +1,10 @@
-"""Instance store on Milvus (milvus-lite file, milvus-lite server, or a Milvus cluster).
+"""Every Milvus call reir makes: instance rows, bookkeeping tables, aliases (milvus-lite file,
+milvus-lite server, or a Milvus server/cluster).
+
+:class:`MilvusStore` holds one collection of instance rows (search, keyed context, upsert,
+index) and the server-level operations the index catalog needs (aliases, other collections);
+:class:`Table` is a small bookkeeping collection over the same connection (the catalog's
+versions, the ingestion ledger). Nothing else in reir talks to pymilvus.
 
 Vectors are L2-normalized and searched with the IP metric, so ANN scores are cosine
 similarities in [-1, 1]. Filters are never raw strings: callers pass a
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pymilvus import MilvusClient
+from pymilvus import DataType, MilvusClient
 
 from reir.platform import schema as S
 from reir.platform.backend import DEFAULT_PARTITION, Layout, auto_index, is_lite_version, partition_for, search_params
@@ -52,6 +58,15 @@ _GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False, "grpc.keepalive_t
 
 _lite_lock = threading.Lock()
 _lite_refs: dict[str, int] = {}
+
+
+# Bookkeeping tables (Table): column kinds, and the constant 2-d vector every Milvus
+# collection must carry (never searched).
+TABLE_TYPES: dict[str, DataType] = {"str": DataType.VARCHAR, "int": DataType.INT64, "float": DataType.DOUBLE}
+DUMMY_VECTOR = "_v"
+_DUMMY = [1.0, 0.0]
+_TABLE_STR_LEN = 2048
+_DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -465,11 +480,16 @@ class MilvusStore:
             out.setdefault(str(row[S.IMAGE_ID]), []).append(self._to_hit(row))
         return out
 
-    def get(self, pks: Sequence[str]) -> list[dict[str, Any]]:
-        """Rows (scalars and vector) by primary key; missing keys are skipped."""
+    def get(self, pks: Sequence[str], *, output_fields: Sequence[str] | None = None,
+            strong: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """Rows (scalars and vector, or ``output_fields``) by primary key; missing keys are
+        skipped. ``strong``: see every write acknowledged before the call (a server otherwise
+        may answer from a slightly older state)."""
         if not pks:
             return []
-        return list(self.client.get(self.collection, ids=list(pks)))
+        extra: dict[str, Any] = {"consistency_level": "Strong"} if strong else {}
+        return list(self.client.get(self.collection, ids=list(pks),
+                                    output_fields=list(output_fields) if output_fields else None, **extra))
 
     def count(self, filter: SearchFilter | None = None) -> int:
         if not self.exists():
@@ -486,6 +506,59 @@ class MilvusStore:
         if self.exists():
             self.client.drop_collection(self.collection)
         self.refresh()
+
+    def delete(self, pks: Sequence[str], *, collection: str | None = None) -> None:
+        """Delete rows by primary key from this collection (or ``collection``); missing keys
+        and a missing collection are ignored."""
+        name = collection or self.collection
+        if not pks or not self.client.has_collection(name):
+            return
+        for start in range(0, len(pks), _DELETE_BATCH):
+            self.client.delete(name, ids=list(pks[start : start + _DELETE_BATCH]))
+
+    # Server-level operations (other collections, aliases): what the index catalog needs.
+
+    def has_collection(self, name: str) -> bool:
+        return bool(self.client.has_collection(name))
+
+    def load_collection(self, name: str) -> None:
+        self.client.load_collection(name)
+
+    def drop_collection(self, name: str) -> None:
+        if self.client.has_collection(name):
+            self.client.drop_collection(name)
+
+    def alias_target(self, alias: str) -> str | None:
+        """The collection ``alias`` points at, or None."""
+        # Listed first: describe_alias on a missing alias (every first promotion) makes pymilvus
+        # log an ERROR with a traceback before it raises, for what is a normal answer here.
+        if alias not in self.client.list_aliases().get("aliases", []):
+            return None
+        try:
+            return str(self.client.describe_alias(alias)["collection_name"])
+        except Exception:  # noqa: BLE001 - dropped between the two calls
+            return None
+
+    def aliases_of(self, name: str) -> list[str]:
+        """The aliases that point at collection ``name``."""
+        if not self.client.has_collection(name):
+            return []
+        return list(self.client.list_aliases(name).get("aliases", []))
+
+    def point_alias(self, alias: str, name: str) -> None:
+        """Create ``alias`` -> ``name``, or move an existing alias there (atomic for readers)."""
+        current = self.alias_target(alias)
+        if current is None:
+            self.client.create_alias(name, alias)
+        elif current != name:
+            self.client.alter_alias(name, alias)
+
+    def table(self, name: str, columns: Mapping[str, str], *, create: bool = True) -> Table:
+        """A bookkeeping table over this store's connection (created, indexed, loaded when asked)."""
+        table = Table(self.client, name, columns)
+        if create:
+            table.ensure()
+        return table
 
     def close(self) -> None:
         if self._client is None:
@@ -517,3 +590,86 @@ class MilvusStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Table:
+    """A small bookkeeping collection: VARCHAR ``pk`` plus typed ``columns`` (``"str"``,
+    ``"int"``, ``"float"``), read with Strong consistency (a reader sees the last write).
+
+    Equality filters on string columns go through :func:`quote_string`, like every other
+    expression the store sends.
+    """
+
+    def __init__(self, client: MilvusClient, name: str, columns: Mapping[str, str]) -> None:
+        unknown = {k: v for k, v in columns.items() if v not in TABLE_TYPES}
+        if unknown:
+            raise ValueError(f"unknown column kinds {unknown}; use one of {sorted(TABLE_TYPES)}")
+        self.client = client
+        self.name = name
+        self.columns = dict(columns)
+
+    def exists(self) -> bool:
+        return bool(self.client.has_collection(self.name))
+
+    def ensure(self) -> None:
+        """Create (if missing), index and load the table; safe against a concurrent creator."""
+        client = self.client
+        if not client.has_collection(self.name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field(S.PK, DataType.VARCHAR, is_primary=True, max_length=_TABLE_STR_LEN)
+            for column, kind in self.columns.items():
+                extra = {"max_length": _TABLE_STR_LEN} if kind == "str" else {}
+                schema.add_field(column, TABLE_TYPES[kind], **extra)
+            schema.add_field(DUMMY_VECTOR, DataType.FLOAT_VECTOR, dim=len(_DUMMY))
+            try:
+                client.create_collection(self.name, schema=schema, consistency_level="Strong")
+            except Exception:  # a concurrent creator won; anything else is re-raised below
+                if not client.has_collection(self.name):
+                    raise
+        if DUMMY_VECTOR not in client.list_indexes(self.name):
+            params = client.prepare_index_params()
+            params.add_index(field_name=DUMMY_VECTOR, index_type="FLAT", metric_type="L2")
+            client.create_index(self.name, params)
+        client.load_collection(self.name)
+
+    def upsert(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            self.client.upsert(self.name, [{**row, DUMMY_VECTOR: _DUMMY} for row in rows])
+
+    def get(self, pks: Sequence[str]) -> list[dict[str, Any]]:
+        if not pks:
+            return []
+        return list(self.client.get(self.name, ids=list(pks), output_fields=[S.PK, *self.columns],
+                                    consistency_level="Strong"))
+
+    def _where(self, where: Mapping[str, str] | None) -> str:
+        parts = []
+        for column, value in (where or {}).items():
+            if self.columns.get(column) != "str":
+                raise ValueError(f"{self.name} has no string column {column!r}")
+            parts.append(f"{column} == {quote_string(value)}")
+        return " and ".join(parts)
+
+    def rows(self, where: Mapping[str, str] | None = None, batch: int = 4096) -> Iterator[dict[str, Any]]:
+        """Every row whose string columns equal ``where``'s values, paged (a plain query is capped
+        at 16384 rows)."""
+        it = self.client.query_iterator(self.name, batch_size=batch, filter=self._where(where),
+                                        output_fields=[S.PK, *self.columns], consistency_level="Strong")
+        try:
+            while True:
+                page = it.next()
+                if not page:
+                    return
+                yield from page
+        finally:
+            it.close()
+
+    def delete(self, pks: Sequence[str]) -> None:
+        for start in range(0, len(pks), _DELETE_BATCH):
+            self.client.delete(self.name, ids=list(pks[start : start + _DELETE_BATCH]))
+
+    def delete_where(self, where: Mapping[str, str]) -> None:
+        if not where:
+            raise ValueError("delete_where needs at least one column")
+        if self.exists():
+            self.client.delete(self.name, filter=self._where(where))

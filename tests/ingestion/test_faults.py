@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pymilvus import MilvusClient
 
 from reir.errors import IngestionAborted
 from reir.ingestion.guard import FailureGuard
@@ -51,15 +50,12 @@ class CrashAfterRecorded:
         if batch == 1:
             return
         uri, collection, version = self.args
-        client = MilvusClient(uri=uri, dedicated=True)
-        try:
+        with MilvusStore(uri, collection) as store:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                if len(Ledger(client, collection=collection, model_version=version, create=False).entries()) >= self.images:
+                if len(Ledger(store, collection=collection, model_version=version, create=False).entries()) >= self.images:
                     raise RuntimeError("injected crash")
                 time.sleep(0.2)
-        finally:
-            client.close()
 
 
 def _cfg(root: Path, ckpt: Path, uri: str, **extra: object) -> IngestConfig:
@@ -103,7 +99,7 @@ def test_crashed_job_resumes_without_redoing_or_duplicating(
         with pytest.raises(Exception, match="injected crash"):
             run_ingestion(cfg, loader=fake_loader, fault=crash)
         with MilvusStore(server.uri, "reir_ledger") as store:
-            done = len(Ledger(store.client, collection="gal", model_version=model_version_for(fake_checkpoint)).entries())
+            done = len(Ledger(store, collection="gal", model_version=model_version_for(fake_checkpoint)).entries())
         assert 2 <= done < N
 
         resumed = run_ingestion(cfg, loader=fake_loader)
@@ -128,7 +124,7 @@ def test_mostly_failing_ingestion_stops_early_and_promotes_nothing(
     assert 4 <= tried < 32 and "(32 images listed)" in message  # stopped before the end
     assert "UnidentifiedImageError" in message or "cannot identify image" in message  # the first errors
     with MilvusStore(str(db), "reir_catalog") as store:
-        catalog = IndexCatalog(store.client)
+        catalog = IndexCatalog(store)
         assert catalog.live("live_t") is None
         (version,) = catalog.versions("live_t")
         assert version.state == "check_failed" and "max_failure_rate" in version.info
@@ -145,7 +141,7 @@ def test_the_guard_counts_across_batches_and_keeps_the_first_errors() -> None:
 
 def test_first_promotion_into_a_fresh_milvus_logs_no_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG), MilvusStore(str(tmp_path / "fresh.db"), "reir_catalog") as store:
-        catalog = IndexCatalog(store.client)
+        catalog = IndexCatalog(store)
         assert catalog.live("reir_live") is None
         catalog.record(IndexVersion(name="gal_v1", base="gal", alias="reir_live", model_version="m", built_at=1.0))
         store.client.create_collection("gal_v1", dimension=4)

@@ -61,9 +61,9 @@ def test_manifest_with_metadata_into_milvus_standalone(
         hits = store.search(red, top_n=20, filter=SearchFilter(metadata=(("site", "north"),)))[0]
         assert hits and {h.image_id for h in hits} == north
         assert store.count(SearchFilter(metadata=(("year", 2021),))) == 2
-        catalog = IndexCatalog(store.client)
+        catalog = IndexCatalog(store)
         assert catalog.live("reir_live") == summary.collection
-        dead = Ledger(store.client, collection=summary.collection, model_version=summary.model_version).dead_letters()
+        dead = Ledger(store, collection=summary.collection, model_version=summary.model_version).dead_letters()
         assert [(d.image_id, d.uri.endswith("bad000.jpg")) for d in dead] == [("bad000", True)]
 
     again = run_ingestion(cfg, loader=fake_loader)

@@ -75,7 +75,7 @@ def test_versioned_incremental_reindex_promote_rollback_drop(
     assert rebuilt.promoted and rebuilt.collection != first.collection and rebuilt.images == 6
 
     with MilvusStore(str(db), "reir_catalog") as store:
-        catalog = IndexCatalog(store.client)
+        catalog = IndexCatalog(store)
         assert catalog.live("reir_live") == rebuilt.collection
         states = {v.name: v.state for v in catalog.versions("reir_live")}
         assert states == {first.collection: "ready", rebuilt.collection: "live"}
@@ -87,7 +87,7 @@ def test_versioned_incremental_reindex_promote_rollback_drop(
         with pytest.raises(ReirError, match="no earlier promoted version"):
             catalog.rollback("reir_live")
         # a failed check names its reason and would not promote
-        entries = Ledger(store.client, collection=first.collection, model_version=first.model_version).entries()
+        entries = Ledger(store, collection=first.collection, model_version=first.model_version).entries()
         assert len(entries) == 7 and entries["bad000"].status == "failed" and entries["bad000"].error
         with MilvusStore(str(db), first.collection) as version:
             version.load()
@@ -137,7 +137,7 @@ def test_sink_trims_ranks_a_changed_image_no_longer_has(tmp_path: Path) -> None:
     vec = np.eye(DIM, dtype=np.float32)[0]
     with MilvusStore(str(db), "c", dim=DIM) as store:
         store.upsert([S.InstanceRow("a", "/a", (0, 0, 1, 1), 0.5, r, "v", vec).to_dict() for r in range(4)])
-        Ledger(store.client, collection="c", model_version="v")  # created by the driver before writing
+        Ledger(store, collection="c", model_version="v")  # created by the driver before writing
     block = {
         S.PK: np.array(["v:a:0", "v:a:1"], dtype=object), S.IMAGE_ID: np.array(["a", "a"], dtype=object),
         S.URI: np.array(["/a", "/a"], dtype=object), **{f: np.zeros(2, np.float32) for f in S.BOX_FIELDS},
@@ -152,7 +152,7 @@ def test_sink_trims_ranks_a_changed_image_no_longer_has(tmp_path: Path) -> None:
         store.build_index("FLAT")
         store.load()
         assert store.count(SearchFilter(image_ids=("a",))) == 2
-        ledger = Ledger(store.client, collection="c", model_version="v").entries()
+        ledger = Ledger(store, collection="c", model_version="v").entries()
     assert ledger == {"a": LedgerEntry("a", "/a", "h2", 2, "ok", "")}
 
 
