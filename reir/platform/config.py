@@ -232,7 +232,9 @@ class ServeConfig(_Frozen):
     # Custom Ray resources every replica asks for (pins the app to the nodes that offer them).
     replica_resources: dict[str, float] = Field(default_factory=dict)
     max_batch_size: int = Field(default=16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    # 0: a lone query is encoded at once (a wait here is added to every query at low load);
+    # queries that arrive while a batch runs still form the next batch.
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     filter_model_version: bool = True
     # Re-rank / discovery (reir.serving.rerank); the threshold file in the checkpoint wins.
     rerank_default: bool = True

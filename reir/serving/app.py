@@ -51,7 +51,7 @@ class QueryEncoderDeployment:
         *,
         loader: ModelLoader = load_reir_model,
         max_batch_size: int = 16,
-        batch_wait_timeout_s: float = 0.005,
+        batch_wait_timeout_s: float = 0.0,
         torch_threads: int = 1,
         discover_threshold: float = 0.5,
     ) -> None:
@@ -75,7 +75,7 @@ class QueryEncoderDeployment:
     def info(self) -> dict[str, Any]:
         return dict(self._info)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def encode(self, texts: list[str]) -> list[EncodedQuery]:
         self._batch_size.observe(len(texts))
         # Off the event loop, so health checks and the batch queue stay responsive.
