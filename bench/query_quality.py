@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query_scale import BATCH, VERSION, Gallery, vectors
+from query_scale import BATCH, VERSION, Gallery, rss_mb, vectors
 
 
 def encode(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,6 +170,9 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"phase": "latency", "collection": args.collection, "reranked": outcome.reranked,
                               "in_process": _pct(stages["total"]),
                               "stage_p50_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
+    result["rss_mb"] = {"bench": round(rss_mb(os.getpid()), 1)}
+    if args.server_pid:
+        result["rss_mb"]["milvus"] = round(rss_mb(args.server_pid), 1)
     pipeline.stages.store.close()  # type: ignore[attr-defined]
     print(json.dumps(result), file=sys.stderr, flush=True)  # kept even if the HTTP part fails
     if not args.http:
@@ -210,6 +214,7 @@ def main() -> None:
         lat.add_argument(name, required=True)
     lat.add_argument("--queries", type=int, default=200)
     lat.add_argument("--http", action="store_true")
+    lat.add_argument("--server-pid", type=int, default=0, help="the Milvus server's pid (its RSS is reported)")
     lat.add_argument("--out", default="")
     b = sub.add_parser("brk")
     for name, default in (("--model", None), ("--data", None), ("--source", None), ("--uri", None)):

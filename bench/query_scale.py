@@ -4,6 +4,7 @@
     python bench/query_scale.py fill --uri URI --collection C --instances 1000000 [--source random|FILE.npz]
     python bench/query_scale.py measure --uri URI --collection C --instances 1000000 [--source ...] \
         [--model DIR] --out bench/results/query-scale-2cpu.json
+    python bench/query_scale.py floor --uri - --instances 10000000   # numpy exact search, no Milvus
 
 ``fill`` writes ``--instances`` rows (``--per-image`` per image, ranks 0..n-1, image size and count
 stored) through :class:`MilvusStore` (so the backend's default index and the per-version
@@ -192,6 +193,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def floor(args: argparse.Namespace) -> dict[str, Any]:
+    """Exact search in this process (numpy, float32): the latency floor without an index, and
+    the memory the vectors alone take, at sizes a Milvus build here can not reach in time."""
+    start = time.perf_counter()
+    gallery = np.empty((args.instances, args.dim), np.float32)
+    for k, vecs in enumerate(vectors(args.source, args.instances, args.dim)):
+        gallery[k * BATCH : k * BATCH + len(vecs)] = vecs
+    filled = time.perf_counter() - start
+    times = []
+    for q in query_vectors(args, args.queries):
+        t = time.perf_counter()
+        sims = gallery @ q
+        top = np.argpartition(-sims, 100)[:100]
+        top[np.argsort(-sims[top])]
+        times.append(time.perf_counter() - t)
+    return {"phase": "floor", "backend": "numpy exact", "instances": args.instances, "source": Path(args.source).name,
+            "search": pct(times), "vectors_gb": round(gallery.nbytes / 2**30, 2), "fill_s": round(filled, 1),
+            "rss_mb": {"bench": round(rss_mb(os.getpid()), 1)}}  # fmt: skip
+
+
 def server(args: argparse.Namespace) -> None:
     import milvus
 
@@ -219,16 +240,20 @@ def plot(results: Path, out: Path) -> None:
 
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for e in json.loads(results.read_text()):
-        if e.get("phase") == "measure":  # the last run per (backend, index, data) and size wins
-            latest[(f"{e['backend']} {e['index_type']}, {e['source'].removesuffix('.npz')}", e["instances"])] = e
+        if e.get("phase") == "measure":  # the last run per (backend, index, data, ef) and size wins
+            ef = "" if e.get("ef", "default") == "default" else f" ef {e['ef']}"
+            latest[(f"{e['backend']} {e['index_type']}{ef}, {e['source'].removesuffix('.npz')}", e["instances"])] = e
+        elif e.get("phase") == "floor":
+            latest[(f"numpy exact, {e['source'].removesuffix('.npz')}", e["instances"])] = e
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for series in sorted({k for k, _ in latest}):
-        rows = sorted((n, e["search"]["p50_ms"], e["context_fetch_50_images"]["p50_ms"])
+        rows = sorted((n, e["search"]["p50_ms"], e.get("context_fetch_50_images", {}).get("p50_ms"))
                       for (k, n), e in latest.items() if k == series)  # fmt: skip
         sizes = [r[0] for r in rows]
-        line = ax.plot(sizes, [r[1] for r in rows], marker="o", label=f"{series}: ANN search")[0]
-        ax.plot(sizes, [r[1] + r[2] for r in rows], marker="s", linestyle="--", color=line.get_color(),
-                label=f"{series}: + keyed context")  # fmt: skip
+        line = ax.plot(sizes, [r[1] for r in rows], marker="o", label=f"{series}: search")[0]
+        if all(r[2] is not None for r in rows):
+            ax.plot(sizes, [r[1] + r[2] for r in rows], marker="s", linestyle="--", color=line.get_color(),
+                    label=f"{series}: + keyed context")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="instances in the collection", ylabel="p50 (ms)",
            title="Query store cost per backend (2 shared cores)")  # fmt: skip
     ax.legend(fontsize=7)
@@ -245,7 +270,7 @@ def main() -> None:
     s = sub.add_parser("server")
     s.add_argument("--dir", required=True)
     s.add_argument("--port-file", required=True)
-    for name in ("fill", "measure"):
+    for name in ("fill", "measure", "floor"):
         c = sub.add_parser(name)
         c.add_argument("--uri", required=True)
         c.add_argument("--collection", default="scale")
@@ -267,7 +292,7 @@ def main() -> None:
     if args.cmd == "plot":
         plot(Path(args.results), Path(args.out))
         return
-    result = fill(args) if args.cmd == "fill" else measure(args)
+    result = {"fill": fill, "measure": measure, "floor": floor}[args.cmd](args)
     print(json.dumps(result))
     if args.out:
         path = Path(args.out)
