@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .boxes import BoxMode, convert, cxcywh_to_xyxy, nms_xyxy
 from .configuration import ReirConfig
 from .modeling import InstanceOutput
+from .tokenization import SpellingCorrector
 
 PROCESSOR_NAME = "preprocessor_config.json"
 # A ref's box index when the expression's referent is unknown (weak supervision: an
@@ -138,8 +139,12 @@ class ReirProcessor:
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         max_length: int = 32,
         padding: str = "longest",
+        spell_correct: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
+        # Typos are mapped to known words before tokenizing, in training and at query time alike.
+        self.spell_correct = bool(spell_correct)
+        self._speller = SpellingCorrector.from_tokenizer(tokenizer) if self.spell_correct else None
         self.image_size = int(image_size)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
@@ -174,10 +179,26 @@ class ReirProcessor:
         if not texts:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}
+        if self._speller is not None:
+            texts = [self._speller(t) for t in texts]
         enc = self.tokenizer(
             list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each expression has before :meth:`text` cuts it at ``max_length`` (special
+        tokens included): a count above ``max_length`` means the model never saw its end.
+
+        Reported as data so the caller (the serving layer) can warn and count; :meth:`text`
+        keeps its output unchanged."""
+        speller = getattr(self, "_speller", None)
+        prepared = [speller(t) for t in texts] if speller is not None else list(texts)
+        if not prepared:
+            return []
+        # verbose=False: no "longer than the model's maximum" warning for a count taken on purpose
+        ids = self.tokenizer(prepared, truncation=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
 
     def postprocess(
         self,
@@ -236,11 +257,14 @@ class ReirProcessor:
         hflip_prob: float = 0.0,
         vflip_prob: float = 0.0,
         rng: random.Random | None = None,
+        max_refs_per_image: int | None = None,
     ) -> TrainBatch:
         """Build a :class:`TrainBatch`; optionally flip images horizontally with ``hflip_prob``
         (boxes mirrored, "left"/"right" swapped in expressions) and vertically with
         ``vflip_prob`` ("above"/"below", "topmost"/"bottommost" swapped): only for images
-        without a natural up, such as the synthetic scenes or aerial views."""
+        without a natural up, such as the synthetic scenes or aerial views. An image with more
+        than ``max_refs_per_image`` expressions (several phrasings of each referent) gives a
+        random subset of them, so a step's text count stays bounded."""
         if len(samples) != len(images):
             raise ValueError(f"{len(samples)} samples but {len(images)} images")
         rng = rng or random.Random()
@@ -267,7 +291,10 @@ class ReirProcessor:
                 }
             )
             pil.append(image)
-            for text, box_index in sample.refs:
+            refs = list(sample.refs)
+            if max_refs_per_image is not None and len(refs) > max_refs_per_image:
+                refs = rng.sample(refs, max_refs_per_image)
+            for text, box_index in refs:
                 text = swap_left_right(text) if hflip else text
                 texts.append(swap_top_bottom(text) if vflip else text)
                 img_idx.append(i)
@@ -292,6 +319,7 @@ class ReirProcessor:
             "image_std": self.image_std,
             "max_length": self.max_length,
             "padding": self.padding,
+            "spell_correct": self.spell_correct,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:

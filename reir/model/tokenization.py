@@ -1,4 +1,4 @@
-"""Built-in word-level tokenizer for the ``tiny`` and ``small`` presets.
+"""Built-in subword tokenizer for the ``tiny`` and ``small`` presets.
 
 The vocabulary is a fixed literal list (never downloaded) so that a preset built on
 any machine gets identical token ids. It covers the synthetic referring-expression
@@ -8,8 +8,10 @@ English words so that free-typed queries degrade gracefully instead of becoming 
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+import re
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
@@ -38,6 +40,8 @@ zero two three four five six seven eight nine ten
 0 1 2 3 4 5 6 7 8 9
 background backgrounds plain striped stripes checkered checkerboard gradient noisy noise
 textured dotted against picture image photo scene highest lowest
+color colors colour colours coloured colorful shaded tinted hue furthest farthest very containing contains
+also positioned situated sits lies rests appearing holding having featuring
 """)
 
 _PUNCTUATION: tuple[str, ...] = tuple(",.;:!?'\"-()/&")
@@ -70,18 +74,32 @@ stay fall cut reach kill remain suggest raise pass sell require report decide pu
 """)
 
 
+# Subword pieces after the words: any word the lists miss still splits into known pieces
+# (a word start, then "##" continuations) instead of becoming [UNK]. Common English
+# endings come whole, so "reddish" is "red ##d ##ish" and "crimson" "c ##r ##i ..."
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_SUFFIXES = _words("""
+s es ed er ers est ing ish ly y ness less ful al ic ive ous en ion ions ment able ible
+ward wards most side shaped like th st nd rd
+""")
+
+
 def build_vocab() -> list[str]:
-    """The fixed vocabulary: specials first (ids 0..3), then words, deduplicated in order."""
+    """The fixed vocabulary: specials first (ids 0..3), then words, punctuation and subword
+    pieces, deduplicated in order. Ids of earlier entries never move when pieces are added."""
     seen: dict[str, None] = {}
-    for word in (*SPECIAL_TOKENS, *_GRAMMAR, *_PUNCTUATION, *_COMMON):
+    pieces = [*_LETTERS, *(f"##{c}" for c in _LETTERS), *(f"##{s}" for s in _SUFFIXES)]
+    for word in (*SPECIAL_TOKENS, *_GRAMMAR, *_PUNCTUATION, *_COMMON, *pieces):
         seen.setdefault(word.lower() if word not in SPECIAL_TOKENS else word, None)
     return list(seen)
 
 
 def build_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over :func:`build_vocab`, wrapped for ``transformers``."""
+    """WordPiece tokenizer over :func:`build_vocab`, wrapped for ``transformers``: known
+    words are one token, anything else is spelled with subword pieces."""
     vocab = {word: idx for idx, word in enumerate(build_vocab())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                     max_input_chars_per_word=40))
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()]
     )
@@ -89,6 +107,7 @@ def build_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
+    tok.decoder = decoders.WordPiece(prefix="##")
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -103,3 +122,50 @@ def build_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         model_max_length=model_max_length,
     )
+
+
+_WORD = re.compile(r"[A-Za-z]+")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+class SpellingCorrector:
+    """Maps a word the vocabulary lacks to a known word one edit away (a letter dropped,
+    added, changed, or two neighbours swapped): "cirlce" -> "circle", "trinagle" ->
+    "triangle". Typed queries carry typos that a model trained from scratch has never seen,
+    and a subword split of a typo ("c ##i ##r ##l ##c ##e") means nothing to it.
+
+    Only words of at least ``min_length`` letters are touched, and only when they are not
+    known themselves; among several candidates the one earliest in ``known`` wins, so list
+    the domain's words first (as :func:`build_vocab` does).
+    """
+
+    def __init__(self, known: list[str], *, min_length: int = 4) -> None:
+        self.rank = {w: i for i, w in enumerate(known) if w.isalpha()}
+        self.min_length = min_length
+        self._cache: dict[str, str] = {}
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpellingCorrector:
+        vocab = tokenizer.get_vocab()
+        return cls(sorted((w for w in vocab if not w.startswith("##")), key=vocab.__getitem__))
+
+    def word(self, word: str) -> str:
+        low = word.lower()
+        if len(low) < self.min_length or low in self.rank:
+            return word
+        if low not in self._cache:
+            found = [c for c in _edits(low) if c in self.rank]
+            self._cache[low] = min(found, key=self.rank.__getitem__) if found else word
+        return self._cache[low]
+
+    def __call__(self, text: str) -> str:
+        return _WORD.sub(lambda m: self.word(m.group(0)), text)
+
+
+def _edits(word: str) -> set[str]:
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    out |= {a + c + b[1:] for a, b in splits if b for c in _ALPHABET}
+    out |= {a + c + b for a, b in splits for c in _ALPHABET}
+    return out

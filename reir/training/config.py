@@ -80,6 +80,9 @@ class TrainConfig(BaseModel):
     vflip_augment: bool = Field(False, description="also flip half the images vertically (\"above\" / "
                                 "\"below\", \"topmost\" / \"bottommost\" swapped): for images without a natural "
                                 "up (synthetic scenes, aerial or microscope views), not for photographs")
+    max_refs_per_image: int | None = Field(
+        12, ge=1, description="stages 1, 2 and weak: at most this many of an image's expressions per step, "
+        "drawn at random (a benchmark with several phrasings per referent has dozens per image); null: all")
     lookalike_partners: int = Field(
         0, ge=0, description="stages 1, 2 and weak: each image of a micro-batch comes with up to this many "
         "images of its negative group whose expressions begin alike (hard negatives for the cross-batch "

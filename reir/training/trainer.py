@@ -219,7 +219,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             images = [cache.get(s.path) for s in samples]
             batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0,
-                                      vflip_prob=0.5 if cfg.vflip_augment else 0.0, rng=rng)
+                                      vflip_prob=0.5 if cfg.vflip_augment else 0.0, rng=rng,
+                                      max_refs_per_image=cfg.max_refs_per_image)
             batch = batch.to(device)
             batch.pixel_values = batch.pixel_values.to(dtype)
             losses = criterion(engine.module, batch)

@@ -212,7 +212,7 @@ def test_the_criterion_runs_the_competition_only_with_detection(tiny: tuple[Reir
 def test_an_untrained_encoder_does_not_suppress_every_negative(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     """Raw cosines of a random encoder are all near 1; centered ones are not."""
     model, proc = tiny
-    model.config.loss = {**model.config.loss, "weak_text_threshold": 0.9, "weak_instance_threshold": 0.95}
+    model.config.loss = {**model.config.loss, "weak_text_threshold": 0.85, "weak_instance_threshold": 0.95}
     data = make_dataset(3, 8)
     for _, s in data:
         s.refs = [(f"the {c} {sh} number {k}", NO_REFERENT) for k, (c, sh) in enumerate(s.attrs)]
@@ -221,7 +221,7 @@ def test_an_untrained_encoder_does_not_suppress_every_negative(tiny: tuple[ReirM
         parts = ReirCriterion(model.config, stage="weak")(model, batch)
         text = model.encode_text(batch.input_ids, batch.attention_mask).embeddings
     raw = text @ text.t()
-    assert raw[~torch.eye(len(text), dtype=torch.bool)].min() > 0.9  # collapsed at init: all "duplicates"
+    assert raw[~torch.eye(len(text), dtype=torch.bool)].min() > 0.85  # collapsed at init: all "duplicates"
     assert parts["weak_suppressed"].item() < 0.5
 
 
