@@ -45,7 +45,7 @@ class VisionSpec:
 class TextSpec:
     """Text branch: encoder -> pooled vector -> Mixture of Relation Experts -> embed_dim."""
 
-    encoder: str = "bert"  # "bert" (built-in word-level vocab, random init) | "hf" (local HF dir)
+    encoder: str = "bert"  # "bert" (built-in subword vocab, random init) | "hf" (local HF dir)
     hidden_size: int = 32
     num_layers: int = 2
     num_heads: int = 2
