@@ -25,14 +25,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reir.data.language import render
+from reir.data.layouts import REGIMES, mixture_problems, pick_regime, split_mixture
+from reir.data.phrasing import describe_query, describe_test, describe_train
 from reir.data.referring import (
     TestPlanner,
     discovery_expr,
@@ -54,24 +56,41 @@ from reir.data.vocab import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCABULARY
 
 GENERATOR_VERSION = 1
 # Random streams: one per purpose so adding draws to one never shifts another.
-_SCENE, _TEXT, _SPLIT, _DISCOVERY, _WORDS = 0, 1, 2, 3, 4
+_SCENE, _TEXT, _SPLIT, _DISCOVERY, _WORDS, _REGIME = 0, 1, 2, 3, 4, 5
 P_TWO_TEST_TARGETS = 0.5
 P_TRAIN_OBJECT = 0.9
 TRAIN_PHRASINGS = 2  # gallery-unique expressions tried per training object
 MIN_TRAIN_CHUNK = 50
 EMPTY_DISCOVERY_FRACTION = 0.25
+_QUERY_WORDS = 10  # stream of discovery query text: phrasing draws never shift the query choice
 
 # Called with the number of images finished since the last call (rich's advance(n)).
 Progress = Callable[[int], None]
 
 
+# Train mixture of scene regimes (reir.data.layouts): denser and more look-alike than
+# the old 3-8 scattered objects, because outside test sets are; "row" is held out.
+DEFAULT_REGIMES: dict[str, float] = {"sparse": 0.3, "dense": 0.25, "lookalike": 0.2, "cluster": 0.15, "border": 0.1}
+DEFAULT_HELDOUT: tuple[str, ...] = ("row",)
+HELDOUT_TEST_SHARE = 0.25  # of test images, split evenly over the held-out regimes
+
+
 @dataclass(frozen=True)
 class SynthConfig:
+    """Generation settings; ``regimes`` weighs the train split's scene regimes and
+    ``heldout_regimes`` appear only in the test split (``HELDOUT_TEST_SHARE`` of it)."""
+
     num_images: int = 2000
     test_fraction: float = 0.2
     image_size: int = 128
     seed: int = 0
     discovery_queries: int = 100
+    regimes: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REGIMES))
+    heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT
+
+    def mixture(self, split: str) -> dict[str, float]:
+        """Regime weights of ``split`` (the test split adds the held-out regimes)."""
+        return split_mixture(self.regimes, self.heldout_regimes, split, HELDOUT_TEST_SHARE)
 
 
 @dataclass
@@ -100,6 +119,11 @@ class _Item:
     def file_name(self) -> str:
         return f"images/{self.split}/{self.scene.image_id}.jpg"
 
+    @property
+    def regime(self) -> str:
+        """Name of the scene regime the image was drawn from (reir.data.layouts)."""
+        return self.rendered.regime
+
 
 def image_key(index: int) -> str:
     return f"syn{index:06d}"
@@ -120,8 +144,11 @@ def _assign_splits(cfg: SynthConfig) -> list[str]:
 def _render_all(cfg: SynthConfig, out: Path, progress: Progress | None) -> list[_Item]:
     items: list[_Item] = []
     next_ann = 1
+    mixtures = {split: cfg.mixture(split) for split in ("train", "test")}
     for k, split in enumerate(_assign_splits(cfg)):
-        rendered = sample_scene(image_key(k), cfg.image_size, _rng(cfg.seed, _SCENE, k))
+        # Own stream: choosing a regime never shifts the scene, text or split draws.
+        regime = pick_regime(mixtures[split], _rng(cfg.seed, _REGIME, k))
+        rendered = sample_scene(image_key(k), cfg.image_size, _rng(cfg.seed, _SCENE, k), regime)
         objs = rendered.scene.objects
         rendered.scene.objects = [dataclasses.replace(o, ann_id=next_ann + j) for j, o in enumerate(objs)]
         next_ann += len(objs)
@@ -182,20 +209,21 @@ def _entries(item: _Item, rng: np.random.Generator, next_sent: list[int]) -> lis
     scene = item.scene
     dets = [_anno(o, v) for o, v in zip(scene.objects, item.rendered.visible)]
     out = []
+    describe = describe_train if item.split == "train" else describe_test  # test: train + held-out family
     for i, exprs in sorted(item.sentences.items()):
         sentences = []
         for expr in exprs:
-            sentences.append({
-                "sent_id": f"sent{next_sent[0]:07d}",
-                "raw": render(expr, rng),
-                "matches": [{"image_id": scene.image_id, "ann_id": scene.objects[i].ann_id}],
-                "program": expr.to_program(),
-            })
-            next_sent[0] += 1
+            for family, raw in describe(expr, rng):
+                sentences.append({
+                    "sent_id": f"sent{next_sent[0]:07d}", "raw": raw, "family": family,
+                    "matches": [{"image_id": scene.image_id, "ann_id": scene.objects[i].ann_id}],
+                    "program": expr.to_program(),
+                })
+                next_sent[0] += 1
         out.append({
             "image_id": scene.image_id, "file_name": item.file_name,
             "height": scene.height, "width": scene.width, "split": item.split,
-            "background": scene.background, "sentences": sentences,
+            "background": scene.background, "regime": item.regime, "sentences": sentences,
             "ref_anno": dets[i], "det_anno": dets,
         })
     return out
@@ -234,8 +262,9 @@ def _discovery(items: list[_Item], cfg: SynthConfig) -> list[dict[str, Any]]:
         seen.add(expr)
         matches = [{"image_id": gallery.scenes[s].image_id, "ann_id": gallery.scenes[s].objects[i].ann_id,
                     "bbox": list(gallery.scenes[s].objects[i].box)} for s, i in hits]
-        queries.append({"query_id": f"disc{len(queries):04d}", "split": "test",
-                        "raw": render(expr, rng, article="a" if rng.random() < 0.5 else "the"),
+        article = "a" if rng.random() < 0.5 else "the"
+        family, raw = describe_query(expr, _rng(cfg.seed, _QUERY_WORDS, len(queries)), article)
+        queries.append({"query_id": f"disc{len(queries):04d}", "split": "test", "raw": raw, "family": family,
                         "matches": matches, "program": expr.to_program()})
     return queries
 
@@ -249,16 +278,36 @@ def _split_stats(
     items: list[_Item], entries: list[dict[str, Any]], scope: str, chunk_size: int | None = None
 ) -> dict[str, Any]:
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+    counts = [len(it.scene.objects) for it in items] or [0]
+    # Per regime, how many images got at least one target: dense and look-alike scenes
+    # are the hardest to describe uniquely, so this shows whether they are covered.
+    referred = {e["image_id"] for e in entries}
+    with_refs = Counter(it.regime for it in items if it.scene.image_id in referred)
     return {**extra,
         "num_images": len(items),
         "num_instances": sum(len(it.scene.objects) for it in items),
         "num_refs": len(entries),
         "num_sentences": sum(len(e["sentences"]) for e in entries),
         "matches_scope": scope,
+        "objects_per_image": {"min": min(counts), "mean": round(float(np.mean(counts)), 3), "max": max(counts)},
+        "images_with_refs": dict(sorted(with_refs.items())),
     }
 
 
-def _meta(cfg: SynthConfig, splits: dict[str, Any], discovery: dict[str, int]) -> dict[str, Any]:
+def _regime_meta(cfg: SynthConfig, by_split: dict[str, list[_Item]]) -> dict[str, Any]:
+    """Mixtures, recipes and per-split image counts of the scene regimes."""
+    counts = {split: dict(sorted(Counter(it.regime for it in items).items())) for split, items in by_split.items()}
+    used = sorted({*cfg.regimes, *cfg.heldout_regimes})
+    return {
+        "train_mixture": dict(cfg.regimes), "heldout": list(cfg.heldout_regimes),
+        "test_mixture": {k: round(v, 6) for k, v in sorted(cfg.mixture("test").items())},
+        "heldout_test_share": HELDOUT_TEST_SHARE if cfg.heldout_regimes else 0.0,
+        "counts": counts, "definitions": {name: REGIMES[name].describe() for name in used},
+    }
+
+
+def _meta(cfg: SynthConfig, splits: dict[str, Any], discovery: dict[str, int],
+          by_split: dict[str, list[_Item]]) -> dict[str, Any]:
     return {
         "seed": cfg.seed, "num_images": cfg.num_images, "image_size": cfg.image_size,
         "test_fraction": cfg.test_fraction, "generator_version": GENERATOR_VERSION,
@@ -266,7 +315,10 @@ def _meta(cfg: SynthConfig, splits: dict[str, Any], discovery: dict[str, int]) -
         "categories": SHAPES, "category_id_base": 0, "colors": COLORS, "sizes": SIZES,
         "backgrounds": BACKGROUNDS, "vocabulary": VOCABULARY,
         "coco_image_id": "integer index of 'synNNNNNN'; the string id is images[].image_key",
-        "box_format": "xywh absolute pixels, tight bounds of the whole (amodal) shape",
+        "box_format": "xywh absolute pixels, tight bounds of the whole (amodal) shape within the "
+                      "image: a shape cut by the image border (border regime) is boxed by its "
+                      "in-image part, and its cut-off pixels count as hidden in visible_fraction",
+        "regimes": _regime_meta(cfg, by_split),
         "semantics": {
             "relation_yes_offset": REL_YES_OFFSET, "relation_no_offset": REL_NO_OFFSET,
             "superlative_yes_offset": SUP_YES_OFFSET, "superlative_no_offset": SUP_NO_OFFSET,
@@ -274,6 +326,14 @@ def _meta(cfg: SynthConfig, splits: dict[str, Any], discovery: dict[str, int]) -
             "definition": "reir.data.semantics.evaluate (three-valued; matches = YES, no MAYBE)",
         },
     }
+
+
+def _coco_with_regimes(items: list[_Item], split: str) -> dict[str, Any]:
+    """The COCO file of ``split`` with each ``images[]`` record's scene regime."""
+    coco = _coco(items, split)
+    for record, it in zip(coco["images"], items, strict=True):
+        record["regime"] = it.regime
+    return coco
 
 
 def generate(
@@ -284,13 +344,18 @@ def generate(
     image_size: int = 128,
     seed: int = 0,
     discovery_queries: int = 100,
+    regimes: Mapping[str, float] | None = None,
+    heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT,
     progress: Progress | None = None,
 ) -> SynthSummary:
-    """Write the synthetic benchmark to ``out_dir``; ``progress(1)`` after each image."""
+    """Write the synthetic benchmark to ``out_dir``; ``progress(1)`` after each image.
+    ``regimes`` (train mixture) defaults to ``DEFAULT_REGIMES``."""
     start = time.perf_counter()
-    cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries)
-    if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32:
-        raise ValueError(f"invalid synth config {cfg}")
+    mixture = dict(DEFAULT_REGIMES if regimes is None else regimes)
+    cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries, mixture, tuple(heldout_regimes))
+    problems = mixture_problems(cfg.regimes, cfg.heldout_regimes)
+    if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32 or problems:
+        raise ValueError(f"invalid synth config {cfg}: {'; '.join(problems)}")
     out = Path(out_dir)
     for split in ("train", "test"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -306,7 +371,7 @@ def generate(
     discovery = _discovery(by_split["test"], cfg) if by_split["test"] else []
     _write_json(out / "reircoco.json", entries["train"] + entries["test"])
     for split in ("train", "test"):
-        _write_json(out / f"instances_{split}.json", _coco(by_split[split], split))
+        _write_json(out / f"instances_{split}.json", _coco_with_regimes(by_split[split], split))
     _write_json(out / "discovery.json", {"queries": discovery})
     n_empty = sum(not q["matches"] for q in discovery)
     disc_stats = {"total": len(discovery), "empty": n_empty, "multi": len(discovery) - n_empty}
@@ -315,7 +380,7 @@ def generate(
         "train": _split_stats(by_split["train"], entries["train"], scope["train"], chunk),
         "test": _split_stats(by_split["test"], entries["test"], scope["test"]),
     }
-    _write_json(out / "meta.json", _meta(cfg, splits, disc_stats))
+    _write_json(out / "meta.json", _meta(cfg, splits, disc_stats, by_split))
     return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start)
 
 

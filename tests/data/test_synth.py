@@ -1,14 +1,15 @@
 """The synthetic benchmark: determinism, layout, and exactness of its ground truth.
 
 Ground truth is re-derived here from the files alone: scenes are rebuilt from the COCO
-instances file, each sentence is parsed from its text, and every instance of the
-split is evaluated with the predicate API; stored ``matches`` must agree.
+instances file, each sentence's stored program is checked against its text (every
+content word said, typos undone; template sentences are parsed back exactly), and every
+instance of the split is evaluated with the predicate API; stored ``matches`` must agree.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import pytest
 from PIL import Image
 
 from reir.data.language import parse, template_phrases
+from reir.data.layouts import REGIMES
+from reir.data.phrasing import HELDOUT_FAMILIES, TRAIN_FAMILIES, canonical_words, meaning_words, mentioned
 from reir.data.semantics import MAYBE, YES, Expr, Gallery, evaluate
-from reir.data.synth import MIN_TRAIN_CHUNK, generate, load_gallery
+from reir.data.synth import DEFAULT_HELDOUT, DEFAULT_REGIMES, MIN_TRAIN_CHUNK, generate, load_gallery
 from reir.data.vocab import VOCABULARY
 
 
@@ -39,8 +42,11 @@ def _truth_table(gallery: Gallery, expr: Expr) -> dict[int, set[tuple[str, int]]
 
 
 def _sentence_expr(sentence: dict[str, Any]) -> Expr:
-    expr = parse(sentence["raw"])
-    assert expr == Expr.from_program(sentence["program"]), sentence["raw"]
+    """The stored program, once the text is shown to say it (phrasings vary, meaning does not)."""
+    expr = Expr.from_program(sentence["program"])
+    assert mentioned(sentence["raw"]) == meaning_words(expr), sentence["raw"]
+    if sentence["family"] == "template":
+        assert parse(" ".join(canonical_words(sentence["raw"]))) == expr, sentence["raw"]
     return expr
 
 
@@ -93,6 +99,7 @@ def test_boxes_inside_images_and_sizes_distinct(synth_root: Path) -> None:
     for split in ("train", "test"):
         coco = _read(synth_root, f"instances_{split}.json")
         sizes = {i["id"]: (i["width"], i["height"]) for i in coco["images"]}
+        regimes = {i["id"]: REGIMES[i["regime"]] for i in coco["images"]}
         per_image: dict[int, int] = defaultdict(int)
         for ann in coco["annotations"]:
             x, y, w, h = ann["bbox"]
@@ -105,11 +112,47 @@ def test_boxes_inside_images_and_sizes_distinct(synth_root: Path) -> None:
                 assert side >= 0.2
             assert ann["attributes"]["visible_fraction"] >= 0.75 - 1e-6
             per_image[ann["image_id"]] += 1
-        assert all(3 <= n <= 8 for n in per_image.values())
+        # Object counts follow each image's scene regime (3 to 13 objects in all).
+        assert all(regimes[k].counts[0] <= n <= regimes[k].counts[1] for k, n in per_image.items())
         assert len(per_image) == len(sizes)
 
 
+def test_scene_regimes_are_recorded_and_held_out(synth_root: Path) -> None:
+    """Held-out regimes never reach the train split but do reach the test split; every
+    entry and COCO image names its regime, and meta.json counts agree with the files."""
+    meta = _read(synth_root, "meta.json")
+    info = meta["regimes"]
+    assert info["train_mixture"] == DEFAULT_REGIMES and info["heldout"] == list(DEFAULT_HELDOUT)
+    assert set(info["definitions"]) == set(DEFAULT_REGIMES) | set(DEFAULT_HELDOUT)
+    by_key: dict[str, str] = {}
+    for split in ("train", "test"):
+        coco = _read(synth_root, f"instances_{split}.json")
+        counts = Counter(img["regime"] for img in coco["images"])
+        assert info["counts"][split] == dict(counts)
+        objects = Counter(a["image_id"] for a in coco["annotations"]).values()
+        stats = meta["splits"][split]["objects_per_image"]
+        assert (stats["min"], stats["max"]) == (min(objects), max(objects))
+        assert stats["mean"] == pytest.approx(sum(objects) / len(objects), abs=1e-3)
+        by_key.update({img["image_key"]: img["regime"] for img in coco["images"]})
+    train, test = set(info["counts"]["train"]), set(info["counts"]["test"])
+    assert train <= set(DEFAULT_REGIMES) and not train & set(DEFAULT_HELDOUT)
+    assert set(DEFAULT_HELDOUT) <= test and len(test) >= 4
+    for entry in _read(synth_root, "reircoco.json"):
+        assert entry["regime"] == by_key[entry["image_id"]]
+
+
+def test_regime_config_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown regime"):
+        generate(tmp_path, num_images=4, regimes={"sparse": 1.0, "crowded": 1.0})
+    with pytest.raises(ValueError, match="held-out"):
+        generate(tmp_path, num_images=4, regimes={"sparse": 1.0, "row": 0.5}, heldout_regimes=("row",))
+    with pytest.raises(ValueError, match="positive sum"):
+        generate(tmp_path, num_images=4, regimes={"sparse": 0.0})
+
+
 def test_every_test_sentence_names_exactly_its_referent(synth_root: Path) -> None:
+    """One or two referents per test image, each described twice with one program: in a
+    training family and in a held-out family."""
     gallery = load_gallery(synth_root, "test")
     test_images = {s.image_id for s in gallery.scenes}
     per_image: dict[str, int] = defaultdict(int)
@@ -122,7 +165,10 @@ def test_every_test_sentence_names_exactly_its_referent(synth_root: Path) -> Non
             assert table[YES] == {referent}, sentence["raw"]
             assert not table[MAYBE], sentence["raw"]
             assert [(m["image_id"], m["ann_id"]) for m in sentence["matches"]] == [referent]
-            per_image[entry["image_id"]] += 1
+        families = [s["family"] for s in entry["sentences"]]
+        assert len(families) == 2 and families[0] in TRAIN_FAMILIES and families[1] in HELDOUT_FAMILIES
+        assert entry["sentences"][0]["program"] == entry["sentences"][1]["program"]
+        per_image[entry["image_id"]] += 1
     assert all(1 <= n <= 2 for n in per_image.values())
     assert len(per_image) >= 0.8 * len(test_images)
 
@@ -147,6 +193,7 @@ def test_train_sentences_are_unique_within_their_chunk(synth_root: Path) -> None
             assert table[YES] == {referent}, sentence["raw"]
             assert not table[MAYBE], sentence["raw"]
             assert [(m["image_id"], m["ann_id"]) for m in sentence["matches"]] == [referent]
+            assert sentence["family"] in TRAIN_FAMILIES
         assert len({s["raw"] for s in entry["sentences"]}) == len(entry["sentences"])
         covered += 1
     n_instances = sum(len(s.objects) for s in gallery.scenes)
@@ -174,7 +221,11 @@ def test_every_emitted_word_is_in_the_vocabulary(synth_root: Path) -> None:
     assert {w for phrase in template_phrases() for w in phrase.split()} <= vocab
     texts = [s["raw"] for e in _read(synth_root, "reircoco.json") for s in e["sentences"]]
     texts += [q["raw"] for q in _read(synth_root, "discovery.json")["queries"]]
-    assert {w for t in texts for w in t.split()} <= vocab
+    # Surface noise adds capitals, punctuation and at most one misspelt word per sentence.
+    assert {w for t in texts for w in canonical_words(t)} <= vocab
+    for text in texts:
+        raw = text.lower().replace("-", " ").split()
+        assert sum(w.strip(",.?:") not in vocab | {"coloured"} for w in raw) <= 1, text
 
 
 def test_invalid_config_is_rejected(tmp_path: Path) -> None:
