@@ -1,9 +1,12 @@
 """Closed vocabulary of the synthetic REIR benchmark.
 
 The attribute lists are the scene generator's universe; ``VOCABULARY`` lists every
-word the expression templates (``reir.data.language``) can emit, so a tokenizer can
-reserve one id per word. It is a plain list on purpose: the model package reads it
-without importing the generator. ``tests/data`` checks that it covers every phrase.
+word the expression template (``reir.data.language``) and the phrasing families
+(``reir.data.families``) can emit before surface noise, so a tokenizer can reserve one
+id per word (typos and "coloured" from ``reir.data.noise`` are deliberately outside it).
+It is a plain list on purpose: the model package reads it without importing the
+generator. ``tests/data`` checks that it covers every phrase, and every word must also
+be in the built-in tokenizer's list (``reir.model.tokenization``) or it becomes [UNK].
 """
 
 from __future__ import annotations
@@ -34,4 +37,12 @@ VOCABULARY: list[str] = [
     # superlatives
     "largest", "biggest", "smallest", "leftmost", "rightmost", "topmost", "highest",
     "bottommost", "lowest",
+    # phrasing families (reir.data.families): synonyms, plurals, clause and question words
+    "tiny", "huge", "uppermost", "lowermost", "far", "furthest", "farthest", "very", "top", "bottom",
+    "closest", "nearest", "front", "one", "thing", "objects", "shapes", "things",
+    "squares", "circles", "triangles", "stars", "diamonds", "hexagons",
+    "colored", "size", "sized", "that", "which", "is", "and", "any", "at", "from", "has", "also",
+    "there", "where", "it", "sitting", "located", "placed", "photo", "scene",
+    "find", "show", "me", "point", "give", "get", "look", "for", "i", "want", "need", "spot",
+    "can", "could", "you", "do", "see",
 ]

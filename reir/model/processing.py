@@ -40,7 +40,7 @@ def _mirror(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], re.Pattern[st
 
 _LR_SWAP, _LR_PATTERN = _mirror([("left", "right"), ("leftmost", "rightmost")])
 _TB_SWAP, _TB_PATTERN = _mirror([("above", "below"), ("over", "under"), ("top", "bottom"), ("topmost", "bottommost"),
-                                 ("highest", "lowest"), ("upper", "lower")])
+                                 ("highest", "lowest"), ("upper", "lower"), ("uppermost", "lowermost")])
 
 
 class SampleLike(Protocol):
