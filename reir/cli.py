@@ -128,7 +128,8 @@ def pseudo_label(
 def ingest(
     gallery: Path | None = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),
     manifest: str | None = typer.Option(None, help="jsonl / csv / parquet with uri [+ image_id, metadata]"),
-    annotations: Path | None = typer.Option(None, help="COCO instances or REIRCOCO json"),
+    annotations: Path | None = typer.Option(None, help="COCO instances or REIRCOCO json: the gallery, or beside "
+                                            "--gallery/--manifest the ground truth whose image ids must be in it"),
     model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
     milvus_uri: str | None = typer.Option(None, help="milvus-lite file, or http://host:port [reir.db]"),
     collection: str | None = typer.Option(None, help="collection (with --alias: versions' base name) [reir_instances]"),
@@ -140,6 +141,8 @@ def ingest(
                                      "[test]"),
     encoders: int | None = typer.Option(None, min=1, help="encoder actors [1]"),
     batch_size: int | None = typer.Option(None, min=1, help="[32]"),
+    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per image; a dense "
+                                               "gallery needs at least its objects per image [10]"),
     index_type: str | None = typer.Option(None, help="AUTOINDEX, HNSW, IVF_FLAT or FLAT [AUTOINDEX]"),
     metadata_field: list[str] = typer.Option([], "--metadata-field", help="NAME:TYPE (str|int|float|bool), repeat"),
     device: str | None = typer.Option(None, help="auto (GPU when Ray has one), cpu or cuda [auto]"),
@@ -159,7 +162,8 @@ def ingest(
     flags = {"gallery": gallery, "manifest": manifest, "annotations": annotations,
              "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri, "collection": collection,
              "alias": alias, "rebuild": rebuild or None, "full": False if full else None, "split": split,
-             "encoders": encoders, "batch_size": batch_size, "index_type": index_type,
+             "encoders": encoders, "batch_size": batch_size, "top_k_instances": top_k_instances,
+             "index_type": index_type,
              "metadata_field": dict(_metadata_field(f) for f in metadata_field) or None, "device": device,
              "dead_letter": dead_letter, "object_store_mb": object_store_mb * 2**20 if object_store_mb else None}
     cfg = command_config("ingest", config=config, flags=flags, extra={"alias": None} if no_alias else None)
@@ -432,7 +436,10 @@ def api_key(
 
 @app.command("eval")
 def evaluate(
-    data: Path | None = typer.Option(None, "--data", help="benchmark directory (required, or data_root)"),
+    data: Path | None = typer.Option(None, "--data", help="benchmark directory (or, with --annotations, the folder "
+                                     "its file_names are relative to); --data or --annotations is required"),
+    annotations: Path | None = typer.Option(None, help="REIRCOCO json to read the queries from [data/reircoco.json]"),
+    split: str | None = typer.Option(None, help="the split whose sentences are the queries [test]"),
     model_dir: Path | None = typer.Option(None, "--model", help="trained model directory (required, or model_path)"),
     milvus_uri: str | None = typer.Option(None, help="index written by reir ingest [reir.db]"),
     collection: str | None = typer.Option(None, help="collection or alias (reir_live falls back to reir_instances) "
@@ -441,20 +448,43 @@ def evaluate(
     out: Path | None = typer.Option(None, "--out", help="write metrics JSON here"),
     config: Path | None = typer.Option(None, help="YAML with an `eval:` section [$REIR_CONFIG]"),
 ) -> None:
-    """BR@k at IoU tau (k 1/5/10, tau .5/.7/.9) and REC accuracy on the test queries."""
+    """BR@k at IoU tau (k 1/5/10, tau .5/.7/.9) and REC accuracy on a split's queries (any of a
+    sentence's matches counts); BR@k per phrasing family / scene regime when the data has them."""
+    cfg = eval_settings(data=data, annotations=annotations, split=split, model_dir=model_dir,
+                        milvus_uri=milvus_uri, collection=collection, url=url, out=out, config=config)
     from reir.evaluation.runner import evaluate_index
+
+    metrics = evaluate_index(cfg.data_root, Path(cfg.model_path), milvus_uri=cfg.milvus.uri,
+                             collection=cfg.milvus.collection, url=cfg.url, out=cfg.out, echo=typer.echo,
+                             split=cfg.split, annotations=cfg.annotations)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+def eval_settings(*, data: Path | None, annotations: Path | None, split: str | None, model_dir: Path | None,
+                  milvus_uri: str | None = None, collection: str | None = None, url: str | None = None,
+                  out: Path | None = None, config: Path | None = None) -> Any:
+    """``reir eval``'s EvalConfig from its flags, the files checked (a missing one: exit 1)."""
     from reir.settings import command_config
 
     if data is not None:
         _need_dir(data, "data directory")
-    flags = {"data": data, "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
+    if annotations is not None and not annotations.is_file():
+        raise ReirError(f"annotations file not found: {annotations}")
+    flags = {"data": data, "annotations": annotations, "split": split,
+             "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
              "collection": collection, "url": url, "out": out}
-    cfg = command_config("eval", config=config, flags=flags)
-    _need_dir(cfg.data_root, "data directory")
+    try:
+        cfg = command_config("eval", config=config, flags=flags)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        if "no queries" in str(e):
+            raise UsageError("Missing option '--data' (or --annotations PATH)") from e
+        raise
+    if cfg.data_root is not None:
+        _need_dir(cfg.data_root, "data directory")
+    if cfg.annotations is not None and not cfg.annotations.is_file():
+        raise ReirError(f"annotations file not found: {cfg.annotations}")
     _need_dir(Path(cfg.model_path), "model directory")
-    metrics = evaluate_index(cfg.data_root, Path(cfg.model_path), milvus_uri=cfg.milvus.uri,
-                             collection=cfg.milvus.collection, url=cfg.url, out=cfg.out, echo=typer.echo)
-    typer.echo(json.dumps(metrics, indent=2))
+    return cfg
 
 
 @app.command()

@@ -108,7 +108,7 @@ class Client:
         filters: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:  # fmt: skip
         """The whole response: results plus ``model_version``, ``mode``, ``reranked``,
-        ``threshold`` (discover), ``candidates``, ``timings_ms``, ``took_ms``."""
+        ``threshold`` (discover), ``candidates``, ``timings_ms``, ``took_ms``, ``truncated``."""
         return self._request("POST", "/v1/search", json=search_body(query, top_k, mode, rerank, filters))
 
     def search_batch(self, queries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

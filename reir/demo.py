@@ -185,13 +185,12 @@ def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries:
 
 def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
             answers: dict[str, list[dict[str, Any]]]) -> None:
-    from reir.evaluation.metrics import format_table
-    from reir.model.boxes import iou_xywh
+    from reir.evaluation.metrics import format_table, is_hit
 
     console.print(format_table(metrics))
     for q in queries[:5]:
         top = answers[q.query_id][0] if answers[q.query_id] else None
-        hit = bool(top and top["image_id"] == q.image_id and iou_xywh(top["box"], q.box) >= 0.5)
+        hit = bool(top and is_hit(top["image_id"], top["box"], q))
         where = f"{top['image_id']} box {[round(v) for v in top['box']]} score {top['score']:.3f}" if top else "-"
         console.print(f"  [{'green' if hit else 'red'}]{'hit ' if hit else 'miss'}[/] \"{q.text}\" -> {where} "
                       f"(truth {q.image_id} {[round(v) for v in q.box]})")

@@ -49,3 +49,8 @@ def _rebuild_unavailable(message: str, retry_after_s: float) -> DependencyUnavai
 
 class IngestionAborted(ReirError):
     """An ingestion stopped early (e.g. its failure rate passed the threshold); nothing was promoted."""
+
+
+class AnnotationMismatch(ReirError):
+    """The ground truth names no image of the gallery (e.g. COCO's numeric ids beside file-stem
+    ids): an index built anyway evaluates to zero recall, so the ingestion stops (exit 1)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from reir.platform.config import (
     LIVE_ALIAS,
@@ -56,9 +56,16 @@ class SearchConfig(_Settings):
 
 
 class EvalConfig(_Settings):
-    """``reir eval``: BR@k over a benchmark's test queries, in process or over HTTP."""
+    """``reir eval``: BR@k over a benchmark's queries of one split, in process or over HTTP.
 
-    data_root: Path
+    The queries come from ``data_root/reircoco.json`` or, with ``annotations``, from that
+    REIRCOCO file (its ``file_name``s relative to ``data_root`` when set, else to the file's
+    folder), as ``reir ingest --annotations`` reads its gallery.
+    """
+
+    data_root: Path | None = None
+    annotations: Path | None = None
+    split: str = Field(default="test", min_length=1)
     model_path: str
     milvus: MilvusConfig = Field(default_factory=_live_milvus)
     url: str | None = None
@@ -69,6 +76,12 @@ class EvalConfig(_Settings):
     def _read_live_alias(cls, value: Any) -> Any:
         # As in ServeConfig: REIR_MILVUS__URI alone still reads the live alias.
         return read_live_alias(value)
+
+    @model_validator(mode="after")
+    def _has_queries(self) -> EvalConfig:
+        if self.data_root is None and self.annotations is None:
+            raise ValueError("no queries: set data_root (--data) or annotations (--annotations)")
+        return self
 
 
 class DemoSettings(_Settings):
@@ -128,14 +141,15 @@ COMMANDS: dict[str, CommandSpec] = {
             "gallery": "gallery_root", "manifest": "manifest", "annotations": "annotations",
             "model_dir": "model_path", **_MILVUS_FLAGS, "alias": "alias", "no_alias": ("alias", "sets none"),
             "rebuild": "rebuild", "full": ("incremental", "sets false"), "split": "split",
-            "encoders": "num_encoders", "batch_size": "batch_size", "index_type": "milvus.index_type",
+            "encoders": "num_encoders", "batch_size": "batch_size", "top_k_instances": "top_k_instances",
+            "index_type": "milvus.index_type",
             "metadata_field": ("milvus.metadata_fields", "NAME:TYPE, repeat"), "device": "device",
             "dead_letter": "dead_letter_path", "object_store_mb": ("object_store_memory_limit", "MiB")},
             defaults={"alias": LIVE_ALIAS, "batch_size": 32}),
         CommandSpec("serve", ServeConfig, {"model_dir": "model_path", **_MILVUS_FLAGS, "port": "port", "host": "host"}),
         CommandSpec("search", SearchConfig, {"url": "url", "top_k": "top_k", "api_key": "api_key"}),
-        CommandSpec("eval", EvalConfig, {"data": "data_root", "model_dir": "model_path", **_MILVUS_FLAGS,
-                                         "url": "url", "out": "out"}),
+        CommandSpec("eval", EvalConfig, {"data": "data_root", "annotations": "annotations", "split": "split",
+                                         "model_dir": "model_path", **_MILVUS_FLAGS, "url": "url", "out": "out"}),
         CommandSpec("index", IndexConfig, {"milvus_uri": "milvus.uri", "alias": "alias"},
                     cli=("index list", "index promote", "index rollback", "index drop")),
         CommandSpec("demo", DemoSettings, {"out": "out", "num_images": "num_images", "minutes": "train_minutes",

@@ -43,6 +43,8 @@ def test_every_command_has_help(command: str) -> None:
         (["ingest", "--gallery", "/nonexistent/g", "--model", "/x"], "gallery not found", 1),
         (["index", "add", "/nonexistent/my photos", "--model", "/x"], "folder not found: /nonexistent/my photos", 1),
         (["eval", "--data", "/nonexistent/d", "--model", "/x"], "data directory not found", 1),
+        (["eval", "--annotations", "/nonexistent/refs.json", "--model", "/x"], "annotations file not found", 1),
+        (["eval", "--model", "/x"], "Missing option '--data' (or --annotations PATH)", 2),
         (["search", "red square", "--url", "http://127.0.0.1:9"], "cannot reach reir service", 1),
     ],
 )
@@ -52,6 +54,28 @@ def test_errors_are_one_line_without_traceback(args: list[str], message: str, co
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_eval_split_and_annotations_flags_reach_its_settings(tmp_path: Path) -> None:
+    import typer
+
+    from reir.cli import app, eval_settings
+
+    refs, model = tmp_path / "refs.json", tmp_path / "model"
+    refs.write_text("[]")
+    model.mkdir()
+    command = typer.main.get_command(app).commands["eval"]  # type: ignore[attr-defined]
+
+    def settings(*args: str) -> object:
+        return eval_settings(**command.make_context("eval", [*args, "--model", str(model)]).params)
+
+    cfg = settings("--annotations", str(refs), "--split", "val")
+    assert (cfg.annotations, cfg.split, cfg.data_root) == (refs, "val", None)  # type: ignore[attr-defined]
+    assert settings("--data", str(tmp_path)).split == "test"  # type: ignore[attr-defined]
+    (tmp_path / "reir.yaml").write_text(f"eval:\n  split: train\n  annotations: {refs}\n")
+    from_file = settings("--config", str(tmp_path / "reir.yaml"))
+    assert (from_file.split, from_file.annotations) == ("train", refs)  # type: ignore[attr-defined]
+    assert settings("--config", str(tmp_path / "reir.yaml"), "--split", "val").split == "val"  # type: ignore[attr-defined]
 
 
 def test_a_bug_is_one_line_exit_1_with_the_traceback_in_a_file(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,13 +1,15 @@
 """Public file-format API of ``reir.data`` (see docs/interfaces.md).
 
-Records and strict loaders live in :mod:`reir.data.records`; samples and queries
-assembled from a benchmark directory in :mod:`reir.data.samples`; training sources in
+Records and strict loaders live in :mod:`reir.data.records`; samples assembled from a
+benchmark directory in :mod:`reir.data.samples`; evaluation queries (every acceptable
+target of a sentence) in :mod:`reir.data.queries`; training sources in
 other formats (REIRCOCO, RefCOCO/+/g, SOREC, COCO) in :mod:`reir.data.sources`. Other
 packages import from here so that split stays an internal detail.
 """
 
 from __future__ import annotations
 
+from reir.data.queries import Query, queries_from_reircoco
 from reir.data.records import (
     Annotation,
     DiscoveryQuery,
@@ -21,7 +23,7 @@ from reir.data.records import (
     save_reircoco,
     validate_coco,
 )
-from reir.data.samples import ImageSample, Query, load_samples, negative_groups, test_queries
+from reir.data.samples import ImageSample, load_samples, negative_groups, test_queries
 from reir.data.sources import (
     SOURCE_KINDS,
     LabelSpace,
@@ -57,6 +59,7 @@ __all__ = [
     "load_source",
     "load_synthetic_source",
     "negative_groups",
+    "queries_from_reircoco",
     "save_reircoco",
     "test_queries",
     "validate_coco",

@@ -33,6 +33,7 @@ class Sentence:
     raw: str
     matches: list[Match] = field(default_factory=list)
     program: dict[str, Any] | None = None  # synthetic data: the structured expression
+    family: str | None = None  # the phrasing family (template) it was written in; evaluation slices by it
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RefEntry:
     ref_anno: Annotation
     det_anno: list[Annotation]
     extra: dict[str, Any] = field(default_factory=dict)  # fields outside the contract
+    regime: str | None = None  # the scene regime (e.g. dense, sparse) the image was drawn in; a slice
 
 
 @dataclass
@@ -131,17 +133,26 @@ def _annotation(r: _Reader, obj: Any, where: str) -> Annotation:
     )
 
 
+def _optional(r: _Reader, obj: Any, key: str, kind: type, where: str) -> Any:
+    """``obj[key]`` when present and not null (type-checked), else None."""
+    if not isinstance(obj, dict) or obj.get(key) is None:
+        return None
+    return r.get(obj, key, kind, where)
+
+
 def _sentence(r: _Reader, obj: Any, where: str) -> Sentence:
-    matches = r.get(obj, "matches", list, where)
+    # Absent matches (older files, plain REC data): the entry's referent is the one target.
+    matches = r.get(obj, "matches", list, where) if isinstance(obj, dict) and "matches" in obj else []
     return Sentence(
         sent_id=str(r.get(obj, "sent_id", (str, int), where)),
         raw=r.get(obj, "raw", str, where),
         matches=[_match(r, m, f"{where}.matches[{k}]") for k, m in enumerate(matches)],
         program=obj.get("program"),
+        family=_optional(r, obj, "family", str, where),
     )
 
 
-_ENTRY_KEYS = {"image_id", "file_name", "height", "width", "split", "sentences", "ref_anno", "det_anno"}
+_ENTRY_KEYS = {"image_id", "file_name", "height", "width", "split", "sentences", "ref_anno", "det_anno", "regime"}
 
 
 def _entry(r: _Reader, obj: Any, where: str) -> RefEntry:
@@ -158,6 +169,7 @@ def _entry(r: _Reader, obj: Any, where: str) -> RefEntry:
         ref_anno=_annotation(r, r.get(obj, "ref_anno", dict, where), f"{where}.ref_anno"),
         det_anno=[_annotation(r, d, f"{where}.det_anno[{k}]") for k, d in enumerate(dets)],
         extra={k: v for k, v in obj.items() if k not in _ENTRY_KEYS},
+        regime=_optional(r, obj, "regime", str, where),
     )
 
 
@@ -181,6 +193,8 @@ def _sentence_dict(s: Sentence) -> dict[str, Any]:
     out: dict[str, Any] = {"sent_id": s.sent_id, "raw": s.raw, "matches": [_match_dict(m) for m in s.matches]}
     if s.program is not None:
         out["program"] = s.program
+    if s.family is not None:
+        out["family"] = s.family
     return out
 
 
@@ -192,9 +206,10 @@ def _match_dict(m: Match) -> dict[str, Any]:
 
 
 def entry_to_dict(e: RefEntry) -> dict[str, Any]:
+    regime = {"regime": e.regime} if e.regime is not None else {}
     return {
         "image_id": e.image_id, "file_name": e.file_name, "height": e.height, "width": e.width,
-        "split": e.split, **e.extra,
+        "split": e.split, **e.extra, **regime,
         "sentences": [_sentence_dict(s) for s in e.sentences],
         "ref_anno": _anno_dict(e.ref_anno), "det_anno": [_anno_dict(a) for a in e.det_anno],
     }

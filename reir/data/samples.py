@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reir.data.queries import Query, queries_from_reircoco
 from reir.data.records import RefEntry, load_reircoco, validate_coco
 
 SPLITS = ("train", "test")
@@ -27,15 +28,6 @@ class ImageSample:
     labels: list[int] = field(default_factory=list)  # 0-based contiguous category index
     refs: list[tuple[str, int]] = field(default_factory=list)  # (expression, index into boxes)
     ann_ids: list[int] = field(default_factory=list)  # parallel to boxes
-
-
-@dataclass(frozen=True)
-class Query:
-    query_id: str
-    text: str
-    image_id: str
-    box: tuple[float, float, float, float]  # ground truth [x, y, w, h] pixels
-    path: str = ""  # absolute path of the ground-truth image ("" when built by hand)
 
 
 def _check_split(split: str) -> None:
@@ -155,16 +147,12 @@ def negative_groups(root: str | Path, split: str, image_ids: list[str]) -> list[
 
 
 def test_queries(root: str | Path, split: str = "test") -> list[Query]:
-    """One query per sentence of ``split``; the ground truth is the entry's referent."""
+    """One query per sentence of ``split`` of a benchmark directory; its targets are every
+    instance the sentence's ``matches`` name (the entry's referent when it has none)."""
     _check_split(split)
-    out = []
     root = Path(root)
-    for e in load_reircoco(root / "reircoco.json"):
-        if e.split == split:
-            box = tuple(e.ref_anno.bbox)
-            path = str((root / e.file_name).resolve())
-            out += [Query(s.sent_id, s.raw, e.image_id, box, path) for s in e.sentences]  # type: ignore[arg-type]
-    return out
+    return queries_from_reircoco(root / "reircoco.json", split, image_root=root,
+                                 instances=root / f"instances_{split}.json")
 
 
 # The contract's name starts with "test_": stop pytest from collecting it wherever

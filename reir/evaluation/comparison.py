@@ -167,7 +167,7 @@ def measure(answer: Answer, queries: Sequence[Query], top_k: int = max(BASELINE_
     started = time.perf_counter()
     predictions = {q.query_id: answer(q.text, top_k) for q in queries}
     seconds = time.perf_counter() - started
-    return system_summary(predictions, {q.query_id: (q.image_id, q.box) for q in queries}, seconds)
+    return system_summary(predictions, {q.query_id: q for q in queries}, seconds)
 
 
 def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Query],

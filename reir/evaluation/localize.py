@@ -77,7 +77,7 @@ def zoom_box_recall(
     ``num_queries``.
     """
     texts = {q.query_id: q.text for q in queries}
-    truth = {q.query_id: (q.image_id, q.box) for q in queries}
+    truth = {q.query_id: q for q in queries}
     unknown = sorted(set(answers) - set(texts))
     if unknown:
         raise ValueError(f"answers for {len(unknown)} unknown query ids, e.g. {unknown[:3]}")

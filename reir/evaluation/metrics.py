@@ -1,9 +1,15 @@
 """Retrieval metrics for REIR: box recall over the gallery, REC accuracy, discovery.
 
 ``BR@k@tau`` (box recall) is strict: a query is a hit at ``k`` iff one of its top-``k``
-(image, box) predictions is in the ground-truth image AND overlaps the ground-truth
+(image, box) predictions is in a ground-truth image AND overlaps that image's ground-truth
 box with IoU >= ``tau``. Right box in the wrong image, or right image with a loose
 box, are both misses. Values are fractions in [0, 1].
+
+A query may have several acceptable targets (every instance its expression describes, in
+one or several images: ``reir.data.Query.targets``); a prediction that hits any of them
+counts. Ground truth is given per query as an ``(image_id, box)`` pair, a sequence of such
+pairs (the first is the query's own image), or an object with ``ground_truth`` (every
+target) or ``image_id`` / ``box`` (one).
 """
 
 from __future__ import annotations
@@ -31,18 +37,37 @@ class Prediction:
 
 
 class _HasImageBox(Protocol):
-    image_id: str
-    box: Sequence[float]
+    @property
+    def image_id(self) -> str: ...
+
+    @property
+    def box(self) -> Sequence[float]: ...
 
 
-GroundTruth = tuple[str, Sequence[float]] | _HasImageBox
+Pair = tuple[str, Sequence[float]]
+GroundTruth = Pair | Sequence[Pair] | _HasImageBox
 
 
-def _gt(value: GroundTruth) -> tuple[str, Sequence[float]]:
+def _gt(value: Pair | _HasImageBox) -> Pair:
     """Accept (image_id, box) pairs or objects with .image_id/.box (e.g. reir.data.Query)."""
     if isinstance(value, tuple):
         return str(value[0]), value[1]
     return str(value.image_id), value.box
+
+
+def _truth(value: GroundTruth) -> tuple[str, list[Pair]]:
+    """(the query's own image, every acceptable (image_id, box)) of one ground truth."""
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
+        pair = _gt(tuple(value))  # type: ignore[arg-type]
+        return pair[0], [pair]
+    if isinstance(value, (tuple, list)):
+        pairs = [_gt(tuple(p)) for p in value]
+        if not pairs:
+            raise ValueError("a ground truth with no (image_id, box) target")
+        return pairs[0][0], pairs
+    own = _gt(value)  # type: ignore[arg-type]  # not a sequence: an object with image_id / box
+    targets = getattr(value, "ground_truth", None)
+    return own[0], [_gt(t) for t in targets] if targets else [own]
 
 
 def _pred(value: Prediction | tuple[str, Sequence[float]]) -> tuple[str, Sequence[float]]:
@@ -59,11 +84,19 @@ def _check_ids(predictions: Mapping[str, Any], ground_truth: Mapping[str, Any]) 
         raise ValueError(f"predictions for {len(unknown)} unknown query ids, e.g. {unknown[:3]}")
 
 
-def _first_hit_rank(preds: Sequence[Any], gt_image: str, gt_box: Sequence[float], tau: float) -> float:
-    """0-based rank of the first correct prediction, or inf if none."""
+def _hits(image_id: str, box: Sequence[float], targets: Sequence[Pair], tau: float) -> bool:
+    return any(image_id == t_image and iou_xywh(box, t_box) >= tau - IOU_EPS for t_image, t_box in targets)
+
+
+def is_hit(image_id: str, box: Sequence[float], ground_truth: GroundTruth, tau: float = 0.5) -> bool:
+    """Whether one (image, box) answer hits any target of ``ground_truth`` at IoU >= ``tau``."""
+    return _hits(image_id, box, _truth(ground_truth)[1], tau)
+
+
+def _first_hit_rank(preds: Sequence[Any], targets: Sequence[Pair], tau: float) -> float:
+    """0-based rank of the first prediction that hits any target, or inf if none."""
     for rank, p in enumerate(preds):
-        image_id, box = _pred(p)
-        if image_id == gt_image and iou_xywh(box, gt_box) >= tau - IOU_EPS:
+        if _hits(*_pred(p), targets, tau):
             return rank
     return math.inf
 
@@ -78,15 +111,16 @@ def box_recall_at_k(
     ks: Iterable[int] = (1, 5, 10),
     taus: Iterable[float] = (0.5, 0.7, 0.9),
 ) -> dict[str, float]:
-    """``{"BR@{k}@{tau}": recall}`` over every ground-truth query (missing = miss)."""
+    """``{"BR@{k}@{tau}": recall}`` over every ground-truth query (missing = miss); a
+    prediction hitting any of a query's targets counts."""
     ks, taus = list(ks), list(taus)
     _check_ids(predictions, ground_truth)
     hits = {(k, t): 0 for k in ks for t in taus}
     for qid, gt in ground_truth.items():
-        gt_image, gt_box = _gt(gt)
+        targets = _truth(gt)[1]
         preds = predictions.get(qid, [])
         for t in taus:
-            rank = _first_hit_rank(preds[: max(ks)], gt_image, gt_box, t)
+            rank = _first_hit_rank(preds[: max(ks)], targets, t)
             for k in ks:
                 hits[(k, t)] += rank < k
     n = len(ground_truth)
@@ -98,7 +132,8 @@ def rec_accuracy(
     ground_truth: Mapping[str, GroundTruth],
     taus: Iterable[float] = (0.5, 0.7, 0.9),
 ) -> dict[str, float]:
-    """REC: the single best box predicted *inside the GT image* per query (missing = miss)."""
+    """REC: the single best box predicted *inside the query's own image* per query, a hit when
+    it overlaps any target box of that image (missing = miss)."""
     taus = list(taus)
     _check_ids(top_instances, ground_truth)
     hits = dict.fromkeys(taus, 0)
@@ -106,9 +141,9 @@ def rec_accuracy(
         box = top_instances.get(qid)
         if box is None:
             continue
-        iou = iou_xywh(box, _gt(gt)[1])
+        own, targets = _truth(gt)
         for t in taus:
-            hits[t] += iou >= t - IOU_EPS
+            hits[t] += _hits(own, box, targets, t)
     return {f"REC_Acc@{t:g}": hits[t] / len(ground_truth) for t in taus}
 
 

@@ -1,8 +1,9 @@
 """Evaluation runs: turn search answers into BR@k, and measure REC accuracy with the model.
 
 REC accuracy is measured on the model itself, not the index: the expression is scored
-against the instances of its ground-truth image, and the best one must overlap the
-ground-truth box (IoU >= tau).
+against the instances of its own (entry's) image, and the best one must overlap a
+target box of that image (IoU >= tau). BR@k accepts any target of the query, in any image
+(``reir.data.Query.targets``: every instance the sentence's ``matches`` name).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reir.data.formats import Query, test_queries
+from reir.data.formats import Query, queries_from_reircoco, test_queries
 from reir.evaluation.metrics import (
     Prediction,
     box_recall_at_k,
@@ -24,20 +25,31 @@ from reir.evaluation.metrics import (
     rec_accuracy,
     write_metrics_json,
 )
+from reir.evaluation.slices import evaluate_slices, format_slices, has_slices, read_heldout
 
 TAUS = (0.5, 0.7, 0.9)
 KS = (1, 5, 10)
 
 
 def evaluate_predictions(predictions: dict[str, list[Prediction]], queries: Sequence[Query]) -> dict[str, Any]:
-    truth = {q.query_id: (q.image_id, q.box) for q in queries}
-    return dict(box_recall_at_k(predictions, truth, ks=KS, taus=TAUS))
+    """BR@k@tau over ``queries``; an answer hitting any target of a query counts."""
+    return dict(box_recall_at_k(predictions, {q.query_id: q for q in queries}, ks=KS, taus=TAUS))
+
+
+def load_queries(data_root: Path | None, split: str = "test", annotations: Path | None = None) -> list[Query]:
+    """The queries of ``split``: from the REIRCOCO file ``annotations`` (images relative to
+    ``data_root``, else to the file's folder), or from the benchmark directory ``data_root``."""
+    if annotations is not None:
+        return queries_from_reircoco(annotations, split, image_root=data_root or Path(annotations).parent)
+    if data_root is None:
+        raise ValueError("no queries: give a benchmark directory or an annotations file")
+    return test_queries(data_root, split)
 
 
 @torch.no_grad()
 def rec_accuracy_for(model_dir: Path | str, queries: Sequence[Query],
                      *, top_k: int = 10, batch_images: int = 32) -> dict[str, float]:
-    """REC Acc@tau: the best-scoring instance of the ground-truth image vs the ground-truth box."""
+    """REC Acc@tau: the best-scoring instance of each query's own image vs any target box in that image."""
     from reir.model import create_model
 
     model, processor = create_model(str(model_dir))
@@ -61,16 +73,20 @@ def rec_accuracy_for(model_dir: Path | str, queries: Sequence[Query],
             best = model.score(text, inst_emb).argmax(dim=-1)
             for q, b in zip(qs, best.tolist()):
                 top_boxes[q.query_id] = list(insts[b].box_xywh)
-    truth = {q.query_id: (q.image_id, q.box) for q in queries}
-    return dict(rec_accuracy(top_boxes, truth, taus=TAUS))
+    return dict(rec_accuracy(top_boxes, {q.query_id: q for q in queries}, taus=TAUS))
 
 
-def evaluate_index(data_root: Path, model_dir: Path, *, milvus_uri: str, collection: str, url: str | None,
-                   out: Path | None, echo: Callable[[str], None] = print, top_k: int = 10) -> dict[str, Any]:
-    """Send every test query through the retriever (in process, or over HTTP with ``url``)."""
+def evaluate_index(data_root: Path | None, model_dir: Path, *, milvus_uri: str, collection: str, url: str | None,
+                   out: Path | None, echo: Callable[[str], None] = print, top_k: int = 10, split: str = "test",
+                   annotations: Path | None = None) -> dict[str, Any]:
+    """Send every query of ``split`` through the retriever (in process, or over HTTP with ``url``).
+
+    When the queries carry phrasing families or scene regimes, the BR@k per slice
+    (:mod:`reir.evaluation.slices`) is printed too and returned (and written) under ``"slices"``.
+    """
     import time
 
-    queries = test_queries(data_root)
+    queries = load_queries(data_root, split, annotations)
     started = time.monotonic()
     search = _http_search(url) if url else _inprocess_search(model_dir, milvus_uri, collection)
     predictions = {q.query_id: search(q.text, top_k) for q in queries}
@@ -79,9 +95,14 @@ def evaluate_index(data_root: Path, model_dir: Path, *, milvus_uri: str, collect
     metrics["num_queries"] = len(queries)
     metrics["wall_seconds"] = round(time.monotonic() - started, 2)
     echo(format_table(metrics))
+    extra: dict[str, Any] = {}
+    if has_slices(queries):
+        heldout = read_heldout(Path(annotations).parent if annotations is not None else None, data_root)
+        extra["slices"] = evaluate_slices(predictions, queries, heldout=heldout)
+        echo(format_slices(extra["slices"]))
     if out is not None:
-        write_metrics_json(out, metrics)
-    return metrics
+        write_metrics_json(out, metrics, **extra)
+    return {**metrics, **extra}
 
 
 def _http_search(url: str) -> Callable[[str, int], list[Prediction]]:

@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from reir.data.formats import Query
+from reir.model.boxes import iou_xywh
 
 CELL = 192
 
@@ -27,6 +28,12 @@ def _cell(path: Path, box: Sequence[float], color: str, truth: Sequence[float] |
     return img
 
 
+def _target_in(q: Query, image_id: str, box: Sequence[float]) -> Sequence[float] | None:
+    """The query's target in ``image_id`` that ``box`` overlaps most (None: the image has none)."""
+    boxes = [b for i, b in q.ground_truth if i == image_id]
+    return max(boxes, key=lambda b: iou_xywh(box, b)) if boxes else None
+
+
 def draw_examples(out: Path, queries: Sequence[Query], answers: Sequence[list[dict[str, Any]]],
                   *, per_query: int = 3) -> Path:
     """One row per query: the ground-truth image, then its top answers (red box, score);
@@ -40,7 +47,7 @@ def draw_examples(out: Path, queries: Sequence[Query], answers: Sequence[list[di
         canvas.paste(_cell(Path(q.path), q.box, "lime", None), (0, y0 + header))
         draw.text((4, y0 + header + 2), "truth", fill="lime")
         for col, a in enumerate(ans[:per_query], start=1):
-            truth = q.box if a["image_id"] == q.image_id else None
+            truth = _target_in(q, a["image_id"], a["box"])
             canvas.paste(_cell(Path(a["uri"].removeprefix("file://")), a["box"], "red", truth),
                          (col * CELL, y0 + header))
             draw.text((col * CELL + 4, y0 + header + 2), f"#{col} {a['score']:.2f}", fill="red")

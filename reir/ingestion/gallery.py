@@ -2,7 +2,9 @@
 
 Readers (exactly one per job, see :class:`IngestConfig`): a directory tree, a JSON-lines
 image list, a manifest table (jsonl / csv / parquet: ``uri`` + optional ``image_id`` +
-metadata columns) and COCO / REIRCOCO annotation files. Paths may be local, ``http(s)://``
+metadata columns) and COCO / REIRCOCO annotation files. Annotations given beside another
+source list nothing: their image ids are checked against the gallery's
+(:func:`check_annotation_ids`). Paths may be local, ``http(s)://``
 or any URI a pyarrow filesystem understands (``s3://``, ``gs://``, ``file://``...): bytes are
 read by :func:`reir.platform.uri.read_uri` (size cap, deadline), so the reading node needs no
 copy of the gallery.
@@ -22,13 +24,14 @@ import logging
 import posixpath
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reir.errors import AnnotationMismatch
 from reir.platform import schema as S
 from reir.platform.config import IngestConfig
 from reir.platform.uri import filesystem_for, join_uri, read_uri
@@ -65,6 +68,8 @@ def list_gallery(cfg: IngestConfig) -> list[GalleryItem]:
     ids = [item.image_id for item in items]
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate image_id in gallery; ids must be unique")
+    if cfg.annotations is not None and cfg.annotations_check_only:
+        check_annotation_ids(ids, list(_annotation_records(cfg.annotations, cfg.split)), cfg.annotations)
     items = [_with_metadata(item, fields) for item in items]
     items.sort(key=lambda item: item.image_id)
     return items[: cfg.limit] if cfg.limit is not None else items
@@ -200,17 +205,26 @@ def read_manifest(uri: str, metadata_fields: Mapping[str, str]) -> list[GalleryI
     return items
 
 
-def read_annotations(
-    path: Path, root: Path | None = None, *, split: str | None = None, metadata_fields: Mapping[str, str] = {}
-) -> list[GalleryItem]:
-    """Images of a COCO instances file (``{"images": [...]}``) or a REIRCOCO ref list.
+def check_annotation_ids(gallery_ids: Sequence[str], annotated_ids: Sequence[str], source: Path | str) -> None:
+    """Stop when the ground truth ``source`` names none of the gallery's images; warn (counts and
+    three examples) when it names some that are not there. Either way the ids disagree
+    somewhere, and BR@k over such an index is wrong without any error of its own."""
+    gallery, annotated = set(gallery_ids), sorted(set(annotated_ids))
+    common = gallery.intersection(annotated)
+    if not common:
+        raise AnnotationMismatch(
+            f"{source}: none of its {len(annotated)} image ids is in the gallery ({len(gallery)} images), e.g. "
+            f"annotations {annotated[:3]} vs gallery {sorted(gallery)[:3]}; the ids must be the same (for a folder: "
+            "the file path without suffix)")
+    missing = [i for i in annotated if i not in gallery]
+    if missing:
+        log.warning("%s: %d of %d annotated image ids are not in the gallery (%d images; %d in common), e.g. %s",
+                    source, len(missing), len(annotated), len(gallery), len(common), missing[:3])
 
-    COCO ids are ``image_key`` when present (the synthetic benchmark's), else the numeric
-    ``id``; REIRCOCO ids are the entries' ``image_id`` and, with ``split``, only entries of
-    that split are taken. Metadata fields are taken from the image record when present.
-    """
+
+def _annotation_records(path: Path, split: str | None) -> dict[str, dict[str, Any]]:
+    """Image id -> image record of a COCO instances file or a REIRCOCO list (``split``'s entries)."""
     data = json.loads(Path(path).read_text())
-    base = Path(root) if root is not None else Path(path).resolve().parent
     records: dict[str, dict[str, Any]] = {}
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         for image in data["images"]:
@@ -223,6 +237,20 @@ def read_annotations(
         raise ValueError(f"{path}: neither a COCO instances file nor a REIRCOCO list")  # noqa: TRY004 - bad content
     if not records:
         raise ValueError(f"{path}: no images" + (f" in split {split!r}" if split else ""))
+    return records
+
+
+def read_annotations(
+    path: Path, root: Path | None = None, *, split: str | None = None, metadata_fields: Mapping[str, str] = {}
+) -> list[GalleryItem]:
+    """Images of a COCO instances file (``{"images": [...]}``) or a REIRCOCO ref list.
+
+    COCO ids are ``image_key`` when present (the synthetic benchmark's), else the numeric
+    ``id``; REIRCOCO ids are the entries' ``image_id`` and, with ``split``, only entries of
+    that split are taken. Metadata fields are taken from the image record when present.
+    """
+    records = _annotation_records(path, split)
+    base = Path(root) if root is not None else Path(path).resolve().parent
     return [
         GalleryItem(image_id, str((base / rec["file_name"]).resolve()), {k: rec.get(k) for k in metadata_fields})
         for image_id, rec in records.items()

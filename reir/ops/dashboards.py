@@ -143,6 +143,9 @@ def serving_dashboard() -> Dashboard:
                                                         "{{reason}}"),), unit="short",
                   description="Results that kept their stored box because the localize (zoom) stage could not "
                               "read the image (unreadable), run the model (failed) or be reached (unavailable)."),
+            Panel("Truncated queries per second", (Target(rate(T.QUERY_TRUNCATED_TOTAL), "truncated/s"),),
+                  unit="short", description="Queries longer than the text tower reads (text.max_length tokens): "
+                                            "their end was ignored and the answer may miss what it said."),
             Panel("Text-encoder batch size (mean)", (Target(
                 f"{rate(T.QUERY_ENCODE_BATCH_SIZE, suffix='_sum')} / {rate(T.QUERY_ENCODE_BATCH_SIZE, suffix='_count')}",
                 "texts per forward pass"),), unit="short"),

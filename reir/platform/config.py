@@ -82,6 +82,12 @@ class IngestConfig(_Frozen):
     optional ``image_id`` and the declared ``milvus.metadata_fields`` columns; a local path
     or a pyarrow filesystem URI) or ``annotations`` (a COCO instances or REIRCOCO json;
     ``file_name`` is relative to ``annotations_root``, default the json's directory).
+    ``annotations`` beside another source lists nothing: its image ids (of ``split``) must be
+    the gallery's (none in common: the run stops; some: a warning), or evaluation finds nothing.
+
+    ``top_k_instances``: instances stored per image (ranks ``0..k-1``); a dense gallery needs at
+    least its objects per image (an instance not stored is never found), within the model's
+    query count (``tiny`` 64, ``small`` 256); keep the serving ``rerank_max_instances`` as high.
 
     ``alias`` set: a versioned build (collection ``{milvus.collection}__{model}__{time}``,
     promoted to ``alias`` after the check). ``alias`` unset: rows go to ``milvus.collection``.
@@ -117,7 +123,7 @@ class IngestConfig(_Frozen):
     num_cpus_per_reader: float = Field(default=0.25, gt=0)
     num_cpus_per_writer: float = Field(default=0.25, gt=0)
     write_concurrency: int = Field(default=2, ge=1)
-    top_k_instances: int = Field(default=10, ge=1, le=1000)
+    top_k_instances: int = Field(default=10, ge=1, le=1000)  # stored instances per image (see above)
     nms_iou: float = Field(default=0.7, gt=0, le=1)
     limit: int | None = Field(default=None, ge=1)
     build_index: bool = True
@@ -125,10 +131,17 @@ class IngestConfig(_Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestConfig:
-        sources = (self.gallery_root, self.image_list, self.manifest, self.annotations)
-        if sum(s is not None for s in sources) != 1:
-            raise ValueError("set exactly one of gallery_root, image_list, manifest or annotations")
+        listers = sum(s is not None for s in (self.gallery_root, self.image_list, self.manifest))
+        if listers > 1 or (listers == 0 and self.annotations is None):
+            raise ValueError("set exactly one of gallery_root, image_list, manifest or annotations "
+                             "(annotations may accompany one of the others: its image ids are then checked)")
         return self
+
+    @property
+    def annotations_check_only(self) -> bool:
+        """``annotations`` names the ground truth whose ids the listed gallery must share."""
+        return self.annotations is not None and any(
+            s is not None for s in (self.gallery_root, self.image_list, self.manifest))
 
 
 class AutoscalingSpec(_Frozen):
@@ -239,6 +252,8 @@ class ServeConfig(_Frozen):
     # Re-rank / discovery (reir.serving.rerank); the threshold file in the checkpoint wins.
     rerank_default: bool = True
     rerank_candidates: int = Field(default=50, ge=1, le=1000)
+    # Stored instances of one image the re-ranker reads (candidates always kept); >= ingest top_k_instances.
+    rerank_max_instances: int = Field(default=64, ge=1, le=1000)
     # Discover mode answers *every* image holding the object; it may search and re-rank a
     # wider pool (None: rank mode's). 1,000 / 500 cost 4.5x per query on the demo and did not
     # change its discovery figures, so the default stays rank mode's.

@@ -53,6 +53,11 @@ QUERY_LOCALIZE_ERRORS_TOTAL = MetricSpec(
     "(reason: unreadable image, failed model call, unavailable stage)",
     ("reason",),
 )
+QUERY_TRUNCATED_TOTAL = MetricSpec(
+    "reir_query_truncated_total",
+    "counter",
+    "Queries longer than the text tower reads (text.max_length tokens): their end was ignored",
+)
 INGEST_IMAGES_TOTAL = MetricSpec("reir_ingest_images_total", "counter", "Images encoded")
 INGEST_INSTANCES_TOTAL = MetricSpec("reir_ingest_instances_total", "counter", "Instance rows produced")
 INGEST_FAILURES_TOTAL = MetricSpec(
@@ -93,6 +98,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     QUERY_STAGE_LATENCY_SECONDS,
     QUERY_CANDIDATES,
     QUERY_LOCALIZE_ERRORS_TOTAL,
+    QUERY_TRUNCATED_TOTAL,
     INGEST_IMAGES_TOTAL,
     INGEST_INSTANCES_TOTAL,
     INGEST_FAILURES_TOTAL,

@@ -96,7 +96,7 @@ class SearcherDeployment:
 
     def __init__(
         self, milvus: Mapping[str, Any], model_path: str, *, loader: ModelLoader = load_reir_model,
-        torch_threads: int = 1, localize: Mapping[str, Any] | None = None,
+        torch_threads: int = 1, localize: Mapping[str, Any] | None = None, rerank_max_instances: int = 64,
     ) -> None:  # fmt: skip
         import torch
 
@@ -109,7 +109,8 @@ class SearcherDeployment:
         torch.set_num_threads(max(1, torch_threads))
         model, processor = loader(model_path)
         calibration = QueryEncoder(model, processor).calibration
-        self.ranker = Ranker(self.store, Reranker(model, processor, calibration=calibration))
+        self.ranker = Ranker(self.store, Reranker(model, processor, calibration=calibration,
+                                                  max_instances=rerank_max_instances))
         self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
         self._latency = T.ray_metric(T.QUERY_SEARCH_LATENCY_SECONDS)
 
@@ -188,12 +189,17 @@ class RayRequestMetrics:
 
 
 class RayStageMetrics:
-    """Per-stage latency histogram (``stage`` tag), candidates per query, localize errors."""
+    """Per-stage latency histogram (``stage`` tag), candidates per query, localize errors,
+    truncated queries."""
 
     def __init__(self) -> None:
         self.stages = T.ray_metric(T.QUERY_STAGE_LATENCY_SECONDS)
         self.candidates = T.ray_metric(T.QUERY_CANDIDATES, boundaries=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000))
         self.localize_errors = T.ray_metric(T.QUERY_LOCALIZE_ERRORS_TOTAL)
+        self.truncated = T.ray_metric(T.QUERY_TRUNCATED_TOTAL)
+
+    def count_truncated(self) -> None:
+        self.truncated.inc(1)
 
     def observe(self, timings_s: Mapping[str, float], candidates: int) -> None:
         for stage, seconds in timings_s.items():
@@ -263,7 +269,7 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
     ).bind(cfg.milvus.model_dump(), cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_searcher)),
-           localize=cfg.localize.model_dump())
+           localize=cfg.localize.model_dump(), rerank_max_instances=cfg.rerank_max_instances)
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
     ).bind(encoder, searcher, config=cfg.model_dump(mode="json"))

@@ -4,7 +4,7 @@ Routes (all under ``/v1`` except the page and the probe):
 
 - ``POST /v1/search`` ``{"query", "top_k", "mode": "rank"|"discover", "rerank", "filters":
   [{"field","op","value"}]}`` -> ``{"results": [{"image_id","uri","box","score","refined"}],
-  "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms", "took_ms"}``
+  "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms", "took_ms", "truncated"}``
 - ``GET /v1/images/{image_id}`` (the id may hold ``/``; URL-encode the rest): the gallery
   image (streamed from the stored uri, only inside ``image_roots`` when set; an http(s)/s3/gs
   uri is proxied, :mod:`reir.serving.images`); ``GET /v1/info``; ``GET /v1/admin/config`` (admin scope)
@@ -134,6 +134,8 @@ class SearchResponse(BaseModel):
     candidates: int
     timings_ms: dict[str, float]
     took_ms: float
+    truncated: bool = Field(default=False, description="the query had more tokens than the model reads "
+                            "(its text.max_length); its end was ignored")
 
 
 class FilterClause(BaseModel):
@@ -349,7 +351,7 @@ def create_http_app(
             results=[SearchResult(**r.to_wire()) for r in outcome.results], model_version=outcome.model_version,
             mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold,
             candidates=outcome.candidates, timings_ms=outcome.timings_ms,
-            took_ms=round((time.perf_counter() - start) * 1000.0, 3),
+            took_ms=round((time.perf_counter() - start) * 1000.0, 3), truncated=outcome.truncated,
         )  # fmt: skip
 
     async def search(body: Any, _: Any) -> Any:

@@ -121,7 +121,8 @@ $("search").addEventListener("submit", async (event) => {
   const found = data.results.length;
   $("status").textContent = (data.mode === "discover"
       ? found + " image(s) hold it (threshold " + data.threshold.toFixed(2) + ")"
-      : found + " result(s)") + " in " + data.took_ms.toFixed(0) + " ms" + (data.reranked ? ", re-ranked" : "");
+      : found + " result(s)") + " in " + data.took_ms.toFixed(0) + " ms" + (data.reranked ? ", re-ranked" : "")
+      + (data.truncated ? " (query too long: its end was ignored)" : "");
   data.results.forEach((r, i) => $("results").appendChild(card(r, i + 1)));
 });
 </script>

@@ -104,6 +104,7 @@ class QueryOutcome:
     threshold: float | None = None
     candidates: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False  # the query had more tokens than the text tower reads; its end was ignored
 
 
 class QueryStages(Protocol):
@@ -131,6 +132,8 @@ class StageMetrics(Protocol):
 
     def count_localize_errors(self, reason: str, count: int) -> None: ...
 
+    def count_truncated(self) -> None: ...
+
 
 class NoStageMetrics:
     def observe(self, timings_s: Mapping[str, float], candidates: int) -> None:
@@ -138,6 +141,20 @@ class NoStageMetrics:
 
     def count_localize_errors(self, reason: str, count: int) -> None:
         return None
+
+    def count_truncated(self) -> None:
+        return None
+
+
+def report_truncation(query: EncodedQuery, metrics: StageMetrics) -> bool:
+    """Warn (once per query) and count a query the text tower read only in part: without it a
+    long query silently loses its end (often the relation that picks the instance)."""
+    if not query.truncated:
+        return False
+    log.warning("query truncated: %d tokens, the model reads %d (text.max_length); the rest is ignored: %.80r",
+                query.tokens, query.token_limit, query.text)
+    metrics.count_truncated()
+    return True
 
 
 def _logit(p: float) -> float:
@@ -210,6 +227,7 @@ class QueryPipeline:
         timings: dict[str, float] = {}
         encoded = await self.stages.encode(request.query)
         timings["encode"] = clock() - start
+        truncated = report_truncation(encoded, self.metrics)
         version = info["model_version"] if self.filter_model_version else None
         flt = StructuredFilter(model_version=version or None, conditions=request.conditions)
         t = clock()
@@ -235,7 +253,7 @@ class QueryPipeline:
         return QueryOutcome(
             results=results, model_version=info["model_version"], mode=request.mode, reranked=reranked,
             threshold=threshold if request.mode == "discover" else None, candidates=len(hits),
-            timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()},
+            timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()}, truncated=truncated,
         )  # fmt: skip
 
     async def _localize(self, query: str, results: list[Result]) -> list[Result]:
@@ -328,7 +346,7 @@ def local_pipeline(
     encoder = QueryEncoder(model, processor, model_version=model_version_for(cfg.model_path))
     store = MilvusStore.from_config(cfg.milvus)
     store.load()
-    reranker = Reranker(model, processor, calibration=encoder.calibration)
+    reranker = Reranker(model, processor, calibration=encoder.calibration, max_instances=cfg.rerank_max_instances)
     localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None
     stages = LocalStages(encoder, store, reranker, localizer=localizer,
                          discover_threshold=discover_threshold if discover_threshold is not None

@@ -106,6 +106,23 @@ class EncodedQuery:
     embedding: np.ndarray
     token_states: np.ndarray | None = None
     attention_mask: np.ndarray | None = None
+    tokens: int = 0  # the text's tokens before truncation (0: the processor does not say)
+    token_limit: int = 0  # the most tokens the text tower reads (the processor's max_length)
+
+    @property
+    def truncated(self) -> bool:
+        """The text had more tokens than the tower reads: its end was ignored."""
+        return 0 < self.token_limit < self.tokens
+
+
+def token_counts(processor: TextProcessor, texts: Sequence[str]) -> tuple[list[int], int]:
+    """(tokens per text before truncation, the processor's limit); zeros when the processor
+    cannot tell (a model without ``token_counts``), so truncation is then never reported."""
+    count = getattr(processor, "token_counts", None)
+    limit = int(getattr(processor, "max_length", 0) or 0)
+    if count is None or limit <= 0:
+        return [0] * len(texts), 0
+    return [int(n) for n in count(list(texts))], limit
 
 
 class QueryEncoder:
@@ -132,8 +149,9 @@ class QueryEncoder:
         states = getattr(out, "token_states", None)
         states = None if states is None else to_numpy(states)
         mask = to_numpy(batch["attention_mask"]) if states is not None else None
-        return [EncodedQuery(text, emb[i], None if states is None else states[i],
-                             None if mask is None else mask[i]) for i, text in enumerate(texts)]  # fmt: skip
+        counts, limit = token_counts(self.processor, texts)
+        return [EncodedQuery(text, emb[i], None if states is None else states[i], None if mask is None else mask[i],
+                             tokens=counts[i], token_limit=limit) for i, text in enumerate(texts)]  # fmt: skip
 
     def score(self, text_emb: np.ndarray, inst_emb: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

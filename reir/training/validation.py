@@ -82,7 +82,7 @@ def evaluate_held_out(model: Any, processor: Any, held: HeldOutSet, *, batch_ima
         text = _encode_queries(model, processor, held.queries)
     finally:
         model.train(was_training)
-    truth = {q.query_id: (q.image_id, q.box) for q in held.queries}
+    truth = {q.query_id: q for q in held.queries}
     if not inst_image:  # an untrained detector may keep nothing: every query misses
         return {**box_recall_at_k({}, truth, KS, TAUS), **rec_accuracy({}, truth, TAUS)}
     scores = model.score(text, inst_emb.to(text.dtype)).float().cpu()  # [T, N]

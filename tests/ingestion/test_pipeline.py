@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,3 +83,48 @@ def test_empty_gallery_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         run_ingestion(IngestConfig(gallery_root=tmp_path / "empty", model_path=str(tmp_path)))
+
+
+def _refs(path: Path, image_ids: list[str]) -> Path:
+    """A REIRCOCO ground truth naming ``image_ids`` (test split)."""
+    box = {"ann_id": 1, "bbox": [0.0, 0.0, 8.0, 8.0], "category_name": "circle", "category_id": 0}
+    path.write_text(json.dumps([
+        {"image_id": i, "file_name": f"images/test/{i}.jpg", "height": 48, "width": 64, "split": "test",
+         "sentences": [{"sent_id": f"s-{i}", "raw": "the red one", "matches": []}], "ref_anno": box,
+         "det_anno": [box]} for i in image_ids]))  # fmt: skip
+    return path
+
+
+def test_ingest_stops_when_the_annotations_name_no_gallery_image(
+    tmp_path: Path, tiny_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from reir.cli import _run, app
+
+    root = make_gallery(tmp_path / "g", n=3, corrupt=0)
+    refs = _refs(tmp_path / "refs.json", ["139", "285", "632"])  # COCO's numeric ids beside file-stem ids
+    db = tmp_path / "idx.db"
+    args = ["ingest", "--gallery", str(root), "--annotations", str(refs), "--model", str(tiny_checkpoint),
+            "--milvus-uri", str(db)]
+    assert _run(lambda: app(args, standalone_mode=False)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "none of its 3 image ids is in the gallery (3 images), e.g. annotations ['139', '285', '632'] vs " \
+           "gallery ['img000', 'img001', 'img002']" in err
+    assert not db.exists()  # stopped before anything was written
+
+
+def test_ingest_warns_when_only_some_annotated_images_are_in_the_gallery(
+    tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    root = make_gallery(tmp_path / "g", n=4, corrupt=0)
+    refs = _refs(tmp_path / "refs.json", ["img000", "img003", "gone1", "gone2", "gone3", "gone4"])
+    cfg = _config(root, fake_checkpoint, str(tmp_path / "idx.db"), num_encoders=1, annotations=refs)
+    with caplog.at_level(logging.WARNING, logger="reir.ingestion.gallery"):
+        summary = run_ingestion(cfg, loader=fake_loader)
+    assert (summary.images, summary.rows_in_store) == (4, 4 * TOP_K)  # the gallery itself is ingested
+    (warning,) = [r.getMessage() for r in caplog.records if "annotated image ids" in r.getMessage()]
+    assert warning.endswith("4 of 6 annotated image ids are not in the gallery (4 images; 2 in common), "
+                            "e.g. ['gone1', 'gone2', 'gone3']")
+

@@ -60,6 +60,8 @@ SOMETIMES = {
     "ray_reir_ingest_deleted_images_total": "ingestion (incremental re-run)",
     # counted only when the localize stage (off here) fails on an image: tests/serving/test_localize.py
     "ray_reir_query_localize_errors_total": "serving, localize stage errors",
+    # counted only for a query longer than the text tower reads: tests/serving/test_rerank.py
+    "ray_reir_query_truncated_total": "serving, truncated queries",
 }
 
 

@@ -26,7 +26,8 @@ IMAGE_SIZE = (64, 48)
 SEARCH_KEY, ADMIN_KEY = "test-search-key", "test-admin-key"
 
 
-def fill_store(db: Path, ckpt: Path, loader: ModelLoader, *, image_dir: Path | None = None) -> str:
+def fill_store(db: Path, ckpt: Path, loader: ModelLoader, *, image_dir: Path | None = None, top_k: int = 4,
+               nms_iou: float = 0.7) -> str:
     """Encode one image per colour (that colour top-left) straight into a lite file.
 
     With ``image_dir`` the images are also written there as PNGs and the rows' uris point
@@ -34,7 +35,7 @@ def fill_store(db: Path, ckpt: Path, loader: ModelLoader, *, image_dir: Path | N
     """
     model, processor = loader(str(ckpt))
     version = model_version_for(ckpt)
-    enc = InstanceEncoder(model, processor, model_version=version, top_k=4)
+    enc = InstanceEncoder(model, processor, model_version=version, top_k=top_k, nms_iou=nms_iou)
     ids, blobs, uris = [], [], []
     for name in COLORS:
         buf = io.BytesIO()

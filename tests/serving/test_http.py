@@ -76,7 +76,8 @@ def test_search_returns_the_wire_format(client: TestClient, backend: StubBackend
     assert resp.status_code == 200
     body = resp.json()
     assert set(body) == {"results", "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms",
-                         "took_ms"}
+                         "took_ms", "truncated"}
+    assert body["truncated"] is False
     assert body["model_version"] == "stub-1" and body["mode"] == "rank" and body["threshold"] is None
     assert body["results"][0] == {"image_id": "img0", "uri": "/g/img0.jpg", "box": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
                                   "refined": False}

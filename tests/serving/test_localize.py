@@ -122,6 +122,9 @@ class _Counts:
     def count_localize_errors(self, reason: str, count: int) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + count
 
+    def count_truncated(self) -> None:
+        return None
+
 
 def _run(stages: _Stages, counts: _Counts, localize_results: int = 2) -> Any:
     pipeline = QueryPipeline(stages, metrics=counts, localize_results=localize_results)
