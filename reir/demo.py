@@ -76,6 +76,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from reir.data.synth import generate
     from reir.evaluation.metrics import write_metrics_json
     from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
+    from reir.evaluation.slices import evaluate_slices, read_heldout
     from reir.platform.milvus_server import EmbeddedMilvus
     from reir.platform.raylocal import init_ray
     from reir.progress import progress_bar
@@ -110,6 +111,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # The same service with re-ranking switched off per request: what the re-ranker adds.
     metrics.update({f"ANN_{k}": v for k, v in evaluate_predictions(ann_predictions, queries).items()})
     metrics["num_queries"] = len(queries)
+    # In-family vs held-out phrasing families and scene regimes (meta.json says which are held out).
+    metrics["slices"] = evaluate_slices(predictions, queries, heldout=read_heldout(data))
     metrics["wall_seconds"] = round(clock.seconds, 1)
     _report(console, metrics, queries, answers)
     write_metrics_json(out / "metrics.json", metrics)
@@ -186,8 +189,12 @@ def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries:
 def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
             answers: dict[str, list[dict[str, Any]]]) -> None:
     from reir.evaluation.metrics import format_table, is_hit
+    from reir.evaluation.slices import format_slices
 
-    console.print(format_table(metrics))
+    console.print(format_table({k: v for k, v in metrics.items() if k != "slices"}))
+    if metrics.get("slices"):
+        console.print("BR@k at IoU 0.5 by slice (held-out: phrasing families and scene regimes never trained on)")
+        console.print(format_slices(metrics["slices"]))
     for q in queries[:5]:
         top = answers[q.query_id][0] if answers[q.query_id] else None
         hit = bool(top and is_hit(top["image_id"], top["box"], q))

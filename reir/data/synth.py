@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from reir.data.layouts import REGIMES, mixture_problems, pick_regime, split_mixture
-from reir.data.phrasing import describe_query, describe_test, describe_train
+from reir.data.phrasing import describe_query, describe_test, describe_train, phrasing_meta
 from reir.data.referring import (
     TestPlanner,
     discovery_expr,
@@ -319,6 +319,7 @@ def _meta(cfg: SynthConfig, splits: dict[str, Any], discovery: dict[str, int],
                       "image: a shape cut by the image border (border regime) is boxed by its "
                       "in-image part, and its cut-off pixels count as hidden in visible_fraction",
         "regimes": _regime_meta(cfg, by_split),
+        "phrasing": phrasing_meta(),
         "semantics": {
             "relation_yes_offset": REL_YES_OFFSET, "relation_no_offset": REL_NO_OFFSET,
             "superlative_yes_offset": SUP_YES_OFFSET, "superlative_no_offset": SUP_NO_OFFSET,
