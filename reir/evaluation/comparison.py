@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from reir.evaluation.baselines import (
     two_stage_rank,
 )
 from reir.evaluation.metrics import Prediction
+from reir.evaluation.slices import evaluate_slices, has_slices, read_heldout
 
 Answer = Callable[[str, int], list[Prediction]]
 COLLECTION = "quality"
@@ -161,23 +162,46 @@ def baseline_answers(model_dir: Path, gallery: InstanceGallery) -> dict[str, Ans
     }
 
 
-def measure(answer: Answer, queries: Sequence[Query], top_k: int = max(BASELINE_KS)) -> dict[str, float]:
-    """Answer every query in turn; BR@k at 0.5 and seconds per query."""
+def measure(answer: Answer, queries: Sequence[Query], top_k: int = max(BASELINE_KS), *,
+            heldout: Mapping[str, Collection[str]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Answer every query in turn; BR@k at 0.5 and seconds per query, and BR@k per slice
+    (``"slices"``) when the queries carry phrasing families or scene regimes."""
     answer(queries[0].text, top_k)  # warm-up (lazy calibration, first-call allocations), not timed
     started = time.perf_counter()
     predictions = {q.query_id: answer(q.text, top_k) for q in queries}
     seconds = time.perf_counter() - started
-    return system_summary(predictions, {q.query_id: q for q in queries}, seconds)
+    out: dict[str, Any] = system_summary(predictions, {q.query_id: q for q in queries}, seconds)
+    if has_slices(queries):
+        out["slices"] = evaluate_slices(predictions, queries, heldout=heldout)
+    return out
+
+
+HELDOUT_GROUPS = ("in_family", "heldout_family", "in_regime", "heldout_regime")
+
+
+def heldout_table(systems: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """Markdown: BR@1 / BR@10 (%) of each system on the in-family and held-out phrasing
+    families and scene regimes (empty when no system has those slices)."""
+    rows = {n: m["slices"] for n, m in systems.items() if m and m.get("slices")}
+    groups = [g for g in HELDOUT_GROUPS if any(g in sl for sl in rows.values())]
+    if not groups:
+        return ""
+    lines = ["| system | " + " | ".join(f"{g} BR@1 / @10" for g in groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for name, sl in rows.items():
+        cells = [f"{100 * sl[g]['BR@1@0.5']:.1f} / {100 * sl[g]['BR@10@0.5']:.1f} ({int(sl[g]['num_queries'])})"
+                 if g in sl else "-" for g in groups]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Query],
-                  names: dict[bool, str]) -> dict[str, dict[str, float]]:  # fmt: skip
+                  names: dict[bool, str], heldout: Mapping[str, Collection[str]]) -> dict[str, dict[str, Any]]:  # fmt: skip
     write_index(gallery, db_path)
     out = {}
     for rerank, name in names.items():
         answer, close = reir_answer(gallery.model_dir, db_path, rerank=rerank)
         try:
-            out[name] = measure(answer, queries)
+            out[name] = measure(answer, queries, heldout=heldout)
         finally:
             close()
     return out
@@ -196,17 +220,21 @@ def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -
     encoded = encode_gallery(cfg.model_dir, samples, top_k=cfg.top_k_instances, batch_size=cfg.batch_size)
     echo(f"gallery: {encoded.images} images encoded in {encoded.seconds:.1f}s ({encoded.failures} failed); "
          f"{len(queries)} queries")  # fmt: skip
-    systems = _reir_systems(encoded, cfg.work_dir / "reir.db", queries, {True: "reir", False: "reir_ann"})
+    heldout = read_heldout(cfg.data_root)
+    systems = _reir_systems(encoded, cfg.work_dir / "reir.db", queries, {True: "reir", False: "reir_ann"}, heldout)
     gallery = encoded.instance_gallery()
     for name, answer in baseline_answers(cfg.model_dir, gallery).items():
-        systems[name] = measure(answer, queries)
-    weak: dict[str, float] | None = None
+        systems[name] = measure(answer, queries, heldout=heldout)
+    weak: dict[str, Any] | None = None
     if cfg.weak_model_dir is not None:
         weak_encoded = encode_gallery(cfg.weak_model_dir, samples, top_k=cfg.top_k_instances,
                                       batch_size=cfg.batch_size)  # fmt: skip
-        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {True: "weak"})["weak"]
+        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {True: "weak"}, heldout)["weak"]
         systems["weak"] = weak
     echo(comparison_table(systems))
+    if heldout_table(systems):
+        echo("In-family vs held-out (phrasing families and scene regimes never trained on):")
+        echo(heldout_table(systems))
     setup = {"gallery_images": encoded.images, "gallery_instances": len(gallery.boxes),
              "gallery_encode_seconds": round(encoded.seconds, 2), "num_queries": len(queries),
              "model": str(cfg.model_dir), "weak_model": str(cfg.weak_model_dir) if cfg.weak_model_dir else None}  # fmt: skip

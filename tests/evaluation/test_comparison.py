@@ -83,12 +83,17 @@ def test_run_comparison_reports_every_system(bench_root: Path, rerank_checkpoint
     assert set(out) == {"reir", "reir_ann", "two_stage", "rec_scan", "weak", "setup"}
     for name in ("reir", "reir_ann", "two_stage", "rec_scan", "weak"):
         m = out[name]
-        assert set(m) == KEYS, name
+        assert set(m) == KEYS | {"slices"}, name  # the generated benchmark has families and regimes
+        assert {"in_family", "heldout_family"} <= set(m["slices"]), name
         assert m["num_queries"] == 5 and m["seconds_per_query"] > 0, name
         assert 0.0 <= m["BR@1@0.5"] <= m["BR@5@0.5"] <= m["BR@10@0.5"] <= 1.0, name
     assert out["setup"]["gallery_images"] == len(load_samples(bench_root, "test"))
-    table = lines[-1].splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| reir", "| reir_ann", "| two_stage", "| rec_scan", "| weak"]
+    systems = ["| reir", "| reir_ann", "| two_stage", "| rec_scan", "| weak"]
+    table = next(line for line in lines if line.startswith("| system | BR@1")).splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == systems
+    heldout = lines[-1].splitlines()  # in-family vs held-out, one row per system
+    assert "heldout_family BR@1" in heldout[0]
+    assert [row.split(" | ")[0] for row in heldout[2:]] == systems
 
 
 def test_select_queries_is_a_seeded_ordered_sample(bench_root: Path) -> None:
