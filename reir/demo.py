@@ -37,6 +37,10 @@ class DemoConfig:
     stage1_share: float = 2.5 / 14.0
     rerank_share: float = 3.5 / 14.0
     model: str = "small"
+    # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
+    # the held-out ones appear in the test split only.
+    regimes: dict[str, float] | None = None
+    heldout_regimes: tuple[str, ...] = ("row",)
     seed: int = 0
     batch_size: int = 16
     # stage 2: look-alike images per image of a batch (reir.training.batching); 0: random batches
@@ -89,7 +93,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     clock.begin(f"generate the synthetic benchmark ({cfg.num_images} images)")
     with progress_bar("synth", total=cfg.num_images) as advance:
-        generate(data, num_images=cfg.num_images, seed=cfg.seed, progress=advance)
+        generate(data, num_images=cfg.num_images, seed=cfg.seed, progress=advance, regimes=cfg.regimes,
+                 heldout_regimes=cfg.heldout_regimes)
     queries = test_queries(data)
     console.print(f"{len(queries)} test queries, each unique across the whole test gallery")
 

@@ -188,7 +188,7 @@ def heldout_table(systems: Mapping[str, Mapping[str, Any] | None]) -> str:
         return ""
     lines = ["| system | " + " | ".join(f"{g} BR@1 / @10" for g in groups) + " |", "|" + "---|" * (len(groups) + 1)]
     for name, sl in rows.items():
-        cells = [f"{100 * sl[g]['BR@1@0.5']:.1f} / {100 * sl[g]['BR@10@0.5']:.1f} ({int(sl[g]['num_queries'])})"
+        cells = [f"{100 * sl[g]['BR@1@0.5']:.1f} / {100 * sl[g]['BR@10@0.5']:.1f} ({int(sl[g]['queries'])})"
                  if g in sl else "-" for g in groups]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
