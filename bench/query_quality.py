@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query_scale import BATCH, VERSION, Gallery, rss_mb, vectors
+from query_scale import BATCH, VERSION, Gallery, ray_process_rss_mb, rss_mb, vectors
 
 
 def encode(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,6 +197,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
             with ThreadPoolExecutor(conc) as pool:
                 result[f"http_c{conc}"] = _pct(list(pool.map(one, texts)))
         result["http_over_in_process_p50"] = round(result["http_c1"]["p50_ms"] / result["in_process"]["p50_ms"], 2)
+        result["rss_mb"]["ray"] = ray_process_rss_mb()
     finally:
         ray.shutdown()
     return result

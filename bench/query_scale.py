@@ -116,6 +116,23 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def ray_process_rss_mb(prefix: str = "ray::") -> dict[str, float]:
+    """RSS of this machine's Ray processes whose title starts with ``prefix`` (Serve replicas,
+    the proxy, the controller), summed per title: the memory each deployment costs."""
+    out: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+        except OSError:
+            continue
+        if title.startswith(prefix):
+            name = title.split()[0]
+            out[name] = round(out.get(name, 0.0) + rss_mb(int(proc.name)), 1)
+    return out
+
+
 def exact_top(queries: np.ndarray, source: str, instances: int, dim: int, k: int) -> np.ndarray:
     """Row indices of the exact top-k by inner product, streamed over the gallery."""
     best_s = np.full((len(queries), 0), -np.inf, np.float32)
@@ -149,8 +166,10 @@ def pct(values: list[float]) -> dict[str, float]:
 
 
 def query_vectors(args: argparse.Namespace, n: int) -> np.ndarray:
-    if args.queries_npz:
-        return unit(np.load(args.queries_npz)["embeddings"][:n])
+    if args.queries_npz:  # query_quality.py encode's file holds both: the text queries are the ones
+        data = np.load(args.queries_npz)
+        key = "query_embeddings" if "query_embeddings" in data else "embeddings"
+        return unit(data[key][:n])
     return unit(np.random.default_rng(7).normal(size=(n, args.dim)))
 
 
