@@ -54,8 +54,9 @@ def synth(
 def train(
     data: Path | None = typer.Option(None, "--data", help="benchmark directory (reir synth --out)"),
     stage: str | None = typer.Option(None, help="1 (detection + REC) [default], 2 (CLIA), rerank (the re-ranker, "
-                              "on a stage-2 model), weak (expressions without referent boxes: detection + MIL contrast) or weak-rerank "
-                              "(the re-ranker on a weak model, from the same pairs)"),
+                              "on a stage-2 model), weak (expressions without referent boxes: detection + MIL contrast), weak-rerank "
+                              "(the re-ranker on a weak model, from the same pairs) or image-retrieval (the two-stage "
+                              "baseline's image retriever on a frozen model; --batch-size: images per step)"),
     model: str | None = typer.Option(None, help="preset name or model directory (stage 2: stage 1's) [small]"),
     out: str | None = typer.Option(None, "--out", help="output directory or URI (s3://...) for runs [runs]"),
     name: str | None = typer.Option(None, help="run name [reir-stage{N}]"),

@@ -1,19 +1,22 @@
 """Baselines that answer the same queries as reir over the same stored instances.
 
-Both start from what ingestion stores for every gallery image (up to K instances: pixel box
-``[x, y, w, h]`` + L2-normalized embedding), so they differ from reir only in how they rank:
+All of them start from what ingestion stores for every gallery image (up to K instances:
+pixel box ``[x, y, w, h]``, objectness, L2-normalized embedding; the image's size), and all
+ground an expression inside an image with the best scorer the project has: the relation-aware
+re-ranker over that image's stored instances (``ground``, see :data:`GroundFn`). They differ
+from reir in which images reach it:
 
-- **two-stage** (image retrieval, then REC): images are ranked by the similarity of the text
-  embedding to a pooled image embedding (the mean of the image's instance embeddings,
-  re-normalized); inside each of the top images, REC picks the instance the model scores
-  highest for the expression. One (image, box) per image, in image-retrieval order.
-- **REC scan** (exhaustive): REC runs on every gallery image; images are ranked by the score
-  of their REC box. Exact, and its cost grows with the gallery.
+- **two-stage** (retrieve images, then ground the expression in each): images are ranked by
+  an image-level retriever (one global vector per image, computed at ingestion, scored
+  against the expression: ``reir.model.image_retrieval``); the re-ranker picks the box inside
+  each of the top images. One (image, box) per image, in image-retrieval order, or
+  (``rescore``) a wider pool of retrieved images ordered by the re-ranker's best instance.
+- **re-rank scan** (exhaustive): the re-ranker scores every instance of every gallery image;
+  images are ranked by their best instance. Exact: the upper bound of reir's pool (ANN top
+  candidates, then the re-ranker on their images), at a cost that grows with the gallery.
 
-"REC" here is the model's own referring step (the best of the image's instances by
-``model.score``): the visual branch never sees the text, so the image side is computed once,
-offline, as ingestion does, and the per-query cost is text encoding plus scoring. A REC model
-that fuses text and image early would have to re-run the image encoder per query and image.
+reir's own ranking (ANN + re-ranker) is the Serve app's query path
+(``reir.evaluation.comparison``); this module is the ranking logic alone, numpy in and out.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import numpy as np
 
 from reir.evaluation.metrics import Prediction, box_recall_at_k, br_key
 
-# (text embedding [D], instance embeddings [n, D]) -> REC logits [n]; higher is better.
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# image rows [n] of the gallery -> re-ranked logits [n, M] of their instances (slot j = the
+# image's j-th stored instance; -inf past its last one); higher is better.
+GroundFn = Callable[[np.ndarray], np.ndarray]
 
 BASELINE_KS = (1, 5, 10)
 BASELINE_TAU = 0.5
@@ -41,46 +45,58 @@ class InstanceGallery:
         image_ids: ``[N]`` images that have at least one instance, sorted.
         boxes: ``[M, 4]`` float pixel ``[x, y, w, h]`` of all instances, grouped by image.
         embeddings: ``[M, D]`` float32 L2-normalized instance embeddings, same order.
+        scores: ``[M]`` float objectness of each instance (what the re-ranker reads).
         starts: ``[N]`` index of each image's first instance in ``boxes``/``embeddings``.
+        image_sizes: ``[N, 2]`` float (width, height) of each image in pixels.
     """
 
     image_ids: tuple[str, ...]
     boxes: np.ndarray
     embeddings: np.ndarray
+    scores: np.ndarray
     starts: np.ndarray
+    image_sizes: np.ndarray
 
     @classmethod
-    def from_instances(cls, instances: Mapping[str, Sequence[tuple[Sequence[float], np.ndarray]]]) -> InstanceGallery:
-        """``{image_id: [(box_xywh, embedding), ...]}``; images without instances are left out."""
+    def from_instances(
+        cls, instances: Mapping[str, Sequence[tuple[Any, ...]]],
+        image_sizes: Mapping[str, tuple[float, float]] | None = None,
+    ) -> InstanceGallery:
+        """``{image_id: [(box_xywh, embedding[, objectness]), ...]}``; images without instances
+        are left out. Objectness defaults to 1; an image's size to its instances' extent."""
         ids = sorted(i for i, rows in instances.items() if rows)
         if not ids:
             raise ValueError("the gallery has no instances")
         boxes: list[list[float]] = []
         embs: list[np.ndarray] = []
+        scores: list[float] = []
         starts: list[int] = []
+        sizes: list[tuple[float, float]] = []
         for image_id in ids:
             starts.append(len(boxes))
-            for box, emb in instances[image_id]:
+            for row in instances[image_id]:
+                box = row[0]
                 if len(box) != 4:
                     raise ValueError(f"image {image_id!r}: box {list(box)} is not [x, y, w, h]")
                 boxes.append([float(v) for v in box])
-                embs.append(np.asarray(emb, dtype=np.float32).reshape(-1))
+                embs.append(np.asarray(row[1], dtype=np.float32).reshape(-1))
+                scores.append(float(row[2]) if len(row) > 2 else 1.0)
+            own = np.asarray(boxes[starts[-1]:])
+            extent = (float((own[:, 0] + own[:, 2]).max()), float((own[:, 1] + own[:, 3]).max()))
+            if image_sizes and image_id in image_sizes:
+                width, height = image_sizes[image_id]
+                extent = (float(width), float(height))
+            sizes.append(extent)
         dims = {e.shape[0] for e in embs}
         if len(dims) != 1:
             raise ValueError(f"instance embeddings have different sizes: {sorted(dims)}")
-        return cls(tuple(ids), np.asarray(boxes, dtype=np.float64), np.stack(embs), np.asarray(starts))
+        return cls(tuple(ids), np.asarray(boxes, dtype=np.float64), np.stack(embs), np.asarray(scores),
+                   np.asarray(starts), np.asarray(sizes, dtype=np.float64))  # fmt: skip
 
     @property
     def sizes(self) -> np.ndarray:
         """``[N]`` instances per image."""
         return np.diff(np.append(self.starts, len(self.boxes)))
-
-    def pooled(self) -> np.ndarray:
-        """``[N, D]`` image embeddings: mean of each image's instance embeddings, L2-normalized."""
-        sums = np.add.reduceat(self.embeddings.astype(np.float64), self.starts, axis=0)
-        means = sums / self.sizes[:, None]
-        norms = np.linalg.norm(means, axis=1, keepdims=True)
-        return (means / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _order(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
@@ -88,35 +104,48 @@ def _order(scores: np.ndarray, ids: Sequence[str]) -> list[int]:
     return sorted(range(len(ids)), key=lambda i: (-float(scores[i]), ids[i]))
 
 
+def _grounded(gallery: InstanceGallery, rows: Sequence[int], ground: GroundFn) -> tuple[np.ndarray, np.ndarray]:
+    """The re-ranker's best logit ``[n]`` and best instance (flat index into ``boxes``) ``[n]``
+    in each of the images ``rows``."""
+    index = np.asarray(rows, dtype=np.int64)
+    logits = np.asarray(ground(index), dtype=np.float64).reshape(len(index), -1)
+    sizes = gallery.sizes[index]
+    if logits.shape[1] < int(sizes.max(initial=0)):
+        raise ValueError(f"ground returned {logits.shape[1]} logits per image for up to {sizes.max()} instances")
+    slots = np.arange(logits.shape[1])[None, :]
+    logits = np.where(slots < sizes[:, None], logits, -np.inf)
+    best = logits.argmax(axis=1)
+    return logits[np.arange(len(index)), best], gallery.starts[index] + best
+
+
 def two_stage_rank(
-    text_emb: np.ndarray, gallery: InstanceGallery, pooled: np.ndarray, score: ScoreFn, top_k: int
+    image_scores: np.ndarray, gallery: InstanceGallery, ground: GroundFn, top_k: int, *, rescore: int = 0
 ) -> list[Prediction]:
-    """Image retrieval by ``pooled @ text`` -> REC box in each of the ``top_k`` best images."""
-    text = np.asarray(text_emb, dtype=np.float32).reshape(-1)
-    image_sims = pooled @ text
-    best = _order(image_sims, gallery.image_ids)[:top_k]
-    out = []
-    for i in best:
-        lo, hi = int(gallery.starts[i]), int(gallery.starts[i]) + int(gallery.sizes[i])
-        logits = np.asarray(score(text, gallery.embeddings[lo:hi])).reshape(-1)
-        j = lo + int(np.argmax(logits))
-        out.append(Prediction(gallery.image_ids[i], tuple(gallery.boxes[j]), float(image_sims[i])))
-    return out
+    """Images by the retriever's ``image_scores [N]``, the re-ranker's box in each.
+
+    ``rescore == 0``: the ``top_k`` best images in retrieval order (the classic two-stage
+    system). ``rescore > 0``: the ``rescore`` best images, ordered by their best re-ranked
+    instance (reir's re-rank pool filled by image retrieval instead of instance ANN)."""
+    if len(image_scores) != len(gallery.image_ids):
+        raise ValueError(f"{len(image_scores)} image scores for {len(gallery.image_ids)} images")
+    pool = _order(np.asarray(image_scores), gallery.image_ids)[: max(top_k, rescore)]
+    best, inst = _grounded(gallery, pool, ground)
+    if rescore:
+        keep = _order(best, [gallery.image_ids[i] for i in pool])[:top_k]
+        return [Prediction(gallery.image_ids[pool[k]], tuple(gallery.boxes[inst[k]]), float(best[k])) for k in keep]
+    return [Prediction(gallery.image_ids[i], tuple(gallery.boxes[j]), float(image_scores[i]))
+            for i, j in zip(pool[:top_k], inst[:top_k])]  # fmt: skip
 
 
-def rec_scan_rank(text_emb: np.ndarray, gallery: InstanceGallery, score: ScoreFn, top_k: int) -> list[Prediction]:
-    """REC on every image (best instance by ``score``); images ranked by that REC score."""
-    text = np.asarray(text_emb, dtype=np.float32).reshape(-1)
-    logits = np.asarray(score(text, gallery.embeddings), dtype=np.float64).reshape(-1)
-    if logits.shape[0] != len(gallery.boxes):
-        raise ValueError(f"score returned {logits.shape[0]} logits for {len(gallery.boxes)} instances")
-    per_image = np.maximum.reduceat(logits, gallery.starts)
-    out = []
-    for i in _order(per_image, gallery.image_ids)[:top_k]:
-        lo = int(gallery.starts[i])
-        j = lo + int(np.argmax(logits[lo : lo + int(gallery.sizes[i])]))
-        out.append(Prediction(gallery.image_ids[i], tuple(gallery.boxes[j]), float(per_image[i])))
-    return out
+def rerank_scan_rank(gallery: InstanceGallery, ground: GroundFn, top_k: int, *, chunk: int = 2048) -> list[Prediction]:
+    """The re-ranker on every image (``chunk`` images per call); images ranked by their best
+    instance's re-ranked logit."""
+    n = len(gallery.image_ids)
+    best, inst = np.empty(n), np.empty(n, dtype=np.int64)
+    for lo in range(0, n, chunk):
+        best[lo : lo + chunk], inst[lo : lo + chunk] = _grounded(gallery, range(lo, min(n, lo + chunk)), ground)
+    return [Prediction(gallery.image_ids[i], tuple(gallery.boxes[inst[i]]), float(best[i]))
+            for i in _order(best, gallery.image_ids)[:top_k]]  # fmt: skip
 
 
 def system_summary(

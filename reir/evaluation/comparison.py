@@ -4,10 +4,14 @@ The gallery is encoded once per checkpoint with ingestion's own :class:`Instance
 (the code a Ray Data actor runs); its rows go into a milvus-lite file exactly as the Milvus
 sink writes them, and reir answers through :func:`reir.serving.pipeline.local_pipeline` (the
 Serve app's encode -> ANN -> re-rank path, in this process). The baselines
-(:mod:`reir.evaluation.baselines`) rank the very same instance rows. Every system answers
-every selected query one at a time; ``seconds_per_query`` is that wall time divided by the
+(:mod:`reir.evaluation.baselines`) rank the very same instance rows with the same re-ranker:
+the two-stage system (an image-level retriever trained on the same data, ``reir train --stage
+image-retrieval``, then the re-ranker inside each retrieved image) and the exhaustive re-rank
+scan (the re-ranker on every image). Every system answers every selected query one at a time
+on the same number of torch threads; ``seconds_per_query`` is that wall time divided by the
 number of queries (text encoding included for all of them; gallery encoding, done once and
-offline, is reported apart).
+offline, is reported apart). :func:`scale_costs` measures the cost per query again on a
+gallery grown by replication (:mod:`reir.evaluation.scale`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from reir.evaluation.baselines import (
     BASELINE_KS,
     InstanceGallery,
     comparison_table,
-    rec_scan_rank,
+    rerank_scan_rank,
     system_summary,
     two_stage_rank,
 )
@@ -46,10 +50,18 @@ class QualityConfig:
     model_dir: Path
     work_dir: Path  # milvus-lite files are written here
     weak_model_dir: Path | None = None
+    # the two-stage system's checkpoint (an image-level retrieval head and a re-ranker:
+    # `reir train --stage image-retrieval --model RERANK_CHECKPOINT`); None: model_dir when it has one
+    two_stage_model_dir: Path | None = None
     max_queries: int | None = None  # a seeded sample of the test queries; the gallery stays whole
     seed: int = 0
     top_k_instances: int = 10  # instances stored per image, as `reir ingest` stores them
     batch_size: int = 16
+    threads: int = 1  # torch threads of every system (reir's query path runs one per encoder CPU)
+    rescore_pool: int = 50  # two_stage_rescored: retrieved images the re-ranker orders (reir's head: 50)
+    scale_images: int = 0  # > 0: cost per query again on a gallery replicated to about this many images
+    scale_queries: int = 30  # queries timed on that gallery
+    scale_noise: float = 0.05
 
 
 def select_queries(queries: Sequence[Query], max_queries: int | None, seed: int) -> list[Query]:
@@ -81,12 +93,15 @@ class EncodedGallery:
     def instance_gallery(self) -> InstanceGallery:
         from reir.platform import schema as S
 
-        per_image: dict[str, list[tuple[list[float], np.ndarray]]] = {}
+        per_image: dict[str, list[tuple[list[float], np.ndarray, float]]] = {}
+        sizes: dict[str, tuple[float, float]] = {}
         for cols in self.ok_columns():
             for i, image_id in enumerate(cols[S.IMAGE_ID]):
                 box = [float(cols[name][i]) for name in S.BOX_FIELDS]
-                per_image.setdefault(str(image_id), []).append((box, np.asarray(cols[S.EMBEDDING][i])))
-        return InstanceGallery.from_instances(per_image)
+                row = (box, np.asarray(cols[S.EMBEDDING][i]), float(cols[S.SCORE][i]))
+                per_image.setdefault(str(image_id), []).append(row)
+                sizes[str(image_id)] = (float(cols[S.IMAGE_W][i]), float(cols[S.IMAGE_H][i]))
+        return InstanceGallery.from_instances(per_image, sizes)
 
 
 def encode_gallery(model_dir: Path, samples: Sequence[ImageSample], *, top_k: int, batch_size: int) -> EncodedGallery:
@@ -124,13 +139,17 @@ def write_index(gallery: EncodedGallery, db_path: Path) -> int:
     return rows
 
 
-def reir_answer(model_dir: Path, db_path: Path, *, rerank: bool) -> tuple[Answer, Callable[[], None]]:
-    """reir's query path (encode -> ANN -> re-rank) in process; returns (answer, close)."""
+def reir_answer(model_dir: Path, db_path: Path | None, *, rerank: bool, threads: int = 1,
+                store: Any = None) -> tuple[Answer, Callable[[], None]]:  # fmt: skip
+    """reir's query path (encode -> ANN -> re-rank) in process over the milvus-lite file
+    ``db_path`` or an in-memory ``store`` (:class:`reir.evaluation.scale.ArrayStore`);
+    returns (answer, close)."""
     from reir.platform.config import MilvusConfig, ServeConfig
     from reir.serving.pipeline import QueryRequest, local_pipeline
 
-    pipeline = local_pipeline(ServeConfig(model_path=str(model_dir),
-                                          milvus=MilvusConfig(uri=str(db_path), collection=COLLECTION)))  # fmt: skip
+    milvus = MilvusConfig(uri=str(db_path), collection=COLLECTION) if db_path is not None else MilvusConfig()
+    pipeline = local_pipeline(ServeConfig(model_path=str(model_dir), milvus=milvus, num_cpus_encoder=threads),
+                              store=store)  # fmt: skip
     loop = asyncio.new_event_loop()
 
     def answer(text: str, top_k: int) -> list[Prediction]:
@@ -144,22 +163,69 @@ def reir_answer(model_dir: Path, db_path: Path, *, rerank: bool) -> tuple[Answer
     return answer, close
 
 
-def baseline_answers(model_dir: Path, gallery: InstanceGallery) -> dict[str, Answer]:
-    """``two_stage`` and ``rec_scan`` over ``gallery`` with the checkpoint's text encoder and score."""
+def image_retriever_dir(cfg: QualityConfig) -> Path | None:
+    """The two-stage system's checkpoint: ``cfg.two_stage_model_dir``, else ``cfg.model_dir``
+    when it has an image-level retrieval head, else None (no two-stage rows)."""
+    import json
+
+    if cfg.two_stage_model_dir is not None:
+        return cfg.two_stage_model_dir
+    config = json.loads((Path(cfg.model_dir) / "config.json").read_text())
+    return cfg.model_dir if int((config.get("image_retrieval") or {}).get("hidden_size", 0)) > 0 else None
+
+
+class BaselineSystems:
+    """The baselines' answers over one :class:`InstanceGallery`: ``rerank_scan`` with the
+    checkpoint ``model_dir``; with an image-retriever checkpoint (its own re-ranker grounds)
+    also ``two_stage`` (top images in retrieval order) and ``two_stage_rescored`` (the top
+    ``rescore_pool`` retrieved images ordered by the re-ranker)."""
+
+    def __init__(self, model_dir: Path, gallery: InstanceGallery, *, retriever_dir: Path | None = None,
+                 image_vectors: np.ndarray | None = None, rescore_pool: int = 50) -> None:  # fmt: skip
+        from reir.evaluation.baseline_models import GalleryReranker
+        from reir.platform.modeling import load_reir_model
+        from reir.serving.retriever import QueryEncoder
+
+        model, processor = load_reir_model(str(model_dir))
+        self.gallery, self.rescore_pool = gallery, rescore_pool
+        self.encoder, self.scan = QueryEncoder(model, processor), GalleryReranker(model, gallery)
+        self.retriever: Any = None
+        if retriever_dir is not None:
+            two, two_processor = load_reir_model(str(retriever_dir))
+            if image_vectors is None or len(image_vectors) != len(gallery.image_ids):
+                raise ValueError("the two-stage system needs one image vector per gallery image")
+            self.retriever, self.vectors = two, np.asarray(image_vectors, dtype=np.float32)
+            self.two_encoder, self.grounder = QueryEncoder(two, two_processor), GalleryReranker(two, gallery)
+
+    def answers(self) -> dict[str, Answer]:
+        from reir.evaluation.baseline_models import retrieval_text
+
+        out: dict[str, Answer] = {}
+        if self.retriever is not None:
+            def two_stage(text: str, k: int, rescore: int = 0) -> list[Prediction]:
+                query = self.two_encoder.encode_queries([text])[0]
+                scores = self.vectors @ retrieval_text(self.retriever, query)
+                return two_stage_rank(scores, self.gallery, self.grounder.ground(query), k, rescore=rescore)
+
+            out["two_stage"] = two_stage
+            out["two_stage_rescored"] = lambda text, k: two_stage(text, k, self.rescore_pool)
+        out["rerank_scan"] = lambda text, k: rerank_scan_rank(
+            self.gallery, self.scan.ground(self.encoder.encode_queries([text])[0]), k)
+        return out
+
+
+def gallery_image_vectors(retriever_dir: Path, samples: Sequence[ImageSample], gallery: InstanceGallery,
+                          *, batch_size: int) -> tuple[np.ndarray, float]:  # fmt: skip
+    """The image retriever's vector of every gallery image (in ``gallery.image_ids`` order) and
+    the seconds it took: computed once, offline, as an image index would be."""
+    from reir.evaluation.baseline_models import encode_image_vectors
     from reir.platform.modeling import load_reir_model
-    from reir.serving.retriever import QueryEncoder
 
-    model, processor = load_reir_model(str(model_dir))
-    encoder = QueryEncoder(model, processor)
-    pooled = gallery.pooled()
-
-    def score(text: np.ndarray, inst: np.ndarray) -> np.ndarray:
-        return encoder.score(text[None, :], inst)[0]
-
-    return {
-        "two_stage": lambda text, k: two_stage_rank(encoder.encode([text])[0], gallery, pooled, score, k),
-        "rec_scan": lambda text, k: rec_scan_rank(encoder.encode([text])[0], gallery, score, k),
-    }
+    model, processor = load_reir_model(str(retriever_dir))
+    started = time.perf_counter()
+    by_id = {s.image_id: s for s in samples}
+    vectors = encode_image_vectors(model, processor, [by_id[i] for i in gallery.image_ids], batch_size=batch_size)
+    return np.stack([vectors[i] for i in gallery.image_ids]), time.perf_counter() - started
 
 
 def measure(answer: Answer, queries: Sequence[Query], top_k: int = max(BASELINE_KS), *,
@@ -194,12 +260,12 @@ def heldout_table(systems: Mapping[str, Mapping[str, Any] | None]) -> str:
     return "\n".join(lines)
 
 
-def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Query],
-                  names: dict[bool, str], heldout: Mapping[str, Collection[str]]) -> dict[str, dict[str, Any]]:  # fmt: skip
+def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Query], names: dict[bool, str],
+                  heldout: Mapping[str, Collection[str]], threads: int) -> dict[str, dict[str, Any]]:  # fmt: skip
     write_index(gallery, db_path)
     out = {}
     for rerank, name in names.items():
-        answer, close = reir_answer(gallery.model_dir, db_path, rerank=rerank)
+        answer, close = reir_answer(gallery.model_dir, db_path, rerank=rerank, threads=threads)
         try:
             out[name] = measure(answer, queries, heldout=heldout)
         finally:
@@ -207,9 +273,39 @@ def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Quer
     return out
 
 
+def shares_weights(model_dir: Path, other_dir: Path) -> bool:
+    """Whether two checkpoints hold the same weights apart from the image-retrieval head
+    (the two-stage system then grounds with reir's own re-ranker over reir's own rows)."""
+    from safetensors.torch import load_file
+
+    from reir.model.modeling import WEIGHTS_NAME
+
+    a, b = (load_file(str(Path(d) / WEIGHTS_NAME)) for d in (model_dir, other_dir))
+    b = {k: v for k, v in b.items() if not k.startswith("image_retrieval.")}
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def _baselines(cfg: QualityConfig, samples: Sequence[ImageSample], gallery: InstanceGallery, queries: Sequence[Query],
+               heldout: Mapping[str, Collection[str]], setup: dict[str, Any]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    import torch
+
+    retriever = image_retriever_dir(cfg)
+    vectors = None
+    if retriever is not None:
+        vectors, seconds = gallery_image_vectors(retriever, samples, gallery, batch_size=cfg.batch_size)
+        setup.update(two_stage_model=str(retriever), image_vectors_encode_seconds=round(seconds, 2),
+                     two_stage_shares_reir_weights=shares_weights(cfg.model_dir, retriever))
+    torch.set_num_threads(cfg.threads)
+    systems = BaselineSystems(cfg.model_dir, gallery, retriever_dir=retriever, image_vectors=vectors,
+                              rescore_pool=cfg.rescore_pool)  # fmt: skip
+    setup["image_vectors"] = vectors
+    return {name: measure(answer, queries, heldout=heldout) for name, answer in systems.answers().items()}
+
+
 def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """``{"reir", "reir_ann", "two_stage", "rec_scan", "weak", "setup"}``; ``weak`` is None
-    without ``cfg.weak_model_dir``. Also echoes the markdown table."""
+    """``{"reir", "reir_ann", ["two_stage", "two_stage_rescored",] "rerank_scan", "weak", "setup"
+    [, "scale"]}``: the two-stage rows with an image-retriever checkpoint, ``weak`` None without
+    ``cfg.weak_model_dir``, ``scale`` with ``cfg.scale_images``. Also echoes the markdown tables."""
     samples = load_samples(cfg.data_root, "test")
     if not samples:
         raise ValueError(f"{cfg.data_root}: no test images")
@@ -221,21 +317,29 @@ def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -
     echo(f"gallery: {encoded.images} images encoded in {encoded.seconds:.1f}s ({encoded.failures} failed); "
          f"{len(queries)} queries")  # fmt: skip
     heldout = read_heldout(cfg.data_root)
-    systems = _reir_systems(encoded, cfg.work_dir / "reir.db", queries, {True: "reir", False: "reir_ann"}, heldout)
+    systems = _reir_systems(encoded, cfg.work_dir / "reir.db", queries, {True: "reir", False: "reir_ann"}, heldout,
+                            cfg.threads)  # fmt: skip
     gallery = encoded.instance_gallery()
-    for name, answer in baseline_answers(cfg.model_dir, gallery).items():
-        systems[name] = measure(answer, queries, heldout=heldout)
+    setup: dict[str, Any] = {"gallery_images": encoded.images, "gallery_instances": len(gallery.boxes),
+                             "gallery_encode_seconds": round(encoded.seconds, 2), "num_queries": len(queries),
+                             "threads": cfg.threads, "rescore_pool": cfg.rescore_pool, "model": str(cfg.model_dir),
+                             "weak_model": str(cfg.weak_model_dir) if cfg.weak_model_dir else None}  # fmt: skip
+    systems.update(_baselines(cfg, samples, gallery, queries, heldout, setup))
+    vectors = setup.pop("image_vectors")
     weak: dict[str, Any] | None = None
     if cfg.weak_model_dir is not None:
         weak_encoded = encode_gallery(cfg.weak_model_dir, samples, top_k=cfg.top_k_instances,
                                       batch_size=cfg.batch_size)  # fmt: skip
-        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {True: "weak"}, heldout)["weak"]
+        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {True: "weak"}, heldout,
+                             cfg.threads)["weak"]  # fmt: skip
         systems["weak"] = weak
     echo(comparison_table(systems))
     if heldout_table(systems):
         echo("In-family vs held-out (phrasing families and scene regimes never trained on):")
         echo(heldout_table(systems))
-    setup = {"gallery_images": encoded.images, "gallery_instances": len(gallery.boxes),
-             "gallery_encode_seconds": round(encoded.seconds, 2), "num_queries": len(queries),
-             "model": str(cfg.model_dir), "weak_model": str(cfg.weak_model_dir) if cfg.weak_model_dir else None}  # fmt: skip
-    return {**{k: v for k, v in systems.items() if k != "weak"}, "weak": weak, "setup": setup}
+    out: dict[str, Any] = {**{k: v for k, v in systems.items() if k != "weak"}, "weak": weak, "setup": setup}
+    if cfg.scale_images > 0:
+        from reir.evaluation.scale import scale_costs
+
+        out["scale"] = scale_costs(cfg, encoded, vectors, queries, echo=echo)
+    return out

@@ -80,6 +80,15 @@ class RerankSpec:
 
 
 @dataclass
+class ImageRetrievalSpec:
+    """Image-level retrieval head (``reir.model.image_retrieval``): one global vector per image,
+    trained on expressions; the first stage of the two-stage baseline. ``hidden_size == 0``: none."""
+
+    hidden_size: int = 0  # width of the pooled token's MLP
+    num_heads: int = 4  # attention-pooling heads (must divide vision.hidden_size)
+
+
+@dataclass
 class LossSpec:
     """Matching costs and loss weights (DETR-style defaults, tuned for dense queries)."""
 
@@ -137,9 +146,10 @@ class ReirConfig(PretrainedConfig):
     """Configuration of :class:`reir.model.modeling.ReirModel`.
 
     Args:
-        vision / text / more / loss / rerank: dicts of :class:`VisionSpec`, :class:`TextSpec`,
-            :class:`MoreSpec`, :class:`LossSpec`, :class:`RerankSpec` fields
-            (missing keys take defaults; ``rerank.hidden_size == 0``: no re-ranker).
+        vision / text / more / loss / rerank / image_retrieval: dicts of :class:`VisionSpec`,
+            :class:`TextSpec`, :class:`MoreSpec`, :class:`LossSpec`, :class:`RerankSpec`,
+            :class:`ImageRetrievalSpec` fields (missing keys take defaults; ``hidden_size == 0``:
+            no re-ranker / no image-level retrieval head).
         embed_dim: D, the shared instance/text embedding size.
         logit_scale_init / logit_bias_init: SigLIP-style score ``exp(scale) * cos + bias``.
         max_instances: K, default number of instances kept per image by post-processing.
@@ -156,6 +166,7 @@ class ReirConfig(PretrainedConfig):
         more: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
         rerank: dict[str, Any] | None = None,
+        image_retrieval: dict[str, Any] | None = None,
         embed_dim: int = 32,
         logit_scale_init: float = 2.302585,  # log(10)
         logit_bias_init: float = -10.0,
@@ -169,6 +180,7 @@ class ReirConfig(PretrainedConfig):
         self.more = _merge(MoreSpec, more)
         self.loss = _merge(LossSpec, loss)
         self.rerank = _merge(RerankSpec, rerank)
+        self.image_retrieval = _merge(ImageRetrievalSpec, image_retrieval)
         self.embed_dim = embed_dim
         self.logit_scale_init = logit_scale_init
         self.logit_bias_init = logit_bias_init
@@ -196,3 +208,7 @@ class ReirConfig(PretrainedConfig):
     @property
     def rerank_spec(self) -> RerankSpec:
         return RerankSpec(**self.rerank)
+
+    @property
+    def image_retrieval_spec(self) -> ImageRetrievalSpec:
+        return ImageRetrievalSpec(**self.image_retrieval)

@@ -17,7 +17,7 @@ from .processing import ReirProcessor
 from .tokenization import build_tokenizer, build_vocab
 from .towers import resolve_model_path
 
-_SECTIONS = ("vision", "text", "more", "loss", "rerank")
+_SECTIONS = ("vision", "text", "more", "loss", "rerank", "image_retrieval")
 # Convenience aliases for the overrides passed most often (local HF tower directories).
 _ALIASES = {
     "vision_model_path": ("vision", "model_path"),

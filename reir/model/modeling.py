@@ -27,7 +27,8 @@ from transformers import (
     SiglipTextModel,
 )
 
-from .configuration import MoreSpec, ReirConfig, RerankSpec, TextSpec, VisionSpec
+from .configuration import ImageRetrievalSpec, MoreSpec, ReirConfig, RerankSpec, TextSpec, VisionSpec
+from .image_retrieval import ImageRetrievalHead, pool_token_states
 from .modeling_visual import (
     ConvBackbone,
     InstanceHeads,
@@ -131,9 +132,13 @@ class VisualEncoder(nn.Module):
     def num_queries(self) -> int:
         return self.grid * self.grid
 
-    def forward(self, pixel_values: torch.Tensor) -> InstanceOutput:
+    def encode_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> the final token grid ``[B, Q, hidden]`` that the heads read."""
         tokens = self.input_proj(self.backbone(pixel_values)) + self.pos
-        tokens = self.norm(self.encoder(tokens))
+        return self.norm(self.encoder(tokens))
+
+    def forward(self, pixel_values: torch.Tensor) -> InstanceOutput:
+        tokens = self.encode_tokens(pixel_values)
         boxes, obj, emb = self.heads(tokens)
         cls = self.heads.classifier(tokens) if self.heads.classifier is not None else None
         app = self.heads.appearance(tokens) if self.heads.appearance is not None else None
@@ -263,6 +268,11 @@ class ReirModel(nn.Module):
         self.reranker: RelationReranker | None = None
         if config.rerank_spec.hidden_size > 0:
             self.reranker = self._build_reranker(config.rerank_spec)
+        # Not part of reir's query path: the two-stage baseline's image retriever (see
+        # reir.model.image_retrieval); only checkpoints trained for that baseline have one.
+        self.image_retrieval: ImageRetrievalHead | None = None
+        if config.image_retrieval_spec.hidden_size > 0:
+            self.image_retrieval = self._build_image_retrieval(config.image_retrieval_spec)
         self._record_tower_configs()
 
     def _build_reranker(self, spec: RerankSpec) -> RelationReranker:
@@ -276,6 +286,36 @@ class ReirModel(nn.Module):
         self.config.rerank = asdict(rerank_spec)
         self.reranker = self._build_reranker(rerank_spec).to(self.device).train(self.training)
         return self.reranker
+
+    def _build_image_retrieval(self, spec: ImageRetrievalSpec) -> ImageRetrievalHead:
+        return ImageRetrievalHead(spec, self.config.vision_spec.hidden_size, int(self.text.model.config.hidden_size),
+                                  self.config.embed_dim)  # fmt: skip
+
+    def add_image_retrieval(self, **spec: Any) -> ImageRetrievalHead:
+        """Attach a fresh (untrained) image-level retrieval head, in this model's train / eval
+        mode; returns it."""
+        retrieval_spec = ImageRetrievalSpec(**{**self.config.image_retrieval, **spec})
+        if retrieval_spec.hidden_size <= 0:
+            retrieval_spec = replace(retrieval_spec, hidden_size=256)
+        self.config.image_retrieval = asdict(retrieval_spec)
+        head = self._build_image_retrieval(retrieval_spec).to(self.device).train(self.training)
+        self.image_retrieval = head
+        return head
+
+    def encode_image_vectors(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values [B,3,S,S]`` -> ``[B, D]`` global image vectors (needs ``image_retrieval``)."""
+        if self.image_retrieval is None:
+            raise ValueError("this model has no image-level retrieval head (reir train --stage image-retrieval)")
+        return self.image_retrieval.embed_images(self.vision.encode_tokens(pixel_values))
+
+    def encode_retrieval_text(self, text: TextOutput, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Expressions as ``encode_text`` left them -> ``[T, D]`` vectors to score against
+        :meth:`encode_image_vectors` (needs ``image_retrieval``)."""
+        if self.image_retrieval is None:
+            raise ValueError("this model has no image-level retrieval head (reir train --stage image-retrieval)")
+        assert text.token_states is not None
+        pooled = pool_token_states(text.token_states, attention_mask.to(text.token_states.device))
+        return self.image_retrieval.embed_texts(text.embeddings, pooled)
 
     def _record_tower_configs(self) -> None:
         # Keep the HF tower configs in ReirConfig so a saved checkpoint rebuilds offline

@@ -331,13 +331,15 @@ class LocalStages:
 
 
 def local_pipeline(
-    cfg: ServeConfig, *, loader: ModelLoader = load_reir_model, discover_threshold: float | None = None
+    cfg: ServeConfig, *, loader: ModelLoader = load_reir_model, discover_threshold: float | None = None,
+    store: ContextStore | None = None,
 ) -> QueryPipeline:
     """The whole query path (encode, ANN, re-rank, discover) in this process, from a ServeConfig.
 
     For evaluation and notebooks: ``asyncio.run(local_pipeline(cfg).run(QueryRequest(...)))``
     gives the same answers as the Serve app without Ray. Close ``.stages.store`` when done.
     ``discover_threshold`` replaces the calibrated one (evaluation sweeps it from 0).
+    ``store`` replaces the Milvus store of ``cfg.milvus`` (an in-memory index in benchmarks).
     """
     import torch
 
@@ -350,8 +352,10 @@ def local_pipeline(
     torch.set_num_threads(max(1, int(cfg.num_cpus_encoder)))
     model, processor = loader(cfg.model_path)
     encoder = QueryEncoder(model, processor, model_version=model_version_for(cfg.model_path))
-    store = MilvusStore.from_config(cfg.milvus)
-    store.load()
+    if store is None:
+        milvus = MilvusStore.from_config(cfg.milvus)
+        milvus.load()
+        store = milvus
     reranker = Reranker(model, processor, calibration=encoder.calibration, max_instances=cfg.rerank_max_instances)
     localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None
     stages = LocalStages(encoder, store, reranker, localizer=localizer,

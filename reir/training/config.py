@@ -40,7 +40,7 @@ class SourceSpec(BaseModel):
         return cls.model_validate({"kind": kind, "path": path, "weight": weight})
 
 
-Stage = Literal["1", "2", "rerank", "weak", "weak-rerank"]
+Stage = Literal["1", "2", "rerank", "weak", "weak-rerank", "image-retrieval"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
@@ -54,7 +54,8 @@ class TrainConfig(BaseModel):
     stage: Stage = Field(
         "1", description="1: detection + REC; 2: adds CLIA; rerank: the re-ranker on a frozen stage-2 model; "
         "weak: (image, expression) pairs without referent boxes (detection + MIL contrast); weak-rerank: the "
-        "re-ranker on a frozen weak model, from the same pairs (multiple-instance loss over images)")
+        "re-ranker on a frozen weak model, from the same pairs (multiple-instance loss over images); image-retrieval: "
+        "an image-level retriever (one vector per image) on a frozen model, the two-stage baseline's first stage")
     output_dir: str = "runs"
     run_name: str = "reir"
     num_workers: int = Field(1, ge=1)
@@ -124,6 +125,12 @@ class TrainConfig(BaseModel):
         return self.stage in ("rerank", "weak-rerank")
 
     @property
+    def trains_head(self) -> bool:
+        """Stages that freeze the model, make one pass for features and train a head on them:
+        the re-ranker stages and ``image-retrieval``."""
+        return self.trains_reranker or self.stage == "image-retrieval"
+
+    @property
     def applied_model_overrides(self) -> dict[str, Any]:
         """``model_overrides`` as the run applies them to a preset: stage ``weak`` adds the
         appearance head (``vision.appearance_head``) unless the preset or the overrides (in
@@ -161,7 +168,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _operations_fit(self) -> TrainConfig:
-        if self.trains_reranker and (self.resume or self.checkpoint_every or self.eval_every):
+        if self.trains_head and (self.resume or self.checkpoint_every or self.eval_every):
             raise ValueError(f"resume, checkpoint_every and eval_every apply to stages 1, 2 and weak; "
                              f"stage {self.stage} is short and reports one checkpoint at the end")
         if self.eval_every and not self.data_root:

@@ -141,7 +141,7 @@ def load_sources(specs: list[SourceSpec], labels: LabelSpace) -> list[list[Image
 
 def prepare_mixed(cfg: TrainConfig) -> MixedData:
     """Load ``cfg.sources`` into one label space and build the epochs' weighted dataset
-    (stages ``rerank`` / ``weak-rerank``: every image once, they make one pass to collect features)."""
+    (stages ``rerank`` / ``weak-rerank`` / ``image-retrieval``: every image once, they make one pass to collect features)."""
     labels = start_label_space(cfg.model)
     per_source = load_sources(cfg.sources, labels)
     cfg = fit_num_classes(cfg, len(labels))
@@ -151,7 +151,7 @@ def prepare_mixed(cfg: TrainConfig) -> MixedData:
         rows += [{**sample_to_row(s, g), "source": k} for s, g in zip(samples, groups)]
     sizes = [len(s) for s in per_source]
     weights = [spec.weight for spec in cfg.sources]
-    if cfg.trains_reranker:
+    if cfg.trains_head:
         epoch_size, counts = len(rows), sizes
         plan = np.arange(len(rows), dtype=np.int64)
     else:

@@ -187,6 +187,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.trains_reranker:
         _rerank_loop(cfg, rank, world, device)
         return
+    if cfg.stage == "image-retrieval":
+        _image_retrieval_loop(cfg, rank, world, device)
+        return
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     rng = random.Random(cfg.seed + rank)
@@ -360,6 +363,76 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     stats = {"steps": step, "seconds": seconds, "world_size": world, "rerank_texts": rs.num_texts, **last,
              **{f"calibration_{k}": v for k, v in calibration.items()}}
     _report(rank, model, processor, cfg, stats, {"calibration.json": calibration})
+
+
+IMAGE_RETRIEVAL_TEXTS_PER_IMAGE = 4  # expressions of each batch image per step (cfg.batch_size: images)
+IMAGE_RETRIEVAL_HELD_OUT_EVERY = 10  # every 10th image's expressions measure held-out recall
+
+
+def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
+    """Stage ``image-retrieval``: frozen model -> token grids and expression features of this
+    worker's shard -> train the image-level retrieval head (reir.training.image_retrieval)."""
+    import deepspeed
+    import ray.train
+
+    from reir.model import create_model
+    from reir.training.image_retrieval import (
+        build_image_retrieval_set,
+        group_recall,
+        image_retrieval_step,
+        sample_image_batch,
+    )
+    from reir.training.rerank import calibration_split
+
+    overrides = dict(cfg.model_overrides)
+    spec = dict(overrides.pop("image_retrieval", {}) or {})
+    model, processor = create_model(cfg.model, **overrides)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.image_retrieval if model.image_retrieval is not None and not spec else model.add_image_retrieval(**spec)
+    head.train()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    rows = [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
+            for r in frame.to_dict("records")]
+    started = time.monotonic()
+    rs = build_image_retrieval_set(model, processor, [row_to_sample(r) for r in rows], [int(r["group"]) for r in rows],
+                                   ImageCache(max_items=0).get)  # fmt: skip
+    if rank == 0:
+        print(f"[train stage {cfg.stage}] features: {len(rows)} images, {rs.num_texts} expressions "
+              f"in {time.monotonic() - started:.1f}s", flush=True)
+    if rs.num_texts == 0:
+        raise ValueError(f"stage {cfg.stage}: the training images have no expressions")
+    train_idx, held_idx = calibration_split(rs.text_image, IMAGE_RETRIEVAL_HELD_OUT_EVERY)
+    allowed = torch.zeros(rs.num_texts, dtype=torch.bool)
+    allowed[train_idx] = True
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ds_cfg = {**deepspeed_config(cfg), "bf16": {"enabled": False}}  # small head, fp32 features
+    engine, _, _, _ = deepspeed.initialize(model=head, optimizer=optimizer, config=ds_cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // (cfg.batch_size * IMAGE_RETRIEVAL_TEXTS_PER_IMAGE))
+    step, started, last = 0, time.monotonic(), {}
+    while True:
+        images, texts = sample_image_batch(rs, cfg.batch_size, IMAGE_RETRIEVAL_TEXTS_PER_IMAGE, gen, allowed)
+        losses = image_retrieval_step(engine, rs, images, texts, device=device)
+        engine.backward(losses["loss"])
+        progress = _agree(_progress(cfg, step, total_steps, started), device)
+        _set_lr(engine, cfg, progress, step)
+        engine.step()
+        step += 1
+        last = {k: float(v.detach()) for k, v in losses.items()}
+        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+            parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
+            print(f"[train stage {cfg.stage}] step {step}/{total_steps} {parts}", flush=True)
+        if step >= total_steps or progress >= 1.0:
+            break
+    seconds = time.monotonic() - started
+    head.eval()
+    recall = group_recall(head, rs, held_idx if held_idx.numel() else train_idx, device=device)
+    stats = {"steps": step, "seconds": seconds, "world_size": world, "image_retrieval_texts": rs.num_texts,
+             **last, **{f"held_out_{k}": v for k, v in recall.items()}}
+    _report(rank, model, processor, cfg, stats)
 
 
 def without_referents(row: dict[str, Any]) -> dict[str, Any]:
