@@ -22,8 +22,8 @@ RAY_MODULES = {
     "tests/ingestion/test_pipeline.py", "tests/ingestion/test_reindex.py", "tests/ops/test_live_metrics.py",
     "tests/platform/test_milvus_server.py", "tests/serving/test_app.py", "tests/serving/test_autoscale.py",
     "tests/serving/test_fuzz.py", "tests/serving/test_localize.py", "tests/serving/test_page.py", "tests/test_e2e.py",
-    "tests/training/test_batching.py", "tests/training/test_mixing.py", "tests/training/test_operations.py",
-    "tests/training/test_weak_stage.py",
+    "tests/training/test_batching.py", "tests/training/test_image_retrieval_stage.py", "tests/training/test_mixing.py",
+    "tests/training/test_operations.py", "tests/training/test_weak_stage.py",
 }  # fmt: skip
 OWN_RAY_TESTS = {
     "tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance",

@@ -3,7 +3,10 @@
 - :class:`GalleryReranker`: the checkpoint's re-ranker (``ReirModel.rerank_logits``, the
   computation the Serve app's :class:`reir.serving.rerank.Reranker` runs) over any set of a
   gallery's images. Every image's stored instances are packed into padded tensors once,
-  offline, as the index holds them; a query then pays only for the forward passes.
+  offline, as the index holds them; a query then pays only for the forward passes. With
+  ``cache=True`` the re-ranker's text-free half (instance projections and relation weights,
+  ``RelationReranker.image_features``) is computed once too, as an index built for an
+  exhaustive re-rank would store it, and a query pays only for the text-dependent half.
 - :func:`encode_image_vectors`: the image-level retriever's global vector of every gallery
   image (``reir train --stage image-retrieval``), computed once at ingestion time from the
   decoded image, as ingestion decodes it.
@@ -38,7 +41,7 @@ def _text_output(query: Any) -> tuple[Any, torch.Tensor]:
 class GalleryReranker:
     """``ground(query)`` -> a :data:`GroundFn` scoring any of the gallery's images with the re-ranker."""
 
-    def __init__(self, model: Any, gallery: InstanceGallery) -> None:
+    def __init__(self, model: Any, gallery: InstanceGallery, *, cache: bool = False) -> None:
         from reir.model.rerank import pack_instance_sets
 
         if getattr(model, "reranker", None) is None:
@@ -50,19 +53,38 @@ class GalleryReranker:
             [[gallery.scores[j] for j in g] for g in groups], [tuple(s) for s in gallery.image_sizes],
         )  # fmt: skip
         self.tensors = [torch.from_numpy(a) for a in (emb, boxes, objectness, mask)]
+        self.features = None
+        if cache:
+            with torch.inference_mode():
+                self.features = model.reranker.image_features(*self.tensors)
 
     def ground(self, query: Any) -> GroundFn:
         """``query``: an :class:`reir.serving.retriever.EncodedQuery` (with token states)."""
         text, attention = _text_output(query)
 
         def logits(rows: np.ndarray) -> np.ndarray:
-            index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+            index = torch.as_tensor(np.ascontiguousarray(rows, dtype=np.int64))
             with torch.inference_mode():
-                out = self.model.rerank_logits(None, attention, *(t.index_select(0, index) for t in self.tensors),
-                                               text=text)  # fmt: skip
+                if self.features is None:
+                    out = self.model.rerank_logits(None, attention, *(t.index_select(0, index) for t in self.tensors),
+                                                   text=text)  # fmt: skip
+                else:
+                    out = self._cached(text, attention, index)
             return out.float().numpy()
 
         return logits
+
+
+    def _cached(self, text: Any, attention: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``ReirModel.rerank_logits`` over the cached text-free half (same logits)."""
+        from reir.model.modeling import score_from_similarity
+
+        emb = self.tensors[0].index_select(0, index)
+        base = score_from_similarity(torch.einsum("d,nmd->nm", text.embeddings[0], emb), self.model.logit_scale,
+                                     self.model.logit_bias)  # fmt: skip
+        rows = torch.zeros(len(index), dtype=torch.long)
+        return self.model.reranker.score_features(text.token_states, attention, base, self.features, text_rows=rows,
+                                                  image_rows=index)  # fmt: skip
 
 
 def encode_image_vectors(model: Any, processor: Any, samples: Sequence[ImageSample], *,

@@ -176,7 +176,8 @@ def image_retriever_dir(cfg: QualityConfig) -> Path | None:
 
 class BaselineSystems:
     """The baselines' answers over one :class:`InstanceGallery`: ``rerank_scan`` with the
-    checkpoint ``model_dir``; with an image-retriever checkpoint (its own re-ranker grounds)
+    checkpoint ``model_dir`` (and ``rerank_scan_cached``: the same ranking, with the re-ranker's
+    text-free half computed once for the gallery); with an image-retriever checkpoint (its own re-ranker grounds)
     also ``two_stage`` (top images in retrieval order) and ``two_stage_rescored`` (the top
     ``rescore_pool`` retrieved images ordered by the re-ranker)."""
 
@@ -189,6 +190,7 @@ class BaselineSystems:
         model, processor = load_reir_model(str(model_dir))
         self.gallery, self.rescore_pool = gallery, rescore_pool
         self.encoder, self.scan = QueryEncoder(model, processor), GalleryReranker(model, gallery)
+        self.cached_scan = GalleryReranker(model, gallery, cache=True)
         self.retriever: Any = None
         if retriever_dir is not None:
             two, two_processor = load_reir_model(str(retriever_dir))
@@ -211,6 +213,8 @@ class BaselineSystems:
             out["two_stage_rescored"] = lambda text, k: two_stage(text, k, self.rescore_pool)
         out["rerank_scan"] = lambda text, k: rerank_scan_rank(
             self.gallery, self.scan.ground(self.encoder.encode_queries([text])[0]), k)
+        out["rerank_scan_cached"] = lambda text, k: rerank_scan_rank(
+            self.gallery, self.cached_scan.ground(self.encoder.encode_queries([text])[0]), k)
         return out
 
 

@@ -162,6 +162,20 @@ class RelationReranker(nn.Module):
         pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return torch.einsum("trl,tlh->trh", att, values), torch.sigmoid(self.gate(pooled))
 
+    def image_features(
+        self, inst_emb: torch.Tensor, boxes: torch.Tensor, objectness: torch.Tensor, inst_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The text-free half of :meth:`forward`, per image: the projected instances ``v [U, M, h]``,
+        the relation weights ``w [U, M(j), M(k), R]`` and the mask ``[U, M]``. It depends only on
+        what the index stores, so a caller that scores the same images for many expressions
+        can compute it once (:meth:`score_features`)."""
+        m = inst_emb.shape[1]
+        ok = inst_mask.bool()
+        v = self.inst(self.input_dropout(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1)))
+        w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
+        pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=inst_emb.device)[None]
+        return v, w * pair_ok[..., None].to(w.dtype), ok
+
     def forward(
         self,
         text_states: torch.Tensor,
@@ -188,16 +202,25 @@ class RelationReranker(nn.Module):
                 projection and relation weights: computed once per image, the text-free half
                 of the work no longer grows with the number of expressions scored on it.
         """
+        features = self.image_features(inst_emb, boxes, objectness, inst_mask)
+        return self.score_features(text_states, text_mask, base_logits, features, text_rows, image_rows)
+
+    def score_features(
+        self,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor,
+        base_logits: torch.Tensor,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        text_rows: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` from :meth:`image_features` ``(v, w, mask)`` computed beforehand."""
+        v, w, ok = features
         n, m = base_logits.shape
         device = base_logits.device
         if text_rows is None:
             text_rows = torch.arange(n, device=device)
-        ok = inst_mask.bool()
         slots, gate = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R]
-        v = self.inst(self.input_dropout(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1)))
-        w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
-        pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=device)[None]
-        w = w * pair_ok[..., None].to(w.dtype)
         if image_rows is not None:
             # index_select: its backward is an index_add, far cheaper on CPU than indexing's
             v, w, ok = v.index_select(0, image_rows), w.index_select(0, image_rows), ok[image_rows]

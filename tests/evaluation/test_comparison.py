@@ -27,7 +27,7 @@ from reir.serving.rerank import Reranker
 from reir.serving.retriever import QueryEncoder
 
 KEYS = {"BR@1@0.5", "BR@5@0.5", "BR@10@0.5", "seconds_per_query", "num_queries"}
-SYSTEMS = ["reir", "reir_ann", "two_stage", "two_stage_rescored", "rerank_scan", "weak"]
+SYSTEMS = ["reir", "reir_ann", "two_stage", "two_stage_rescored", "rerank_scan", "rerank_scan_cached", "weak"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,13 @@ def test_gallery_reranker_scores_as_the_serving_reranker(bench_root: Path, check
         rows = store.rows_for_images(list(gallery.image_ids))
     serving = Reranker(model, processor, calibration=encoder.calibration)
     scored = {h.pk: p for h, p in serving.rerank(query, [r for rs in rows.values() for r in rs], rows)}
-    logits = GalleryReranker(model, gallery).ground(query)(np.arange(len(gallery.image_ids)))
+    every = np.arange(len(gallery.image_ids))
+    logits = GalleryReranker(model, gallery).ground(query)(every)
+    # the text-free half computed once for the gallery gives the same logits, on any subset
+    np.testing.assert_allclose(GalleryReranker(model, gallery, cache=True).ground(query)(every), logits, atol=1e-5)
+    some = every[::-3]
+    np.testing.assert_allclose(GalleryReranker(model, gallery, cache=True).ground(query)(some), logits[some],
+                               atol=1e-5)  # fmt: skip
     for i, image_id in enumerate(gallery.image_ids):
         want = [scored[r.pk] for r in rows[image_id]]
         got = 1.0 / (1.0 + np.exp(-logits[i, : len(want)]))
@@ -92,7 +98,7 @@ def test_rankings_are_well_formed(bench_root: Path, checkpoints: tuple[Path, Pat
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     answers = BaselineSystems(rerank_dir, gallery, retriever_dir=two_stage_dir, image_vectors=vectors,
                               rescore_pool=6).answers()  # fmt: skip
-    assert set(answers) == {"two_stage", "two_stage_rescored", "rerank_scan"}
+    assert set(answers) == {"two_stage", "two_stage_rescored", "rerank_scan", "rerank_scan_cached"}
     for q in test_queries(bench_root)[:4]:
         for name, answer in answers.items():
             preds = answer(q.text, 5)
@@ -109,6 +115,8 @@ def test_rankings_are_well_formed(bench_root: Path, checkpoints: tuple[Path, Pat
         # the scan's top image is the image holding the best re-ranked instance of the gallery
         scan = answers["rerank_scan"](q.text, len(gallery.image_ids))
         assert len(scan) == len(gallery.image_ids)
+        cached = answers["rerank_scan_cached"](q.text, len(gallery.image_ids))
+        assert [(p.image_id, p.box) for p in cached] == [(p.image_id, p.box) for p in scan]
         rescored = answers["two_stage_rescored"](q.text, 5)
         # its pool (6 images) is a subset of the gallery: its best cannot beat the scan's best
         assert rescored[0].score <= scan[0].score + 1e-6
@@ -144,7 +152,8 @@ def test_run_comparison_reports_every_system(bench_root: Path, checkpoints: tupl
     assert [row.split(" | ")[0] for row in heldout[2:]] == [f"| {s}" for s in SYSTEMS]
     scale = out["scale"]
     assert scale["copies"] == 3 and scale["images"] == 3 * setup["gallery_images"]
-    assert set(scale["systems"]) == {"reir", "reir_in_memory_index", "two_stage", "two_stage_rescored", "rerank_scan"}
+    assert set(scale["systems"]) == {"reir", "reir_in_memory_index", *SYSTEMS[2:-1]}
+    assert set(scale["cost_ratio"]) == {f"{a}/{b}" for a in SYSTEMS[4:6] for b in ("reir", "reir_in_memory_index")}
     assert all(m["queries"] == 3 and m["ms_per_query"] > 0 for m in scale["systems"].values())
 
 
@@ -153,7 +162,8 @@ def test_without_a_retriever_there_are_no_two_stage_rows(bench_root: Path, check
     cfg = QualityConfig(data_root=bench_root, model_dir=checkpoints[0], work_dir=tmp_path, max_queries=2,
                         top_k_instances=5, batch_size=4)  # fmt: skip
     out = run_comparison(cfg, echo=lambda _: None)
-    assert set(out) == {"reir", "reir_ann", "rerank_scan", "weak", "setup"} and out["weak"] is None
+    assert set(out) == {"reir", "reir_ann", "rerank_scan", "rerank_scan_cached", "weak", "setup"}
+    assert out["weak"] is None
     # a checkpoint with the head serves as its own two-stage model
     own = QualityConfig(data_root=bench_root, model_dir=checkpoints[1], work_dir=tmp_path / "own", max_queries=2,
                         top_k_instances=5, batch_size=4)  # fmt: skip

@@ -233,3 +233,18 @@ def test_a_checkpoint_with_the_earlier_reranker_form_is_refused_with_a_clear_err
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="earlier bilinear-only form"):
         create_model(str(tmp_path))
+
+
+def test_image_features_computed_once_give_the_same_logits() -> None:
+    """The text-free half (``image_features``) cached for a gallery and scored later for any rows
+    (``score_features``) equals the one-call forward on those rows."""
+    states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    torch.manual_seed(0)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=4), text_hidden=8, embed_dim=16).eval()
+    with torch.no_grad():
+        features = rr.image_features(emb, boxes, obj, inst_mask)
+        images = torch.tensor([2, 0, 2])
+        want = rr(states, mask, base, emb[images], boxes[images], obj[images], inst_mask[images], text_rows=rows)
+        got = rr.score_features(states, mask, base, features, text_rows=rows, image_rows=images)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)) and torch.isneginf(got[0, 3])
+    assert torch.allclose(got[~torch.isneginf(want)], want[~torch.isneginf(want)], atol=1e-6)
