@@ -59,7 +59,8 @@ class Gallery:
 
     def __init__(self, source: str, per_image: int) -> None:
         self.per_image = per_image
-        self.meta = None if source == "random" else np.load(source)
+        # dict(): an NpzFile reads the array from the archive on every item access
+        self.meta = None if source == "random" else dict(np.load(source))
 
     def row(self, i: int) -> dict[str, Any]:
         from reir.platform import schema as S

@@ -88,6 +88,11 @@ class Layout:
         return set(S.CONTEXT_FIELDS) <= self.fields
 
     @property
+    def has_packed_context(self) -> bool:
+        """Rank-0 rows carry their image's packed context (:data:`reir.platform.schema.PACKED_CONTEXT`)."""
+        return self.has_context and S.PACKED_CONTEXT in self.fields
+
+    @property
     def stale(self) -> bool:
         return time.monotonic() - self.read_at > self.MAX_AGE_S
 

@@ -10,6 +10,7 @@ dataset, split, ...) can be added without a schema migration.
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,12 +32,19 @@ EMBEDDING = "embedding"
 # written before these fields existed lack them; readers fall back (see MilvusStore).
 IMAGE_W, IMAGE_H, N_INSTANCES = "image_w", "image_h", "n_instances"
 CONTEXT_FIELDS: tuple[str, str, str] = (IMAGE_W, IMAGE_H, N_INSTANCES)
+# The whole image's context packed onto its rank-0 row (every instance's box, objectness and
+# float16 vector; see :func:`pack_context`), "" on the other rows: the re-ranker's input for
+# an image is one keyed row instead of n_instances rows. Written by the store when all of an
+# image's rows arrive together; collections without the field, and images whose rows did
+# not, are read row by row.
+PACKED_CONTEXT = "image_context"
+MAX_PACKED_LEN = 65_535  # Milvus' longest VARCHAR
 
 BOX_FIELDS: tuple[str, str, str, str] = (BOX_X, BOX_Y, BOX_W, BOX_H)
 # Every stored scalar column, in schema order (the vector is kept apart: searches
 # never need it back, and it is the bulk of the payload).
 SCALAR_FIELDS: tuple[str, ...] = (PK, IMAGE_ID, URI, *BOX_FIELDS, SCORE, RANK, MODEL_VERSION)
-ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, *CONTEXT_FIELDS, EMBEDDING)
+ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, *CONTEXT_FIELDS, PACKED_CONTEXT, EMBEDDING)
 
 MAX_PK_LEN = 512
 MAX_IMAGE_ID_LEN = 256
@@ -115,6 +123,7 @@ def collection_schema(dim: int, metadata_fields: Mapping[str, str] | None = None
     schema.add_field(IMAGE_W, DataType.FLOAT)
     schema.add_field(IMAGE_H, DataType.FLOAT)
     schema.add_field(N_INSTANCES, DataType.INT64)
+    schema.add_field(PACKED_CONTEXT, DataType.VARCHAR, max_length=MAX_PACKED_LEN)
     for name, kind in (metadata_fields or {}).items():
         if name in ROW_FIELDS or kind not in METADATA_TYPES:
             raise ValueError(f"bad metadata field {name!r}: {kind!r} (types: {sorted(METADATA_TYPES)})")
@@ -214,3 +223,61 @@ def rows_from_columns(columns: Mapping[str, Any], extra_fields: Iterable[str] = 
 def _plain(value: Any) -> Any:
     """numpy scalars (what columnar batches hold) -> Python values pymilvus accepts."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+# Packed context: "c1" + base64 of [n: uint16][dim: uint16][n x 5 float32: box x, y, w, h,
+# objectness][n x dim float16: vectors], instances in rank order. float16 keeps the field
+# at a quarter of the rows' float32 vectors' size (about 3.7 KB for 10 instances of dim 128).
+_PACK_TAG = "c1"
+_HEADER = np.dtype([("n", "<u2"), ("dim", "<u2")])
+
+
+@dataclass(frozen=True)
+class PackedContext:
+    """One image's instances as the re-ranker reads them: ``boxes [n, 4]`` absolute pixels
+    ``[x, y, w, h]``, ``scores [n]`` objectness, ``embeddings [n, dim]`` float32 (rank order)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    embeddings: np.ndarray
+
+
+def pack_context(rows: Iterable[Mapping[str, Any]]) -> str:
+    """An image's rows (rank order) -> the :data:`PACKED_CONTEXT` string; "" when it would not fit."""
+    rows = list(rows)
+    if not rows or len(rows) > 65_535:
+        return ""
+    emb = np.stack([np.asarray(r[EMBEDDING], dtype=np.float32).reshape(-1) for r in rows])
+    head = np.array([(len(rows), emb.shape[1])], dtype=_HEADER)
+    scalars = np.array([[*(float(r[f]) for f in BOX_FIELDS), float(r[SCORE])] for r in rows], dtype="<f4")
+    blob = head.tobytes() + scalars.tobytes() + emb.astype("<f2").tobytes()
+    text = _PACK_TAG + base64.b64encode(blob).decode("ascii")
+    return text if len(text) <= MAX_PACKED_LEN else ""
+
+
+def unpack_context(text: str) -> PackedContext | None:
+    """Inverse of :func:`pack_context`; None for "" (not packed) or an unknown format."""
+    if not text or not text.startswith(_PACK_TAG):
+        return None
+    blob = base64.b64decode(text[len(_PACK_TAG):])
+    head = np.frombuffer(blob, dtype=_HEADER, count=1)[0]
+    n, dim = int(head["n"]), int(head["dim"])
+    start = _HEADER.itemsize
+    scalars = np.frombuffer(blob, dtype="<f4", count=5 * n, offset=start).reshape(n, 5)
+    emb = np.frombuffer(blob, dtype="<f2", count=n * dim, offset=start + 20 * n).reshape(n, dim)
+    return PackedContext(boxes=scalars[:, :4].astype(np.float64), scores=scalars[:, 4].astype(np.float64),
+                         embeddings=emb.astype(np.float32))
+
+
+def attach_packed_context(rows: list[dict[str, Any]]) -> None:
+    """Set :data:`PACKED_CONTEXT` on each row in place: the image's packed context on its
+    rank-0 row when all ``n_instances`` of its rows are in ``rows``, else "" (read row by row)."""
+    images: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        row[PACKED_CONTEXT] = ""
+        images.setdefault((str(row[MODEL_VERSION]), str(row[IMAGE_ID])), {})[int(row[RANK])] = row
+    for ranks in images.values():
+        first = ranks.get(0)
+        count = int(first.get(N_INSTANCES) or 0) if first is not None else 0
+        if first is not None and count > 0 and all(r in ranks for r in range(count)):
+            first[PACKED_CONTEXT] = pack_context(ranks[r] for r in range(count))

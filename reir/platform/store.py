@@ -284,7 +284,9 @@ class MilvusStore:
         """
         written = 0
         layout = self.layout()
-        prepared = (self._prepare(row, layout.has_context) for row in rows)
+        prepared = [self._prepare(row, layout.has_context) for row in rows]
+        if layout.has_packed_context:
+            S.attach_packed_context(prepared)
         for chunk in _chunks(prepared, self.upsert_batch_size):
             by_partition: dict[str, list[dict[str, Any]]] = {}
             for row in chunk:
@@ -302,6 +304,7 @@ class MilvusStore:
     @staticmethod
     def _prepare(row: Mapping[str, Any], has_context: bool = True) -> dict[str, Any]:
         out = dict(row)
+        out.pop(S.PACKED_CONTEXT, None)  # the store packs it (upsert), from the rows themselves
         for name, default in zip(S.CONTEXT_FIELDS, (0.0, 0.0, 0), strict=True):
             if has_context:
                 out.setdefault(name, default)
@@ -417,30 +420,35 @@ class MilvusStore:
     def context(self, hits: Sequence[Hit], *, model_version: str | None = None) -> dict[str, list[Hit]]:
         """Every stored instance (rank order, with vectors) of each hit's image: the re-ranker's input.
 
-        A keyed lookup: the primary keys of ranks 0..n_instances-1 are known from the hit, so
-        this is one ``get`` however large the collection, in the version's partition only.
-        Only what differs per instance comes back (vector, box, objectness); the image's uri,
-        size and count are the hit's. Images whose hits do not carry a count (collections
-        older than the field) are read with the scalar query instead.
+        A keyed lookup, one ``get`` however large the collection, in the version's partition
+        only: of each image's rank-0 row, whose packed field holds every instance's vector
+        (float16), box and objectness (:func:`reir.platform.schema.pack_context`); images
+        without it (collections older than the field, rows written apart) by the primary keys
+        of ranks 0..n_instances-1. The image's uri, size and count are the hit's. Images whose
+        hits do not carry a count (older still) are read with the scalar query instead.
         """
-        keys: dict[str, tuple[Hit, int]] = {}
-        legacy: list[str] = []
-        for hit in {h.image_id: h for h in reversed(hits)}.values():
-            if hit.n_instances > 0:
-                keys.update((S.make_pk(hit.model_version, hit.image_id, r), (hit, r)) for r in range(hit.n_instances))
-            else:
-                legacy.append(hit.image_id)
         out: dict[str, list[Hit]] = {h.image_id: [] for h in hits}
-        if keys:
+        parts: list[str] | None = None
+        images = {h.image_id: h for h in reversed(hits)}
+        keyed = [hit for hit in images.values() if hit.n_instances > 0]
+        legacy = [hit.image_id for hit in images.values() if hit.n_instances <= 0]
+        if not keyed:
+            keyed_rest: list[Hit] = []
+        else:
             layout = self.layout()
-            versions = {hit.model_version for hit, _ in keys.values()}
+            versions = {hit.model_version for hit in keyed}
             partition = layout.partition_of(next(iter(versions))) if len(versions) == 1 else None
+            parts = [partition] if partition is not None else None
+            keyed_rest = self._packed_context(keyed, out, parts) if layout.has_packed_context else keyed
+        keys = {S.make_pk(hit.model_version, hit.image_id, r): (hit, r) for hit in keyed_rest
+                for r in range(hit.n_instances)}
+        if keys:
             ids = list(keys)
             rows: list[dict[str, Any]] = []
             for start in range(0, len(ids), _GET_BATCH):
                 rows.extend(self.client.get(
                     self.collection, ids=ids[start : start + _GET_BATCH], output_fields=list(_CONTEXT_OUTPUT),
-                    partition_names=[partition] if partition is not None else None,
+                    partition_names=parts, strict_float32=True,
                 ))  # fmt: skip
             found = [(keys[str(row[S.PK])], row) for row in rows]
             for (hit, rank), row in sorted(found, key=lambda f: f[0][1]):
@@ -453,6 +461,30 @@ class MilvusStore:
         if legacy:
             out.update(self.rows_for_images(legacy, model_version=model_version))
         return out
+
+    def _packed_context(self, hits: Sequence[Hit], out: dict[str, list[Hit]],
+                        partitions: list[str] | None) -> list[Hit]:  # fmt: skip
+        """The context of each hit's image from its rank-0 row's packed field (one keyed row
+        per image) into ``out``; returns the hits whose image has none (read row by row)."""
+        first = {S.make_pk(h.model_version, h.image_id, 0): h for h in hits}
+        ids = list(first)
+        rest = dict.fromkeys(h.image_id for h in hits)
+        for start in range(0, len(ids), _GET_BATCH):
+            for row in self.client.get(self.collection, ids=ids[start : start + _GET_BATCH],
+                                       output_fields=[S.PK, S.PACKED_CONTEXT], partition_names=partitions):
+                hit = first[str(row[S.PK])]
+                packed = S.unpack_context(str(row.get(S.PACKED_CONTEXT) or ""))
+                if packed is None or len(packed.scores) != hit.n_instances:
+                    continue
+                out[hit.image_id] = [
+                    Hit(pk=S.make_pk(hit.model_version, hit.image_id, r), image_id=hit.image_id, uri=hit.uri,
+                        box=S.as_box(packed.boxes[r]), score=0.0, instance_score=float(packed.scores[r]),
+                        model_version=hit.model_version, embedding=packed.embeddings[r],
+                        image_size=hit.image_size, n_instances=hit.n_instances)
+                    for r in range(hit.n_instances)
+                ]  # fmt: skip
+                rest.pop(hit.image_id, None)
+        return [h for h in hits if h.image_id in rest]
 
     def rows_for_images(
         self,

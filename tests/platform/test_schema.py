@@ -50,3 +50,28 @@ def test_collection_schema_has_dynamic_fields_and_vector() -> None:
     assert schema.enable_dynamic_field
     names = [f.name for f in schema.fields]
     assert names == list(S.ROW_FIELDS)
+
+
+def test_packed_context_round_trips_in_rank_order_and_refuses_what_does_not_fit() -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(4, 16)).astype(np.float32)
+    rows = [S.InstanceRow("im", "/im.jpg", (float(r), 2.0, 3.0, 4.5), 0.25 * r, r, "v1", emb[r], n_instances=4).to_dict()
+            for r in range(4)]  # fmt: skip
+    packed = S.unpack_context(S.pack_context(rows))
+    assert packed is not None
+    assert np.array_equal(packed.boxes, [[r, 2.0, 3.0, 4.5] for r in range(4)])
+    assert np.array_equal(packed.scores, [0.0, 0.25, 0.5, 0.75])
+    assert np.array_equal(packed.embeddings, emb.astype(np.float16).astype(np.float32))
+    assert S.unpack_context("") is None and S.unpack_context("xyz") is None
+    wide = [{**rows[0], S.EMBEDDING: np.ones(S.MAX_PACKED_LEN, np.float32)}]
+    assert S.pack_context(wide) == ""  # over Milvus' VARCHAR limit: the rows are read one by one
+
+
+def test_attach_packs_only_images_whose_rows_are_all_there() -> None:
+    emb = np.eye(4, dtype=np.float32)
+    whole = [S.InstanceRow("a", "/a", (0.0, 0.0, 1.0, 1.0), 0.9, r, "v1", emb[r], n_instances=2).to_dict()
+             for r in range(2)]  # fmt: skip
+    part = [S.InstanceRow("b", "/b", (0.0, 0.0, 1.0, 1.0), 0.9, 0, "v1", emb[2], n_instances=3).to_dict()]
+    rows = whole + part
+    S.attach_packed_context(rows)
+    assert rows[0][S.PACKED_CONTEXT] and rows[1][S.PACKED_CONTEXT] == "" and rows[2][S.PACKED_CONTEXT] == ""

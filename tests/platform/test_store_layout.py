@@ -71,8 +71,59 @@ def test_context_is_a_keyed_fetch_of_every_instance_with_size_and_vectors(store:
     assert sorted(context) == ["img1", "img3"]
     assert [h.pk for h in context["img1"]] == [S.make_pk("v1", "img1", r) for r in range(3)]
     got = context["img3"][1]
-    assert got.embedding is not None and np.allclose(got.embedding, vecs[10], atol=1e-5)
+    # read from img3's rank-0 row, which packs the image's vectors as float16
+    assert got.embedding is not None and np.array_equal(got.embedding, vecs[10].astype(np.float16).astype(np.float32))
     assert got.image_size == (643.0, 480.0) and got.box == (10.0, 1.0, 2.0, 3.0)
+    assert got.instance_score == 0.5 and got.n_instances == 3
+
+
+def test_the_rank0_row_packs_its_image_and_the_others_stay_empty(store: MilvusStore) -> None:
+    _, rows = _rows(2, 3)
+    store.upsert(rows)
+    stored = {r[S.PK]: r[S.PACKED_CONTEXT] for r in store.get([r[S.PK] for r in rows])}
+    packed = S.unpack_context(stored[S.make_pk("v1", "img1", 0)])
+    assert packed is not None and packed.embeddings.shape == (3, DIM)
+    assert np.array_equal(packed.boxes[:, 0], [3.0, 4.0, 5.0])  # rank order
+    assert [stored[S.make_pk("v1", "img1", r)] for r in (1, 2)] == ["", ""]
+    assert "image_context" not in store._scalar_fields(store.layout())  # searches never carry it
+
+
+def test_an_image_written_in_pieces_is_read_row_by_row_exactly(store: MilvusStore) -> None:
+    vecs, rows = _rows(2, 3)
+    store.upsert(rows[:1])  # rank 0 of img0 alone: nothing to pack it with
+    store.upsert(rows[1:])
+    assert store.get([rows[0][S.PK]])[0][S.PACKED_CONTEXT] == ""
+    store.build_index("AUTOINDEX")
+    store.load()
+    hit = store.search(vecs[1], 1)[0][0]
+    context = store.context([hit, store.search(vecs[4], 1)[0][0]], model_version="v1")
+    assert [h.pk for h in context["img0"]] == [S.make_pk("v1", "img0", r) for r in range(3)]
+    assert all(np.allclose(h.embedding, vecs[r], atol=1e-6) for r, h in enumerate(context["img0"]))  # float32 rows
+    assert [h.box[0] for h in context["img1"]] == [3.0, 4.0, 5.0]  # img1 came whole: packed
+
+
+def _schema_without_packed_context() -> object:
+    """The row schema with image size and count but before the packed context field."""
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+    for f in S.collection_schema(DIM).fields:
+        if f.name != S.PACKED_CONTEXT:
+            schema.add_field(f.name, f.dtype, is_primary=f.is_primary, **f.params)
+    return schema
+
+
+def test_a_collection_without_the_packed_field_reads_context_row_by_row(tmp_path: Path) -> None:
+    with MilvusStore(str(tmp_path / "mid.db"), "mid") as store:
+        store.client.create_collection("mid", schema=_schema_without_packed_context())
+        vecs, rows = _rows(3, 2)
+        store.upsert(rows)
+        assert store.layout().has_context and not store.layout().has_packed_context
+        assert S.PACKED_CONTEXT not in store.get([rows[0][S.PK]])[0]  # not stuffed into the dynamic field
+        store.build_index("AUTOINDEX")
+        store.load()
+        hit = store.search(vecs[3], 1)[0][0]
+        context = store.context([hit], model_version="v1")
+        assert [h.pk for h in context["img1"]] == [rows[2][S.PK], rows[3][S.PK]]
+        assert np.allclose(context["img1"][1].embedding, vecs[3], atol=1e-6)
 
 
 def _old_schema() -> object:
