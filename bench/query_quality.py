@@ -159,7 +159,8 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 
     texts = [q.text for q in test_queries(Path(args.data))][: args.queries]
     cfg = ServeConfig(model_path=args.model, milvus=MilvusConfig(uri=args.uri, collection=args.collection),
-                      filter_model_version=False, host="127.0.0.1", port=free_port())  # fmt: skip
+                      filter_model_version=False, host="127.0.0.1", port=free_port(),
+                      encode_in_searcher=args.encode_in_searcher)  # fmt: skip
     pipeline = local_pipeline(cfg)
     stages: dict[str, list[float]] = {}
     for i, text in enumerate([*texts[:3], *texts]):
@@ -168,6 +169,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
             for name, ms in outcome.timings_ms.items():
                 stages.setdefault(name, []).append(ms)
     result: dict[str, Any] = {"phase": "latency", "collection": args.collection, "reranked": outcome.reranked,
+                              "encode_in_searcher": args.encode_in_searcher,
                               "in_process": _pct(stages["total"]),
                               "stage_p50_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
     result["rss_mb"] = {"bench": round(rss_mb(os.getpid()), 1)}
@@ -215,6 +217,8 @@ def main() -> None:
         lat.add_argument(name, required=True)
     lat.add_argument("--queries", type=int, default=200)
     lat.add_argument("--http", action="store_true")
+    lat.add_argument("--encode-in-searcher", action="store_true",
+                     help="the Serve app without a QueryEncoder deployment (ServeConfig.encode_in_searcher)")
     lat.add_argument("--server-pid", type=int, default=0, help="the Milvus server's pid (its RSS is reported)")
     lat.add_argument("--out", default="")
     b = sub.add_parser("brk")

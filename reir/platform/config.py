@@ -239,6 +239,11 @@ class ServeConfig(_Frozen):
     searcher_replicas: int = Field(default=1, ge=1)
     ingress_replicas: int = Field(default=1, ge=1)
     num_cpus_encoder: float = Field(default=1.0, ge=0)
+    # The searcher replicas encode the query too (no QueryEncoder deployment): one Ray hop per
+    # query instead of two, and no batching of concurrent queries' text forwards. For CPU
+    # deployments, where the two stages scale together; keep it off to scale or place the
+    # encoder apart (a GPU encoder). docs/query-path.md has the measured difference.
+    encode_in_searcher: bool = False
     # The searcher runs the ANN search, the keyed context fetch and the re-rank (model) in one replica.
     num_cpus_searcher: float = Field(default=0.5, ge=0)
     num_cpus_ingress: float = Field(default=0.25, ge=0)

@@ -48,7 +48,7 @@ def allowed_fields(metadata: Mapping[str, FieldType] | None = None) -> dict[str,
     for name, kind in (metadata or {}).items():
         if not _FIELD_NAME.match(name):
             raise FilterError(f"metadata field name {name!r} is not an identifier")
-        if name in S.ROW_FIELDS:
+        if name in S.RESERVED_FIELDS:
             raise FilterError(f"metadata field {name!r} shadows a schema field")
         if kind not in OPS_BY_TYPE:
             raise FilterError(f"metadata field {name!r}: type must be one of {sorted(OPS_BY_TYPE)}")

@@ -44,7 +44,10 @@ BOX_FIELDS: tuple[str, str, str, str] = (BOX_X, BOX_Y, BOX_W, BOX_H)
 # Every stored scalar column, in schema order (the vector is kept apart: searches
 # never need it back, and it is the bulk of the payload).
 SCALAR_FIELDS: tuple[str, ...] = (PK, IMAGE_ID, URI, *BOX_FIELDS, SCORE, RANK, MODEL_VERSION)
-ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, *CONTEXT_FIELDS, PACKED_CONTEXT, EMBEDDING)
+ROW_FIELDS: tuple[str, ...] = (*SCALAR_FIELDS, *CONTEXT_FIELDS, EMBEDDING)
+# Every field name of the schema (no metadata field or extra may take one); the packed
+# context is the store's own, never an encoder's column.
+RESERVED_FIELDS: tuple[str, ...] = (*ROW_FIELDS, PACKED_CONTEXT)
 
 MAX_PK_LEN = 512
 MAX_IMAGE_ID_LEN = 256
@@ -125,7 +128,7 @@ def collection_schema(dim: int, metadata_fields: Mapping[str, str] | None = None
     schema.add_field(N_INSTANCES, DataType.INT64)
     schema.add_field(PACKED_CONTEXT, DataType.VARCHAR, max_length=MAX_PACKED_LEN)
     for name, kind in (metadata_fields or {}).items():
-        if name in ROW_FIELDS or kind not in METADATA_TYPES:
+        if name in RESERVED_FIELDS or kind not in METADATA_TYPES:
             raise ValueError(f"bad metadata field {name!r}: {kind!r} (types: {sorted(METADATA_TYPES)})")
         extra = {"max_length": MAX_METADATA_STR_LEN} if kind == "str" else {}
         schema.add_field(name, METADATA_TYPES[kind], **extra)
@@ -155,7 +158,7 @@ class InstanceRow:
 
     def to_dict(self) -> dict[str, Any]:
         """The Milvus row: schema fields plus dynamic ``extra`` fields."""
-        reserved = set(ROW_FIELDS) & set(self.extra)
+        reserved = set(RESERVED_FIELDS) & set(self.extra)
         if reserved:
             raise ValueError(f"extra fields shadow schema fields: {sorted(reserved)}")
         row: dict[str, Any] = {
@@ -177,7 +180,7 @@ class InstanceRow:
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> InstanceRow:
         """Inverse of :meth:`to_dict`; unknown keys land in ``extra``."""
-        extra = {k: v for k, v in row.items() if k not in ROW_FIELDS}
+        extra = {k: v for k, v in row.items() if k not in RESERVED_FIELDS}
         return cls(
             image_id=str(row[IMAGE_ID]),
             uri=str(row[URI]),

@@ -111,7 +111,7 @@ _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 def _metadata_expr(name: str, value: str | float | bool) -> str:
-    if not _FIELD_NAME.match(name) or name in S.ROW_FIELDS:
+    if not _FIELD_NAME.match(name) or name in S.RESERVED_FIELDS:
         raise ValueError(f"bad metadata field name {name!r}")
     if isinstance(value, bool):
         return f"{name} == {str(value).lower()}"

@@ -20,7 +20,9 @@ with a file URI keep one searcher replica (validated), or serve the data with
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI
@@ -38,7 +40,7 @@ from reir.platform.store import MilvusStore
 from reir.serving.failures import milvus_call, stage_call
 from reir.serving.http import HttpSettings, create_http_app
 from reir.serving.localize import BoxUpdate, Localizer
-from reir.serving.pipeline import Candidates, QueryPipeline, Ranker, localize_results_for
+from reir.serving.pipeline import Candidates, QueryPipeline, Ranker, encode_and_rank, localize_results_for
 from reir.serving.rerank import Reranker, discover_threshold_for
 from reir.serving.retriever import EncodedQuery, QueryEncoder
 
@@ -97,6 +99,7 @@ class SearcherDeployment:
     def __init__(
         self, milvus: Mapping[str, Any], model_path: str, *, loader: ModelLoader = load_reir_model,
         torch_threads: int = 1, localize: Mapping[str, Any] | None = None, rerank_max_instances: int = 64,
+        discover_threshold: float = 0.5,
     ) -> None:  # fmt: skip
         import torch
 
@@ -108,14 +111,27 @@ class SearcherDeployment:
         self.store.load()
         torch.set_num_threads(max(1, torch_threads))
         model, processor = loader(model_path)
-        calibration = QueryEncoder(model, processor).calibration
+        self.encoder = QueryEncoder(model, processor, model_version=model_version_for(model_path))
+        calibration = self.encoder.calibration
         self.ranker = Ranker(self.store, Reranker(model, processor, calibration=calibration,
                                                   max_instances=rerank_max_instances))
+        # What the ingress needs when this replica also encodes (ServeConfig.encode_in_searcher).
+        self._info = {"model_version": self.encoder.model_version, "dim": self.encoder.dim,
+                      "calibration": calibration.to_dict(),
+                      "discover_threshold": discover_threshold_for(model_path, discover_threshold)}
         self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
         self._latency = T.ray_metric(T.QUERY_SEARCH_LATENCY_SECONDS)
 
     def info(self) -> dict[str, Any]:
-        return {"can_rerank": self.ranker.can_rerank}
+        return {**self._info, "can_rerank": self.ranker.can_rerank}
+
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+        """The query encoded here, then :meth:`candidates` (``encode_in_searcher``: one hop per query)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        found = await asyncio.to_thread(milvus_call, encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head)
+        self._latency.observe(loop.time() - start)
+        return found
 
     async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
         """ANN top-N for one encoded query under the (validated) filter; the best ``head``
@@ -150,19 +166,32 @@ class HandleStages:
     """:class:`reir.serving.pipeline.QueryStages` over the deployment handles (read-only
     stages, so a call whose replica died is retried once)."""
 
-    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle) -> None:
-        self.encoder = encoder
+    def __init__(self, encoder: DeploymentHandle | None, searcher: DeploymentHandle) -> None:
+        self.encoder = encoder  # None: the searcher encodes (ServeConfig.encode_in_searcher)
         self.searcher = searcher
 
     async def info(self) -> dict[str, Any]:
-        encoder = await stage_call(lambda: self.encoder.info.remote(), "QueryEncoder")
-        return {**encoder, **(await stage_call(lambda: self.searcher.info.remote(), "Searcher"))}
+        searcher = await stage_call(lambda: self.searcher.info.remote(), "Searcher")
+        if self.encoder is None:
+            return searcher
+        return {**(await stage_call(lambda: self.encoder.info.remote(), "QueryEncoder")), **searcher}
 
     async def encode(self, text: str) -> EncodedQuery:
+        if self.encoder is None:
+            raise RuntimeError("this app encodes in the searcher: call search()")
         return await stage_call(lambda: self.encoder.encode.remote(text), "QueryEncoder")
 
     async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
         return await stage_call(lambda: self.searcher.candidates.remote(query, top_n, flt, head), "Searcher")
+
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+        if self.encoder is None:  # one hop
+            return await stage_call(lambda: self.searcher.search.remote(text, top_n, flt, head), "Searcher")
+        t = time.perf_counter()
+        encoded = await self.encode(text)
+        took = time.perf_counter() - t
+        found = await self.candidates(encoded, top_n, flt, head)
+        return encoded, replace(found, timings_s={"encode": took, **found.timings_s})
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         return await stage_call(lambda: self.searcher.localize.remote(query, items), "Searcher")
@@ -171,7 +200,8 @@ class HandleStages:
         return await stage_call(lambda: self.searcher.image_uri.remote(image_id), "Searcher")
 
     async def health(self) -> dict[str, Any]:
-        info = await stage_call(lambda: self.encoder.info.remote(), "QueryEncoder")
+        stage = self.encoder if self.encoder is not None else self.searcher
+        info = await stage_call(lambda: stage.info.remote(), "QueryEncoder" if self.encoder is not None else "Searcher")
         await stage_call(lambda: self.searcher.ping.remote(), "Searcher")
         return {"model_version": info["model_version"]}
 
@@ -215,7 +245,7 @@ class RayStageMetrics:
 class IngressDeployment:
     def __init__(
         self,
-        encoder: DeploymentHandle,
+        encoder: DeploymentHandle | None,
         searcher: DeploymentHandle,
         *,
         config: Mapping[str, Any],
@@ -256,7 +286,7 @@ def _scaling(cfg: ServeConfig, stage: ServeStage, replicas: int, cpus: float) ->
 def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Application:
     """The bound application for ``cfg``; ``loader`` lets tests inject a model."""
     # @serve.deployment turns the classes into Deployments (mypy sees the plain classes).
-    encoder = QueryEncoderDeployment.options(  # type: ignore[attr-defined]
+    encoder = None if cfg.encode_in_searcher else QueryEncoderDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "encoder", cfg.encoder_replicas, cfg.num_cpus_encoder)
     ).bind(
         cfg.model_path,
@@ -269,7 +299,8 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
     ).bind(cfg.milvus.model_dump(), cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_searcher)),
-           localize=cfg.localize.model_dump(), rerank_max_instances=cfg.rerank_max_instances)
+           localize=cfg.localize.model_dump(), rerank_max_instances=cfg.rerank_max_instances,
+           discover_threshold=cfg.discover_threshold)
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
     ).bind(encoder, searcher, config=cfg.model_dump(mode="json"))

@@ -82,6 +82,9 @@ class Ranker:
         timings["context"] = clock() - t
         t = clock()
         scored = self.reranker.rerank(query, best, context)
+        # The answer needs boxes and scores only: the context's vectors (the bulk of the
+        # data: ~500 x dim floats) stay here instead of crossing the hop back to the ingress.
+        scored = [(replace(hit, embedding=None) if hit.embedding is not None else hit, prob) for hit, prob in scored]
         timings["rerank"] = clock() - t
         return Candidates(hits, scored, timings)
 
@@ -118,6 +121,11 @@ class QueryStages(Protocol):
 
     async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
         """ANN top-N under the filter; the best ``head`` re-ranked (0: no re-rank), see :class:`Ranker`."""
+        ...
+
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+        """:meth:`encode` then :meth:`candidates`, in one call where one place does both;
+        ``Candidates.timings_s["encode"]`` says what the encoding took."""
         ...
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
@@ -225,20 +233,19 @@ class QueryPipeline:
         start = clock()
         info = await self.info()
         timings: dict[str, float] = {}
-        encoded = await self.stages.encode(request.query)
-        timings["encode"] = clock() - start
-        truncated = report_truncation(encoded, self.metrics)
         version = info["model_version"] if self.filter_model_version else None
         flt = StructuredFilter(model_version=version or None, conditions=request.conditions)
-        t = clock()
         discover = request.mode == "discover"
         pool = self.discover_candidates if discover else self.candidates
         head_size = self.discover_rerank_candidates if discover else self.rerank_candidates
         head_size = max(head_size, request.top_k) if request.rerank and info.get("can_rerank") else 0
-        found = await self.stages.candidates(encoded, max(pool, request.top_k), flt, head_size)
+        t = clock()
+        encoded, found = await self.stages.search(request.query, max(pool, request.top_k), flt, head_size)
+        truncated = report_truncation(encoded, self.metrics)
         hits = found.hits
-        timings["search"] = clock() - t
         timings.update(found.timings_s)
+        # "search": the searcher stage as the pipeline waited for it, the encoding apart
+        timings["search"] = max(0.0, clock() - t - timings.get("encode", 0.0))
         reranked = found.scored is not None
         scored = found.scored if found.scored is not None else ann_order(hits, Calibration(**info["calibration"]))
         threshold = float(info["discover_threshold"])
@@ -284,6 +291,18 @@ class QueryPipeline:
         return None if lookup is None else await lookup(image_id)
 
 
+def encode_and_rank(encoder: QueryEncoder, ranker: Ranker, text: str, top_n: int, flt: StructuredFilter,
+                    head: int) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
+    """One query through the encoder and the searcher stage in this process (the encoding's
+    time in ``timings_s["encode"]``); the token states stay here, the rest travels on."""
+    t = time.perf_counter()
+    encoded = encoder.encode_queries([text])[0]
+    took = time.perf_counter() - t
+    found = ranker.rank(encoded, top_n, flt, head)
+    return replace(encoded, token_states=None, attention_mask=None), replace(
+        found, timings_s={"encode": took, **found.timings_s})
+
+
 class ContextStore(Protocol):
     def search(self, vectors: np.ndarray, top_n: int, filter: Any = None) -> list[list[Hit]]: ...
 
@@ -316,6 +335,9 @@ class LocalStages:
 
     async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
         return await asyncio.to_thread(self.ranker.rank, query, top_n, flt, head)
+
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+        return await asyncio.to_thread(encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         if self.localizer is None:

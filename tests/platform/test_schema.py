@@ -49,7 +49,7 @@ def test_collection_schema_has_dynamic_fields_and_vector() -> None:
     schema = S.collection_schema(16)
     assert schema.enable_dynamic_field
     names = [f.name for f in schema.fields]
-    assert names == list(S.ROW_FIELDS)
+    assert names == [*S.ROW_FIELDS[:-1], S.PACKED_CONTEXT, S.EMBEDDING] and set(names) == set(S.RESERVED_FIELDS)
 
 
 def test_packed_context_round_trips_in_rank_order_and_refuses_what_does_not_fit() -> None:

@@ -195,3 +195,45 @@ def test_metrics_are_exported_on_rays_metrics_port(fake_app: FakeApp) -> None:
     # every ok search observed its candidates once: the +Inf bucket counts them
     inf = [line for line in found["ray_reir_query_candidates_bucket"] if 'le="+Inf"' in line]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in inf) >= 5
+
+
+def test_encode_in_searcher_serves_the_same_answers_in_one_hop(
+    serve_url: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """``encode_in_searcher``: no QueryEncoder deployment; the searcher encodes, searches, fetches
+    the context and re-ranks, and HTTP answers what the in-process pipeline answers."""
+    import asyncio
+
+    from reir.model import create_model
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.serving.app import app_for
+    from reir.serving.pipeline import QueryRequest, local_pipeline
+
+    model, processor = create_model(str(tiny_checkpoint))
+    model.add_reranker(hidden_size=16, num_relations=4)  # a re-ranking model: the whole path runs
+    ckpt = tmp_path / "rerank-ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    db = tmp_path / "fused.db"
+    fill_store(db, ckpt, load_reir_model)
+    cfg = ServeConfig(model_path=str(ckpt), milvus=MilvusConfig(uri=str(db), collection=COLLECTION),
+                      encode_in_searcher=True, num_cpus_searcher=0.1, num_cpus_ingress=0.1)  # fmt: skip
+    queries = ["the red square", "a blue thing left of the green one", "yellow"]
+    local = local_pipeline(cfg)
+    try:
+        expected = [asyncio.run(local.run(QueryRequest(q, top_k=4))) for q in queries]
+    finally:
+        local.stages.store.close()  # type: ignore[attr-defined]  # the replica opens the file next
+    assert all(o.reranked for o in expected)
+    serve.run(app_for(cfg), name="fused", route_prefix="/fused")
+    try:
+        assert set(serve.status().applications["fused"].deployments) == {"Ingress", "Searcher"}
+        client = Client(f"{serve_url}/fused")
+        for q, want in zip(queries, expected, strict=True):
+            body = client.search_full(q, top_k=4)
+            assert body["reranked"] is True and {"encode", "search", "ann", "context", "rerank"} <= set(body["timings_ms"])
+            got = [(r["image_id"], r["box"]) for r in body["results"]]
+            assert got == [(r.image_id, list(r.box)) for r in want.results]
+            assert [r["score"] for r in body["results"]] == pytest.approx([r.score for r in want.results], abs=1e-5)
+    finally:
+        serve.delete("fused")

@@ -186,6 +186,10 @@ class _PoolStages:
     async def encode(self, text: str) -> EncodedQuery:
         return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
+    async def search(self, text: str, top_n: int, flt: Any, head: int) -> tuple[EncodedQuery, Candidates]:
+        encoded = await self.encode(text)
+        return encoded, await self.candidates(encoded, top_n, flt, head)
+
     async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int) -> Candidates:
         self.top_n.append(top_n)
         hits = [Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
