@@ -260,12 +260,12 @@ def plot(results: Path, out: Path) -> None:
 
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for e in json.loads(results.read_text()):
-        if e.get("phase") == "measure":  # the last run per (backend, index, data, ef) and size wins
-            ef = "" if e.get("ef", "default") == "default" else f" ef {e['ef']}"
-            latest[(f"{e['backend']} {e['index_type']}{ef}, {e['source'].removesuffix('.npz')}", e["instances"])] = e
+        if e.get("phase") == "measure" and e.get("ef", "default") == "default":  # sweeps stay in the JSON
+            # the last run per (backend, index, data) and size wins
+            latest[(f"{e['backend']} {e['index_type']}, {e['source'].removesuffix('.npz')}", e["instances"])] = e
         elif e.get("phase") == "floor":
             latest[(f"numpy exact, {e['source'].removesuffix('.npz')}", e["instances"])] = e
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     for series in sorted({k for k, _ in latest}):
         rows = sorted((n, e["search"]["p50_ms"], e.get("context_fetch_50_images", {}).get("p50_ms"))
                       for (k, n), e in latest.items() if k == series)  # fmt: skip
@@ -276,7 +276,7 @@ def plot(results: Path, out: Path) -> None:
                     label=f"{series}: + keyed context")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="instances in the collection", ylabel="p50 (ms)",
            title="Query store cost per backend (2 shared cores)")  # fmt: skip
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
