@@ -199,6 +199,20 @@ class BaselineSystems:
             self.retriever, self.vectors = two, np.asarray(image_vectors, dtype=np.float32)
             self.two_encoder, self.grounder = QueryEncoder(two, two_processor), GalleryReranker(two, gallery)
 
+    def image_recall(self, queries: Sequence[Query], ks: Sequence[int] = (1, 10, 50)) -> dict[str, float]:
+        """The image retriever alone: the share of queries with an image holding a target among
+        its top k images (no box asked), ``{"image_R@k": ...}``."""
+        from reir.evaluation.baseline_models import retrieval_text
+
+        hits = np.zeros(len(ks))
+        position = {image_id: i for i, image_id in enumerate(self.gallery.image_ids)}
+        for q in queries:
+            scores = self.vectors @ retrieval_text(self.retriever, self.two_encoder.encode_queries([q.text])[0])
+            wanted = [position[i] for i in {t[0] for t in q.targets} | {q.image_id} if i in position]
+            rank = min(int((scores > scores[i]).sum()) for i in wanted) if wanted else len(scores)
+            hits += [rank < k for k in ks]
+        return {f"image_R@{k}": float(h / max(1, len(queries))) for k, h in zip(ks, hits, strict=True)}
+
     def answers(self) -> dict[str, Answer]:
         from reir.evaluation.baseline_models import retrieval_text
 
@@ -303,6 +317,8 @@ def _baselines(cfg: QualityConfig, samples: Sequence[ImageSample], gallery: Inst
     systems = BaselineSystems(cfg.model_dir, gallery, retriever_dir=retriever, image_vectors=vectors,
                               rescore_pool=cfg.rescore_pool)  # fmt: skip
     setup["image_vectors"] = vectors
+    if retriever is not None:
+        setup["two_stage_image_recall"] = systems.image_recall(queries)
     return {name: measure(answer, queries, heldout=heldout) for name, answer in systems.answers().items()}
 
 

@@ -146,6 +146,8 @@ def test_run_comparison_reports_every_system(bench_root: Path, checkpoints: tupl
     setup = out["setup"]
     assert setup["gallery_images"] == len(load_samples(bench_root, "test"))
     assert setup["two_stage_shares_reir_weights"] is True and "image_vectors" not in setup
+    recall = setup["two_stage_image_recall"]
+    assert 0.0 <= recall["image_R@1"] <= recall["image_R@10"] <= recall["image_R@50"] == 1.0  # 8 test images
     table = next(line for line in lines if line.startswith("| system | BR@1")).splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == [f"| {s}" for s in SYSTEMS]
     heldout = next(line for line in lines if "heldout_family BR@1" in line).splitlines()
