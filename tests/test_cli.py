@@ -95,7 +95,7 @@ def test_a_bug_is_one_line_exit_1_with_the_traceback_in_a_file(capsys: pytest.Ca
 def test_bad_option_values_are_rejected_cleanly(tmp_path: Path) -> None:
     res = _reir("train", "--data", str(tmp_path), "--stage", "7")
     assert res.returncode == 2
-    assert "--stage must be 1, 2, rerank, weak or weak-rerank" in res.stderr
+    assert "--stage must be 1, 2, rerank, weak, weak-rerank or image-retrieval" in res.stderr
     res = _reir("synth", "--out", str(tmp_path / "o"), "--num-images", "3")
     assert res.returncode == 2 and "Traceback" not in res.stderr
 
