@@ -247,6 +247,10 @@ class ServeConfig(_Frozen):
     # The searcher runs the ANN search, the keyed context fetch and the re-rank (model) in one replica.
     num_cpus_searcher: float = Field(default=0.5, ge=0)
     num_cpus_ingress: float = Field(default=0.25, ge=0)
+    # Requests one encoder or searcher replica takes at once (the ingress: twice as many, it only
+    # awaits the others); more wait at the caller. With Serve's default of 5, 32 concurrent
+    # queries on one searcher at 1M ran at 8 queries/s (p50 3.7 s); with 32, at 24 (p50 1.2 s).
+    max_ongoing_requests: int = Field(default=32, ge=1, le=10_000)
     # Custom Ray resources every replica asks for (pins the app to the nodes that offer them).
     replica_resources: dict[str, float] = Field(default_factory=dict)
     max_batch_size: int = Field(default=16, ge=1, le=1024)

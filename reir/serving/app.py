@@ -272,7 +272,8 @@ class IngressDeployment:
 
 def _scaling(cfg: ServeConfig, stage: ServeStage, replicas: int, cpus: float) -> dict[str, Any]:
     """Deployment options: autoscaling when the stage has a spec, else a fixed replica count."""
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus}}
+    ongoing = cfg.max_ongoing_requests * (2 if stage == "ingress" else 1)
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus}, "max_ongoing_requests": ongoing}
     if cfg.replica_resources:
         options["ray_actor_options"]["resources"] = dict(cfg.replica_resources)
     spec = cfg.autoscaling.get(stage)
