@@ -294,9 +294,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     """Stages ``rerank`` and ``weak-rerank``: frozen model -> features of this worker's shard
     -> train the re-ranker (weak: its rows carry no referent box, the loss is over images)."""
     import deepspeed
-    import ray.train
 
-    from reir.model import create_model
     from reir.model.modeling import score_scale
     from reir.training.rerank import (
         build_rerank_set,
@@ -307,19 +305,8 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
         sample_texts,
     )
 
-    overrides = dict(cfg.model_overrides)
-    rerank_spec = dict(overrides.pop("rerank", {}) or {})
-    model, processor = create_model(cfg.model, **overrides)
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    reranker = model.reranker if model.reranker is not None and not rerank_spec else model.add_reranker(**rerank_spec)
-    reranker.train()
-    for p in reranker.parameters():
-        p.requires_grad_(True)
-
-    rows = [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
-            for r in frame.to_dict("records")]
+    model, processor, reranker = _frozen_model_with_head(cfg, device, "rerank")
+    rows = _shard_rows()
     samples = [row_to_sample(r) for r in rows]
     started = time.monotonic()
     # One pass over the shard: decoded images are not kept (max_items=0).
@@ -373,9 +360,7 @@ def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch
     """Stage ``image-retrieval``: frozen model -> token grids and expression features of this
     worker's shard -> train the image-level retrieval head (reir.training.image_retrieval)."""
     import deepspeed
-    import ray.train
 
-    from reir.model import create_model
     from reir.training.image_retrieval import (
         build_image_retrieval_set,
         group_recall,
@@ -384,18 +369,8 @@ def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch
     )
     from reir.training.rerank import calibration_split
 
-    overrides = dict(cfg.model_overrides)
-    spec = dict(overrides.pop("image_retrieval", {}) or {})
-    model, processor = create_model(cfg.model, **overrides)
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head = model.image_retrieval if model.image_retrieval is not None and not spec else model.add_image_retrieval(**spec)
-    head.train()
-    for p in head.parameters():
-        p.requires_grad_(True)
-    rows = [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
-            for r in frame.to_dict("records")]
+    model, processor, head = _frozen_model_with_head(cfg, device, "image_retrieval")
+    rows = _shard_rows()
     started = time.monotonic()
     rs = build_image_retrieval_set(model, processor, [row_to_sample(r) for r in rows], [int(r["group"]) for r in rows],
                                    ImageCache(max_items=0).get)  # fmt: skip
@@ -528,3 +503,36 @@ def run_training(
             record_sources(local_dir, mixed)
     echo(f"checkpoint: {model_dir} ({json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})})")
     return model_dir if is_uri(model_dir) else Path(model_dir)
+
+
+# The head each head-only stage trains: model config key -> (attribute, method that adds a new one).
+_HEADS = {"rerank": ("reranker", "add_reranker"), "image_retrieval": ("image_retrieval", "add_image_retrieval")}
+
+
+def _frozen_model_with_head(cfg: TrainConfig, device: Any, key: str) -> tuple[Any, Any, Any]:
+    """The checkpoint, frozen, and its ``key`` head trainable: the stored head, or a new one when
+    ``model_overrides[key]`` names its fields (or the checkpoint has none)."""
+    from reir.model import create_model
+
+    overrides = dict(cfg.model_overrides)
+    spec = dict(overrides.pop(key, {}) or {})
+    model, processor = create_model(cfg.model, **overrides)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attribute, add = _HEADS[key]
+    head = getattr(model, attribute)
+    if head is None or spec:
+        head = getattr(model, add)(**spec)
+    head.train()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return model, processor, head
+
+
+def _shard_rows() -> list[dict[str, Any]]:
+    """This worker's whole training shard as row dicts (the head-only stages read it once)."""
+    import ray.train
+
+    return [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
+            for r in frame.to_dict("records")]
