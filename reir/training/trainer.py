@@ -328,22 +328,11 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_idx, held_idx = calibration_split(rs.text_image, cfg.rerank_calibration_every)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
-    step, started, last = 0, time.monotonic(), {}
-    while True:
+    def batch_losses() -> dict[str, torch.Tensor]:
         idx = sample_texts(rs, train_idx, cfg.batch_size, gen)  # one group: shared hard negatives
-        losses = rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
-        engine.backward(losses["loss"])
-        progress = _agree(_progress(cfg, step, total_steps, started), device)
-        _set_lr(engine, cfg, progress, step)
-        engine.step()
-        step += 1
-        last = {k: float(v.detach()) for k, v in losses.items()}
-        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-            parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
-            print(f"[train stage {cfg.stage}] step {step}/{total_steps} {parts}", flush=True)
-        if step >= total_steps or progress >= 1.0:
-            break
-    seconds = time.monotonic() - started
+        return rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
+
+    step, seconds, last = _head_steps(engine, cfg, rank, total_steps, device, batch_losses)
     reranker.eval()
     calib_idx = held_idx if held_idx.numel() else train_idx
     calibration = calibrate_presence(reranker, rs, calib_idx, negatives[calib_idx], scale, bias, device=device)
@@ -387,22 +376,11 @@ def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch
     engine, _, _, _ = deepspeed.initialize(model=head, optimizer=optimizer, config=ds_cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // (cfg.batch_size * IMAGE_RETRIEVAL_TEXTS_PER_IMAGE))
-    step, started, last = 0, time.monotonic(), {}
-    while True:
+    def batch_losses() -> dict[str, torch.Tensor]:
         images, texts = sample_image_batch(rs, cfg.batch_size, IMAGE_RETRIEVAL_TEXTS_PER_IMAGE, gen, allowed)
-        losses = image_retrieval_step(engine, rs, images, texts, device=device)
-        engine.backward(losses["loss"])
-        progress = _agree(_progress(cfg, step, total_steps, started), device)
-        _set_lr(engine, cfg, progress, step)
-        engine.step()
-        step += 1
-        last = {k: float(v.detach()) for k, v in losses.items()}
-        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-            parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
-            print(f"[train stage {cfg.stage}] step {step}/{total_steps} {parts}", flush=True)
-        if step >= total_steps or progress >= 1.0:
-            break
-    seconds = time.monotonic() - started
+        return image_retrieval_step(engine, rs, images, texts, device=device)
+
+    step, seconds, last = _head_steps(engine, cfg, rank, total_steps, device, batch_losses)
     head.eval()
     recall = group_recall(head, rs, held_idx if held_idx.numel() else train_idx, device=device)
     stats = {"steps": step, "seconds": seconds, "world_size": world, "image_retrieval_texts": rs.num_texts,
@@ -536,3 +514,23 @@ def _shard_rows() -> list[dict[str, Any]]:
 
     return [r for frame in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pandas")
             for r in frame.to_dict("records")]
+
+
+def _head_steps(engine: Any, cfg: TrainConfig, rank: int, total_steps: int, device: Any,
+                batch_losses: Callable[[], dict[str, torch.Tensor]]) -> tuple[int, float, dict[str, float]]:  # fmt: skip
+    """A head-only stage's optimisation loop until ``total_steps`` or the time budget: (steps,
+    seconds, the last step's losses)."""
+    step, started, last = 0, time.monotonic(), {}
+    while True:
+        losses = batch_losses()
+        engine.backward(losses["loss"])
+        progress = _agree(_progress(cfg, step, total_steps, started), device)
+        _set_lr(engine, cfg, progress, step)
+        engine.step()
+        step += 1
+        last = {k: float(v.detach()) for k, v in losses.items()}
+        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+            parts = " ".join(f"{k}={v:.3f}" for k, v in sorted(last.items()))
+            print(f"[train stage {cfg.stage}] step {step}/{total_steps} {parts}", flush=True)
+        if step >= total_steps or progress >= 1.0:
+            return step, time.monotonic() - started, last
