@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -46,24 +47,93 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
 
 
 def bare_encoder_rate(model_dir: str, paths: list[Path], batch_size: int, top_k: int, device: str) -> dict[str, Any]:
-    """images/s of InstanceEncoder.encode on decoded images (one warm-up batch excluded)."""
-    from reir.ingestion.encoder import InstanceEncoder, decode_image
-    from reir.platform.modeling import load_reir_model, model_version_for
+    """images/s of InstanceEncoder.encode on images already decoded and resized to the model's
+    input (the model and its pre/post-processing only; one warm-up batch excluded)."""
+    from PIL import Image
+
+    from reir.ingestion.encoder import InstanceEncoder
+    from reir.model.images import decode_for_input
+    from reir.platform.modeling import input_size_for, load_reir_model, model_version_for
 
     model, processor = load_reir_model(model_dir)
     if device != "cpu":
         model = model.to(device)
     enc = InstanceEncoder(model, processor, model_version=model_version_for(model_dir), top_k=top_k,
                           device=device, bf16=device != "cpu")  # fmt: skip
-    images = [decode_image(p.read_bytes()) for p in paths]
+    size = input_size_for(model_dir) or 0
+    decoded = [decode_for_input(p.read_bytes(), size) for p in paths]
+    images = [(Image.fromarray(px), wh) for px, wh in decoded]
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    enc.encode(batches[0], [im.size for im in batches[0]])  # warm-up
+    enc.encode([im for im, _ in batches[0]], [wh for _, wh in batches[0]])  # warm-up
     instances = 0
     start = time.perf_counter()
     for batch in batches:
-        instances += sum(len(x) for x in enc.encode(batch, [im.size for im in batch]))
+        instances += sum(len(x) for x in enc.encode([im for im, _ in batch], [wh for _, wh in batch]))
     seconds = time.perf_counter() - start
     return {"images_per_s": len(images) / seconds, "seconds": seconds, "instances": instances}
+
+
+def plain_loop_rate(model_dir: str, paths: list[Path], db: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The fair baseline: one process, no Ray, doing the necessary work in turn on the same cores.
+
+    Per batch: read the files (and hash them, as incremental indexing needs), decode at the
+    model's input size (the pipeline's decode: JPEG draft mode), encode, upsert the rows into
+    milvus-lite (opened by this process); then build the index and load it. Seconds per step
+    are reported.
+    """
+    from reir.ingestion.encoder import InstanceEncoder
+    from reir.ingestion.gallery import content_hash
+    from reir.ingestion.records import STATUS, STATUS_OK
+    from reir.model.images import decode_for_input
+    from reir.platform import schema as S
+    from reir.platform.modeling import input_size_for, load_reir_model, model_version_for
+    from reir.platform.store import MilvusStore
+
+    steps = dict.fromkeys(("load", "read", "decode", "encode", "write", "index"), 0.0)
+    t0 = time.perf_counter()
+    version = model_version_for(model_dir)
+    model, processor = load_reir_model(model_dir)
+    if args.device != "cpu":
+        model = model.to(args.device)
+    enc = InstanceEncoder(model, processor, model_version=version, top_k=args.top_k, device=args.device,
+                          bf16=args.device != "cpu")  # fmt: skip
+    size = input_size_for(model_dir) or 0
+    store = MilvusStore(str(db), "loop")
+    store.ensure_collection(enc.embedding_dim)
+    steps["load"] = time.perf_counter() - t0
+    images = rows = 0
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        t = time.perf_counter()
+        raw = [p.read_bytes() for p in chunk]
+        _ = [content_hash(b) for b in raw]
+        t1 = time.perf_counter()
+        decoded = [decode_for_input(b, size) for b in raw]
+        t2 = time.perf_counter()
+        columns = enc.rows_for_batch({
+            "image_id": np.asarray([p.stem for p in chunk], dtype=object), "uri": np.asarray([str(p) for p in chunk], dtype=object),
+            "pixels": np.stack([px for px, _ in decoded]), "original_w": np.asarray([wh[0] for _, wh in decoded]),
+            "original_h": np.asarray([wh[1] for _, wh in decoded]),
+        })  # fmt: skip
+        t3 = time.perf_counter()
+        ok = columns[STATUS] == STATUS_OK
+        kept = {name: columns[name][ok] for name in S.ROW_FIELDS if name in columns}
+        rows += store.upsert(S.rows_from_columns(kept, {}))
+        t4 = time.perf_counter()
+        images += len(chunk)
+        for name, a, b in (("read", t, t1), ("decode", t1, t2), ("encode", t2, t3), ("write", t3, t4)):
+            steps[name] += b - a
+    t = time.perf_counter()
+    store.build_index("AUTOINDEX", {})
+    store.flush()
+    store.load()
+    count = store.count()
+    store.close()
+    steps["index"] = time.perf_counter() - t
+    seconds = time.perf_counter() - t0
+    return {"images_per_s": images / seconds, "seconds": seconds, "rows": count, "instances": rows,
+            "steps_s": {k: round(v, 2) for k, v in steps.items()},
+            "steady_images_per_s": images / (seconds - steps["load"] - steps["index"])}  # fmt: skip
 
 
 def pipeline_rate(model_dir: str, folder: Path, db: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -73,27 +143,51 @@ def pipeline_rate(model_dir: str, folder: Path, db: Path, args: argparse.Namespa
 
     cfg = IngestConfig(
         gallery_root=folder, split=None, model_path=model_dir, batch_size=args.batch_size,
-        num_encoders=args.encoders, num_cpus_per_encoder=float(args.threads), top_k_instances=args.top_k,
+        num_encoders=args.encoders, num_cpus_per_encoder=args.cpus_per_encoder, top_k_instances=args.top_k,
         device=args.device, milvus=MilvusConfig(uri=str(db), collection="bench", index_type=args.index_type),
+        decode_in_reader=not args.decode_in_encoder, progress_interval_s=2.0,
     )  # fmt: skip
     summary = run_ingestion(cfg)
     return {"images_per_s": summary.images / summary.seconds, "seconds": summary.seconds,
-            "instances": summary.instances, "rows": summary.rows_in_store, "images": summary.images}  # fmt: skip
+            "instances": summary.instances, "rows": summary.rows_in_store, "images": summary.images,
+            "failures": summary.failures, "phases_s": summary.phases, "encoders": summary.encoders,
+            "steady_images_per_s": summary.stream_images_per_s, "progress": summary.progress}  # fmt: skip
+
+
+def gallery_paths(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path]]:
+    """(folder, image files): generated JPEGs, or every image under ``--source``."""
+    if args.source is None:
+        folder = tmp / "images"
+        return folder, make_images(folder, args.images, args.image_size)
+    from reir.ingestion.gallery import IMAGE_SUFFIXES
+
+    folder = args.source.resolve()
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"no images under {folder}")
+    return folder, paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=128, help="side of the generated JPEGs")
+    parser.add_argument("--source", type=Path, default=None, help="a folder of your images instead of generated ones")
     parser.add_argument("--model", default=None, help="checkpoint directory [small preset, random init]")
     parser.add_argument("--top-k", type=int, default=10, help="instances kept per image")
-    parser.add_argument("--encoders", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (= CPUs) per encoder")
+    parser.add_argument("--encoders", type=int, default=None, help="pipeline encoder actors [auto: one per free CPU]")
+    parser.add_argument("--cpus-per-encoder", type=float, default=1.0, help="CPUs (= torch threads) per encoder actor")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the bare encoder and the plain loop [all cores]")
     parser.add_argument("--index-type", default="AUTOINDEX")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: GPU actors in bf16")
+    parser.add_argument("--decode-in-encoder", action="store_true", help="the encoder actors decode (the old plan)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("ray", "pymilvus", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import ray
     import torch
@@ -110,14 +204,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_dir = str(tmp / "small-random")
             model.save_pretrained(model_dir)
             processor.save_pretrained(model_dir)
-        paths = make_images(tmp / "images", args.images, args.image_size)
+        folder, paths = gallery_paths(args, tmp)
         load_before = os.getloadavg()[0]
         bare = bare_encoder_rate(model_dir, paths, args.batch_size, args.top_k, args.device)
+        loop = plain_loop_rate(model_dir, paths, tmp / "loop.db", args)
         # More logical CPUs than cores, as the CLI does, so reader/writer tasks fit beside the encoders.
-        ray.init(num_cpus=max(4, args.threads + 2), num_gpus=1 if args.device == "cuda" else 0,
+        ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 1) + 2), num_gpus=1 if args.device == "cuda" else 0,
                  include_dashboard=False, log_to_driver=False)  # fmt: skip
         try:
-            piped = pipeline_rate(model_dir, tmp / "images", tmp / "bench.db", args)
+            piped = pipeline_rate(model_dir, folder, tmp / "bench.db", args)
         finally:
             ray.shutdown()
         bare_after = bare_encoder_rate(model_dir, paths, args.batch_size, args.top_k, args.device)
@@ -125,17 +220,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoder_rate = (bare["images_per_s"] + bare_after["images_per_s"]) / 2
     result = {
         "pipeline_images_per_s": round(piped["images_per_s"], 3),
+        "plain_loop_images_per_s": round(loop["images_per_s"], 3),
         "encoder_images_per_s": round(encoder_rate, 3),
+        "ratio_to_loop": round(piped["images_per_s"] / loop["images_per_s"], 3),
         "ratio": round(piped["images_per_s"] / encoder_rate, 3),
+        "steady": {"pipeline_images_per_s": round(piped["steady_images_per_s"], 3),
+                   "plain_loop_images_per_s": round(loop["steady_images_per_s"], 3)},
+        "pipeline_phases_s": piped["phases_s"],
+        "plain_loop_steps_s": loop["steps_s"],
         "images": piped["images"],
+        "failures": piped["failures"],
         "instances": piped["instances"],
         "rows_in_store": piped["rows"],
+        "plain_loop_rows": loop["rows"],
         "pipeline_seconds": round(piped["seconds"], 2),
+        "pipeline_progress": piped["progress"],  # (seconds into the stream, images encoded)
+        "plain_loop_seconds": round(loop["seconds"], 2),
         "encoder_images_per_s_before_after": [round(bare["images_per_s"], 3), round(bare_after["images_per_s"], 3)],
         "load_avg_1m_before_after": [round(load_before, 2), round(load_after, 2)],
+        "source": str(args.source) if args.source else f"generated {args.image_size}px JPEGs",
+        "decode": "encoder actors" if args.decode_in_encoder else "read tasks (draft mode)",
         "batch_size": args.batch_size,
         "threads": args.threads,
-        "encoders": args.encoders,
+        "encoders": piped["encoders"],
+        "cpus_per_encoder": args.cpus_per_encoder,
         "device": args.device,
         "model": args.model or "small (random init)",
     }

@@ -140,7 +140,7 @@ def ingest(
     full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
     split: str | None = typer.Option(None, help="split, when --gallery is a benchmark dir or --annotations REIRCOCO "
                                      "[test]"),
-    encoders: int | None = typer.Option(None, min=1, help="encoder actors [1]"),
+    encoders: int | None = typer.Option(None, min=1, help="encoder actors [one per GPU, or per free CPU]"),
     batch_size: int | None = typer.Option(None, min=1, help="[32]"),
     top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per image; a dense "
                                                "gallery needs at least its objects per image [10]"),

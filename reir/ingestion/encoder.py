@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reir.ingestion.gallery import ORIGINAL_H, ORIGINAL_W, PIXELS
 from reir.ingestion.records import (
     ERROR,
     OUTPUT_COLUMNS,
@@ -33,7 +34,7 @@ from reir.platform.modeling import ImageModel, ImageProcessor, InstanceLike
 log = logging.getLogger(__name__)
 
 # Columns the encoder consumes; every other input column is copied onto each output row.
-_CONSUMED = frozenset({"image_id", "uri", "bytes", ERROR})
+_CONSUMED = frozenset({"image_id", "uri", "bytes", ERROR, PIXELS, ORIGINAL_W, ORIGINAL_H})
 
 
 class InstanceEncoder:
@@ -93,51 +94,60 @@ class InstanceEncoder:
             )
 
     def rows_for_batch(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``{image_id, uri, bytes[, error], ...}`` columns -> instance + status row columns.
+        """``{image_id, uri, bytes | pixels[, error], ...}`` columns -> instance + status row columns.
 
-        Any other input column (content hash, metadata) is copied onto each of the image's rows.
+        ``bytes`` (the files) are decoded here; ``pixels`` with ``original_w``/``original_h``
+        (decoded by the read tasks, :func:`reir.ingestion.gallery.read_and_decode`) go straight
+        to the model. Any other input column (content hash, metadata) is copied onto each of
+        the image's rows.
         """
         if "image_id" not in batch:  # an empty block (every image of it was unchanged)
             return _RowBuilder(self.model_version, self.embedding_dim).columns()
         passthrough = [name for name in batch if name not in _CONSUMED]
         builder = _RowBuilder(self.model_version, self.embedding_dim, passthrough)
-        decoded: list[tuple[str, str, Image.Image]] = []
+        decoded: list[tuple[str, str, Image.Image, tuple[int, int]]] = []
         errors = batch.get(ERROR)
+        pixels = batch.get(PIXELS)
         for i, (image_id, uri) in enumerate(zip(batch["image_id"], batch["uri"], strict=True)):
             image_id, uri = str(image_id), str(uri)
             builder.extras[image_id] = [batch[name][i] for name in passthrough]
-            read_error = str(errors[i]) if errors is not None and errors[i] else ""
+            if errors is not None and errors[i]:
+                self._fail(builder, image_id, uri, str(errors[i]))
+                continue
             try:
-                if read_error:
-                    raise OSError(read_error)
-                decoded.append((image_id, uri, decode_image(batch["bytes"][i], max_pixels=self.max_pixels)))
+                if pixels is not None:
+                    size = (int(batch[ORIGINAL_W][i]), int(batch[ORIGINAL_H][i]))
+                    decoded.append((image_id, uri, Image.fromarray(np.asarray(pixels[i], dtype=np.uint8)), size))
+                else:
+                    img = decode_image(batch["bytes"][i], max_pixels=self.max_pixels)
+                    decoded.append((image_id, uri, img, img.size))
             except Exception as exc:  # noqa: BLE001 - any bad input is one skipped image, not a crash
-                self._fail(builder, image_id, uri, exc)
+                self._fail(builder, image_id, uri, f"{type(exc).__name__}: {exc}")
         self._encode_into(builder, decoded)
         return builder.columns()
 
-    def _encode_into(self, builder: _RowBuilder, decoded: list[tuple[str, str, Image.Image]]) -> None:
+    def _encode_into(self, builder: _RowBuilder, decoded: list[tuple[str, str, Image.Image, tuple[int, int]]]) -> None:
         if not decoded:
             return
-        images = [img for _, _, img in decoded]
         try:
-            per_image = self.encode(images, [img.size for img in images])
+            per_image = self.encode([img for _, _, img, _ in decoded], [size for *_, size in decoded])
         except Exception:  # noqa: BLE001 - isolated below, image by image
             # One poison image must not sink its batch: retry one by one to isolate it.
-            log.warning("batch encode failed; retrying %d images one by one", len(images))
+            log.warning("batch encode failed; retrying %d images one by one", len(decoded))
             for item in decoded:
                 self._encode_one(builder, *item)
             return
-        for (image_id, uri, img), instances in zip(decoded, per_image, strict=True):
-            self._add(builder, image_id, uri, instances, img.size)
+        for (image_id, uri, _, size), instances in zip(decoded, per_image, strict=True):
+            self._add(builder, image_id, uri, instances, size)
 
-    def _encode_one(self, builder: _RowBuilder, image_id: str, uri: str, img: Image.Image) -> None:
+    def _encode_one(self, builder: _RowBuilder, image_id: str, uri: str, img: Image.Image,
+                    size: tuple[int, int]) -> None:  # fmt: skip
         try:
-            instances = self.encode([img], [img.size])[0]
+            instances = self.encode([img], [size])[0]
         except Exception as exc:  # noqa: BLE001 - recorded in the dead-letter list
-            self._fail(builder, image_id, uri, exc)
+            self._fail(builder, image_id, uri, f"{type(exc).__name__}: {exc}")
             return
-        self._add(builder, image_id, uri, instances, img.size)
+        self._add(builder, image_id, uri, instances, size)
 
     def _add(self, builder: _RowBuilder, image_id: str, uri: str, instances: list[InstanceLike],
              size: tuple[int, int]) -> None:  # fmt: skip
@@ -151,8 +161,8 @@ class InstanceEncoder:
         for inst in instances:
             builder.add_instance(image_id, uri, inst, context)
 
-    def _fail(self, builder: _RowBuilder, image_id: str, uri: str, exc: Exception) -> None:
-        error = f"{type(exc).__name__}: {exc}"[:500]
+    def _fail(self, builder: _RowBuilder, image_id: str, uri: str, error: str) -> None:
+        error = error[:500]
         log.warning("skipping image %s (%s): %s", image_id, uri, error)
         self.dead_letter.append(DeadLetter(image_id, uri, error))
         builder.add_status(image_id, uri, STATUS_FAILED, error)

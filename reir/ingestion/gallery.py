@@ -42,6 +42,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".
 CONTENT_HASH = "content_hash"
 PREV_HASH = "prev_hash"
 PREV_INSTANCES = "prev_instances"
+# Columns of a decoded batch (read_and_decode): the model's input pixels and the original size.
+PIXELS = "pixels"
+ORIGINAL_W = "original_w"
+ORIGINAL_H = "original_h"
 _MANIFEST_FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -292,4 +296,32 @@ def read_image_bytes(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         prev = np.asarray(batch[PREV_HASH], dtype=object)
         keep = (out[CONTENT_HASH] == "") | (out[CONTENT_HASH] != prev)
         out = {name: values[keep] for name, values in out.items()}
+    return out
+
+
+def read_and_decode(batch: Mapping[str, Any], *, input_size: int, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray Data batch fn: :func:`read_image_bytes`, then decode each image to the model's input.
+
+    ``{image_id, uri, ...}`` -> ``{..., pixels [B, S, S, 3] uint8, original_w, original_h, error,
+    content_hash}``: decoding (JPEG draft mode, EXIF, RGB, the square resize) runs here, in the
+    read tasks, beside the encoder actors instead of in front of their model, and a batch
+    crosses to them as ``S x S`` pixels instead of file bytes. An image that does not decode
+    gets its ``error`` (a dead letter downstream) and zero pixels.
+    """
+    from reir.model.images import decode_for_input  # numpy + Pillow only (the package is lazy)
+
+    out = read_image_bytes(batch)
+    n = len(out["uri"])
+    pixels = np.zeros((n, input_size, input_size, 3), dtype=np.uint8)
+    widths, heights = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    errors = out["error"]
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            pixels[i], (widths[i], heights[i]) = decode_for_input(out["bytes"][i], input_size, max_pixels=max_pixels)
+        except Exception as exc:  # noqa: BLE001 - one undecodable image is one dead letter
+            errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+    del out["bytes"]
+    out.update({PIXELS: pixels, ORIGINAL_W: widths, ORIGINAL_H: heights})
     return out

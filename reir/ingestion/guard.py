@@ -52,6 +52,10 @@ class FailureGuard:
         return (f"{self.failed} of the first {self.tried} images failed ({rate:.0%} > max_failure_rate "
                 f"{self.max_rate:.0%}); first errors: {first}")
 
+    def counts(self) -> tuple[int, int]:
+        """(images tried, images failed) so far: the run's progress."""
+        return self.tried, self.failed
+
     def state(self) -> dict[str, Any]:
         return {"tried": self.tried, "failed": self.failed, "tripped": self.tripped, "reason": self.reason()}
 

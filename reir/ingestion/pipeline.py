@@ -40,16 +40,24 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from reir.ingestion.encoder import InstanceEncoder
-from reir.ingestion.gallery import PREV_HASH, PREV_INSTANCES, GalleryItem, list_gallery, read_image_bytes
+from reir.ingestion.gallery import (
+    PREV_HASH,
+    PREV_INSTANCES,
+    GalleryItem,
+    list_gallery,
+    read_and_decode,
+    read_image_bytes,
+)
 from reir.ingestion.guard import abort_if_tripped, check_batch, start_guard
 from reir.ingestion.ledger import Ledger, LedgerEntry, instance_pks, summarize
+from reir.ingestion.progress import Progress
 from reir.ingestion.records import DeadLetter
 from reir.ingestion.sink import MilvusDatasink
 from reir.platform import telemetry as T
 from reir.platform.catalog import IndexCatalog, IndexVersion, version_name
 from reir.platform.config import IngestConfig, MilvusConfig
 from reir.platform.milvus_server import EmbeddedMilvus
-from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
+from reir.platform.modeling import ModelLoader, input_size_for, load_reir_model, model_version_for
 from reir.platform.store import MilvusStore, SearchFilter
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,13 @@ class IngestSummary:
     dead_letter_total: int = 0  # failed images recorded in the ledger for this collection
     encoders: int = 0
     device: str = "cpu"
+    # Where the time went (seconds): "plan" (listing, ledger read, start-up), "stream" (read ->
+    # encode -> write, the steady part), "finalize" (deletions, index build, flush, load),
+    # "promote" (the check and the alias switch).
+    phases: dict[str, float] = field(default_factory=dict)
+    stream_images_per_s: float = 0.0  # images / the "stream" phase: the rate once started
+    # (seconds since the stream started, images encoded): the rate over time.
+    progress: list[tuple[float, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,27 +104,56 @@ class ResourcePlan:
     cpus_per_encoder: float
     gpus_per_encoder: float
     device: str
+    readers: int = 1  # read (+ decode) tasks at once
 
 
-def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float]) -> ResourcePlan:
-    """Encoder pool that fits the cluster next to one read task and the write tasks."""
+def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: int | None = None) -> ResourcePlan:
+    """Encoder pool that fits the cluster next to one read task and the write tasks.
+
+    ``cfg.num_encoders`` unset: one actor per GPU (``cuda``), or on CPU as many actors of
+    ``num_cpus_per_encoder`` as the CPUs left by the reader and writers hold, at most
+    ``cores // num_cpus_per_encoder`` when ``cores`` (the machine's cores, for a one-machine
+    Ray instance whose logical CPUs may be more) is given. Several one-thread actors beat one
+    actor with several torch threads on a busy small machine: a thread team stalls at every
+    barrier while a reader, a writer or Milvus holds one of its cores (on 2 cores: about 95
+    against 78 images/s).
+    """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
     if device == "cuda" and gpus <= 0:
         raise ValueError("device=cuda but the Ray cluster has no GPU")
     gpus_per = (cfg.num_gpus_per_encoder or 1.0) if device == "cuda" else 0.0
-    encoders = cfg.num_encoders
-    if gpus_per:
-        encoders = max(1, min(encoders, int(gpus // gpus_per)))
     others = cfg.num_cpus_per_reader + cfg.write_concurrency * cfg.num_cpus_per_writer
     room = max(cpus - others, 0.0)
     per = cfg.num_cpus_per_encoder
+    encoders = cfg.num_encoders
+    if encoders is None:
+        if gpus_per:
+            encoders = int(gpus // gpus_per)
+        else:
+            encoders = int(room // per) if cores is None else min(int(room // per), int(cores // per))
+        encoders = max(1, encoders)
+    if gpus_per:
+        encoders = max(1, min(encoders, int(gpus // gpus_per)))
     if encoders * per > room:
         encoders = max(1, min(encoders, int(room // per)))
         if encoders * per > room:  # even one actor does not fit: give it what is left
             per = max(round(room, 2), 0.1)
         log.warning("encoder pool reduced to %d actor(s) x %.2f CPU to fit %.1f CPUs", encoders, per, cpus)
-    return ResourcePlan(encoders, per, gpus_per, device)
+    # Readers: as many as the CPUs the encoders and writers leave (at least one). More only
+    # start worker processes that compete with the encoders' start-up and model for the cores.
+    readers = cfg.read_concurrency or max(1, int(cpus - encoders * per - cfg.write_concurrency * cfg.num_cpus_per_writer))
+    return ResourcePlan(encoders, per, gpus_per, device, readers)
+
+
+def _local_cores() -> int | None:
+    """This machine's cores when the Ray instance is this one machine (its logical CPUs may
+    be more, see reir.platform.raylocal), else None."""
+    import os
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.util.get_node_ip_address()
+    return os.cpu_count() if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == here else None
 
 
 class EncoderActor:
@@ -129,6 +173,7 @@ class EncoderActor:
         fault: FaultHook | None = None,
         guard: Any = None,
     ) -> None:
+        started = time.perf_counter()
         import torch
 
         # Fractional-CPU actors on a small box must not each spawn a full thread pool.
@@ -147,6 +192,8 @@ class EncoderActor:
         self._instances = T.ray_metric(T.INGEST_INSTANCES_TOTAL)
         self._failures = T.ray_metric(T.INGEST_FAILURES_TOTAL)
         self._latency = T.ray_metric(T.INGEST_BATCH_LATENCY_SECONDS)
+        log.info("encoder actor ready in %.1f s (%s, %d torch threads)", time.perf_counter() - started, device,
+                 torch.get_num_threads())  # fmt: skip
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         self.batches += 1
@@ -187,13 +234,14 @@ def data_limits(cfg: IngestConfig) -> Iterator[None]:
     from ray.data._internal.execution.interfaces import ExecutionResources
 
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.resource_limits
+    saved = ctx.execution_options.resource_limits, ctx.enable_progress_bars
     if cfg.object_store_memory_limit is not None:
         ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=cfg.object_store_memory_limit)
+    ctx.enable_progress_bars = False  # the run's own progress (reir.ingestion.progress) says it in one line
     try:
         yield
     finally:
-        ctx.execution_options.resource_limits = saved
+        ctx.execution_options.resource_limits, ctx.enable_progress_bars = saved
 
 
 def build_dataset(
@@ -208,9 +256,14 @@ def build_dataset(
     """The lazy read -> encode plan (nothing runs until it is written)."""
     num_blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size)))
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
-    ds = ds.map_batches(
-        read_image_bytes, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.num_cpus_per_reader
-    )
+    input_size = input_size_for(cfg.model_path) if cfg.decode_in_reader else None
+    if input_size is not None:
+        ds = ds.map_batches(read_and_decode, fn_kwargs={"input_size": input_size, "max_pixels": cfg.max_image_pixels},
+                            batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.num_cpus_per_reader,
+                            concurrency=plan.readers)  # fmt: skip
+    else:
+        ds = ds.map_batches(read_image_bytes, batch_size=cfg.batch_size, batch_format="numpy",
+                            num_cpus=cfg.num_cpus_per_reader, concurrency=plan.readers)  # fmt: skip
     return ds.map_batches(
         EncoderActor,
         fn_constructor_args=(cfg.model_path,),
@@ -253,7 +306,7 @@ def run_ingestion(
     """
     items = list_gallery(cfg)
     model_version = model_version_for(cfg.model_path)
-    plan = plan_resources(cfg, ray.cluster_resources())
+    plan = plan_resources(cfg, ray.cluster_resources(), cores=_local_cores())
     start = time.perf_counter()
     with shared_milvus(cfg.milvus) as milvus:
         # Connections are not held across the (long) dataset run: an idle gRPC channel's
@@ -269,8 +322,12 @@ def run_ingestion(
         target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
         sink = MilvusDatasink(target, model_version=model_version, ledger=True)
         guard = start_guard(cfg.max_failure_rate, cfg.failure_rate_min_images)
+        expected = len(items) - sum(1 for it in items if it.image_id in known)
+        phases = {"plan": time.perf_counter() - start}
+        progress = Progress(lambda: ray.get(guard.counts.remote(), timeout=30), expected,
+                            interval_s=cfg.progress_interval_s)  # fmt: skip
         try:
-            with data_limits(cfg):
+            with data_limits(cfg), progress:
                 build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault, guard).write_datasink(
                     sink, concurrency=cfg.write_concurrency, ray_remote_args={"num_cpus": cfg.num_cpus_per_writer}
                 )
@@ -279,6 +336,7 @@ def run_ingestion(
             raise
         finally:
             ray.kill(guard)
+        phases["stream"] = time.perf_counter() - start - sum(phases.values())
         stats = sink.result
         with MilvusStore.from_config(milvus) as control:
             ledger = Ledger(control, collection=collection, model_version=model_version, create=False)
@@ -286,11 +344,13 @@ def run_ingestion(
             rows_in_store = _finalize_index(target, cfg.build_index, model_version)
             entries = ledger.entries()
             expected_rows, dead_total = summarize(entries)
+            phases["finalize"] = time.perf_counter() - start - sum(phases.values())
             check, promoted = "", False
             if version is not None:
                 catalog = IndexCatalog(control)
                 check, promoted = _check_and_promote(catalog, control, version, cfg, entries, model_version,
                                                      rows_in_store)  # fmt: skip
+            phases["promote"] = time.perf_counter() - start - sum(phases.values())
     seconds = time.perf_counter() - start
     summary = IngestSummary(
         images=stats.images,
@@ -311,6 +371,9 @@ def run_ingestion(
         dead_letter_total=dead_total,
         encoders=plan.encoders,
         device=plan.device,
+        phases={name: round(value, 3) for name, value in phases.items()},
+        stream_images_per_s=round(stats.images / phases["stream"], 3) if phases["stream"] > 0 else 0.0,
+        progress=progress.samples,
     )
     if expected_rows != rows_in_store:
         log.warning("ledger expects %d rows, collection has %d", expected_rows, rows_in_store)

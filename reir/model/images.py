@@ -78,6 +78,31 @@ def decode_image(source: bytes | str | Path | None, *, max_pixels: int = MAX_IMA
         img.close()
 
 
+def decode_for_input(
+    source: bytes | str | Path | None, size: int, *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes or a path -> the model's ``size x size`` RGB input (uint8 ``[S, S, 3]``) and the
+    upright picture's original ``(width, height)``.
+
+    The same pixels :func:`decode_image` followed by the processor's square BILINEAR resize
+    give, except that a JPEG much larger than ``size`` is decoded at a reduced scale first
+    (Pillow's draft mode: the DCT is scaled by 1/2, 1/4 or 1/8 while decoding, never below
+    ``size`` on either side). Decoding a 640x480 photo for a 128 px model that way costs a
+    fraction of the full decode, and the resize that follows averages the pixels anyway.
+    """
+    img = open_image(source, max_pixels=max_pixels)
+    try:
+        original = upright_size(img)
+        if img.format == "JPEG" and min(img.size) >= 2 * size:
+            # Both sides stay >= size whatever the orientation, so the square resize only shrinks.
+            img.draft(None, (size, size))  # mode kept: CMYK and grayscale files stay as they are
+        rgb = to_upright_rgb(img)
+    finally:
+        img.close()
+    pixels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return pixels, original
+
+
 def upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of the picture as shown (EXIF orientation applied), from the header."""
     try:

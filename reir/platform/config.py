@@ -112,15 +112,23 @@ class IngestConfig(_Frozen):
     max_image_pixels: int = Field(default=100_000_000, ge=1)
     object_store_memory_limit: int | None = Field(default=None, ge=1 << 20)  # bytes; Ray Data back-pressure
     max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
+    # Decode images in the read tasks, at the model's input size (JPEG draft mode), beside the
+    # encoders; off (or a checkpoint without a reir processor config): the encoder actors decode.
+    decode_in_reader: bool = True
+    progress_interval_s: float = Field(default=10.0, gt=0)  # how often the run's progress is shown
     model_path: str
     milvus: MilvusConfig = Field(default_factory=MilvusConfig)
     batch_size: int = Field(default=16, ge=1, le=4096)
-    num_encoders: int = Field(default=1, ge=1, le=256)
+    # Encoder actors; None: one per GPU, or on CPU one per num_cpus_per_encoder the cluster has
+    # left (see reir.ingestion.pipeline.plan_resources).
+    num_encoders: int | None = Field(default=None, ge=1, le=256)
     num_cpus_per_encoder: float = Field(default=1.0, gt=0)
     # Custom Ray resources each encoder actor asks for, e.g. {"encode": 1} to keep the actors on
     # the nodes that offer it (a GPU pool, nodes near the gallery); docs/multi-node.md.
     encoder_resources: dict[str, float] = Field(default_factory=dict)
     num_cpus_per_reader: float = Field(default=0.25, gt=0)
+    # Read (+ decode) tasks at once; None: the cluster's CPUs left by the encoders and writers.
+    read_concurrency: int | None = Field(default=None, ge=1)
     num_cpus_per_writer: float = Field(default=0.25, gt=0)
     write_concurrency: int = Field(default=2, ge=1)
     top_k_instances: int = Field(default=10, ge=1, le=1000)  # stored instances per image (see above)

@@ -12,6 +12,7 @@ name but different weights get different versions, so rows never mix spaces.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,6 +68,17 @@ def load_reir_model(path: str) -> tuple[Any, Any]:
     if hasattr(model, "eval"):
         model.eval()
     return model, processor
+
+
+def input_size_for(path: str | Path) -> int | None:
+    """The square input size a reir checkpoint's processor resizes images to (its
+    ``preprocessor_config.json``), or None when the checkpoint does not say (another model)."""
+    try:
+        config = json.loads((Path(path) / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = config.get("image_size") if config.get("processor_class") == "ReirProcessor" else None
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def model_version_for(path: str | Path, *, hash_chars: int = 10) -> str:

@@ -186,6 +186,7 @@ class MilvusStore:
         self._search_params = dict(search_params or {})
         self._lite_path = os.path.abspath(uri) if uri.endswith(".db") else None
         self._layout: Layout | None = None
+        self._fields: list[dict[str, Any]] | None = None  # the collection's fields (name, type, ...)
         self._lite: bool | None = True if self._lite_path is not None else None
         if self._lite_path is not None:
             with _lite_lock:
@@ -275,6 +276,7 @@ class MilvusStore:
     def refresh(self) -> None:
         """Forget the cached layout (after an index build, a new partition, an alias move)."""
         self._layout = None
+        self._fields = None
 
     def upsert(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Insert or replace rows by primary key, in batches; returns rows written.
@@ -297,9 +299,33 @@ class MilvusStore:
                     if not self.client.has_partition(self.collection, name):
                         self.client.create_partition(self.collection, name)
                     layout.partitions = layout.partitions | {name}
-                self.client.upsert(self.collection, part, partition_name=name)
+                self._upsert_part(part, name)
             written += len(chunk)
         return written
+
+    def _upsert_part(self, rows: list[dict[str, Any]], partition: str) -> None:
+        """One upsert call, sent by column when every row has exactly the schema's fields.
+
+        pymilvus' row API converts each value of each row into protobuf in Python: about 2 ms
+        of client CPU per image (10 rows) in ingestion, 3/4 of a write. By column, each field
+        goes in as one list (the vectors as one array): about 0.9 ms. Rows with other keys (a
+        collection's dynamic field) or missing ones take the row API.
+        """
+        if self._fields is None:
+            self._fields = list(self.client.describe_collection(self.collection)["fields"])
+        names = [f["name"] for f in self._fields]
+        handler = getattr(self.client, "_get_connection", None)
+        if handler is None or any(len(row) != len(names) or not all(n in row for n in names) for row in rows):
+            self.client.upsert(self.collection, rows, partition_name=partition)
+            return
+        entities = []
+        for f in self._fields:
+            values: Any = [row[f["name"]] for row in rows]
+            if f["name"] == S.EMBEDDING:
+                values = np.asarray(values, dtype=np.float32)
+            entities.append({"name": f["name"], "type": f["type"], "values": values})
+        handler().upsert(self.collection, entities, partition_name=partition,
+                         schema={"fields": self._fields})  # fmt: skip
 
     @staticmethod
     def _prepare(row: Mapping[str, Any], has_context: bool = True) -> dict[str, Any]:

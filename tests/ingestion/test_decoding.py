@@ -141,3 +141,74 @@ def test_one_decode_for_ingestion_and_serving(tmp_path: Path) -> None:
 def test_webp_and_gray_keep_their_pixels() -> None:
     assert decode_image(GOOD["webp"]).getpixel((3, 3)) == (0, 255, 0)
     assert decode_image(GOOD["gray_jpeg"]).getpixel((3, 3))[0] in range(195, 206)
+
+
+def _photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A smooth random picture (a JPEG's DCT scaling behaves as on a photograph)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size[1] // 32, size[0] // 32, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+
+
+def _model_input(data: bytes, size: int) -> np.ndarray:
+    """What the encoder feeds the model without reader-side decoding (full decode, then resize)."""
+    return np.asarray(decode_image(data).resize((size, size), Image.Resampling.BILINEAR))
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_decode_for_input_matches_the_full_decode_on_small_files(name: str) -> None:
+    pixels, original = images.decode_for_input(GOOD[name], 16)
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+    assert original == decode_image(GOOD[name]).size
+    assert np.array_equal(pixels, _model_input(GOOD[name], 16))  # no draft below 2x the input size
+
+
+def test_decode_for_input_drafts_large_jpegs_close_to_the_full_decode() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = _save(_photo((640, 480)), "JPEG", quality=90, exif=exif)
+    pixels, original = images.decode_for_input(data, 64)
+    assert original == (480, 640)  # the upright picture's size, from before the reduced decode
+    full = _model_input(data, 64)
+    diff = np.abs(pixels.astype(int) - full.astype(int))
+    assert 0 < diff.mean() < 3.0 and np.percentile(diff, 99) < 16  # a reduced decode, nearly the same pixels
+    for name, (data, reason) in BAD.items():
+        with pytest.raises(images.ImageDecodeError, match=reason if name != "truncated" else "cannot decode"):
+            images.decode_for_input(data, 64)
+
+
+def test_reader_decodes_and_the_encoder_takes_pixels() -> None:
+    """read_and_decode (read tasks) then rows_for_batch on pixels == rows_for_batch on bytes."""
+    import tempfile
+
+    from reir.ingestion.gallery import ORIGINAL_W, PIXELS, read_and_decode
+
+    files = {"q0": _save(quadrant_image(("red", "green", "blue", "white"), size=(64, 48)), "PNG"),
+             "q1": _save(quadrant_image(("yellow", "black", "white", "red"), size=(40, 40)), "PNG"),
+             "bad": BAD["corrupt"][0]}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        uris = []
+        for image_id, data in files.items():
+            (Path(tmp) / image_id).write_bytes(data)
+            uris.append(str(Path(tmp) / image_id))
+        uris.append(str(Path(tmp) / "missing.png"))
+        ids = [*files, "missing"]
+        batch = {"image_id": np.array(ids, dtype=object), "uri": np.array(uris, dtype=object)}
+        decoded = read_and_decode(batch, input_size=16, max_pixels=10_000)
+    assert "bytes" not in decoded and decoded[PIXELS].shape == (4, 16, 16, 3)
+    assert list(decoded[ORIGINAL_W]) == [64, 40, 0, 0]
+    assert "UnidentifiedImageError" in decoded[ERROR][2] and "missing.png" in decoded[ERROR][3]
+    assert not decoded[PIXELS][2:].any()
+
+    by_pixels = InstanceEncoder(FakeModel(), FakeProcessor(), model_version="fake-1", top_k=4)
+    rows = by_pixels.rows_for_batch(decoded)
+    by_bytes = InstanceEncoder(FakeModel(), FakeProcessor(), model_version="fake-1", top_k=4)
+    reference = by_bytes.rows_for_batch({**batch, "bytes": np.array([*files.values(), b""], dtype=object),
+                                         ERROR: np.array(["", "", "", "FileNotFoundError: missing.png"], dtype=object)})
+    assert (by_pixels.images, by_pixels.failures) == (by_bytes.images, by_bytes.failures) == (2, 2)
+    ok = rows[STATUS] == "ok"
+    assert list(rows["pk"][ok]) == list(reference["pk"][reference[STATUS] == "ok"])
+    # boxes are in the original pixels; embeddings from the 16 px input (the fake's quadrant colours)
+    assert np.allclose(rows["box_w"][ok], reference["box_w"][reference[STATUS] == "ok"])
+    assert np.allclose(rows["embedding"][ok], reference["embedding"][reference[STATUS] == "ok"], atol=0.05)
+    assert "content_hash" in rows and "pixels" not in rows

@@ -168,5 +168,19 @@ def test_resource_plan_fits_small_machines() -> None:
         plan_resources(cfg.model_copy(update={"device": "cuda"}), {"CPU": 4.0})
 
 
+def test_resource_plan_sizes_the_pool_when_unset() -> None:
+    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"))  # num_encoders unset
+    # one machine with 2 cores whose Ray instance claims 4 logical CPUs: 2 one-thread encoders, 1 reader
+    plan = plan_resources(cfg, {"CPU": 4.0}, cores=2)
+    assert (plan.encoders, plan.cpus_per_encoder, plan.readers) == (2, 1.0, 1)
+    # a cluster: the CPUs left by the reader and writers (16 - 0.75), and the rest for readers
+    wide = plan_resources(cfg, {"CPU": 16.0})
+    assert (wide.encoders, wide.readers) == (15, 1)
+    two_cpu = plan_resources(cfg.model_copy(update={"num_cpus_per_encoder": 2.0}), {"CPU": 16.0})
+    assert (two_cpu.encoders, two_cpu.readers) == (7, 1)
+    assert plan_resources(cfg, {"CPU": 16.0, "GPU": 2.0}).encoders == 2  # one per GPU
+    assert plan_resources(cfg.model_copy(update={"read_concurrency": 4}), {"CPU": 4.0}, cores=2).readers == 4
+
+
 def test_model_version_is_recorded_per_row(fake_checkpoint: Path) -> None:
     assert ":" not in model_version_for(fake_checkpoint)

@@ -90,7 +90,7 @@ def test_precedence_is_defaults_file_environment_flags(tmp_path: Path) -> None:
     assert (cfg.batch_size, cfg.milvus.uri, cfg.top_k_instances) == (12, "http://env:1", 30)
     cfg = command_config("ingest", env=env, flags={"batch_size": 4, "milvus_uri": "x.db", "encoders": None},
                          extra={"alias": None})
-    assert (cfg.batch_size, cfg.milvus.uri, cfg.num_encoders, cfg.alias) == (4, "x.db", 1, None)
+    assert (cfg.batch_size, cfg.milvus.uri, cfg.num_encoders, cfg.alias) == (4, "x.db", None, None)
     # No file, no environment: the command's own defaults, and one milvus-lite path for all.
     bare = command_config("ingest", flags={"gallery": tmp_path, "model_dir": "/m"}, env={})
     assert (bare.batch_size, bare.alias) == (32, "reir_live")

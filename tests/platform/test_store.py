@@ -96,3 +96,31 @@ def test_close_releases_the_file_for_another_process(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "4"
+
+
+def test_rows_go_by_column_and_read_back_exactly(store: MilvusStore) -> None:
+    """Rows with exactly the schema's fields take the column upsert; values read back as written,
+    and a batch with a dynamic field (or rows written again) takes the row API, same results."""
+    vecs, rows = _rows(12)
+    plain = [{k: v for k, v in row.items() if k != "split"} for row in rows]
+    for i, row in enumerate(plain):
+        row.update({S.IMAGE_W: 640.0 + i, S.IMAGE_H: 480.0, S.N_INSTANCES: 2})
+    assert store.upsert(plain[:10]) == 10  # by column (upsert_batch_size 7: two calls)
+    assert store.upsert([rows[10], plain[11]]) == 2  # one row has a dynamic field: the row API
+    store.load()
+    got = {r[S.PK]: r for r in store.get([r[S.PK] for r in plain], output_fields=["*"])}
+    assert len(got) == 12
+    for i, row in enumerate(plain):
+        back = got[row[S.PK]]
+        assert (back[S.IMAGE_ID], back[S.URI], back[S.RANK], back[S.MODEL_VERSION]) == (
+            row[S.IMAGE_ID], row[S.URI], row[S.RANK], row[S.MODEL_VERSION])  # fmt: skip
+        assert back["box_x"] == pytest.approx(float(i)) and back[S.SCORE] == pytest.approx(0.5)
+        if i != 10:  # row 10 went in without the context fields (defaults)
+            assert (back[S.IMAGE_W], back[S.N_INSTANCES]) == (640.0 + i, 2)
+        assert np.allclose(back[S.EMBEDDING], vecs[i], atol=1e-6)
+    assert got[rows[10][S.PK]]["split"] == "test" and "split" not in got[plain[0][S.PK]]
+    # the packed context went in by column too: image 1's rank-0 row carries both instances
+    packed = got[plain[2][S.PK]][S.PACKED_CONTEXT]
+    context = S.unpack_context(packed)
+    assert context is not None and context.embeddings.shape == (2, DIM) and got[plain[3][S.PK]][S.PACKED_CONTEXT] == ""
+    assert np.allclose(context.embeddings, vecs[2:4], atol=2e-3)  # float16 in the pack
