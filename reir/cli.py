@@ -170,11 +170,11 @@ def ingest(
     cfg = command_config("ingest", config=config, flags=flags, extra={"alias": None} if no_alias else None)
     _need_dir(Path(cfg.model_path), "model directory")
     init_ray()
-    summary = run_ingestion(cfg)
-    typer.echo(json.dumps(_plain(summary), indent=2))
-    _write_job_summary(_plain(summary))
-    if cfg.alias and not summary.promoted:
-        typer.echo(f"error: {summary.collection} was not promoted to {cfg.alias}: {summary.check}", err=True)
+    summary = _plain(run_ingestion(cfg))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "progress"}, indent=2))  # the samples: job summary
+    _write_job_summary(summary)
+    if cfg.alias and not summary["promoted"]:
+        typer.echo(f"error: {summary['collection']} was not promoted to {cfg.alias}: {summary['check']}", err=True)
         raise typer.Exit(1)
 
 

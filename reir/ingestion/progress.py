@@ -1,8 +1,9 @@
 """Progress of an ingestion run: images encoded so far, the rate, the time left.
 
 The encoder actors already report every batch to the run's :class:`~reir.ingestion.guard.FailureGuard`
-actor; a driver thread reads its counts every ``interval_s`` and shows them: a one-line bar
-redrawn in place on a terminal, a log line elsewhere (a Kubernetes job's log, CI). Every
+actor; a driver thread reads its counts every ``interval_s`` and writes them to stderr: a
+one-line bar redrawn in place on a terminal, one line each time elsewhere (a Kubernetes
+job's log, CI). Every
 reading is kept as a ``(seconds since start, images done)`` sample, so a run's rate over
 time can be plotted afterwards (``IngestSummary.progress``).
 
@@ -93,11 +94,8 @@ class Progress:
         elapsed = time.monotonic() - self._start
         self.samples.append((round(elapsed, 2), int(done)))
         line = progress_line(int(done), int(failed), self.total, elapsed, self.rate())
-        if self._inplace:
-            self.stream.write("\r" + line)
-            self.stream.flush()
-        else:
-            log.info("ingest progress: %s", line)
+        self.stream.write(("\r" + line) if self._inplace else f"ingest progress: {line}\n")
+        self.stream.flush()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
