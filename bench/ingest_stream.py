@@ -18,6 +18,7 @@ the command writes give images/s over time. Prints one JSON object; ``--plot`` d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import make_images  # noqa: E402 - the generated images of bench/ingest.py
+from ingest import make_images  # the generated images of bench/ingest.py
 
 PROGRESS = re.compile(r"ingest progress: \[[#.]*\]\s+\d+% ([\d,]+)/([\d,]+) images\s+([\d.]+) img/s")
 ROLES = ("driver", "encoders", "milvus", "ray")
@@ -168,7 +169,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for name, run in (("run 1 (killed)", result["killed_run"]), ("run 2 (resumed)", result["resumed_run"])):
         prog = run["progress"]
         times = [offset + t for t, _ in prog[1:]]
-        rates = [(b - a) / (tb - ta) if tb > ta else 0.0 for (ta, a), (tb, b) in zip(prog, prog[1:])]
+        rates = [(b - a) / (tb - ta) if tb > ta else 0.0 for (ta, a), (tb, b) in itertools.pairwise(prog)]
         ax_rate.plot(times, rates, label=name)
         for role in (*ROLES, "total"):
             ax_mem.plot([offset + s["t"] for s in run["rss_mb"]], [s[role] for s in run["rss_mb"]],
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resumed_phases_s": summary["phases"],
         "peak_rss_mb": {"killed_run": killed["peak_rss_mb"], "resumed_run": resumed["peak_rss_mb"]},
         "total_rss_mb_at_25_50_75_100pct": {"killed_run": rss_at_quarters(killed["rss_mb"]),
-                                            "resumed_run": rss_at_quarters(resumed["rss_mb"])},  # fmt: skip
+                                            "resumed_run": rss_at_quarters(resumed["rss_mb"])},
         "generate_s": round(generate_s, 1),
         "cores": os.cpu_count(),
         "batch_size": args.batch_size,
