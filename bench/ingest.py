@@ -154,6 +154,15 @@ def pipeline_rate(model_dir: str, folder: Path, db: Path, args: argparse.Namespa
             "steady_images_per_s": summary.stream_images_per_s, "progress": summary.progress}  # fmt: skip
 
 
+def steady_window_rate(progress: list[tuple[float, int]], images: int, lo: float = 0.2, hi: float = 0.9) -> float | None:
+    """images/s between the progress samples that first reach ``lo`` and ``hi`` of the images."""
+    first = next((p for p in progress if p[1] >= lo * images), None)
+    last = next((p for p in progress if p[1] >= hi * images), None)
+    if first is None or last is None or last[0] <= first[0]:
+        return None
+    return round((last[1] - first[1]) / (last[0] - first[0]), 3)
+
+
 def gallery_paths(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path]]:
     """(folder, image files): generated JPEGs, or every image under ``--source``."""
     if args.source is None:
@@ -165,6 +174,13 @@ def gallery_paths(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path]
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"no images under {folder}")
+    if args.repeat > 1:  # a larger gallery of the same photos (copies: distinct files, distinct ids)
+        copies = tmp / "images"
+        copies.mkdir()
+        for r in range(args.repeat):
+            for p in paths:
+                (copies / f"r{r:03d}_{p.name}").write_bytes(p.read_bytes())
+        folder, paths = copies, sorted(copies.iterdir())
     return folder, paths
 
 
@@ -174,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=128, help="side of the generated JPEGs")
     parser.add_argument("--source", type=Path, default=None, help="a folder of your images instead of generated ones")
+    parser.add_argument("--repeat", type=int, default=1, help="with --source: ingest N copies of its images")
     parser.add_argument("--model", default=None, help="checkpoint directory [small preset, random init]")
     parser.add_argument("--top-k", type=int, default=10, help="instances kept per image")
     parser.add_argument("--encoders", type=int, default=None, help="pipeline encoder actors [auto: one per free CPU]")
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bare_after = bare_encoder_rate(model_dir, paths, args.batch_size, args.top_k, args.device)
         load_after = os.getloadavg()[0]
     encoder_rate = (bare["images_per_s"] + bare_after["images_per_s"]) / 2
+    window = steady_window_rate(piped["progress"], piped["images"])
     result = {
         "pipeline_images_per_s": round(piped["images_per_s"], 3),
         "plain_loop_images_per_s": round(loop["images_per_s"], 3),
@@ -226,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": round(piped["images_per_s"] / encoder_rate, 3),
         "steady": {"pipeline_images_per_s": round(piped["steady_images_per_s"], 3),
                    "plain_loop_images_per_s": round(loop["steady_images_per_s"], 3)},
+        # images/s between 20% and 90% of the images: the pipeline once started, before the tail
+        "steady_20_90pct_images_per_s": window,
         "pipeline_phases_s": piped["phases_s"],
         "plain_loop_steps_s": loop["steps_s"],
         "images": piped["images"],
@@ -238,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain_loop_seconds": round(loop["seconds"], 2),
         "encoder_images_per_s_before_after": [round(bare["images_per_s"], 3), round(bare_after["images_per_s"], 3)],
         "load_avg_1m_before_after": [round(load_before, 2), round(load_after, 2)],
-        "source": str(args.source) if args.source else f"generated {args.image_size}px JPEGs",
+        "source": (f"{args.source} x{args.repeat}" if args.repeat > 1 else str(args.source)) if args.source
+        else f"generated {args.image_size}px JPEGs",
         "decode": "encoder actors" if args.decode_in_encoder else "read tasks (draft mode)",
         "batch_size": args.batch_size,
         "threads": args.threads,

@@ -73,7 +73,7 @@ def role_of(proc: psutil.Process, driver_pid: int) -> str:
 class Run:
     """One `reir ingest` process tree: its progress lines and RSS samples by role."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], kill_at: int | None, interval_s: float = 2.0) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str], kill_at: int | None, interval_s: float = 5.0) -> None:
         self.start = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)  # fmt: skip

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,20 +130,29 @@ def list_image_dir(root: Path, split: str | None = None) -> list[GalleryItem]:
     base = synthetic if synthetic is not None and synthetic.is_dir() else root
     if not base.is_dir():
         raise FileNotFoundError(f"gallery directory not found: {base}")
-    files = sorted(
-        p for p in base.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(base).parts)
-    )  # fmt: skip
+    # One scandir walk on strings (no Path per file, no realpath per file): 100k files in
+    # about a second. Folders are resolved once; a file's uri is its folder's real path + name.
+    files: list[tuple[str, str]] = []  # (path relative to base, absolute uri)
+    for folder, dirs, names in os.walk(os.path.realpath(base), followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_folder = os.path.relpath(folder, os.path.realpath(base))
+        prefix = "" if rel_folder == "." else rel_folder.replace(os.sep, "/") + "/"
+        real_folder = os.path.realpath(folder)  # a folder reached through a link: its real path
+        for name in names:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(real_folder, name)
+            if os.path.isfile(path):
+                files.append((prefix + name, os.path.realpath(path) if os.path.islink(path) else path))
     if not files:
         raise FileNotFoundError(f"no images under {base}")
-    stems = [p.relative_to(base).with_suffix("").as_posix() for p in files]
-    taken = {stem: stems.count(stem) for stem in stems}
+    files.sort()
+    stems = [os.path.splitext(rel)[0] for rel, _ in files]
+    taken = Counter(stems)  # stems shared by files that differ only by suffix
     return [
-        GalleryItem(image_id=image_id_for(stem if taken[stem] == 1 else p.relative_to(base).as_posix()),
-                    uri=str(p.resolve()))
-        for stem, p in zip(stems, files, strict=True)
-    ]  # fmt: skip
+        GalleryItem(image_id=image_id_for(stem if taken[stem] == 1 else rel), uri=uri)
+        for stem, (rel, uri) in zip(stems, files, strict=True)
+    ]
 
 
 def _from_image_list(path: Path) -> list[GalleryItem]:

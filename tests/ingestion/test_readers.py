@@ -107,3 +107,29 @@ def test_a_folder_tree_of_real_file_names_gets_safe_unique_ids(tmp_path: Path) -
     assert image_id_for("ünï cödé/日本 [1]") == by_uri["ünï cödé/日本 [1].png"]  # stable across runs
     assert image_id_for("ünï cödé/日本 [1]").startswith("uni_code/1~")
     assert len(image_id_for("/".join(["a long folder name"] * 40))) <= 256
+
+
+def test_image_dir_listing_follows_links_and_scales(tmp_path: Path) -> None:
+    """Real paths as uris (a linked folder, a linked file), hidden entries skipped, and ids
+    that stay distinct where only the suffix differs, on a listing of thousands of files."""
+    from reir.ingestion.gallery import list_image_dir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "far.jpg").write_bytes(b"x")
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "h.jpg").write_bytes(b"x")
+    (root / "a" / ".dot.jpg").write_bytes(b"x")
+    for i in range(3000):
+        (root / "a" / f"p{i:05d}.jpg").write_bytes(b"x")
+    (root / "a" / "p00000.png").write_bytes(b"x")  # same stem, other suffix
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "one.jpg").symlink_to(outside / "far.jpg")
+    items = {it.image_id: it.uri for it in list_image_dir(root)}
+    assert len(items) == 3000 + 1 + 2
+    assert items["a/p00000.jpg"].endswith("a/p00000.jpg") and items["a/p00000.png"].endswith(".png")
+    assert items["a/p00001"] == str((root / "a" / "p00001.jpg").resolve())
+    assert items["linked/far"] == items["one"] == str((outside / "far.jpg").resolve())
+    assert not any("hidden" in i or "dot" in i for i in items)
