@@ -26,6 +26,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+def random_small_checkpoint(directory: Path) -> str:
+    """The ``small`` preset with random weights, saved (throughput does not depend on the weights)."""
+    import torch
+
+    from reir.model import create_model
+
+    torch.manual_seed(0)
+    model, processor = create_model("small")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)
+
+
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     """``n`` JPEGs of a few coloured rectangles and ellipses on a random background."""
     rng = np.random.default_rng(seed)
@@ -212,15 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="reir-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = args.model
-        if model_dir is None:
-            from reir.model import create_model
-
-            torch.manual_seed(0)
-            model, processor = create_model("small")
-            model_dir = str(tmp / "small-random")
-            model.save_pretrained(model_dir)
-            processor.save_pretrained(model_dir)
+        model_dir = args.model or random_small_checkpoint(tmp / "small-random")
         folder, paths = gallery_paths(args, tmp)
         load_before = os.getloadavg()[0]
         bare = bare_encoder_rate(model_dir, paths, args.batch_size, args.top_k, args.device)

@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import make_images  # the generated images of bench/ingest.py
+from ingest import make_images, random_small_checkpoint  # the generated images and model of bench/ingest.py
 
 PROGRESS = re.compile(r"ingest progress: \[[#.]*\]\s+\d+% ([\d,]+)/([\d,]+) images\s+([\d.]+) img/s")
 ROLES = ("driver", "encoders", "milvus", "ray")
@@ -208,17 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not gallery.exists():
         make_gallery(gallery, args.images, args.image_size, workers=os.cpu_count() or 1)
     generate_s = time.perf_counter() - t
-    model_dir = args.model
-    if model_dir is None:
-        import torch
-
-        from reir.model import create_model
-
-        torch.manual_seed(0)
-        model, processor = create_model("small")
-        model_dir = str(work / "small-random")
-        model.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
+    model_dir = args.model or random_small_checkpoint(work / "small-random")
     db = work / "stream.db"
     cmd = [sys.executable, "-m", "reir.cli", "ingest", "--gallery", str(gallery), "--model", model_dir,
            "--milvus-uri", str(db), "--batch-size", str(args.batch_size)]  # fmt: skip
