@@ -154,6 +154,14 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+def _context_hit(hit: Hit, rank: int, box: tuple[float, float, float, float], objectness: Any,
+                 embedding: np.ndarray) -> Hit:  # fmt: skip
+    """Instance ``rank`` of ``hit``'s image, as the re-ranker's context holds it (no query score)."""
+    return Hit(pk=S.make_pk(hit.model_version, hit.image_id, rank), image_id=hit.image_id, uri=hit.uri, box=box,
+               score=0.0, instance_score=float(objectness), model_version=hit.model_version, embedding=embedding,
+               image_size=hit.image_size, n_instances=hit.n_instances)  # fmt: skip
+
+
 def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     for row in rows:
@@ -478,12 +486,8 @@ class MilvusStore:
                 ))  # fmt: skip
             found = [(keys[str(row[S.PK])], row) for row in rows]
             for (hit, rank), row in sorted(found, key=lambda f: f[0][1]):
-                out[hit.image_id].append(Hit(
-                    pk=str(row[S.PK]), image_id=hit.image_id, uri=hit.uri, box=S.as_box(row[f] for f in S.BOX_FIELDS),
-                    score=0.0, instance_score=float(row[S.SCORE]), model_version=hit.model_version,
-                    embedding=np.asarray(row[S.EMBEDDING], dtype=np.float32), image_size=hit.image_size,
-                    n_instances=hit.n_instances,
-                ))  # fmt: skip
+                out[hit.image_id].append(_context_hit(hit, rank, S.as_box(row[f] for f in S.BOX_FIELDS),
+                                                      row[S.SCORE], np.asarray(row[S.EMBEDDING], np.float32)))
         if legacy:
             out.update(self.rows_for_images(legacy, model_version=model_version))
         return out
@@ -503,12 +507,9 @@ class MilvusStore:
                 if packed is None or len(packed.scores) != hit.n_instances:
                     continue
                 out[hit.image_id] = [
-                    Hit(pk=S.make_pk(hit.model_version, hit.image_id, r), image_id=hit.image_id, uri=hit.uri,
-                        box=S.as_box(packed.boxes[r]), score=0.0, instance_score=float(packed.scores[r]),
-                        model_version=hit.model_version, embedding=packed.embeddings[r],
-                        image_size=hit.image_size, n_instances=hit.n_instances)
+                    _context_hit(hit, r, S.as_box(packed.boxes[r]), packed.scores[r], packed.embeddings[r])
                     for r in range(hit.n_instances)
-                ]  # fmt: skip
+                ]
                 rest.pop(hit.image_id, None)
         return [h for h in hits if h.image_id in rest]
 
