@@ -86,11 +86,11 @@ class IngestSummary:
     dead_letter_total: int = 0  # failed images recorded in the ledger for this collection
     encoders: int = 0
     device: str = "cpu"
-    # Where the time went (seconds): "plan" (listing, ledger read, start-up), "stream" (read ->
-    # encode -> write, the steady part), "finalize" (deletions, index build, flush, load),
-    # "promote" (the check and the alias switch).
+    # Where the time went (seconds): "plan" (listing, ledger read), "stream" (read -> encode ->
+    # write, the encoder actors' start-up included), "finalize" (deletions, index build, flush,
+    # load), "promote" (the check and the alias switch).
     phases: dict[str, float] = field(default_factory=dict)
-    stream_images_per_s: float = 0.0  # images / the "stream" phase: the rate once started
+    stream_images_per_s: float = 0.0  # images / the "stream" phase
     # (seconds since the stream started, images encoded): the rate over time.
     progress: list[tuple[float, int]] = field(default_factory=list)
 
@@ -108,7 +108,7 @@ class ResourcePlan:
 
 
 def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: int | None = None) -> ResourcePlan:
-    """Encoder pool that fits the cluster next to one read task and the write tasks.
+    """Encoder pool that fits the cluster next to the read and write tasks.
 
     ``cfg.num_encoders`` unset: one actor per GPU (``cuda``), or on CPU as many actors of
     ``num_cpus_per_encoder`` as the CPUs left by the reader and writers hold, at most
