@@ -1,13 +1,22 @@
-"""Ingestion benchmark: end-to-end images/s (files -> indexed Milvus rows, through Ray Data) vs the
-bare encoder's images/s on the same images and batch size, measured in one run.
+"""Ingestion benchmark: the Ray Data pipeline against a plain loop and the bare encoder, same images.
 
-    PYTHONPATH=. .venv/bin/python bench/ingest.py --images 600 --batch-size 16 --out ingest.json
+    PYTHONPATH=. .venv/bin/python bench/ingest.py --images 4000 --out ingest.json
+    PYTHONPATH=. .venv/bin/python bench/ingest.py --source ../shared/data/coco-mini/val2017 --repeat 12
 
-The bare encoder is measured before and after the pipeline and the ratio uses their mean, so a
-change in background load during the run biases neither side (``load_avg`` reports it).
+Three rates on the same images and batch size:
+- the pipeline: ``run_ingestion`` end to end (listing, ledger, read + decode tasks, encoder
+  actors, upserts, index build, flush, load), with its phases and its steady rate (20-90 %);
+- a plain loop: one process without Ray doing the necessary work in turn (read and hash,
+  decode at the model's input size, encode, upsert into milvus-lite, build the index), with
+  seconds per step;
+- the bare encoder: ``InstanceEncoder.encode`` on images already decoded and resized, measured
+  before and after the pipeline (their mean is used, so a change in background load during
+  the run biases neither side; ``load_avg`` reports it).
+
 Without ``--model`` the ``small`` preset with random weights is saved to a temporary checkpoint
-(throughput does not depend on the weights). ``--device cuda`` runs both sides on the GPU in bf16.
-Prints one JSON object: pipeline_images_per_s, encoder_images_per_s, ratio, images, instances, ...
+(throughput does not depend on the weights). ``--device cuda`` runs the model on the GPU in bf16.
+Prints one JSON object: pipeline_images_per_s, plain_loop_images_per_s, encoder_images_per_s,
+ratio_to_loop, ratio (to the encoder), steady, pipeline_phases_s, plain_loop_steps_s, ...
 """
 
 from __future__ import annotations
