@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -239,7 +240,11 @@ def data_limits(cfg: IngestConfig) -> Iterator[None]:
         ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=cfg.object_store_memory_limit)
     ctx.enable_progress_bars = False  # the run's own progress (reir.ingestion.progress) says it in one line
     try:
-        yield
+        with warnings.catch_warnings():
+            # A small or incremental run has fewer blocks than write tasks: Ray Data's advice
+            # to raise the block count is noise there.
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
+            yield
     finally:
         ctx.execution_options.resource_limits, ctx.enable_progress_bars = saved
 

@@ -36,7 +36,7 @@ def format_eta(seconds: float) -> str:
 
 def progress_line(done: int, failed: int, total: int, elapsed: float, rate: float, width: int = 24) -> str:
     """``[#########.......]  37% 1,480/4,000 images  96.3 img/s  ETA 00:26  (2 failed)``."""
-    frac = min(done / total, 1.0) if total > 0 else 0.0
+    frac = min(done / total, 1.0) if total > 0 else 1.0  # nothing to encode: done
     filled = round(frac * width)
     eta = (total - done) / rate if rate > 0 and total > done else (0.0 if total <= done else float("inf"))
     failures = f"  ({failed:,} failed)" if failed else ""

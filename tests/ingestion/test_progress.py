@@ -15,6 +15,7 @@ def test_progress_line_reports_rate_eta_and_failures() -> None:
     assert "ETA --:--" in progress_line(0, 0, 100, elapsed=3.0, rate=0.0)
     assert "100% 5/5" in progress_line(5, 0, 5, elapsed=1.0, rate=5.0) and "ETA 00:00" in progress_line(5, 0, 5, 1, 5)
     assert format_eta(3_725) == "1:02:05" and format_eta(float("inf")) == "--:--"
+    assert progress_line(0, 0, 0, elapsed=1.0, rate=0.0, width=4).startswith("[####] 100% 0/0 images")  # a no-op rerun
 
 
 class Counter:
