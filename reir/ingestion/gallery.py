@@ -133,9 +133,10 @@ def list_image_dir(root: Path, split: str | None = None) -> list[GalleryItem]:
     # One scandir walk on strings (no Path per file, no realpath per file): 100k files in
     # about a second. Folders are resolved once; a file's uri is its folder's real path + name.
     files: list[tuple[str, str]] = []  # (path relative to base, absolute uri)
-    for folder, dirs, names in os.walk(os.path.realpath(base), followlinks=True):
+    real_base = os.path.realpath(base)
+    for folder, dirs, names in os.walk(real_base, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_folder = os.path.relpath(folder, os.path.realpath(base))
+        rel_folder = os.path.relpath(folder, real_base)
         prefix = "" if rel_folder == "." else rel_folder.replace(os.sep, "/") + "/"
         real_folder = os.path.realpath(folder)  # a folder reached through a link: its real path
         for name in names:

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -91,7 +92,6 @@ class IngestSummary:
     # write, the encoder actors' start-up included), "finalize" (deletions, index build, flush,
     # load), "promote" (the check and the alias switch).
     phases: dict[str, float] = field(default_factory=dict)
-    stream_images_per_s: float = 0.0  # images / the "stream" phase
     # (seconds since the stream started, images encoded): the rate over time.
     progress: list[tuple[float, int]] = field(default_factory=list)
 
@@ -129,11 +129,7 @@ def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: in
     per = cfg.num_cpus_per_encoder
     encoders = cfg.num_encoders
     if encoders is None:
-        if gpus_per:
-            encoders = int(gpus // gpus_per)
-        else:
-            encoders = int(room // per) if cores is None else min(int(room // per), int(cores // per))
-        encoders = max(1, encoders)
+        encoders = max(1, int(gpus // gpus_per) if gpus_per else int(min(room, cores or room) // per))
     if gpus_per:
         encoders = max(1, min(encoders, int(gpus // gpus_per)))
     if encoders * per > room:
@@ -150,8 +146,6 @@ def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: in
 def _local_cores() -> int | None:
     """This machine's cores when the Ray instance is this one machine (its logical CPUs may
     be more, see reir.platform.raylocal), else None."""
-    import os
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     here = ray.util.get_node_ip_address()
     return os.cpu_count() if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == here else None
@@ -328,7 +322,12 @@ def run_ingestion(
         sink = MilvusDatasink(target, model_version=model_version, ledger=True)
         guard = start_guard(cfg.max_failure_rate, cfg.failure_rate_min_images)
         expected = len(items) - sum(1 for it in items if it.image_id in known)
-        phases = {"plan": time.perf_counter() - start}
+        phases: dict[str, float] = {}
+
+        def lap(name: str) -> None:  # the seconds since the previous phase ended
+            phases[name] = time.perf_counter() - start - sum(phases.values())
+
+        lap("plan")
         progress = Progress(lambda: ray.get(guard.counts.remote(), timeout=30), expected,
                             interval_s=cfg.progress_interval_s)  # fmt: skip
         try:
@@ -341,7 +340,7 @@ def run_ingestion(
             raise
         finally:
             ray.kill(guard)
-        phases["stream"] = time.perf_counter() - start - sum(phases.values())
+        lap("stream")
         stats = sink.result
         with MilvusStore.from_config(milvus) as control:
             ledger = Ledger(control, collection=collection, model_version=model_version, create=False)
@@ -349,13 +348,13 @@ def run_ingestion(
             rows_in_store = _finalize_index(target, cfg.build_index, model_version)
             entries = ledger.entries()
             expected_rows, dead_total = summarize(entries)
-            phases["finalize"] = time.perf_counter() - start - sum(phases.values())
+            lap("finalize")
             check, promoted = "", False
             if version is not None:
                 catalog = IndexCatalog(control)
                 check, promoted = _check_and_promote(catalog, control, version, cfg, entries, model_version,
                                                      rows_in_store)  # fmt: skip
-            phases["promote"] = time.perf_counter() - start - sum(phases.values())
+            lap("promote")
     seconds = time.perf_counter() - start
     summary = IngestSummary(
         images=stats.images,
@@ -377,7 +376,6 @@ def run_ingestion(
         encoders=plan.encoders,
         device=plan.device,
         phases={name: round(value, 3) for name, value in phases.items()},
-        stream_images_per_s=round(stats.images / phases["stream"], 3) if phases["stream"] > 0 else 0.0,
         progress=progress.samples,
     )
     if expected_rows != rows_in_store:

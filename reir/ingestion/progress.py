@@ -3,9 +3,8 @@
 The encoder actors already report every batch to the run's :class:`~reir.ingestion.guard.FailureGuard`
 actor; a driver thread reads its counts every ``interval_s`` and writes them to stderr: a
 one-line bar redrawn in place on a terminal, one line each time elsewhere (a Kubernetes
-job's log, CI). Every
-reading is kept as a ``(seconds since start, images done)`` sample, so a run's rate over
-time can be plotted afterwards (``IngestSummary.progress``).
+job's log, CI). Every reading is kept as a ``(seconds since start, images done)`` sample,
+so a run's rate over time can be plotted afterwards (``IngestSummary.progress``).
 
 ``total`` is what the run expects to encode: the listed images minus those the ledger
 already holds. An image changed since it was indexed is counted as held until its read task

@@ -81,6 +81,15 @@ def _stats_for(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, WriteStats]:
     return ok, stats
 
 
+def instance_columns(columns: dict[str, np.ndarray], metadata_fields: Iterable[str] = (),
+                     ok: np.ndarray | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """The encoder's columns -> the stored fields of its instance rows (status rows dropped);
+    ``S.rows_from_columns`` turns them into rows for ``MilvusStore.upsert``."""
+    ok = columns[STATUS] == STATUS_OK if ok is None else ok
+    # context fields are absent from older encoders' batches
+    return {name: columns[name][ok] for name in (*S.ROW_FIELDS, *metadata_fields) if name in columns}
+
+
 def _images_of(columns: dict[str, np.ndarray]) -> list[tuple[LedgerEntry, int]]:
     """Per image of a block (the encoder emits each image's rows together, in one block):
     its ledger entry and how many rows it had before (0 if new)."""
@@ -141,8 +150,7 @@ class MilvusDatasink(Datasink[WriteStats]):
                     continue
                 ok, stats = _stats_for(columns)
                 if np.any(ok):
-                    kept = {name: columns[name][ok] for name in (*S.ROW_FIELDS, *self.milvus.metadata_fields)
-                            if name in columns}  # context fields are absent from older encoders' batches
+                    kept = instance_columns(columns, self.milvus.metadata_fields, ok)
                     if not collection_ready:
                         _ensure_collection(store, kept[S.EMBEDDING].shape[-1])
                         collection_ready = True

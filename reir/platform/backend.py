@@ -72,12 +72,14 @@ class Layout:
 
     ``fields``: its field names; ``partitions``: its partition names; ``index_type``: of the
     vector field, None without one. ``has_context``: rows carry image size and count.
+    ``schema``: the fields as ``describe_collection`` gives them (name, type...), in order.
     """
 
     index_type: str | None
     fields: frozenset[str]
     partitions: frozenset[str]
     read_at: float = field(default_factory=time.monotonic)
+    schema: tuple[dict[str, Any], ...] = ()
 
     # An alias may be moved to another collection by another process (the catalog's
     # promote); re-reading now and then is what notices it without a call per search.

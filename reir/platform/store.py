@@ -194,7 +194,6 @@ class MilvusStore:
         self._search_params = dict(search_params or {})
         self._lite_path = os.path.abspath(uri) if uri.endswith(".db") else None
         self._layout: Layout | None = None
-        self._fields: list[dict[str, Any]] | None = None  # the collection's fields (name, type, ...)
         self._lite: bool | None = True if self._lite_path is not None else None
         if self._lite_path is not None:
             with _lite_lock:
@@ -276,15 +275,15 @@ class MilvusStore:
             kind = None
             if S.EMBEDDING in client.list_indexes(self.collection):
                 kind = str(client.describe_index(self.collection, S.EMBEDDING)["index_type"])
-            fields = frozenset(f["name"] for f in client.describe_collection(self.collection)["fields"])
+            schema = tuple(client.describe_collection(self.collection)["fields"])
             parts = frozenset(client.list_partitions(self.collection))
-            self._layout = Layout(index_type=kind, fields=fields, partitions=parts)
+            self._layout = Layout(index_type=kind, fields=frozenset(f["name"] for f in schema), partitions=parts,
+                                  schema=schema)  # fmt: skip
         return self._layout
 
     def refresh(self) -> None:
         """Forget the cached layout (after an index build, a new partition, an alias move)."""
         self._layout = None
-        self._fields = None
 
     def upsert(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Insert or replace rows by primary key, in batches; returns rows written.
@@ -307,11 +306,11 @@ class MilvusStore:
                     if not self.client.has_partition(self.collection, name):
                         self.client.create_partition(self.collection, name)
                     layout.partitions = layout.partitions | {name}
-                self._upsert_part(part, name)
+                self._upsert_part(part, name, layout)
             written += len(chunk)
         return written
 
-    def _upsert_part(self, rows: list[dict[str, Any]], partition: str) -> None:
+    def _upsert_part(self, rows: list[dict[str, Any]], partition: str, layout: Layout) -> None:
         """One upsert call, sent by column when every row has exactly the schema's fields.
 
         pymilvus' row API converts each value of each row into protobuf in Python: about 2 ms
@@ -319,21 +318,16 @@ class MilvusStore:
         goes in as one list (the vectors as one array): about 0.9 ms. Rows with other keys (a
         collection's dynamic field) or missing ones take the row API.
         """
-        if self._fields is None:
-            self._fields = list(self.client.describe_collection(self.collection)["fields"])
-        names = [f["name"] for f in self._fields]
-        handler = getattr(self.client, "_get_connection", None)
-        if handler is None or any(len(row) != len(names) or not all(n in row for n in names) for row in rows):
+        handler = getattr(self.client, "_get_connection", None)  # pymilvus' column-wise API
+        if handler is None or not layout.schema or any(row.keys() != layout.fields for row in rows):
             self.client.upsert(self.collection, rows, partition_name=partition)
             return
-        entities = []
-        for f in self._fields:
-            values: Any = [row[f["name"]] for row in rows]
-            if f["name"] == S.EMBEDDING:
-                values = np.asarray(values, dtype=np.float32)
-            entities.append({"name": f["name"], "type": f["type"], "values": values})
-        handler().upsert(self.collection, entities, partition_name=partition,
-                         schema={"fields": self._fields})  # fmt: skip
+        entities = [{"name": f["name"], "type": f["type"], "values": [row[f["name"]] for row in rows]}
+                    for f in layout.schema]  # fmt: skip
+        for entity in entities:
+            if entity["name"] == S.EMBEDDING:
+                entity["values"] = np.asarray(entity["values"], dtype=np.float32)
+        handler().upsert(self.collection, entities, partition_name=partition, schema={"fields": list(layout.schema)})
 
     @staticmethod
     def _prepare(row: Mapping[str, Any], has_context: bool = True) -> dict[str, Any]:
