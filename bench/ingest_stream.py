@@ -84,7 +84,7 @@ class Run:
         self.killed_at: int | None = None
         self.stdout = ""
         self.tree: dict[int, psutil.Process] = {}
-        self._stderr_tail: list[str] = []
+        self.stderr_tail: list[str] = []
         threading.Thread(target=self._read_stderr, daemon=True).start()
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -93,7 +93,7 @@ class Run:
         for line in self.proc.stderr:
             match = PROGRESS.search(line)
             if match is None:
-                self._stderr_tail = (self._stderr_tail + [line.rstrip()])[-40:]
+                self.stderr_tail = (self.stderr_tail + [line.rstrip()])[-40:]
                 continue
             done = int(match.group(1).replace(",", ""))
             self.progress.append((round(time.monotonic() - self.start, 2), done))
@@ -110,7 +110,8 @@ class Run:
                     by_role[role_of(proc, self.proc.pid)] += proc.memory_info().rss / 2**20
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-            self.rss.append({"t": round(time.monotonic() - self.start, 2), **{k: round(v, 1) for k, v in by_role.items()}})
+            self.rss.append({"t": round(time.monotonic() - self.start, 2), **{k: round(v, 1) for k, v in by_role.items()},
+                             "total": round(sum(by_role.values()), 1)})  # fmt: skip
             time.sleep(self.interval_s)
 
     def _refresh_tree(self) -> None:
@@ -144,8 +145,6 @@ class Run:
         return {role: max((s[role] for s in self.rss), default=0.0) for role in (*ROLES, "total")} if self.rss else {}
 
     def summary(self) -> dict[str, Any]:
-        for sample in self.rss:
-            sample["total"] = round(sum(sample[r] for r in ROLES), 1)
         return {"seconds": round(time.monotonic() - self.start, 1), "returncode": self.proc.returncode,
                 "killed_at_images": self.killed_at, "peak_rss_mb": self.peak(), "progress": self.progress,
                 "rss_mb": self.rss}  # fmt: skip
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     code = second.wait()
     resumed = second.summary()
     if code != 0:
-        raise SystemExit(f"resumed run failed ({code}):\n" + "\n".join(second._stderr_tail))
+        raise SystemExit(f"resumed run failed ({code}):\n" + "\n".join(second.stderr_tail))
     summary = json.loads(second.stdout[second.stdout.index("{"):])
     result = {
         "images": args.images,
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "failures": summary["failures"],
         "promoted": summary["promoted"],
         "resumed_images_per_s": summary["images_per_s"],
-        "resumed_steady_images_per_s": summary["stream_images_per_s"],
+        "resumed_steady_images_per_s": round(summary["images"] / summary["phases"]["stream"], 3),
         "resumed_phases_s": summary["phases"],
         "peak_rss_mb": {"killed_run": killed["peak_rss_mb"], "resumed_run": resumed["peak_rss_mb"]},
         "total_rss_mb_at_25_50_75_100pct": {"killed_run": rss_at_quarters(killed["rss_mb"]),
