@@ -15,6 +15,12 @@ the size. ``measure`` regenerates the same vectors, so recall@100 of the ANN is 
 against exact (numpy) search, and times each stage of the query path in process: the store
 search, the keyed context fetch and, with ``--model``, encoding and re-ranking. JSON to stdout;
 ``--out`` appends it to a results file (one entry per backend/size/source).
+
+``measure --memory-index`` searches through the store's in-memory exact index
+(``ServeConfig.memory_index``, on by default for milvus-lite) instead: its load time and the
+memory it adds, then the same search / context / recall figures; ``--baseline-queries N`` first
+times N searches of the backend itself, ``--api-load-too`` also times reading the rows with the
+query iterator (the path a Milvus server takes).
 """
 
 from __future__ import annotations
@@ -174,6 +180,53 @@ def query_vectors(args: argparse.Namespace, n: int) -> np.ndarray:
     return unit(np.random.default_rng(7).normal(size=(n, args.dim)))
 
 
+def rss_peak_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def trim() -> None:
+    """Collect garbage and hand freed heap back to the OS, so RSS differences are what is held."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_index(store: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Load the store's in-memory exact index (``ServeConfig.memory_index``) of the bench version's
+    partition; its load time and the memory it added to this process."""
+    from reir.platform.backend import partition_for
+
+    trim()
+    before, peak_before = rss_mb(os.getpid()), rss_peak_mb(os.getpid())
+    t = time.perf_counter()
+    store.use_memory_index("on", args.memory_index_max_rows, model_version=VERSION, wait=True)
+    took = time.perf_counter() - t
+    trim()
+    status = store.memory_index.status()
+    out = {"loader": "milvus-lite engine (in process)" if store._lite_engine(store.collection) is not None else "query_iterator",
+           "rows": status.rows, "load_s": round(took, 2), "index_mb": status.mb,
+           "rss_added_mb": round(rss_mb(os.getpid()) - before, 1),
+           "peak_rss_added_mb": round(max(0.0, rss_peak_mb(os.getpid()) - max(before, peak_before)), 1)}  # fmt: skip
+    if args.api_load_too:  # the path a Milvus server (or milvus-lite in another process) takes
+        t = time.perf_counter()
+        rows = store.memory_rows(partition_for(VERSION), args.memory_index_max_rows, direct=False)
+        out["query_iterator_load_s"] = round(time.perf_counter() - t, 2)
+        out["query_iterator_rows"] = 0 if rows is None else len(rows.vectors)
+        del rows
+    return out
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from reir.platform.store import MilvusStore, SearchFilter
 
@@ -189,6 +242,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         out["ef"] = args.ef or "default"
         out["backend"] = "milvus-lite" if store.lite else "milvus-server"
         out["index_type"] = store.index_type()
+        if args.memory_index:
+            if args.baseline_queries:  # the backend's own search, for comparison, before the index loads
+                base_s, base_found = [], []
+                for q in qv[: args.baseline_queries]:
+                    t = time.perf_counter()
+                    hits = store.search(q, 100, flt)[0]
+                    base_s.append(time.perf_counter() - t)
+                    base_found.append([index[h.pk] for h in hits])
+                out["backend_search"] = pct(base_s)
+            out["memory_index"] = memory_index(store, args)
+            out["index_type"] = "in-memory exact (numpy float32)"
         for q in qv[:3]:  # warm
             store.context(store.search(q, 100, flt)[0][:50], model_version=VERSION)
         search_s, fetch_s, found = [], [], []
@@ -203,10 +267,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             assert sum(len(v) for v in ctx.values()) >= len({h.image_id for h in hits[:50]})
         out["search"] = pct(search_s)
         out["context_fetch_50_images"] = pct(fetch_s)
+        if args.memory_index:
+            out["memory_index"]["answered"] = store.memory_index.status().answered
         if args.recall:
             exact = exact_top(qv, args.source, args.instances, args.dim, 100)
             recall = [len(set(f) & set(e.tolist())) / 100.0 for f, e in zip(found, exact, strict=True)]
             out["recall_at_100"] = round(float(np.mean(recall)), 4)
+            # the same rows in the same order as exact search (ties aside: random vectors have none)
+            out["same_order_as_exact"] = round(float(np.mean([f == e.tolist() for f, e in zip(found, exact,
+                                                                                               strict=True)])), 4)
+            if args.memory_index and args.baseline_queries:
+                out["backend_recall_at_100"] = round(float(np.mean([
+                    len(set(f) & set(e.tolist())) / 100.0 for f, e in zip(base_found, exact, strict=False)])), 4)
     out["rss_mb"] = {"bench": round(rss_mb(os.getpid()), 1)}
     if args.server_pid:
         out["rss_mb"]["milvus"] = round(rss_mb(args.server_pid), 1)
@@ -304,6 +376,13 @@ def main() -> None:
         c.add_argument("--recall", action="store_true")
         c.add_argument("--server-pid", type=int, default=0)
         c.add_argument("--ef", type=int, default=0, help="HNSW ef to search with (0: the store's default)")
+        c.add_argument("--memory-index", action="store_true",
+                       help="measure: search through the store's in-memory exact index (ServeConfig.memory_index)")
+        c.add_argument("--memory-index-max-rows", type=int, default=5_000_000)
+        c.add_argument("--baseline-queries", type=int, default=0,
+                       help="with --memory-index: first time this many searches of the backend itself")
+        c.add_argument("--api-load-too", action="store_true",
+                       help="with --memory-index: also time reading the rows with the query iterator")
         c.add_argument("--out", default="")
     args = p.parse_args()
     if args.cmd == "server":

@@ -139,6 +139,13 @@ def serving_dashboard() -> Dashboard:
             Panel("Milvus search latency", _quantiles(T.QUERY_SEARCH_LATENCY_SECONDS, (0.5, 0.9, 0.99)), unit="s",
                   description="ANN search + ranking, measured in the Searcher deployment."),
             Panel("ANN candidates per query", _quantiles(T.QUERY_CANDIDATES, (0.5, 0.99)), unit="short"),
+            Panel("Searcher in-memory index rows", (
+                Target(f"max({series(T.QUERY_MEMORY_INDEX_ROWS)})", "max over replicas"),
+                Target(f"min({series(T.QUERY_MEMORY_INDEX_ROWS)})", "min over replicas"),
+            ), unit="short", description="Rows each Searcher replica answers from its exact in-memory index "
+                                         "(ServeConfig.memory_index). 0: that replica's searches go to Milvus "
+                                         "(off, loading after a start, an alias move or new rows, or over "
+                                         "memory_index_max_rows)."),
             Panel("Localize errors per second", (Target(rate(T.QUERY_LOCALIZE_ERRORS_TOTAL, by=("reason",)),
                                                         "{{reason}}"),), unit="short",
                   description="Results that kept their stored box because the localize (zoom) stage could not "

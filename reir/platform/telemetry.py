@@ -46,6 +46,11 @@ QUERY_STAGE_LATENCY_SECONDS = MetricSpec(
     ("stage",),
 )
 QUERY_CANDIDATES = MetricSpec("reir_query_candidates", "histogram", "ANN candidates considered per query")
+QUERY_MEMORY_INDEX_ROWS = MetricSpec(
+    "reir_query_memory_index_rows",
+    "gauge",
+    "Rows in a Searcher replica's in-memory exact index (0: its searches go to Milvus: off, loading, or too big)",
+)
 QUERY_LOCALIZE_ERRORS_TOTAL = MetricSpec(
     "reir_query_localize_errors_total",
     "counter",
@@ -97,6 +102,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     QUERY_SEARCH_LATENCY_SECONDS,
     QUERY_STAGE_LATENCY_SECONDS,
     QUERY_CANDIDATES,
+    QUERY_MEMORY_INDEX_ROWS,
     QUERY_LOCALIZE_ERRORS_TOTAL,
     QUERY_TRUNCATED_TOTAL,
     INGEST_IMAGES_TOTAL,

@@ -3,7 +3,8 @@
 Graph: ``IngressDeployment`` (FastAPI, :mod:`reir.serving.http`, runs the
 :class:`~reir.serving.pipeline.QueryPipeline`) -> ``QueryEncoderDeployment`` (model,
 ``@serve.batch`` so concurrent queries share one forward pass) -> ``SearcherDeployment``
-(:class:`~reir.serving.pipeline.Ranker`: Milvus ANN top-N with filters and, in the same
+(:class:`~reir.serving.pipeline.Ranker`: Milvus ANN top-N with filters, or the exact in-memory
+index of ``ServeConfig.memory_index`` for unfiltered searches, and, in the same
 call, the keyed fetch of the re-rank head's image rows and the re-rank itself, with the
 query's token states from the encoder, so two hops per query, no second text forward, and
 the context rows never leave the replica; also the localize stage,
@@ -99,7 +100,8 @@ class SearcherDeployment:
     def __init__(
         self, milvus: Mapping[str, Any], model_path: str, *, loader: ModelLoader = load_reir_model,
         torch_threads: int = 1, localize: Mapping[str, Any] | None = None, rerank_max_instances: int = 64,
-        discover_threshold: float = 0.5,
+        discover_threshold: float = 0.5, memory_index: str = "off", memory_index_max_rows: int = 5_000_000,
+        filter_model_version: bool = True,
     ) -> None:  # fmt: skip
         import torch
 
@@ -112,6 +114,14 @@ class SearcherDeployment:
         torch.set_num_threads(max(1, torch_threads))
         model, processor = loader(model_path)
         self.encoder = QueryEncoder(model, processor, model_version=model_version_for(model_path))
+        # The exact in-memory index (ServeConfig.memory_index): loaded in the background, so the
+        # replica is ready at once and searches go to Milvus until it is.
+        memory_rows = T.ray_metric(T.QUERY_MEMORY_INDEX_ROWS)
+        memory_rows.set(0)
+        self.store.use_memory_index(
+            memory_index, memory_index_max_rows, on_change=memory_rows.set,
+            model_version=self.encoder.model_version if filter_model_version else None,
+        )  # fmt: skip
         calibration = self.encoder.calibration
         self.ranker = Ranker(self.store, Reranker(model, processor, calibration=calibration,
                                                   max_instances=rerank_max_instances))
@@ -301,7 +311,8 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
         **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
     ).bind(cfg.milvus.model_dump(), cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_searcher)),
            localize=cfg.localize.model_dump(), rerank_max_instances=cfg.rerank_max_instances,
-           discover_threshold=cfg.discover_threshold)
+           discover_threshold=cfg.discover_threshold, memory_index=cfg.memory_index,
+           memory_index_max_rows=cfg.memory_index_max_rows, filter_model_version=cfg.filter_model_version)
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
     ).bind(encoder, searcher, config=cfg.model_dump(mode="json"))

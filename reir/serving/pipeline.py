@@ -377,6 +377,10 @@ def local_pipeline(
     if store is None:
         milvus = MilvusStore.from_config(cfg.milvus)
         milvus.load()
+        # The exact in-memory index (ServeConfig.memory_index), loaded before the first query
+        # here: evaluation and benchmarks measure the path a warm searcher replica takes.
+        milvus.use_memory_index(cfg.memory_index, cfg.memory_index_max_rows, wait=True,
+                                model_version=encoder.model_version if cfg.filter_model_version else None)
         store = milvus
     reranker = Reranker(model, processor, calibration=encoder.calibration, max_instances=cfg.rerank_max_instances)
     localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None

@@ -127,5 +127,8 @@ def test_local_pipeline_from_config_and_serve_args(tmp_path: Path, fake_checkpoi
         (best,) = outcome.results
         assert (best.image_id, best.box) == ("g", (0.0, 0.0, 32.0, 24.0))
         assert outcome.model_version == version
+        # milvus-lite: memory_index auto answered it from the in-memory index, loaded before the query
+        memory = pipeline.stages.store.memory_index  # type: ignore[attr-defined]
+        assert memory is not None and memory.status().rows == 4 and memory.status().answered == 1
     finally:
         pipeline.stages.store.close()  # type: ignore[attr-defined]

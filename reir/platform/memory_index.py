@@ -1,0 +1,398 @@
+"""An exact in-memory vector index over one collection's rows, for :class:`reir.platform.store.MilvusStore`.
+
+milvus-lite's search scans its rows in Python whatever the index (about 0.8 s per query at 1M
+rows), while a numpy matmul over the same vectors takes tens of milliseconds. So a searcher
+holds (pk, vector) of the live version's rows once, as one contiguous float32 matrix, and the
+scalars a :class:`~reir.platform.store.Hit` carries as compact numpy / arrow columns (no
+Python object per row), and answers unfiltered searches (the model version's partition, or
+the whole collection) exactly: ``vectors @ query``, ``argpartition``, the top-N sorted by score
+(row order breaks ties). The answers are the Milvus search path's ``Hit``s, field for field.
+
+float32, not float16: storing float16 halved the matrix but changed the top-100 of 92 % of
+random queries at 1M rows (recall@100 0.9998, not 1.0) and numpy's float16 -> float32
+conversion made a query 15x slower (measured; docs/query-path.md).
+
+:class:`MemoryIndexManager` keeps one such index current: it loads in the background (a search
+meanwhile goes to Milvus), re-reads the collection's change signal (the alias target, and the
+row count or milvus-lite's write sequence) every :data:`CHECK_EVERY_S` seconds, as the store
+re-reads its layout, and drops and reloads the index when it moved. This module makes no Milvus
+call: the rows and the signal come from the store (:class:`RowSource`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from reir.platform import schema as S
+
+if TYPE_CHECKING:
+    from reir.platform.store import Hit
+
+log = logging.getLogger(__name__)
+
+MemoryIndexMode = Literal["auto", "on", "off"]
+DEFAULT_MAX_ROWS = 5_000_000
+# As the store's Layout (reir.platform.backend.Layout.MAX_AGE_S): how stale an alias move or
+# another process's writes may be before a searcher notices them.
+CHECK_EVERY_S = 30.0
+# Queries scored per matmul: a (queries x rows) float32 block (8 x 1M rows: 32 MB).
+_QUERY_BLOCK = 8
+# The scalar columns an index holds, and their arrow/numpy types.
+STRING_FIELDS = (S.PK, S.IMAGE_ID, S.URI, S.MODEL_VERSION)
+FLOAT_FIELDS = (*S.BOX_FIELDS, S.SCORE)
+CONTEXT_FLOAT_FIELDS = (S.IMAGE_W, S.IMAGE_H)
+
+
+def enabled(mode: MemoryIndexMode, lite: bool) -> bool:
+    """``auto``: on for milvus-lite (whose search scans), off for a Milvus server (real ANN indexes)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"memory_index must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and lite)
+
+
+def index_fields(has_context: bool) -> tuple[str, ...]:
+    """The scalar fields an index reads: what :meth:`MilvusStore._to_hit` reads from a search hit."""
+    return (*STRING_FIELDS, *FLOAT_FIELDS, *((*CONTEXT_FLOAT_FIELDS, S.N_INSTANCES) if has_context else ()))
+
+
+@dataclass
+class Rows:
+    """Rows of one scope as the store read them: vectors ``[n, dim]`` float32 and the
+    :func:`index_fields` as arrow arrays (strings) or numpy arrays (numbers), row-aligned."""
+
+    vectors: np.ndarray
+    columns: dict[str, Any]
+    has_context: bool
+
+
+class MemoryIndex:
+    """One scope's rows (a partition, or the whole collection when ``partition`` is None), searched exactly."""
+
+    def __init__(self, rows: Rows, *, partition: str | None, signal: Hashable, target: Hashable = "") -> None:
+        self.partition = partition
+        self.signal = signal
+        self.target = target  # the collection the rows came from (an alias resolved)
+        self.vectors = np.ascontiguousarray(rows.vectors, dtype=np.float32)
+        n = len(self.vectors)
+        cols = rows.columns
+        self.has_context = rows.has_context
+        # Strings stay arrow arrays (offsets + one buffer); the version is dictionary-encoded.
+        self.pk = _strings(cols[S.PK], n)
+        self.image_id = _strings(cols[S.IMAGE_ID], n)
+        self.uri = _strings(cols[S.URI], n)
+        self.model_version = _strings(cols[S.MODEL_VERSION], n).dictionary_encode()
+        self.box = np.stack([np.asarray(cols[f], dtype=np.float32) for f in S.BOX_FIELDS], axis=1).reshape(n, 4)
+        self.objectness = np.asarray(cols[S.SCORE], dtype=np.float32).reshape(n)
+        self.size: np.ndarray | None = None
+        self.n_instances: np.ndarray | None = None
+        if rows.has_context:
+            self.size = np.stack([np.asarray(cols[f], dtype=np.float32) for f in CONTEXT_FLOAT_FIELDS], 1).reshape(n, 2)
+            self.n_instances = np.asarray(cols[S.N_INSTANCES], dtype=np.int64).reshape(n)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.vectors, self.box, self.objectness, *((self.size, self.n_instances) if self.has_context else ())]
+        strings = [self.pk, self.image_id, self.uri, self.model_version]
+        return sum(a.nbytes for a in arrays if a is not None) + sum(s.nbytes for s in strings)
+
+    def search(self, queries: np.ndarray, top_n: int) -> list[list[Hit]]:
+        """The exact top ``top_n`` rows by inner product for each (normalized) query, best first."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        total = len(self)
+        n = min(top_n, total)
+        if n <= 0:
+            return [[] for _ in queries]
+        out: list[list[Hit]] = []
+        for start in range(0, len(queries), _QUERY_BLOCK):
+            block = queries[start : start + _QUERY_BLOCK]
+            sims = block @ self.vectors.T if len(block) > 1 else (self.vectors @ block[0])[None, :]
+            for s in sims:
+                top = np.argpartition(s, total - n)[total - n :] if n < total else np.arange(total)
+                top = top[np.lexsort((top, -s[top]))]  # best first; the row order breaks ties
+                out.append(self._hits(top, s[top]))
+        return out
+
+    def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        from reir.platform.store import Hit
+
+        take = pa.array(rows, type=pa.int64())
+        pk, image_id, uri = (a.take(take).to_pylist() for a in (self.pk, self.image_id, self.uri))
+        version = self.model_version.take(take).to_pylist()
+        boxes = self.box[rows].tolist()
+        objectness = self.objectness[rows].tolist()
+        sizes = self.size[rows].tolist() if self.size is not None else None
+        counts = self.n_instances[rows].tolist() if self.n_instances is not None else None
+        hits = []
+        for j, score in enumerate(scores.tolist()):
+            w, h = sizes[j] if sizes is not None else (0.0, 0.0)
+            hits.append(Hit(
+                pk=pk[j], image_id=image_id[j], uri=uri[j], box=S.as_box(boxes[j]), score=score,
+                instance_score=objectness[j], model_version=version[j],
+                image_size=(w, h) if w > 0 and h > 0 else None, n_instances=counts[j] if counts is not None else 0,
+            ))  # fmt: skip
+        return hits
+
+
+def _strings(values: Any, n: int) -> pa.Array:
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if not isinstance(arr, pa.Array):
+        arr = pa.array(list(arr), type=pa.large_string())
+    arr = arr.cast(pa.large_string())
+    if len(arr) != n:
+        raise ValueError(f"column of {len(arr)} values for {n} rows")
+    return arr
+
+
+class RowSource(Protocol):
+    """What the manager needs from the store (every Milvus call stays in the store)."""
+
+    def memory_target(self) -> str:
+        """The collection the store's name resolves to now (cheap: asked at every search)."""
+        ...
+
+    def memory_signal(self, partition: str | None) -> tuple[Hashable, ...]:
+        """A value that changes when the scope's rows may have: the collection the name resolves
+        to (first: an alias moved) and its row count or write sequence."""
+        ...
+
+    def memory_rows(self, partition: str | None, max_rows: int) -> Rows | None:
+        """Every live row of the scope, or None when there are more than ``max_rows``."""
+        ...
+
+
+@dataclass
+class MemoryIndexStatus:
+    """What the manager holds and has done (``MilvusStore.memory_index.status()``)."""
+
+    rows: int = 0
+    partition: str | None = None
+    load_s: float = 0.0
+    mb: float = 0.0
+    loads: int = 0
+    answered: int = 0  # searches answered from memory
+    passed: int = 0  # unfiltered searches that went to Milvus (no index, another scope, loading)
+    over_max_rows: bool = False  # the last scope asked for held more than max_rows: not loaded
+    error: str = ""  # the last load's or check's failure ("" after a load)
+
+
+class MemoryIndexManager:
+    """Keeps one :class:`MemoryIndex` current for a store (see the module docstring).
+
+    ``search`` answers from the index when it holds the asked scope, else returns None (the
+    caller searches Milvus) and has the scope loaded in the background. ``invalidate`` drops
+    the index at once (this store wrote or re-read its layout); ``on_change(rows)`` is told the
+    rows held after each load or drop (a metric).
+    """
+
+    def __init__(self, source: RowSource, *, max_rows: int = DEFAULT_MAX_ROWS, check_every_s: float = CHECK_EVERY_S,
+                 on_change: Callable[[int], None] | None = None, name: str = "") -> None:  # fmt: skip
+        self.source = source
+        self.max_rows = max_rows
+        self.check_every_s = check_every_s
+        self.on_change = on_change
+        self.name = name
+        self._index: MemoryIndex | None = None
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._checked_at = 0.0
+        self._pending: Future[None] | None = None
+        self._too_big: tuple[str | None, Hashable] | None = None
+        # After a failed load, or a scope over max_rows, no new load before this (monotonic s).
+        self._retry_at = 0.0
+        self._closed = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reir-memory-index")
+        self._status = MemoryIndexStatus()
+
+    # The query path
+
+    def search(self, queries: np.ndarray, top_n: int, partition: str | None) -> list[list[Hit]] | None:
+        index = self._index
+        if index is None or index.partition != partition:
+            self._status.passed += 1
+            if time.monotonic() >= self._retry_at:
+                self._schedule(self._load, partition)
+            return None
+        try:
+            target = self.source.memory_target()
+        except Exception:  # noqa: BLE001 - the alias is gone: Milvus answers (or says what is wrong)
+            target = None
+        if target != index.target:
+            log.info("memory index %s: the name now resolves to %s, not %s; reloading", self.name, target,
+                     index.target)  # fmt: skip
+            self.invalidate()
+            self._status.passed += 1
+            self._schedule(self._load, partition)
+            return None
+        if time.monotonic() - self._checked_at > self.check_every_s:
+            self._schedule(self._check, partition)
+        hits = index.search(queries, top_n)
+        self._status.answered += 1
+        return hits
+
+    def warm(self, partition: str | None, *, wait: bool = False, timeout: float | None = None) -> None:
+        """Load ``partition``'s rows now (in the background unless ``wait``)."""
+        self._schedule(self._load, partition)
+        if wait:
+            self.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the load or check in progress (if any) is done."""
+        pending = self._pending
+        if pending is not None:
+            pending.result(timeout)
+
+    def invalidate(self) -> None:
+        """Drop the index now: the next search goes to Milvus and has the scope reloaded."""
+        with self._lock:
+            self._generation += 1
+            dropped = self._index is not None
+            self._index = None
+            self._too_big = None
+            self._retry_at = 0.0
+        if dropped:
+            self._notify(0)
+
+    def check_soon(self) -> None:
+        """Re-read the change signal at the next search."""
+        self._checked_at = 0.0
+
+    def status(self) -> MemoryIndexStatus:
+        return self._status
+
+    @property
+    def index(self) -> MemoryIndex | None:
+        return self._index
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closed = True
+        self.invalidate()
+        pending = self._pending
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if pending is not None:
+            try:
+                pending.result(timeout)
+            except (TimeoutError, CancelledError):  # a long load: its rows are dropped when it ends
+                log.info("memory index %s: closed while a load was running", self.name)
+
+    # Background tasks (one at a time)
+
+    def _schedule(self, task: Callable[[str | None], None], partition: str | None) -> None:
+        with self._lock:
+            if self._closed or (self._pending is not None and not self._pending.done()):
+                return
+            try:
+                self._pending = self._pool.submit(self._run, task, partition)
+            except RuntimeError:  # shut down
+                return
+
+    def _run(self, task: Callable[[str | None], None], partition: str | None) -> None:
+        try:
+            task(partition)
+        except Exception as exc:  # the searches go on through Milvus
+            self._retry_at = time.monotonic() + self.check_every_s
+            self._status.error = f"{type(exc).__name__}: {exc}"
+            if not self._closed:
+                log.exception("memory index %s: %s failed; searches go to Milvus", self.name, task.__name__)
+
+    def _check(self, partition: str | None) -> None:
+        index = self._index
+        self._checked_at = time.monotonic()  # a failing check is retried after check_every_s too
+        signal = self.source.memory_signal(partition)
+        if index is not None and index.signal != signal:
+            log.info("memory index %s: the collection changed (%s -> %s); reloading", self.name, index.signal, signal)
+            self.invalidate()
+            self._load(partition)
+
+    def _load(self, partition: str | None) -> None:
+        if self._closed:
+            return
+        current = self._index
+        if current is not None and current.partition == partition:
+            return
+        with self._lock:
+            generation = self._generation
+        signal = self.source.memory_signal(partition)  # before the rows: a write in between reloads later
+        target = signal[0]
+        if self._too_big == (partition, signal):
+            self._retry_at = time.monotonic() + self.check_every_s
+            return
+        start = time.monotonic()
+        rows = self.source.memory_rows(partition, self.max_rows)
+        if rows is None:
+            self._too_big = (partition, signal)
+            self._retry_at = time.monotonic() + self.check_every_s
+            self._status.over_max_rows = True
+            log.warning("memory index %s: %s holds more than memory_index_max_rows=%d rows; searches go to Milvus",
+                        self.name, partition or "the collection", self.max_rows)  # fmt: skip
+            return
+        index = MemoryIndex(rows, partition=partition, signal=signal, target=target)
+        took = time.monotonic() - start
+        with self._lock:
+            if self._closed or generation != self._generation:
+                return  # invalidated while loading: the next search loads again
+            self._index = index
+            self._checked_at = time.monotonic()
+        st = self._status
+        st.rows, st.partition, st.load_s, st.mb = len(index), partition, round(took, 3), round(index.nbytes / 2**20, 1)
+        st.loads += 1
+        st.error, st.over_max_rows = "", False
+        log.info("memory index %s: %d rows of %s loaded in %.1f s (%.0f MB)", self.name, len(index),
+                 partition or "the collection", took, st.mb)  # fmt: skip
+        self._notify(len(index))
+
+    def _notify(self, rows: int) -> None:
+        if rows == 0:
+            self._status.rows = 0
+        if self.on_change is not None:
+            try:
+                self.on_change(rows)
+            except Exception:  # a metric must not break searches
+                log.exception("memory index on_change failed")
+
+
+def rows_from_pages(pages: Iterable[list[dict[str, Any]]], has_context: bool, max_rows: int) -> Rows | None:
+    """:class:`Rows` from pages of row dicts (a query iterator's), or None past ``max_rows``."""
+    fields = index_fields(has_context)
+    vectors: list[np.ndarray] = []
+    columns: dict[str, list[Any]] = {f: [] for f in fields}
+    total = 0
+    for page in pages:
+        if not page:
+            continue
+        total += len(page)
+        if total > max_rows:
+            return None
+        vectors.append(np.asarray([row[S.EMBEDDING] for row in page], dtype=np.float32))
+        for f in fields:
+            columns[f].append(_page_column(f, [row.get(f) for row in page]))
+    return Rows(vectors=np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32),
+                columns={f: _concat(f, chunks) for f, chunks in columns.items()}, has_context=has_context)
+
+
+def _page_column(name: str, values: list[Any]) -> Any:
+    if name in STRING_FIELDS:
+        return pa.array([str(v) for v in values], type=pa.large_string())
+    if name == S.N_INSTANCES:
+        return np.asarray([int(v or 0) for v in values], dtype=np.int64)
+    return np.asarray([float(v or 0.0) for v in values], dtype=np.float32)
+
+
+def _concat(name: str, chunks: list[Any]) -> Any:
+    if name in STRING_FIELDS:
+        return pa.chunked_array(chunks, type=pa.large_string()).combine_chunks()
+    dtype = np.int64 if name == S.N_INSTANCES else np.float32
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+
+

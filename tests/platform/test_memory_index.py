@@ -1,0 +1,220 @@
+"""The store's in-memory exact index (reir.platform.memory_index) against milvus-lite itself:
+same hits as an exhaustive (FLAT) search, filtered searches left to Milvus, alias moves and
+new rows picked up, and the old path when it is off. Real milvus-lite files, generated rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reir.platform import schema as S
+from reir.platform.backend import partition_for
+from reir.platform.memory_index import MemoryIndex, enabled
+from reir.platform.store import Hit, MilvusStore, SearchFilter
+
+DIM = 16
+
+
+def _rows(images: int, per_image: int, version: str, seed: int, prefix: str = "img") -> tuple[np.ndarray, list[dict]]:
+    n = images * per_image
+    vecs = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    rows = [
+        S.InstanceRow(f"{prefix}{i // per_image}", f"/g/{prefix} {i // per_image}.jpg", (i, 1.5, 2.0, 3.0),
+                      0.1 + (i % 7) / 10, i % per_image, version, vecs[i],
+                      image_size=(640.0 + i // per_image, 480.0), n_instances=per_image).to_dict()
+        for i in range(n)
+    ]  # fmt: skip
+    return vecs, rows
+
+
+def _queries(n: int, seed: int = 9) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[MilvusStore]:
+    """Two versions' rows (one partition each) under an exhaustive FLAT index."""
+    with MilvusStore(str(tmp_path / "idx.db"), "instances", dim=DIM, upsert_batch_size=64) as s:
+        s.upsert(_rows(60, 5, "v1", 0)[1] + _rows(40, 5, "v2", 1)[1])
+        s.build_index("FLAT")
+        s.load()
+        yield s
+
+
+def _same_hits(milvus: list[list[Hit]], memory: list[list[Hit]]) -> None:
+    assert len(milvus) == len(memory)
+    for a, b in zip(milvus, memory, strict=True):
+        assert [h.pk for h in a] == [h.pk for h in b]
+        for x, y in zip(a, b, strict=True):
+            assert y.score == pytest.approx(x.score, abs=1e-6)
+            assert {**asdict(x), "score": 0.0} == {**asdict(y), "score": 0.0}  # every other field, exactly
+            assert (x.image_size, x.n_instances, x.embedding) == (y.image_size, y.n_instances, None)
+
+
+@pytest.mark.parametrize("version", ["v1", None])
+def test_the_memory_index_answers_what_an_exhaustive_milvus_search_answers(store: MilvusStore,
+                                                                           version: str | None) -> None:  # fmt: skip
+    flt = SearchFilter(model_version=version) if version else None
+    queries = _queries(5)
+    milvus = [store.search(queries, top_n, flt) for top_n in (1, 37, 1000)]  # 1000: more than the rows
+    assert store.memory_index is None
+    assert store.use_memory_index("on", model_version=version, wait=True)
+    status = store.memory_index.status()  # type: ignore[union-attr]
+    assert (status.rows, status.partition) == ((300 if version else 500), partition_for(version) if version else None)
+    for top_n, expected in zip((1, 37, 1000), milvus, strict=True):
+        _same_hits(expected, store.search(queries, top_n, flt))
+    assert status.answered == 3 and status.passed == 0
+    assert len(store.search(queries[0], 1000, flt)[0]) == status.rows
+
+
+def test_structured_filters_and_unknown_versions_still_go_to_milvus(store: MilvusStore) -> None:
+    from reir.platform.filters import compile_filters
+
+    store.use_memory_index("on", model_version="v1", wait=True)
+    status = store.memory_index.status()  # type: ignore[union-attr]
+    images = SearchFilter(model_version="v1", image_ids=("img3", "img7"))
+    hits = store.search(_queries(1), 20, images)[0]
+    assert {h.image_id for h in hits} == {"img3", "img7"} and len(hits) == 10
+    prefix = compile_filters([{"field": "image_id", "op": "prefix", "value": "img1"}], {"image_id": "str"},
+                             model_version="v1")  # fmt: skip
+    assert {h.image_id[:4] for h in store.search(_queries(1), 100, prefix)[0]} == {"img1"}
+    assert store.search(_queries(1), 5, SearchFilter(model_version="v9"))[0] == []  # no partition: filtered
+    assert status.answered == 0 and status.passed == 0
+    store.search(_queries(1), 5, SearchFilter(model_version="v1"))
+    assert status.answered == 1
+
+
+def test_deleted_overwritten_and_unflushed_rows_are_read_as_milvus_reads_them(store: MilvusStore) -> None:
+    vecs, rows = _rows(60, 5, "v1", 0)
+    store.delete([rows[0][S.PK], rows[1][S.PK]])
+    moved = {**rows[2], S.URI: "/g/moved.jpg", S.EMBEDDING: -vecs[2]}  # same pk, new vector and uri
+    store.upsert([moved, *_rows(3, 5, "v1", 7, prefix="new")[1]])  # still in milvus-lite's memtable
+    flt = SearchFilter(model_version="v1")
+    queries = np.concatenate([_queries(3), vecs[:3], -vecs[2:3]])
+    milvus = store.search(queries, 40, flt)
+    store.use_memory_index("on", model_version="v1", wait=True)
+    assert store.memory_index.status().rows == 300 - 2 + 15  # type: ignore[union-attr]
+    _same_hits(milvus, store.search(queries, 40, flt))
+    assert store.search(-vecs[2], 1, flt)[0][0].uri == "/g/moved.jpg"
+
+
+def test_the_api_path_reads_the_same_rows_as_the_engine(store: MilvusStore) -> None:
+    """A server (or milvus-lite in another process) is read with the query iterator; here the
+    same file read both ways gives the same index."""
+    part = partition_for("v2")
+    direct = MemoryIndex(store.memory_rows(part, 10_000), partition=part, signal=None)  # type: ignore[arg-type]
+    store._lite_path, lite_path = None, store._lite_path  # no engine in reach: the API path
+    try:
+        paged = MemoryIndex(store.memory_rows(part, 10_000), partition=part, signal=None)  # type: ignore[arg-type]
+        assert store.memory_rows(part, 199) is None  # more than max_rows
+    finally:
+        store._lite_path = lite_path
+    order = np.argsort(np.asarray(direct.pk.to_pylist()))
+    again = np.argsort(np.asarray(paged.pk.to_pylist()))
+    assert np.array_equal(direct.vectors[order], paged.vectors[again])
+    assert np.array_equal(direct.box[order], paged.box[again]) and np.array_equal(direct.size[order], paged.size[again])
+    assert direct.uri.take(order).to_pylist() == paged.uri.take(again).to_pylist()
+    queries = _queries(4)
+    _same_hits(direct.search(queries, 50), paged.search(queries, 50))
+
+
+@pytest.mark.parametrize("reader_path", ["engine", "api"])
+def test_an_alias_move_is_seen_at_the_next_search_and_new_rows_at_the_next_check(tmp_path: Path,
+                                                                                  reader_path: str) -> None:  # fmt: skip
+    """``api``: the reader resolves the alias and reads rows over the API, as from a server or
+    a milvus-lite in another process."""
+    db = str(tmp_path / "idx.db")
+    with MilvusStore(db, "c1", dim=DIM) as writer, MilvusStore(db, "live") as reader:
+        lite_path = reader._lite_path
+        writer.upsert(_rows(10, 5, "v1", 0, prefix="a")[1])
+        c2 = MilvusStore(db, "c2", dim=DIM)
+        c2.upsert(_rows(10, 5, "v1", 1, prefix="b")[1])
+        for s in (writer, c2):
+            s.build_index("FLAT")
+            s.load()
+        writer.point_alias("live", "c1")
+        if reader_path == "api":
+            reader._lite_path = None
+        try:
+            reader.use_memory_index("on", model_version="v1", wait=True, check_every_s=0.0)
+            manager = reader.memory_index
+            assert manager is not None
+            flt = SearchFilter(model_version="v1")
+            assert {h.image_id[0] for h in reader.search(_queries(1), 50, flt)[0]} == {"a"}
+            assert manager.status().answered == 1
+
+            writer.point_alias("live", "c2")  # another store moves the alias (as `reir index promote` does)
+            hits = reader.search(_queries(1), 50, flt)[0]  # Milvus, at once; the index reloads beside it
+            assert {h.image_id[0] for h in hits} == {"b"} and manager.status().answered == 1
+            manager.wait(30)
+            _same_hits([hits], [reader.search(_queries(1), 50, flt)[0]])
+            assert (manager.status().answered, manager.status().loads) == (2, 2)
+
+            c2.upsert(_rows(2, 5, "v1", 2, prefix="c")[1])  # new rows, written by another store
+            reader.search(_queries(1), 5, flt)  # due for a check (check_every_s 0): it runs beside this search
+            manager.wait(30)
+            manager.wait(30)
+            assert manager.status().rows == 60 and manager.status().loads == 3
+            _same_hits([c2.search(_queries(2), 60, flt)[0]], [reader.search(_queries(2), 60, flt)[0]])
+        finally:
+            reader._lite_path = lite_path
+            c2.close()
+
+
+def test_a_write_through_the_same_store_drops_the_index_until_reloaded(store: MilvusStore) -> None:
+    store.use_memory_index("on", model_version="v1", wait=True)
+    manager = store.memory_index
+    assert manager is not None and manager.index is not None
+    _, rows = _rows(1, 5, "v1", 3, prefix="late")
+    store.upsert(rows)
+    assert manager.index is None  # this search goes to Milvus and sees the new rows
+    flt = SearchFilter(model_version="v1")
+    assert store.search(np.asarray(rows[0][S.EMBEDDING]), 1, flt)[0][0].pk == rows[0][S.PK]
+    manager.wait(30)
+    assert manager.status().rows == 305
+    assert store.search(np.asarray(rows[0][S.EMBEDDING]), 1, flt)[0][0].pk == rows[0][S.PK]
+
+
+def test_off_keeps_the_milvus_path_and_auto_follows_the_backend(store: MilvusStore) -> None:
+    queries = _queries(2)
+    before = store.search(queries, 10)
+    assert store.use_memory_index("off") is False and store.memory_index is None
+    assert [[h.pk for h in q] for q in store.search(queries, 10)] == [[h.pk for h in q] for q in before]
+    assert enabled("auto", lite=True) and not enabled("auto", lite=False)
+    assert enabled("on", lite=False) and not enabled("off", lite=True)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        enabled("yes", lite=True)  # type: ignore[arg-type]
+    assert store.use_memory_index("auto", wait=True) is True  # milvus-lite
+
+
+def test_a_scope_over_max_rows_stays_in_milvus(store: MilvusStore) -> None:
+    store.use_memory_index("on", max_rows=299, model_version="v1", wait=True)
+    manager = store.memory_index
+    assert manager is not None and manager.index is None and manager.status().over_max_rows
+    flt = SearchFilter(model_version="v1")
+    assert len(store.search(_queries(1), 10, flt)[0]) == 10 and manager.status().passed == 1
+    store.use_memory_index("on", max_rows=300, model_version="v1", wait=True)
+    assert store.memory_index is not None and store.memory_index.status().rows == 300
+
+
+def test_auto_pages_a_milvus_lite_served_by_another_process_only_while_small(store: MilvusStore,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Without the engine in this process, milvus-lite's rows come through its query iterator,
+    slow at scale: ``auto`` reads no more than LITE_API_AUTO_MAX_ROWS there, ``on`` does."""
+    from reir.platform import store as store_module
+
+    monkeypatch.setattr(store_module, "LITE_API_AUTO_MAX_ROWS", 400)  # the collection holds 500 rows
+    lite_path, store._lite_path = store._lite_path, None
+    try:
+        assert store.use_memory_index("auto", model_version="v1", wait=True)
+        manager = store.memory_index
+        assert manager is not None and manager.index is None and manager.status().over_max_rows
+        store.use_memory_index("on", model_version="v1", wait=True)
+        assert store.memory_index is not None and store.memory_index.status().rows == 300
+    finally:
+        store._lite_path = lite_path
