@@ -18,7 +18,7 @@ from rich.console import Console
 # The demo's re-ranker recipe: batches of 128 expressions from one negative group (shared hard
 # negatives), lr 4e-3. bench/rerank.py trains its default variant with the same.
 RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 20, "weight_decay": 0.01,
-                                 "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128}}}
+                                 "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
 # Everything but training (data, ingestion, HTTP queries, evaluation): `make demo` = 14 + 6 min.
 DEMO_OVERHEAD_S = 6 * 60
 

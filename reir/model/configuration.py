@@ -77,6 +77,10 @@ class RerankSpec:
     # dropout on the stored instance vectors while training: the re-ranker trains on vectors
     # of images the stage-2 model fit, and scores vectors of images it never saw
     input_dropout: float = 0.4
+    # transformer layers over the expression's token states before the relation slots pool
+    # them: the frozen text tower was trained to name the referent, not to mark which words
+    # describe the landmark or the context (0: pool the tower's states directly)
+    text_layers: int = 0
 
 
 @dataclass

@@ -248,6 +248,12 @@ class TextEncoder(nn.Module):
         return TextOutput(full.embeddings[:0], full.aux_loss * 0.0, full.gate_probs[:0])
 
 
+# A new re-ranker reads the expression through one transformer layer of its own (RerankSpec.
+# text_layers; a stored config without the field has none). On the demo's stage-2 model and
+# 4,000 steps it took BR@1 from 2.9% (below the ANN order's 4.9%) to 13.1% (docs/model.md).
+NEW_RERANKER_TEXT_LAYERS = 1
+
+
 class ReirModel(nn.Module):
     """Dual-stream REIR model. Build with :func:`reir.model.create_model`.
 
@@ -280,8 +286,11 @@ class ReirModel(nn.Module):
 
     def add_reranker(self, **spec: Any) -> RelationReranker:
         """Attach a fresh (untrained) re-ranker, in this model's train / eval mode; returns it."""
-        rerank_spec = RerankSpec(**{**self.config.rerank, **spec})
-        if rerank_spec.hidden_size <= 0:  # the config says "none": give the new one a width
+        stored = dict(self.config.rerank)
+        if stored.get("hidden_size", 0) <= 0:  # the config says "none": the new one's defaults
+            stored.update(hidden_size=128, text_layers=NEW_RERANKER_TEXT_LAYERS)
+        rerank_spec = RerankSpec(**{**stored, **spec})
+        if rerank_spec.hidden_size <= 0:
             rerank_spec = replace(rerank_spec, hidden_size=128)
         self.config.rerank = asdict(rerank_spec)
         self.reranker = self._build_reranker(rerank_spec).to(self.device).train(self.training)

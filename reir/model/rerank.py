@@ -84,6 +84,11 @@ def pack_instance_sets(
     return emb, boxes, objectness, mask
 
 
+def _heads(width: int) -> int:
+    """Attention heads for a ``width``-wide layer: 4 when they divide it, else 1."""
+    return 4 if width % 4 == 0 else 1
+
+
 def relative_geometry(boxes: torch.Tensor) -> torch.Tensor:
     """``boxes [N, M, 4]`` cxcywh -> ``[N, M, M, 5]``: geometry of k seen from j (``[n, j, k]``)."""
     eps = 1e-3
@@ -104,6 +109,11 @@ class RelationReranker(nn.Module):
         h, r = spec.hidden_size, spec.num_relations
         self.spec = spec
         self.text_norm = nn.LayerNorm(text_hidden)
+        self.text_encoder: nn.TransformerEncoder | None = None
+        if spec.text_layers > 0:
+            layer = nn.TransformerEncoderLayer(text_hidden, nhead=_heads(text_hidden), dim_feedforward=2 * text_hidden,
+                                               dropout=0.0, batch_first=True, norm_first=True)
+            self.text_encoder = nn.TransformerEncoder(layer, spec.text_layers, enable_nested_tensor=False)
         self.text_key = nn.Linear(text_hidden, h)
         self.text_value = nn.Linear(text_hidden, h)
         self.queries = nn.Parameter(torch.randn(r + 1, h) / math.sqrt(h))  # slot 0: the candidate itself
@@ -155,6 +165,8 @@ class RelationReranker(nn.Module):
         """``[T, L, Ht]`` -> ``[T, R+1, h]`` (slot 0: the candidate, then what the expression
         asks of the landmark of each relation) and the relation gates ``[T, R]``."""
         x = self.text_norm(text_states)
+        if self.text_encoder is not None:
+            x = self.text_encoder(x, src_key_padding_mask=~text_mask.bool())
         keys, values = self.text_key(x), self.text_value(x)
         att = torch.einsum("rh,tlh->trl", self.queries, keys) / math.sqrt(keys.shape[-1])
         att = att.masked_fill(~text_mask.bool()[:, None, :], torch.finfo(att.dtype).min).softmax(dim=-1)

@@ -248,3 +248,37 @@ def test_image_features_computed_once_give_the_same_logits() -> None:
         got = rr.score_features(states, mask, base, features, text_rows=rows, image_rows=images)
     assert torch.equal(torch.isneginf(got), torch.isneginf(want)) and torch.isneginf(got[0, 3])
     assert torch.allclose(got[~torch.isneginf(want)], want[~torch.isneginf(want)], atol=1e-6)
+
+
+def test_a_new_reranker_reads_the_expression_through_its_own_text_layer_and_it_round_trips(tmp_path: Path) -> None:
+    """A fresh re-ranker gets ``text_layers`` transformer layers over the token states (the
+    pooled slots then depend on word order, not on a bag of words); a checkpoint written before
+    the field existed (no ``text_layers`` key) loads as the form without them."""
+    import json
+
+    torch.manual_seed(0)
+    model, processor = create_model("tiny")
+    model.eval()
+    reranker = model.add_reranker(hidden_size=16, num_relations=4)
+    assert model.config.rerank["text_layers"] == 1 and reranker.text_encoder is not None
+    enc = processor.text(["the red square left of the blue circle", "the blue circle left of the red square"])
+    states = model.encode_text(enc["input_ids"], enc["attention_mask"]).token_states
+    with torch.no_grad():
+        slots, _ = reranker.text_slots(states, enc["attention_mask"])
+        reranker.text_encoder = None  # the same weights pooled without the layer
+        pooled, _ = reranker.text_slots(states, enc["attention_mask"])
+    assert not torch.allclose(slots, pooled)
+    model.add_reranker(hidden_size=16, num_relations=4, text_layers=2)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = create_model(str(tmp_path))
+    assert loaded.reranker is not None and loaded.reranker.text_encoder is not None
+    assert len(loaded.reranker.text_encoder.layers) == 2
+    # a config written before the field: no text layers, and its weights load strictly
+    model.add_reranker(hidden_size=16, num_relations=4, text_layers=0)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rerank"]["text_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old, _ = create_model(str(tmp_path))
+    assert old.reranker is not None and old.reranker.text_encoder is None
