@@ -21,6 +21,7 @@ RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 
                                  "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
 # Everything but training (data, ingestion, HTTP queries, evaluation): `make demo` = 14 + 6 min.
 DEMO_OVERHEAD_S = 6 * 60
+STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes, steps reached or not
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class DemoConfig:
     # only reorders what the embeddings tell apart, so stage 2 keeps the largest share).
     stage1_share: float = 2.5 / 14.0
     rerank_share: float = 3.5 / 14.0
+    # Each stage trains for the steps a reference 2-core machine reaches in its share of the
+    # minutes (stage 1, stage 2, re-ranker), scaled with train_minutes, and stops at STEP_TIME_CAP
+    # times its minutes at the latest. With the minutes alone (fixed_steps False) a machine half
+    # as fast trains half the steps: on one such machine (2026-11-25) stage 2 reached 392 of
+    # 940 steps and the ANN order fell from 4.9% to 1.0% BR@1 (docs/benchmarks.md, `make demo`).
+    fixed_steps: bool = True
+    stage_steps: tuple[int, int, int] = (300, 940, 2000)
     model: str = "small"
     # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
     # the held-out ones appear in the test split only.
@@ -138,18 +146,30 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     common: dict[str, Any] = {"data_root": str(data), "output_dir": str(out / "runs"), "batch_size": cfg.batch_size,
                               "cpus_per_worker": 2.0, "epochs": 1000, "seed": cfg.seed, "zero_stage": 2,
                               "log_every": 25}
-    clock.begin(f"train stage 1 (detection + REC), {budget * cfg.stage1_share / 60:.1f} min")
-    stage1 = run_training(TrainConfig(model=cfg.model, stage="1", run_name="stage1",
-                                      time_budget_s=budget * cfg.stage1_share, **common))
-    stage2_s = budget * (1 - cfg.stage1_share - cfg.rerank_share)
-    clock.begin(f"train stage 2 (CLIA), {stage2_s / 60:.1f} min")
-    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10,
-                                      time_budget_s=stage2_s, lr=3e-4,
-                                      lookalike_partners=cfg.lookalike_partners, **common))
-    clock.begin(f"train the re-ranker on the frozen stage-2 model, {budget * cfg.rerank_share / 60:.1f} min")
-    return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank",
-                                         time_budget_s=budget * cfg.rerank_share,
+    seconds = (budget * cfg.stage1_share, budget * (1 - cfg.stage1_share - cfg.rerank_share), budget * cfg.rerank_share)
+    limits = [_limits(cfg, i, s) for i, s in enumerate(seconds)]
+    clock.begin(f"train stage 1 (detection + REC), {_say(limits[0])}")
+    stage1 = run_training(TrainConfig(model=cfg.model, stage="1", run_name="stage1", **limits[0], **common))
+    clock.begin(f"train stage 2 (CLIA), {_say(limits[1])}")
+    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10, lr=3e-4,
+                                      lookalike_partners=cfg.lookalike_partners, **limits[1], **common))
+    clock.begin(f"train the re-ranker on the frozen stage-2 model, {_say(limits[2])}")
+    return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank", **limits[2],
                                          **{**common, **RERANK_RECIPE})))  # a local output_dir: a Path
+
+
+def _limits(cfg: DemoConfig, stage: int, seconds: float) -> dict[str, Any]:
+    """``max_steps`` / ``time_budget_s`` of one stage: the minutes alone, or the stage's steps
+    (scaled with the minutes) with the minutes times ``STEP_TIME_CAP`` as a cap."""
+    if not cfg.fixed_steps:
+        return {"time_budget_s": seconds}
+    steps = max(1, round(cfg.stage_steps[stage] * cfg.train_minutes / 14.0))
+    return {"max_steps": steps, "time_budget_s": seconds * STEP_TIME_CAP}
+
+
+def _say(limits: dict[str, Any]) -> str:
+    minutes = limits["time_budget_s"] / 60
+    return f"{limits['max_steps']} steps (at most {minutes:.1f} min)" if "max_steps" in limits else f"{minutes:.1f} min"
 
 
 def _ingest(model_dir: Path, data: Path, milvus_uri: str) -> Any:
