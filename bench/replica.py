@@ -1,5 +1,7 @@
 """The demo's three training stages in plain torch (no Ray, no DeepSpeed) at fixed step
-counts, on any device: a recipe comparison that machine load does not skew, fast on a GPU.
+counts, on any device: a recipe comparison that machine load does not skew, fast on a GPU
+(it imports the trainer module for its LR schedule and parameter groups: carry pydantic
+wheels to a machine without it).
 
     PYTHONPATH=. python bench/replica.py --data D --s1 300 --s2 940 --save S2 \
         --variants 'tl1:{"text_layers":1};tl0:{"text_layers":0}'
@@ -17,7 +19,6 @@ the training ("in") vs held-out ("held") phrasing families.
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -25,7 +26,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from PIL import Image
 
 from reir.data.formats import load_samples, negative_groups
 from reir.evaluation.metrics import Prediction, box_recall_at_k
@@ -33,7 +33,9 @@ from reir.model import create_model
 from reir.model.boxes import BoxMode, convert
 from reir.model.losses import ReirCriterion
 from reir.model.modeling import score_scale
+from reir.training.config import TrainConfig
 from reir.training.rerank import build_rerank_set, mine_hard_negatives, rank_pool, rerank_loss, sample_texts
+from reir.training.trainer import ImageCache, _param_groups, lr_factor
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", required=True)
@@ -61,37 +63,15 @@ def log(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def lr_factor(progress, step, warmup):
-    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    return warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-cache = {}
-
-
-def load(path):
-    im = cache.get(path)
-    if im is None:
-        with Image.open(path) as f:
-            im = f.convert("RGB")
-        cache[path] = im
-    return im
-
-
-def groups_for(model):
-    g = {"decay": ([], 0.05, 1.0), "no_decay": ([], 0.0, 1.0), "score": ([], 0.0, 20.0)}
-    for n, prm in model.named_parameters():
-        if not prm.requires_grad:
-            continue
-        k = "score" if n in ("logit_scale", "logit_bias") else "decay" if prm.ndim > 1 else "no_decay"
-        g[k][0].append(prm)
-    return [{"params": v[0], "weight_decay": v[1], "lr_mult": v[2]} for v in g.values() if v[0]]
+# The trainer's own LR schedule, parameter groups and image cache (reir.training.trainer).
+_cache = ImageCache()
+load = _cache.get
 
 
 def train_stage(model, processor, stage, steps, lr, warmup, samples):
     model.to(dev).train()
     crit = ReirCriterion(model.config, stage=stage)
-    opt = torch.optim.AdamW(groups_for(model), lr=lr)
+    opt = torch.optim.AdamW(_param_groups(model, TrainConfig(data_root=args.data, stage=stage, lr=lr)), lr=lr)
     rng = random.Random(args.seed)
     order = []
     step = 0

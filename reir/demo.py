@@ -21,6 +21,7 @@ RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 
                                  "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
 # Everything but training (data, ingestion, HTTP queries, evaluation): `make demo` = 14 + 6 min.
 DEMO_OVERHEAD_S = 6 * 60
+REFERENCE_MINUTES = 14.0  # stage_steps are what a reference 2-core machine trains in these minutes
 STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes, steps reached or not
 
 
@@ -28,7 +29,7 @@ STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes
 class DemoConfig:
     out: str = "demo_out"
     num_images: int = 2000
-    train_minutes: float = 14.0
+    train_minutes: float = REFERENCE_MINUTES
     # 2.5 min stage 1, 8 min stage 2, 3.5 min re-ranker (batches of 128 from one negative
     # group, lr 4e-3): 55.8% BR@1 in 18.3 min (2026-11-24, non-negative relation weight and
     # input dropout; 47.7% on 2026-11-22 before them) with the re-ranker's existential relation
@@ -163,7 +164,7 @@ def _limits(cfg: DemoConfig, stage: int, seconds: float) -> dict[str, Any]:
     (scaled with the minutes) with the minutes times ``STEP_TIME_CAP`` as a cap."""
     if not cfg.fixed_steps:
         return {"time_budget_s": seconds}
-    steps = max(1, round(cfg.stage_steps[stage] * cfg.train_minutes / 14.0))
+    steps = max(1, round(cfg.stage_steps[stage] * cfg.train_minutes / REFERENCE_MINUTES))
     return {"max_steps": steps, "time_budget_s": seconds * STEP_TIME_CAP}
 
 
