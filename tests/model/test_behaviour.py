@@ -37,7 +37,7 @@ from PIL import Image
 from reir.model import ReirModel, ReirProcessor, create_model
 
 from .synthetic import SynthSample, make_dataset
-from .train_utils import train
+from .train_utils import train, training_threads
 
 SYNONYMS = {"small": ("small", "little"), "large": ("large", "big"), "left of": ("left of", "to the left of"),
             "right of": ("right of", "to the right of")}  # fmt: skip
@@ -79,7 +79,7 @@ def _size_twins(sample: SynthSample) -> tuple[int, int] | None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(2)
+    torch.set_num_threads(training_threads())
     torch.manual_seed(0)
     data = make_dataset(0, 300) + make_dataset(1, 500, relational=True)
     for _, sample in data:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,14 @@ from PIL import Image
 from reir.model import ReirCriterion, ReirModel, ReirProcessor, iou_xywh
 
 from .synthetic import SynthSample
+
+
+def training_threads() -> int:
+    """Torch threads for a training test: 2 alone, 1 under ``make test``'s two xdist workers.
+    There the other worker runs the Ray unit on the same 2 cores, and two OpenMP threads that
+    spin at every barrier for a thread the scheduler has parked made the behaviour test's
+    2,500 steps take 15 minutes instead of 2-3 (one thread has no barrier to wait at)."""
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 @dataclass
