@@ -37,7 +37,7 @@ from PIL import Image
 from reir.model import ReirModel, ReirProcessor, create_model
 
 from .synthetic import SynthSample, make_dataset
-from .train_utils import train, training_threads
+from .train_utils import train, use_training_threads
 
 # The fixture trains 2,500 steps inside the first test's timeout: 445 s under `make test` on
 # a 2-core machine (other worker busy with the Ray unit), where the suite-wide 900 s is too tight.
@@ -83,7 +83,7 @@ def _size_twins(sample: SynthSample) -> tuple[int, int] | None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(training_threads())
+    use_training_threads()
     torch.manual_seed(0)
     data = make_dataset(0, 300) + make_dataset(1, 500, relational=True)
     for _, sample in data:

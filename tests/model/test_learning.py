@@ -10,11 +10,11 @@ import torch
 from reir.model import create_model
 
 from .synthetic import make_dataset
-from .train_utils import evaluate, train, training_threads
+from .train_utils import evaluate, train, use_training_threads
 
 
 def test_tiny_learns_detection_and_rec() -> None:
-    torch.set_num_threads(training_threads())
+    use_training_threads()
     torch.manual_seed(0)
     train_data = make_dataset(0, 400)
     test_data = make_dataset(1, 80, start=10_000)  # held-out scenes, 2-4 shapes each

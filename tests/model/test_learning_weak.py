@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from reir.model import create_model
 from reir.model.losses_weak import weak_contrastive_loss
 
-from .train_utils import training_threads
+from .train_utils import use_training_threads
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "circle", "triangle")
@@ -63,7 +63,7 @@ def _accuracy(model: nn.Module, head: nn.Module, processor: object, rng: random.
 
 def test_weak_contrast_alone_finds_the_referent_candidate() -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(training_threads())
+    use_training_threads()
     model, processor = create_model("tiny")
     head = nn.Linear(FEATURES, model.config.embed_dim)
     spec = model.config.loss_spec
@@ -93,7 +93,7 @@ def test_the_appearance_head_lets_weak_training_tell_same_shape_objects_apart() 
     from .synthetic import make_dataset
     from .train_utils import evaluate, train
 
-    torch.set_num_threads(training_threads())
+    use_training_threads()
     train_data = make_dataset(0, 400)
     test_data = make_dataset(1, 80, start=10_000)
     same_shape = {}

@@ -17,12 +17,12 @@ from reir.model import ReirCriterion, ReirModel, ReirProcessor, iou_xywh
 from .synthetic import SynthSample
 
 
-def training_threads() -> int:
-    """Torch threads for a training test: 2 alone, 1 under ``make test``'s two xdist workers.
+def use_training_threads() -> None:
+    """Set torch's threads for a training test: 2 alone, 1 under ``make test``'s two xdist workers.
     There the other worker runs the Ray unit on the same 2 cores, and two OpenMP threads that
     spin at every barrier for a thread the scheduler has parked made the behaviour test's
     2,500 steps take 15 minutes instead of 2-3 (one thread has no barrier to wait at)."""
-    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @dataclass
