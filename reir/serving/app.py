@@ -116,10 +116,11 @@ class SearcherDeployment:
         self.encoder = QueryEncoder(model, processor, model_version=model_version_for(model_path))
         # The exact in-memory index (ServeConfig.memory_index): loaded in the background, so the
         # replica is ready at once and searches go to Milvus until it is.
-        memory_rows = T.ray_metric(T.QUERY_MEMORY_INDEX_ROWS)
-        memory_rows.set(0)
+        self._memory_rows_gauge = T.ray_metric(T.QUERY_MEMORY_INDEX_ROWS)
+        self._memory_rows = 0
+        self._memory_rows_gauge.set(0)
         self.store.use_memory_index(
-            memory_index, memory_index_max_rows, on_change=memory_rows.set,
+            memory_index, memory_index_max_rows, on_change=self._set_memory_rows,
             model_version=self.encoder.model_version if filter_model_version else None,
         )  # fmt: skip
         calibration = self.encoder.calibration
@@ -167,7 +168,15 @@ class SearcherDeployment:
             raise DependencyUnavailable(f"collection {self.store.collection!r} is gone", retry_after_s=5.0)
         return {"collection": self.store.collection}
 
+    def _set_memory_rows(self, rows: int) -> None:
+        self._memory_rows = rows
+        self._memory_rows_gauge.set(rows)
+
     def check_health(self) -> None:
+        # A gauge recorded once can drop out of Ray's metrics export while the replica lives on
+        # (seen once in tests/ops: no series after the load); the health check, every 10 s,
+        # records it again.
+        self._memory_rows_gauge.set(self._memory_rows)
         if not self.store.exists():
             raise RuntimeError(f"collection {self.store.collection!r} not found")
 
