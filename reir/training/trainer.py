@@ -168,9 +168,21 @@ def _report(
     ray.train.report(stats, checkpoint=checkpoint)
 
 
+def init_distributed(use_gpu: bool) -> None:
+    """DeepSpeed's process group (nccl on GPU, gloo on CPU). On CPU, DeepSpeed would first
+    compile its shared-memory all-reduce op, which only its inference all-reduce uses: 50-90 s
+    of C++ on every fresh worker pod or machine (on 2 cores here), for nothing in training.
+    The op is marked unavailable so the gloo group starts at once."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a dict DeepSpeed keeps for edits
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -183,7 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # use every CPU the worker reserved, or half the compute sits idle.
     torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    init_distributed(use_gpu=cfg.use_gpu)
     if cfg.trains_reranker:
         _rerank_loop(cfg, rank, world, device)
         return
@@ -392,7 +404,7 @@ def without_referents(row: dict[str, Any]) -> dict[str, Any]:
     """The weak-supervision view of a training row: its expressions keep their image and
     lose their box index (``NO_REFERENT``).
 
-    Mapped over the dataset before it reaches the workers, whatever the source, so
+    Applied to every row before it reaches the workers, whatever the source, so
     nothing in the weak stage can read a referent box. The image's boxes stay (detection,
     when ``weak_detection``).
     """
@@ -419,7 +431,10 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     if not samples:
         raise ValueError(f"no training images under {cfg.data_root}")
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
-    return ray.data.from_items([sample_to_row(s, g) for s, g in zip(samples, groups)]), len(samples)
+    rows = [sample_to_row(s, g) for s, g in zip(samples, groups)]
+    if cfg.without_referents:  # here, not as a Ray Data map: its tasks would each start a process that imports torch
+        rows = [without_referents(r) for r in rows]
+    return ray.data.from_items(rows), len(samples)
 
 
 def run_training(
@@ -449,10 +464,10 @@ def run_training(
 
         mixed = prepare_mixed(cfg)
         cfg, ds, num_rows = mixed.config, mixed.dataset, mixed.rows_per_epoch
+        if cfg.without_referents:
+            ds = ds.map(without_referents)
     else:
         ds, num_rows = _benchmark_dataset(cfg)
-    if cfg.without_referents:
-        ds = ds.map(without_referents)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows, "fit_id": uuid.uuid4().hex,
