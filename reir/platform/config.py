@@ -274,6 +274,12 @@ class ServeConfig(_Frozen):
     # memory_index_max_rows rows stays in Milvus. docs/query-path.md has the figures.
     memory_index: Literal["auto", "on", "off"] = "auto"
     memory_index_max_rows: int = Field(default=5_000_000, ge=0)
+    # From this many rows of a scope on (0: never), the index searches inverted lists (k-means,
+    # about sqrt(rows) lists) instead of every row, probing as many lists as reach
+    # memory_index_recall (recall@100 against exact search, calibrated at load on queries
+    # drawn from the rows). Its re-rank context comes from memory too (no Milvus call).
+    memory_index_ann_min_rows: int = Field(default=200_000, ge=0)
+    memory_index_recall: float = Field(default=0.97, gt=0, le=1)
     # Re-rank / discovery (reir.serving.rerank); the threshold file in the checkpoint wins.
     rerank_default: bool = True
     rerank_candidates: int = Field(default=50, ge=1, le=1000)

@@ -22,6 +22,7 @@ call: the rows and the signal come from the store (:class:`RowSource`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -50,6 +51,10 @@ _QUERY_BLOCK = 8
 STRING_FIELDS = (S.PK, S.IMAGE_ID, S.URI, S.MODEL_VERSION)
 FLOAT_FIELDS = (*S.BOX_FIELDS, S.SCORE)
 CONTEXT_FLOAT_FIELDS = (S.IMAGE_W, S.IMAGE_H)
+INT_FIELDS = (S.N_INSTANCES, S.RANK)
+# Inverted lists (AnnSpec): the recall@k the probe count is calibrated for, and the queries.
+CALIBRATION_K = 100
+CALIBRATION_QUERIES = 64
 
 
 def enabled(mode: MemoryIndexMode, lite: bool) -> bool:
@@ -61,7 +66,7 @@ def enabled(mode: MemoryIndexMode, lite: bool) -> bool:
 
 def index_fields(has_context: bool) -> tuple[str, ...]:
     """The scalar fields an index reads: what :meth:`MilvusStore._to_hit` reads from a search hit."""
-    return (*STRING_FIELDS, *FLOAT_FIELDS, *((*CONTEXT_FLOAT_FIELDS, S.N_INSTANCES) if has_context else ()))
+    return (*STRING_FIELDS, *FLOAT_FIELDS, *((*CONTEXT_FLOAT_FIELDS, *INT_FIELDS) if has_context else ()))
 
 
 @dataclass
@@ -74,16 +79,87 @@ class Rows:
     has_context: bool
 
 
-class MemoryIndex:
-    """One scope's rows (a partition, or the whole collection when ``partition`` is None), searched exactly."""
+@dataclass(frozen=True)
+class AnnSpec:
+    """When and how an index searches inverted lists instead of every row.
 
-    def __init__(self, rows: Rows, *, partition: str | None, signal: Hashable, target: Hashable = "") -> None:
+    A scope of ``min_rows`` rows or more is split into about sqrt(rows) lists (``lists`` when
+    set) by spherical k-means on a sample; a query scores the lists' centroids and then only
+    the rows of the ``nprobe`` best lists, exactly. ``nprobe`` is calibrated at load: the
+    smallest count whose recall@100 against the exact answer reaches ``recall`` on
+    :data:`CALIBRATION_QUERIES` queries drawn from the rows themselves (half stored vectors,
+    half normalized midpoints of two stored vectors, which fall between clusters). Below
+    ``min_rows`` (and with ``min_rows`` 0) the index scans every row."""
+
+    min_rows: int = 200_000
+    recall: float = 0.97
+    lists: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.recall <= 1.0:
+            raise ValueError(f"recall must be in (0, 1], got {self.recall}")
+        if self.min_rows < 0 or self.lists < 0:
+            raise ValueError("min_rows and lists must be >= 0")
+
+    def applies(self, rows: int) -> bool:
+        return self.min_rows > 0 and rows >= self.min_rows
+
+
+@dataclass
+class InvertedLists:
+    """Rows grouped by nearest centroid: list ``l`` holds rows ``offsets[l]:offsets[l+1]``."""
+
+    centroids: np.ndarray  # [lists, dim] float32, unit norm
+    offsets: np.ndarray  # [lists + 1] int64
+    nprobe: int
+    recall: float  # recall@CALIBRATION_K of nprobe on the calibration queries
+    build_s: float
+
+    def __len__(self) -> int:
+        return len(self.centroids)
+
+    def spans(self, query: np.ndarray, top_n: int) -> list[tuple[int, int]]:
+        """Row spans of the lists to scan for ``query``: the calibrated count (scaled by
+        ``top_n / CALIBRATION_K`` for longer answers), more while they hold fewer than ``top_n`` rows."""
+        total = len(self.centroids)
+        want = min(total, self.nprobe * max(1, -(-top_n // CALIBRATION_K)))
+        scores = self.centroids @ query
+        order = np.argsort(-scores, kind="stable")
+        spans, held = [], 0
+        for i, lst in enumerate(order.tolist()):
+            a, b = int(self.offsets[lst]), int(self.offsets[lst + 1])
+            if b > a:
+                spans.append((a, b))
+                held += b - a
+            if i + 1 >= want and held >= top_n:
+                break
+        return spans
+
+
+class MemoryIndex:
+    """One scope's rows (a partition, or the whole collection when ``partition`` is None),
+    searched exactly, or through :class:`InvertedLists` when ``ann`` applies to its size.
+
+    With lists, the rows are stored list by list (the load permutes them once). With the
+    per-image columns (``has_context``), it also answers the re-ranker's context of an image
+    it returned a hit for (:meth:`context`), so a query makes no Milvus call at all."""
+
+    def __init__(self, rows: Rows, *, partition: str | None, signal: Hashable, target: Hashable = "",
+                 ann: AnnSpec | None = None) -> None:  # fmt: skip
         self.partition = partition
         self.signal = signal
         self.target = target  # the collection the rows came from (an alias resolved)
-        self.vectors = np.ascontiguousarray(rows.vectors, dtype=np.float32)
-        n = len(self.vectors)
+        vectors = np.ascontiguousarray(rows.vectors, dtype=np.float32)
+        n = len(vectors)
         cols = rows.columns
+        self.lists: InvertedLists | None = None
+        if ann is not None and ann.applies(n):
+            self.lists, order = build_lists(vectors, ann)
+            vectors = vectors[order]
+            take = pa.array(order, type=pa.int64())
+            cols = {f: (_strings(c, n).take(take) if f in STRING_FIELDS else np.asarray(c)[order]) for f, c in cols.items()}
+        self.vectors = vectors
         self.has_context = rows.has_context
         # Strings stay arrow arrays (offsets + one buffer); the version is dictionary-encoded.
         self.pk = _strings(cols[S.PK], n)
@@ -94,35 +170,73 @@ class MemoryIndex:
         self.objectness = np.asarray(cols[S.SCORE], dtype=np.float32).reshape(n)
         self.size: np.ndarray | None = None
         self.n_instances: np.ndarray | None = None
+        self.rank: np.ndarray | None = None
+        self._groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if rows.has_context:
             self.size = np.stack([np.asarray(cols[f], dtype=np.float32) for f in CONTEXT_FLOAT_FIELDS], 1).reshape(n, 2)
             self.n_instances = np.asarray(cols[S.N_INSTANCES], dtype=np.int64).reshape(n)
+            self.rank = np.asarray(cols[S.RANK], dtype=np.int32).reshape(n)
+            self._groups = _image_groups(self.image_id, self.model_version, self.rank)
 
     def __len__(self) -> int:
         return len(self.vectors)
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.vectors, self.box, self.objectness, *((self.size, self.n_instances) if self.has_context else ())]
+        arrays = [self.vectors, self.box, self.objectness, self.size, self.n_instances, self.rank,
+                  *(self._groups or ()), *((self.lists.centroids, self.lists.offsets) if self.lists else ())]
         strings = [self.pk, self.image_id, self.uri, self.model_version]
         return sum(a.nbytes for a in arrays if a is not None) + sum(s.nbytes for s in strings)
 
     def search(self, queries: np.ndarray, top_n: int) -> list[list[Hit]]:
-        """The exact top ``top_n`` rows by inner product for each (normalized) query, best first."""
+        """The top ``top_n`` rows by inner product for each (normalized) query, best first:
+        exact over every row, or over the probed lists' rows."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         total = len(self)
         n = min(top_n, total)
         if n <= 0:
             return [[] for _ in queries]
+        if self.lists is not None:
+            return [self._search_lists(q, n) for q in queries]
         out: list[list[Hit]] = []
         for start in range(0, len(queries), _QUERY_BLOCK):
             block = queries[start : start + _QUERY_BLOCK]
             sims = block @ self.vectors.T if len(block) > 1 else (self.vectors @ block[0])[None, :]
             for s in sims:
-                top = np.argpartition(s, total - n)[total - n :] if n < total else np.arange(total)
-                top = top[np.lexsort((top, -s[top]))]  # best first; the row order breaks ties
-                out.append(self._hits(top, s[top]))
+                out.append(self._best(np.arange(total), s, n))
         return out
+
+    def _search_lists(self, query: np.ndarray, n: int) -> list[Hit]:
+        assert self.lists is not None
+        spans = self.lists.spans(query, n)
+        rows = np.concatenate([np.arange(a, b) for a, b in spans])
+        sims = np.concatenate([self.vectors[a:b] @ query for a, b in spans])
+        return self._best(rows, sims, min(n, len(rows)))
+
+    def _best(self, rows: np.ndarray, sims: np.ndarray, n: int) -> list[Hit]:
+        total = len(rows)
+        top = np.argpartition(sims, total - n)[total - n :] if n < total else np.arange(total)
+        top = top[np.lexsort((rows[top], -sims[top]))]  # best first; the row order breaks ties
+        return self._hits(rows[top], sims[top])
+
+    def context(self, hit: Hit, *, float16: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Ranks, boxes ``[n, 4]``, objectness and vectors (rank order) of every stored instance
+        of the image of ``hit`` (a hit this index returned), as the store's keyed context fetch
+        reads them (``float16``: vectors rounded as the packed context stores them); None when
+        the hit is not this index's or the image's ranks 0..n_instances-1 are not all here."""
+        r = hit.row
+        if self._groups is None or self.rank is None or not 0 <= r < len(self) or self.pk[r].as_py() != hit.pk:
+            return None
+        keys, order, sorted_keys = self._groups
+        lo, hi = np.searchsorted(sorted_keys, keys[r], "left"), np.searchsorted(sorted_keys, keys[r], "right")
+        rows = order[lo:hi]
+        rows = rows[self.rank[rows] < hit.n_instances]
+        if len(rows) != hit.n_instances or not np.array_equal(self.rank[rows], np.arange(hit.n_instances)):
+            return None
+        vectors = self.vectors[rows]
+        if float16:
+            vectors = vectors.astype(np.float16).astype(np.float32)
+        return self.rank[rows], self.box[rows], self.objectness[rows], vectors
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         from reir.platform.store import Hit
@@ -135,14 +249,100 @@ class MemoryIndex:
         sizes = self.size[rows].tolist() if self.size is not None else None
         counts = self.n_instances[rows].tolist() if self.n_instances is not None else None
         hits = []
-        for j, score in enumerate(scores.tolist()):
+        for j, (row, score) in enumerate(zip(rows.tolist(), scores.tolist())):
             w, h = sizes[j] if sizes is not None else (0.0, 0.0)
             hits.append(Hit(
                 pk=pk[j], image_id=image_id[j], uri=uri[j], box=S.as_box(boxes[j]), score=score,
                 instance_score=objectness[j], model_version=version[j],
                 image_size=(w, h) if w > 0 and h > 0 else None, n_instances=counts[j] if counts is not None else 0,
+                row=row,
             ))  # fmt: skip
         return hits
+
+
+def _image_groups(image_id: pa.Array, version: pa.DictionaryArray,
+                  rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Rows grouped by (image, version), rank order within: (key of each row, the rows in
+    group order, the keys in that order), so a row's group is two binary searches away."""
+    images = image_id.dictionary_encode()
+    codes = np.asarray(images.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    versions = np.asarray(version.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    keys = codes * max(1, len(version.dictionary)) + versions
+    order = np.lexsort((rank, keys))
+    return keys, order, keys[order]
+
+
+def build_lists(vectors: np.ndarray, spec: AnnSpec) -> tuple[InvertedLists, np.ndarray]:
+    """Spherical k-means lists over ``vectors`` (unit rows) and the row permutation that
+    stores them list by list; the probe count calibrated as :class:`AnnSpec` says."""
+    start = time.monotonic()
+    n = len(vectors)
+    rng = np.random.default_rng(spec.seed)
+    count = spec.lists or math.isqrt(n)
+    count = max(1, min(count, n))
+    sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * count), replace=False))]
+    centroids = _kmeans(sample, count, rng)
+    labels = _nearest(vectors, centroids)
+    order = np.argsort(labels, kind="stable")
+    offsets = np.zeros(count + 1, np.int64)
+    np.cumsum(np.bincount(labels, minlength=count), out=offsets[1:])
+    nprobe, recall = _calibrate(vectors, labels, centroids, spec.recall, rng)
+    lists = InvertedLists(centroids=centroids, offsets=offsets, nprobe=nprobe, recall=recall,
+                          build_s=time.monotonic() - start)  # fmt: skip
+    log.info("memory index: %d rows in %d lists, nprobe %d (recall@%d %.3f on calibration queries), %.1f s",
+             n, count, nprobe, CALIBRATION_K, recall, lists.build_s)  # fmt: skip
+    return lists, order
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _nearest(vectors: np.ndarray, centroids: np.ndarray, block: int = 16_384) -> np.ndarray:
+    return np.concatenate([np.argmax(vectors[i : i + block] @ centroids.T, axis=1)
+                           for i in range(0, len(vectors), block)]).astype(np.int64)  # fmt: skip
+
+
+def _kmeans(sample: np.ndarray, count: int, rng: np.random.Generator, iterations: int = 10) -> np.ndarray:
+    centroids = sample[rng.choice(len(sample), size=count, replace=False)].copy()
+    for _ in range(iterations):
+        labels = _nearest(sample, centroids)
+        sums = np.zeros_like(centroids)
+        _sum_by_label(sums, labels, sample)
+        empty = np.flatnonzero(np.bincount(labels, minlength=count) == 0)
+        sums[empty] = sample[rng.choice(len(sample), size=len(empty), replace=False)]
+        centroids = _unit(sums)
+    return centroids
+
+
+def _sum_by_label(out: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
+    order = np.argsort(labels, kind="stable")
+    present, starts = np.unique(labels[order], return_index=True)
+    out[present] = np.add.reduceat(rows[order], starts, axis=0)
+
+
+def _calibrate(vectors: np.ndarray, labels: np.ndarray, centroids: np.ndarray, target: float,
+               rng: np.random.Generator) -> tuple[int, float]:  # fmt: skip
+    """The smallest probe count whose mean recall@k on the calibration queries reaches ``target``."""
+    n, count = len(vectors), len(centroids)
+    k = min(CALIBRATION_K, n)
+    half = CALIBRATION_QUERIES // 2
+    stored = vectors[rng.choice(n, size=half)]
+    between = _unit(vectors[rng.choice(n, size=half)] + vectors[rng.choice(n, size=half)])
+    queries = np.concatenate([stored, between])
+    positions = []  # per query: the probe position (0 = best list) of each true neighbour's list
+    for start in range(0, len(queries), 16):
+        block = queries[start : start + 16]
+        sims = vectors @ block.T  # [n, 16]
+        for j, q in enumerate(block):
+            truth = np.argpartition(sims[:, j], n - k)[n - k :]
+            place = np.empty(count, np.int64)
+            place[np.argsort(-(centroids @ q), kind="stable")] = np.arange(count)
+            positions.append(place[labels[truth]])
+    pos = np.sort(np.concatenate(positions))
+    need = max(1, int(np.ceil(target * len(pos))))
+    probe = int(pos[need - 1]) + 1  # the need-th smallest position is then scanned
+    return probe, float((pos < probe).mean())
 
 
 def _strings(values: Any, n: int) -> pa.Array:
@@ -185,6 +385,10 @@ class MemoryIndexStatus:
     passed: int = 0  # unfiltered searches that went to Milvus (no index, another scope, loading)
     over_max_rows: bool = False  # the last scope asked for held more than max_rows: not loaded
     error: str = ""  # the last load's or check's failure ("" after a load)
+    lists: int = 0  # inverted lists (0: every row is scanned)
+    nprobe: int = 0
+    calibrated_recall: float = 1.0  # recall@100 of nprobe on the calibration queries
+    contexts: int = 0  # images whose re-rank context came from memory
 
 
 class MemoryIndexManager:
@@ -197,9 +401,11 @@ class MemoryIndexManager:
     """
 
     def __init__(self, source: RowSource, *, max_rows: int = DEFAULT_MAX_ROWS, check_every_s: float = CHECK_EVERY_S,
-                 on_change: Callable[[int], None] | None = None, name: str = "") -> None:  # fmt: skip
+                 on_change: Callable[[int], None] | None = None, name: str = "",
+                 ann: AnnSpec | None = None) -> None:  # fmt: skip
         self.source = source
         self.max_rows = max_rows
+        self.ann = ann
         self.check_every_s = check_every_s
         self.on_change = on_change
         self.name = name
@@ -240,6 +446,15 @@ class MemoryIndexManager:
         hits = index.search(queries, top_n)
         self._status.answered += 1
         return hits
+
+    def context(self, hit: Hit, *, float16: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """The re-rank context of ``hit``'s image from the index that returned it (see
+        :meth:`MemoryIndex.context`), or None (the store fetches it from Milvus)."""
+        index = self._index
+        found = index.context(hit, float16=float16) if index is not None and hit.row >= 0 else None
+        if found is not None:
+            self._status.contexts += 1
+        return found
 
     def warm(self, partition: str | None, *, wait: bool = False, timeout: float | None = None) -> None:
         """Load ``partition``'s rows now (in the background unless ``wait``)."""
@@ -337,7 +552,8 @@ class MemoryIndexManager:
             log.warning("memory index %s: %s holds more than memory_index_max_rows=%d rows; searches go to Milvus",
                         self.name, partition or "the collection", self.max_rows)  # fmt: skip
             return
-        index = MemoryIndex(rows, partition=partition, signal=signal, target=target)
+        index = MemoryIndex(rows, partition=partition, signal=signal, target=target, ann=self.ann)
+        del rows  # with lists, the index holds a permuted copy
         took = time.monotonic() - start
         with self._lock:
             if self._closed or generation != self._generation:
@@ -348,6 +564,9 @@ class MemoryIndexManager:
         st.rows, st.partition, st.load_s, st.mb = len(index), partition, round(took, 3), round(index.nbytes / 2**20, 1)
         st.loads += 1
         st.error, st.over_max_rows = "", False
+        lists = index.lists
+        st.lists, st.nprobe = (len(lists), lists.nprobe) if lists else (0, 0)
+        st.calibrated_recall = round(lists.recall, 4) if lists else 1.0
         log.info("memory index %s: %d rows of %s loaded in %.1f s (%.0f MB)", self.name, len(index),
                  partition or "the collection", took, st.mb)  # fmt: skip
         self._notify(len(index))
@@ -384,7 +603,7 @@ def rows_from_pages(pages: Iterable[list[dict[str, Any]]], has_context: bool, ma
 def _page_column(name: str, values: list[Any]) -> Any:
     if name in STRING_FIELDS:
         return pa.array([str(v) for v in values], type=pa.large_string())
-    if name == S.N_INSTANCES:
+    if name in INT_FIELDS:
         return np.asarray([int(v or 0) for v in values], dtype=np.int64)
     return np.asarray([float(v or 0.0) for v in values], dtype=np.float32)
 
@@ -392,7 +611,7 @@ def _page_column(name: str, values: list[Any]) -> Any:
 def _concat(name: str, chunks: list[Any]) -> Any:
     if name in STRING_FIELDS:
         return pa.chunked_array(chunks, type=pa.large_string()).combine_chunks()
-    dtype = np.int64 if name == S.N_INSTANCES else np.float32
+    dtype = np.int64 if name in INT_FIELDS else np.float32
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
 
 

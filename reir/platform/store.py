@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from typing import Self
 
     from reir.platform.config import MilvusConfig
-    from reir.platform.memory_index import MemoryIndexManager, Rows
+    from reir.platform.memory_index import AnnSpec, MemoryIndexManager, Rows
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class Hit:
     # predates these fields (the re-ranker and the context fetch then fall back).
     image_size: tuple[float, float] | None = field(default=None, compare=False)
     n_instances: int = field(default=0, compare=False)
+    # The row of the in-memory index that answered the search (-1: Milvus did); the context
+    # fetch then reads the image's rows there, after checking the row still holds this pk.
+    row: int = field(default=-1, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ def _lite_rows(engine: Any, partition: str | None, has_context: bool, max_rows: 
     from milvus_lite.search.assembler import assemble_candidates, materialize_record
     from milvus_lite.search.bitmap import build_valid_mask
 
-    from reir.platform.memory_index import STRING_FIELDS, Rows, index_fields
+    from reir.platform.memory_index import INT_FIELDS, STRING_FIELDS, Rows, index_fields
 
     if getattr(engine, "_load_state", "loaded") != "loaded":
         raise RuntimeError(f"collection {engine.name!r} is not loaded")
@@ -212,7 +215,7 @@ def _lite_rows(engine: Any, partition: str | None, has_context: bool, max_rows: 
         for f in fields:
             values = [r.get(f) for r in records]
             chunks[f].append(pa.array([str(v) for v in values]) if f in STRING_FIELDS else
-                             pa.array(values, type=pa.int64() if f == S.N_INSTANCES else pa.float32()))
+                             pa.array(values, type=pa.int64() if f in INT_FIELDS else pa.float32()))
         i = j
     if sum(len(c) for c in chunks[S.PK]) != len(pks) or len(vectors) != len(pks):
         raise RuntimeError("milvus-lite candidates and columns disagree")
@@ -222,7 +225,7 @@ def _lite_rows(engine: Any, partition: str | None, has_context: bool, max_rows: 
         if f in STRING_FIELDS:
             columns[f] = pa.chunked_array([c.cast(pa.large_string()) for c in parts], type=pa.large_string()).take(take)
         else:
-            dtype = np.int64 if f == S.N_INSTANCES else np.float32
+            dtype = np.int64 if f in INT_FIELDS else np.float32
             whole = np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False), dtype=dtype) for c in parts]) \
                 if parts else np.zeros(0, dtype)
             columns[f] = whole[keep]
@@ -467,9 +470,11 @@ class MilvusStore:
     def use_memory_index(
         self, mode: str = "auto", max_rows: int | None = None, *, model_version: str | None = None,
         warm: bool = True, wait: bool = False, on_change: Callable[[int], None] | None = None,
-        check_every_s: float | None = None,
+        check_every_s: float | None = None, ann: AnnSpec | None = None,
     ) -> bool:  # fmt: skip
-        """Answer unfiltered searches from an exact in-memory index of the collection's rows.
+        """Answer unfiltered searches, and the re-rank context of their hits' images, from an
+        in-memory index of the collection's rows (exact, or inverted lists as ``ann`` says;
+        default :class:`reir.platform.memory_index.AnnSpec`).
 
         ``mode``: ``auto`` (on for milvus-lite, off for a Milvus server), ``on`` or ``off``. A scope
         (the version's partition, or the whole collection) with more than ``max_rows`` rows stays
@@ -490,6 +495,7 @@ class MilvusStore:
         self._memory = M.MemoryIndexManager(
             self, max_rows=M.DEFAULT_MAX_ROWS if max_rows is None else max_rows, on_change=on_change,
             check_every_s=M.CHECK_EVERY_S if check_every_s is None else check_every_s, name=self.collection,
+            ann=M.AnnSpec() if ann is None else ann,
         )  # fmt: skip
         if warm:
             partition = self.layout().partition_of(model_version) if model_version is not None else None
@@ -693,6 +699,15 @@ class MilvusStore:
         out: dict[str, list[Hit]] = {h.image_id: [] for h in hits}
         parts: list[str] | None = None
         images = {h.image_id: h for h in reversed(hits)}
+        if self._memory is not None:  # hits the in-memory index returned: their images' rows are there
+            packed = self.layout().has_packed_context
+            for image_id, hit in list(images.items()):
+                found = self._memory.context(hit, float16=packed)
+                if found is not None:
+                    ranks, boxes, objectness, vectors = found
+                    out[image_id] = [_context_hit(hit, int(r), S.as_box(b), o, v)
+                                     for r, b, o, v in zip(ranks.tolist(), boxes.tolist(), objectness.tolist(), vectors)]
+                    del images[image_id]
         keyed = [hit for hit in images.values() if hit.n_instances > 0]
         legacy = [hit.image_id for hit in images.values() if hit.n_instances <= 0]
         if not keyed:

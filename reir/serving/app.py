@@ -36,6 +36,7 @@ from reir.platform import telemetry as T
 from reir.platform.auth import KeyRing
 from reir.platform.config import LocalizeConfig, MilvusConfig, ServeConfig, ServeStage, config_path, load_config
 from reir.platform.filters import StructuredFilter
+from reir.platform.memory_index import AnnSpec
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import MilvusStore
 from reir.serving.failures import milvus_call, stage_call
@@ -101,7 +102,7 @@ class SearcherDeployment:
         self, milvus: Mapping[str, Any], model_path: str, *, loader: ModelLoader = load_reir_model,
         torch_threads: int = 1, localize: Mapping[str, Any] | None = None, rerank_max_instances: int = 64,
         discover_threshold: float = 0.5, memory_index: str = "off", memory_index_max_rows: int = 5_000_000,
-        filter_model_version: bool = True,
+        memory_index_ann_min_rows: int = 200_000, memory_index_recall: float = 0.97, filter_model_version: bool = True,
     ) -> None:  # fmt: skip
         import torch
 
@@ -122,6 +123,7 @@ class SearcherDeployment:
         self.store.use_memory_index(
             memory_index, memory_index_max_rows, on_change=self._set_memory_rows,
             model_version=self.encoder.model_version if filter_model_version else None,
+            ann=AnnSpec(min_rows=memory_index_ann_min_rows, recall=memory_index_recall),
         )  # fmt: skip
         calibration = self.encoder.calibration
         self.ranker = Ranker(self.store, Reranker(model, processor, calibration=calibration,
@@ -321,7 +323,8 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     ).bind(cfg.milvus.model_dump(), cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_searcher)),
            localize=cfg.localize.model_dump(), rerank_max_instances=cfg.rerank_max_instances,
            discover_threshold=cfg.discover_threshold, memory_index=cfg.memory_index,
-           memory_index_max_rows=cfg.memory_index_max_rows, filter_model_version=cfg.filter_model_version)
+           memory_index_max_rows=cfg.memory_index_max_rows, memory_index_ann_min_rows=cfg.memory_index_ann_min_rows,
+           memory_index_recall=cfg.memory_index_recall, filter_model_version=cfg.filter_model_version)
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
     ).bind(encoder, searcher, config=cfg.model_dump(mode="json"))

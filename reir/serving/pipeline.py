@@ -27,6 +27,7 @@ import numpy as np
 from reir.model.boxes import iou_xywh
 from reir.platform.config import ServeConfig
 from reir.platform.filters import Condition, StructuredFilter
+from reir.platform.memory_index import AnnSpec
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
 from reir.platform.store import Hit
 from reir.serving.localize import UNAVAILABLE, BoxUpdate, Localizer
@@ -380,7 +381,8 @@ def local_pipeline(
         # The exact in-memory index (ServeConfig.memory_index), loaded before the first query
         # here: evaluation and benchmarks measure the path a warm searcher replica takes.
         milvus.use_memory_index(cfg.memory_index, cfg.memory_index_max_rows, wait=True,
-                                model_version=encoder.model_version if cfg.filter_model_version else None)
+                                model_version=encoder.model_version if cfg.filter_model_version else None,
+                                ann=AnnSpec(min_rows=cfg.memory_index_ann_min_rows, recall=cfg.memory_index_recall))
         store = milvus
     reranker = Reranker(model, processor, calibration=encoder.calibration, max_instances=cfg.rerank_max_instances)
     localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None

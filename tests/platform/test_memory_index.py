@@ -13,7 +13,7 @@ import pytest
 
 from reir.platform import schema as S
 from reir.platform.backend import partition_for
-from reir.platform.memory_index import MemoryIndex, enabled
+from reir.platform.memory_index import AnnSpec, MemoryIndex, Rows, enabled
 from reir.platform.store import Hit, MilvusStore, SearchFilter
 
 DIM = 16
@@ -52,7 +52,8 @@ def _same_hits(milvus: list[list[Hit]], memory: list[list[Hit]]) -> None:
         assert [h.pk for h in a] == [h.pk for h in b]
         for x, y in zip(a, b, strict=True):
             assert y.score == pytest.approx(x.score, abs=1e-6)
-            assert {**asdict(x), "score": 0.0} == {**asdict(y), "score": 0.0}  # every other field, exactly
+            # every other field, exactly (``row`` says which memory row answered: not the answer)
+            assert {**asdict(x), "score": 0.0, "row": 0} == {**asdict(y), "score": 0.0, "row": 0}
             assert (x.image_size, x.n_instances, x.embedding) == (y.image_size, y.n_instances, None)
 
 
@@ -218,3 +219,73 @@ def test_auto_pages_a_milvus_lite_served_by_another_process_only_while_small(sto
         assert store.memory_index is not None and store.memory_index.status().rows == 300
     finally:
         store._lite_path = lite_path
+
+
+def _clustered(n: int, clusters: int, seed: int) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres, as trained embeddings are (not uniform)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, DIM))
+    vecs = centres[rng.integers(0, clusters, size=n)] + 0.35 * rng.normal(size=(n, DIM))
+    return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _index_of(vecs: np.ndarray, ann: AnnSpec | None) -> MemoryIndex:
+    n = len(vecs)
+    columns = {S.PK: [f"v1:img{i}:0" for i in range(n)], S.IMAGE_ID: [f"img{i}" for i in range(n)],
+               S.URI: [f"/g/{i}.jpg" for i in range(n)], S.MODEL_VERSION: ["v1"] * n,
+               **{f: np.arange(n, dtype=np.float32) for f in (*S.BOX_FIELDS, S.SCORE)}}  # fmt: skip
+    return MemoryIndex(Rows(vecs, columns, has_context=False), partition=None, signal=None, ann=ann)
+
+
+def test_inverted_lists_reach_their_calibrated_recall_on_new_queries_and_score_exactly() -> None:
+    vecs = _clustered(20_000, 40, seed=0)
+    exact = _index_of(vecs, None)
+    ann = _index_of(vecs, AnnSpec(min_rows=10_000, recall=0.95))
+    lists = ann.lists
+    assert exact.lists is None and lists is not None
+    assert len(lists) == 141 and 1 <= lists.nprobe < len(lists) and lists.recall >= 0.95  # isqrt(20,000) lists
+    assert int(lists.offsets[-1]) == 20_000 and sorted(ann.pk.to_pylist()) == sorted(exact.pk.to_pylist())
+    # new queries near stored rows (as a text query lands near its referent), not the rows themselves
+    queries = vecs[np.random.default_rng(5).choice(20_000, 50)] + 0.2 * np.random.default_rng(6).normal(size=(50, DIM))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    truth, found = exact.search(queries, 100), ann.search(queries, 100)
+    recall = np.mean([len({h.pk for h in t} & {h.pk for h in f}) / 100 for t, f in zip(truth, found, strict=True)])
+    assert recall >= 0.9  # calibrated for 0.95 on the rows' own queries; these queries are new
+    for t, f in zip(truth, found, strict=True):  # each answer scored exactly, best first
+        by_pk = {h.pk: h.score for h in t}
+        assert [h.score for h in f] == sorted((h.score for h in f), reverse=True)
+        assert all(h.score == pytest.approx(by_pk[h.pk], abs=1e-5) for h in f if h.pk in by_pk)
+    assert len(ann.search(queries[:1], 5_000)[0]) == 5_000  # longer answers probe more lists
+    everything = _index_of(vecs, AnnSpec(min_rows=10_000, recall=1.0))
+    assert [[h.pk for h in q] for q in everything.search(queries, 100)] == [[h.pk for h in q] for q in truth]
+    assert _index_of(vecs, AnnSpec(min_rows=20_001)).lists is None  # below min_rows: exact
+    with pytest.raises(ValueError, match="recall"):
+        AnnSpec(recall=0.0)
+
+
+def test_the_re_rank_context_of_memory_hits_is_read_from_memory_as_milvus_holds_it(store: MilvusStore) -> None:
+    flt = SearchFilter(model_version="v1")
+    queries = _queries(3)
+    from_milvus = [store.context(store.search(q, 12, flt)[0], model_version="v1") for q in queries]
+    store.use_memory_index("on", model_version="v1", wait=True, ann=AnnSpec(min_rows=100, recall=1.0))
+    manager = store.memory_index
+    assert manager is not None and manager.status().lists == 17  # isqrt(300) lists, permuted rows
+    for q, expected in zip(queries, from_milvus, strict=True):
+        hits = store.search(q, 12, flt)[0]
+        assert all(h.row >= 0 for h in hits)
+        got = store.context(hits, model_version="v1")
+        assert list(got) == list(expected)
+        for image_id, rows in expected.items():
+            assert [r.pk for r in got[image_id]] == [r.pk for r in rows] and len(rows) == 5
+            for a, b in zip(rows, got[image_id], strict=True):
+                assert (a.box, a.instance_score, a.uri, a.image_size, a.n_instances) == \
+                    (b.box, b.instance_score, b.uri, b.image_size, b.n_instances)
+                assert np.array_equal(a.embedding, b.embedding)  # float16-rounded, as packed in Milvus
+    assert manager.status().contexts == sum(len(e) for e in from_milvus)
+    stale = store.search(queries[0], 1, flt)[0][0]
+    from dataclasses import replace
+
+    moved = replace(stale, row=(stale.row + 1) % 300)  # a row that holds another pk now (a reload)
+    assert [r.pk for r in store.context([moved], model_version="v1")[stale.image_id]] == \
+        [S.make_pk("v1", stale.image_id, r) for r in range(5)]  # read from Milvus instead
+    assert manager.status().contexts == sum(len(e) for e in from_milvus)
