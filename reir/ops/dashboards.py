@@ -146,6 +146,11 @@ def serving_dashboard() -> Dashboard:
                                          "(ServeConfig.memory_index). 0: that replica's searches go to Milvus "
                                          "(off, loading after a start, an alias move or new rows, or over "
                                          "memory_index_max_rows)."),
+            Panel("Searcher in-memory index recall@100", (
+                Target(f"min({series(T.QUERY_MEMORY_INDEX_RECALL)})", "min over replicas"),
+            ), unit="percentunit", description="Against exact search, on each replica's recent queries (1: it "
+                                               "scans every row). Below memory_index_recall the replica raises "
+                                               "its probe count; alert ReirMemoryIndexRecallLow under 0.9."),
             Panel("Localize errors per second", (Target(rate(T.QUERY_LOCALIZE_ERRORS_TOTAL, by=("reason",)),
                                                         "{{reason}}"),), unit="short",
                   description="Results that kept their stored box because the localize (zoom) stage could not "

@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ INT_FIELDS = (S.N_INSTANCES, S.RANK)
 # Inverted lists (AnnSpec): the recall@k the probe count is calibrated for, and the queries.
 CALIBRATION_K = 100
 CALIBRATION_QUERIES = 64
+# Live recall: the last LIVE_QUERIES real queries are kept; at a check with at least
+# LIVE_MIN_NEW new ones since the last measure, their recall@100 is measured against exact
+# search (in the background) and the probe count raised if it is under the target.
+LIVE_QUERIES = 64
+LIVE_MIN_NEW = 16
 
 
 def enabled(mode: MemoryIndexMode, lite: bool) -> bool:
@@ -321,15 +327,40 @@ def _sum_by_label(out: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None
     out[present] = np.add.reduceat(rows[order], starts, axis=0)
 
 
+def _live_recall(vectors: np.ndarray, lists: InvertedLists, queries: np.ndarray,
+                 target: float) -> tuple[float, int]:  # fmt: skip
+    """Recall@k of ``lists`` (rows stored list by list) on ``queries``, and the probe count
+    those queries need for ``target``."""
+    labels = np.repeat(np.arange(len(lists)), np.diff(lists.offsets))
+    pos = _probe_positions(vectors, labels, lists.centroids, queries)
+    return float((pos < lists.nprobe).mean()), _needed_probe(pos, target)
+
+
 def _calibrate(vectors: np.ndarray, labels: np.ndarray, centroids: np.ndarray, target: float,
                rng: np.random.Generator) -> tuple[int, float]:  # fmt: skip
     """The smallest probe count whose mean recall@k on the calibration queries reaches ``target``."""
-    n, count = len(vectors), len(centroids)
-    k = min(CALIBRATION_K, n)
+    n = len(vectors)
     half = CALIBRATION_QUERIES // 2
     stored = vectors[rng.choice(n, size=half)]
     between = _unit(vectors[rng.choice(n, size=half)] + vectors[rng.choice(n, size=half)])
     queries = np.concatenate([stored, between])
+    pos = _probe_positions(vectors, labels, centroids, queries)
+    probe = _needed_probe(pos, target)
+    return probe, float((pos < probe).mean())
+
+
+def _needed_probe(pos: np.ndarray, target: float) -> int:
+    """The smallest probe count that scans a ``target`` share of the true neighbours."""
+    need = max(1, int(np.ceil(target * len(pos))))
+    return int(pos[need - 1]) + 1  # the need-th smallest position is then scanned
+
+
+def _probe_positions(vectors: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
+                     queries: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Sorted, for every query's exact top-k rows: the position of the row's list in that
+    query's list order (0 = the best list), so recall@k at probe count p is ``mean(pos < p)``."""
+    n, count = len(vectors), len(centroids)
+    k = min(CALIBRATION_K, n)
     positions = []  # per query: the probe position (0 = best list) of each true neighbour's list
     for start in range(0, len(queries), 16):
         block = queries[start : start + 16]
@@ -339,10 +370,7 @@ def _calibrate(vectors: np.ndarray, labels: np.ndarray, centroids: np.ndarray, t
             place = np.empty(count, np.int64)
             place[np.argsort(-(centroids @ q), kind="stable")] = np.arange(count)
             positions.append(place[labels[truth]])
-    pos = np.sort(np.concatenate(positions))
-    need = max(1, int(np.ceil(target * len(pos))))
-    probe = int(pos[need - 1]) + 1  # the need-th smallest position is then scanned
-    return probe, float((pos < probe).mean())
+    return np.sort(np.concatenate(positions))
 
 
 def _strings(values: Any, n: int) -> pa.Array:
@@ -389,6 +417,8 @@ class MemoryIndexStatus:
     nprobe: int = 0
     calibrated_recall: float = 1.0  # recall@100 of nprobe on the calibration queries
     contexts: int = 0  # images whose re-rank context came from memory
+    live_recall: float | None = None  # recall@100 measured on recent real queries (lists only)
+    live_queries: int = 0  # how many queries that measure used
 
 
 class MemoryIndexManager:
@@ -420,6 +450,8 @@ class MemoryIndexManager:
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reir-memory-index")
         self._status = MemoryIndexStatus()
+        self._recent: deque[np.ndarray] = deque(maxlen=LIVE_QUERIES)  # real queries (lists only)
+        self._new_queries = 0
 
     # The query path
 
@@ -443,6 +475,10 @@ class MemoryIndexManager:
             return None
         if time.monotonic() - self._checked_at > self.check_every_s:
             self._schedule(self._check, partition)
+        if index.lists is not None:
+            for q in np.atleast_2d(queries):
+                self._recent.append(np.array(q, dtype=np.float32))
+                self._new_queries += 1
         hits = index.search(queries, top_n)
         self._status.answered += 1
         return hits
@@ -529,6 +565,26 @@ class MemoryIndexManager:
             log.info("memory index %s: the collection changed (%s -> %s); reloading", self.name, index.signal, signal)
             self.invalidate()
             self._load(partition)
+        elif index is not None and index.lists is not None and self._new_queries >= LIVE_MIN_NEW:
+            self.measure_recall(index)
+
+    def measure_recall(self, index: MemoryIndex | None = None) -> float | None:
+        """Recall@100 of the lists on the recent real queries against exact search (status
+        ``live_recall``); when under the target, the probe count rises to what those queries need."""
+        index = index or self._index
+        queries = list(self._recent)
+        if index is None or index.lists is None or not queries or self.ann is None:
+            return None
+        self._new_queries = 0
+        lists = index.lists
+        recall, needed = _live_recall(index.vectors, lists, np.stack(queries), self.ann.recall)
+        self._status.live_recall, self._status.live_queries = round(recall, 4), len(queries)
+        if needed > lists.nprobe:
+            log.warning("memory index %s: recall@%d on %d recent queries %.3f < %.2f with nprobe %d; nprobe -> %d",
+                        self.name, CALIBRATION_K, len(queries), recall, self.ann.recall, lists.nprobe, needed)
+            lists.nprobe = needed
+            self._status.nprobe = needed
+        return recall
 
     def _load(self, partition: str | None) -> None:
         if self._closed:

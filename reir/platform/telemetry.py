@@ -51,6 +51,12 @@ QUERY_MEMORY_INDEX_ROWS = MetricSpec(
     "gauge",
     "Rows in a Searcher replica's in-memory exact index (0: its searches go to Milvus: off, loading, or too big)",
 )
+QUERY_MEMORY_INDEX_RECALL = MetricSpec(
+    "reir_query_memory_index_recall",
+    "gauge",
+    "Recall@100 of a Searcher replica's in-memory index against exact search, measured on its recent "
+    "queries (1: it searches every row)",
+)
 QUERY_LOCALIZE_ERRORS_TOTAL = MetricSpec(
     "reir_query_localize_errors_total",
     "counter",
@@ -103,6 +109,7 @@ ALL_METRICS: tuple[MetricSpec, ...] = (
     QUERY_STAGE_LATENCY_SECONDS,
     QUERY_CANDIDATES,
     QUERY_MEMORY_INDEX_ROWS,
+    QUERY_MEMORY_INDEX_RECALL,
     QUERY_LOCALIZE_ERRORS_TOTAL,
     QUERY_TRUNCATED_TOTAL,
     INGEST_IMAGES_TOTAL,

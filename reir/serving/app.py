@@ -118,6 +118,7 @@ class SearcherDeployment:
         # The exact in-memory index (ServeConfig.memory_index): loaded in the background, so the
         # replica is ready at once and searches go to Milvus until it is.
         self._memory_rows_gauge = T.ray_metric(T.QUERY_MEMORY_INDEX_ROWS)
+        self._memory_recall_gauge = T.ray_metric(T.QUERY_MEMORY_INDEX_RECALL)
         self._memory_rows = 0
         self._memory_rows_gauge.set(0)
         self.store.use_memory_index(
@@ -173,12 +174,26 @@ class SearcherDeployment:
     def _set_memory_rows(self, rows: int) -> None:
         self._memory_rows = rows
         self._memory_rows_gauge.set(rows)
+        self._record_memory_recall()
+
+    def _record_memory_recall(self) -> None:
+        """The index's recall on recent queries: 1 when it scans every row, the last live
+        measure with inverted lists (none yet: the calibration's), nothing while it is not loaded."""
+        manager = self.store.memory_index
+        index = manager.index if manager is not None else None
+        if manager is None or index is None:
+            return
+        status = manager.status()
+        recall = 1.0 if index.lists is None else (status.live_recall if status.live_recall is not None
+                                                   else status.calibrated_recall)
+        self._memory_recall_gauge.set(recall)
 
     def check_health(self) -> None:
         # A gauge recorded once can drop out of Ray's metrics export while the replica lives on
         # (seen once in tests/ops: no series after the load); the health check, every 10 s,
         # records it again.
         self._memory_rows_gauge.set(self._memory_rows)
+        self._record_memory_recall()
         if not self.store.exists():
             raise RuntimeError(f"collection {self.store.collection!r} not found")
 

@@ -289,3 +289,22 @@ def test_the_re_rank_context_of_memory_hits_is_read_from_memory_as_milvus_holds_
     assert [r.pk for r in store.context([moved], model_version="v1")[stale.image_id]] == \
         [S.make_pk("v1", stale.image_id, r) for r in range(5)]  # read from Milvus instead
     assert manager.status().contexts == sum(len(e) for e in from_milvus)
+
+
+def test_live_recall_is_measured_on_real_queries_and_raises_the_probe_count_below_target(store: MilvusStore) -> None:
+    store.use_memory_index("on", model_version="v1", wait=True, ann=AnnSpec(min_rows=100, recall=1.0))
+    manager = store.memory_index
+    assert manager is not None and manager.index is not None and manager.index.lists is not None
+    assert manager.measure_recall() is None  # no query seen yet
+    lists = manager.index.lists
+    lists.nprobe = 1  # as if calibrated on queries easier than the real ones
+    flt = SearchFilter(model_version="v1")
+    queries = _queries(20, seed=3)
+    for q in queries:
+        store.search(q, 100, flt)
+    recall = manager.measure_recall()
+    assert recall is not None and recall < 1.0 and manager.status().live_recall == pytest.approx(recall, abs=1e-4)
+    assert lists.nprobe > 1 and manager.status().nprobe == lists.nprobe and manager.status().live_queries == 20
+    exact = MemoryIndex(store.memory_rows(partition_for("v1"), 10_000), partition=None, signal=None)  # type: ignore[arg-type]
+    assert [[h.pk for h in a] for a in store.search(queries, 100, flt)] == [[h.pk for h in a] for a in exact.search(queries, 100)]
+    assert manager.measure_recall() == 1.0
