@@ -84,7 +84,6 @@ def train(
     """Train one stage on Ray Train + DeepSpeed; prints the checkpoint directory."""
     from reir.settings import command_config
     from reir.training.config import STAGES
-    from reir.training.trainer import run_training
 
     if data is not None:
         _need_dir(data, "data directory")
@@ -105,6 +104,8 @@ def train(
     if "run_name" not in cfg.model_fields_set:
         cfg = cfg.model_copy(update={"run_name": f"reir-stage{cfg.stage}" if cfg.stage in ("1", "2")
                                      else f"reir-{cfg.stage}"})
+    from reir.training.trainer import run_training  # torch, DeepSpeed: after the checks, so a mistake answers at once
+
     init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))
 
@@ -153,7 +154,6 @@ def ingest(
                                        "[$REIR_CONFIG]; flags given win"),
 ) -> None:
     """Encode a gallery on a Ray Data actor pool and write one row per instance to Milvus."""
-    from reir.ingestion.pipeline import run_ingestion
     from reir.settings import command_config
 
     if gallery is not None:
@@ -169,6 +169,8 @@ def ingest(
              "dead_letter": dead_letter, "object_store_mb": object_store_mb * 2**20 if object_store_mb else None}
     cfg = command_config("ingest", config=config, flags=flags, extra={"alias": None} if no_alias else None)
     _need_dir(Path(cfg.model_path), "model directory")
+    from reir.ingestion.pipeline import run_ingestion  # torch: after the checks
+
     init_ray()
     summary = _plain(run_ingestion(cfg))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "progress"}, indent=2))  # the samples: job summary
@@ -238,9 +240,6 @@ def index_add(
 
     Nested folders, spaces, unicode and any image format Pillow reads are fine; a file that can not be decoded is counted as failed and named. A rerun indexes only new and changed photos.
     """
-    from reir.ingestion.folder import describe_scan, scan_folder, summary_lines
-    from reir.ingestion.gallery import IMAGE_SUFFIXES
-    from reir.ingestion.pipeline import run_ingestion
     from reir.settings import command_config
 
     _need_dir(path, "folder")
@@ -249,6 +248,10 @@ def index_add(
     # split None: the folder is taken as it is, even when it holds an images/test subfolder
     cfg = command_config("ingest", config=config, flags=flags, extra={"split": None})
     _need_dir(Path(cfg.model_path), "model directory")
+    from reir.ingestion.folder import describe_scan, scan_folder, summary_lines  # torch: after the checks
+    from reir.ingestion.gallery import IMAGE_SUFFIXES
+    from reir.ingestion.pipeline import run_ingestion
+
     scan = scan_folder(path)
     if scan.images == 0:
         raise ReirError(f"no images under {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

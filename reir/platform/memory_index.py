@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -83,6 +83,17 @@ class Rows:
     vectors: np.ndarray
     columns: dict[str, Any]
     has_context: bool
+
+
+@dataclass
+class Context:
+    """One image's stored instances in an index, rank order."""
+
+    rows: np.ndarray
+    pks: list[str] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+    objectness: list[float] = field(default_factory=list)
+    vectors: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -225,24 +236,42 @@ class MemoryIndex:
         top = top[np.lexsort((rows[top], -sims[top]))]  # best first; the row order breaks ties
         return self._hits(rows[top], sims[top])
 
-    def context(self, hit: Hit, *, float16: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """Ranks, boxes ``[n, 4]``, objectness and vectors (rank order) of every stored instance
-        of the image of ``hit`` (a hit this index returned), as the store's keyed context fetch
-        reads them (``float16``: vectors rounded as the packed context stores them); None when
-        the hit is not this index's or the image's ranks 0..n_instances-1 are not all here."""
-        r = hit.row
-        if self._groups is None or self.rank is None or not 0 <= r < len(self) or self.pk[r].as_py() != hit.pk:
-            return None
+    def contexts(self, hits: list[Hit], *, float16: bool) -> dict[int, Context]:
+        """For each of ``hits`` (hits this index returned; position in the list -> Context):
+        every stored instance of its image, rank order, as the store's keyed context fetch reads
+        them (``float16``: vectors rounded as the packed context stores them). Hits that are not
+        this index's (the row holds another pk: it reloaded) or whose image's ranks
+        0..n_instances-1 are not all here are left out (the store reads them from Milvus)."""
+        if self._groups is None or self.rank is None or not hits:
+            return {}
+        rows = np.asarray([h.row for h in hits], dtype=np.int64)
+        ok = (rows >= 0) & (rows < len(self))
+        pks = self.pk.take(pa.array(np.where(ok, rows, 0))).to_pylist()
         keys, order, sorted_keys = self._groups
-        lo, hi = np.searchsorted(sorted_keys, keys[r], "left"), np.searchsorted(sorted_keys, keys[r], "right")
-        rows = order[lo:hi]
-        rows = rows[self.rank[rows] < hit.n_instances]
-        if len(rows) != hit.n_instances or not np.array_equal(self.rank[rows], np.arange(hit.n_instances)):
-            return None
-        vectors = self.vectors[rows]
+        out: dict[int, Context] = {}
+        for i, hit in enumerate(hits):
+            if not ok[i] or pks[i] != hit.pk:
+                continue
+            key = keys[rows[i]]
+            group = order[np.searchsorted(sorted_keys, key, "left") : np.searchsorted(sorted_keys, key, "right")]
+            group = group[self.rank[group] < hit.n_instances]
+            if len(group) != hit.n_instances or not (self.rank[group] == np.arange(len(group))).all():
+                continue
+            out[i] = Context(group)
+        if not out:
+            return out
+        both = np.concatenate([c.rows for c in out.values()])  # one read of each column for every image
+        pks = self.pk.take(pa.array(both)).to_pylist()
+        boxes, objectness = self.box[both].tolist(), self.objectness[both].tolist()
+        vectors = self.vectors[both]
         if float16:
             vectors = vectors.astype(np.float16).astype(np.float32)
-        return self.rank[rows], self.box[rows], self.objectness[rows], vectors
+        at = 0
+        for c in out.values():
+            end = at + len(c.rows)
+            c.pks, c.boxes, c.objectness, c.vectors = pks[at:end], boxes[at:end], objectness[at:end], vectors[at:end]
+            at = end
+        return out
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         from reir.platform.store import Hit
@@ -444,6 +473,8 @@ class MemoryIndexManager:
         self._generation = 0
         self._checked_at = 0.0
         self._pending: Future[None] | None = None
+        self._running = False  # a background task runs (set and cleared under the lock)
+        self._queued_load: tuple[str | None] | None = None  # a load asked for while it ran
         self._too_big: tuple[str | None, Hashable] | None = None
         # After a failed load, or a scope over max_rows, no new load before this (monotonic s).
         self._retry_at = 0.0
@@ -483,13 +514,12 @@ class MemoryIndexManager:
         self._status.answered += 1
         return hits
 
-    def context(self, hit: Hit, *, float16: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """The re-rank context of ``hit``'s image from the index that returned it (see
-        :meth:`MemoryIndex.context`), or None (the store fetches it from Milvus)."""
+    def contexts(self, hits: list[Hit], *, float16: bool) -> dict[int, Context]:
+        """The re-rank context of the hits' images from the index that returned them (see
+        :meth:`MemoryIndex.contexts`); hits left out are read from Milvus by the store."""
         index = self._index
-        found = index.context(hit, float16=float16) if index is not None and hit.row >= 0 else None
-        if found is not None:
-            self._status.contexts += 1
+        found = index.contexts(hits, float16=float16) if index is not None else {}
+        self._status.contexts += len(found)
         return found
 
     def warm(self, partition: str | None, *, wait: bool = False, timeout: float | None = None) -> None:
@@ -540,22 +570,37 @@ class MemoryIndexManager:
     # Background tasks (one at a time)
 
     def _schedule(self, task: Callable[[str | None], None], partition: str | None) -> None:
+        """Run ``task`` in the background, one task at a time. A load asked for while another
+        task runs (an alias moved during a check) runs right after it, in the same background
+        call (``wait`` covers both); anything else asked for meanwhile is dropped."""
         with self._lock:
-            if self._closed or (self._pending is not None and not self._pending.done()):
+            if self._closed:
                 return
+            if self._running:
+                if task == self._load:
+                    self._queued_load = (partition,)
+                return
+            self._running = True
             try:
                 self._pending = self._pool.submit(self._run, task, partition)
             except RuntimeError:  # shut down
-                return
+                self._running = False
 
     def _run(self, task: Callable[[str | None], None], partition: str | None) -> None:
-        try:
-            task(partition)
-        except Exception as exc:  # the searches go on through Milvus
-            self._retry_at = time.monotonic() + self.check_every_s
-            self._status.error = f"{type(exc).__name__}: {exc}"
-            if not self._closed:
-                log.exception("memory index %s: %s failed; searches go to Milvus", self.name, task.__name__)
+        while True:
+            try:
+                task(partition)
+            except Exception as exc:  # the searches go on through Milvus
+                self._retry_at = time.monotonic() + self.check_every_s
+                self._status.error = f"{type(exc).__name__}: {exc}"
+                if not self._closed:
+                    log.exception("memory index %s: %s failed; searches go to Milvus", self.name, task.__name__)
+            with self._lock:
+                queued, self._queued_load = self._queued_load, None
+                if queued is None or self._closed:
+                    self._running = False
+                    return
+            task, partition = self._load, queued[0]
 
     def _check(self, partition: str | None) -> None:
         index = self._index

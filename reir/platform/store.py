@@ -700,14 +700,16 @@ class MilvusStore:
         parts: list[str] | None = None
         images = {h.image_id: h for h in reversed(hits)}
         if self._memory is not None:  # hits the in-memory index returned: their images' rows are there
-            packed = self.layout().has_packed_context
-            for image_id, hit in list(images.items()):
-                found = self._memory.context(hit, float16=packed)
-                if found is not None:
-                    ranks, boxes, objectness, vectors = found
-                    out[image_id] = [_context_hit(hit, int(r), S.as_box(b), o, v)
-                                     for r, b, o, v in zip(ranks.tolist(), boxes.tolist(), objectness.tolist(), vectors)]
-                    del images[image_id]
+            mine = [hit for hit in images.values() if hit.row >= 0]
+            for i, found in self._memory.contexts(mine, float16=self.layout().has_packed_context).items():
+                hit = mine[i]
+                out[hit.image_id] = [
+                    Hit(pk=pk, image_id=hit.image_id, uri=hit.uri, box=(b[0], b[1], b[2], b[3]), score=0.0,
+                        instance_score=o, model_version=hit.model_version, embedding=v, image_size=hit.image_size,
+                        n_instances=hit.n_instances)
+                    for pk, b, o, v in zip(found.pks, found.boxes, found.objectness, found.vectors)
+                ]  # as _context_hit builds them
+                del images[hit.image_id]
         keyed = [hit for hit in images.values() if hit.n_instances > 0]
         legacy = [hit.image_id for hit in images.values() if hit.n_instances <= 0]
         if not keyed:

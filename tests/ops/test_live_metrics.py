@@ -49,6 +49,7 @@ EXPECTED_LIVE = {
     "ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas",
     "reir_index_runs_total", "reir_index_last_success_timestamp_seconds", "reir_index_collection_rows",
     "ray_reir_query_memory_index_rows",  # set by each Searcher replica from its start (milvus-lite here: on)
+    "ray_reir_query_memory_index_recall",  # set by each Searcher once its index loaded (1 here: an exact scan)
 }  # fmt: skip
 # In the catalog, on a dashboard and emitted by the code, but not always there to scrape in
 # this module: whether they are depends on what ran before it in the same Ray session.

@@ -185,10 +185,12 @@ def test_metrics_are_exported_on_rays_metrics_port(fake_app: FakeApp) -> None:
         "ray_reir_query_requests_total", "ray_reir_query_latency_seconds_bucket",
         "ray_reir_query_stage_latency_seconds_bucket", "ray_reir_query_candidates_bucket",
         "ray_reir_query_encode_batch_size_bucket", "ray_reir_query_search_latency_seconds_count",
-        "ray_reir_query_memory_index_rows",
+        "ray_reir_query_memory_index_rows", "ray_reir_query_memory_index_recall",
     ], expected={"200": before.get("200", 0.0) + 5, "422": before.get("422", 0.0) + 1})  # fmt: skip
     # milvus-lite: the searcher answers from its in-memory index (memory_index auto), loaded at start
     assert max(float(line.rsplit(" ", 1)[1]) for line in found["ray_reir_query_memory_index_rows"]) > 0
+    # a small collection: the index scans every row, so its recall is 1
+    assert {float(line.rsplit(" ", 1)[1]) for line in found["ray_reir_query_memory_index_recall"]} == {1.0}
     requests_lines = found["ray_reir_query_requests_total"]
     assert any('status="200"' in line for line in requests_lines)
     assert any('status="422"' in line and 'route="/v1/search"' in line for line in requests_lines)
