@@ -124,7 +124,9 @@ def brk(args: argparse.Namespace) -> dict[str, Any]:
             result["memory_index"] = {"rows": status.rows, "lists": status.lists, "nprobe": status.nprobe,
                                       "load_s": status.load_s}  # fmt: skip
         for name, store in (("ann", ann), ("exact", exact)):
-            pipeline = QueryPipeline(LocalStages(encoder, store, reranker, discover_threshold=0.5))
+            # the whole collection (one version here), as the recall search below: one scope for the memory index
+            pipeline = QueryPipeline(LocalStages(encoder, store, reranker, discover_threshold=0.5),
+                                     filter_model_version=False)
             preds, totals, hits = {}, [], {}
             for q in queries:
                 outcome = asyncio.run(pipeline.run(QueryRequest(q.text, top_k=10)))

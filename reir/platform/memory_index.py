@@ -171,8 +171,11 @@ class MemoryIndex:
         n = len(vectors)
         cols = rows.columns
         self.lists: InvertedLists | None = None
-        if ann is not None and ann.applies(n):
-            self.lists, order = build_lists(vectors, ann)
+        built = build_lists(vectors, ann) if ann is not None and ann.applies(n) else None
+        # Probing more than half the lists costs more than scanning every row (random vectors:
+        # no structure to use): then the index stays exact.
+        if built is not None and built[0].nprobe <= len(built[0]) // 2:
+            self.lists, order = built
             vectors = vectors[order]
             take = pa.array(order, type=pa.int64())
             cols = {f: (_strings(c, n).take(take) if f in STRING_FIELDS else np.asarray(c)[order]) for f, c in cols.items()}
@@ -324,8 +327,9 @@ def build_lists(vectors: np.ndarray, spec: AnnSpec) -> tuple[InvertedLists, np.n
     nprobe, recall = _calibrate(vectors, labels, centroids, spec.recall, rng)
     lists = InvertedLists(centroids=centroids, offsets=offsets, nprobe=nprobe, recall=recall,
                           build_s=time.monotonic() - start)  # fmt: skip
-    log.info("memory index: %d rows in %d lists, nprobe %d (recall@%d %.3f on calibration queries), %.1f s",
-             n, count, nprobe, CALIBRATION_K, recall, lists.build_s)  # fmt: skip
+    log.info("memory index: %d rows in %d lists, nprobe %d (recall@%d %.3f on calibration queries), %.1f s%s",
+             n, count, nprobe, CALIBRATION_K, recall, lists.build_s,
+             "; more than half the lists: no structure to use, every row is scanned" if nprobe > count // 2 else "")
     return lists, order
 
 

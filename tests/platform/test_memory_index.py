@@ -259,6 +259,10 @@ def test_inverted_lists_reach_their_calibrated_recall_on_new_queries_and_score_e
     everything = _index_of(vecs, AnnSpec(min_rows=10_000, recall=1.0))
     assert [[h.pk for h in q] for q in everything.search(queries, 100)] == [[h.pk for h in q] for q in truth]
     assert _index_of(vecs, AnnSpec(min_rows=20_001)).lists is None  # below min_rows: exact
+    uniform = np.random.default_rng(3).normal(size=(20_000, 128)).astype(np.float32)  # as random as embeddings get
+    uniform /= np.linalg.norm(uniform, axis=1, keepdims=True)
+    # no clusters: reaching the recall takes more than half the lists, so every row is scanned
+    assert _index_of(uniform, AnnSpec(min_rows=10_000, recall=0.99)).lists is None
     with pytest.raises(ValueError, match="recall"):
         AnnSpec(recall=0.0)
 
