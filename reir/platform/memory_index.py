@@ -106,16 +106,21 @@ class AnnSpec:
     smallest count whose recall@100 against the exact answer reaches ``recall`` on
     :data:`CALIBRATION_QUERIES` queries drawn from the rows themselves (half stored vectors,
     half normalized midpoints of two stored vectors, which fall between clusters). Below
-    ``min_rows`` (and with ``min_rows`` 0) the index scans every row."""
+    ``min_rows`` (and with ``min_rows`` 0) the index scans every row, and so it does when the
+    calibration needs more than ``max_probe_share`` of the lists (rows without structure, as
+    random vectors: probing most lists costs more than the scan)."""
 
     min_rows: int = 200_000
     recall: float = 0.97
     lists: int = 0
     seed: int = 0
+    max_probe_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.recall <= 1.0:
             raise ValueError(f"recall must be in (0, 1], got {self.recall}")
+        if not 0.0 < self.max_probe_share <= 1.0:
+            raise ValueError(f"max_probe_share must be in (0, 1], got {self.max_probe_share}")
         if self.min_rows < 0 or self.lists < 0:
             raise ValueError("min_rows and lists must be >= 0")
 
@@ -172,9 +177,9 @@ class MemoryIndex:
         cols = rows.columns
         self.lists: InvertedLists | None = None
         built = build_lists(vectors, ann) if ann is not None and ann.applies(n) else None
-        # Probing more than half the lists costs more than scanning every row (random vectors:
-        # no structure to use): then the index stays exact.
-        if built is not None and built[0].nprobe <= len(built[0]) // 2:
+        # Probing most of the lists costs more than scanning every row (random vectors: no
+        # structure to use): then the index stays exact.
+        if built is not None and ann is not None and built[0].nprobe <= ann.max_probe_share * len(built[0]):
             self.lists, order = built
             vectors = vectors[order]
             take = pa.array(order, type=pa.int64())
@@ -329,7 +334,8 @@ def build_lists(vectors: np.ndarray, spec: AnnSpec) -> tuple[InvertedLists, np.n
                           build_s=time.monotonic() - start)  # fmt: skip
     log.info("memory index: %d rows in %d lists, nprobe %d (recall@%d %.3f on calibration queries), %.1f s%s",
              n, count, nprobe, CALIBRATION_K, recall, lists.build_s,
-             "; more than half the lists: no structure to use, every row is scanned" if nprobe > count // 2 else "")
+             "; over max_probe_share: no structure to use, every row is scanned"
+             if nprobe > spec.max_probe_share * count else "")  # fmt: skip
     return lists, order
 
 

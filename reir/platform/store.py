@@ -471,6 +471,7 @@ class MilvusStore:
         self, mode: str = "auto", max_rows: int | None = None, *, model_version: str | None = None,
         warm: bool = True, wait: bool = False, on_change: Callable[[int], None] | None = None,
         check_every_s: float | None = None, ann: AnnSpec | None = None,
+        api_auto_max_rows: int = LITE_API_AUTO_MAX_ROWS,
     ) -> bool:  # fmt: skip
         """Answer unfiltered searches, and the re-rank context of their hits' images, from an
         in-memory index of the collection's rows (exact, or inverted lists as ``ann`` says;
@@ -482,7 +483,8 @@ class MilvusStore:
         now, in the background unless ``wait``; otherwise the first search for a scope has it
         loaded (searches go to Milvus until it is). ``on_change(rows)`` hears the rows held after
         each load or drop. Returns whether the index is on. ``auto`` on a milvus-lite that this
-        process does not serve (server mode) loads at most :data:`LITE_API_AUTO_MAX_ROWS` rows.
+        process does not serve (server mode) loads at most ``api_auto_max_rows`` rows
+        (:data:`LITE_API_AUTO_MAX_ROWS`).
         """
         from reir.platform import memory_index as M
 
@@ -491,7 +493,7 @@ class MilvusStore:
             self._memory = None
         if not M.enabled(mode, self.lite):  # type: ignore[arg-type]
             return False
-        self._memory_api_max_rows = LITE_API_AUTO_MAX_ROWS if mode == "auto" else None
+        self._memory_api_max_rows = api_auto_max_rows if mode == "auto" else None
         self._memory = M.MemoryIndexManager(
             self, max_rows=M.DEFAULT_MAX_ROWS if max_rows is None else max_rows, on_change=on_change,
             check_every_s=M.CHECK_EVERY_S if check_every_s is None else check_every_s, name=self.collection,

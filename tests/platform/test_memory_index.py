@@ -203,19 +203,16 @@ def test_a_scope_over_max_rows_stays_in_milvus(store: MilvusStore) -> None:
     assert store.memory_index is not None and store.memory_index.status().rows == 300
 
 
-def test_auto_pages_a_milvus_lite_served_by_another_process_only_while_small(store: MilvusStore,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_auto_pages_a_milvus_lite_served_by_another_process_only_while_small(store: MilvusStore) -> None:
     """Without the engine in this process, milvus-lite's rows come through its query iterator,
-    slow at scale: ``auto`` reads no more than LITE_API_AUTO_MAX_ROWS there, ``on`` does."""
-    from reir.platform import store as store_module
-
-    monkeypatch.setattr(store_module, "LITE_API_AUTO_MAX_ROWS", 400)  # the collection holds 500 rows
+    slow at scale: ``auto`` reads no more than ``api_auto_max_rows`` there (LITE_API_AUTO_MAX_ROWS
+    by default), ``on`` does."""
     lite_path, store._lite_path = store._lite_path, None
     try:
-        assert store.use_memory_index("auto", model_version="v1", wait=True)
+        assert store.use_memory_index("auto", model_version="v1", wait=True, api_auto_max_rows=400)  # 500 rows
         manager = store.memory_index
         assert manager is not None and manager.index is None and manager.status().over_max_rows
-        store.use_memory_index("on", model_version="v1", wait=True)
+        store.use_memory_index("on", model_version="v1", wait=True, api_auto_max_rows=400)
         assert store.memory_index is not None and store.memory_index.status().rows == 300
     finally:
         store._lite_path = lite_path
@@ -256,7 +253,8 @@ def test_inverted_lists_reach_their_calibrated_recall_on_new_queries_and_score_e
         assert [h.score for h in f] == sorted((h.score for h in f), reverse=True)
         assert all(h.score == pytest.approx(by_pk[h.pk], abs=1e-5) for h in f if h.pk in by_pk)
     assert len(ann.search(queries[:1], 5_000)[0]) == 5_000  # longer answers probe more lists
-    everything = _index_of(vecs, AnnSpec(min_rows=10_000, recall=1.0))
+    everything = _index_of(vecs, AnnSpec(min_rows=10_000, recall=1.0, max_probe_share=1.0))
+    assert everything.lists is not None
     assert [[h.pk for h in q] for q in everything.search(queries, 100)] == [[h.pk for h in q] for q in truth]
     assert _index_of(vecs, AnnSpec(min_rows=20_001)).lists is None  # below min_rows: exact
     uniform = np.random.default_rng(3).normal(size=(20_000, 128)).astype(np.float32)  # as random as embeddings get
@@ -265,13 +263,17 @@ def test_inverted_lists_reach_their_calibrated_recall_on_new_queries_and_score_e
     assert _index_of(uniform, AnnSpec(min_rows=10_000, recall=0.99)).lists is None
     with pytest.raises(ValueError, match="recall"):
         AnnSpec(recall=0.0)
+    with pytest.raises(ValueError, match="max_probe_share"):
+        AnnSpec(max_probe_share=0.0)
 
 
 def test_the_re_rank_context_of_memory_hits_is_read_from_memory_as_milvus_holds_it(store: MilvusStore) -> None:
     flt = SearchFilter(model_version="v1")
     queries = _queries(3)
     from_milvus = [store.context(store.search(q, 12, flt)[0], model_version="v1") for q in queries]
-    store.use_memory_index("on", model_version="v1", wait=True, ann=AnnSpec(min_rows=100, recall=1.0))
+    # lists kept whatever they cost (max_probe_share 1): rows permuted, answers exact
+    store.use_memory_index("on", model_version="v1", wait=True,
+                           ann=AnnSpec(min_rows=100, recall=1.0, max_probe_share=1.0))  # fmt: skip
     manager = store.memory_index
     assert manager is not None and manager.status().lists == 17  # isqrt(300) lists, permuted rows
     for q, expected in zip(queries, from_milvus, strict=True):
@@ -296,7 +298,8 @@ def test_the_re_rank_context_of_memory_hits_is_read_from_memory_as_milvus_holds_
 
 
 def test_live_recall_is_measured_on_real_queries_and_raises_the_probe_count_below_target(store: MilvusStore) -> None:
-    store.use_memory_index("on", model_version="v1", wait=True, ann=AnnSpec(min_rows=100, recall=1.0))
+    store.use_memory_index("on", model_version="v1", wait=True,
+                           ann=AnnSpec(min_rows=100, recall=1.0, max_probe_share=1.0))  # fmt: skip
     manager = store.memory_index
     assert manager is not None and manager.index is not None and manager.index.lists is not None
     assert manager.measure_recall() is None  # no query seen yet
