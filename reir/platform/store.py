@@ -347,8 +347,14 @@ class MilvusStore:
         """Index type, fields and partitions of the collection, read once (refreshed when stale)."""
         if self._layout is None or self._layout.stale:
             client = self.client
+            previous = self._layout
             kind = None
-            if S.EMBEDDING in client.list_indexes(self.collection):
+            if previous is not None and self.lite:
+                # milvus-lite answers list_indexes / describe_index by counting every row in Python
+                # while it holds the GIL: 18 s at 1M rows, a searcher replica stalled every 30 s.
+                # Its index changes only through build_index, which refreshes (a full read).
+                kind = previous.index_type
+            elif S.EMBEDDING in client.list_indexes(self.collection):
                 kind = str(client.describe_index(self.collection, S.EMBEDDING)["index_type"])
             schema = tuple(client.describe_collection(self.collection)["fields"])
             parts = frozenset(client.list_partitions(self.collection))
