@@ -623,6 +623,17 @@ class MemoryIndexManager:
         elif index is not None and index.lists is not None and self._new_queries >= LIVE_MIN_NEW:
             self.measure_recall(index)
 
+    def recall(self) -> float | None:
+        """The index's recall@100 as last known: 1 for an exact scan, the live measure with
+        lists (the calibration's before the first), None while no index is loaded."""
+        index = self._index
+        if index is None:
+            return None
+        if index.lists is None:
+            return 1.0
+        live = self._status.live_recall
+        return live if live is not None else index.lists.recall
+
     def measure_recall(self, index: MemoryIndex | None = None) -> float | None:
         """Recall@100 of the lists on the recent real queries against exact search (status
         ``live_recall``); when under the target, the probe count rises to what those queries need."""

@@ -168,9 +168,10 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def _context_hit(hit: Hit, rank: int, box: tuple[float, float, float, float], objectness: Any,
-                 embedding: np.ndarray) -> Hit:  # fmt: skip
-    """Instance ``rank`` of ``hit``'s image, as the re-ranker's context holds it (no query score)."""
-    return Hit(pk=S.make_pk(hit.model_version, hit.image_id, rank), image_id=hit.image_id, uri=hit.uri, box=box,
+                 embedding: np.ndarray, pk: str | None = None) -> Hit:  # fmt: skip
+    """Instance ``rank`` of ``hit``'s image, as the re-ranker's context holds it (no query score);
+    ``pk``: the row's key when the reader has it (else built from the rank)."""
+    return Hit(pk=pk if pk is not None else S.make_pk(hit.model_version, hit.image_id, rank), image_id=hit.image_id, uri=hit.uri, box=box,
                score=0.0, instance_score=float(objectness), model_version=hit.model_version, embedding=embedding,
                image_size=hit.image_size, n_instances=hit.n_instances)  # fmt: skip
 
@@ -708,15 +709,11 @@ class MilvusStore:
         parts: list[str] | None = None
         images = {h.image_id: h for h in reversed(hits)}
         if self._memory is not None:  # hits the in-memory index returned: their images' rows are there
-            mine = [hit for hit in images.values() if hit.row >= 0]
-            for i, found in self._memory.contexts(mine, float16=self.layout().has_packed_context).items():
-                hit = mine[i]
-                out[hit.image_id] = [
-                    Hit(pk=pk, image_id=hit.image_id, uri=hit.uri, box=(b[0], b[1], b[2], b[3]), score=0.0,
-                        instance_score=o, model_version=hit.model_version, embedding=v, image_size=hit.image_size,
-                        n_instances=hit.n_instances)
-                    for pk, b, o, v in zip(found.pks, found.boxes, found.objectness, found.vectors)
-                ]  # as _context_hit builds them
+            heads = list(images.values())
+            for i, found in self._memory.contexts(heads, float16=self.layout().has_packed_context).items():
+                hit = heads[i]
+                out[hit.image_id] = [_context_hit(hit, r, S.as_box(b), o, v, pk=pk) for r, (pk, b, o, v) in
+                                     enumerate(zip(found.pks, found.boxes, found.objectness, found.vectors))]
                 del images[hit.image_id]
         keyed = [hit for hit in images.values() if hit.n_instances > 0]
         legacy = [hit.image_id for hit in images.values() if hit.n_instances <= 0]

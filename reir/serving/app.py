@@ -177,16 +177,12 @@ class SearcherDeployment:
         self._record_memory_recall()
 
     def _record_memory_recall(self) -> None:
-        """The index's recall on recent queries: 1 when it scans every row, the last live
-        measure with inverted lists (none yet: the calibration's), nothing while it is not loaded."""
+        """The index's recall (1 for an exact scan, the live measure with lists); nothing while
+        it is not loaded."""
         manager = self.store.memory_index
-        index = manager.index if manager is not None else None
-        if manager is None or index is None:
-            return
-        status = manager.status()
-        recall = 1.0 if index.lists is None else (status.live_recall if status.live_recall is not None
-                                                   else status.calibrated_recall)
-        self._memory_recall_gauge.set(recall)
+        recall = manager.recall() if manager is not None else None
+        if recall is not None:
+            self._memory_recall_gauge.set(recall)
 
     def check_health(self) -> None:
         # A gauge recorded once can drop out of Ray's metrics export while the replica lives on
