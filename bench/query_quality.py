@@ -164,21 +164,28 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     from reir.platform.milvus_server import free_port
     from reir.serving.pipeline import QueryRequest, local_pipeline
 
+    import torch
+
     texts = [q.text for q in test_queries(Path(args.data))][: args.queries]
     cfg = ServeConfig(model_path=args.model, milvus=MilvusConfig(uri=args.uri, collection=args.collection),
                       filter_model_version=False, host="127.0.0.1", port=free_port(),
-                      encode_in_searcher=args.encode_in_searcher)  # fmt: skip
+                      encode_in_searcher=not args.encoder_deployment)  # fmt: skip
     pipeline = local_pipeline(cfg)
-    stages: dict[str, list[float]] = {}
-    for i, text in enumerate([*texts[:3], *texts]):
-        outcome = asyncio.run(pipeline.run(QueryRequest(text, top_k=10)))
-        if i >= 3:  # the first three warm the caches
-            for name, ms in outcome.timings_ms.items():
-                stages.setdefault(name, []).append(ms)
-    result: dict[str, Any] = {"phase": "latency", "collection": args.collection, "reranked": outcome.reranked,
-                              "encode_in_searcher": args.encode_in_searcher,
-                              "in_process": _pct(stages["total"]),
-                              "stage_p50_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
+    result: dict[str, Any] = {"phase": "latency", "collection": args.collection,
+                              "encode_in_searcher": cfg.encode_in_searcher}
+    # torch's default threads (all cores), then the searcher replica's (ServeConfig.num_cpus_searcher)
+    replica_threads = max(1, int(cfg.num_cpus_searcher))
+    for key, threads in (("in_process", torch.get_num_threads()), ("in_process_replica_threads", replica_threads)):
+        torch.set_num_threads(threads)
+        stages: dict[str, list[float]] = {}
+        for i, text in enumerate([*texts[:3], *texts]):
+            outcome = asyncio.run(pipeline.run(QueryRequest(text, top_k=10)))
+            if i >= 3:  # the first three warm the caches
+                for name, ms in outcome.timings_ms.items():
+                    stages.setdefault(name, []).append(ms)
+        result[key] = {**_pct(stages["total"]), "torch_threads": threads,
+                       "stage_p50_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
+    result["reranked"] = outcome.reranked
     result["rss_mb"] = {"bench": round(rss_mb(os.getpid()), 1)}
     if args.server_pid:
         result["rss_mb"]["milvus"] = round(rss_mb(args.server_pid), 1)
@@ -188,8 +195,11 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
         return result
     import ray
 
+    from reir.platform.raylocal import use_serve_data_plane
     from reir.serving.app import run_app
 
+    use_serve_data_plane()  # HAProxy + direct ingress, as `reir serve` starts Serve
+    result["serve_env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     # address="local": a Ray of our own even when another job's cluster runs on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
@@ -212,7 +222,9 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 
             with ThreadPoolExecutor(conc) as pool:
                 result[f"http_c{conc}"] = _pct(list(pool.map(one, texts)))
-        result["http_over_in_process_p50"] = round(result["http_c1"]["p50_ms"] / result["in_process"]["p50_ms"], 2)
+        for key in ("in_process", "in_process_replica_threads"):
+            ratio = result["http_c1"]["p50_ms"] / result[key]["p50_ms"]
+            result[f"http_over_{key}_p50"] = round(ratio, 2)
         result["rss_mb"]["ray"] = ray_process_rss_mb()
     finally:
         ray.shutdown()
@@ -231,8 +243,8 @@ def main() -> None:
         lat.add_argument(name, required=True)
     lat.add_argument("--queries", type=int, default=200)
     lat.add_argument("--http", action="store_true")
-    lat.add_argument("--encode-in-searcher", action="store_true",
-                     help="the Serve app without a QueryEncoder deployment (ServeConfig.encode_in_searcher)")
+    lat.add_argument("--encoder-deployment", action="store_true",
+                     help="a QueryEncoder deployment apart from the searcher (encode_in_searcher: false)")
     lat.add_argument("--server-pid", type=int, default=0, help="the Milvus server's pid (its RSS is reported)")
     lat.add_argument("--out", default="")
     b = sub.add_parser("brk")

@@ -20,6 +20,7 @@ Every process it starts (raylets, GCS, workers, milvus-lite) is stopped before i
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -129,7 +130,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from reir.platform.milvus_server import EmbeddedMilvus
+    from reir.platform.raylocal import SERVE_DATA_PLANE_ENV, use_serve_data_plane
 
+    use_serve_data_plane()  # the nodes start with the data plane reir's own Ray has: HAProxy on the head
     timings: dict[str, float] = {}
     start = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -141,7 +144,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         ray.init(address=cluster.address, log_to_driver=False)
         timings["cluster_s"] = time.perf_counter() - start
         report: dict[str, Any] = {"head_node": cluster.head_node.node_id, "worker_node": worker.node_id,
-                                  "nodes": len([n for n in ray.nodes() if n["Alive"]])}  # fmt: skip
+                                  "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+                                  "serve_env": {k: os.environ.get(k) for k in SERVE_DATA_PLANE_ENV}}  # fmt: skip
         mark = time.perf_counter()
         with EmbeddedMilvus(Path(spec["work_dir"]) / "milvus.db") as milvus:
             timings["milvus_s"] = time.perf_counter() - mark

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from reir.platform.raylocal import SERVE_DATA_PLANE_ENV
 from tests.http_files import serve_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +113,7 @@ def test_ingestion_and_serving_run_on_the_node_without_the_gallery(
 
     head, worker = report["head_node"], report["worker_node"]
     assert report["nodes"] == 2 and head != worker
+    assert report["serve_env"] == SERVE_DATA_PLANE_ENV  # HAProxy on the head, replicas on the worker
     # Every gallery image (the corrupt one too) was read over HTTP, for ingestion or the image route.
     assert set(read_over_http) == set(names)
     ingest = report["ingest"]
@@ -121,7 +123,7 @@ def test_ingestion_and_serving_run_on_the_node_without_the_gallery(
     encoders = _nodes_of(report, lambda a: "MapWorker" in a["class"] or "EncoderActor" in a["class"])
     assert encoders == {worker}, report["actors"]
     replicas = {a["class"].rsplit(":", 1)[-1]: a["node"] for a in report["actors"] if "ServeReplica" in a["class"]}
-    assert replicas == {"Ingress": worker, "QueryEncoder": worker, "Searcher": worker}
+    assert replicas == {"Ingress": worker, "Searcher": worker}  # encode_in_searcher: the searcher encodes
 
     results = report["search"]["results"]
     assert results[0]["image_id"] == "img000" and results[0]["uri"] == f"{files.url}/img000.jpg"

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import os
 
+# Ray Serve's data plane for the Ray instances reir starts (Ray >= 2.55): HAProxy listens on the
+# HTTP port and forwards straight to the ingress replicas' own ports (no Python proxy actor),
+# replicas call each other over gRPC, and user code runs on the replica's event loop. Measured
+# on 2 cores (docs/query-path.md): an HTTP round trip to a FastAPI replica 2.8-3.9 ms instead
+# of 11-14 ms through the proxy actor. A variable already set wins (``=0`` turns it off);
+# a cluster that reir joins reads these from its own nodes' environment (k8s: reir-env).
+SERVE_DATA_PLANE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def use_serve_data_plane() -> None:
+    """Set :data:`SERVE_DATA_PLANE_ENV` in this process's environment (where unset), before it
+    starts a local Ray: the raylet, the Serve controller and the replicas inherit it."""
+    for key, value in SERVE_DATA_PLANE_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver: bool = True) -> None:
     """Connect to ``RAY_ADDRESS`` (unless ``local``) or start a local Ray instance, once per process.
@@ -32,6 +47,7 @@ def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
     port = free_port()
+    use_serve_data_plane()
     # address="local": without it ray.init joins any cluster a `ray start` left on this machine
     # (and then refuses num_cpus); joining one is what RAY_ADDRESS is for.
     ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 2), include_dashboard=True,

@@ -15,6 +15,7 @@ import ray
 import yaml
 
 from reir.platform.config import ServeConfig
+from reir.platform.raylocal import SERVE_DATA_PLANE_ENV
 from reir.serving.app import IngressDeployment, QueryEncoderDeployment, SearcherDeployment, serve_config_from_args
 from reir.settings import command_config
 from reir.training.config import TrainConfig
@@ -192,8 +193,11 @@ def test_serve_config_passes_rays_schema_and_builds_a_reir_config(
     assert cfg.milvus.uri.startswith("http://") and not cfg.milvus.is_lite_file
     assert cfg.milvus.collection == "reir_live" and cfg.milvus.index_type == "HNSW"
     assert cfg.model_path == "/models/reir/current"
-    names = {d.name for d in (IngressDeployment, QueryEncoderDeployment, SearcherDeployment)}  # type: ignore[attr-defined]
-    assert {d.name for d in app.deployments} == names
+    # The app these args build (the QueryEncoder exists only with encode_in_searcher off).
+    built = (IngressDeployment, SearcherDeployment) + (() if cfg.encode_in_searcher else (QueryEncoderDeployment,))
+    assert {d.name for d in app.deployments} == {d.name for d in built}  # type: ignore[attr-defined]
+    # Every Ray pod starts with Serve's HAProxy data plane, as `reir serve` does locally.
+    assert {k: env[k] for k in SERVE_DATA_PLANE_ENV} == SERVE_DATA_PLANE_ENV
     for dep in app.deployments:
         auto = dep.autoscaling_config
         assert dep.num_replicas == "auto" and isinstance(auto, dict), dep.name
