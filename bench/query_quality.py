@@ -158,13 +158,13 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     same through the Serve app over HTTP at concurrency 1/8/32, on one collection."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
     from reir.client import Client
     from reir.data.samples import test_queries
     from reir.platform.config import MilvusConfig, ServeConfig
     from reir.platform.milvus_server import free_port
     from reir.serving.pipeline import QueryRequest, local_pipeline
-
-    import torch
 
     texts = [q.text for q in test_queries(Path(args.data))][: args.queries]
     cfg = ServeConfig(model_path=args.model, milvus=MilvusConfig(uri=args.uri, collection=args.collection),
