@@ -30,7 +30,7 @@ def _stack(parts: list[Any], like: ArrayT) -> ArrayT:
     return np.stack(parts, axis=-1)
 
 
-def _to_xyxy_abs(b: ArrayT, mode: BoxMode, width: float, height: float) -> ArrayT:
+def _to_xyxy_abs(b: ArrayT, mode: BoxMode, width: Any, height: Any) -> ArrayT:
     x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
     if mode is BoxMode.XYXY_ABS:
         return b
@@ -44,7 +44,7 @@ def _to_xyxy_abs(b: ArrayT, mode: BoxMode, width: float, height: float) -> Array
     raise ValueError(f"unknown box mode {mode!r}")
 
 
-def _from_xyxy_abs(b: ArrayT, mode: BoxMode, width: float, height: float) -> ArrayT:
+def _from_xyxy_abs(b: ArrayT, mode: BoxMode, width: Any, height: Any) -> ArrayT:
     x0, y0, x1, y1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
     if mode is BoxMode.XYXY_ABS:
         return b
@@ -60,9 +60,10 @@ def _from_xyxy_abs(b: ArrayT, mode: BoxMode, width: float, height: float) -> Arr
 
 
 def convert(
-    boxes: ArrayT, src: BoxMode, dst: BoxMode, *, width: float = 1.0, height: float = 1.0
+    boxes: ArrayT, src: BoxMode, dst: BoxMode, *, width: float | np.ndarray = 1.0, height: float | np.ndarray = 1.0
 ) -> ArrayT:
-    """Convert ``boxes`` (..., 4) from ``src`` to ``dst``; width/height are the image's pixels."""
+    """Convert ``boxes`` (..., 4) from ``src`` to ``dst``; width/height are the image's pixels
+    (or arrays of shape ``boxes.shape[:-1]``: each box with its own image's size)."""
     src, dst = BoxMode(src), BoxMode(dst)
     if src is dst:
         return boxes

@@ -68,19 +68,23 @@ def pack_instance_sets(
     the padded ``emb [N, M, D]``, ``boxes [N, M, 4]`` (cxcywh normalized), ``objectness
     [N, M]`` and ``mask [N, M]`` arrays :meth:`RelationReranker.forward` reads. Every image
     needs at least one instance."""
-    n, m = len(embeddings), max(len(e) for e in embeddings)
+    counts = [len(e) for e in embeddings]
+    if not (len(counts) == len(boxes_xywh) == len(scores) == len(sizes)):
+        raise ValueError("embeddings, boxes, scores and sizes need one entry per image")
+    if any(len(b) != k or len(sc) != k for b, sc, k in zip(boxes_xywh, scores, counts, strict=True)):
+        raise ValueError("each image needs as many boxes and scores as embeddings")
+    n, m = len(counts), max(counts)
     dim = int(np.asarray(embeddings[0][0]).shape[-1])
+    mask = np.arange(m)[None, :] < np.asarray(counts)[:, None]  # [N, M], row-major = the images' order
     emb = np.zeros((n, m, dim), dtype=np.float32)
     boxes = np.zeros((n, m, 4), dtype=np.float32)
     objectness = np.zeros((n, m), dtype=np.float32)
-    mask = np.zeros((n, m), dtype=bool)
-    for i, (e, b, sc, (width, height)) in enumerate(zip(embeddings, boxes_xywh, scores, sizes, strict=True)):
-        k = len(e)
-        emb[i, :k] = np.stack([np.asarray(x, dtype=np.float32) for x in e])
-        xywh = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-        boxes[i, :k] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=width, height=height)
-        objectness[i, :k] = sc
-        mask[i, :k] = True
+    # All images' instances at once: one stack, one box conversion (each row with its image's size).
+    emb[mask] = np.stack([np.asarray(x, dtype=np.float32) for e in embeddings for x in e])
+    xywh = np.asarray([box for b in boxes_xywh for box in b], dtype=np.float64).reshape(-1, 4)
+    wh = np.repeat(np.asarray(sizes, dtype=np.float64).reshape(-1, 2), counts, axis=0)
+    boxes[mask] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=wh[:, 0], height=wh[:, 1])
+    objectness[mask] = np.asarray([v for sc in scores for v in sc], dtype=np.float32)
     return emb, boxes, objectness, mask
 
 

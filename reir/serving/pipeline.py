@@ -51,6 +51,17 @@ class Candidates:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
+def without_embedding(hit: Hit) -> Hit:
+    """``hit`` without its vector: ``dataclasses.replace`` calls the frozen ``__init__`` (one
+    ``object.__setattr__`` per field), about 2.5 ms for a re-ranked head's 500 rows on 2 cores;
+    a shallow copy of the fields is a fraction of that."""
+    if hit.embedding is None:
+        return hit
+    stripped = object.__new__(Hit)
+    stripped.__dict__.update(hit.__dict__, embedding=None)
+    return stripped
+
+
 def rerank_head(hits: Sequence[Hit], size: int) -> list[Hit]:
     """The candidates the re-ranker sees: the ``size`` best by ANN score (pk breaks ties)."""
     return sorted(hits, key=lambda h: (-h.score, h.pk))[:size]
@@ -85,7 +96,7 @@ class Ranker:
         scored = self.reranker.rerank(query, best, context)
         # The answer needs boxes and scores only: the context's vectors (the bulk of the
         # data: ~500 x dim floats) stay here instead of crossing the hop back to the ingress.
-        scored = [(replace(hit, embedding=None) if hit.embedding is not None else hit, prob) for hit, prob in scored]
+        scored = [(without_embedding(hit), prob) for hit, prob in scored]
         timings["rerank"] = clock() - t
         return Candidates(hits, scored, timings)
 

@@ -115,14 +115,23 @@ class EncodedQuery:
         return 0 < self.token_limit < self.tokens
 
 
-def token_counts(processor: TextProcessor, texts: Sequence[str]) -> tuple[list[int], int]:
+def token_counts(processor: TextProcessor, texts: Sequence[str], read: Sequence[int] | None = None,
+                 ) -> tuple[list[int], int]:  # fmt: skip
     """(tokens per text before truncation, the processor's limit); zeros when the processor
-    cannot tell (a model without ``token_counts``), so truncation is then never reported."""
+    cannot tell (a model without ``token_counts``), so truncation is then never reported.
+    ``read``: the tokens the model read of each text (its attention mask's sum): a text read
+    short of the limit was not cut, so only those that reached it are tokenized again."""
     count = getattr(processor, "token_counts", None)
     limit = int(getattr(processor, "max_length", 0) or 0)
     if count is None or limit <= 0:
         return [0] * len(texts), 0
-    return [int(n) for n in count(list(texts))], limit
+    if read is None:
+        return [int(n) for n in count(list(texts))], limit
+    counts = [int(n) for n in read]
+    full = [i for i, n in enumerate(counts) if n >= limit]
+    for i, n in zip(full, count([texts[i] for i in full]) if full else (), strict=True):
+        counts[i] = int(n)
+    return counts, limit
 
 
 class QueryEncoder:
@@ -149,7 +158,8 @@ class QueryEncoder:
         states = getattr(out, "token_states", None)
         states = None if states is None else to_numpy(states)
         mask = to_numpy(batch["attention_mask"]) if states is not None else None
-        counts, limit = token_counts(self.processor, texts)
+        read = None if batch["attention_mask"] is None else to_numpy(batch["attention_mask"]).reshape(len(texts), -1)
+        counts, limit = token_counts(self.processor, texts, read=None if read is None else read.sum(axis=1))
         return [EncodedQuery(text, emb[i], None if states is None else states[i], None if mask is None else mask[i],
                              tokens=counts[i], token_limit=limit) for i, text in enumerate(texts)]  # fmt: skip
 

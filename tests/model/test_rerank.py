@@ -282,3 +282,30 @@ def test_a_new_reranker_reads_the_expression_through_its_own_text_layer_and_it_r
     (tmp_path / "config.json").write_text(json.dumps(config))
     old, _ = create_model(str(tmp_path))
     assert old.reranker is not None and old.reranker.text_encoder is None
+
+
+def test_packed_instance_sets_hold_each_image_in_its_own_row_and_size() -> None:
+    """Images of different sizes and instance counts: each row holds its image's instances in
+    order (cxcywh relative to that image's own width/height), padding stays zero and masked."""
+    import numpy as np
+
+    from reir.model.rerank import pack_instance_sets
+
+    rng = np.random.default_rng(0)
+    counts, sizes = [3, 1, 5], [(200.0, 100.0), (640.0, 480.0), (50.0, 80.0)]
+    embeddings = [[rng.normal(size=8).astype(np.float16) for _ in range(k)] for k in counts]
+    boxes = [[[float(v) for v in rng.uniform(0, 40, size=4)] for _ in range(k)] for k in counts]
+    scores = [[float(v) for v in rng.uniform(size=k)] for k in counts]
+    emb, packed, objectness, mask = pack_instance_sets(embeddings, boxes, scores, sizes)
+    assert emb.shape == (3, 5, 8) and packed.shape == (3, 5, 4) and mask.tolist() == [
+        [True] * 3 + [False] * 2, [True] + [False] * 4, [True] * 5]  # fmt: skip
+    for i, (k, (width, height)) in enumerate(zip(counts, sizes, strict=True)):
+        for j in range(k):
+            x, y, w, h = boxes[i][j]
+            expected = [(x + w / 2) / width, (y + h / 2) / height, w / width, h / height]
+            np.testing.assert_allclose(packed[i, j], expected, rtol=1e-6)
+            np.testing.assert_array_equal(emb[i, j], embeddings[i][j].astype(np.float32))
+            assert objectness[i, j] == np.float32(scores[i][j])
+    assert not emb[~mask].any() and not packed[~mask].any() and not objectness[~mask].any()
+    with pytest.raises(ValueError, match="as many boxes"):
+        pack_instance_sets(embeddings, [boxes[0], boxes[1], boxes[2][:-1]], scores, sizes)
