@@ -27,6 +27,7 @@ import re
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,6 +100,26 @@ class Hit:
     # The row of the in-memory index that answered the search (-1: Milvus did); the context
     # fetch then reads the image's rows there, after checking the row still holds this pk.
     row: int = field(default=-1, compare=False, repr=False)
+
+
+HIT_FIELDS = tuple(f.name for f in dataclass_fields(Hit))
+
+
+def hit_columns(hits: Sequence[Hit]) -> tuple[list[Any], ...]:
+    """``hits`` as one list per field (:data:`HIT_FIELDS` order): what crosses a Ray hop.
+    Pickling a list of dataclasses writes a class reference and a field dict per hit (about
+    4.4 ms each way for a re-ranked query's 600 hits on 2 cores); field lists are a fraction."""
+    return tuple([h.__dict__[name] for h in hits] for name in HIT_FIELDS)
+
+
+def hits_from_columns(columns: Sequence[Sequence[Any]]) -> list[Hit]:
+    """The inverse of :func:`hit_columns` (rows built from their complete field dicts)."""
+    out = []
+    for values in zip(*columns, strict=True):
+        hit = object.__new__(Hit)
+        hit.__dict__.update(zip(HIT_FIELDS, values, strict=True))
+        out.append(hit)
+    return out
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from reir.platform.config import ServeConfig
 from reir.platform.filters import Condition, StructuredFilter
 from reir.platform.memory_index import AnnSpec
 from reir.platform.modeling import ModelLoader, load_reir_model, model_version_for
-from reir.platform.store import Hit
+from reir.platform.store import Hit, hit_columns, hits_from_columns
 from reir.serving.localize import UNAVAILABLE, BoxUpdate, Localizer
 from reir.serving.rerank import Reranker, Scored, ann_order
 from reir.serving.retriever import Calibration, EncodedQuery, QueryEncoder, Result
@@ -49,6 +49,18 @@ class Candidates:
     hits: list[Hit]
     scored: list[Scored] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # By column across a Ray hop (reir.platform.store.hit_columns): the searcher hands back
+        # the ANN hits and every re-ranked instance of the head, ~600 hits a query.
+        scored = None if self.scored is None else (hit_columns([h for h, _ in self.scored]), [p for _, p in self.scored])
+        return (_candidates, (hit_columns(self.hits), scored, self.timings_s))
+
+
+def _candidates(hits: Sequence[Sequence[Any]], scored: tuple[Sequence[Sequence[Any]], list[float]] | None,
+                timings_s: dict[str, float]) -> Candidates:  # fmt: skip
+    pairs = None if scored is None else list(zip(hits_from_columns(scored[0]), scored[1], strict=True))
+    return Candidates(hits_from_columns(hits), pairs, timings_s)
 
 
 def without_embedding(hit: Hit) -> Hit:
