@@ -123,7 +123,7 @@ def test_ingestion_and_serving_run_on_the_node_without_the_gallery(
     encoders = _nodes_of(report, lambda a: "MapWorker" in a["class"] or "EncoderActor" in a["class"])
     assert encoders == {worker}, report["actors"]
     replicas = {a["class"].rsplit(":", 1)[-1]: a["node"] for a in report["actors"] if "ServeReplica" in a["class"]}
-    assert replicas == {"Ingress": worker, "Searcher": worker}  # encode_in_searcher: the searcher encodes
+    assert replicas == {"Ingress": worker}  # search_in_ingress: the ingress replica encodes, searches, re-ranks
 
     results = report["search"]["results"]
     assert results[0]["image_id"] == "img000" and results[0]["uri"] == f"{files.url}/img000.jpg"

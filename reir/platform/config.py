@@ -253,6 +253,14 @@ class ServeConfig(_Frozen):
     # (2 cores: HTTP p50 32 ms instead of 54, docs/query-path.md). Turn it off to scale or
     # place the encoder apart (a GPU encoder batching many queries; the k8s RayService does).
     encode_in_searcher: bool = True
+    # The ingress replicas run the whole query themselves (encode, search, re-rank: a Searcher in
+    # the ingress process): one deployment, no Ray hop. It scales, and asks for CPUs, as the
+    # searcher (searcher_replicas, num_cpus_searcher, autoscaling.searcher). The default: with
+    # Serve's HAProxy data plane, each hop cost about 7-10 ms on 2 cores, and at 1M instances
+    # this took HTTP p50 from 44 to 33 ms (docs/query-path.md). Turn it off (and
+    # encode_in_searcher off) to scale the ingress, encoder and searcher apart, as the k8s
+    # RayService does.
+    search_in_ingress: bool = True
     # The searcher runs the ANN search, the keyed context fetch and the re-rank (model) in one replica.
     num_cpus_searcher: float = Field(default=0.5, ge=0)
     num_cpus_ingress: float = Field(default=0.25, ge=0)
@@ -321,6 +329,22 @@ class ServeConfig(_Frozen):
                 raise ValueError("autoscaling.reranker is gone: the Searcher deployment re-ranks now; "
                                  "scale it with autoscaling.searcher")  # fmt: skip
         return value
+
+    @model_validator(mode="after")
+    def _one_deployment(self) -> ServeConfig:
+        if not self.search_in_ingress:
+            return self
+        if not self.encode_in_searcher:
+            raise ValueError("encode_in_searcher: false asks for a QueryEncoder deployment, which search_in_ingress "
+                             "(one deployment) has not: set search_in_ingress: false too")  # fmt: skip
+        apart = sorted(set(self.autoscaling) - {"searcher"})
+        if apart or self.ingress_replicas != 1 or self.encoder_replicas != 1:
+            what = ", ".join([*(f"autoscaling.{k}" for k in apart),
+                              *(f"{k}_replicas" for k in ("ingress", "encoder") if getattr(self, f"{k}_replicas") != 1)])
+            raise ValueError(f"with search_in_ingress one deployment does the whole query and scales as the searcher "
+                             f"(searcher_replicas, autoscaling.searcher); {what} would be ignored: set "
+                             f"search_in_ingress: false to scale the stages apart")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _lite_single_reader(self) -> ServeConfig:

@@ -46,6 +46,8 @@ from reir.serving.pipeline import Candidates, QueryPipeline, Ranker, encode_and_
 from reir.serving.rerank import Reranker, discover_threshold_for
 from reir.serving.retriever import EncodedQuery, QueryEncoder
 
+ENCODE_BATCH_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
+
 
 @serve.deployment(name="QueryEncoder")
 class QueryEncoderDeployment:
@@ -74,7 +76,7 @@ class QueryEncoderDeployment:
             "calibration": self.encoder.calibration.to_dict(),
             "discover_threshold": discover_threshold_for(model_path, discover_threshold),
         }
-        self._batch_size = T.ray_metric(T.QUERY_ENCODE_BATCH_SIZE, boundaries=(1, 2, 4, 8, 16, 32, 64, 128))
+        self._batch_size = T.ray_metric(T.QUERY_ENCODE_BATCH_SIZE, boundaries=ENCODE_BATCH_BOUNDARIES)
 
     def info(self) -> dict[str, Any]:
         return dict(self._info)
@@ -90,13 +92,15 @@ class QueryEncoderDeployment:
             raise RuntimeError("text encoder has no model")
 
 
-@serve.deployment(name="Searcher")
-class SearcherDeployment:
+class Searcher:
     """The searcher stage (:class:`reir.serving.pipeline.Ranker`): one ANN search, the keyed
     fetch of the re-rank head's images and their re-rank, in one replica, so the context rows
     (the bulk of a query's data) never cross a hop. It holds the model for the re-ranker (the
     query's token states arrive from the encoder: no second text forward) and the localize
-    stage (:mod:`reir.serving.localize`, reads the gallery images from the rows' uris)."""
+    stage (:mod:`reir.serving.localize`, reads the gallery images from the rows' uris).
+
+    A plain class: :data:`SearcherDeployment` serves it as its own deployment, and with
+    ``ServeConfig.search_in_ingress`` the ingress replica holds one (:class:`InProcessStages`)."""
 
     def __init__(
         self, milvus: Mapping[str, Any], model_path: str, *, loader: ModelLoader = load_reir_model,
@@ -135,6 +139,8 @@ class SearcherDeployment:
                       "discover_threshold": discover_threshold_for(model_path, discover_threshold)}
         self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
         self._latency = T.ray_metric(T.QUERY_SEARCH_LATENCY_SECONDS)
+        # Queries it encodes itself (encode_in_searcher) are batches of one, on the same histogram.
+        self._batch_size = T.ray_metric(T.QUERY_ENCODE_BATCH_SIZE, boundaries=ENCODE_BATCH_BOUNDARIES)
 
     def info(self) -> dict[str, Any]:
         return {**self._info, "can_rerank": self.ranker.can_rerank}
@@ -145,6 +151,7 @@ class SearcherDeployment:
         start = loop.time()
         found = await asyncio.to_thread(milvus_call, encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head)
         self._latency.observe(loop.time() - start)
+        self._batch_size.observe(1)
         return found
 
     async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
@@ -192,6 +199,39 @@ class SearcherDeployment:
         self._record_memory_recall()
         if not self.store.exists():
             raise RuntimeError(f"collection {self.store.collection!r} not found")
+
+
+SearcherDeployment = serve.deployment(name="Searcher")(Searcher)
+
+
+class InProcessStages:
+    """:class:`reir.serving.pipeline.QueryStages` over a :class:`Searcher` in this replica
+    (``ServeConfig.search_in_ingress``): the whole query in the ingress process, no Ray hop."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+
+    async def info(self) -> dict[str, Any]:
+        return self.searcher.info()
+
+    async def encode(self, text: str) -> EncodedQuery:
+        raise RuntimeError("this app searches in the ingress: call search()")
+
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+        return await self.searcher.candidates(query, top_n, flt, head)
+
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+        return await self.searcher.search(text, top_n, flt, head)
+
+    async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
+        return await self.searcher.localize(query, items)
+
+    async def image_uri(self, image_id: str) -> str | None:
+        return await self.searcher.image_uri(image_id)
+
+    async def health(self) -> dict[str, Any]:
+        await self.searcher.ping()
+        return {"model_version": self.searcher.info()["model_version"]}
 
 
 class HandleStages:
@@ -278,13 +318,22 @@ class IngressDeployment:
     def __init__(
         self,
         encoder: DeploymentHandle | None,
-        searcher: DeploymentHandle,
+        searcher: DeploymentHandle | None,
         *,
         config: Mapping[str, Any],
+        in_process: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = ServeConfig.model_validate(dict(config))
+        # search_in_ingress: this replica is the searcher too (in_process: Searcher's arguments).
+        self.searcher = Searcher(**in_process) if in_process is not None else None
+        if self.searcher is not None:
+            stages: Any = InProcessStages(self.searcher)
+        elif searcher is not None:
+            stages = HandleStages(encoder, searcher)
+        else:
+            raise ValueError("the ingress needs a Searcher deployment handle or its in-process arguments")
         self.pipeline = QueryPipeline(
-            HandleStages(encoder, searcher), candidates=self.cfg.candidates,
+            stages, candidates=self.cfg.candidates,
             rerank_candidates=self.cfg.rerank_candidates, dedupe_iou=self.cfg.dedupe_iou,
             filter_model_version=self.cfg.filter_model_version, metrics=RayStageMetrics(),
             localize_results=localize_results_for(self.cfg), discover_candidates=self.cfg.discover_candidates,
@@ -299,7 +348,9 @@ class IngressDeployment:
                                metrics=RayRequestMetrics())
 
     def check_health(self) -> None:
-        return None  # stateless; dependencies have their own health checks
+        if self.searcher is not None:  # search_in_ingress: the searcher's own check
+            self.searcher.check_health()
+        # otherwise stateless; the other deployments have their own health checks
 
 
 def _scaling(cfg: ServeConfig, stage: ServeStage, replicas: int, cpus: float) -> dict[str, Any]:
@@ -318,6 +369,19 @@ def _scaling(cfg: ServeConfig, stage: ServeStage, replicas: int, cpus: float) ->
 
 def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Application:
     """The bound application for ``cfg``; ``loader`` lets tests inject a model."""
+    searching = {
+        "milvus": cfg.milvus.model_dump(), "model_path": cfg.model_path, "loader": loader,
+        "torch_threads": max(1, int(cfg.num_cpus_searcher)), "localize": cfg.localize.model_dump(),
+        "rerank_max_instances": cfg.rerank_max_instances, "discover_threshold": cfg.discover_threshold,
+        "memory_index": cfg.memory_index, "memory_index_max_rows": cfg.memory_index_max_rows,
+        "memory_index_ann_min_rows": cfg.memory_index_ann_min_rows, "memory_index_recall": cfg.memory_index_recall,
+        "filter_model_version": cfg.filter_model_version,
+    }  # fmt: skip
+    if cfg.search_in_ingress:
+        # One deployment does the whole query: it scales, and asks for resources, as the searcher.
+        return IngressDeployment.options(  # type: ignore[attr-defined]
+            **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
+        ).bind(None, None, config=cfg.model_dump(mode="json"), in_process=searching)
     # @serve.deployment turns the classes into Deployments (mypy sees the plain classes).
     encoder = None if cfg.encode_in_searcher else QueryEncoderDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "encoder", cfg.encoder_replicas, cfg.num_cpus_encoder)
@@ -331,11 +395,7 @@ def app_for(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model) -> Appli
     )
     searcher = SearcherDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "searcher", cfg.searcher_replicas, cfg.num_cpus_searcher)
-    ).bind(cfg.milvus.model_dump(), cfg.model_path, loader=loader, torch_threads=max(1, int(cfg.num_cpus_searcher)),
-           localize=cfg.localize.model_dump(), rerank_max_instances=cfg.rerank_max_instances,
-           discover_threshold=cfg.discover_threshold, memory_index=cfg.memory_index,
-           memory_index_max_rows=cfg.memory_index_max_rows, memory_index_ann_min_rows=cfg.memory_index_ann_min_rows,
-           memory_index_recall=cfg.memory_index_recall, filter_model_version=cfg.filter_model_version)
+    ).bind(**searching)
     return IngressDeployment.options(  # type: ignore[attr-defined]
         **_scaling(cfg, "ingress", cfg.ingress_replicas, cfg.num_cpus_ingress)
     ).bind(encoder, searcher, config=cfg.model_dump(mode="json"))

@@ -194,6 +194,7 @@ def test_serve_config_passes_rays_schema_and_builds_a_reir_config(
     assert cfg.milvus.collection == "reir_live" and cfg.milvus.index_type == "HNSW"
     assert cfg.model_path == "/models/reir/current"
     # The app these args build (the QueryEncoder exists only with encode_in_searcher off).
+    assert not cfg.search_in_ingress  # the stages scale apart on the cluster
     built = (IngressDeployment, SearcherDeployment) + (() if cfg.encode_in_searcher else (QueryEncoderDeployment,))
     assert {d.name for d in app.deployments} == {d.name for d in built}  # type: ignore[attr-defined]
     # Every Ray pod starts with Serve's HAProxy data plane, as `reir serve` does locally.

@@ -157,3 +157,21 @@ def test_cli_commands_read_their_section_of_the_file(tmp_path: Path) -> None:
         res = CliRunner().invoke(app, [command, "--config", str(cfg)], env={"REIR_CONFIG": ""})
         assert isinstance(res.exception, ReirError), res.output
         assert str(res.exception) == f"model directory not found: {tmp_path / missing}"
+
+
+def test_one_deployment_refuses_settings_it_would_ignore() -> None:
+    """``search_in_ingress`` (the default) is one deployment scaled as the searcher: settings for
+    stages it does not have are errors, not silently ignored."""
+    from reir.platform.config import AutoscalingSpec
+
+    base = {"model_path": "/m", "milvus": {"uri": "http://milvus:19530"}}
+    assert ServeConfig(**base).search_in_ingress
+    for extra, said in (({"encode_in_searcher": False}, "QueryEncoder deployment"),
+                        ({"autoscaling": {"ingress": AutoscalingSpec()}}, "autoscaling.ingress"),
+                        ({"ingress_replicas": 2}, "ingress_replicas"), ({"encoder_replicas": 3}, "encoder_replicas")):
+        with pytest.raises(ValidationError, match=said):
+            ServeConfig(**base, **extra)
+        apart = ServeConfig(**{**base, "encode_in_searcher": False, **extra, "search_in_ingress": False})
+        assert not apart.search_in_ingress
+    scaled = ServeConfig(**base, autoscaling={"searcher": AutoscalingSpec(max_replicas=4)})
+    assert scaled.autoscaling["searcher"].max_replicas == 4

@@ -42,6 +42,7 @@ def test_encoder_scales_up_under_load_and_back_down(serve_url: str, fake_checkpo
         model_path=str(fake_checkpoint), milvus=MilvusConfig(uri=str(tmp_path / "a.db"), collection=COLLECTION),
         num_cpus_encoder=0.1, num_cpus_searcher=0.1, num_cpus_ingress=0.1,
         max_batch_size=1, autoscaling={"encoder": spec}, encode_in_searcher=False,
+        search_in_ingress=False,
     )  # fmt: skip
     serve.run(app_for(cfg, loader=slow_loader), name=APP, route_prefix=f"/{APP}")
     url = f"{serve_url}/{APP}/v1/search"
