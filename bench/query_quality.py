@@ -143,6 +143,14 @@ def brk(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# The Serve app's deployments (ServeConfig.search_in_ingress / encode_in_searcher).
+TOPOLOGIES = {
+    "one": {"search_in_ingress": True, "encode_in_searcher": True},
+    "two": {"search_in_ingress": False, "encode_in_searcher": True},
+    "three": {"search_in_ingress": False, "encode_in_searcher": False},
+}
+
+
 def source_image(image_id: str) -> str:
     """The encoded image a replicated row was copied from (``c{k}_{id}`` -> ``id``)."""
     return re.sub(r"^c\d+_", "", image_id)
@@ -169,22 +177,22 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     texts = [q.text for q in test_queries(Path(args.data))][: args.queries]
     cfg = ServeConfig(model_path=args.model, milvus=MilvusConfig(uri=args.uri, collection=args.collection),
                       filter_model_version=False, host="127.0.0.1", port=free_port(),
-                      encode_in_searcher=not args.encoder_deployment)  # fmt: skip
+                      **TOPOLOGIES[args.topology])  # fmt: skip
     pipeline = local_pipeline(cfg)
-    result: dict[str, Any] = {"phase": "latency", "collection": args.collection,
-                              "encode_in_searcher": cfg.encode_in_searcher}
-    # torch's default threads (all cores), then the searcher replica's (ServeConfig.num_cpus_searcher)
-    replica_threads = max(1, int(cfg.num_cpus_searcher))
-    for key, threads in (("in_process", torch.get_num_threads()), ("in_process_replica_threads", replica_threads)):
-        torch.set_num_threads(threads)
-        stages: dict[str, list[float]] = {}
-        for i, text in enumerate([*texts[:3], *texts]):
-            outcome = asyncio.run(pipeline.run(QueryRequest(text, top_k=10)))
-            if i >= 3:  # the first three warm the caches
-                for name, ms in outcome.timings_ms.items():
-                    stages.setdefault(name, []).append(ms)
-        result[key] = {**_pct(stages["total"]), "torch_threads": threads,
-                       "stage_p50_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
+    result: dict[str, Any] = {"phase": "latency", "collection": args.collection, "topology": args.topology,
+                              "encode_in_searcher": cfg.encode_in_searcher, "search_in_ingress": cfg.search_in_ingress}
+    # The thread count the searcher replica runs with (ServeConfig.num_cpus_searcher), so the
+    # HTTP figures below differ from this one by the serving path alone.
+    threads = max(1, int(cfg.num_cpus_searcher))
+    torch.set_num_threads(threads)
+    stages: dict[str, list[float]] = {}
+    for i, text in enumerate([*texts[:3], *texts]):
+        outcome = asyncio.run(pipeline.run(QueryRequest(text, top_k=10)))
+        if i >= 3:  # the first three warm the caches
+            for name, ms in outcome.timings_ms.items():
+                stages.setdefault(name, []).append(ms)
+    result["in_process"] = {**_pct(stages["total"]), "torch_threads": threads}
+    result["stage_p50_ms"] = {k: round(float(np.median(v)), 1) for k, v in stages.items()}
     result["reranked"] = outcome.reranked
     result["rss_mb"] = {"bench": round(rss_mb(os.getpid()), 1)}
     if args.server_pid:
@@ -222,9 +230,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 
             with ThreadPoolExecutor(conc) as pool:
                 result[f"http_c{conc}"] = _pct(list(pool.map(one, texts)))
-        for key in ("in_process", "in_process_replica_threads"):
-            ratio = result["http_c1"]["p50_ms"] / result[key]["p50_ms"]
-            result[f"http_over_{key}_p50"] = round(ratio, 2)
+        result["http_over_in_process_p50"] = round(result["http_c1"]["p50_ms"] / result["in_process"]["p50_ms"], 2)
         result["rss_mb"]["ray"] = ray_process_rss_mb()
     finally:
         ray.shutdown()
@@ -243,8 +249,9 @@ def main() -> None:
         lat.add_argument(name, required=True)
     lat.add_argument("--queries", type=int, default=200)
     lat.add_argument("--http", action="store_true")
-    lat.add_argument("--encoder-deployment", action="store_true",
-                     help="a QueryEncoder deployment apart from the searcher (encode_in_searcher: false)")
+    lat.add_argument("--topology", choices=sorted(TOPOLOGIES), default="one",
+                     help="one: the ingress runs the whole query (the default); two: ingress + searcher that "
+                          "encodes; three: ingress, QueryEncoder and Searcher apart (the k8s RayService)")
     lat.add_argument("--server-pid", type=int, default=0, help="the Milvus server's pid (its RSS is reported)")
     lat.add_argument("--out", default="")
     b = sub.add_parser("brk")
