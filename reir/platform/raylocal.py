@@ -13,11 +13,27 @@ import os
 SERVE_DATA_PLANE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
+# HAProxy also binds a metrics and a stats port, by default 9101 and 8404 on every interface:
+# a second Ray with HAProxy on one machine (another `reir serve`, a test session beside a
+# multi-node test) failed to start with "Address already in use". reir picks free ones.
+HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+_PORTS_PICKED_BY = "REIR_HAPROXY_PORTS_PICKED_BY"  # the pid that picked them (children pick again)
+
+
 def use_serve_data_plane() -> None:
     """Set :data:`SERVE_DATA_PLANE_ENV` in this process's environment (where unset), before it
-    starts a local Ray: the raylet, the Serve controller and the replicas inherit it."""
+    starts a local Ray: the raylet, the Serve controller and the replicas inherit it. HAProxy's
+    metrics and stats ports (:data:`HAPROXY_PORT_ENV`) are free ports picked here, unless set
+    by hand (not inherited from another reir process, whose HAProxy may hold them)."""
+    from reir.platform.milvus_server import free_port
+
     for key, value in SERVE_DATA_PLANE_ENV.items():
         os.environ.setdefault(key, value)
+    set_by_hand = _PORTS_PICKED_BY not in os.environ and any(key in os.environ for key in HAPROXY_PORT_ENV)
+    if not set_by_hand:
+        for key in HAPROXY_PORT_ENV:
+            os.environ[key] = str(free_port())
+        os.environ[_PORTS_PICKED_BY] = str(os.getpid())
 
 
 def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver: bool = True) -> None:

@@ -71,7 +71,8 @@ def test_key_specs_hold_only_hashes_and_known_scopes() -> None:
 
 def test_autoscaling_config_is_validated() -> None:
     cfg = ServeConfig(model_path="m", milvus=MilvusConfig(uri="http://127.0.0.1:19530"),
-                      autoscaling={"encoder": AutoscalingSpec(min_replicas=1, max_replicas=4)})
+                      autoscaling={"encoder": AutoscalingSpec(min_replicas=1, max_replicas=4)},
+                      search_in_ingress=False, encode_in_searcher=False)  # a QueryEncoder deployment to scale
     assert cfg.autoscaling["encoder"].max_replicas == 4
     with pytest.raises(ValidationError, match="min_replicas"):
         AutoscalingSpec(min_replicas=3, max_replicas=2)

@@ -102,6 +102,9 @@ def fake_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest.Tem
         "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
         "candidates": "10", "security__api_keys_file": str(keys), "image_roots": [str(root / "gallery")],
         "metadata_fields": {"split": "str"},
+        # Ingress + Searcher (one hop): the module's routes, errors and metrics then also cover
+        # HandleStages; the one-deployment default is test_app's topology test and the e2e tests'.
+        "search_in_ingress": "false",
     })  # fmt: skip
     serve.run(app_for(cfg, loader=fake_loader), name="fake", route_prefix="/fake")
     yield FakeApp(f"{serve_url}/fake", version, root / "gallery", {"Authorization": f"Bearer {SEARCH_KEY}"},

@@ -202,13 +202,11 @@ def test_metrics_are_exported_on_rays_metrics_port(fake_app: FakeApp) -> None:
     assert sum(float(line.rsplit(" ", 1)[1]) for line in inf) >= 5
 
 
-@pytest.mark.parametrize("search_in_ingress", [True, False], ids=["one-deployment", "ingress-and-searcher"])
-def test_the_fused_topologies_serve_the_in_process_answers(
-    serve_url: str, tiny_checkpoint: Path, tmp_path: Path, search_in_ingress: bool
-) -> None:
-    """``encode_in_searcher``: no QueryEncoder deployment; the searcher encodes, searches, fetches
-    the context and re-ranks, and HTTP answers what the in-process pipeline answers. With
-    ``search_in_ingress`` that searcher lives in the ingress replica: one deployment, no hop."""
+def test_one_deployment_serves_the_in_process_answers(serve_url: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The default topology (``search_in_ingress``): the ingress replica holds the searcher, which
+    encodes, searches, fetches the context and re-ranks with no Ray hop, and HTTP answers what
+    the in-process pipeline answers. (Ingress + Searcher: the ``fake_app`` tests; all three
+    apart: the autoscale and live-metrics tests.)"""
     import asyncio
 
     from reir.model import create_model
@@ -224,8 +222,7 @@ def test_the_fused_topologies_serve_the_in_process_answers(
     db = tmp_path / "fused.db"
     fill_store(db, ckpt, load_reir_model)
     cfg = ServeConfig(model_path=str(ckpt), milvus=MilvusConfig(uri=str(db), collection=COLLECTION),
-                      encode_in_searcher=True, search_in_ingress=search_in_ingress, num_cpus_searcher=0.1,
-                      num_cpus_ingress=0.1)  # fmt: skip
+                      num_cpus_searcher=0.1)  # fmt: skip
     queries = ["the red square", "a blue thing left of the green one", "yellow"]
     local = local_pipeline(cfg)
     try:
@@ -235,8 +232,7 @@ def test_the_fused_topologies_serve_the_in_process_answers(
     assert all(o.reranked for o in expected)
     serve.run(app_for(cfg), name="fused", route_prefix="/fused")
     try:
-        deployments = {"Ingress"} if search_in_ingress else {"Ingress", "Searcher"}
-        assert set(serve.status().applications["fused"].deployments) == deployments
+        assert set(serve.status().applications["fused"].deployments) == {"Ingress"}
         client = Client(f"{serve_url}/fused")
         for q, want in zip(queries, expected, strict=True):
             body = client.search_full(q, top_k=4)
