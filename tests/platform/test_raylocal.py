@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from reir.platform.raylocal import HAPROXY_PORT_ENV, SERVE_DATA_PLANE_ENV, use_serve_data_plane
+from reir.platform.raylocal import HAPROXY_PORT_ENV, LOCAL_SERVE_ENV, SERVE_DATA_PLANE_ENV, use_serve_data_plane
 
 PICKED_BY = "REIR_HAPROXY_PORTS_PICKED_BY"
 
@@ -20,7 +20,7 @@ def _ports() -> list[int]:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in [*SERVE_DATA_PLANE_ENV, *HAPROXY_PORT_ENV, PICKED_BY]:
+    for key in [*SERVE_DATA_PLANE_ENV, *LOCAL_SERVE_ENV, *HAPROXY_PORT_ENV, PICKED_BY]:
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -28,6 +28,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_a_fresh_environment_gets_the_data_plane_and_free_haproxy_ports(clean_env: pytest.MonkeyPatch) -> None:
     use_serve_data_plane()
     assert {k: os.environ[k] for k in SERVE_DATA_PLANE_ENV} == SERVE_DATA_PLANE_ENV
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"  # not Ray's 30 s per stop
     ports = _ports()
     assert len(set(ports)) == 2 and os.environ[PICKED_BY] == str(os.getpid())
     for port in ports:  # free now: HAProxy binds them on every interface
@@ -49,8 +50,10 @@ def test_ports_held_by_another_reir_process_are_picked_again(clean_env: pytest.M
 
 def test_what_the_user_set_wins(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    clean_env.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
     clean_env.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
     clean_env.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     use_serve_data_plane()
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
     assert _ports() == [19101, 18404] and PICKED_BY not in os.environ
