@@ -14,9 +14,12 @@ from tests.platform.fakes import COLORS, quadrant_image, save_fake_checkpoint
 
 RAY_UNIT = "ray"
 # Modules that use the session's Ray instance (``ray_session``), and with it Serve or the Milvus
-# standalone server, and tests that start a Ray of their own. ``make test`` runs them as one work
-# unit, in order, on one xdist worker; collection fails when a module that uses ``ray_session``
-# is missing here.
+# standalone server. ``make test`` runs them as one work unit, in order, on one xdist worker;
+# collection fails when a module that uses ``ray_session`` is missing here. Tests that start a
+# Ray of their own in a subprocess (the multi-node cluster, ``reir serve`` stopped by SIGTERM, a
+# second local instance) run on the other worker, beside the session's instance: a reir Ray
+# beside another one on the same machine is what they check (free HAProxy ports, the pinned
+# state API address), and the Ray unit is the run's longest path.
 RAY_MODULES = {
     "tests/ingestion/test_faults.py", "tests/ingestion/test_live_reindex.py", "tests/ingestion/test_milvus_standalone.py",
     "tests/ingestion/test_pipeline.py", "tests/ingestion/test_reindex.py", "tests/ops/test_live_metrics.py",
@@ -25,11 +28,6 @@ RAY_MODULES = {
     "tests/training/test_batching.py", "tests/training/test_image_retrieval_stage.py", "tests/training/test_mixing.py",
     "tests/training/test_operations.py", "tests/training/test_weak_stage.py",
 }  # fmt: skip
-OWN_RAY_TESTS = {
-    "tests/test_cli.py::test_the_local_ray_instance_answers_state_queries_even_beside_a_later_instance",
-    "tests/test_multinode.py::test_ingestion_and_serving_run_on_the_node_without_the_gallery",
-    "tests/test_cli.py::test_serve_stops_cleanly_on_sigterm",
-}
 _ran_ray_unit = False
 
 
@@ -37,7 +35,7 @@ def work_unit(nodeid: str) -> str:
     """The xdist work unit of a test: the Ray unit, or its module (whose fixtures, such as the
     behaviour test's trained checkpoint, are then built once)."""
     module = nodeid.split("::")[0]
-    return RAY_UNIT if module in RAY_MODULES or nodeid in OWN_RAY_TESTS else module
+    return RAY_UNIT if module in RAY_MODULES else module
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
