@@ -130,7 +130,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from reir.platform.milvus_server import EmbeddedMilvus
-    from reir.platform.raylocal import LOCAL_SERVE_ENV, SERVE_DATA_PLANE_ENV, use_serve_data_plane
+    from reir.platform.raylocal import LOCAL_RAY_SERVE_ENV, use_serve_data_plane
 
     use_serve_data_plane()  # the nodes start with the data plane reir's own Ray has: HAProxy on the head
     timings: dict[str, float] = {}
@@ -145,7 +145,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         timings["cluster_s"] = time.perf_counter() - start
         report: dict[str, Any] = {"head_node": cluster.head_node.node_id, "worker_node": worker.node_id,
                                   "nodes": len([n for n in ray.nodes() if n["Alive"]]),
-                                  "serve_env": {k: os.environ.get(k) for k in {**SERVE_DATA_PLANE_ENV, **LOCAL_SERVE_ENV}}}  # fmt: skip
+                                  "serve_env": {k: os.environ.get(k) for k in LOCAL_RAY_SERVE_ENV}}  # fmt: skip
         mark = time.perf_counter()
         with EmbeddedMilvus(Path(spec["work_dir"]) / "milvus.db") as milvus:
             timings["milvus_s"] = time.perf_counter() - mark

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from reir.platform.raylocal import LOCAL_SERVE_ENV, SERVE_DATA_PLANE_ENV
+from reir.platform.raylocal import LOCAL_RAY_SERVE_ENV
 from tests.http_files import serve_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_ingestion_and_serving_run_on_the_node_without_the_gallery(
 
     head, worker = report["head_node"], report["worker_node"]
     assert report["nodes"] == 2 and head != worker
-    assert report["serve_env"] == {**SERVE_DATA_PLANE_ENV, **LOCAL_SERVE_ENV}  # HAProxy on the head, replicas on the worker
+    assert report["serve_env"] == LOCAL_RAY_SERVE_ENV  # HAProxy on the head, replicas on the worker
     # Every gallery image (the corrupt one too) was read over HTTP, for ingestion or the image route.
     assert set(read_over_http) == set(names)
     ingest = report["ingest"]

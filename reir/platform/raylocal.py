@@ -19,6 +19,8 @@ SERVE_DATA_PLANE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE
 # thing routing to the replicas and the controller updates it within a second, so 2 s. The
 # k8s pods keep Ray's 30 s (reir-env does not set it). A variable already set wins.
 LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+# What a Ray reir starts on this machine gets (:func:`use_serve_data_plane`).
+LOCAL_RAY_SERVE_ENV = {**SERVE_DATA_PLANE_ENV, **LOCAL_SERVE_ENV}
 
 
 # HAProxy also binds a metrics and a stats port, by default 9101 and 8404 on every interface:
@@ -29,13 +31,13 @@ _PORTS_PICKED_BY = "REIR_HAPROXY_PORTS_PICKED_BY"  # the pid that picked them (c
 
 
 def use_serve_data_plane() -> None:
-    """Set :data:`SERVE_DATA_PLANE_ENV` and :data:`LOCAL_SERVE_ENV` in this process's
-    environment (where unset), before it starts a local Ray: the raylet, the Serve controller and the replicas inherit it. HAProxy's
+    """Set :data:`LOCAL_RAY_SERVE_ENV` in this process's environment (where unset), before it
+    starts a local Ray: the raylet, the Serve controller and the replicas inherit it. HAProxy's
     metrics and stats ports (:data:`HAPROXY_PORT_ENV`) are free ports picked here, unless set
     by hand (not inherited from another reir process, whose HAProxy may hold them)."""
     from reir.platform.milvus_server import free_port
 
-    for key, value in {**SERVE_DATA_PLANE_ENV, **LOCAL_SERVE_ENV}.items():
+    for key, value in LOCAL_RAY_SERVE_ENV.items():
         os.environ.setdefault(key, value)
     set_by_hand = _PORTS_PICKED_BY not in os.environ and any(key in os.environ for key in HAPROXY_PORT_ENV)
     if not set_by_hand:
