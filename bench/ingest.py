@@ -71,9 +71,9 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
 def load_encoder(model_dir: str, top_k: int, device: str) -> tuple[Any, int]:
     """(InstanceEncoder on the checkpoint, the model's input size), as an encoder actor builds it."""
     from reir.ingestion.encoder import InstanceEncoder
-    from reir.platform.modeling import input_size_for, load_reir_model, model_version_for
+    from reir.platform.modeling import input_size_for, load_reir_image_model, model_version_for
 
-    model, processor = load_reir_model(model_dir)
+    model, processor = load_reir_image_model(model_dir)
     if device != "cpu":
         model = model.to(device)
     enc = InstanceEncoder(model, processor, model_version=model_version_for(model_dir), top_k=top_k,

@@ -59,7 +59,7 @@ from reir.platform import telemetry as T
 from reir.platform.catalog import IndexCatalog, IndexVersion, version_name
 from reir.platform.config import IngestConfig, MilvusConfig
 from reir.platform.milvus_server import EmbeddedMilvus
-from reir.platform.modeling import ModelLoader, input_size_for, load_reir_model, model_version_for
+from reir.platform.modeling import ModelLoader, input_size_for, load_reir_image_model, model_version_for
 from reir.platform.store import MilvusStore, SearchFilter
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class EncoderActor:
         model_version: str,
         top_k: int,
         nms_iou: float = 0.7,
-        loader: ModelLoader = load_reir_model,
+        loader: ModelLoader = load_reir_image_model,
         torch_threads: int = 1,
         device: str = "cpu",
         max_pixels: int = 100_000_000,
@@ -296,7 +296,7 @@ def _plan_items(items: list[GalleryItem], known: Mapping[str, LedgerEntry]) -> l
 
 
 def run_ingestion(
-    cfg: IngestConfig, *, loader: ModelLoader = load_reir_model, fault: FaultHook | None = None
+    cfg: IngestConfig, *, loader: ModelLoader = load_reir_image_model, fault: FaultHook | None = None
 ) -> IngestSummary:
     """Encode the new and changed images of the gallery into Milvus; see the module docstring.
 

@@ -7,15 +7,15 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from .configuration import ReirConfig
 from .modeling import WEIGHTS_NAME, ReirModel
 from .processing import ReirProcessor
-from .tokenization import build_tokenizer, build_vocab
 from .towers import resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _SECTIONS = ("vision", "text", "more", "loss", "rerank", "image_retrieval")
 # Convenience aliases for the overrides passed most often (local HF tower directories).
@@ -84,32 +84,47 @@ def _is_checkpoint(name_or_path: str | os.PathLike[str]) -> bool:
 
 
 def _build_tokenizer(config: ReirConfig) -> PreTrainedTokenizerBase:
+    from .tokenization import build_tokenizer
+
     text = config.text_spec
     if text.encoder == "bert":
         return build_tokenizer(text.max_length)
     if not text.model_path:
         raise ValueError("text.encoder='hf' needs text.model_path (text_model_path=...) to find its tokenizer")
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(text.model_path)
 
 
-def create_model(name_or_path: str | os.PathLike[str], **overrides: Any) -> tuple[ReirModel, ReirProcessor]:
+def create_model(
+    name_or_path: str | os.PathLike[str], *, vision_only: bool = False, **overrides: Any
+) -> tuple[ReirModel, ReirProcessor]:
     """Build ``(model, processor)`` from a preset name or a saved checkpoint directory.
 
     A preset gives a freshly initialized model (HF towers read from the local dirs given in
     its config/overrides, never downloaded). A checkpoint directory (written by
     ``model.save_pretrained`` + ``processor.save_pretrained``) loads weights and tokenizer;
     ``overrides`` are not allowed there since they could not match the stored weights.
+
+    ``vision_only`` (checkpoints only): the image side of the model and a processor without
+    a tokenizer, for processes that only encode images (the ingestion encoders). A
+    conv-backbone checkpoint then loads without transformers' modeling code.
     """
     if _is_checkpoint(name_or_path):
         if overrides:
             raise ValueError(f"overrides {sorted(overrides)} cannot be applied to a saved checkpoint")
-        return ReirModel.from_pretrained(name_or_path), ReirProcessor.from_pretrained(name_or_path)
+        return (ReirModel.from_pretrained(name_or_path, vision_only=vision_only),
+                ReirProcessor.from_pretrained(name_or_path, tokenizer=not vision_only))  # fmt: skip
+    if vision_only:
+        raise ValueError(f"vision_only loads a saved checkpoint; {str(name_or_path)!r} is not one")
     name = str(name_or_path)
     kwargs = apply_overrides(load_preset(name), overrides)
     kwargs["preset"] = name
     _resolve_packaged(kwargs)
     text = kwargs.setdefault("text", {})
     if text.get("encoder", "bert") == "bert":
+        from .tokenization import build_vocab
+
         text["vocab_size"] = len(build_vocab())
     config = ReirConfig(**kwargs)
     tokenizer = _build_tokenizer(config)

@@ -11,21 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    BertConfig,
-    BertModel,
-    PreTrainedModel,
-    SiglipTextConfig,
-    SiglipTextModel,
-)
 
 from .configuration import ImageRetrievalSpec, MoreSpec, ReirConfig, RerankSpec, TextSpec, VisionSpec
 from .image_retrieval import ImageRetrievalHead, pool_token_states
@@ -39,7 +30,12 @@ from .modeling_visual import (
 )
 from .rerank import RelationReranker
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 WEIGHTS_NAME = "model.safetensors"
+# The modules a vision-only model leaves out (their weights are skipped when it loads).
+_TEXT_SIDE = ("text.", "reranker.", "image_retrieval.")
 
 
 @dataclass
@@ -183,6 +179,10 @@ class MixtureOfRelationExperts(nn.Module):
 
 def _build_text_tower(spec: TextSpec, load_weights: bool) -> PreTrainedModel:
     """Built-in random BERT, a local HF dir (creation) or a stored HF config (reload)."""
+    # Imported on use: a model loaded for images only builds no text tower and so never pays
+    # for transformers' modeling modules (see ReirModel's ``vision_only``).
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel, SiglipTextConfig, SiglipTextModel
+
     if spec.encoder == "bert":
         if spec.vocab_size is None:
             raise ValueError("text.vocab_size must be set for the built-in BERT encoder")
@@ -259,30 +259,47 @@ class ReirModel(nn.Module):
 
     ``load_towers=False`` builds HF towers from the configs stored in ``config`` instead
     of reading ``model_path`` (used when loading a saved checkpoint).
+
+    ``vision_only=True`` builds the visual branch and the score's scale and bias, nothing
+    that reads text (no text tower, re-ranker or image retrieval head): what an ingestion
+    encoder needs. Such a model encodes images only and cannot be saved.
     """
 
     config_class = ReirConfig
 
-    def __init__(self, config: ReirConfig, *, load_towers: bool = True) -> None:
+    def __init__(self, config: ReirConfig, *, load_towers: bool = True, vision_only: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.vision_only = vision_only
         self.vision = VisualEncoder(config.vision_spec, config.embed_dim, load_towers)
-        self.text = TextEncoder(config.text_spec, config.more_spec, config.embed_dim, load_towers)
+        self.text: TextEncoder | None = None
+        if not vision_only:
+            self.text = TextEncoder(config.text_spec, config.more_spec, config.embed_dim, load_towers)
         # Shape [1], not []: DeepSpeed ZeRO cannot flatten 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.tensor([float(config.logit_scale_init)]))
         self.logit_bias = nn.Parameter(torch.tensor([float(config.logit_bias_init)]))
         self.reranker: RelationReranker | None = None
-        if config.rerank_spec.hidden_size > 0:
+        if config.rerank_spec.hidden_size > 0 and not vision_only:
             self.reranker = self._build_reranker(config.rerank_spec)
         # Not part of reir's query path: the two-stage baseline's image retriever (see
         # reir.model.image_retrieval); only checkpoints trained for that baseline have one.
         self.image_retrieval: ImageRetrievalHead | None = None
-        if config.image_retrieval_spec.hidden_size > 0:
+        if config.image_retrieval_spec.hidden_size > 0 and not vision_only:
             self.image_retrieval = self._build_image_retrieval(config.image_retrieval_spec)
         self._record_tower_configs()
 
+    def _text_encoder(self) -> TextEncoder:
+        if self.text is None:
+            raise ValueError("this model was loaded with vision_only=True: it encodes images, not text")
+        return self.text
+
+    @property
+    def text_hidden_size(self) -> int:
+        """Width of the text tower's token states (what the re-ranker and retrieval head read)."""
+        return int(self._text_encoder().model.config.hidden_size)
+
     def _build_reranker(self, spec: RerankSpec) -> RelationReranker:
-        return RelationReranker(spec, int(self.text.model.config.hidden_size), self.config.embed_dim)
+        return RelationReranker(spec, self.text_hidden_size, self.config.embed_dim)
 
     def add_reranker(self, **spec: Any) -> RelationReranker:
         """Attach a fresh (untrained) re-ranker, in this model's train / eval mode; returns it."""
@@ -297,7 +314,7 @@ class ReirModel(nn.Module):
         return self.reranker
 
     def _build_image_retrieval(self, spec: ImageRetrievalSpec) -> ImageRetrievalHead:
-        return ImageRetrievalHead(spec, self.config.vision_spec.hidden_size, int(self.text.model.config.hidden_size),
+        return ImageRetrievalHead(spec, self.config.vision_spec.hidden_size, self.text_hidden_size,
                                   self.config.embed_dim)  # fmt: skip
 
     def add_image_retrieval(self, **spec: Any) -> ImageRetrievalHead:
@@ -334,7 +351,7 @@ class ReirModel(nn.Module):
             tower_cfg: Any = backbone.tower.config
             self.config.vision["hf_config"] = tower_cfg.to_dict()
             self.config.vision["image_size"] = int(tower_cfg.image_size)
-        if self.config.text["encoder"] == "hf":
+        if self.config.text["encoder"] == "hf" and self.text is not None:
             self.config.text["hf_config"] = self.text.model.config.to_dict()
 
     @property
@@ -352,7 +369,7 @@ class ReirModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         """``input_ids, attention_mask [T, L]`` -> :class:`TextOutput`."""
-        return self.text(input_ids, attention_mask)
+        return self._text_encoder()(input_ids, attention_mask)
 
     def score(self, text_emb: torch.Tensor, inst_emb: torch.Tensor) -> torch.Tensor:
         """All-pairs logits ``[T, ...]`` for ``text_emb [T, D]`` and ``inst_emb [..., D]``."""
@@ -403,11 +420,13 @@ class ReirModel(nn.Module):
         text = None
         if input_ids is not None:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            text = self.text(input_ids, mask)
+            text = self._text_encoder()(input_ids, mask)
         return ReirOutput(instances, text, self.logit_scale, self.logit_bias)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``config.json`` + ``model.safetensors`` into ``save_directory``."""
+        if self.vision_only:
+            raise ValueError("a model loaded with vision_only=True holds part of the weights and cannot be saved")
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(path)
@@ -416,13 +435,19 @@ class ReirModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+        cls, directory: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", vision_only: bool = False
     ) -> ReirModel:
-        """Load a directory written by :meth:`save_pretrained` (no network access)."""
+        """Load a directory written by :meth:`save_pretrained` (no network access).
+
+        ``vision_only``: the image side only (see the class docstring); every weight it
+        builds must be in the file, and the text side's weights are not read into the model."""
         path = Path(directory)
         config = ReirConfig.from_pretrained(path)
-        model = cls(config, load_towers=False)
-        model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device="cpu"), strict=True)
+        model = cls(config, load_towers=False, vision_only=vision_only)
+        state = load_file(str(path / WEIGHTS_NAME), device="cpu")
+        if vision_only:
+            state = {k: v for k, v in state.items() if not k.startswith(_TEXT_SIDE)}
+        model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
 
 

@@ -7,14 +7,16 @@ query: it predicts objectness, a box and an instance embedding (dense set predic
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 
 from .configuration import VisionSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CNN_STRIDE = 8
 
@@ -122,6 +124,10 @@ class SiglipBackbone(nn.Module):
 
 def build_siglip_vision_tower(spec: VisionSpec, load_weights: bool) -> PreTrainedModel:
     """SigLIP vision tower from a local dir (creation) or from the stored config (reload)."""
+    # transformers' modeling modules are imported here, not at module import: a conv-backbone
+    # model loaded for images only (the ingestion encoders) never needs them (about 5 s a process).
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
     if load_weights and spec.model_path:
         # The attention-pooling head is unused (we keep all patch tokens): do not build it.
         return SiglipVisionModel.from_pretrained(spec.model_path, vision_use_head=False)

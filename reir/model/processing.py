@@ -14,17 +14,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .boxes import BoxMode, convert, cxcywh_to_xyxy, nms_xyxy
 from .configuration import ReirConfig
 from .modeling import InstanceOutput
-from .tokenization import SpellingCorrector
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .tokenization import SpellingCorrector
 
 PROCESSOR_NAME = "preprocessor_config.json"
 # A ref's box index when the expression's referent is unknown (weak supervision: an
@@ -132,7 +135,7 @@ class ReirProcessor:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
         *,
         image_size: int,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
@@ -144,7 +147,11 @@ class ReirProcessor:
         self.tokenizer = tokenizer
         # Typos are mapped to known words before tokenizing, in training and at query time alike.
         self.spell_correct = bool(spell_correct)
-        self._speller = SpellingCorrector.from_tokenizer(tokenizer) if self.spell_correct else None
+        self._speller: SpellingCorrector | None = None
+        if self.spell_correct and tokenizer is not None:
+            from .tokenization import SpellingCorrector
+
+            self._speller = SpellingCorrector.from_tokenizer(tokenizer)
         self.image_size = int(image_size)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
@@ -181,7 +188,7 @@ class ReirProcessor:
             return {"input_ids": empty, "attention_mask": empty.clone()}
         if self._speller is not None:
             texts = [self._speller(t) for t in texts]
-        enc = self.tokenizer(
+        enc = self._tokenizer()(
             list(texts), padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
@@ -197,7 +204,7 @@ class ReirProcessor:
         if not prepared:
             return []
         # verbose=False: no "longer than the model's maximum" warning for a count taken on purpose
-        ids = self.tokenizer(prepared, truncation=False, verbose=False)["input_ids"]
+        ids = self._tokenizer()(prepared, truncation=False, verbose=False)["input_ids"]
         return [len(row) for row in ids]
 
     def postprocess(
@@ -324,18 +331,29 @@ class ReirProcessor:
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``preprocessor_config.json`` and the tokenizer files into ``save_directory``."""
+        tokenizer = self._tokenizer()
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         (path / PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        self.tokenizer.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))
+
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError("this processor was loaded with tokenizer=False: it prepares images, not text")
+        return self.tokenizer
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> ReirProcessor:
+    def from_pretrained(cls, directory: str | os.PathLike[str], *, tokenizer: bool = True) -> ReirProcessor:
+        """Load what :meth:`save_pretrained` wrote; ``tokenizer=False`` leaves the tokenizer out
+        (an image-only processor, as the ingestion encoders use)."""
         path = Path(directory)
         cfg = json.loads((path / PROCESSOR_NAME).read_text())
         cfg.pop("processor_class", None)
+        if not tokenizer:
+            return cls(None, **cfg)
+        from transformers import AutoTokenizer
+
         # Hand AutoTokenizer the model's own config: left to itself it reads config.json
         # through the base PretrainedConfig and warns about the unknown "reir" model type.
         config = ReirConfig.from_pretrained(str(path)) if (path / "config.json").is_file() else None
-        tokenizer = AutoTokenizer.from_pretrained(str(path), config=config)
-        return cls(tokenizer, **cfg)
+        return cls(AutoTokenizer.from_pretrained(str(path), config=config), **cfg)

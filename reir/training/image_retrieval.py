@@ -69,7 +69,7 @@ def build_image_retrieval_set(
         assert out.token_states is not None
         emb.append(out.embeddings.float().cpu())
         pooled.append(pool_token_states(out.token_states, enc["attention_mask"]).float().cpu())
-    hidden = int(model.text.model.config.hidden_size)
+    hidden = model.text_hidden_size
     return ImageRetrievalSet(
         image_ids=[s.image_id for s in samples],
         tokens=torch.cat(tokens) if tokens else torch.zeros(0, model.num_queries, model.config.vision_spec.hidden_size),

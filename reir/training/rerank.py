@@ -141,7 +141,7 @@ def build_rerank_set(
         token_mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in tmask])
         text_emb = torch.cat(temb)
     else:
-        hidden = int(model.text.model.config.hidden_size)
+        hidden = model.text_hidden_size
         token_states, token_mask, text_emb = torch.zeros(0, 1, hidden), torch.zeros(0, 1), torch.zeros(0, dim)
     return RerankSet(
         image_ids=[s.image_id for s in samples], emb=emb, boxes=boxes, objectness=obj, mask=mask,

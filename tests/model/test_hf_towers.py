@@ -60,6 +60,12 @@ def test_siglip_preset_from_local_dir(tmp_path: Path) -> None:
         torch.testing.assert_close(model2.encode_images(proc2.images([Image.new("RGB", (200, 100), "red")])).embeddings,
                                    inst.embeddings, rtol=0, atol=0)  # fmt: skip
         torch.testing.assert_close(model2.encode_text(**proc2.text(TEXTS)).embeddings, text.embeddings, rtol=0, atol=0)
+    # The ingestion encoders' image-side load rebuilds the SigLIP tower from its stored config too.
+    vision, vproc = create_model(out_dir, vision_only=True)
+    assert vision.text is None and vproc.tokenizer is None
+    with torch.no_grad():
+        torch.testing.assert_close(vision.encode_images(vproc.images([Image.new("RGB", (200, 100), "red")])).embeddings,
+                                   inst.embeddings, rtol=0, atol=0)  # fmt: skip
 
 
 def test_siglip_tower_weights_are_loaded(tmp_path: Path) -> None:
