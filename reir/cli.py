@@ -359,7 +359,14 @@ def serve(
     from ray import serve
 
     from reir.serving.app import app_for
-    from reir.serving.lifecycle import check_port_free, deploy_failure, shutdown_serving, wait_for_stop_signal
+    from reir.serving.lifecycle import (
+        check_port_free,
+        deploy_failure,
+        local_base_url,
+        shutdown_serving,
+        wait_for_stop_signal,
+        wait_until_routed,
+    )
     from reir.settings import command_config
 
     flags = {"model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
@@ -376,6 +383,7 @@ def serve(
             serve.run(application)
         except RuntimeError as e:  # a replica's constructor failed: say why in one line
             raise deploy_failure(e) from e
+        wait_until_routed(local_base_url(host, port))
         typer.echo(f"serving on http://{host}:{port}/ (API: /v1/search, spec: /openapi.json; Ctrl-C stops)")
         stop = wait_for_stop_signal()
         typer.echo(f"{stop.name if stop else 'stop'}: shutting down", err=True)

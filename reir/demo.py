@@ -189,10 +189,12 @@ def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries:
     from reir.client import Client
     from reir.evaluation.metrics import Prediction
     from reir.serving.app import build_app
+    from reir.serving.lifecycle import wait_until_routed
 
     quiet = {"log_level": "WARNING", "enable_access_log": False}  # one line per request would bury the table
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port}, logging_config=quiet)
     serve.run(build_app({"model_path": str(model_dir), "milvus_uri": milvus_uri}), logging_config=quiet)
+    wait_until_routed(f"http://127.0.0.1:{cfg.http_port}")
     client = Client(f"http://127.0.0.1:{cfg.http_port}")
     answers: dict[str, list[dict[str, Any]]] = {}
     ann_answers: dict[str, list[dict[str, Any]]] = {}

@@ -101,6 +101,7 @@ def _serve_and_ask(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
     from reir.platform.config import ServeConfig
     from reir.platform.milvus_server import free_port
     from reir.serving.app import app_for
+    from reir.serving.lifecycle import wait_until_routed
     from tests.platform.fakes import fake_loader
 
     port = free_port()
@@ -113,6 +114,7 @@ def _serve_and_ask(spec: dict[str, Any], milvus_uri: str) -> dict[str, Any]:
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": port})
     serve.run(app_for(cfg, loader=fake_loader), name=cfg.app_name, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
+    wait_until_routed(base)  # HAProxy picks the route up a moment after serve.run returns
     answer = _http_json(f"{base}/v1/search", {"query": spec["query"], "top_k": 3})
     top = answer["results"][0]["image_id"] if answer["results"] else ""
     image, media_type = _http_bytes(f"{base}/v1/images/{top}") if top else (b"", "")

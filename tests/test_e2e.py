@@ -62,6 +62,7 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
     from reir.platform.milvus_server import EmbeddedMilvus
     from reir.platform.store import MilvusStore
     from reir.serving.app import build_app
+    from reir.serving.lifecycle import wait_until_routed
 
     data, model_dir = trained
     images = sorted((data / "images" / "test").glob("*.jpg"))
@@ -75,6 +76,7 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
 
         serve.run(build_app({"model_path": str(model_dir), "milvus_uri": milvus.uri}), name="e2e",
                   route_prefix="/")
+        wait_until_routed("http://127.0.0.1:8000")
         try:
             queries = test_queries(data)
             url = "http://127.0.0.1:8000/v1/search"

@@ -426,6 +426,13 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def run_app(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model, blocking: bool = False) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app."""
+    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app; returns once the
+    app answers over HTTP (``reir.serving.lifecycle.wait_until_routed``)."""
+    from reir.serving.lifecycle import local_base_url, wait_until_routed
+
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(app_for(cfg, loader=loader), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
+    if blocking:
+        return serve.run(app_for(cfg, loader=loader), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=True)
+    handle = serve.run(app_for(cfg, loader=loader), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    wait_until_routed(local_base_url(cfg.host, cfg.port, cfg.route_prefix))
+    return handle

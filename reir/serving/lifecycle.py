@@ -14,6 +14,9 @@ import re
 import signal
 import socket
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from types import FrameType
 
@@ -32,6 +35,38 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise ReirError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def local_base_url(host: str, port: int, route_prefix: str = "/") -> str:
+    """The URL this machine reaches an app at when Serve listens on ``host:port`` (any-address
+    hosts are reached on the loopback)."""
+    reach = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{reach}:{port}{route_prefix.rstrip('/')}"
+
+
+def wait_until_routed(base_url: str, *, timeout_s: float = 60.0, interval_s: float = 0.2) -> float:
+    """Block until the app answers ``{base_url}/livez`` with 200; returns the seconds waited.
+
+    ``serve.run`` returns once the replicas run, but Serve's HTTP data plane (HAProxy) picks
+    the new route up a moment later: a request in between gets a 404 from the proxy, not an
+    answer from reir. Starting to send traffic only after this returns closes that window.
+    Raises ``ReirError`` after ``timeout_s``."""
+    url = base_url.rstrip("/") + "/livez"
+    started = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - started
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if time.monotonic() - started > timeout_s:
+            raise ReirError(f"the app at {base_url} is deployed but {url} did not answer in {timeout_s:.0f} s ({last})")
+        time.sleep(interval_s)
 
 
 def wait_for_stop_signal(

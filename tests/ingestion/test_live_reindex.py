@@ -14,6 +14,7 @@ from reir.ingestion.pipeline import run_ingestion
 from reir.platform.config import IngestConfig, MilvusConfig, ServeConfig
 from reir.platform.milvus_server import EmbeddedMilvus, free_port
 from reir.serving.app import app_for
+from reir.serving.lifecycle import wait_until_routed
 from tests.platform.fakes import fake_loader
 
 
@@ -43,6 +44,7 @@ def test_queries_keep_succeeding_while_a_new_version_is_ingested_and_promoted(
         })  # fmt: skip
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app_for(serve_cfg, loader=fake_loader), name="live", route_prefix="/live")
+        wait_until_routed(f"http://127.0.0.1:{port}/live")
         url = f"http://127.0.0.1:{port}/live/v1/search"
         statuses: list[int] = []
         answers: list[list[str]] = []

@@ -19,6 +19,7 @@ from reir.platform.milvus_server import free_port
 from reir.platform.modeling import ModelLoader, model_version_for
 from reir.platform.schema import ROW_FIELDS, rows_from_columns
 from reir.platform.store import MilvusStore
+from reir.serving.lifecycle import wait_until_routed
 from tests.platform.fakes import COLORS, quadrant_image
 
 COLLECTION = "gallery"
@@ -107,6 +108,7 @@ def fake_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest.Tem
         "search_in_ingress": "false",
     })  # fmt: skip
     serve.run(app_for(cfg, loader=fake_loader), name="fake", route_prefix="/fake")
+    wait_until_routed(f"{serve_url}/fake")
     yield FakeApp(f"{serve_url}/fake", version, root / "gallery", {"Authorization": f"Bearer {SEARCH_KEY}"},
                   {"Authorization": f"Bearer {ADMIN_KEY}"})
     serve.delete("fake")

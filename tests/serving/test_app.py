@@ -16,6 +16,7 @@ from reir.client import Client
 from reir.errors import ReirError
 from reir.platform.modeling import load_reir_model
 from reir.serving.app import build_app
+from reir.serving.lifecycle import wait_until_routed
 from tests.serving.conftest import COLLECTION, IMAGE_SIZE, FakeApp, fill_store
 
 
@@ -29,6 +30,7 @@ def tiny_app(serve_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.Tem
         "num_cpus_encoder": "0.25", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
     })  # fmt: skip
     serve.run(app, name="tiny", route_prefix="/tiny")
+    wait_until_routed(f"{serve_url}/tiny")
     yield f"{serve_url}/tiny", version
     serve.delete("tiny")
 
@@ -231,6 +233,7 @@ def test_one_deployment_serves_the_in_process_answers(serve_url: str, tiny_check
         local.stages.store.close()  # type: ignore[attr-defined]  # the replica opens the file next
     assert all(o.reranked for o in expected)
     serve.run(app_for(cfg), name="fused", route_prefix="/fused")
+    wait_until_routed(f"{serve_url}/fused")
     try:
         assert set(serve.status().applications["fused"].deployments) == {"Ingress"}
         client = Client(f"{serve_url}/fused")

@@ -12,6 +12,7 @@ from ray import serve
 
 from reir.platform.config import AutoscalingSpec, MilvusConfig, ServeConfig
 from reir.serving.app import app_for
+from reir.serving.lifecycle import wait_until_routed
 from tests.platform.fakes import fake_loader
 from tests.serving.conftest import COLLECTION, fill_store
 from tests.serving.slow_model import slow_loader
@@ -45,6 +46,7 @@ def test_encoder_scales_up_under_load_and_back_down(serve_url: str, fake_checkpo
         search_in_ingress=False,
     )  # fmt: skip
     serve.run(app_for(cfg, loader=slow_loader), name=APP, route_prefix=f"/{APP}")
+    wait_until_routed(f"{serve_url}/{APP}")
     url = f"{serve_url}/{APP}/v1/search"
     try:
         assert _running("QueryEncoder") == 1

@@ -18,6 +18,7 @@ from reir.model.localize import Box, InstanceLocalizer, Localization, ZoomSpec
 from reir.platform.modeling import model_version_for
 from reir.platform.schema import EMBEDDING, IMAGE_ID, MODEL_VERSION, RANK, SCORE, URI, rows_from_columns
 from reir.platform.store import Hit, MilvusStore
+from reir.serving.lifecycle import wait_until_routed
 from reir.serving.localize import FAILED, UNAVAILABLE, UNREADABLE, BoxUpdate, Localizer
 from reir.serving.pipeline import Candidates, QueryPipeline, QueryRequest
 from reir.serving.retriever import EncodedQuery
@@ -185,6 +186,7 @@ def localize_app(serve_url: str, fake_checkpoint: Path, tmp_path_factory: pytest
         "localize": {"enabled": True, "zoom_steps": 1, "min_prior_iou": 0.0},
     })  # fmt: skip
     serve.run(app_for(cfg, loader=fake_loader), name="localize", route_prefix="/localize")
+    wait_until_routed(f"{serve_url}/localize")
     yield f"{serve_url}/localize"
     serve.delete("localize")
 

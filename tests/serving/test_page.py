@@ -15,6 +15,7 @@ from PIL import Image
 
 from reir.ingestion.pipeline import IngestSummary
 from reir.platform.config import IngestConfig, MilvusConfig
+from reir.serving.lifecycle import wait_until_routed
 from tests.platform.fakes import quadrant_image
 from tests.serving.conftest import SEARCH_KEY, FakeApp
 
@@ -115,6 +116,7 @@ def photos_app(
         "num_cpus_encoder": "0.1", "num_cpus_searcher": "0.1", "num_cpus_ingress": "0.1",
     })  # fmt: skip
     serve.run(app_for(cfg, loader=fake_loader), name="photos", route_prefix="/photos")
+    wait_until_routed(f"{serve_url}/photos")
     yield f"{serve_url}/photos"
     serve.delete("photos")
 
