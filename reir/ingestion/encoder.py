@@ -51,8 +51,12 @@ class InstanceEncoder:
         device: str = "cpu",
         bf16: bool = False,
         max_pixels: int = MAX_IMAGE_PIXELS,
+        model_batch: int | None = None,
     ) -> None:
         self.model = model
+        # Images per model call: a batch of rows_for_batch is encoded in chunks of this many
+        # (None: the whole batch at once), so a writer's batch can be larger than the model's.
+        self.model_batch = model_batch
         self.processor = processor
         self.model_version = model_version
         self.top_k = top_k
@@ -128,6 +132,11 @@ class InstanceEncoder:
 
     def _encode_into(self, builder: _RowBuilder, decoded: list[tuple[str, str, Image.Image, tuple[int, int]]]) -> None:
         if not decoded:
+            return
+        step = self.model_batch or len(decoded)
+        if len(decoded) > step:
+            for start in range(0, len(decoded), step):
+                self._encode_into(builder, decoded[start : start + step])
             return
         try:
             per_image = self.encode([img for _, _, img, _ in decoded], [size for *_, size in decoded])

@@ -1,11 +1,22 @@
 """Offline gallery ingestion: images -> instance embeddings -> Milvus, on Ray Data.
 
 Plan: list the gallery on the driver and join it with the ledger (content hash and row
-count of every image already indexed) -> ``from_items`` -> ``map_batches(read_image_bytes)``
-(tasks: read, hash, drop unchanged images) -> ``map_batches(EncoderActor,
-ActorPoolStrategy)`` (model loaded once per actor) -> ``write_datasink(MilvusDatasink)``
-(upsert rows, trim stale ranks, record the ledger) -> remove deleted images -> build the
-index + load -> with an ``alias``: check the version and promote it.
+count of every image already indexed) -> ``from_items`` -> the stream -> remove deleted
+images -> build the index + load -> with an ``alias``: check the version and promote it.
+
+The stream has two layouts (``IngestConfig.pipeline``):
+
+* **fused** (CPU, the default there): ``map_batches(IngestActor, ActorPoolStrategy)``. Each
+  actor loads the model once, then per batch reads, hashes and drops unchanged images,
+  decodes at the model's input size, encodes, upserts the rows, trims stale ranks and
+  records the ledger (:class:`~reir.ingestion.sink.RowWriter`), and hands the driver one
+  row of counts. Nothing but the items and the counts crosses the object store, and no
+  task is started per batch: on 2 cores the per-batch tasks and the pixel and row hops
+  of the staged layout cost about a third of the machine (bench/ingest.py).
+* **staged** (GPU, the default there): ``map_batches(read_and_decode)`` (tasks: read,
+  hash, drop unchanged images, decode) -> ``map_batches(EncoderActor, ActorPoolStrategy)``
+  (the model only) -> ``write_datasink(MilvusDatasink)`` (upserts, trims, ledger), so the
+  CPU work beside a GPU model runs on other cores than the actor's one.
 
 Failure-rate guard (:mod:`reir.ingestion.guard`): the encoder actors report every batch to
 one shared counter; once ``failure_rate_min_images`` were tried and more than
@@ -54,7 +65,7 @@ from reir.ingestion.guard import abort_if_tripped, check_batch, start_guard
 from reir.ingestion.ledger import Ledger, LedgerEntry, instance_pks, summarize
 from reir.ingestion.progress import Progress
 from reir.ingestion.records import DeadLetter
-from reir.ingestion.sink import MilvusDatasink
+from reir.ingestion.sink import MilvusDatasink, RowWriter, WriteStats
 from reir.platform import telemetry as T
 from reir.platform.catalog import IndexCatalog, IndexVersion, version_name
 from reir.platform.config import IngestConfig, MilvusConfig
@@ -88,6 +99,7 @@ class IngestSummary:
     dead_letter_total: int = 0  # failed images recorded in the ledger for this collection
     encoders: int = 0
     device: str = "cpu"
+    pipeline: str = ""  # the stream's layout: "fused" or "staged" (see the module docstring)
     # Where the time went (seconds): "plan" (listing, ledger read), "stream" (read -> encode ->
     # write, the encoder actors' start-up included), "finalize" (deletions, index build, flush,
     # load), "promote" (the check and the alias switch).
@@ -105,7 +117,8 @@ class ResourcePlan:
     cpus_per_encoder: float
     gpus_per_encoder: float
     device: str
-    readers: int = 1  # read (+ decode) tasks at once
+    readers: int = 1  # read (+ decode) tasks at once (staged)
+    fused: bool = False  # each encoder actor reads, encodes and writes (see the module docstring)
 
 
 def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: int | None = None) -> ResourcePlan:
@@ -117,14 +130,15 @@ def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: in
     Ray instance whose logical CPUs may be more) is given. Several one-thread actors beat one
     actor with several torch threads on a busy small machine: a thread team stalls at every
     barrier while a reader, a writer or Milvus holds one of its cores (on 2 cores: about 95
-    against 78 images/s).
+    against 78 images/s). The fused layout has no read or write tasks: the actors get every CPU.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
     if device == "cuda" and gpus <= 0:
         raise ValueError("device=cuda but the Ray cluster has no GPU")
     gpus_per = (cfg.num_gpus_per_encoder or 1.0) if device == "cuda" else 0.0
-    others = cfg.num_cpus_per_reader + cfg.write_concurrency * cfg.num_cpus_per_writer
+    fused = cfg.pipeline == "fused" or (cfg.pipeline == "auto" and device == "cpu")
+    others = 0.0 if fused else cfg.num_cpus_per_reader + cfg.write_concurrency * cfg.num_cpus_per_writer
     room = max(cpus - others, 0.0)
     per = cfg.num_cpus_per_encoder
     encoders = cfg.num_encoders
@@ -139,6 +153,8 @@ def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: in
         log.warning("encoder pool reduced to %d actor(s) x %.2f CPU to fit %.1f CPUs", encoders, per, cpus)
     # Readers: as many as the CPUs the encoders and writers leave (at least one). More only
     # start worker processes that compete with the encoders' start-up and model for the cores.
+    if fused:
+        return ResourcePlan(encoders, per, gpus_per, device, readers=0, fused=True)
     readers = cfg.read_concurrency or max(1, int(cpus - encoders * per - cfg.write_concurrency * cfg.num_cpus_per_writer))
     return ResourcePlan(encoders, per, gpus_per, device, readers)
 
@@ -167,6 +183,7 @@ class EncoderActor:
         max_pixels: int = 100_000_000,
         fault: FaultHook | None = None,
         guard: Any = None,
+        model_batch: int | None = None,
     ) -> None:
         started = time.perf_counter()
         import torch
@@ -178,7 +195,7 @@ class EncoderActor:
             model = model.to(device)
         self.encoder = InstanceEncoder(
             model, processor, model_version=model_version, top_k=top_k, nms_iou=nms_iou,
-            device=device, bf16=device != "cpu", max_pixels=max_pixels,
+            device=device, bf16=device != "cpu", max_pixels=max_pixels, model_batch=model_batch,
         )  # fmt: skip
         self.fault = fault
         self.guard = guard  # the run's FailureGuard actor (None: no guard)
@@ -211,6 +228,43 @@ class EncoderActor:
             check_batch(self.guard, enc.images - before[0] + failed, failed,
                         [d.error for d in enc.dead_letter[before[2]:]])
         return out
+
+
+class IngestActor(EncoderActor):
+    """The fused layout's Ray Data actor: per batch of gallery items, read (and drop unchanged
+    images), decode, encode (:class:`EncoderActor`), then write with its own
+    :class:`~reir.ingestion.sink.RowWriter`; returns one row of counts (and the failed images)
+    for the driver to add up."""
+
+    def __init__(self, model_path: str, *, milvus: MilvusConfig, input_size: int | None, ledger: bool = True,
+                 **encoder: Any) -> None:  # fmt: skip
+        super().__init__(model_path, **encoder)
+        self.input_size = input_size
+        self.writer = RowWriter(milvus, model_version=encoder["model_version"], ledger=ledger)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if self.input_size:
+            read = read_and_decode(batch, input_size=self.input_size, max_pixels=self.encoder.max_pixels)
+        else:
+            read = read_image_bytes(batch)
+        stats = self.writer.write(super().__call__(read)) if len(read["uri"]) else WriteStats()
+        return stats_row(stats)
+
+
+def stats_row(stats: WriteStats) -> dict[str, np.ndarray]:
+    """One batch's :class:`WriteStats` as a one-row batch (the failed images as JSON)."""
+    dead = json.dumps([asdict(d) for d in stats.dead_letter])
+    return {"images": np.asarray([stats.images]), "rows": np.asarray([stats.rows]),
+            "failures": np.asarray([stats.failures]), "trimmed": np.asarray([stats.trimmed]),
+            "dead_letter": np.asarray([dead], dtype=object)}  # fmt: skip
+
+
+def add_stats_rows(total: WriteStats, batch: Mapping[str, np.ndarray]) -> None:
+    """Fold a batch of :func:`stats_row` rows into ``total``."""
+    for i in range(len(batch["images"])):
+        total.merge(WriteStats(rows=int(batch["rows"][i]), images=int(batch["images"][i]),
+                               failures=int(batch["failures"][i]), trimmed=int(batch["trimmed"][i]),
+                               dead_letter=[DeadLetter(**d) for d in json.loads(str(batch["dead_letter"][i]))]))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -251,10 +305,42 @@ def build_dataset(
     plan: ResourcePlan,
     fault: FaultHook | None = None,
     guard: Any = None,
+    milvus: MilvusConfig | None = None,
 ) -> ray.data.Dataset:
-    """The lazy read -> encode plan (nothing runs until it is written)."""
-    num_blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size)))
+    """The lazy plan (nothing runs until it is consumed): staged, read -> encode (the sink is
+    added by the caller); fused, read + encode + write into ``milvus`` -> rows of counts."""
+    per_block = fused_batch_images(cfg) if plan.fused else cfg.batch_size
+    num_blocks = max(1, min(len(items), math.ceil(len(items) / per_block)))
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
+    encoder: dict[str, Any] = {
+        "model_version": model_version,
+        "top_k": cfg.top_k_instances,
+        "nms_iou": cfg.nms_iou,
+        "loader": loader,
+        "torch_threads": max(1, int(plan.cpus_per_encoder)),
+        "device": plan.device,
+        "max_pixels": cfg.max_image_pixels,
+        "fault": fault,
+        "guard": guard,
+        "model_batch": cfg.batch_size,
+    }
+    pool: dict[str, Any] = {
+        "compute": ActorPoolStrategy(size=plan.encoders, max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
+        "batch_size": cfg.batch_size,
+        "batch_format": "numpy",
+        "num_cpus": plan.cpus_per_encoder,
+        "num_gpus": plan.gpus_per_encoder or None,
+        **({"resources": dict(cfg.encoder_resources)} if cfg.encoder_resources else {}),
+    }
+    if plan.fused:
+        if milvus is None:
+            raise ValueError("the fused plan writes from the encoder actors: pass the target milvus config")
+        writing = {"milvus": milvus, "input_size": input_size_for(cfg.model_path), "ledger": True}
+        # An actor's batch is one upsert: about upsert_batch_size rows (the model still sees
+        # batch_size images at a time).
+        pool["batch_size"] = fused_batch_images(cfg)
+        return ds.map_batches(IngestActor, fn_constructor_args=(cfg.model_path,),
+                              fn_constructor_kwargs={**encoder, **writing}, **pool)  # fmt: skip
     input_size = input_size_for(cfg.model_path) if cfg.decode_in_reader else None
     if input_size is not None:
         ds = ds.map_batches(read_and_decode, fn_kwargs={"input_size": input_size, "max_pixels": cfg.max_image_pixels},
@@ -263,27 +349,14 @@ def build_dataset(
     else:
         ds = ds.map_batches(read_image_bytes, batch_size=cfg.batch_size, batch_format="numpy",
                             num_cpus=cfg.num_cpus_per_reader, concurrency=plan.readers)  # fmt: skip
-    return ds.map_batches(
-        EncoderActor,
-        fn_constructor_args=(cfg.model_path,),
-        fn_constructor_kwargs={
-            "model_version": model_version,
-            "top_k": cfg.top_k_instances,
-            "nms_iou": cfg.nms_iou,
-            "loader": loader,
-            "torch_threads": max(1, int(plan.cpus_per_encoder)),
-            "device": plan.device,
-            "max_pixels": cfg.max_image_pixels,
-            "fault": fault,
-            "guard": guard,
-        },
-        compute=ActorPoolStrategy(size=plan.encoders, max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=plan.cpus_per_encoder,
-        num_gpus=plan.gpus_per_encoder or None,
-        **({"resources": dict(cfg.encoder_resources)} if cfg.encoder_resources else {}),
-    )
+    return ds.map_batches(EncoderActor, fn_constructor_args=(cfg.model_path,), fn_constructor_kwargs=encoder, **pool)
+
+
+def fused_batch_images(cfg: IngestConfig) -> int:
+    """Images per fused actor batch: ``milvus.upsert_batch_size`` rows at ``top_k_instances`` per
+    image, rounded up to whole model batches (``batch_size``)."""
+    images = max(1, math.ceil(cfg.milvus.upsert_batch_size / cfg.top_k_instances))
+    return max(1, math.ceil(images / cfg.batch_size)) * cfg.batch_size
 
 
 def _plan_items(items: list[GalleryItem], known: Mapping[str, LedgerEntry]) -> list[dict[str, Any]]:
@@ -332,16 +405,21 @@ def run_ingestion(
                             interval_s=cfg.progress_interval_s)  # fmt: skip
         try:
             with data_limits(cfg), progress:
-                build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault, guard).write_datasink(
-                    sink, concurrency=cfg.write_concurrency, ray_remote_args={"num_cpus": cfg.num_cpus_per_writer}
-                )
+                ds = build_dataset(_plan_items(items, known), cfg, model_version, loader, plan, fault, guard, target)
+                if plan.fused:
+                    stats = WriteStats()
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                        add_stats_rows(stats, batch)
+                else:
+                    ds.write_datasink(sink, concurrency=cfg.write_concurrency,
+                                      ray_remote_args={"num_cpus": cfg.num_cpus_per_writer})  # fmt: skip
+                    stats = sink.result
         except Exception:
             abort_if_tripped(guard, milvus, version, len(items))
             raise
         finally:
             ray.kill(guard)
         lap("stream")
-        stats = sink.result
         with MilvusStore.from_config(milvus) as control:
             ledger = Ledger(control, collection=collection, model_version=model_version, create=False)
             deleted = _remove_deleted(control, ledger, known, items, model_version) if cfg.incremental and not cfg.limit else 0
@@ -375,6 +453,7 @@ def run_ingestion(
         dead_letter_total=dead_total,
         encoders=plan.encoders,
         device=plan.device,
+        pipeline="fused" if plan.fused else "staged",
         phases={name: round(value, 3) for name, value in phases.items()},
         progress=progress.samples,
     )

@@ -1,13 +1,15 @@
-"""Ray Data sink that upserts instance rows into Milvus and accounts images/failures.
+"""Writing encoder batches into Milvus (:class:`RowWriter`) and the Ray Data sink around it.
 
-Each write task opens its own :class:`MilvusStore`, upserts the ``status == "ok"`` rows
+A :class:`RowWriter` holds one :class:`MilvusStore`, upserts the ``status == "ok"`` rows
 (deterministic primary keys, so a rerun or a retried task overwrites instead of
 duplicating), deletes ranks a changed image no longer has, then records every image of
 the block in the ledger (``reir.ingestion.ledger``) and returns :class:`WriteStats`;
-status rows (see ``reir.ingestion.encoder``) are only counted and recorded. ``on_write_complete`` runs on the driver
-and folds the per-task stats into :attr:`MilvusDatasink.result`.
+status rows (see ``reir.ingestion.encoder``) are only counted and recorded. The staged plan's
+write tasks (:class:`MilvusDatasink`) use one each; ``on_write_complete`` runs on the driver and
+folds the per-task stats into :attr:`MilvusDatasink.result`. In the fused plan each encoder
+actor writes its own batches (``reir.ingestion.pipeline``).
 
-The sink needs a URI that several processes may open at once (a server); the
+Writers need a URI that several processes may open at once (a server); the
 pipeline arranges that for milvus-lite files (see ``reir.ingestion.pipeline``).
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from ray.data.block import Block, BlockAccessor
@@ -108,6 +110,61 @@ def _images_of(columns: dict[str, np.ndarray]) -> list[tuple[LedgerEntry, int]]:
     return list(out.values())
 
 
+class RowWriter:
+    """Writes encoder batches: upserts the ``status == "ok"`` rows, trims the stale ranks of
+    changed images, records every image of the batch in the ledger; one store connection.
+
+    The sink's write tasks use one per task; in the fused plan each encoder actor writes its
+    own batches with one (``reir.ingestion.pipeline.IngestActor``).
+    """
+
+    def __init__(self, milvus: MilvusConfig, *, model_version: str = "", ledger: bool = False) -> None:
+        self.milvus = milvus
+        self.model_version = model_version
+        self.store = MilvusStore.from_config(milvus)
+        self.ledger = Ledger(self.store, collection=milvus.collection, model_version=model_version,
+                             create=False) if ledger else None  # fmt: skip
+        self._rows_metric = T.ray_metric(T.INGEST_ROWS_WRITTEN_TOTAL)
+        self._collection_ready = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def write(self, columns: dict[str, np.ndarray]) -> WriteStats:
+        """One batch of the encoder's columns (instance and status rows) -> its stats."""
+        if S.IMAGE_ID not in columns or len(columns[S.IMAGE_ID]) == 0:  # all rows filtered upstream
+            return WriteStats()
+        ok, stats = _stats_for(columns)
+        if np.any(ok):
+            kept = instance_columns(columns, self.milvus.metadata_fields, ok)
+            if not self._collection_ready:
+                _ensure_collection(self.store, kept[S.EMBEDDING].shape[-1])
+                self._collection_ready = True
+            stats.rows = self.store.upsert(S.rows_from_columns(kept, self.milvus.metadata_fields))
+            if stats.rows:
+                self._rows_metric.inc(stats.rows)
+        images = _images_of(columns)
+        stats.trimmed = self._trim(images)
+        if self.ledger is not None:
+            self.ledger.record(entry for entry, _ in images)
+        return stats
+
+    def _trim(self, images: list[tuple[LedgerEntry, int]]) -> int:
+        """A changed image with fewer instances than before: delete its now-stale ranks."""
+        stale: list[str] = []
+        for entry, before in images:
+            if before > entry.instances and self.model_version:
+                stale += instance_pks(self.model_version, entry.image_id, range(entry.instances, before))
+        self.store.delete(stale)
+        return len(stale)
+
+
 class MilvusDatasink(Datasink[WriteStats]):
     """Upserts instance rows, trims stale ranks of changed images, records images in the ledger."""
 
@@ -136,44 +193,10 @@ class MilvusDatasink(Datasink[WriteStats]):
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> WriteStats:
         total = WriteStats()
-        store = MilvusStore.from_config(self.milvus)
-        rows_metric = T.ray_metric(T.INGEST_ROWS_WRITTEN_TOTAL)
-        ledger = None
-        if self.ledger:
-            ledger = Ledger(store, collection=self.milvus.collection, model_version=self.model_version,
-                            create=False)  # fmt: skip
-        collection_ready = False
-        try:
+        with RowWriter(self.milvus, model_version=self.model_version, ledger=self.ledger) as writer:
             for block in blocks:
-                columns = BlockAccessor.for_block(block).to_batch_format("numpy")
-                if S.IMAGE_ID not in columns or len(columns[S.IMAGE_ID]) == 0:  # all rows filtered upstream
-                    continue
-                ok, stats = _stats_for(columns)
-                if np.any(ok):
-                    kept = instance_columns(columns, self.milvus.metadata_fields, ok)
-                    if not collection_ready:
-                        _ensure_collection(store, kept[S.EMBEDDING].shape[-1])
-                        collection_ready = True
-                    stats.rows = store.upsert(S.rows_from_columns(kept, self.milvus.metadata_fields))
-                    if stats.rows:
-                        rows_metric.inc(stats.rows)
-                images = _images_of(columns)
-                stats.trimmed = self._trim(store, images)
-                if ledger is not None:
-                    ledger.record(entry for entry, _ in images)
-                total.merge(stats)
-        finally:
-            store.close()
+                total.merge(writer.write(BlockAccessor.for_block(block).to_batch_format("numpy")))
         return total
-
-    def _trim(self, store: MilvusStore, images: list[tuple[LedgerEntry, int]]) -> int:
-        """A changed image with fewer instances than before: delete its now-stale ranks."""
-        stale: list[str] = []
-        for entry, before in images:
-            if before > entry.instances and self.model_version:
-                stale += instance_pks(self.model_version, entry.image_id, range(entry.instances, before))
-        store.delete(stale)
-        return len(stale)
 
     def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
         result = WriteStats()

@@ -112,8 +112,15 @@ class IngestConfig(_Frozen):
     max_image_pixels: int = Field(default=100_000_000, ge=1)
     object_store_memory_limit: int | None = Field(default=None, ge=1 << 20)  # bytes; Ray Data back-pressure
     max_tasks_in_flight_per_actor: int = Field(default=2, ge=1)
-    # Decode images in the read tasks, at the model's input size (JPEG draft mode), beside the
-    # encoders; off (or a checkpoint without a reir processor config): the encoder actors decode.
+    # How the work is laid out on Ray Data (reir.ingestion.pipeline): "fused", one stage of
+    # encoder actors that each read, decode, encode and upsert their batches (no object-store
+    # hop for pixels or rows, no task per batch: the CPU plan); "staged", read tasks -> encoder
+    # actors -> write tasks (the GPU plan: the CPU work beside the model runs on other cores);
+    # "auto": fused on CPU, staged on GPU.
+    pipeline: Literal["auto", "fused", "staged"] = "auto"
+    # Staged plan: decode images in the read tasks, at the model's input size (JPEG draft mode),
+    # beside the encoders; off (or a checkpoint without a reir processor config): the encoder
+    # actors decode. The fused plan always decodes in the actors, at the input size when known.
     decode_in_reader: bool = True
     progress_interval_s: float = Field(default=10.0, gt=0)  # how often the run's progress is shown
     model_path: str

@@ -827,13 +827,21 @@ class MilvusStore:
                                     output_fields=list(output_fields) if output_fields else None, **extra))
 
     def count(self, filter: SearchFilter | None = None) -> int:
+        """Rows matching ``filter``. A ``model_version`` filter becomes the version's partition
+        when the collection has one (as in :meth:`search`): milvus-lite counts a partition from
+        its statistics but evaluates an expression row by row (40k rows: 15 ms against 1.4 s)."""
         if not self.exists():
             return 0
+        partition = self.layout().partition_of(filter.model_version if filter is not None else None)
+        if partition is not None and filter is not None:
+            filter = replace(filter, model_version=None)
+        expr = filter.to_expr() if filter is not None else ""
         res = self.client.query(
             self.collection,
-            filter=filter.to_expr() if filter is not None else "",
+            filter=expr,
             output_fields=["count(*)"],
             consistency_level="Strong",  # a Milvus server otherwise may not count the latest writes
+            partition_names=[partition] if partition is not None else None,
         )
         return int(res[0]["count(*)"])
 

@@ -79,11 +79,12 @@ def test_killed_encoder_actor_is_replaced_and_rows_are_exact(
     root = make_gallery(tmp_path / "g", n=N, corrupt=0, synthetic_split=None)
     marker = tmp_path / "killed"
     db = tmp_path / "idx.db"
-    # 8 one-CPU encoders do not fit the 4-CPU test cluster: the plan shrinks the pool instead of hanging
+    # 8 one-CPU encoders do not fit the 4-CPU test cluster: the plan shrinks the pool instead of
+    # hanging (the fused layout has no read or write tasks beside them: 4)
     cfg = _cfg(root, fake_checkpoint, str(db), num_encoders=8, num_cpus_per_encoder=1.0)
     summary = run_ingestion(cfg, loader=fake_loader, fault=ExitOnce(marker))
     assert marker.exists()  # an actor process really died mid-run
-    assert summary.encoders == 3
+    assert (summary.encoders, summary.pipeline) == (4, "fused")
     assert (summary.images, summary.instances, summary.failures) == (N, N * TOP_K, 0)
     pks = _all_pks(str(db), "gal")
     assert len(pks) == len(set(pks)) == summary.rows_in_store == N * TOP_K

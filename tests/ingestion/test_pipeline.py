@@ -59,14 +59,21 @@ def test_ingest_real_tiny_model_into_lite_file_and_rerun_is_idempotent(
         np.testing.assert_allclose(np.linalg.norm(row["embedding"]), 1.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["fused", "staged"])
 def test_ingest_with_injected_loader_through_a_server_uri(
-    tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path]
+    tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path], layout: str
 ) -> None:
-    root = make_gallery(tmp_path / "plain", n=5, corrupt=0, synthetic_split=None)
+    """Both layouts of the stream (fused: the CPU default; staged: read tasks -> actors -> write
+    tasks, the GPU default) write the same rows, ledger and failures."""
+    root = make_gallery(tmp_path / "plain", n=5, corrupt=1, synthetic_split=None)
     with EmbeddedMilvus(tmp_path / "srv.db") as server:
-        cfg = _config(root, fake_checkpoint, server.uri, num_encoders=1)
+        cfg = _config(root, fake_checkpoint, server.uri, num_encoders=1, pipeline=layout, batch_size=2)
         summary = run_ingestion(cfg, loader=fake_loader)
-        assert (summary.images, summary.instances, summary.failures) == (5, 5 * TOP_K, 0)
+        assert summary.pipeline == layout
+        assert (summary.images, summary.instances, summary.failures) == (5, 5 * TOP_K, 1)
+        assert [d.image_id for d in summary.dead_letter] == ["bad000"]
+        again = run_ingestion(cfg, loader=fake_loader)  # the ledger holds every image: nothing to encode
+        assert (again.images, again.unchanged, again.dead_letter_total) == (0, 6, 1)
         with MilvusStore(server.uri, "gallery") as store:
             assert store.count(SearchFilter(model_version=summary.model_version)) == 5 * TOP_K
 

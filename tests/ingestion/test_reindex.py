@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from reir.cli import app
 from reir.errors import ReirError
 from reir.ingestion.ledger import Ledger, LedgerEntry
-from reir.ingestion.pipeline import check_version, plan_resources, run_ingestion
+from reir.ingestion.pipeline import check_version, fused_batch_images, plan_resources, run_ingestion
 from reir.ingestion.records import ERROR, STATUS
 from reir.ingestion.sink import MilvusDatasink
 from reir.platform import schema as S
@@ -157,7 +157,8 @@ def test_sink_trims_ranks_a_changed_image_no_longer_has(tmp_path: Path) -> None:
 
 
 def test_resource_plan_fits_small_machines() -> None:
-    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"), num_encoders=8, num_cpus_per_encoder=1.0)
+    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"), num_encoders=8, num_cpus_per_encoder=1.0,
+                       pipeline="staged")
     plan = plan_resources(cfg, {"CPU": 2.0})  # 0.25 reader + 2 x 0.25 writers leave 1.25
     assert (plan.encoders, plan.cpus_per_encoder, plan.device) == (1, 1.0, "cpu")
     tight = plan_resources(cfg.model_copy(update={"num_cpus_per_encoder": 2.0}), {"CPU": 2.0})
@@ -169,7 +170,7 @@ def test_resource_plan_fits_small_machines() -> None:
 
 
 def test_resource_plan_sizes_the_pool_when_unset() -> None:
-    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"))  # num_encoders unset
+    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"), pipeline="staged")  # num_encoders unset
     # one machine with 2 cores whose Ray instance claims 4 logical CPUs: 2 one-thread encoders, 1 reader
     plan = plan_resources(cfg, {"CPU": 4.0}, cores=2)
     assert (plan.encoders, plan.cpus_per_encoder, plan.readers) == (2, 1.0, 1)
@@ -180,6 +181,25 @@ def test_resource_plan_sizes_the_pool_when_unset() -> None:
     assert (two_cpu.encoders, two_cpu.readers) == (7, 1)
     assert plan_resources(cfg, {"CPU": 16.0, "GPU": 2.0}).encoders == 2  # one per GPU
     assert plan_resources(cfg.model_copy(update={"read_concurrency": 4}), {"CPU": 4.0}, cores=2).readers == 4
+
+
+def test_fused_plan_gives_the_encoders_every_cpu_and_is_the_cpu_default() -> None:
+    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"))  # pipeline "auto"
+    plan = plan_resources(cfg, {"CPU": 4.0}, cores=2)  # no read or write tasks to leave room for
+    assert (plan.fused, plan.encoders, plan.cpus_per_encoder, plan.readers) == (True, 2, 1.0, 0)
+    assert plan_resources(cfg, {"CPU": 16.0}).encoders == 16
+    assert plan_resources(cfg.model_copy(update={"num_encoders": 8}), {"CPU": 2.0}).encoders == 2
+    gpu = plan_resources(cfg, {"CPU": 16.0, "GPU": 2.0})  # a GPU model: reading and writing on other cores
+    assert (gpu.fused, gpu.device, gpu.encoders) == (False, "cuda", 2)
+    assert plan_resources(cfg.model_copy(update={"pipeline": "fused"}), {"CPU": 16.0, "GPU": 1.0}).fused
+    assert not plan_resources(cfg.model_copy(update={"pipeline": "staged"}), {"CPU": 4.0}).fused
+
+
+def test_a_fused_batch_is_one_upsert_of_whole_model_batches() -> None:
+    cfg = IngestConfig(model_path="/m", gallery_root=Path("/g"), batch_size=16, top_k_instances=10)
+    assert fused_batch_images(cfg) == 64  # 512 rows / 10 per image = 52 images -> 4 model batches
+    cfg = cfg.model_copy(update={"top_k_instances": 1000, "batch_size": 8})
+    assert fused_batch_images(cfg) == 8
 
 
 def test_model_version_is_recorded_per_row(fake_checkpoint: Path) -> None:
