@@ -63,7 +63,7 @@ def role_of(proc: psutil.Process, driver_pid: int) -> str:
         cmd = " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "ray"
-    if "EncoderActor" in cmd:
+    if "EncoderActor" in cmd or "IngestActor" in cmd:  # the staged and the fused layouts
         return "encoders"
     if "milvus_lite" in cmd or "milvus-lite" in cmd:
         return "milvus"

@@ -107,7 +107,7 @@ class EmbeddedMilvus:
                     client.close()
             except Exception as exc:  # noqa: BLE001 - not listening yet
                 last_error = exc
-                time.sleep(0.2)
+                time.sleep(0.05)
         raise TimeoutError(
             f"milvus-lite server not ready after {self.startup_timeout_s}s "
             f"({last_error}):\n{self.log_tail()}"
