@@ -3,11 +3,10 @@
     python bench/discovery.py --data DATA --model CKPT --milvus MILVUS --out discovery.json --png discovery.png
 
 Every discovery query of ``DATA/discovery.json`` (multi-positive ground truth, some with no
-match at all) goes once through the in-process query path in ``mode="discover"``
-(:func:`reir.serving.pipeline.local_pipeline`: encode, ANN, re-rank, presence) with the
-threshold at 0, so every candidate image comes back with its best box and probability;
-:mod:`reir.evaluation.discovery` then scores them at every threshold (the curve) and at the
-checkpoint's calibrated one (``calibration.json``, what the service uses). ``MILVUS``: a
+match at all) goes once through the in-process query path in ``mode="discover"`` with the
+threshold at 0, and is scored at every threshold (the curve) and at the checkpoint's
+calibrated one: :func:`reir.evaluation.discovery.evaluate_discovery`, which ``reir eval
+--discover`` runs too. ``MILVUS``: a
 milvus-lite ``.db`` file, an ``http://`` URI or a milvus-lite server data dir (served here;
 pass a copy).
 """
@@ -15,10 +14,8 @@ pass a copy).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,36 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from reir.data.formats import load_discovery
-    from reir.evaluation.discovery import Found, discovery_curve, discovery_scores, plot_curve, summarize
-    from reir.platform.config import MilvusConfig, ServeConfig
-    from reir.serving.pipeline import QueryRequest, local_pipeline
-    from reir.serving.rerank import discover_threshold_for
+    from reir.evaluation.discovery import evaluate_discovery
 
     torch.set_num_threads(max(1, args.threads))
-    queries = [q for q in load_discovery(args.data) if q.split == "test"]
-    if not queries:
-        raise SystemExit(f"error: no test discovery queries in {args.data}")
-    started = time.perf_counter()
     with milvus_uri(args.milvus) as uri:
-        cfg = ServeConfig(model_path=str(args.model), milvus=MilvusConfig(uri=uri, collection=args.collection))
-        calibrated = discover_threshold_for(args.model, cfg.discover_threshold)  # what the service uses
-        pipeline = local_pipeline(cfg, discover_threshold=0.0)
-        try:
-            answers = {}
-            for q in queries:
-                outcome = asyncio.run(pipeline.run(QueryRequest(query=q.raw, mode="discover")))
-                answers[q.query_id] = [Found(r.image_id, tuple(r.box), r.score) for r in outcome.results]
-        finally:
-            pipeline.stages.store.close()  # type: ignore[attr-defined]
-    seconds = time.perf_counter() - started
-    curve = discovery_curve(answers, queries)
-    at = discovery_scores(answers, queries, calibrated)
-    result = summarize(curve, at, queries)
-    result.update({"seconds_per_query": seconds / len(queries), "model": str(args.model), "data": str(args.data)})
-    if args.png is not None:
-        plot_curve(curve, at, args.png, title=f"discovery, {len(queries)} queries ({result['empty_queries']} empty)")
-        result["png"] = str(args.png)
+        result = evaluate_discovery(args.data, args.model, milvus_uri=uri, collection=args.collection, png=args.png,
+                                    echo=lambda _: None)  # fmt: skip
+    result.update({"model": str(args.model), "data": str(args.data)})
     return result
 
 

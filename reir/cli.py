@@ -459,11 +459,28 @@ def evaluate(
     url: str | None = typer.Option(None, help="evaluate over HTTP against a running service"),
     out: Path | None = typer.Option(None, "--out", help="write metrics JSON here"),
     config: Path | None = typer.Option(None, help="YAML with an `eval:` section [$REIR_CONFIG]"),
+    discover: bool = typer.Option(False, "--discover", help="discover mode on the data's discovery.json queries: "
+                                  "precision, recall, F1 and none-accuracy at the calibrated threshold, and the "
+                                  "precision/recall curve"),
+    png: Path | None = typer.Option(None, "--png", help="with --discover: draw the precision/recall curve here"),
 ) -> None:
     """BR@k at IoU tau (k 1/5/10, tau .5/.7/.9) and REC accuracy on a split's queries (any of a
-    sentence's matches counts); BR@k per phrasing family / scene regime when the data has them."""
+    sentence's matches counts); BR@k per phrasing family / scene regime when the data has them.
+    With --discover: discovery mode's precision/recall on the data's discovery queries."""
+    if png is not None and not discover:
+        raise UsageError("--png draws the discovery curve: it needs --discover")
     cfg = eval_settings(data=data, annotations=annotations, split=split, model_dir=model_dir,
                         milvus_uri=milvus_uri, collection=collection, url=url, out=out, config=config)
+    if discover:
+        from reir.evaluation.discovery import evaluate_discovery
+
+        if cfg.data_root is None or not (Path(cfg.data_root) / "discovery.json").is_file():
+            raise ReirError(f"--discover reads DATA/discovery.json: none in {cfg.data_root} (reir synth writes one)")
+        result = evaluate_discovery(Path(cfg.data_root), Path(cfg.model_path), milvus_uri=cfg.milvus.uri,
+                                    collection=cfg.milvus.collection, url=cfg.url, split=cfg.split, png=png,
+                                    out=cfg.out, echo=typer.echo)  # fmt: skip
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=2))
+        return
     from reir.evaluation.runner import evaluate_index
 
     metrics = evaluate_index(cfg.data_root, Path(cfg.model_path), milvus_uri=cfg.milvus.uri,

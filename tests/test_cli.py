@@ -240,3 +240,13 @@ def test_a_failed_deploy_is_reported_by_the_replicas_own_error() -> None:
     assert str(deploy_failure(serve_error, [status])) == (
         "the app failed to start: RuntimeError: collection 'reir_live' not found at reir.db; run ingestion first")
     assert str(deploy_failure(serve_error, [])) == f"the app failed to start: {serve_error}"
+
+
+def test_eval_png_needs_discover_and_discover_needs_discovery_queries(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "data").mkdir()
+    usage = _reir("eval", "--data", str(tmp_path / "data"), "--model", str(model), "--png", str(tmp_path / "c.png"))
+    assert usage.returncode == 2 and "--discover" in usage.stderr
+    missing = _reir("eval", "--data", str(tmp_path / "data"), "--model", str(model), "--discover")
+    assert missing.returncode == 1 and "discovery.json" in missing.stderr

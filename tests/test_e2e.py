@@ -55,6 +55,7 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
     from ray import serve
 
     from reir.data.formats import test_queries
+    from reir.evaluation.discovery import evaluate_discovery
     from reir.evaluation.metrics import Prediction
     from reir.evaluation.runner import evaluate_index, evaluate_predictions, rec_accuracy_for
     from reir.ingestion.pipeline import run_ingestion
@@ -88,11 +89,27 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
 
             with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(ask, [q.text for q in queries]))
+            # `reir eval --discover --url`: the service answers at its calibrated threshold
+            found_http = evaluate_discovery(data, model_dir, milvus_uri=milvus.uri, collection="reir_live",
+                                            url="http://127.0.0.1:8000", echo=lambda _: None)
         finally:
             serve.delete("e2e")
         # `reir evaluate` without --url runs the service's query path in process: same answers.
         inprocess = evaluate_index(data, model_dir, milvus_uri=milvus.uri, collection="reir_live", url=None,
                                    out=None, echo=lambda _: None)
+        found = evaluate_discovery(data, model_dir, milvus_uri=milvus.uri, collection="reir_live",
+                                   png=tmp_path / "curve.png", out=tmp_path / "discovery.json", echo=lambda _: None)
+
+    # Discovery in process (every threshold from 0) and over HTTP (the service's threshold) score
+    # the calibrated point alike; the in-process curve reaches lower thresholds.
+    calibrated = json.loads((model_dir / "calibration.json").read_text())["discover_threshold"]
+    assert found["at_calibrated_threshold"] == found_http["at_calibrated_threshold"]
+    assert found["at_calibrated_threshold"]["threshold"] == pytest.approx(calibrated)
+    assert found["num_queries"] == 5 and found["seconds_per_query"] > 0
+    assert found["pool_recall"] >= found["at_calibrated_threshold"]["recall"] and "pool_recall" not in found_http
+    assert min(c["threshold"] for c in found["curve"]) < calibrated <= min(c["threshold"] for c in found_http["curve"])
+    assert json.loads((tmp_path / "discovery.json").read_text())["num_queries"] == 5
+    assert (tmp_path / "curve.png").stat().st_size > 0
 
     valid_ids = {p.stem for p in images}
     for ans in answers:

@@ -12,12 +12,14 @@ the presence threshold. The metric joins retrieval recall and localization preci
   answered with nothing.
 
 Answers are collected once with every candidate kept (threshold 0), then scored at each
-threshold: that gives the precision/recall curve and the figures at the calibrated one.
+threshold: that gives the precision/recall curve and the figures at the calibrated one
+(:func:`evaluate_discovery`, what ``reir eval --discover`` and ``bench/discovery.py`` run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,3 +114,88 @@ def summarize(curve: Sequence[Mapping[str, float]], at: Mapping[str, float], que
     best = max(curve, key=lambda c: c["f1"])
     return {"at_calibrated_threshold": dict(at), "best_f1_on_curve": dict(best), "num_queries": len(queries),
             "empty_queries": sum(1 for q in queries if not q.matches), "curve": [dict(c) for c in curve]}
+
+
+def evaluate_discovery(
+    data_root: Path, model_dir: Path, *, milvus_uri: str, collection: str, url: str | None = None,
+    split: str = "test", png: Path | None = None, out: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:  # fmt: skip
+    """``reir eval --discover``: every discovery query of ``split`` (``DIR/discovery.json``) in
+    discover mode, scored at the calibrated threshold and along the precision/recall curve.
+
+    In process (no ``url``) the query path runs with the threshold at 0, so every candidate image
+    comes back and the curve spans every threshold; the calibrated point is the checkpoint's
+    ``calibration.json`` threshold, as the service applies it. Over HTTP the service answers at
+    its own threshold: the point is exact and the curve covers the thresholds above it.
+    Returns (and writes to ``out``) :func:`summarize`'s dict plus ``seconds_per_query`` and, in
+    process, ``pool_recall``: the recall at threshold 0, i.e. of every image the re-ranked
+    candidate pool holds (what no threshold can exceed).
+    """
+    import time
+
+    from reir.data.formats import load_discovery
+
+    queries = [q for q in load_discovery(data_root) if q.split == split]
+    if not queries:
+        raise ValueError(f"no {split!r} discovery queries in {data_root} (discovery.json)")
+    started = time.perf_counter()
+    if url:
+        answers, threshold = _discover_over_http(url, queries)
+    else:
+        answers, threshold = _discover_in_process(model_dir, milvus_uri, collection, queries)
+    seconds = time.perf_counter() - started
+    curve = discovery_curve(answers, queries)
+    if url:  # nothing under the service's threshold came back: the curve starts there
+        curve = [c for c in curve if c["threshold"] >= threshold] or [discovery_scores(answers, queries, threshold)]
+    at = discovery_scores(answers, queries, threshold)
+    result = summarize(curve, at, queries)
+    result.update(seconds_per_query=round(seconds / len(queries), 4), over_http=bool(url), split=split)
+    if not url:  # threshold 0: every image of the re-ranked pool came back
+        result["pool_recall"] = discovery_scores(answers, queries, 0.0)["recall"]
+    pool = f", recall of the whole candidate pool {result['pool_recall']:.3f}" if "pool_recall" in result else ""
+    echo(f"discovery, {len(queries)} queries ({result['empty_queries']} with no match), "
+         f"{result['seconds_per_query'] * 1000:.0f} ms per query{pool}")
+    for name, row in (("calibrated threshold", at), ("best F1 on the curve", result["best_f1_on_curve"])):
+        echo(f"  {name} {row['threshold']:.3f}: precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+             f"F1 {row['f1']:.3f}  none-accuracy {row['none_accuracy']:.3f}  answers {int(row['answers'])}")
+    if png is not None:
+        plot_curve(curve, at, png, title=f"discovery, {len(queries)} queries ({result['empty_queries']} empty)")
+        result["png"] = str(png)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
+                         queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float]:  # fmt: skip
+    """Every candidate image of each query (threshold 0), and the threshold the service applies."""
+    import asyncio
+
+    from reir.platform.config import MilvusConfig, ServeConfig
+    from reir.serving.pipeline import QueryRequest, local_pipeline
+    from reir.serving.rerank import discover_threshold_for
+
+    cfg = ServeConfig(model_path=str(model_dir), milvus=MilvusConfig(uri=milvus_uri, collection=collection))
+    threshold = discover_threshold_for(model_dir, cfg.discover_threshold)
+    pipeline = local_pipeline(cfg, discover_threshold=0.0)
+    try:
+        answers = {}
+        for q in queries:
+            outcome = asyncio.run(pipeline.run(QueryRequest(query=q.raw, mode="discover")))
+            answers[q.query_id] = [Found(r.image_id, tuple(r.box), r.score) for r in outcome.results]
+    finally:
+        pipeline.stages.store.close()  # type: ignore[attr-defined]
+    return answers, threshold
+
+
+def _discover_over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float]:
+    from reir.client import Client
+
+    client, answers, threshold = Client(url), {}, 0.0
+    for q in queries:
+        response = client.search_full(q.raw, mode="discover")
+        threshold = float(response.get("threshold") or 0.0)
+        answers[q.query_id] = [Found(r["image_id"], tuple(r["box"]), float(r["score"])) for r in response["results"]]
+    return answers, threshold
