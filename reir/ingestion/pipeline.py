@@ -69,7 +69,7 @@ from reir.ingestion.sink import MilvusDatasink, RowWriter, WriteStats
 from reir.platform import telemetry as T
 from reir.platform.catalog import IndexCatalog, IndexVersion, version_name
 from reir.platform.config import IngestConfig, MilvusConfig
-from reir.platform.milvus_server import EmbeddedMilvus
+from reir.platform.milvus_server import WRITERS_SAFE_WORKERS, EmbeddedMilvus
 from reir.platform.modeling import ModelLoader, input_size_for, load_reir_image_model, model_version_for
 from reir.platform.store import MilvusStore, SearchFilter
 
@@ -269,11 +269,13 @@ def add_stats_rows(total: WriteStats, batch: Mapping[str, np.ndarray]) -> None:
 
 @contextlib.contextmanager
 def shared_milvus(cfg: MilvusConfig) -> Iterator[MilvusConfig]:
-    """``cfg`` with a URI every process can open: a server for milvus-lite files."""
+    """``cfg`` with a URI every process can open: a server for milvus-lite files, with one
+    request thread so that the actors' concurrent upserts cannot tear its write-ahead log
+    (:data:`reir.platform.milvus_server.WRITERS_SAFE_WORKERS`)."""
     if not cfg.is_lite_file:
         yield cfg
         return
-    with EmbeddedMilvus(cfg.uri) as server:
+    with EmbeddedMilvus(cfg.uri, max_workers=WRITERS_SAFE_WORKERS) as server:
         yield cfg.model_copy(update={"uri": server.uri})
 
 
