@@ -67,7 +67,8 @@ def test_eval_split_and_annotations_flags_reach_its_settings(tmp_path: Path) -> 
     command = typer.main.get_command(app).commands["eval"]  # type: ignore[attr-defined]
 
     def settings(*args: str) -> object:
-        return eval_settings(**command.make_context("eval", [*args, "--model", str(model)]).params)
+        params = command.make_context("eval", [*args, "--model", str(model)]).params
+        return eval_settings(**{k: v for k, v in params.items() if k not in ("discover", "png")})
 
     cfg = settings("--annotations", str(refs), "--split", "val")
     assert (cfg.annotations, cfg.split, cfg.data_root) == (refs, "val", None)  # type: ignore[attr-defined]

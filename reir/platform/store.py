@@ -828,17 +828,28 @@ class MilvusStore:
 
     def count(self, filter: SearchFilter | None = None) -> int:
         """Rows matching ``filter``. A ``model_version`` filter becomes the version's partition
-        when the collection has one (as in :meth:`search`): milvus-lite counts a partition from
-        its statistics but evaluates an expression row by row (40k rows: 15 ms against 1.4 s)."""
+        when the collection has one (as in :meth:`search`). milvus-lite ignores the partition in
+        a count and evaluates an expression row by row (40k rows: 1.4 s, against 15 ms for the
+        whole collection), so there a version that holds the only non-empty partition is
+        counted as the whole collection, and any other version by its filter."""
         if not self.exists():
             return 0
-        partition = self.layout().partition_of(filter.model_version if filter is not None else None)
+        layout = self.layout()
+        partition = layout.partition_of(filter.model_version if filter is not None else None)
         if partition is not None and filter is not None:
-            filter = replace(filter, model_version=None)
-        expr = filter.to_expr() if filter is not None else ""
+            narrower = replace(filter, model_version=None)
+            if not self.lite:
+                filter = narrower
+            elif not narrower.to_expr() and not (
+                    set(self.client.list_partitions(self.collection)) - {partition, DEFAULT_PARTITION}):
+                # every row is routed to its version's partition (layout.has_context), and the
+                # partitions are read now (a cached layout may not know another writer's)
+                filter, partition = None, None
+            else:
+                partition = None
         res = self.client.query(
             self.collection,
-            filter=expr,
+            filter=filter.to_expr() if filter is not None else "",
             output_fields=["count(*)"],
             consistency_level="Strong",  # a Milvus server otherwise may not count the latest writes
             partition_names=[partition] if partition is not None else None,

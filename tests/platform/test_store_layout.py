@@ -164,3 +164,18 @@ def test_backend_defaults() -> None:
     assert search_params("AUTOINDEX", 100, lite=True, overrides={})["params"]["ef"] >= 256  # FAISS HNSW in lite
     assert "ef" not in search_params("AUTOINDEX", 100, lite=False, overrides={})["params"]
     assert partition_for("v1") != partition_for("v1.") and partition_for("a b").startswith("mv_a_b_")
+
+
+def test_a_version_count_is_exact_with_one_version_or_several(store: MilvusStore) -> None:
+    """milvus-lite ignores a partition in count(*): one version's partition is counted as the
+    whole collection only while no other partition holds rows."""
+    _, v1 = _rows(3, 2, "v1")
+    store.upsert(v1)
+    store.load()
+    assert store.count(SearchFilter(model_version="v1")) == 6 and store.count(SearchFilter(model_version="v9")) == 0
+    assert store.count(SearchFilter(model_version="v1", image_ids=("img0",))) == 2
+    _, v2 = _rows(2, 2, "v2", seed=1)
+    store.upsert(v2)
+    store.refresh()  # a new partition: as a new reader sees it
+    assert (store.count(SearchFilter(model_version="v1")), store.count(SearchFilter(model_version="v2"))) == (6, 4)
+    assert store.count() == 10
