@@ -151,10 +151,10 @@ def plan_resources(cfg: IngestConfig, cluster: Mapping[str, float], *, cores: in
         if encoders * per > room:  # even one actor does not fit: give it what is left
             per = max(round(room, 2), 0.1)
         log.warning("encoder pool reduced to %d actor(s) x %.2f CPU to fit %.1f CPUs", encoders, per, cpus)
-    # Readers: as many as the CPUs the encoders and writers leave (at least one). More only
-    # start worker processes that compete with the encoders' start-up and model for the cores.
     if fused:
         return ResourcePlan(encoders, per, gpus_per, device, readers=0, fused=True)
+    # Readers: as many as the CPUs the encoders and writers leave (at least one). More only
+    # start worker processes that compete with the encoders' start-up and model for the cores.
     readers = cfg.read_concurrency or max(1, int(cpus - encoders * per - cfg.write_concurrency * cfg.num_cpus_per_writer))
     return ResourcePlan(encoders, per, gpus_per, device, readers)
 
