@@ -69,7 +69,7 @@ from reir.ingestion.sink import MilvusDatasink, RowWriter, WriteStats
 from reir.platform import telemetry as T
 from reir.platform.catalog import IndexCatalog, IndexVersion, version_name
 from reir.platform.config import IngestConfig, MilvusConfig
-from reir.platform.milvus_server import WRITERS_SAFE_WORKERS, EmbeddedMilvus
+from reir.platform.milvus_server import EmbeddedMilvus
 from reir.platform.modeling import ModelLoader, input_size_for, load_reir_image_model, model_version_for
 from reir.platform.store import MilvusStore, SearchFilter
 
@@ -247,8 +247,7 @@ class IngestActor(EncoderActor):
             read = read_and_decode(batch, input_size=self.input_size, max_pixels=self.encoder.max_pixels)
         else:
             read = read_image_bytes(batch)
-        stats = self.writer.write(super().__call__(read)) if len(read["uri"]) else WriteStats()
-        return stats_row(stats)
+        return stats_row(self.writer.write(super().__call__(read)))
 
 
 def stats_row(stats: WriteStats) -> dict[str, np.ndarray]:
@@ -269,13 +268,13 @@ def add_stats_rows(total: WriteStats, batch: Mapping[str, np.ndarray]) -> None:
 
 @contextlib.contextmanager
 def shared_milvus(cfg: MilvusConfig) -> Iterator[MilvusConfig]:
-    """``cfg`` with a URI every process can open: a server for milvus-lite files, with one
-    request thread so that the actors' concurrent upserts cannot tear its write-ahead log
-    (:data:`reir.platform.milvus_server.WRITERS_SAFE_WORKERS`)."""
+    """``cfg`` with a URI every process can open: a server for milvus-lite files (one request
+    thread, so that the actors' concurrent upserts cannot tear its write-ahead log:
+    :data:`reir.platform.milvus_server.WRITERS_SAFE_WORKERS`)."""
     if not cfg.is_lite_file:
         yield cfg
         return
-    with EmbeddedMilvus(cfg.uri, max_workers=WRITERS_SAFE_WORKERS) as server:
+    with EmbeddedMilvus(cfg.uri) as server:
         yield cfg.model_copy(update={"uri": server.uri})
 
 
@@ -328,7 +327,9 @@ def build_dataset(
     }
     pool: dict[str, Any] = {
         "compute": ActorPoolStrategy(size=plan.encoders, max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
-        "batch_size": cfg.batch_size,
+        # fused: an actor's batch is one upsert of about upsert_batch_size rows (the model still
+        # sees batch_size images at a time)
+        "batch_size": per_block,
         "batch_format": "numpy",
         "num_cpus": plan.cpus_per_encoder,
         "num_gpus": plan.gpus_per_encoder or None,
@@ -338,9 +339,6 @@ def build_dataset(
         if milvus is None:
             raise ValueError("the fused plan writes from the encoder actors: pass the target milvus config")
         writing = {"milvus": milvus, "input_size": input_size_for(cfg.model_path), "ledger": True}
-        # An actor's batch is one upsert: about upsert_batch_size rows (the model still sees
-        # batch_size images at a time).
-        pool["batch_size"] = fused_batch_images(cfg)
         return ds.map_batches(IngestActor, fn_constructor_args=(cfg.model_path,),
                               fn_constructor_kwargs={**encoder, **writing}, **pool)  # fmt: skip
     input_size = input_size_for(cfg.model_path) if cfg.decode_in_reader else None
@@ -394,7 +392,6 @@ def run_ingestion(
         log.info("ingesting %d images (%d known) with model %s into %s", len(items), len(known), model_version,
                  collection)  # fmt: skip
         target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
-        sink = MilvusDatasink(target, model_version=model_version, ledger=True)
         guard = start_guard(cfg.max_failure_rate, cfg.failure_rate_min_images)
         expected = len(items) - sum(1 for it in items if it.image_id in known)
         phases: dict[str, float] = {}
@@ -413,6 +410,7 @@ def run_ingestion(
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                         add_stats_rows(stats, batch)
                 else:
+                    sink = MilvusDatasink(target, model_version=model_version, ledger=True)
                     ds.write_datasink(sink, concurrency=cfg.write_concurrency,
                                       ray_remote_args={"num_cpus": cfg.num_cpus_per_writer})  # fmt: skip
                     stats = sink.result

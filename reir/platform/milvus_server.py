@@ -38,15 +38,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 # thread, with no lock: two writers at once (two encoder actors upserting) interleave their
 # bytes, and when the server dies the replay stops at the first torn batch. A run of 20,000
 # images killed at 12,224 found 3,648 in its ledger ("WAL recovery stopped at batch boundary
-# 57 ... non-monotonic offset"); the rest was encoded again. One request thread serializes them.
+# 57 ... non-monotonic offset"); the rest was encoded again. One request thread serializes them,
+# so it is every EmbeddedMilvus's default: the ones reir starts all take writes from several
+# processes (an ingestion's actors, the demo's and the tests' ingest-then-serve servers).
 WRITERS_SAFE_WORKERS = 1
 
 
 class EmbeddedMilvus:
     """Context manager owning a milvus-lite server subprocess for ``data_dir``.
 
-    ``max_workers``: the server's request threads. Concurrent writers need
-    :data:`WRITERS_SAFE_WORKERS` (the ingestion's server uses it); readers alone may use more.
+    ``max_workers``: the server's request threads, :data:`WRITERS_SAFE_WORKERS` by default;
+    more only for a server that no two processes write to at once.
     """
 
     def __init__(
@@ -56,7 +58,7 @@ class EmbeddedMilvus:
         *,
         host: str = "127.0.0.1",
         startup_timeout_s: float = 60.0,
-        max_workers: int = 16,
+        max_workers: int = WRITERS_SAFE_WORKERS,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host

@@ -834,27 +834,28 @@ class MilvusStore:
         counted as the whole collection, and any other version by its filter."""
         if not self.exists():
             return 0
-        layout = self.layout()
-        partition = layout.partition_of(filter.model_version if filter is not None else None)
+        partition = self.layout().partition_of(filter.model_version if filter is not None else None)
+        partitions = None
         if partition is not None and filter is not None:
-            narrower = replace(filter, model_version=None)
+            rest = replace(filter, model_version=None)
             if not self.lite:
-                filter = narrower
-            elif not narrower.to_expr() and not (
-                    set(self.client.list_partitions(self.collection)) - {partition, DEFAULT_PARTITION}):
-                # every row is routed to its version's partition (layout.has_context), and the
-                # partitions are read now (a cached layout may not know another writer's)
-                filter, partition = None, None
-            else:
-                partition = None
+                filter, partitions = rest, [partition]
+            elif not rest.to_expr() and self._only_partition_with_rows(partition):
+                filter = None
         res = self.client.query(
             self.collection,
             filter=filter.to_expr() if filter is not None else "",
             output_fields=["count(*)"],
             consistency_level="Strong",  # a Milvus server otherwise may not count the latest writes
-            partition_names=[partition] if partition is not None else None,
+            partition_names=partitions,
         )
         return int(res[0]["count(*)"])
+
+    def _only_partition_with_rows(self, partition: str) -> bool:
+        """No partition but ``partition`` can hold rows: every row goes to its version's partition
+        (``Layout.has_context``), and the list is read now (a cached layout may not know a
+        partition another writer made)."""
+        return not set(self.client.list_partitions(self.collection)) - {partition, DEFAULT_PARTITION}
 
     def drop(self) -> None:
         if self.exists():

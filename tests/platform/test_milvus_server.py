@@ -46,15 +46,15 @@ def test_startup_failure_reports_the_log(tmp_path: Path) -> None:
         assert first.running
 
 
-def _torn_by_a_kill(path: Path, workers: int) -> tuple[int, int]:
-    """Three writers upsert at once into a server with ``workers`` request threads, then the
-    server is SIGKILLed and restarted: (rows it recovered, rows written)."""
+def _torn_by_a_kill(path: Path, workers: int | None) -> tuple[int, int]:
+    """Three writers upsert at once into a server with ``workers`` request threads (None: the
+    default), then the server is SIGKILLed and restarted: (rows it recovered, rows written)."""
     import os
     import signal
     import threading
 
     columns = {"a": "str", "n": "int"}
-    server = EmbeddedMilvus(path, max_workers=workers).start()
+    server = (EmbeddedMilvus(path) if workers is None else EmbeddedMilvus(path, max_workers=workers)).start()
     with MilvusStore(server.uri, "x") as store:
         store.table("tbl", columns)
 
@@ -80,10 +80,8 @@ def _torn_by_a_kill(path: Path, workers: int) -> tuple[int, int]:
 def test_concurrent_writers_survive_a_killed_server_with_one_request_thread(tmp_path: Path) -> None:
     """milvus-lite appends to its write-ahead log from each request thread without a lock: with
     16 threads, three concurrent writers tore it and a restart recovered 192-320 of 7,680 rows
-    (2026-11-26). The ingestion's server runs WRITERS_SAFE_WORKERS threads; it recovers them all."""
-    from reir.platform.milvus_server import WRITERS_SAFE_WORKERS
-
-    recovered, written = _torn_by_a_kill(tmp_path / "w.db", WRITERS_SAFE_WORKERS)
+    (2026-11-26). EmbeddedMilvus's default (WRITERS_SAFE_WORKERS, one thread) recovers them all."""
+    recovered, written = _torn_by_a_kill(tmp_path / "w.db", None)
     assert recovered == written
 
 
