@@ -146,6 +146,14 @@ def shared_positives(keys: torch.Tensor, all_keys: torch.Tensor, all_cols: torch
     return positives
 
 
+def _image_keys(batch: TrainBatch, device: torch.device) -> torch.Tensor:
+    """``[B]`` long identity of each image of the batch (its id's hash; the row index when the
+    batch carries no ids)."""
+    if not batch.image_ids:
+        return torch.arange(batch.pixel_values.shape[0], device=device) - (1 << 62)
+    return torch.tensor([hash(str(i)) for i in batch.image_ids], dtype=torch.long, device=device)
+
+
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
@@ -164,6 +172,9 @@ class ReirCriterion(nn.Module):
         self.stage = str(stage)
         self.spec: LossSpec = config.loss_spec
         self.rank, self.world_size = rank, world_size
+        # LossSpec.clia_bank: detached object embeddings of earlier batches, newest last
+        self.register_buffer("bank", torch.zeros(0, config.embed_dim), persistent=False)
+        self.register_buffer("bank_images", torch.zeros(0, dtype=torch.long), persistent=False)  # image key per row
 
     def forward(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
         out: ReirOutput = model(
@@ -180,6 +191,11 @@ class ReirCriterion(nn.Module):
         parts["loss_rec"] = self._rec(inst, text_emb, batch.text_image_index, query, out)
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_clia"] = self._clia(inst, text_emb, batch, query, out) if self.stage == "2" else zero
+        if self.stage == "2" and self.spec.clia_bank > 0:
+            keys = _image_keys(batch, text_emb.device)
+            parts["loss_clia_bank"] = self._bank_negatives(text_emb, keys[batch.text_image_index], out)
+            self._push_bank(inst, matches, keys)
+            parts["loss_clia"] = parts["loss_clia"] + self.spec.w_clia_bank * parts["loss_clia_bank"]
         parts["loss_aux"] = out.text.aux_loss
         s = self.spec
         w_rec = s.w_rec if self.stage == "1" else s.w_rec_stage2
@@ -212,7 +228,9 @@ class ReirCriterion(nn.Module):
             for head in (inst.class_logits, inst.appearance):
                 if head is not None:
                     unused = unused + head.sum() * 0.0
-            parts = {k: unused for k in ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app")}
+            if inst.probes is not None:
+                unused = unused + sum(p.sum() * 0.0 for p in inst.probes if p is not None)
+            parts = {k: unused for k in ("loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app", "loss_probe")}
         text_emb = out.text.embeddings
         parts.update(weak_contrastive_loss(
             text_emb, batch.text_image_index, inst.embeddings, inst.objectness_logits, out.logit_scale,
@@ -232,7 +250,7 @@ class ReirCriterion(nn.Module):
         """The detection parts of the total (every stage): objectness, box, class, appearance."""
         s = self.spec
         return (s.w_obj * parts["loss_obj"] + s.w_l1 * parts["loss_l1"] + s.w_giou * parts["loss_giou"]
-                + s.w_cls * parts["loss_cls"] + s.w_appearance * parts["loss_app"])
+                + s.w_cls * parts["loss_cls"] + s.w_appearance * parts["loss_app"] + s.w_probe * parts["loss_probe"])
 
     def _match(self, inst: InstanceOutput, b: int, gt: torch.Tensor) -> torch.Tensor:
         s = self.spec
@@ -257,7 +275,18 @@ class ReirCriterion(nn.Module):
         loss_giou = (1 - torch.diag(generalized_iou_xyxy(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt)))).sum()
         return {"loss_obj": loss_obj / num_boxes, "loss_l1": loss_l1 / num_boxes, "loss_giou": loss_giou / num_boxes,
                 "loss_cls": self._classification(inst, batch, matches),
-                "loss_app": self._appearance(inst, batch, matches)}
+                "loss_app": self._appearance(inst, batch, matches),
+                "loss_probe": self._probes(inst, batch, matches)}
+
+    @classmethod
+    def _probes(cls, inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
+        """The embedding probes (``vision.embedding_probes``): the class and the appearance
+        losses again, read from the matched queries' embeddings; 0 without them."""
+        if inst.probes is None:
+            return torch.zeros((), device=inst.boxes.device)
+        class_logits, appearance = inst.probes
+        read = InstanceOutput(inst.boxes, inst.objectness_logits, inst.embeddings, class_logits, appearance)
+        return cls._classification(read, batch, matches) + cls._appearance(read, batch, matches)
 
     @staticmethod
     def _appearance(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
@@ -299,6 +328,25 @@ class ReirCriterion(nn.Module):
         return torch.stack(
             [matches[int(i)][int(j)] for i, j in zip(batch.text_image_index, batch.text_target_index)]
         )
+
+    def _bank_negatives(self, text_emb: torch.Tensor, text_images: torch.Tensor, out: ReirOutput) -> torch.Tensor:
+        """SigLIP negative term of each expression against every banked object (all labels -1)
+        but those of its own image (an image drawn again while its objects are still banked),
+        normalized like the in-batch term (per expression)."""
+        bank = self.bank.to(text_emb.device, text_emb.dtype)
+        if bank.shape[0] == 0 or text_emb.shape[0] == 0:
+            return text_emb.sum() * 0.0
+        logits = score_from_similarity(text_emb @ bank.t(), out.logit_scale, out.logit_bias)
+        other = text_images[:, None] != self.bank_images.to(text_emb.device)[None, :]
+        return (-F.logsigmoid(-logits) * other).sum() / text_emb.shape[0]
+
+    @torch.no_grad()
+    def _push_bank(self, inst: InstanceOutput, matches: list[torch.Tensor], image_keys: torch.Tensor) -> None:
+        objects = torch.cat([inst.embeddings[b, m] for b, m in enumerate(matches)]).detach().float()
+        owners = torch.cat([image_keys[b].expand(m.numel()) for b, m in enumerate(matches)])
+        keep = self.spec.clia_bank
+        self.bank = torch.cat([self.bank.to(objects.device), objects])[-keep:]
+        self.bank_images = torch.cat([self.bank_images.to(owners.device), owners])[-keep:]
 
     @staticmethod
     def _rec(

@@ -51,6 +51,8 @@ class InstanceOutput:
         appearance: ``[B, Q, 3]`` float, the predicted mean colour (normalized pixel
             values) of the centre of each query's box, or None without
             ``vision.appearance_head``.
+        probes: ``(class_logits [B, Q, C] | None, appearance [B, Q, 3])`` read from the
+            embeddings, or None without ``vision.embedding_probes``.
     """
 
     boxes: torch.Tensor
@@ -58,6 +60,7 @@ class InstanceOutput:
     embeddings: torch.Tensor
     class_logits: torch.Tensor | None = None
     appearance: torch.Tensor | None = None
+    probes: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
 
 @dataclass
@@ -138,7 +141,9 @@ class VisualEncoder(nn.Module):
         boxes, obj, emb = self.heads(tokens)
         cls = self.heads.classifier(tokens) if self.heads.classifier is not None else None
         app = self.heads.appearance(tokens) if self.heads.appearance is not None else None
-        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls, appearance=app)
+        probes = self.heads.probe(emb) if self.heads.probe_appearance is not None else None
+        return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls, appearance=app,
+                              probes=probes)
 
 
 class MixtureOfRelationExperts(nn.Module):

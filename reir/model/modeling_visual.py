@@ -156,6 +156,9 @@ class InstanceHeads(nn.Module):
         self.objectness = nn.Linear(hidden, 1)
         self.classifier = nn.Linear(hidden, spec.num_classes) if spec.num_classes > 0 else None
         self.appearance = nn.Linear(hidden, 3) if spec.appearance_head else None
+        probes = spec.embedding_probes
+        self.probe_class = nn.Linear(embed_dim, spec.num_classes) if probes and spec.num_classes > 0 else None
+        self.probe_appearance = nn.Linear(embed_dim, 3) if probes else None
         self.box = Mlp(hidden, hidden, 4, num_layers=3)
         self.geometry = nn.Linear(4 * 2 * spec.geometry_freqs, hidden)
         # A summary of the whole image joins each instance's embedding input: expressions
@@ -176,6 +179,12 @@ class InstanceHeads(nn.Module):
         assert isinstance(last, nn.Linear)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+
+    def probe(self, emb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``emb [B, Q, D]`` -> class logits (or None) and colour read linearly from the embeddings."""
+        assert self.probe_appearance is not None
+        cls = self.probe_class(emb) if self.probe_class is not None else None
+        return cls, self.probe_appearance(emb)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         obj = self.objectness(x).squeeze(-1)

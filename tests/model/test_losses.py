@@ -61,9 +61,10 @@ def test_criterion_runs_and_backprops(tiny: tuple[ReirModel, ReirProcessor], sta
     data = make_dataset(0, 4)
     batch = proc.collate([s for _, s in data], [im for im, _ in data])
     parts = ReirCriterion(model.config, stage=stage)(model, batch)
-    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app", "loss_rec", "loss_clia",
-                          "loss_aux"}
+    assert set(parts) == {"loss", "loss_obj", "loss_l1", "loss_giou", "loss_cls", "loss_app", "loss_probe", "loss_rec",
+                          "loss_clia", "loss_aux"}
     assert parts["loss_app"].item() == 0.0  # tiny has no appearance head
+    assert parts["loss_probe"].item() == 0.0  # nor embedding probes
     assert all(torch.isfinite(v) for v in parts.values())
     assert (parts["loss_clia"].item() > 0) == (stage == "2")
     parts["loss"].backward()
@@ -117,6 +118,57 @@ def test_appearance_head_without_detection_joins_the_graph_at_zero() -> None:
     assert parts["loss_app"].item() == 0.0
     parts["loss"].backward()
     assert model.vision.heads.appearance.weight.grad is not None  # every rank sees the same parameters
+
+
+def test_embedding_probes_train_the_stored_vector_to_carry_class_and_colour() -> None:
+    """The probes read the L2-normalized instance embedding (what the index stores), so their
+    loss reaches the embedding MLP, and a few steps on it alone bring it down."""
+    model, proc = create_model("tiny", vision={"appearance_head": True, "embedding_probes": True})
+    model.train()
+    data = make_dataset(0, 4)
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    criterion = ReirCriterion(model.config, stage="1")
+    parts = criterion(model, batch)
+    first = parts["loss_probe"].item()
+    assert first > 0.5  # an untrained class probe alone is ~log(num_classes)
+    parts["loss_probe"].backward()
+    heads = model.vision.heads
+    for module in (heads.probe_class, heads.probe_appearance, heads.embed):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert heads.appearance.weight.grad is None  # the token-level head is not what the probe trains
+    opt = torch.optim.Adam([*heads.probe_class.parameters(), *heads.probe_appearance.parameters(),
+                            *heads.embed.parameters()], lr=0.02)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = criterion(model, batch)["loss_probe"]
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_clia_bank_adds_earlier_objects_as_negatives_but_never_an_images_own() -> None:
+    model, proc = create_model("tiny", loss={"clia_bank": 20})
+    model.eval()
+    first = make_dataset(0, 1)
+    second = make_dataset(1, 3)
+    for k, (_, s) in enumerate(second):
+        s.image_id = f"other{k}"
+    batches = [proc.collate([s for _, s in d], [im for im, _ in d]) for d in (first, second)]
+    criterion = ReirCriterion(model.config, stage="2")
+    with torch.no_grad():
+        parts = criterion(model, batches[0])
+        assert parts["loss_clia_bank"].item() == 0.0  # empty bank
+        assert criterion.bank.shape == (min(len(first[0][1].boxes), 20), model.config.embed_dim)
+        again = criterion(model, batches[0])  # the same image again: its banked objects are skipped
+        assert again["loss_clia_bank"].item() == 0.0
+        other = criterion(model, batches[1])
+        assert other["loss_clia_bank"].item() > 0.0
+        fresh = ReirCriterion(model.config, stage="2")(model, batches[1])  # same batch, empty bank
+        assert other["loss_clia"].item() == pytest.approx(
+            fresh["loss_clia"].item() + criterion.spec.w_clia_bank * other["loss_clia_bank"].item(), rel=1e-5)
+        for _ in range(5):
+            criterion(model, batches[1])
+        assert criterion.bank.shape[0] == 20 == criterion.bank_images.shape[0]  # a FIFO of clia_bank rows
 
 
 def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
