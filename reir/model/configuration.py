@@ -116,13 +116,6 @@ class LossSpec:
     w_aux: float = 0.01
     w_appearance: float = 1.0  # the appearance head's loss (models with ``vision.appearance_head``)
     w_probe: float = 1.0  # the embedding probes' loss (models with ``vision.embedding_probes``)
-    # Stage 2: a FIFO bank of this many detached embeddings of earlier batches' objects (the
-    # queries matched to their boxes) joins the CLIA contrast as extra negatives. A batch of
-    # 16 images rarely holds an object that differs from the referent only in its background
-    # or its landmark, so the in-batch contrast never asks the vector to encode them; a bank
-    # of a few thousand objects holds dozens of same-shape, same-colour look-alikes.
-    clia_bank: int = 0
-    w_clia_bank: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     # Weak stage (expressions without their referent's box), see ``reir.model.losses_weak``.

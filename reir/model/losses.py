@@ -146,14 +146,6 @@ def shared_positives(keys: torch.Tensor, all_keys: torch.Tensor, all_cols: torch
     return positives
 
 
-def _image_keys(batch: TrainBatch, device: torch.device) -> torch.Tensor:
-    """``[B]`` long identity of each image of the batch (its id's hash; the row index when the
-    batch carries no ids)."""
-    if not batch.image_ids:
-        return torch.arange(batch.pixel_values.shape[0], device=device) - (1 << 62)
-    return torch.tensor([hash(str(i)) for i in batch.image_ids], dtype=torch.long, device=device)
-
-
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
@@ -172,9 +164,6 @@ class ReirCriterion(nn.Module):
         self.stage = str(stage)
         self.spec: LossSpec = config.loss_spec
         self.rank, self.world_size = rank, world_size
-        # LossSpec.clia_bank: detached object embeddings of earlier batches, newest last
-        self.register_buffer("bank", torch.zeros(0, config.embed_dim), persistent=False)
-        self.register_buffer("bank_images", torch.zeros(0, dtype=torch.long), persistent=False)  # image key per row
 
     def forward(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
         out: ReirOutput = model(
@@ -191,11 +180,6 @@ class ReirCriterion(nn.Module):
         parts["loss_rec"] = self._rec(inst, text_emb, batch.text_image_index, query, out)
         zero = torch.zeros((), device=text_emb.device)
         parts["loss_clia"] = self._clia(inst, text_emb, batch, query, out) if self.stage == "2" else zero
-        if self.stage == "2" and self.spec.clia_bank > 0:
-            keys = _image_keys(batch, text_emb.device)
-            parts["loss_clia_bank"] = self._bank_negatives(text_emb, keys[batch.text_image_index], out)
-            self._push_bank(inst, matches, keys)
-            parts["loss_clia"] = parts["loss_clia"] + self.spec.w_clia_bank * parts["loss_clia_bank"]
         parts["loss_aux"] = out.text.aux_loss
         s = self.spec
         w_rec = s.w_rec if self.stage == "1" else s.w_rec_stage2
@@ -328,25 +312,6 @@ class ReirCriterion(nn.Module):
         return torch.stack(
             [matches[int(i)][int(j)] for i, j in zip(batch.text_image_index, batch.text_target_index)]
         )
-
-    def _bank_negatives(self, text_emb: torch.Tensor, text_images: torch.Tensor, out: ReirOutput) -> torch.Tensor:
-        """SigLIP negative term of each expression against every banked object (all labels -1)
-        but those of its own image (an image drawn again while its objects are still banked),
-        normalized like the in-batch term (per expression)."""
-        bank = self.bank.to(text_emb.device, text_emb.dtype)
-        if bank.shape[0] == 0 or text_emb.shape[0] == 0:
-            return text_emb.sum() * 0.0
-        logits = score_from_similarity(text_emb @ bank.t(), out.logit_scale, out.logit_bias)
-        other = text_images[:, None] != self.bank_images.to(text_emb.device)[None, :]
-        return (-F.logsigmoid(-logits) * other).sum() / text_emb.shape[0]
-
-    @torch.no_grad()
-    def _push_bank(self, inst: InstanceOutput, matches: list[torch.Tensor], image_keys: torch.Tensor) -> None:
-        objects = torch.cat([inst.embeddings[b, m] for b, m in enumerate(matches)]).detach().float()
-        owners = torch.cat([image_keys[b].expand(m.numel()) for b, m in enumerate(matches)])
-        keep = self.spec.clia_bank
-        self.bank = torch.cat([self.bank.to(objects.device), objects])[-keep:]
-        self.bank_images = torch.cat([self.bank_images.to(owners.device), owners])[-keep:]
 
     @staticmethod
     def _rec(

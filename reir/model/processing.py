@@ -85,8 +85,7 @@ class TrainBatch:
         text_image_index: ``[T]`` long, image of each expression (0..B-1).
         text_target_index: ``[T]`` long, referent's index into that image's target boxes,
             ``NO_REFERENT`` (-1) for weak rows (the weak loss stage never reads it).
-        image_ids / texts: bookkeeping; stage 2's object bank (``LossSpec.clia_bank``) reads the
-            ids so that no image's own objects are its negatives.
+        image_ids / texts: bookkeeping (not used by the losses).
     """
 
     pixel_values: torch.Tensor

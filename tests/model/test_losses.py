@@ -146,31 +146,6 @@ def test_embedding_probes_train_the_stored_vector_to_carry_class_and_colour() ->
     assert loss.item() < 0.5 * first
 
 
-def test_clia_bank_adds_earlier_objects_as_negatives_but_never_an_images_own() -> None:
-    model, proc = create_model("tiny", loss={"clia_bank": 20})
-    model.eval()
-    first = make_dataset(0, 1)
-    second = make_dataset(1, 3)
-    for k, (_, s) in enumerate(second):
-        s.image_id = f"other{k}"
-    batches = [proc.collate([s for _, s in d], [im for im, _ in d]) for d in (first, second)]
-    criterion = ReirCriterion(model.config, stage="2")
-    with torch.no_grad():
-        parts = criterion(model, batches[0])
-        assert parts["loss_clia_bank"].item() == 0.0  # empty bank
-        assert criterion.bank.shape == (min(len(first[0][1].boxes), 20), model.config.embed_dim)
-        again = criterion(model, batches[0])  # the same image again: its banked objects are skipped
-        assert again["loss_clia_bank"].item() == 0.0
-        other = criterion(model, batches[1])
-        assert other["loss_clia_bank"].item() > 0.0
-        fresh = ReirCriterion(model.config, stage="2")(model, batches[1])  # same batch, empty bank
-        assert other["loss_clia"].item() == pytest.approx(
-            fresh["loss_clia"].item() + criterion.spec.w_clia_bank * other["loss_clia_bank"].item(), rel=1e-5)
-        for _ in range(5):
-            criterion(model, batches[1])
-        assert criterion.bank.shape[0] == 20 == criterion.bank_images.shape[0]  # a FIFO of clia_bank rows
-
-
 def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     model, proc = tiny
     data = make_dataset(0, 2)
