@@ -3,7 +3,8 @@
 For the first ``--images`` training images of a synthetic benchmark, every annotated object
 is paired with the stored instance (top 10 per image, as ingestion keeps them) that
 overlaps it most (IoU >= 0.5), and a linear classifier is fitted on 70% of those
-instance embeddings to read the object's colour, shape and size, then scored on the other
+instance embeddings to read the object's colour, shape and size and its image's
+background, then scored on the other
 30%. The same is done for the colour of each training expression's head ("the *red*
 circle ...") from its text embedding, and at the token of each box's centre for the
 backbone's output and the trunk's tokens (the heads' input), which tells where in the
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.vision.heads.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", i[0]))
     grid = model.vision.grid
     stored: dict[str, list[np.ndarray]] = {"feature": []}
-    stored_labels: dict[str, list[str]] = {"color": [], "shape": [], "size": []}
+    stored_labels: dict[str, list[str]] = {"color": [], "shape": [], "size": [], "background": []}
     at_centre: dict[str, list[np.ndarray]] = {"backbone": [], "tokens": [], "embedding": []}
     centre_colour: list[str] = []
     texts, text_colour = [], []
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if ious and max(ious) >= 0.5:
                 stored["feature"].append(np.asarray(insts[int(np.argmax(ious))].embedding, dtype=np.float32))
                 for key, values in stored_labels.items():
-                    values.append(str(ann.attributes[key]))
+                    values.append(str(first.extra.get("background")) if key == "background" else str(ann.attributes[key]))
             x, y, w, h = ann.bbox
             col = min(int((x + w / 2) / image.width * grid), grid - 1)
             row = min(int((y + h / 2) / image.height * grid), grid - 1)

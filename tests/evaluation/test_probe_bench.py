@@ -41,6 +41,7 @@ def test_probe_runs_on_a_checkpoint(tmp_path: Path) -> None:
                          "--out", str(tmp_path / "probe.json")])  # fmt: skip
     assert json.loads((tmp_path / "probe.json").read_text()) == report
     assert set(report["box_centre_token_colour"]) == {"backbone", "tokens", "embedding"}
+    assert set(report["stored_instance"]) == {"color", "shape", "size", "background"}
     assert report["text_head_colour"]["n"] > 0
     for part in report["box_centre_token_colour"].values():
         assert 0.0 <= part["accuracy"] <= 1.0 and part["n"] > 0
