@@ -20,9 +20,9 @@ from rich.console import Console
 RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 20, "weight_decay": 0.01,
                                  "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
 # Everything but training (data, ingestion, HTTP queries, evaluation, the stages' start-up): 3.1 min on
-# a 2-core machine on 2026-11-27; `make demo` = 16.5 + 4 min.
+# a 2-core machine on 2026-11-27; `make demo` = 17.5 + 4 min on the reference machine.
 DEMO_OVERHEAD_S = 4 * 60
-REFERENCE_MINUTES = 16.5  # stage_steps are what a reference 2-core machine trains in these minutes
+REFERENCE_MINUTES = 17.5  # stage_steps are what a reference 2-core machine trains in these minutes
 STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes, steps reached or not
 
 
@@ -37,22 +37,22 @@ class DemoConfig:
     # term, 33.3% before it. With 32 random expressions at lr 1e-3 the same
     # split gave 24.3%; 3 / 5 / 3.6 min gave 16.5% and 2.5 / 6.5 / 5.5 min 23.2% (the re-ranker
     # only reorders what the embeddings tell apart, so stage 2 keeps the largest share).
-    # Since 2026-11-27 (400 / 700 / 3,000 steps): 4 / 7 / 5.5 minutes.
-    stage1_share: float = 4.0 / 16.5
-    rerank_share: float = 5.5 / 16.5
+    # Since 2026-11-27 (600 / 940 / 3,500 steps): 4.5 / 8 / 5 minutes.
+    stage1_share: float = 4.5 / 17.5
+    rerank_share: float = 5.0 / 17.5
     # Each stage trains for the steps a reference 2-core machine reaches in its share of the
     # minutes (stage 1, stage 2, re-ranker), scaled with train_minutes, and stops at STEP_TIME_CAP
     # times its minutes at the latest. With the minutes alone (fixed_steps False) a machine half
     # as fast trains half the steps: on one such machine (2026-11-25) stage 2 reached 392 of
     # 940 steps and the ANN order fell from 4.9% to 1.0% BR@1 (docs/benchmarks.md, `make demo`).
     fixed_steps: bool = True
-    # 400 / 700 / 3,000 since the embedding probes (2026-11-27). On the plain-torch replica,
+    # 600 / 940 / 3,500 since the embedding probes (2026-11-27). On the plain-torch replica,
     # stage 1 at 600 instead of 300 steps raised BR@5/10 from 53.4 / 60.3% to 58.0 / 67.7%, and
     # 3,500 re-ranker steps instead of 2,000 BR@1 from 21.4% to 30.3%
-    # (bench/results/embedding-probes-replica-2cpu-2026-11-27.json); 600 / 940 / 3,500 gave
-    # 31.8% BR@1 end to end but took 24.9 min on a 2-core machine (stage 1 0.58 s/step,
-    # stage 2 0.59, re-ranker 0.114), so the steps were cut to fit 20 minutes there.
-    stage_steps: tuple[int, int, int] = (400, 700, 3000)
+    # (bench/results/embedding-probes-replica-2cpu-2026-11-27.json). End to end on one 2-core
+    # machine: 31.8% BR@1 in 24.9 min (stage 1 0.58 s/step, stage 2 0.59, re-ranker 0.114);
+    # 400 / 700 / 3,000 steps took about 19 min there and gave only 19.1%.
+    stage_steps: tuple[int, int, int] = (600, 940, 3500)
     model: str = "small"
     # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
     # the held-out ones appear in the test split only.
