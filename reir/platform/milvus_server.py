@@ -11,6 +11,7 @@ Shutdown sends SIGINT first because that is the signal the server handles gracef
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -32,6 +33,43 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+# Ray's workers listen on 10002-19999 by default (--min/max-worker-port).
+RESERVE_LOW, RESERVE_HIGH = 20000, 32767
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 and for outgoing connections (Linux's default
+    where it cannot be read)."""
+    try:
+        low, high = (int(v) for v in Path(path).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def reserved_port(rng: random.Random | None = None, tries: int = 200, avoid: tuple[int, ...] = ()) -> int:
+    """A port free on every interface now and outside the kernel's ephemeral range, for a
+    server that binds it long after it is picked: HAProxy's ports are picked when Ray starts
+    and bound when Serve starts, 20 minutes later in `make demo`, and a port from the
+    ephemeral range was taken in between by one of the many connections Ray opens ("cannot
+    bind socket (Address already in use)"). Falls back to :func:`free_port` where the
+    ephemeral range leaves no room below it. ``avoid``: ports already handed out (not bound yet)."""
+    low, _ = ephemeral_range()
+    high = min(RESERVE_HIGH, low - 1)
+    rng = rng or random.Random()
+    for _ in range(tries if high > RESERVE_LOW else 0):
+        port = rng.randint(RESERVE_LOW, high)
+        if port in avoid:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    return free_port("0.0.0.0")
 
 
 # milvus-lite appends each write to its collection's write-ahead log from the request's gRPC

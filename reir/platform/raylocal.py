@@ -34,15 +34,18 @@ def use_serve_data_plane() -> None:
     """Set :data:`LOCAL_RAY_SERVE_ENV` in this process's environment (where unset), before it
     starts a local Ray: the raylet, the Serve controller and the replicas inherit it. HAProxy's
     metrics and stats ports (:data:`HAPROXY_PORT_ENV`) are free ports picked here, unless set
-    by hand (not inherited from another reir process, whose HAProxy may hold them)."""
-    from reir.platform.milvus_server import free_port
+    by hand (not inherited from another reir process, whose HAProxy may hold them), and outside
+    the ephemeral range (:func:`~reir.platform.milvus_server.reserved_port`)."""
+    from reir.platform.milvus_server import reserved_port
 
     for key, value in LOCAL_RAY_SERVE_ENV.items():
         os.environ.setdefault(key, value)
     set_by_hand = _PORTS_PICKED_BY not in os.environ and any(key in os.environ for key in HAPROXY_PORT_ENV)
     if not set_by_hand:
+        picked: tuple[int, ...] = ()
         for key in HAPROXY_PORT_ENV:
-            os.environ[key] = str(free_port())
+            picked += (reserved_port(avoid=picked),)
+            os.environ[key] = str(picked[-1])
         os.environ[_PORTS_PICKED_BY] = str(os.getpid())
 
 
