@@ -35,8 +35,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-# Ray's workers listen on 10002-19999 by default (--min/max-worker-port).
-RESERVE_LOW, RESERVE_HIGH = 20000, 32767
+# Ray's workers listen on 10002-19999 by default (--min/max-worker-port), Serve's ingress
+# replicas from 30000 up.
+RESERVE_LOW, RESERVE_HIGH = 20000, 29999
 
 
 def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
