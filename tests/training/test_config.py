@@ -36,13 +36,15 @@ def test_unknown_or_bad_fields_are_rejected() -> None:
 
 
 def test_weak_stage_from_a_preset_gets_the_appearance_head(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    weak = TrainConfig(data_root="d", stage="weak")
+    weak = TrainConfig(data_root="d", stage="weak", model="tiny")
     assert weak.applied_model_overrides == {"vision__appearance_head": True} and weak.model_overrides == {}
+    # a preset that names the head keeps its own choice (small has it, with the embedding probes)
+    assert TrainConfig(data_root="d", stage="weak", model="small").applied_model_overrides == {}
     kept = {"vision": {"appearance_head": False}, "embed_dim": 64}
-    assert TrainConfig(data_root="d", stage="weak", model_overrides=kept).applied_model_overrides == kept
-    assert TrainConfig(data_root="d", stage="weak", model_overrides={"vision__appearance_head": False}
+    assert TrainConfig(data_root="d", stage="weak", model="tiny", model_overrides=kept).applied_model_overrides == kept
+    assert TrainConfig(data_root="d", stage="weak", model="tiny", model_overrides={"vision__appearance_head": False}
                        ).applied_model_overrides == {"vision__appearance_head": False}  # fmt: skip
-    assert TrainConfig(data_root="d", stage="1").applied_model_overrides == {}
+    assert TrainConfig(data_root="d", stage="1", model="tiny").applied_model_overrides == {}
     (tmp_path / "model").mkdir()  # a checkpoint directory keeps its own architecture
     assert weak.model_copy(update={"model": str(tmp_path / "model")}).applied_model_overrides == {}
     assert weak.model_copy(update={"stage": "weak-rerank"}).applied_model_overrides == {}
