@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ious = [iou_xywh(inst.box_xywh, ann.bbox) for inst in insts]
             if ious and max(ious) >= 0.5:
                 stored["feature"].append(np.asarray(insts[int(np.argmax(ious))].embedding, dtype=np.float32))
+                labels = {**ann.attributes, "background": first.extra.get("background")}
                 for key, values in stored_labels.items():
-                    values.append(str(first.extra.get("background")) if key == "background" else str(ann.attributes[key]))
+                    values.append(str(labels[key]))
             x, y, w, h = ann.bbox
             col = min(int((x + w / 2) / image.width * grid), grid - 1)
             row = min(int((y + h / 2) / image.height * grid), grid - 1)

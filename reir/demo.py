@@ -22,7 +22,11 @@ RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 
 # Everything but training (data, ingestion, HTTP queries, evaluation, the stages' start-up): 3.1 min on
 # a 2-core machine on 2026-11-27; `make demo` = 17.5 + 4 min on the reference machine.
 DEMO_OVERHEAD_S = 4 * 60
-REFERENCE_MINUTES = 17.5  # stage_steps are what a reference 2-core machine trains in these minutes
+# Minutes a reference 2-core machine takes for stage_steps: stage 1, stage 2, the re-ranker
+# (600 / 940 / 3,500 steps since 2026-11-27). Earlier splits and what they gave:
+# docs/decisions.md ("The demo's time split").
+STAGE_MINUTES = (4.5, 8.0, 5.0)
+REFERENCE_MINUTES = sum(STAGE_MINUTES)
 STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes, steps reached or not
 
 
@@ -31,15 +35,8 @@ class DemoConfig:
     out: str = "demo_out"
     num_images: int = 2000
     train_minutes: float = REFERENCE_MINUTES
-    # 2.5 min stage 1, 8 min stage 2, 3.5 min re-ranker (batches of 128 from one negative
-    # group, lr 4e-3): 55.8% BR@1 in 18.3 min (2026-11-24, non-negative relation weight and
-    # input dropout; 47.7% on 2026-11-22 before them) with the re-ranker's existential relation
-    # term, 33.3% before it. With 32 random expressions at lr 1e-3 the same
-    # split gave 24.3%; 3 / 5 / 3.6 min gave 16.5% and 2.5 / 6.5 / 5.5 min 23.2% (the re-ranker
-    # only reorders what the embeddings tell apart, so stage 2 keeps the largest share).
-    # Since 2026-11-27 (600 / 940 / 3,500 steps): 4.5 / 8 / 5 minutes.
-    stage1_share: float = 4.5 / 17.5
-    rerank_share: float = 5.0 / 17.5
+    stage1_share: float = STAGE_MINUTES[0] / REFERENCE_MINUTES
+    rerank_share: float = STAGE_MINUTES[2] / REFERENCE_MINUTES
     # Each stage trains for the steps a reference 2-core machine reaches in its share of the
     # minutes (stage 1, stage 2, re-ranker), scaled with train_minutes, and stops at STEP_TIME_CAP
     # times its minutes at the latest. With the minutes alone (fixed_steps False) a machine half

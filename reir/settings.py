@@ -84,12 +84,18 @@ class EvalConfig(_Settings):
         return self
 
 
+def _demo_reference_minutes() -> float:
+    from reir.demo import REFERENCE_MINUTES  # one number for the demo's steps and its default minutes
+
+    return REFERENCE_MINUTES
+
+
 class DemoSettings(_Settings):
     """``reir demo``: the settings a user may change (reir.demo.DemoConfig holds the rest)."""
 
     out: str = "demo_out"
     num_images: int = Field(default=2000, ge=20)
-    train_minutes: float = Field(default=17.5, ge=0.2)
+    train_minutes: float = Field(default=_demo_reference_minutes(), ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "
                               "the latest: a slower machine takes longer instead of training less; false: the "

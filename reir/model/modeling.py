@@ -141,9 +141,8 @@ class VisualEncoder(nn.Module):
         boxes, obj, emb = self.heads(tokens)
         cls = self.heads.classifier(tokens) if self.heads.classifier is not None else None
         app = self.heads.appearance(tokens) if self.heads.appearance is not None else None
-        probes = self.heads.probe(emb) if self.heads.probe_appearance is not None else None
         return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls, appearance=app,
-                              probes=probes)
+                              probes=self.heads.probe(emb))
 
 
 class MixtureOfRelationExperts(nn.Module):

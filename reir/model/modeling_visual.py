@@ -180,9 +180,11 @@ class InstanceHeads(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def probe(self, emb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``emb [B, Q, D]`` -> class logits (or None) and colour read linearly from the embeddings."""
-        assert self.probe_appearance is not None
+    def probe(self, emb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """``emb [B, Q, D]`` -> class logits (or None) and colour read linearly from the
+        embeddings; None without ``vision.embedding_probes``."""
+        if self.probe_appearance is None:
+            return None
         cls = self.probe_class(emb) if self.probe_class is not None else None
         return cls, self.probe_appearance(emb)
 
