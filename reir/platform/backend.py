@@ -1,11 +1,12 @@
 """What a Milvus backend is, and the defaults that suit it (used by :mod:`reir.platform.store`).
 
-milvus-lite (a ``.db`` file, or ``milvus-lite server`` by URI) is one process: its
-``AUTOINDEX`` is a FAISS HNSW (brute force without faiss), its scalar queries scan, so it
-stays the embedded default for small galleries. A Milvus server (standalone or cluster)
-gets HNSW with M 16 / efConstruction 200. Both are searched with ``ef`` = ``HNSW_EF`` (or
-the top-N when larger): FAISS's default of 64 is below a top-100 and gave recall@100 0.18
-on 100k random vectors (``bench/query_scale.py measure --recall``; docs/query-path.md).
+milvus-lite (a ``.db`` file, or ``milvus-lite server`` by URI) is one process: reir builds
+it a FLAT index for ``AUTOINDEX`` (exact; the searcher answers unfiltered searches from its
+in-memory index), its scalar queries scan, so it stays the embedded default for small
+galleries. A Milvus server (standalone or cluster) gets HNSW with M 16 / efConstruction 200.
+HNSW is searched with ``ef`` = ``HNSW_EF`` (or the top-N when larger): FAISS's default of 64
+is below a top-100 and gave recall@100 0.18 on 100k random vectors (``bench/query_scale.py
+measure --recall``; docs/query-path.md).
 
 Each model version's rows live in their own partition (``mv_<version>``) of collections
 created with the context fields (``image_w``/``image_h``/``n_instances``), so a search for one
@@ -28,6 +29,10 @@ DEFAULT_PARTITION = "_default"
 # itself; model embeddings (clustered) reach 0.95 earlier. See docs/query-path.md.
 HNSW_EF = 512
 SERVER_INDEX: tuple[str, dict[str, Any]] = ("HNSW", {"M": 16, "efConstruction": 200})
+# milvus-lite's AUTOINDEX: FLAT (exact). Its own HNSW (FAISS) took 65 s to build per 100k rows
+# for recall@100 0.68 and searches only 1.2-1.6x faster, searches the searcher answers from its
+# in-memory index anyway (docs/decisions.md); FLAT builds in about a second.
+LITE_INDEX = "FLAT"
 _PARTITION_CHARS = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -49,16 +54,18 @@ def partition_for(model_version: str) -> str:
 
 
 def auto_index(lite: bool, requested: str) -> tuple[str, dict[str, Any]]:
-    """The index to build: the requested one, or per backend for ``AUTOINDEX`` on a server."""
-    if requested == "AUTOINDEX" and not lite:
-        return SERVER_INDEX[0], dict(SERVER_INDEX[1])
-    return requested, {}
+    """The index to build: the requested one, or the backend's for ``AUTOINDEX``: HNSW on a
+    server, FLAT on milvus-lite (see :data:`LITE_INDEX`)."""
+    if requested != "AUTOINDEX":
+        return requested, {}
+    return (LITE_INDEX, {}) if lite else (SERVER_INDEX[0], dict(SERVER_INDEX[1]))
 
 
 def search_params(index_type: str | None, top_n: int, lite: bool, overrides: dict[str, Any]) -> dict[str, Any]:
     """Per-search parameters for the index in place; ``overrides`` (configuration) win."""
     params: dict[str, Any] = {}
-    if index_type == "HNSW" or (lite and index_type == "AUTOINDEX"):  # lite's AUTOINDEX is HNSW
+    # (a lite collection indexed as "AUTOINDEX" holds the FAISS HNSW that lite built for it before)
+    if index_type == "HNSW" or (lite and index_type == "AUTOINDEX"):
         params["ef"] = max(top_n, HNSW_EF)
     elif index_type == "IVF_FLAT":
         params["nprobe"] = 16

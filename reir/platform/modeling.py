@@ -93,6 +93,17 @@ def input_size_for(path: str | Path) -> int | None:
     return int(size) if isinstance(size, int) and size > 0 else None
 
 
+def embedding_dim_for(path: str | Path) -> int | None:
+    """The embedding size a reir checkpoint's rows will have (its ``config.json``), or None
+    when the checkpoint does not say (another model)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dim = config.get("embed_dim") if config.get("model_type") == "reir" else None
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
 def model_version_for(path: str | Path, *, hash_chars: int = 10) -> str:
     """``"{dir name}-{hash}"`` of a checkpoint directory's config + weights files.
 

@@ -45,6 +45,23 @@ def test_layout_is_read_once_and_refreshed_by_an_index_build(store: MilvusStore)
     assert store.layout() is not first and store.layout().index_type == "FLAT"
 
 
+def test_autoindex_on_lite_builds_flat_and_keeps_an_index_already_there(tmp_path: Path) -> None:
+    vecs, rows = _rows(4, 2)
+    with MilvusStore(str(tmp_path / "auto.db"), "auto", dim=DIM) as store:
+        store.upsert(rows)
+        store.build_index("AUTOINDEX")
+        store.load()
+        assert store.layout().index_type == "FLAT"
+        assert [h.pk for h in store.search(vecs[5], 1)[0]] == [rows[5][S.PK]]
+    with MilvusStore(str(tmp_path / "old.db"), "old", dim=DIM) as store:
+        store.upsert(rows)
+        store.build_index("HNSW")  # what an older reir's AUTOINDEX left on a lite collection
+        store.build_index("AUTOINDEX")  # kept: rebuilding would release a serving collection
+        assert store.layout().index_type == "HNSW"
+        store.build_index("FLAT")  # an explicit type is built
+        assert store.layout().index_type == "FLAT"
+
+
 def test_each_model_version_gets_its_partition_and_is_searched_without_a_filter(store: MilvusStore) -> None:
     vecs, v1 = _rows(4, 2, "v1")
     _, v2 = _rows(4, 2, "v2:x".replace(":", "-"), seed=1)
@@ -157,7 +174,8 @@ def test_a_collection_without_the_context_fields_still_serves(tmp_path: Path) ->
 
 def test_backend_defaults() -> None:
     assert auto_index(lite=False, requested="AUTOINDEX") == ("HNSW", {"M": 16, "efConstruction": 200})
-    assert auto_index(lite=True, requested="AUTOINDEX") == ("AUTOINDEX", {})
+    assert auto_index(lite=True, requested="AUTOINDEX") == ("FLAT", {})
+    assert auto_index(lite=True, requested="HNSW") == ("HNSW", {})
     assert auto_index(lite=False, requested="IVF_FLAT") == ("IVF_FLAT", {})
     assert search_params("HNSW", 100, lite=False, overrides={})["params"]["ef"] >= 256
     assert search_params("HNSW", 100, lite=False, overrides={"ef": 300})["params"]["ef"] == 300
