@@ -59,6 +59,22 @@ def test_ingest_real_tiny_model_into_lite_file_and_rerun_is_idempotent(
         np.testing.assert_allclose(np.linalg.norm(row["embedding"]), 1.0, atol=1e-4)
 
 
+def test_a_new_lite_collection_is_indexed_flat_by_default_and_searchable_after_the_run(
+    tmp_path: Path, tiny_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path]
+) -> None:
+    root = make_gallery(tmp_path / "auto", n=4, corrupt=0)
+    db = tmp_path / "auto.db"
+    cfg = _config(root, tiny_checkpoint, str(db), milvus=MilvusConfig(uri=str(db), collection="gallery"))
+    summary = run_ingestion(cfg)
+    assert summary.rows_in_store == 4 * TOP_K
+    with MilvusStore(str(db), "gallery") as store:
+        assert store.index_type() == "FLAT"  # milvus-lite's AUTOINDEX
+        store.load()  # a reopened lite file starts released
+        row = store.get([f"{summary.model_version}:img002:0"])[0]
+        hits = store.search(np.asarray(row["embedding"], dtype=np.float32), 1, SearchFilter(model_version=summary.model_version))
+        assert hits[0][0].pk == row["pk"]
+
+
 @pytest.mark.parametrize("layout", ["fused", "staged"])
 def test_ingest_with_injected_loader_through_a_server_uri(
     tmp_path: Path, fake_checkpoint: Path, ray_session: None, make_gallery: Callable[..., Path], layout: str
