@@ -63,16 +63,6 @@ class TextSpec:
     vocab_size: int | None = None  # built-in tokenizer size, filled in at creation
     model_path: str | None = None
     hf_config: dict[str, Any] | None = None
-    # A frozen tower is not trained (a pretrained one keeps what it knows of words it will not
-    # see in training); while training, its states for an expression are computed once and
-    # kept (in memory, up to ``frozen_cache_items`` expressions).
-    freeze: bool = False
-    frozen_cache_items: int = 50_000
-    # Trainable transformer layers over the tower's token states (their output is what the
-    # pooling, the re-ranker and the retrieval head read): what a frozen tower is tuned with.
-    adapter_layers: int = 0
-    adapter_hidden: int = 128  # the adapter's width (the tower's states are projected to it)
-    adapter_heads: int = 4
 
 
 @dataclass

@@ -218,97 +218,30 @@ def _build_text_tower(spec: TextSpec, load_weights: bool) -> PreTrainedModel:
     return AutoModel.from_config(AutoConfig.for_model(model_type, **cfg_dict))
 
 
-class TextAdapter(nn.Module):
-    """Trainable transformer layers over a (frozen) tower's token states: ``[T, L, H]`` ->
-    ``[T, L, hidden]``."""
-
-    def __init__(self, in_dim: int, spec: TextSpec) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_dim, spec.adapter_hidden)
-        layer = nn.TransformerEncoderLayer(spec.adapter_hidden, spec.adapter_heads, 2 * spec.adapter_hidden,
-                                           dropout=0.0, batch_first=True, norm_first=True)  # fmt: skip
-        self.layers = nn.TransformerEncoder(layer, spec.adapter_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(spec.adapter_hidden)
-
-    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.proj(states), src_key_padding_mask=attention_mask == 0)
-        return self.norm(x)
-
-
 class TextEncoder(nn.Module):
-    """Tokens -> HF encoder (-> adapter) -> pooled vector -> MoRE -> L2-normalized ``[T, D]``.
-
-    A frozen tower (``TextSpec.freeze``) runs without gradients and stays in eval mode; while
-    the module trains, its states per expression are kept (``frozen_cache_items``), so an
-    expression seen again costs nothing.
-    """
+    """Tokens -> HF encoder -> pooled vector -> MoRE -> L2-normalized ``[T, D]``."""
 
     def __init__(self, spec: TextSpec, more: MoreSpec, embed_dim: int, load_weights: bool) -> None:
         super().__init__()
         self.pooling = spec.pooling
         self.model: PreTrainedModel = _build_text_tower(spec, load_weights)
-        self.frozen = spec.freeze
-        self.cache_items = spec.frozen_cache_items
-        self._cache: dict[bytes, torch.Tensor] = {}
-        if self.frozen:
-            if spec.pooling == "pooler":
-                raise ValueError("a frozen text tower pools its (adapted) states: text.pooling 'mean' or 'cls'")
-            self.model.requires_grad_(False)
-            self.model.eval()
-        tower = int(self.model.config.hidden_size)
-        self.adapter = TextAdapter(tower, spec) if spec.adapter_layers > 0 else None
-        self.hidden_size = spec.adapter_hidden if self.adapter is not None else tower
-        self.more = MixtureOfRelationExperts(self.hidden_size, embed_dim, more)
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()  # no dropout in a tower that is not trained
-        return self
-
-    def _tower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(last hidden states, pooler output or None)."""
-        if not self.frozen:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-            return out.last_hidden_state, getattr(out, "pooler_output", None)
-        if not self.training:
-            with torch.no_grad():
-                return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, None
-        lengths = attention_mask.sum(1).tolist()
-        keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
-        missing = sorted({i for i, k in enumerate(keys) if k not in self._cache}, key=lambda i: -lengths[i])
-        fresh: dict[bytes, torch.Tensor] = {}
-        if missing:
-            width = int(max(lengths[i] for i in missing))
-            with torch.no_grad():
-                states = self.model(input_ids=input_ids[missing, :width], attention_mask=attention_mask[missing, :width])
-            for row, i in enumerate(missing):
-                fresh[keys[i]] = states.last_hidden_state[row, : int(lengths[i])].detach()
-            for key, value in fresh.items():  # kept on the CPU in float16: half the memory
-                if len(self._cache) < self.cache_items:
-                    self._cache[key] = value.to("cpu", torch.float16)
-        out = torch.zeros(*input_ids.shape, int(self.model.config.hidden_size), device=input_ids.device,
-                          dtype=self.model.dtype)  # fmt: skip
-        for i, key in enumerate(keys):
-            value = fresh[key] if key in fresh else self._cache[key]
-            out[i, : value.shape[0]] = value.to(out.device, out.dtype)
-        return out, None
+        self.more = MixtureOfRelationExperts(int(self.model.config.hidden_size), embed_dim, more)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         if input_ids.shape[0] == 0:
             return self._empty(input_ids)
-        states, pooler = self._tower(input_ids, attention_mask)
-        if self.adapter is not None:
-            states = self.adapter(states, attention_mask)
-        if self.pooling == "pooler" and self.adapter is None and pooler is not None:
-            pooled = pooler
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler":
+            pooled = out.pooler_output
         elif self.pooling == "cls":
-            pooled = states[:, 0]
+            pooled = out.last_hidden_state[:, 0]
         else:
-            mask = attention_mask[..., None].to(states.dtype)
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            mask = attention_mask[..., None].to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         emb, aux, probs = self.more(pooled)
-        return TextOutput(embeddings=F.normalize(emb, dim=-1), aux_loss=aux, gate_probs=probs, token_states=states)
+        return TextOutput(
+            embeddings=F.normalize(emb, dim=-1), aux_loss=aux, gate_probs=probs, token_states=out.last_hidden_state
+        )
 
     def _empty(self, input_ids: torch.Tensor) -> TextOutput:
         # No expressions in this batch: still run one dummy row so that every parameter
@@ -366,9 +299,8 @@ class ReirModel(nn.Module):
 
     @property
     def text_hidden_size(self) -> int:
-        """Width of the text tower's token states, or its adapter's (what the re-ranker and
-        retrieval head read)."""
-        return int(self._text_encoder().hidden_size)
+        """Width of the text tower's token states (what the re-ranker and retrieval head read)."""
+        return int(self._text_encoder().model.config.hidden_size)
 
     def _build_reranker(self, spec: RerankSpec) -> RelationReranker:
         return RelationReranker(spec, self.text_hidden_size, self.config.embed_dim)

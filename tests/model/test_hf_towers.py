@@ -93,39 +93,3 @@ def test_text_encoder_path(tmp_path: Path) -> None:
     model2, proc2 = create_model(tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(model2.encode_text(**proc2.text(TEXTS)).embeddings, emb, rtol=0, atol=0)
-
-
-def test_a_frozen_tower_is_not_trained_caches_its_states_and_its_adapter_learns(tmp_path: Path) -> None:
-    src = tmp_path / "bert"
-    tok = build_tokenizer(32)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=48)).save_pretrained(src)  # fmt: skip
-    tok.save_pretrained(src)
-    model, proc = create_model("tiny", text_encoder_path=str(src),
-                               text={"freeze": True, "adapter_layers": 1, "adapter_hidden": 16, "adapter_heads": 2})  # fmt: skip
-    text = model.text
-    assert text is not None and model.text_hidden_size == 16
-    tower = {k: v.clone() for k, v in text.model.state_dict().items()}
-    adapter = {k: v.clone() for k, v in text.adapter.state_dict().items()}
-    enc = proc.text(TEXTS)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model.train()
-    assert not text.model.training  # no dropout in the frozen tower
-    first = model.encode_text(**enc)
-    assert len(text._cache) == 2 and first.token_states is not None and first.token_states.shape[-1] == 16
-    (first.embeddings[0] @ first.embeddings[1]).backward()  # pull the two expressions apart
-    opt.step()
-    # the tower did not move; the adapter did; the cached states give the eval-mode answer
-    assert all(torch.equal(tower[k], v) for k, v in text.model.state_dict().items())
-    assert any(not torch.equal(adapter[k], v) for k, v in text.adapter.state_dict().items())
-    again = model.encode_text(**enc)  # from the cache (float16)
-    with torch.no_grad():
-        fresh = model.eval().encode_text(**enc)
-    torch.testing.assert_close(again.embeddings.detach(), fresh.embeddings, atol=2e-3, rtol=0)
-    model.save_pretrained(tmp_path / "ckpt")
-    proc.save_pretrained(tmp_path / "ckpt")
-    model2, proc2 = create_model(tmp_path / "ckpt")
-    assert model2.text is not None and model2.text.frozen and not any(p.requires_grad for p in model2.text.model.parameters())
-    with torch.no_grad():
-        torch.testing.assert_close(model2.eval().encode_text(**proc2.text(TEXTS)).embeddings, fresh.embeddings,
-                                   rtol=0, atol=0)  # fmt: skip
