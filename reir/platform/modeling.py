@@ -85,23 +85,24 @@ def load_reir_image_model(path: str) -> tuple[Any, Any]:
 def input_size_for(path: str | Path) -> int | None:
     """The square input size a reir checkpoint's processor resizes images to (its
     ``preprocessor_config.json``), or None when the checkpoint does not say (another model)."""
-    try:
-        config = json.loads((Path(path) / "preprocessor_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    size = config.get("image_size") if config.get("processor_class") == "ReirProcessor" else None
-    return int(size) if isinstance(size, int) and size > 0 else None
+    return _reir_setting(path, "preprocessor_config.json", ("processor_class", "ReirProcessor"), "image_size")
 
 
 def embedding_dim_for(path: str | Path) -> int | None:
     """The embedding size a reir checkpoint's rows will have (its ``config.json``), or None
     when the checkpoint does not say (another model)."""
+    return _reir_setting(path, "config.json", ("model_type", "reir"), "embed_dim")
+
+
+def _reir_setting(path: str | Path, file: str, kind: tuple[str, str], key: str) -> int | None:
+    """A positive integer ``key`` of the checkpoint's ``file`` when that file's ``kind[0]`` field
+    is ``kind[1]`` (a reir checkpoint), else None."""
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = json.loads((Path(path) / file).read_text())
     except (OSError, ValueError):
         return None
-    dim = config.get("embed_dim") if config.get("model_type") == "reir" else None
-    return int(dim) if isinstance(dim, int) and dim > 0 else None
+    value = config.get(key) if config.get(kind[0]) == kind[1] else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def model_version_for(path: str | Path, *, hash_chars: int = 10) -> str:

@@ -37,6 +37,19 @@ def test_input_size_comes_from_a_reir_processor_config(tmp_path: Path) -> None:
     assert input_size_for(tmp_path / "missing") is None
 
 
+def test_embedding_dim_comes_from_a_reir_model_config(tmp_path: Path) -> None:
+    import json
+
+    from reir.platform.modeling import embedding_dim_for
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "reir", "embed_dim": 64}))
+    assert embedding_dim_for(tmp_path) == 64
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "embed_dim": 64}))
+    assert embedding_dim_for(tmp_path) is None  # another model: ingestion creates the collection from its rows
+    (tmp_path / "config.json").write_text("{not json")
+    assert embedding_dim_for(tmp_path) is None
+
+
 def test_decoding_does_not_import_torch() -> None:
     """Read tasks import reir.model.images; the package must not pull torch and transformers."""
     import subprocess
