@@ -15,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
+from reir.settings import DEMO_REFERENCE_MINUTES, DEMO_STAGE_MINUTES
+
 # The demo's re-ranker recipe: batches of 128 expressions from one negative group (shared hard
 # negatives), lr 4e-3. bench/rerank.py trains its default variant with the same.
 RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 20, "weight_decay": 0.01,
@@ -22,11 +24,6 @@ RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 
 # Everything but training (data, ingestion, HTTP queries, evaluation, the stages' start-up): 3.1 min on
 # a 2-core machine on 2026-11-27; `make demo` = 17.5 + 4 min on the reference machine.
 DEMO_OVERHEAD_S = 4 * 60
-# Minutes a reference 2-core machine takes for stage_steps: stage 1, stage 2, the re-ranker
-# (600 / 940 / 3,500 steps since 2026-11-27). Earlier splits and what they gave:
-# docs/decisions.md ("The demo's time split").
-STAGE_MINUTES = (4.5, 8.0, 5.0)
-REFERENCE_MINUTES = sum(STAGE_MINUTES)
 STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes, steps reached or not
 
 
@@ -34,9 +31,9 @@ STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes
 class DemoConfig:
     out: str = "demo_out"
     num_images: int = 2000
-    train_minutes: float = REFERENCE_MINUTES
-    stage1_share: float = STAGE_MINUTES[0] / REFERENCE_MINUTES
-    rerank_share: float = STAGE_MINUTES[2] / REFERENCE_MINUTES
+    train_minutes: float = DEMO_REFERENCE_MINUTES
+    stage1_share: float = DEMO_STAGE_MINUTES[0] / DEMO_REFERENCE_MINUTES
+    rerank_share: float = DEMO_STAGE_MINUTES[2] / DEMO_REFERENCE_MINUTES
     # Each stage trains for the steps a reference 2-core machine reaches in its share of the
     # minutes (stage 1, stage 2, re-ranker), scaled with train_minutes, and stops at STEP_TIME_CAP
     # times its minutes at the latest. With the minutes alone (fixed_steps False) a machine half
@@ -169,7 +166,7 @@ def _limits(cfg: DemoConfig, stage: int, seconds: float) -> dict[str, Any]:
     (scaled with the minutes) with the minutes times ``STEP_TIME_CAP`` as a cap."""
     if not cfg.fixed_steps:
         return {"time_budget_s": seconds}
-    steps = max(1, round(cfg.stage_steps[stage] * cfg.train_minutes / REFERENCE_MINUTES))
+    steps = max(1, round(cfg.stage_steps[stage] * cfg.train_minutes / DEMO_REFERENCE_MINUTES))
     return {"max_steps": steps, "time_budget_s": seconds * STEP_TIME_CAP}
 
 
