@@ -53,12 +53,16 @@ def partition_for(model_version: str) -> str:
     return f"mv_{readable}_{digest}"
 
 
-def auto_index(lite: bool, requested: str) -> tuple[str, dict[str, Any]]:
-    """The index to build: the requested one, or the backend's for ``AUTOINDEX``: HNSW on a
-    server, FLAT on milvus-lite (see :data:`LITE_INDEX`)."""
+def auto_index(lite: bool, requested: str, current: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The index a collection should have: the requested one, or the backend's for
+    ``AUTOINDEX``: HNSW on a server; on milvus-lite the index it has (``current``; one built by
+    an older reir is lite's FAISS HNSW: rebuilding would release a collection that may be
+    serving), else FLAT (see :data:`LITE_INDEX`)."""
     if requested != "AUTOINDEX":
         return requested, {}
-    return (LITE_INDEX, {}) if lite else (SERVER_INDEX[0], dict(SERVER_INDEX[1]))
+    if lite:
+        return current or LITE_INDEX, {}
+    return SERVER_INDEX[0], dict(SERVER_INDEX[1])
 
 
 def search_params(index_type: str | None, top_n: int, lite: bool, overrides: dict[str, Any]) -> dict[str, Any]:

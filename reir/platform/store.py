@@ -463,19 +463,16 @@ class MilvusStore:
     def build_index(self, index_type: str = "AUTOINDEX", params: Mapping[str, Any] | None = None) -> None:
         """(Re)build the vector index; a no-op when the same index type already exists.
 
-        ``AUTOINDEX`` means the backend's default: FLAT on milvus-lite, HNSW on a server
-        (:func:`reir.platform.backend.auto_index`). On milvus-lite it keeps any index the
-        collection already has (one built by an older reir is lite's FAISS HNSW): rebuilding
-        would release a collection that may be serving.
+        ``AUTOINDEX`` means the backend's default (:func:`reir.platform.backend.auto_index`):
+        HNSW on a server; on milvus-lite the index the collection has, else FLAT.
         """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
-        requested = index_type
-        index_type, defaults = auto_index(self.lite, index_type)
-        params = {**defaults, **dict(params or {})}
         self.refresh()
         current = self._current_index_type()
-        if current == index_type or (requested == "AUTOINDEX" and self.lite and current is not None):
+        index_type, defaults = auto_index(self.lite, index_type, current)
+        params = {**defaults, **dict(params or {})}
+        if current == index_type:
             return
         # Milvus refuses to change an index on a loaded collection.
         self.client.release_collection(self.collection)

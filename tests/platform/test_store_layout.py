@@ -176,6 +176,8 @@ def test_backend_defaults() -> None:
     assert auto_index(lite=False, requested="AUTOINDEX") == ("HNSW", {"M": 16, "efConstruction": 200})
     assert auto_index(lite=True, requested="AUTOINDEX") == ("FLAT", {})
     assert auto_index(lite=True, requested="HNSW") == ("HNSW", {})
+    assert auto_index(lite=True, requested="AUTOINDEX", current="HNSW") == ("HNSW", {})  # kept
+    assert auto_index(lite=False, requested="AUTOINDEX", current="FLAT")[0] == "HNSW"
     assert auto_index(lite=False, requested="IVF_FLAT") == ("IVF_FLAT", {})
     assert search_params("HNSW", 100, lite=False, overrides={})["params"]["ef"] >= 256
     assert search_params("HNSW", 100, lite=False, overrides={"ef": 300})["params"]["ef"] == 300
