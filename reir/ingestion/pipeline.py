@@ -396,9 +396,9 @@ def run_ingestion(
             ledger = Ledger(control, collection=collection, model_version=model_version)
             known = ledger.entries() if cfg.incremental else {}
         target = milvus.model_copy(update={"collection": collection, "fallback_collection": None})
-        # A new collection gets its index before its rows (the default loader's checkpoint
-        # says the dim), so the end of the run only flushes and loads.
-        dim = embedding_dim_for(cfg.model_path) if loader is load_reir_image_model else None
+        # A new collection gets its index before its rows (a reir checkpoint says the dim), so
+        # the end of the run only flushes and loads.
+        dim = embedding_dim_for(cfg.model_path)
         indexed = cfg.build_index and dim is not None and _create_indexed(target, dim)
         log.info("ingesting %d images (%d known) with model %s into %s", len(items), len(known), model_version,
                  collection)  # fmt: skip
