@@ -38,7 +38,9 @@ def synth(
     test_fraction: float = typer.Option(0.2, min=0.05, max=0.9),
     image_size: int = typer.Option(128, min=32, max=2048),
     seed: int = typer.Option(0),
-    discovery_queries: int = typer.Option(100, min=0),
+    discovery_queries: int = typer.Option(100, min=0, help="discovery queries over the test gallery"),
+    train_discovery_queries: int = typer.Option(
+        200, min=0, help="discovery queries per chunk of training images (teach discover mode's presence decision)"),
 ) -> None:
     """Generate the synthetic REIR benchmark (images, REIRCOCO + COCO json, discovery queries)."""
     from reir.data.synth import generate
@@ -46,7 +48,8 @@ def synth(
 
     with progress_bar("synth", total=num_images) as advance:
         summary = generate(out, num_images=num_images, test_fraction=test_fraction, image_size=image_size,
-                           seed=seed, discovery_queries=discovery_queries, progress=advance)
+                           seed=seed, discovery_queries=discovery_queries,
+                           train_discovery_queries=train_discovery_queries, progress=advance)
     typer.echo(json.dumps(_plain(summary), indent=2))
 
 

@@ -95,13 +95,19 @@ def describe_query(expr: Expr, rng: np.random.Generator, article: str) -> tuple[
     return describe(expr, tuple(FAMILIES), 1, rng, article=article)[0]
 
 
+def describe_train_query(expr: Expr, rng: np.random.Generator, article: str) -> tuple[str, str]:
+    """A training discovery query: (family, text) in a training family."""
+    return describe(expr, TRAIN_FAMILIES, 1, rng, article=article)[0]
+
+
 def phrasing_meta(noise: NoiseRates = DEFAULT_NOISE) -> dict[str, Any]:
     """The ``meta.json`` record of how sentences were phrased."""
     return {
         "train_families": list(TRAIN_FAMILIES), "heldout_families": list(HELDOUT_FAMILIES),
         "phrasings_per_train_expr": TRAIN_PHRASINGS_PER_EXPR, "noise": noise.as_dict(),
         "test_sentences": "one training family + one held-out family per referent",
-        "discovery_families": "any", "max_tokens": MAX_TOKENS,
+        "discovery_families": "any", "train_discovery_families": "training families",
+        "max_tokens": MAX_TOKENS,
     }
 
 

@@ -68,6 +68,7 @@ class DiscoveryQuery:
     split: str
     matches: list[Match]
     program: dict[str, Any] | None = None
+    group: int | None = None  # training queries: the negative group (chunk) their matches are complete over
 
 
 class _Reader:
@@ -271,5 +272,6 @@ def load_discovery(root_or_path: str | Path) -> list[DiscoveryQuery]:
             split=q.get("split", "test") if isinstance(q, dict) else "test",
             matches=[_match(r, m, f"{where}.matches[{j}]", need_bbox=True) for j, m in enumerate(matches)],
             program=q.get("program"),
+            group=r.get(q, "group", int, where) if isinstance(q, dict) and "group" in q else None,
         ))
     return out

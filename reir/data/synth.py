@@ -11,7 +11,10 @@ the test gallery, so training sees the test distribution of detail and the CLIA 
 never treats a true match in another image of the batch as a negative (an expression
 unique among N images rarely matches anything in the few images of a batch); their
 ``matches`` list the referent (``meta.json: splits.train.matches_scope``); discovery
-queries list every clear match in the test gallery (zero, or two and more).
+queries list every clear match in the test gallery (zero, or two and more). Training
+discovery queries (``split: "train"``) are drawn the same way inside each chunk of training
+images (``group``: the chunk's index, the negative group of ``reir.data.negative_groups``)
+and phrased only in training families; they teach discover mode's presence decision.
 
 Additions to the documented schema: ``sentences[].program`` (the structured
 expression, ``Expr.to_program()``), entry ``background``, ``det_anno[].attributes``
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from reir.data.layouts import REGIMES, mixture_problems, pick_regime, split_mixture
-from reir.data.phrasing import describe_query, describe_test, describe_train, phrasing_meta
+from reir.data.phrasing import describe_query, describe_test, describe_train, describe_train_query, phrasing_meta
 from reir.data.referring import (
     TestPlanner,
     discovery_expr,
@@ -56,7 +59,7 @@ from reir.data.vocab import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCABULARY
 
 GENERATOR_VERSION = 1
 # Random streams: one per purpose so adding draws to one never shifts another.
-_SCENE, _TEXT, _SPLIT, _DISCOVERY, _WORDS, _REGIME = 0, 1, 2, 3, 4, 5
+_SCENE, _TEXT, _SPLIT, _DISCOVERY, _WORDS, _REGIME, _TRAIN_DISCOVERY, _TRAIN_QUERY_WORDS = 0, 1, 2, 3, 4, 5, 6, 7
 P_TWO_TEST_TARGETS = 0.5
 P_TRAIN_OBJECT = 0.9
 TRAIN_PHRASINGS = 2  # gallery-unique expressions tried per training object
@@ -90,6 +93,7 @@ class SynthConfig:
     image_size: int = 128
     seed: int = 0
     discovery_queries: int = 100
+    train_discovery_queries: int = 200  # per chunk of training images
     regimes: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REGIMES))
     heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT
 
@@ -252,13 +256,34 @@ def _coco(items: list[_Item], split: str) -> dict[str, Any]:
 
 
 def _discovery(items: list[_Item], cfg: SynthConfig) -> list[dict[str, Any]]:
+    """The test gallery's discovery queries (any phrasing family)."""
+    return _discovery_queries(items, cfg.discovery_queries, _rng(cfg.seed, _DISCOVERY),
+                              lambda k: _rng(cfg.seed, _QUERY_WORDS, k), describe_query, split="test", prefix="disc")
+
+
+def _train_discovery(chunks: list[list[_Item]], cfg: SynthConfig) -> list[dict[str, Any]]:
+    """``cfg.train_discovery_queries`` per chunk of training images, complete over the chunk,
+    phrased in training families only (held-out families stay held out)."""
+    out: list[dict[str, Any]] = []
+    for g, chunk in enumerate(chunks):
+        for q in _discovery_queries(chunk, cfg.train_discovery_queries, _rng(cfg.seed, _TRAIN_DISCOVERY, g),
+                                    lambda k, g=g: _rng(cfg.seed, _TRAIN_QUERY_WORDS, g * 1_000_003 + k),
+                                    describe_train_query, split="train", prefix=f"tdisc{g:03d}_"):  # fmt: skip
+            out.append({**q, "group": g})
+    return out
+
+
+def _discovery_queries(items: list[_Item], count: int, rng: np.random.Generator,
+                       words: Callable[[int], np.random.Generator], phrase: Callable[..., tuple[str, str]], *,
+                       split: str, prefix: str) -> list[dict[str, Any]]:  # fmt: skip
+    """``count`` distinct category-level queries over ``items`` (``EMPTY_DISCOVERY_FRACTION`` of
+    them with no match), each with every clear match among ``items``."""
     gallery = Gallery([it.scene for it in items])
-    rng = _rng(cfg.seed, _DISCOVERY)
-    n_empty = round(cfg.discovery_queries * EMPTY_DISCOVERY_FRACTION)
+    n_empty = round(count * EMPTY_DISCOVERY_FRACTION)
     queries: list[dict[str, Any]] = []
     seen: set[Expr] = set()
-    for q in range(cfg.discovery_queries * 20):
-        if len(queries) >= cfg.discovery_queries:
+    for q in range(count * 20):
+        if len(queries) >= count:
             break
         found = discovery_expr(gallery, rng, want_empty=len(queries) < n_empty)
         if found is None or found[0] in seen:
@@ -268,8 +293,8 @@ def _discovery(items: list[_Item], cfg: SynthConfig) -> list[dict[str, Any]]:
         matches = [{"image_id": gallery.scenes[s].image_id, "ann_id": gallery.scenes[s].objects[i].ann_id,
                     "bbox": list(gallery.scenes[s].objects[i].box)} for s, i in hits]
         article = "a" if rng.random() < 0.5 else "the"
-        family, raw = describe_query(expr, _rng(cfg.seed, _QUERY_WORDS, len(queries)), article)
-        queries.append({"query_id": f"disc{len(queries):04d}", "split": "test", "raw": raw, "family": family,
+        family, raw = phrase(expr, words(len(queries)), article)
+        queries.append({"query_id": f"{prefix}{len(queries):04d}", "split": split, "raw": raw, "family": family,
                         "matches": matches, "program": expr.to_program()})
     return queries
 
@@ -350,6 +375,7 @@ def generate(
     image_size: int = 128,
     seed: int = 0,
     discovery_queries: int = 100,
+    train_discovery_queries: int = 200,
     regimes: Mapping[str, float] | None = None,
     heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT,
     progress: Progress | None = None,
@@ -358,7 +384,8 @@ def generate(
     ``regimes`` (train mixture) defaults to ``DEFAULT_REGIMES``."""
     start = time.perf_counter()
     mixture = dict(DEFAULT_REGIMES if regimes is None else regimes)
-    cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries, mixture, tuple(heldout_regimes))
+    cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries, train_discovery_queries,
+                      mixture, tuple(heldout_regimes))
     problems = mixture_problems(cfg.regimes, cfg.heldout_regimes)
     if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32 or problems:
         raise ValueError(f"invalid synth config {cfg}: {'; '.join(problems)}")
@@ -375,12 +402,15 @@ def generate(
     for it in items:
         entries[it.split] += _entries(it, _rng(seed, _WORDS, it.index), next_sent)
     discovery = _discovery(by_split["test"], cfg) if by_split["test"] else []
+    train_chunks = [by_split["train"][k:k + chunk] for k in range(0, len(by_split["train"]), chunk)]
+    train_discovery = _train_discovery(train_chunks, cfg)
     _write_json(out / "reircoco.json", entries["train"] + entries["test"])
     for split in ("train", "test"):
         _write_json(out / f"instances_{split}.json", _coco_with_regimes(by_split[split], split))
-    _write_json(out / "discovery.json", {"queries": discovery})
+    _write_json(out / "discovery.json", {"queries": discovery + train_discovery})
     n_empty = sum(not q["matches"] for q in discovery)
-    disc_stats = {"total": len(discovery), "empty": n_empty, "multi": len(discovery) - n_empty}
+    disc_stats = {"total": len(discovery), "empty": n_empty, "multi": len(discovery) - n_empty,
+                  "train": len(train_discovery), "train_empty": sum(not q["matches"] for q in train_discovery)}
     scope = {"train": f"chunk of {chunk} train images", "test": "gallery"}
     splits = {
         "train": _split_stats(by_split["train"], entries["train"], scope["train"], chunk),

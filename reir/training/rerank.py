@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,10 +126,26 @@ def build_rerank_set(
             texts.append(text)
             text_image.append(row)
             positive.append(k)
+    token_states, token_mask, text_emb = encode_texts(model, processor, texts)
+    return RerankSet(
+        image_ids=[s.image_id for s in samples], emb=emb, boxes=boxes, objectness=obj, mask=mask,
+        groups=torch.as_tensor(list(groups), dtype=torch.long), token_states=token_states,
+        token_mask=token_mask, text_emb=text_emb,
+        text_image=torch.tensor(text_image, dtype=torch.long),
+        positive=torch.tensor(positive, dtype=torch.long), skipped=skipped, weak=weak,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def encode_texts(model: ReirModel, processor: ReirProcessor,
+                 texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The frozen text tower's token states ``[T, L, H]``, mask ``[T, L]`` (long) and
+    embeddings ``[T, D]`` of ``texts``, on the CPU."""
+    device = model.device
     states, tmask, temb = [], [], []
     length = 0
     for start in range(0, len(texts), 256):
-        enc = processor.text(texts[start : start + 256])
+        enc = processor.text(list(texts[start : start + 256]))
         enc = {k: v.to(device) for k, v in enc.items()}
         out_t = model.encode_text(enc["input_ids"], enc["attention_mask"])
         assert out_t.token_states is not None
@@ -136,20 +153,11 @@ def build_rerank_set(
         tmask.append(enc["attention_mask"].cpu())
         temb.append(out_t.embeddings.float().cpu())
         length = max(length, enc["input_ids"].shape[1])
-    if texts:
-        token_states = torch.cat([F.pad(s, (0, 0, 0, length - s.shape[1])) for s in states])
-        token_mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in tmask])
-        text_emb = torch.cat(temb)
-    else:
-        hidden = model.text_hidden_size
-        token_states, token_mask, text_emb = torch.zeros(0, 1, hidden), torch.zeros(0, 1), torch.zeros(0, dim)
-    return RerankSet(
-        image_ids=[s.image_id for s in samples], emb=emb, boxes=boxes, objectness=obj, mask=mask,
-        groups=torch.as_tensor(list(groups), dtype=torch.long), token_states=token_states,
-        token_mask=token_mask.long(), text_emb=text_emb,
-        text_image=torch.tensor(text_image, dtype=torch.long),
-        positive=torch.tensor(positive, dtype=torch.long), skipped=skipped, weak=weak,
-    )  # fmt: skip
+    if not texts:
+        return torch.zeros(0, 1, model.text_hidden_size), torch.zeros(0, 1, dtype=torch.long), \
+            torch.zeros(0, model.config.embed_dim)
+    return (torch.cat([F.pad(x, (0, 0, 0, length - x.shape[1])) for x in states]),
+            torch.cat([F.pad(m, (0, length - m.shape[1])) for m in tmask]).long(), torch.cat(temb))
 
 
 def mine_hard_negatives(rs: RerankSet, num: int, *, chunk: int = 512) -> torch.Tensor:
@@ -190,19 +198,37 @@ def candidate_logits(
 
     ``logit_scale`` / ``logit_bias``: the dual encoder's affine score, ``scale * cos + bias``.
     """
-    b = text_idx.numel()
     imgs = torch.cat([rs.text_image[text_idx][:, None], neg_images], dim=1)  # [B, C]
-    c = imgs.shape[1]
+    return image_logits(reranker, rs, rs.token_states[text_idx], rs.token_mask[text_idx], rs.text_emb[text_idx],
+                        imgs, logit_scale, logit_bias, device=device)
+
+
+def image_logits(
+    reranker: RelationReranker | torch.nn.Module,
+    rs: RerankSet,
+    token_states: torch.Tensor,
+    token_mask: torch.Tensor,
+    text_emb: torch.Tensor,
+    imgs: torch.Tensor,
+    logit_scale: float,
+    logit_bias: float,
+    *,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[B, C * K]`` re-ranked logits of every instance of the images ``imgs [B, C]`` (rows of
+    ``rs``; ``-1`` = none: masked to ``-inf``) for the expressions ``token_states [B, L, H]``,
+    ``token_mask [B, L]``, ``text_emb [B, D]``."""
+    b, c = imgs.shape
     present = (imgs >= 0).reshape(-1).to(device)
     # Each distinct image once: expressions of one batch share many hard negatives.
     unique, rows = torch.unique(imgs.clamp(min=0).reshape(-1), return_inverse=True)
     emb = rs.emb[unique].to(device)
     rows = rows.to(device)
-    text_emb = rs.text_emb[text_idx].to(device)
-    base = logit_scale * torch.einsum("bd,bukd->buk", text_emb, emb[rows.view(b, c)]).reshape(b * c, -1) + logit_bias
-    length = int(rs.token_mask[text_idx].sum(dim=1).max())  # trim padding shared by the whole batch
+    base = logit_scale * torch.einsum("bd,bukd->buk", text_emb.to(device), emb[rows.view(b, c)]).reshape(b * c, -1)
+    base = base + logit_bias
+    length = max(1, int(token_mask.sum(dim=1).max()))  # trim padding shared by the whole batch
     logits = reranker(
-        rs.token_states[text_idx, :length].to(device), rs.token_mask[text_idx, :length].to(device), base, emb,
+        token_states[:, :length].to(device), token_mask[:, :length].to(device), base, emb,
         rs.boxes[unique].to(device), rs.objectness[unique].to(device), rs.mask[unique].to(device),
         text_rows=torch.arange(b, device=device).repeat_interleave(c), image_rows=rows,
     )  # fmt: skip
@@ -356,3 +382,188 @@ def calibrate_presence(
     threshold = min(max((float(p[order][best]) + lo) / 2, 1e-4), 1 - 1e-4)
     return {"discover_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
             "f1": float(f1[best]), "num_texts": int(text_idx.numel())}
+
+
+# ------------------------------------------------------------------ discover mode's presence
+#
+# The ranking loss above contrasts one referent against everything else, which is not the
+# decision discover mode makes: "does this image hold something the query describes?" for
+# generic queries ("a little white thing") with many matching images, or none. Training
+# discovery queries (``reir synth``: ``discovery.json`` entries with ``split: "train"`` and
+# their negative ``group``) carry every match in their group, so every stored instance of
+# the group's images gets a label: a multi-label sigmoid loss over the instances of matching
+# and hard non-matching images, calibrated on held-out queries the way discover mode is
+# scored (one answer per image, right when its best instance is a match).
+
+DISCOVERY_OUT, DISCOVERY_IGNORE, DISCOVERY_NEG, DISCOVERY_POS = -2, -1, 0, 1
+
+
+@dataclass
+class DiscoverySet:
+    """Training discovery queries over a :class:`RerankSet` (Q queries, its N images, K slots)."""
+
+    token_states: torch.Tensor  # [Q, L, H]
+    token_mask: torch.Tensor  # [Q, L]
+    text_emb: torch.Tensor  # [Q, D]
+    group: torch.Tensor  # [Q] long
+    labels: torch.Tensor  # [Q, N, K] int8: DISCOVERY_* (OUT: not in the query's group, or no stored instance)
+    truth: torch.Tensor  # [Q, N] bool: the image holds a match
+    hard: torch.Tensor  # [Q, H] image rows without a match, dual encoder's best first (-1 pads)
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.group.numel())
+
+
+def discovery_rows(queries: Sequence[Any], image_ids: Sequence[str],
+                   groups: Sequence[int]) -> tuple[list[dict[str, Any]], dict[str, list[list[Any]]]]:  # fmt: skip
+    """Training discovery queries (``DiscoveryQuery`` with ``split == "train"`` and a ``group``)
+    for the images ``image_ids`` of negative groups ``groups``: ``([{"raw", "group"}], {image_id:
+    [[query index, [x, y, w, h]], ...]})``. A query whose matches fall outside its group, or in
+    no training image, is left out: its negatives would not be known."""
+    group_of = dict(zip(image_ids, (int(g) for g in groups)))
+    known = set(group_of.values())
+    texts: list[dict[str, Any]] = []
+    per_image: dict[str, list[list[Any]]] = {}
+    for q in queries:
+        if q.split != "train" or q.group is None or any(group_of.get(str(m.image_id)) != q.group for m in q.matches):
+            continue
+        if q.group not in known:
+            continue
+        k = len(texts)
+        texts.append({"raw": q.raw, "group": int(q.group)})
+        for m in q.matches:
+            per_image.setdefault(str(m.image_id), []).append([k, [float(v) for v in m.bbox]])
+    return texts, per_image
+
+
+@torch.no_grad()
+def build_discovery_set(
+    model: ReirModel, processor: ReirProcessor, rs: RerankSet, queries: Sequence[dict[str, Any]],
+    matches: Sequence[Sequence[Sequence[Any]]], sizes: Sequence[tuple[int, int]], *, min_iou: float = 0.5,
+    ignore_iou: float = 0.25, hard: int = 64,
+) -> DiscoverySet:
+    """Labels of every stored instance of ``rs`` for the training discovery ``queries``
+    (``[{"raw", "group"}]``); ``matches[row]`` lists ``[query index, xywh box]`` of image ``row``
+    (``sizes[row]``: its width, height). A stored instance is a match when its box overlaps one
+    by IoU >= ``min_iou``, ignored when it overlaps one by >= ``ignore_iou`` (neither label
+    is sure), a non-match otherwise; images of other groups are out of the query's scope."""
+    q, (n, k) = len(queries), rs.mask.shape
+    group = torch.tensor([int(x["group"]) for x in queries], dtype=torch.long)
+    scope = (group[:, None] == rs.groups[None, :])  # [Q, N]
+    labels = torch.full((q, n, k), DISCOVERY_OUT, dtype=torch.int8)
+    labels[scope[:, :, None] & rs.mask[None]] = DISCOVERY_NEG
+    truth = torch.zeros(q, n, dtype=torch.bool)
+    for row, found in enumerate(matches):
+        for qi, box in found:
+            if not bool(scope[qi, row]):
+                continue
+            truth[qi, row] = True
+            gt = _cxcywh_norm([box], *sizes[row])
+            iou = (pairwise_iou_xyxy(cxcywh_to_xyxy(gt), cxcywh_to_xyxy(rs.boxes[row]))[0] * rs.mask[row][None])[0]
+            here = labels[qi, row]
+            here[(iou >= ignore_iou) & (here == DISCOVERY_NEG)] = DISCOVERY_IGNORE
+            here[iou >= min_iou] = DISCOVERY_POS
+    token_states, token_mask, text_emb = encode_texts(model, processor, [x["raw"] for x in queries])
+    best = torch.einsum("qd,nkd->qnk", text_emb, rs.emb).masked_fill(~rs.mask[None], -2.0).amax(dim=2)
+    best = best.masked_fill(~scope | truth, -3.0)
+    val, idx = best.topk(min(hard, n), dim=1) if n else (torch.zeros(q, 0), torch.zeros(q, 0, dtype=torch.long))
+    idx[val <= -3.0] = -1
+    return DiscoverySet(token_states, token_mask, text_emb, group, labels, truth, idx)
+
+
+def discovery_split(ds: DiscoverySet, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held)`` query indices: every ``every``-th query of each group calibrates the
+    threshold (0, or fewer than ``2 * every`` queries: none held out)."""
+    n = ds.num_queries
+    if not every or n < 2 * every:
+        return torch.arange(n), torch.zeros(0, dtype=torch.long)
+    held = torch.arange(n) % every == every - 1
+    return torch.nonzero(~held).squeeze(1), torch.nonzero(held).squeeze(1)
+
+
+def sample_discovery(ds: DiscoverySet, pool: torch.Tensor, batch_size: int, images: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``batch_size`` queries of ``pool`` (one group, as :func:`sample_texts`) and ``[B, images]``
+    image rows each: up to half matching images, the rest drawn from its hard non-matching
+    images (``-1`` pads)."""
+    pick = int(pool[torch.randint(pool.numel(), (1,), generator=generator)])
+    same = pool[ds.group[pool] == ds.group[pick]]
+    idx = same[torch.randint(same.numel(), (batch_size,), generator=generator)]
+    out = torch.full((batch_size, images), -1, dtype=torch.long)
+    for b, qi in enumerate(idx.tolist()):
+        pos = torch.nonzero(ds.truth[qi]).squeeze(1)
+        pos = pos[torch.randperm(pos.numel(), generator=generator)[: images // 2]]
+        neg = ds.hard[qi][ds.hard[qi] >= 0]
+        neg = neg[torch.randperm(neg.numel(), generator=generator)[: images - pos.numel()]]
+        rows = torch.cat([pos, neg])
+        out[b, : rows.numel()] = rows
+    return idx, out
+
+
+def discovery_loss(
+    reranker: RelationReranker | torch.nn.Module, rs: RerankSet, ds: DiscoverySet, query_idx: torch.Tensor,
+    imgs: torch.Tensor, logit_scale: float, logit_bias: float, *, device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Sigmoid loss of every labelled instance of ``imgs [B, C]`` (mean), plus the listwise
+    term that the matches, together, outrank the other instances (queries with a match)."""
+    logits = image_logits(reranker, rs, ds.token_states[query_idx], ds.token_mask[query_idx], ds.text_emb[query_idx],
+                          imgs, logit_scale, logit_bias, device=device)  # fmt: skip
+    labels = ds.labels[query_idx[:, None], imgs.clamp(min=0)].masked_fill((imgs < 0)[:, :, None], DISCOVERY_OUT)
+    labels = labels.reshape(logits.shape).to(logits.device)
+    valid = (labels >= DISCOVERY_NEG) & torch.isfinite(logits)
+    bce = F.binary_cross_entropy_with_logits(logits[valid], (labels[valid] == DISCOVERY_POS).to(logits.dtype))
+    pos = (labels == DISCOVERY_POS) & valid
+    has = pos.any(dim=1)
+    if bool(has.any()):
+        everything = logits.masked_fill(~valid, float("-inf"))
+        listwise = (torch.logsumexp(everything[has], 1) - torch.logsumexp(everything[has].masked_fill(~pos[has],
+                    float("-inf")), 1)).mean()  # fmt: skip
+    else:
+        listwise = logits.new_zeros(())
+    return {"loss": bce + listwise, "loss_discovery_bce": bce, "loss_discovery_listwise": listwise}
+
+
+@torch.no_grad()
+def calibrate_discovery(
+    reranker: RelationReranker | torch.nn.Module, rs: RerankSet, ds: DiscoverySet, query_idx: torch.Tensor,
+    logit_scale: float, logit_bias: float, *, device: torch.device | str = "cpu", chunk: int = 64,
+) -> dict[str, float]:
+    """The presence threshold with the best F1 of discover mode on held-out queries ``query_idx``:
+    each query scores every image of its group, answers each image whose best instance reaches
+    the threshold, and an answer is right when that instance is a match (the metric of
+    ``reir.evaluation.discovery``). Returns ``{"discover_threshold", "precision", "recall",
+    "f1", "none_accuracy", "num_queries"}``."""
+    probs, right, empty_best = [], [], []
+    truth_images = 0
+    for qi in query_idx.tolist():
+        rows = torch.nonzero(ds.group[qi] == rs.groups).squeeze(1)
+        truth_images += int(ds.truth[qi, rows].sum())
+        best_p = []
+        for lo in range(0, rows.numel(), chunk):
+            part = rows[lo : lo + chunk][None]
+            logits = image_logits(reranker, rs, ds.token_states[qi : qi + 1], ds.token_mask[qi : qi + 1],
+                                  ds.text_emb[qi : qi + 1], part, logit_scale, logit_bias,
+                                  device=device).float().cpu().view(part.shape[1], -1)  # fmt: skip
+            value, slot = logits.max(dim=1)
+            keep = torch.isfinite(value)
+            probs.append(torch.sigmoid(value[keep]))
+            right.append((ds.labels[qi, part[0], slot] == DISCOVERY_POS)[keep])
+            best_p.append(torch.sigmoid(value[keep]))
+        if not bool(ds.truth[qi].any()):
+            empty_best.append(float(torch.cat(best_p).max()) if best_p and torch.cat(best_p).numel() else 0.0)
+    if not probs or truth_images == 0:
+        return {"discover_threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "none_accuracy": 0.0,
+                "num_queries": int(query_idx.numel())}  # fmt: skip
+    p, y = torch.cat(probs), torch.cat(right)
+    order = torch.argsort(p, descending=True)
+    tp = torch.cumsum(y[order].float(), 0)
+    precision = tp / torch.arange(1, len(order) + 1)
+    recall = tp / truth_images
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-9)
+    best = int(torch.argmax(f1))
+    lo = float(p[order][best + 1]) if best + 1 < len(order) else 0.0
+    threshold = min(max((float(p[order][best]) + lo) / 2, 1e-4), 1 - 1e-4)
+    none = sum(v < threshold for v in empty_best) / len(empty_best) if empty_best else 1.0
+    return {"discover_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
+            "f1": float(f1[best]), "none_accuracy": float(none), "num_queries": int(query_idx.numel())}

@@ -197,7 +197,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     init_distributed(use_gpu=cfg.use_gpu)
     if cfg.trains_reranker:
-        _rerank_loop(cfg, rank, world, device)
+        _rerank_loop(cfg, rank, world, device, loop_config.get("discovery") or [])
         return
     if cfg.stage == "image-retrieval":
         _image_retrieval_loop(cfg, rank, world, device)
@@ -302,18 +302,27 @@ def _steady_stats(warm: tuple[float, int] | None, steps: int, samples_seen: int,
     return out
 
 
-def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
+def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
+                 discovery: list[dict[str, Any]]) -> None:  # fmt: skip
     """Stages ``rerank`` and ``weak-rerank``: frozen model -> features of this worker's shard
-    -> train the re-ranker (weak: its rows carry no referent box, the loss is over images)."""
+    -> train the re-ranker (weak: its rows carry no referent box, the loss is over images).
+    ``discovery``: training discovery queries (``[{"raw", "group"}]``; each row's
+    ``"discovery"`` field has its matches): discover mode's presence loss, and its threshold
+    calibrated on held-out ones."""
     import deepspeed
 
     from reir.model.modeling import score_scale
     from reir.training.rerank import (
+        build_discovery_set,
         build_rerank_set,
+        calibrate_discovery,
         calibrate_presence,
         calibration_split,
+        discovery_loss,
+        discovery_split,
         mine_hard_negatives,
         rerank_loss,
+        sample_discovery,
         sample_texts,
     )
 
@@ -332,6 +341,14 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     if rs.num_texts == 0:
         first = "train stage weak first" if rs.weak else "train stage 1/2 first"
         raise ValueError(f"stage {cfg.stage}: no expression can be scored ({rs.skipped} skipped: {why}); {first}")
+    disc = None
+    if discovery and not rs.weak and cfg.rerank_discovery_batch:
+        disc = build_discovery_set(model, processor, rs, discovery,
+                                   [json.loads(r.get("discovery") or "[]") for r in rows],
+                                   [(s.width, s.height) for s in samples], min_iou=cfg.rerank_min_iou)
+        if rank == 0:
+            print(f"[train stage {cfg.stage}] discovery: {disc.num_queries} training queries, "
+                  f"{int(disc.truth.sum())} matching images", flush=True)
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ds_cfg = deepspeed_config(cfg)
     ds_cfg["bf16"] = {"enabled": False}  # small head, fp32 features
@@ -340,17 +357,33 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) 
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_idx, held_idx = calibration_split(rs.text_image, cfg.rerank_calibration_every)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
+    disc_train, disc_held = discovery_split(disc, cfg.rerank_calibration_every) if disc else (None, None)
+
     def batch_losses() -> dict[str, torch.Tensor]:
         idx = sample_texts(rs, train_idx, cfg.batch_size, gen)  # one group: shared hard negatives
-        return rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
+        losses = rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
+        if disc is not None and disc_train is not None and disc_train.numel():
+            q, imgs = sample_discovery(disc, disc_train, cfg.rerank_discovery_batch, cfg.rerank_discovery_images, gen)
+            extra = discovery_loss(engine, rs, disc, q, imgs, scale, bias, device=device)
+            losses = {**losses, **{k: v for k, v in extra.items() if k != "loss"},
+                      "loss": losses["loss"] + cfg.rerank_discovery_weight * extra["loss"]}
+        return losses
 
     step, seconds, last = _head_steps(engine, cfg, rank, total_steps, device, batch_losses)
     reranker.eval()
     calib_idx = held_idx if held_idx.numel() else train_idx
     calibration = calibrate_presence(reranker, rs, calib_idx, negatives[calib_idx], scale, bias, device=device)
+    stored: dict[str, Any] = dict(calibration)
+    if disc is not None and disc_train is not None and disc_held is not None:
+        found = calibrate_discovery(reranker, rs, disc, disc_held if disc_held.numel() else disc_train, scale, bias,
+                                    device=device)  # fmt: skip
+        # Discover mode reads the threshold calibrated on its own task; the referent one stays for reference.
+        stored = {"discover_threshold": found["discover_threshold"], "source": "discovery queries",
+                  "discovery": found, "referent": calibration}
+        calibration = {**calibration, **{f"discovery_{k}": v for k, v in found.items()}}
     stats = {"steps": step, "seconds": seconds, "world_size": world, "rerank_texts": rs.num_texts, **last,
              **{f"calibration_{k}": v for k, v in calibration.items()}}
-    _report(rank, model, processor, cfg, stats, {"calibration.json": calibration})
+    _report(rank, model, processor, cfg, stats, {"calibration.json": stored})
 
 
 IMAGE_RETRIEVAL_TEXTS_PER_IMAGE = 4  # expressions of each batch image per step (cfg.batch_size: images)
@@ -423,8 +456,10 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update=updates)
 
 
-def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
-    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch."""
+def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]]:
+    """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch;
+    stage ``rerank`` also gets the training discovery queries of ``discovery.json`` (each
+    row's ``"discovery"`` field: its matches, ``[[query index, xywh], ...]``)."""
     import ray
 
     samples = load_samples(cfg.data_root, "train")
@@ -434,7 +469,15 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int]:
     rows = [sample_to_row(s, g) for s, g in zip(samples, groups)]
     if cfg.without_referents:  # here, not as a Ray Data map: its tasks would each start a process that imports torch
         rows = [without_referents(r) for r in rows]
-    return ray.data.from_items(rows), len(samples)
+    discovery: list[dict[str, Any]] = []
+    if cfg.stage == "rerank" and cfg.rerank_discovery_batch and (Path(cfg.data_root) / "discovery.json").is_file():
+        from reir.data.formats import load_discovery
+        from reir.training.rerank import discovery_rows
+
+        discovery, per_image = discovery_rows(load_discovery(cfg.data_root), [s.image_id for s in samples], groups)
+        for row in rows:
+            row["discovery"] = json.dumps(per_image.get(row["image_id"], []))
+    return ray.data.from_items(rows), len(samples), discovery
 
 
 def run_training(
@@ -458,7 +501,7 @@ def run_training(
         raise ValueError(f"eval_every: {cfg.data_root}/reircoco.json has no test-split queries to evaluate on")
     # The trainer prints its own progress; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    mixed = None
+    mixed, discovery = None, []
     if cfg.sources:
         from reir.training.mixing import prepare_mixed
 
@@ -467,11 +510,11 @@ def run_training(
         if cfg.without_referents:
             ds = ds.map(without_referents)
     else:
-        ds, num_rows = _benchmark_dataset(cfg)
+        ds, num_rows, discovery = _benchmark_dataset(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows, "fit_id": uuid.uuid4().hex,
-                           "step_hook": step_hook},
+                           "step_hook": step_hook, "discovery": discovery},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

@@ -92,7 +92,7 @@ def test_splits_are_disjoint(synth_root: Path) -> None:
         assert entry["image_id"] in ids[entry["split"]]
         assert entry["file_name"].startswith(f"images/{entry['split']}/")
     for q in _read(synth_root, "discovery.json")["queries"]:
-        assert all(m["image_id"] in ids["test"] for m in q["matches"])
+        assert all(m["image_id"] in ids[q["split"]] for m in q["matches"])
 
 
 def test_boxes_inside_images_and_sizes_distinct(synth_root: Path) -> None:
@@ -203,7 +203,7 @@ def test_train_sentences_are_unique_within_their_chunk(synth_root: Path) -> None
 def test_discovery_matches_are_exact(synth_root: Path) -> None:
     gallery = load_gallery(synth_root, "test")
     boxes = {(s.image_id, o.ann_id): list(o.box) for s in gallery.scenes for o in s.objects}
-    queries = _read(synth_root, "discovery.json")["queries"]
+    queries = [q for q in _read(synth_root, "discovery.json")["queries"] if q["split"] == "test"]
     assert len(queries) == 24
     counts = [len(q["matches"]) for q in queries]
     assert 0 in counts and any(c >= 2 for c in counts)
@@ -213,6 +213,37 @@ def test_discovery_matches_are_exact(synth_root: Path) -> None:
         stored = {(m["image_id"], m["ann_id"]) for m in q["matches"]}
         assert stored == table[YES] and not table[MAYBE], q["raw"]
         assert all(m["bbox"] == boxes[(m["image_id"], m["ann_id"])] for m in q["matches"])
+
+
+def test_training_discovery_queries_are_exact_within_their_chunk(synth_root: Path) -> None:
+    """Training discovery queries list every clear match of their chunk (the negative group
+    they are complete over), none borderline, and use training phrasings only."""
+    meta = _read(synth_root, "meta.json")
+    chunk = meta["splits"]["train"]["chunk_size"]
+    gallery = load_gallery(synth_root, "train")
+    queries = [q for q in _read(synth_root, "discovery.json")["queries"] if q["split"] == "train"]
+    n_chunks = -(-len(gallery.scenes) // chunk)
+    assert n_chunks >= 2 and len(queries) == 8 * n_chunks == meta["discovery"]["train"]
+    assert 0 < meta["discovery"]["train_empty"] < len(queries)
+    for q in queries:
+        scenes = Gallery(gallery.scenes[q["group"] * chunk: (q["group"] + 1) * chunk])
+        table = _truth_table(scenes, _sentence_expr(q))
+        assert {(m["image_id"], m["ann_id"]) for m in q["matches"]} == table[YES] and not table[MAYBE], q["raw"]
+        assert q["family"] in TRAIN_FAMILIES and len(q["matches"]) != 1
+
+
+def test_training_discovery_queries_never_shift_the_test_split(tmp_path: Path) -> None:
+    """Their own random streams: the test gallery, its sentences and discovery queries are the
+    same bytes with or without them."""
+    kw = {"num_images": 60, "test_fraction": 0.25, "image_size": 64, "seed": 3, "discovery_queries": 6}
+    with_train, without = tmp_path / "a", tmp_path / "b"
+    generate(with_train, train_discovery_queries=5, **kw)
+    generate(without, train_discovery_queries=0, **kw)
+    for name in ("reircoco.json", "instances_test.json", "instances_train.json"):
+        assert (with_train / name).read_bytes() == (without / name).read_bytes()
+    tests = [[q for q in _read(root, "discovery.json")["queries"] if q["split"] == "test"] for root in (with_train, without)]
+    assert tests[0] == tests[1] and len(tests[0]) == 6
+    assert sum(q["split"] == "train" for q in _read(with_train, "discovery.json")["queries"]) == 5
 
 
 def test_every_emitted_word_is_in_the_vocabulary(synth_root: Path) -> None:
