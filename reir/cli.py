@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from reir.errors import ReirError, UsageError
-from reir.limits import MAX_TOP_K
+from reir.limits import MAX_OFFSET, MAX_TOP_K
 from reir.platform.raylocal import init_ray  # imports ray only when called
 
 app = typer.Typer(
@@ -406,6 +406,7 @@ def search(
     filters: str | None = typer.Option(
         None, "--filters", help='JSON list, e.g. \'[{"field": "image_id", "op": "in", "value": ["a", "b"]}]\''
     ),
+    offset: int = typer.Option(0, min=0, max=MAX_OFFSET, help="answers to skip: the page starts here"),
 ) -> None:
     """Query a running reir service and print the ranked answers."""
     from reir.client import Client
@@ -421,10 +422,14 @@ def search(
             raise UsageError('--filters must be a JSON list of {"field", "op", "value"} objects')
     cfg = command_config("search", config=config, flags={"url": url, "top_k": top_k, "api_key": api_key})
     body = Client(cfg.url, api_key=cfg.api_key).search_full(query, top_k=cfg.top_k, rerank=rerank, filters=clauses,
-                                                            mode="discover" if discover else "rank")
+                                                            mode="discover" if discover else "rank", offset=offset)
+    if body.get("next_offset") is not None:
+        typer.echo(f"more: --offset {body['next_offset']}", err=True)
     if discover:
-        typer.echo(f"{len(body['results'])} image(s) at probability >= {body['threshold']:.3f}")
-    for rank, r in enumerate(body["results"], start=1):
+        shown = f"{offset + 1}-{offset + len(body['results'])}" if body["results"] else "none"
+        typer.echo(f"{body.get('total', len(body['results']))} image(s) at probability >= {body['threshold']:.3f}; "
+                   f"showing {shown}")
+    for rank, r in enumerate(body["results"], start=offset + 1):
         box = ", ".join(f"{v:.0f}" for v in r["box"])
         typer.echo(f"{rank:>3}  {r['score']:.3f}  {r['image_id']}  [{box}]  {r['uri']}")
 

@@ -105,11 +105,23 @@ class Client:
 
     def search_full(
         self, query: str, top_k: int = 10, *, mode: Literal["rank", "discover"] = "rank", rerank: bool | None = None,
-        filters: Sequence[Mapping[str, Any]] = (),
+        filters: Sequence[Mapping[str, Any]] = (), offset: int = 0,
     ) -> dict[str, Any]:  # fmt: skip
         """The whole response: results plus ``model_version``, ``mode``, ``reranked``,
-        ``threshold`` (discover), ``candidates``, ``timings_ms``, ``took_ms``, ``truncated``."""
-        return self._request("POST", "/v1/search", json=search_body(query, top_k, mode, rerank, filters))
+        ``threshold`` (discover), ``candidates``, ``timings_ms``, ``took_ms``, ``truncated``,
+        ``total`` (discover) and ``next_offset`` (the next page; None on the last)."""
+        return self._request("POST", "/v1/search", json=search_body(query, top_k, mode, rerank, filters, offset))
+
+    def discover(self, query: str, *, page_size: int = 100, filters: Sequence[Mapping[str, Any]] = (),
+                 max_results: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Every image discover mode finds for ``query`` (all pages, best first), up to ``max_results``."""
+        found: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None and (max_results is None or len(found) < max_results):
+            page = self.search_full(query, top_k=page_size, mode="discover", filters=filters, offset=offset)
+            found += page["results"]
+            offset = page.get("next_offset")
+        return found if max_results is None else found[:max_results]
 
     def search_batch(self, queries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """``POST /v1/search/batch``: one ``{"status", "result" | "error", ...}`` per query body, in order."""
@@ -153,9 +165,11 @@ class Client:
 
 
 def search_body(query: str, top_k: int, mode: str, rerank: bool | None,
-                filters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                filters: Sequence[Mapping[str, Any]], offset: int = 0) -> dict[str, Any]:  # fmt: skip
     """A ``/v1/search`` body (also one query of a batch)."""
     body: dict[str, Any] = {"query": query, "top_k": top_k, "mode": mode}
+    if offset:
+        body["offset"] = offset
     if rerank is not None:
         body["rerank"] = rerank
     if filters:

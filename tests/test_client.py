@@ -25,12 +25,13 @@ class Scripted:
     def __init__(self, script: list[tuple[int, dict[str, str], dict]]) -> None:
         self.script = script
         self.seen: list[tuple[str, str, float]] = []
+        self.bodies: list[bytes] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                outer.bodies.append(self.rfile.read(length))
                 outer.seen.append((self.command, self.path, time.monotonic()))
                 status, headers, body = outer.script[min(len(outer.seen), len(outer.script)) - 1]
                 data = json.dumps(body).encode()
@@ -126,6 +127,21 @@ def test_batch_search_posts_the_queries(scripted: Callable[..., Scripted]) -> No
                                                 {"status": 422, "error": "invalid request"}]})])
     out = Client(server.url).search_batch([{"query": "a"}, {"query": ""}])
     assert [r["status"] for r in out] == [200, 422] and server.seen[0][1] == "/v1/search/batch"
+
+
+def test_discover_follows_the_pages_to_the_last(scripted: Callable[..., Scripted]) -> None:
+    def page(ids: list[str], next_offset: int | None) -> tuple[int, dict[str, str], dict]:
+        return (200, {}, {"results": [{"image_id": i} for i in ids], "total": 5, "next_offset": next_offset})
+
+    server = scripted([page(["a", "b"], 2), page(["c", "d"], 4), page(["e"], None)])
+    found = Client(server.url).discover("a red circle", page_size=2)
+    assert [r["image_id"] for r in found] == ["a", "b", "c", "d", "e"]
+    sent = [json.loads(b) for b in server.bodies]
+    assert [b.get("offset", 0) for b in sent] == [0, 2, 4]
+    assert all(b["mode"] == "discover" and b["top_k"] == 2 for b in sent)
+    capped = scripted([page(["a", "b"], 2), page(["c", "d"], 4)])
+    assert [r["image_id"] for r in Client(capped.url).discover("q", page_size=2, max_results=3)] == ["a", "b", "c"]
+    assert len(capped.bodies) == 2  # no page is asked for past max_results
 
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:

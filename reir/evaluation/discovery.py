@@ -171,6 +171,7 @@ def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
     import asyncio
     import time
 
+    from reir.limits import MAX_OFFSET
     from reir.platform.config import MilvusConfig, ServeConfig
     from reir.serving.pipeline import QueryRequest, local_pipeline
     from reir.serving.rerank import discover_threshold_for
@@ -183,7 +184,7 @@ def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
         asyncio.run(pipeline.info())  # the model and store are up before the clock starts
         started = time.perf_counter()
         for q in queries:
-            outcome = asyncio.run(pipeline.run(QueryRequest(query=q.raw, mode="discover")))
+            outcome = asyncio.run(pipeline.run(QueryRequest(query=q.raw, mode="discover", top_k=MAX_OFFSET)))
             answers[q.query_id] = [Found(r.image_id, tuple(r.box), r.score) for r in outcome.results]
         seconds = time.perf_counter() - started
     finally:
@@ -195,10 +196,16 @@ def _discover_over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[di
     import time
 
     from reir.client import Client
+    from reir.limits import MAX_TOP_K
 
     client, answers, threshold, started = Client(url), {}, 0.0, time.perf_counter()
     for q in queries:
-        response = client.search_full(q.raw, mode="discover")
-        threshold = float(response.get("threshold") or 0.0)
-        answers[q.query_id] = [Found(r["image_id"], tuple(r["box"]), float(r["score"])) for r in response["results"]]
+        found: list[Found] = []
+        offset: int | None = 0
+        while offset is not None:  # every page of the answer
+            response = client.search_full(q.raw, top_k=MAX_TOP_K, mode="discover", offset=offset)
+            threshold = float(response.get("threshold") or 0.0)
+            found += [Found(r["image_id"], tuple(r["box"]), float(r["score"])) for r in response["results"]]
+            offset = response.get("next_offset")
+        answers[q.query_id] = found
     return answers, threshold, time.perf_counter() - started

@@ -41,7 +41,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException
 
-from reir.limits import MAX_BATCH_QUERIES, MAX_TOP_K
+from reir.limits import MAX_BATCH_QUERIES, MAX_OFFSET, MAX_TOP_K
 from reir.platform.auth import KeyRing, Principal
 from reir.platform.config import ServeConfig
 from reir.platform.filters import FieldType, FilterError, allowed_fields, compile_filters
@@ -136,6 +136,10 @@ class SearchResponse(BaseModel):
     took_ms: float
     truncated: bool = Field(default=False, description="the query had more tokens than the model reads "
                             "(its text.max_length); its end was ignored")
+    total: int | None = Field(default=None, description="discover mode: images found above the threshold, all "
+                              "pages together")
+    next_offset: int | None = Field(default=None, description="the next page's offset (same body, this offset); "
+                                    "null: the last page")
 
 
 class FilterClause(BaseModel):
@@ -153,7 +157,8 @@ def _request_model(settings: HttpSettings) -> type[BaseModel]:
         model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
         query: str = Field(min_length=1, max_length=settings.max_query_chars, strict=True)
-        top_k: int = Field(default=10, ge=1, le=settings.max_top_k, strict=True)
+        top_k: int = Field(default=10, ge=1, le=settings.max_top_k, strict=True, description="results per page")
+        offset: int = Field(default=0, ge=0, le=MAX_OFFSET, strict=True, description="results to skip (pages)")
         mode: Literal["rank", "discover"] = "rank"
         rerank: bool | None = Field(default=None, strict=True, description="default: the service's setting")
         filters: list[FilterClause] = Field(default_factory=list, max_length=settings.max_filters)
@@ -346,12 +351,13 @@ def create_http_app(
         rerank = settings.rerank_default if body.rerank is None else body.rerank
         # Exceptions propagate: BoundaryRoute maps them by type (503 retryable, 500 a bug).
         outcome = await backend.run(QueryRequest(query=body.query, top_k=body.top_k, mode=body.mode,
-                                                 rerank=rerank, conditions=flt.conditions))
+                                                 rerank=rerank, conditions=flt.conditions, offset=body.offset))
         return SearchResponse(
             results=[SearchResult(**r.to_wire()) for r in outcome.results], model_version=outcome.model_version,
             mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold,
             candidates=outcome.candidates, timings_ms=outcome.timings_ms,
             took_ms=round((time.perf_counter() - start) * 1000.0, 3), truncated=outcome.truncated,
+            total=outcome.total, next_offset=outcome.next_offset,
         )  # fmt: skip
 
     async def search(body: Any, _: Any) -> Any:

@@ -47,6 +47,7 @@ SEARCH_PAGE = """<!doctype html>
 </form>
 <div id="status"></div>
 <div id="results"></div>
+<button id="more" type="button" hidden>more</button>
 <script>
 "use strict";
 const base = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
@@ -99,6 +100,33 @@ function card(result, rank) {
   return el;
 }
 
+let page = null;  // the last request's body and how many results are shown
+
+async function fetchPage(body) {
+  let resp;
+  try {
+    resp = await fetch(base + "v1/search", {method: "POST", body: JSON.stringify(body),
+                                            headers: {"Content-Type": "application/json", ...headers()}});
+  } catch (err) { $("status").textContent = "network error: " + err; return null; }
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const detail = Array.isArray(data.detail) ? data.detail.map(d => d.field + ": " + d.message).join("; ") : "";
+    $("status").textContent = "error " + resp.status + ": " + (data.error || "") + (detail ? " (" + detail + ")" : "");
+    return null;
+  }
+  return data;
+}
+
+function show(data) {
+  data.results.forEach((r) => $("results").appendChild(card(r, ++page.shown)));
+  $("status").textContent = (data.mode === "discover"
+      ? data.total + " image(s) hold it (threshold " + data.threshold.toFixed(2) + "), " + page.shown + " shown"
+      : page.shown + " result(s)") + "; last page in " + data.took_ms.toFixed(0) + " ms"
+      + (data.reranked ? ", re-ranked" : "") + (data.truncated ? " (query too long: its end was ignored)" : "");
+  page.body.offset = data.next_offset;
+  $("more").hidden = data.next_offset === null || data.next_offset === undefined;
+}
+
 $("search").addEventListener("submit", async (event) => {
   event.preventDefault();
   const body = {query: $("q").value, top_k: Number($("k").value) || 10,
@@ -107,23 +135,16 @@ $("search").addEventListener("submit", async (event) => {
   if (image) body.filters = [{field: "image_id", op: "prefix", value: image}];
   $("status").textContent = "searching...";
   $("results").replaceChildren();
-  let resp;
-  try {
-    resp = await fetch(base + "v1/search", {method: "POST", body: JSON.stringify(body),
-                                            headers: {"Content-Type": "application/json", ...headers()}});
-  } catch (err) { $("status").textContent = "network error: " + err; return; }
-  const data = await resp.json().catch(() => ({}));
-  if (!resp.ok) {
-    const detail = Array.isArray(data.detail) ? data.detail.map(d => d.field + ": " + d.message).join("; ") : "";
-    $("status").textContent = "error " + resp.status + ": " + (data.error || "") + (detail ? " (" + detail + ")" : "");
-    return;
-  }
-  const found = data.results.length;
-  $("status").textContent = (data.mode === "discover"
-      ? found + " image(s) hold it (threshold " + data.threshold.toFixed(2) + ")"
-      : found + " result(s)") + " in " + data.took_ms.toFixed(0) + " ms" + (data.reranked ? ", re-ranked" : "")
-      + (data.truncated ? " (query too long: its end was ignored)" : "");
-  data.results.forEach((r, i) => $("results").appendChild(card(r, i + 1)));
+  $("more").hidden = true;
+  page = {body: body, shown: 0};
+  const data = await fetchPage(body);
+  if (data) show(data);
+});
+
+$("more").addEventListener("click", async () => {
+  if (!page || page.body.offset === null) return;
+  const data = await fetchPage(page.body);
+  if (data) show(data);
 });
 </script>
 </body>

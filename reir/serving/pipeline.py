@@ -120,6 +120,7 @@ class QueryRequest:
     mode: Mode = "rank"
     rerank: bool = True
     conditions: tuple[Condition, ...] = ()
+    offset: int = 0  # results skipped: the page starts here (discover mode's long answers come in pages)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class QueryOutcome:
     candidates: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False  # the query had more tokens than the text tower reads; its end was ignored
+    total: int | None = None  # discover mode: every image found above the threshold, all pages together
+    next_offset: int | None = None  # the next page's offset; None: this page is the last
 
 
 class QueryStages(Protocol):
@@ -273,8 +276,12 @@ class QueryPipeline:
         reranked = found.scored is not None
         scored = found.scored if found.scored is not None else ann_order(hits, Calibration(**info["calibration"]))
         threshold = float(info["discover_threshold"])
-        results = answer(scored, mode=request.mode, top_k=request.top_k, threshold=threshold,
-                         dedupe_iou=self.dedupe_iou)
+        end = request.offset + request.top_k
+        found = answer(scored, mode=request.mode, top_k=end, threshold=threshold, dedupe_iou=self.dedupe_iou)
+        # Rank mode stops at the page's end; discover mode found every image above the threshold.
+        total = len(found) if discover else None
+        more = len(found) > end if discover else len(found) == end and len(scored) > end
+        results = found[request.offset : end]
         if self.localize_results > 0 and results:
             t = clock()
             results = await self._localize(request.query, results)
@@ -285,6 +292,7 @@ class QueryPipeline:
             results=results, model_version=info["model_version"], mode=request.mode, reranked=reranked,
             threshold=threshold if request.mode == "discover" else None, candidates=len(hits),
             timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()}, truncated=truncated,
+            total=total, next_offset=end if more else None,
         )  # fmt: skip
 
     async def _localize(self, query: str, results: list[Result]) -> list[Result]:

@@ -29,9 +29,11 @@ class StubBackend:
     async def run(self, request: QueryRequest) -> QueryOutcome:
         self.calls.append(request)
         results = [Result(f"img{i}", f"/g/img{i}.jpg", (1.0, 2.0, 3.0, 4.0), 0.9 - i / 10) for i in range(request.top_k)]
+        discover = request.mode == "discover"
         return QueryOutcome(results=results, model_version="stub-1", mode=request.mode, reranked=request.rerank,
-                            threshold=0.5 if request.mode == "discover" else None, candidates=7,
-                            timings_ms={"encode": 1.0, "search": 2.0, "total": 3.5})
+                            threshold=0.5 if discover else None, candidates=7,
+                            timings_ms={"encode": 1.0, "search": 2.0, "total": 3.5},
+                            total=50 if discover else None, next_offset=request.offset + request.top_k)
 
     async def info(self) -> dict[str, Any]:
         return {"model_version": "stub-1", "discover_threshold": 0.5, "can_rerank": False}
@@ -76,8 +78,8 @@ def test_search_returns_the_wire_format(client: TestClient, backend: StubBackend
     assert resp.status_code == 200
     body = resp.json()
     assert set(body) == {"results", "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms",
-                         "took_ms", "truncated"}
-    assert body["truncated"] is False
+                         "took_ms", "truncated", "total", "next_offset"}
+    assert body["truncated"] is False and body["total"] is None and body["next_offset"] == 2
     assert body["model_version"] == "stub-1" and body["mode"] == "rank" and body["threshold"] is None
     assert body["results"][0] == {"image_id": "img0", "uri": "/g/img0.jpg", "box": [1.0, 2.0, 3.0, 4.0], "score": 0.9,
                                   "refined": False}
@@ -97,7 +99,11 @@ def test_mode_rerank_and_filters_reach_the_backend(client: TestClient, backend: 
     })  # fmt: skip
     assert resp.status_code == 200, resp.text
     assert resp.json()["mode"] == "discover" and resp.json()["threshold"] == 0.5
+    assert resp.json()["total"] == 50 and resp.json()["next_offset"] == 3
     request = backend.calls[0]
+    assert request.offset == 0
+    assert client.post("/v1/search", json={"query": "a cat", "mode": "discover", "offset": 30}).json()["next_offset"] == 40
+    assert backend.calls[1].offset == 30
     assert request.mode == "discover" and request.rerank is False
     assert [c.to_expr() for c in request.conditions] == [
         'split == "test"', 'image_id in ["syn1", "syn2"]', "year >= 2020", 'uri like "/data/gallery\\\\_a/%"',
@@ -113,6 +119,9 @@ def test_mode_rerank_and_filters_reach_the_backend(client: TestClient, backend: 
         ({"query": "x", "top_k": 2.5}, "top_k"),
         ({"query": "x", "top_k": True}, "top_k"),
         ({"query": "x", "limit": 5}, "limit"),
+        ({"query": "x", "offset": -1}, "offset"),
+        ({"query": "x", "offset": 16_385}, "offset"),
+        ({"query": "x", "offset": "10"}, "offset"),
         ({"top_k": 5}, "query"),
         ({"query": "   "}, "query"),
         ({"query": 42}, "query"),

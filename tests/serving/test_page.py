@@ -60,8 +60,15 @@ def test_type_a_query_and_see_boxes(fake_app: FakeApp, tmp_path: Path) -> None:
             page.press("#q", "Enter")
             page.wait_for_function("document.querySelector('#status').textContent.includes('hold it')",
                                    timeout=60_000)
-            assert "4 image(s) hold it" in page.inner_text("#status")
-            assert page.locator(".card svg rect").count() == 4
+            # Discover mode's answer comes in pages of "top": the rest on demand, every match in the end.
+            assert "4 image(s) hold it" in page.inner_text("#status") and "3 shown" in page.inner_text("#status")
+            assert page.locator(".card svg rect").count() == 3 and page.is_visible("#more")
+            page.click("#more")
+            page.wait_for_function("document.querySelectorAll('.card').length === 4", timeout=60_000)
+            assert "4 shown" in page.inner_text("#status") and not page.is_visible("#more")
+            assert page.locator(".card .score").nth(3).inner_text().startswith("#4")
+            ids = [page.locator(".card").nth(i).get_attribute("data-image-id") for i in range(4)]
+            assert len(set(ids)) == 4  # the second page goes on where the first stopped
 
             page.fill("#key", "wrong-key")
             page.press("#q", "Enter")

@@ -209,8 +209,22 @@ def test_discover_mode_searches_and_reranks_its_own_wider_pool() -> None:
     found = asyncio.run(pipeline.run(QueryRequest(query="q", mode="discover")))
     assert stages.top_n == [20, 300] and stages.reranked == [10, 120]
     assert len(ranked.results) == 5
-    # every re-ranked image at or above the threshold: 1 in 3 of the 120
-    assert len(found.results) == 40 and all(r.score >= 0.5 for r in found.results)
+    # every re-ranked image at or above the threshold: 1 in 3 of the 120, in pages of top_k
+    assert found.total == 40 and len(found.results) == 10 and found.next_offset == 10
+    pages, offset = [found.results], found.next_offset
+    while offset is not None:
+        page = asyncio.run(pipeline.run(QueryRequest(query="q", mode="discover", top_k=15, offset=offset)))
+        assert page.total == 40
+        pages.append(page.results)
+        offset = page.next_offset
+    every = [r for p in pages for r in p]
+    assert [len(p) for p in pages] == [10, 15, 15] and len({r.image_id for r in every}) == 40
+    assert all(r.score >= 0.5 for r in every) and [r.score for r in every] == sorted((r.score for r in every),
+                                                                                    reverse=True)
+    beyond = asyncio.run(pipeline.run(QueryRequest(query="q", mode="discover", offset=40)))
+    assert beyond.results == [] and beyond.total == 40 and beyond.next_offset is None
+    second = asyncio.run(pipeline.run(QueryRequest(query="q", top_k=5, offset=5)))  # rank mode pages too
+    assert [r.image_id for r in second.results] == [f"img{i}" for i in range(5, 10)] and second.total is None
 
 
 class _CountingModel:
