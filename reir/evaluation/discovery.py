@@ -9,7 +9,13 @@ the presence threshold. The metric joins retrieval recall and localization preci
 * **precision** = correct answers / answers, **recall** = ground-truth images found by a
   correct answer / ground-truth images (both summed over queries: micro averages);
 * **F1** of the two, and **none accuracy**: the share of queries with no match that were
-  answered with nothing.
+  answered with nothing;
+* **joint**: one number per query that only a query answered completely *and* cleanly gets in
+  full, averaged over queries (so a query with hundreds of matches weighs what a query with
+  two does): ``precision_q * recall_q`` for a query with matches, and for a query without,
+  1 when it is answered with nothing, else 0. It is in the spirit of the ReSeDis benchmark's
+  joint score of retrieval recall and localization precision (Huang et al., 2025), not that
+  paper's formula.
 
 Answers are collected once with every candidate kept (threshold 0), then scored at each
 threshold: that gives the precision/recall curve and the figures at the calibrated one
@@ -56,22 +62,28 @@ def discovery_scores(
     """Precision, recall, F1 and none-accuracy of ``answers`` kept at ``prob >= threshold``."""
     answered = correct = truth_images = found_images = 0
     empty = empty_ok = 0
+    joint = 0.0
     for q in queries:
         truth = _truth(q)
         kept = [a for a in answers.get(q.query_id, ()) if a.prob >= threshold]
         answered += len(kept)
         truth_images += len(truth)
-        hits = {a.image_id for a in kept if any(iou_xywh(a.box, b) >= tau for b in truth.get(a.image_id, ()))}
-        correct += sum(1 for a in kept if a.image_id in hits)
+        right = [a for a in kept if any(iou_xywh(a.box, b) >= tau for b in truth.get(a.image_id, ()))]
+        hits = {a.image_id for a in right}
+        correct += len(right)
         found_images += len(hits)
         if not truth:
             empty += 1
             empty_ok += not kept
+            joint += not kept
+        elif kept:
+            joint += len(right) / len(kept) * len(hits) / len(truth)
     precision = correct / answered if answered else 1.0
     recall = found_images / truth_images if truth_images else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
-            "none_accuracy": empty_ok / empty if empty else 1.0, "answers": float(answered)}  # fmt: skip
+            "none_accuracy": empty_ok / empty if empty else 1.0, "joint": joint / len(queries) if queries else 0.0,
+            "answers": float(answered)}  # fmt: skip
 
 
 def discovery_curve(
@@ -154,7 +166,8 @@ def evaluate_discovery(
          f"{result['seconds_per_query'] * 1000:.0f} ms per query{pool}")
     for name, row in (("calibrated threshold", at), ("best F1 on the curve", result["best_f1_on_curve"])):
         echo(f"  {name} {row['threshold']:.3f}: precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
-             f"F1 {row['f1']:.3f}  none-accuracy {row['none_accuracy']:.3f}  answers {int(row['answers'])}")
+             f"F1 {row['f1']:.3f}  none-accuracy {row['none_accuracy']:.3f}  joint {row['joint']:.3f}  "
+             f"answers {int(row['answers'])}")
     if png is not None:
         plot_curve(curve, at, png, title=f"discovery, {len(queries)} queries ({result['empty_queries']} empty)")
         result["png"] = str(png)

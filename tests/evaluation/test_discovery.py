@@ -39,9 +39,12 @@ def test_scores_join_recall_and_localization_precision() -> None:
     assert at_half["recall"] == pytest.approx(1 / 3)  # a of {a, b, c}
     assert at_half["none_accuracy"] == 1.0
     assert at_half["f1"] == pytest.approx(1 / 3)
+    # per query: two 1/2 * 1/2, one 0 (its only answer has the wrong box), none 1 (nothing kept)
+    assert at_half["joint"] == pytest.approx((0.25 + 0 + 1) / 3)
     at_low = discovery_scores(ANSWERS, QUERIES, 0.0)
     assert at_low["answers"] == 5 and at_low["precision"] == pytest.approx(2 / 5)
     assert at_low["recall"] == pytest.approx(2 / 3) and at_low["none_accuracy"] == 0.0
+    assert at_low["joint"] == pytest.approx((2 / 3 * 1 + 0 + 0) / 3)
     nothing = discovery_scores(ANSWERS, QUERIES, 0.95)
     assert nothing["answers"] == 0 and nothing["precision"] == 1.0 and nothing["recall"] == 0.0
     assert nothing["f1"] == 0.0
