@@ -117,7 +117,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             summary = _ingest(model_dir, data, milvus.uri)
             console.print(summary)
             clock.begin("start Ray Serve and send every test query over HTTP")
-            predictions, answers, ann_predictions = _query_over_http(cfg, model_dir, milvus.uri, queries, progress_bar)
+            predictions, answers, ann_predictions, discovery = _query_over_http(cfg, model_dir, milvus.uri, queries,
+                                                                                progress_bar, data)
     finally:
         ray.shutdown()
 
@@ -129,6 +130,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     metrics["num_queries"] = len(queries)
     # In-family vs held-out phrasing families and scene regimes (meta.json says which are held out).
     metrics["slices"] = evaluate_slices(predictions, queries, heldout=read_heldout(data))
+    if discovery is not None:
+        metrics["discovery"] = discovery
     metrics["wall_seconds"] = round(clock.seconds, 1)
     _report(console, metrics, queries, answers)
     write_metrics_json(out / "metrics.json", metrics)
@@ -183,9 +186,9 @@ def _ingest(model_dir: Path, data: Path, milvus_uri: str) -> Any:
                                       milvus=MilvusConfig(uri=milvus_uri), batch_size=32))
 
 
-def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries: list[Any],
-                     progress_bar: Any) -> tuple[dict[str, list[Any]], dict[str, list[dict[str, Any]]],
-                                             dict[str, list[Any]]]:
+def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries: list[Any], progress_bar: Any,
+                     data: Path) -> tuple[dict[str, list[Any]], dict[str, list[dict[str, Any]]],
+                                          dict[str, list[Any]], dict[str, Any] | None]:  # fmt: skip
     from ray import serve
 
     from reir.client import Client
@@ -209,11 +212,27 @@ def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries:
                 advance(1)
 
             list(pool.map(one, queries))
+        discovery = _discover_over_http(f"http://127.0.0.1:{cfg.http_port}", data)
     finally:
         serve.shutdown()
     predictions = {qid: [Prediction(r["image_id"], r["box"]) for r in rs] for qid, rs in answers.items()}
     ann = {qid: [Prediction(r["image_id"], r["box"]) for r in rs] for qid, rs in ann_answers.items()}
-    return predictions, answers, ann
+    return predictions, answers, ann, discovery
+
+
+def _discover_over_http(url: str, data: Path) -> dict[str, Any] | None:
+    """Discover mode on the benchmark's test discovery queries, every page, over HTTP: the
+    scores at the service's calibrated threshold and the seconds per query (all pages)."""
+    from reir.data.formats import load_discovery
+    from reir.evaluation.discovery import discovery_scores, over_http
+
+    queries = [q for q in load_discovery(data) if q.split == "test"]
+    if not queries:
+        return None
+    answers, threshold, seconds = over_http(url, queries)
+    scores = discovery_scores(answers, queries, threshold)
+    return {**scores, "num_queries": len(queries), "empty_queries": sum(not q.matches for q in queries),
+            "seconds_per_query": round(seconds / len(queries), 4)}
 
 
 def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
@@ -221,10 +240,16 @@ def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
     from reir.evaluation.metrics import format_table, is_hit
     from reir.evaluation.slices import format_slices
 
-    console.print(format_table({k: v for k, v in metrics.items() if k != "slices"}))
+    console.print(format_table({k: v for k, v in metrics.items() if k not in ("slices", "discovery")}))
     if metrics.get("slices"):
         console.print("BR@k at IoU 0.5 by slice (held-out: phrasing families and scene regimes never trained on)")
         console.print(format_slices(metrics["slices"]))
+    found = metrics.get("discovery")
+    if found:
+        console.print(f"discover mode, {found['num_queries']} queries ({found['empty_queries']} with no match), at the "
+                      f"calibrated threshold {found['threshold']:.3f}: precision {found['precision']:.3f}, recall "
+                      f"{found['recall']:.3f}, F1 {found['f1']:.3f}, none right {found['none_accuracy']:.3f}, joint "
+                      f"{found['joint']:.3f}; {1000 * found['seconds_per_query']:.0f} ms per query over HTTP")
     for q in queries[:5]:
         top = answers[q.query_id][0] if answers[q.query_id] else None
         hit = bool(top and is_hit(top["image_id"], top["box"], q))

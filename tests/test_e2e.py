@@ -46,6 +46,10 @@ def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> Non
     assert stage2_args["config"]["lookalike_partners"] == 1 and stage2_args["stats"]["steps"] == 2
     calibration = json.loads((model_dir / "calibration.json").read_text())
     assert 0.0 < calibration["discover_threshold"] < 1.0
+    # synth's training discovery queries reached the workers: discover mode's own loss and threshold
+    assert "loss_discovery_bce" in args["stats"] and calibration["source"] == "discovery queries"
+    assert calibration["discover_threshold"] == calibration["discovery"]["discover_threshold"]
+    assert calibration["discovery"]["num_queries"] > 0 and 0.0 < calibration["referent"]["discover_threshold"] < 1.0
     model, processor = create_model(str(model_dir))
     assert model.reranker is not None  # the re-ranker ships in the checkpoint
     assert processor.image_size == 64  # the tiny preset's shape came through every stage

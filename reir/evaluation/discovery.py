@@ -150,7 +150,7 @@ def evaluate_discovery(
     if not queries:
         raise ValueError(f"no {split!r} discovery queries in {data_root} (discovery.json)")
     if url:
-        answers, threshold, seconds = _discover_over_http(url, queries)
+        answers, threshold, seconds = over_http(url, queries)
     else:
         answers, threshold, seconds = _discover_in_process(model_dir, milvus_uri, collection, queries)
     curve = discovery_curve(answers, queries)
@@ -205,7 +205,9 @@ def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
     return answers, threshold, seconds
 
 
-def _discover_over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float]:
+def over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float]:
+    """Every page of each query's discover-mode answer from the service at ``url``: (answers,
+    the service's threshold, seconds)."""
     import time
 
     from reir.client import Client

@@ -263,11 +263,14 @@ class QueryPipeline:
         version = info["model_version"] if self.filter_model_version else None
         flt = StructuredFilter(model_version=version or None, conditions=request.conditions)
         discover = request.mode == "discover"
-        pool = self.discover_candidates if discover else self.candidates
-        head_size = self.discover_rerank_candidates if discover else self.rerank_candidates
-        head_size = max(head_size, request.top_k) if request.rerank and info.get("can_rerank") else 0
+        end = request.offset + request.top_k
+        # Rank mode: the pool holds at least the page's end. Discover mode: its own pool, whatever
+        # the page (every page of one answer slices the same list).
+        pool = self.discover_candidates if discover else max(self.candidates, end)
+        head_size = self.discover_rerank_candidates if discover else max(self.rerank_candidates, end)
+        head_size = head_size if request.rerank and info.get("can_rerank") else 0
         t = clock()
-        encoded, found = await self.stages.search(request.query, max(pool, request.top_k), flt, head_size)
+        encoded, found = await self.stages.search(request.query, pool, flt, head_size)
         truncated = report_truncation(encoded, self.metrics)
         hits = found.hits
         timings.update(found.timings_s)
@@ -276,7 +279,6 @@ class QueryPipeline:
         reranked = found.scored is not None
         scored = found.scored if found.scored is not None else ann_order(hits, Calibration(**info["calibration"]))
         threshold = float(info["discover_threshold"])
-        end = request.offset + request.top_k
         found = answer(scored, mode=request.mode, top_k=end, threshold=threshold, dedupe_iou=self.dedupe_iou)
         # Rank mode stops at the page's end; discover mode found every image above the threshold.
         total = len(found) if discover else None
