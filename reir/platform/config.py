@@ -301,11 +301,12 @@ class ServeConfig(_Frozen):
     rerank_candidates: int = Field(default=50, ge=1, le=1000)
     # Stored instances of one image the re-ranker reads (candidates always kept); >= ingest top_k_instances.
     rerank_max_instances: int = Field(default=64, ge=1, le=1000)
-    # Discover mode answers *every* image holding the object; it may search and re-rank a
-    # wider pool (None: rank mode's). 1,000 / 500 cost 4.5x per query on the demo and did not
-    # change its discovery figures, so the default stays rank mode's.
-    discover_candidates: int | None = Field(default=None, ge=1, le=16_384)
-    discover_rerank_candidates: int | None = Field(default=None, ge=1, le=16_384)
+    # Discover mode answers *every* image holding the object, so it searches and re-ranks a
+    # wider pool than rank mode (None: rank mode's). With a re-ranker trained on discovery
+    # queries, 1,000 / 1,000 held 90% of the matches against 63% for 200 / 200 (F1 0.46 vs
+    # 0.41) at 103 ms per query instead of 30 (in process, the 400-image demo gallery).
+    discover_candidates: int | None = Field(default=1000, ge=1, le=16_384)
+    discover_rerank_candidates: int | None = Field(default=1000, ge=1, le=16_384)
     discover_threshold: float = Field(default=0.5, gt=0, lt=1)
     # Per-deployment autoscaling; a stage not listed keeps its fixed *_replicas count.
     autoscaling: dict[ServeStage, AutoscalingSpec] = Field(default_factory=dict)

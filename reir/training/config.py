@@ -100,11 +100,11 @@ class TrainConfig(BaseModel):
         10, ge=0, description="stages rerank, weak-rerank: the expressions of every N-th image are held out of "
         "training to calibrate the presence threshold; 0: none held out, calibrated on training expressions")
     rerank_discovery_batch: int = Field(
-        16, ge=0, description="stage rerank: training discovery queries (data_root's discovery.json, split train) "
+        32, ge=0, description="stage rerank: training discovery queries (data_root's discovery.json, split train) "
         "per step beside the expressions: discover mode's presence loss; 0: none")
     rerank_discovery_images: int = Field(16, ge=2, description="stage rerank: images scored per discovery query "
                                          "and step (up to half of them matching, the rest hard non-matching)")
-    rerank_discovery_weight: float = Field(1.0, ge=0, description="stage rerank: weight of the discovery loss")
+    rerank_discovery_weight: float = Field(2.0, ge=0, description="stage rerank: weight of the discovery loss")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
