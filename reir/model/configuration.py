@@ -179,6 +179,7 @@ class ReirConfig(PretrainedConfig):
         loss: dict[str, Any] | None = None,
         rerank: dict[str, Any] | None = None,
         image_retrieval: dict[str, Any] | None = None,
+        presence: dict[str, Any] | None = None,
         embed_dim: int = 32,
         logit_scale_init: float = 2.302585,  # log(10)
         logit_bias_init: float = -10.0,
@@ -192,6 +193,8 @@ class ReirConfig(PretrainedConfig):
         self.more = _merge(MoreSpec, more)
         self.loss = _merge(LossSpec, loss)
         self.rerank = _merge(RerankSpec, rerank)
+        # Discover mode's own head (a RelationReranker trained for presence); hidden_size 0: none.
+        self.presence = _merge(RerankSpec, presence or {"hidden_size": 0})
         self.image_retrieval = _merge(ImageRetrievalSpec, image_retrieval)
         self.embed_dim = embed_dim
         self.logit_scale_init = logit_scale_init
@@ -220,6 +223,10 @@ class ReirConfig(PretrainedConfig):
     @property
     def rerank_spec(self) -> RerankSpec:
         return RerankSpec(**self.rerank)
+
+    @property
+    def presence_spec(self) -> RerankSpec:
+        return RerankSpec(**self.presence)
 
     @property
     def image_retrieval_spec(self) -> ImageRetrievalSpec:

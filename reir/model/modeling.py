@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 # The modules a vision-only model leaves out (their weights are skipped when it loads).
-_TEXT_SIDE = ("text.", "reranker.", "image_retrieval.")
+_TEXT_SIDE = ("text.", "reranker.", "presence.", "image_retrieval.")
 
 
 @dataclass
@@ -285,6 +285,11 @@ class ReirModel(nn.Module):
         self.reranker: RelationReranker | None = None
         if config.rerank_spec.hidden_size > 0 and not vision_only:
             self.reranker = self._build_reranker(config.rerank_spec)
+        # Discover mode's presence head: the re-ranker's form, trained to say whether an image
+        # holds what a generic query describes (reir.training.rerank); rank mode never reads it.
+        self.presence: RelationReranker | None = None
+        if config.presence_spec.hidden_size > 0 and not vision_only:
+            self.presence = self._build_reranker(config.presence_spec)
         # Not part of reir's query path: the two-stage baseline's image retriever (see
         # reir.model.image_retrieval); only checkpoints trained for that baseline have one.
         self.image_retrieval: ImageRetrievalHead | None = None
@@ -316,6 +321,19 @@ class ReirModel(nn.Module):
         self.config.rerank = asdict(rerank_spec)
         self.reranker = self._build_reranker(rerank_spec).to(self.device).train(self.training)
         return self.reranker
+
+    def add_presence(self) -> RelationReranker:
+        """Attach discover mode's presence head: the re-ranker's form and, as a start, a copy of
+        its weights (it already reads attributes and relations); returns it, trainable."""
+        if self.reranker is None:
+            raise ValueError("the presence head starts from the re-ranker: this model has none")
+        spec = self.config.rerank_spec
+        self.config.presence = asdict(spec)
+        self.presence = self._build_reranker(spec).to(self.device).train(self.training)
+        self.presence.load_state_dict(self.reranker.state_dict())
+        for p in self.presence.parameters():
+            p.requires_grad_(True)
+        return self.presence
 
     def _build_image_retrieval(self, spec: ImageRetrievalSpec) -> ImageRetrievalHead:
         return ImageRetrievalHead(spec, self.config.vision_spec.hidden_size, self.text_hidden_size,
@@ -390,6 +408,7 @@ class ReirModel(nn.Module):
         inst_mask: torch.Tensor,
         text_index: torch.Tensor | None = None,
         text: TextOutput | None = None,
+        presence: bool = False,
     ) -> torch.Tensor:
         """Re-ranked logits ``[N, M]`` of every stored instance of N candidate images.
 
@@ -400,6 +419,8 @@ class ReirModel(nn.Module):
         Without a re-ranker the dual encoder's logits come back (same order as the ANN).
         ``text``: the expressions already encoded (``encode_text`` of the same ids), so a
         query path that encoded them for the search does not encode them again.
+        ``presence``: discover mode's presence head scores them (the re-ranker where the
+        checkpoint has no such head).
         """
         if text is None:
             text = self.encode_text(input_ids, attention_mask)
@@ -407,10 +428,11 @@ class ReirModel(nn.Module):
             text_index = torch.zeros(inst_emb.shape[0], dtype=torch.long, device=inst_emb.device)
         emb = text.embeddings[text_index]
         base = score_from_similarity(torch.einsum("nd,nmd->nm", emb, inst_emb), self.logit_scale, self.logit_bias)
-        if self.reranker is None:
+        head = self.presence if presence and self.presence is not None else self.reranker
+        if head is None:
             return base.masked_fill(~inst_mask.bool(), float("-inf"))
         assert text.token_states is not None
-        return self.reranker(
+        return head(
             text.token_states, attention_mask, base, inst_emb, boxes, objectness, inst_mask, text_rows=text_index
         )
 

@@ -145,21 +145,24 @@ class Searcher:
     def info(self) -> dict[str, Any]:
         return {**self._info, "can_rerank": self.ranker.can_rerank}
 
-    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
         """The query encoded here, then :meth:`candidates` (``encode_in_searcher``: one hop per query)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        found = await asyncio.to_thread(milvus_call, encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head)
+        found = await asyncio.to_thread(milvus_call, encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head,
+                                        presence)  # fmt: skip
         self._latency.observe(loop.time() - start)
         self._batch_size.observe(1)
         return found
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int,
+                         presence: bool = False) -> Candidates:  # fmt: skip
         """ANN top-N for one encoded query under the (validated) filter; the best ``head``
         re-ranked with their images' context (one search, one keyed fetch, no extra hop)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        found = await asyncio.to_thread(milvus_call, self.ranker.rank, query, top_n, flt, head)
+        found = await asyncio.to_thread(milvus_call, self.ranker.rank, query, top_n, flt, head, presence)
         self._latency.observe(loop.time() - start)
         return found
 
@@ -217,11 +220,13 @@ class InProcessStages:
     async def encode(self, text: str) -> EncodedQuery:
         raise RuntimeError("this app searches in the ingress: call search()")
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        return await self.searcher.candidates(query, top_n, flt, head)
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int,
+                         presence: bool = False) -> Candidates:  # fmt: skip
+        return await self.searcher.candidates(query, top_n, flt, head, presence)
 
-    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
-        return await self.searcher.search(text, top_n, flt, head)
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
+        return await self.searcher.search(text, top_n, flt, head, presence)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         return await self.searcher.localize(query, items)
@@ -253,16 +258,18 @@ class HandleStages:
             raise RuntimeError("this app encodes in the searcher: call search()")
         return await stage_call(lambda: self.encoder.encode.remote(text), "QueryEncoder")
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        return await stage_call(lambda: self.searcher.candidates.remote(query, top_n, flt, head), "Searcher")
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int,
+                         presence: bool = False) -> Candidates:  # fmt: skip
+        return await stage_call(lambda: self.searcher.candidates.remote(query, top_n, flt, head, presence), "Searcher")
 
-    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
         if self.encoder is None:  # one hop
-            return await stage_call(lambda: self.searcher.search.remote(text, top_n, flt, head), "Searcher")
+            return await stage_call(lambda: self.searcher.search.remote(text, top_n, flt, head, presence), "Searcher")
         t = time.perf_counter()
         encoded = await self.encode(text)
         took = time.perf_counter() - t
-        found = await self.candidates(encoded, top_n, flt, head)
+        found = await self.candidates(encoded, top_n, flt, head, presence)
         return encoded, replace(found, timings_s={"encode": took, **found.timings_s})
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:

@@ -93,7 +93,8 @@ class Ranker:
     def can_rerank(self) -> bool:
         return self.reranker is not None and self.reranker.can_rerank
 
-    def rank(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
+    def rank(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int,
+             presence: bool = False) -> Candidates:  # fmt: skip
         clock = time.perf_counter
         t = clock()
         hits = self.store.search(np.atleast_2d(query.embedding), top_n, flt)[0]
@@ -105,7 +106,7 @@ class Ranker:
         context = self.store.context(best, model_version=flt.model_version)
         timings["context"] = clock() - t
         t = clock()
-        scored = self.reranker.rerank(query, best, context)
+        scored = self.reranker.rerank(query, best, context, presence=presence)
         # The answer needs boxes and scores only: the context's vectors (the bulk of the
         # data: ~500 x dim floats) stay here instead of crossing the hop back to the ingress.
         scored = [(without_embedding(hit), prob) for hit, prob in scored]
@@ -146,11 +147,14 @@ class QueryStages(Protocol):
         """The query encoded once; its token states travel on to the re-ranker."""
         ...
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        """ANN top-N under the filter; the best ``head`` re-ranked (0: no re-rank), see :class:`Ranker`."""
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int,
+                         presence: bool = False) -> Candidates:  # fmt: skip
+        """ANN top-N under the filter; the best ``head`` re-ranked (0: no re-rank), see :class:`Ranker`
+        (``presence``: by discover mode's presence head)."""
         ...
 
-    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
         """:meth:`encode` then :meth:`candidates`, in one call where one place does both;
         ``Candidates.timings_s["encode"]`` says what the encoding took."""
         ...
@@ -270,7 +274,7 @@ class QueryPipeline:
         head_size = self.discover_rerank_candidates if discover else max(self.rerank_candidates, end)
         head_size = head_size if request.rerank and info.get("can_rerank") else 0
         t = clock()
-        encoded, found = await self.stages.search(request.query, pool, flt, head_size)
+        encoded, found = await self.stages.search(request.query, pool, flt, head_size, presence=discover)
         truncated = report_truncation(encoded, self.metrics)
         hits = found.hits
         timings.update(found.timings_s)
@@ -326,13 +330,13 @@ class QueryPipeline:
 
 
 def encode_and_rank(encoder: QueryEncoder, ranker: Ranker, text: str, top_n: int, flt: StructuredFilter,
-                    head: int) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
+                    head: int, presence: bool = False) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
     """One query through the encoder and the searcher stage in this process (the encoding's
     time in ``timings_s["encode"]``); the token states stay here, the rest travels on."""
     t = time.perf_counter()
     encoded = encoder.encode_queries([text])[0]
     took = time.perf_counter() - t
-    found = ranker.rank(encoded, top_n, flt, head)
+    found = ranker.rank(encoded, top_n, flt, head, presence)
     return replace(encoded, token_states=None, attention_mask=None), replace(
         found, timings_s={"encode": took, **found.timings_s})
 
@@ -367,11 +371,13 @@ class LocalStages:
     async def encode(self, text: str) -> EncodedQuery:
         return self.encoder.encode_queries([text])[0]
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int) -> Candidates:
-        return await asyncio.to_thread(self.ranker.rank, query, top_n, flt, head)
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: StructuredFilter, head: int,
+                         presence: bool = False) -> Candidates:  # fmt: skip
+        return await asyncio.to_thread(self.ranker.rank, query, top_n, flt, head, presence)
 
-    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int) -> tuple[EncodedQuery, Candidates]:
-        return await asyncio.to_thread(encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head)
+    async def search(self, text: str, top_n: int, flt: StructuredFilter, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:  # fmt: skip
+        return await asyncio.to_thread(encode_and_rank, self.encoder, self.ranker, text, top_n, flt, head, presence)
 
     async def localize(self, query: str, items: list[tuple[str, tuple[float, float, float, float]]]) -> list[BoxUpdate]:
         if self.localizer is None:

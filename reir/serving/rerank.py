@@ -120,9 +120,10 @@ class Reranker:
         # ReirModel always has rerank_logits; without a trained re-ranker it only repeats the ANN scores.
         return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
 
-    def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit],
-               context: Mapping[str, Sequence[Hit]]) -> list[Scored]:  # fmt: skip
-        """``query``: the text, or the query as the encoder left it (then it is not re-encoded)."""
+    def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit], context: Mapping[str, Sequence[Hit]],
+               *, presence: bool = False) -> list[Scored]:  # fmt: skip
+        """``query``: the text, or the query as the encoder left it (then it is not re-encoded).
+        ``presence``: discover mode's presence head scores (the re-ranker without one)."""
         if not candidates:
             return []
         if not self.can_rerank:
@@ -138,7 +139,7 @@ class Reranker:
                 log.warning("image %s has no stored context; its candidates are dropped from re-ranking", image_id)
         if not groups:
             return ann_order(candidates, self.calibration)
-        logits = self._logits(query, image_ids, groups)
+        logits = self._logits(query, image_ids, groups, presence)
         scored = [(by_pk.get(row.pk, row), sigmoid(float(logits[i, j])))
                   for i, group in enumerate(groups) for j, row in enumerate(group)]
         return sorted(scored, key=lambda s: (-s[1], s[0].pk))
@@ -152,7 +153,13 @@ class Reranker:
         others = [r for r in rows if r.pk not in candidates]
         return sorted([*wanted, *others][: max(self.max_instances, len(wanted))], key=lambda r: rows.index(r))
 
-    def _logits(self, query: str | EncodedQuery, image_ids: list[str], groups: list[list[Hit]]) -> np.ndarray:
+    def _head(self, presence: bool) -> dict[str, bool]:
+        """``rerank_logits``' head argument: named only for discover mode on a checkpoint that
+        has a presence head (older checkpoints score discover mode with the re-ranker)."""
+        return {"presence": True} if presence and getattr(self.model, "presence", None) is not None else {}
+
+    def _logits(self, query: str | EncodedQuery, image_ids: list[str], groups: list[list[Hit]],
+                presence: bool = False) -> np.ndarray:  # fmt: skip
         sizes = [self.image_size(image_id, group) for image_id, group in zip(image_ids, groups, strict=True)]
         emb, boxes, objectness, mask = pack_instance_sets(
             [[r.embedding for r in g] for g in groups], [[r.box for r in g] for g in groups],
@@ -169,10 +176,10 @@ class Reranker:
                     token_states=move(torch.from_numpy(query.token_states[None].astype(np.float32))),
                 )  # fmt: skip
                 attention = move(torch.from_numpy(query.attention_mask[None].astype(np.int64)))
-                logits = self.model.rerank_logits(None, attention, *tensors, text=encoded)
+                logits = self.model.rerank_logits(None, attention, *tensors, text=encoded, **self._head(presence))
             else:
                 text = self.processor.text([query.text if isinstance(query, EncodedQuery) else query])
                 ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
                                   for v in (text["input_ids"], text["attention_mask"]))
-                logits = self.model.rerank_logits(ids, attention, *tensors)
+                logits = self.model.rerank_logits(ids, attention, *tensors, **self._head(presence))
         return to_numpy(logits).reshape(mask.shape)

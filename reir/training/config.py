@@ -101,10 +101,11 @@ class TrainConfig(BaseModel):
         "training to calibrate the presence threshold; 0: none held out, calibrated on training expressions")
     rerank_discovery_batch: int = Field(
         32, ge=0, description="stage rerank: training discovery queries (data_root's discovery.json, split train) "
-        "per step beside the expressions: discover mode's presence loss; 0: none")
+        "per step of discover mode's presence head, trained after the re-ranker and started from it; 0: no head")
     rerank_discovery_images: int = Field(16, ge=2, description="stage rerank: images scored per discovery query "
                                          "and step (up to half of them matching, the rest hard non-matching)")
-    rerank_discovery_weight: float = Field(2.0, ge=0, description="stage rerank: weight of the discovery loss")
+    rerank_discovery_steps: int = Field(1500, ge=1, description="stage rerank: optimizer steps of the presence "
+                                        "head (the stage's time budget applies to it again)")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "

@@ -99,11 +99,13 @@ class _Stages:
     async def encode(self, text: str) -> EncodedQuery:
         return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
-    async def search(self, text: str, top_n: int, flt: Any, head: int) -> tuple[EncodedQuery, Candidates]:
+    async def search(self, text: str, top_n: int, flt: Any, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:
         encoded = await self.encode(text)
         return encoded, await self.candidates(encoded, top_n, flt, head)
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int) -> Candidates:
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int,
+                         presence: bool = False) -> Candidates:
         assert head == 0, "not asked to re-rank"
         return Candidates([Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 10, 0.5, "v")
                            for i in range(4)])  # fmt: skip

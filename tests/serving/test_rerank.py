@@ -178,6 +178,7 @@ class _PoolStages:
     def __init__(self) -> None:
         self.top_n: list[int] = []
         self.reranked: list[int] = []
+        self.presence: list[bool] = []
 
     async def info(self) -> dict[str, Any]:
         return {"model_version": "v", "calibration": {"scale": 1.0, "bias": 0.0, "exact": True},
@@ -186,11 +187,14 @@ class _PoolStages:
     async def encode(self, text: str) -> EncodedQuery:
         return EncodedQuery(text, np.ones(2, dtype=np.float32))
 
-    async def search(self, text: str, top_n: int, flt: Any, head: int) -> tuple[EncodedQuery, Candidates]:
+    async def search(self, text: str, top_n: int, flt: Any, head: int,
+                     presence: bool = False) -> tuple[EncodedQuery, Candidates]:
         encoded = await self.encode(text)
-        return encoded, await self.candidates(encoded, top_n, flt, head)
+        return encoded, await self.candidates(encoded, top_n, flt, head, presence)
 
-    async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int) -> Candidates:
+    async def candidates(self, query: EncodedQuery, top_n: int, flt: Any, head: int,
+                         presence: bool = False) -> Candidates:
+        self.presence.append(presence)
         self.top_n.append(top_n)
         hits = [Hit(f"p{i}", f"img{i}", f"/g/{i}.png", (0.0, 0.0, 4.0, 4.0), 1.0 - i / 1e4, 0.5, "v")
                 for i in range(top_n)]
@@ -208,6 +212,7 @@ def test_discover_mode_searches_and_reranks_its_own_wider_pool() -> None:
     ranked = asyncio.run(pipeline.run(QueryRequest(query="q", top_k=5)))
     found = asyncio.run(pipeline.run(QueryRequest(query="q", mode="discover")))
     assert stages.top_n == [20, 300] and stages.reranked == [10, 120]
+    assert stages.presence == [False, True]  # discover mode asks for the presence head
     assert len(ranked.results) == 5
     # every re-ranked image at or above the threshold: 1 in 3 of the 120, in pages of top_k
     assert found.total == 40 and len(found.results) == 10 and found.next_offset == 10

@@ -161,3 +161,37 @@ def test_build_discovery_set_labels_stored_instances_of_the_group(tmp_path: Path
         hard = ds.hard[q][ds.hard[q] >= 0]
         assert bool((rs.groups[hard] == ds.group[q]).all()) and not bool(ds.truth[q, hard].any())
     assert int((ds.labels == DISCOVERY_NEG).sum()) > 0
+
+
+def test_the_presence_head_starts_from_the_reranker_serves_discover_mode_and_is_saved(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from reir.model import create_model
+
+    model, processor = create_model(str(tiny_checkpoint))
+    if model.reranker is None:
+        model.add_reranker(hidden_size=16)
+    assert model.presence is None
+    presence = model.add_presence()
+    assert all(torch.equal(a, b) for a, b in zip(presence.state_dict().values(),
+                                                 model.reranker.state_dict().values()))  # fmt: skip
+    text = processor.text(["a red circle"])
+    n, m, d = 3, 4, model.config.embed_dim
+    emb = torch.nn.functional.normalize(torch.randn(n, m, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    boxes, objectness, mask = torch.rand(n, m, 4) * 0.5 + 0.1, torch.ones(n, m), torch.ones(n, m, dtype=torch.bool)
+    model.eval()
+    with torch.no_grad():
+        args = (text["input_ids"], text["attention_mask"], emb, boxes, objectness, mask)
+        rank = model.rerank_logits(*args)
+        assert torch.allclose(model.rerank_logits(*args, presence=True), rank)  # a copy, until trained
+        for p in model.presence.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        found = model.rerank_logits(*args, presence=True)
+        assert not torch.allclose(found, rank) and torch.allclose(model.rerank_logits(*args), rank)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    loaded, _ = create_model(str(tmp_path / "m"))
+    assert loaded.presence is not None
+    with torch.no_grad():
+        assert torch.allclose(loaded.rerank_logits(*args, presence=True), found, atol=1e-5)
+        assert torch.allclose(loaded.rerank_logits(*args), rank, atol=1e-5)
