@@ -104,7 +104,7 @@ class TrainConfig(BaseModel):
         "per step of discover mode's presence head, trained after the re-ranker and started from it; 0: no head")
     rerank_discovery_images: int = Field(16, ge=2, description="stage rerank: images scored per discovery query "
                                          "and step (up to half of them matching, the rest hard non-matching)")
-    rerank_discovery_steps: int = Field(1500, ge=1, description="stage rerank: optimizer steps of the presence "
+    rerank_discovery_steps: int = Field(3000, ge=1, description="stage rerank: optimizer steps of the presence "
                                         "head (the stage's time budget applies to it again)")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
