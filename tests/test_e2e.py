@@ -30,7 +30,7 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tupl
                                       lookalike_partners=1, lookalike_window=8, **common))
     # min IoU 0: a 5-step tiny model localizes nothing, yet every expression must still train the re-ranker
     reranked = run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rr", max_steps=2,
-                                        rerank_min_iou=0.0, rerank_negatives=3, **common))
+                                        rerank_min_iou=0.0, rerank_negatives=3, rerank_discovery_steps=2, **common))
     return data, reranked
 
 
@@ -48,10 +48,11 @@ def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> Non
     assert 0.0 < calibration["discover_threshold"] < 1.0
     # synth's training discovery queries reached the workers: discover mode's own loss and threshold
     assert "loss_discovery_bce" in args["stats"] and calibration["source"] == "discovery queries"
+    assert args["stats"]["presence_steps"] == 2 and calibration["head"] == "presence"
     assert calibration["discover_threshold"] == calibration["discovery"]["discover_threshold"]
     assert calibration["discovery"]["num_queries"] > 0 and 0.0 < calibration["referent"]["discover_threshold"] < 1.0
     model, processor = create_model(str(model_dir))
-    assert model.reranker is not None  # the re-ranker ships in the checkpoint
+    assert model.reranker is not None and model.presence is not None  # both heads ship in the checkpoint
     assert processor.image_size == 64  # the tiny preset's shape came through every stage
 
 
