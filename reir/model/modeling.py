@@ -331,8 +331,6 @@ class ReirModel(nn.Module):
         self.config.presence = asdict(spec)
         self.presence = self._build_reranker(spec).to(self.device).train(self.training)
         self.presence.load_state_dict(self.reranker.state_dict())
-        for p in self.presence.parameters():
-            p.requires_grad_(True)
         return self.presence
 
     def _build_image_retrieval(self, spec: ImageRetrievalSpec) -> ImageRetrievalHead:

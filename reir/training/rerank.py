@@ -371,17 +371,24 @@ def calibrate_presence(
     p, y = torch.cat(probs), torch.cat(labels)
     if not bool(y.any()):
         return {"discover_threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "num_texts": 0}
-    order = torch.argsort(p, descending=True)
-    tp = torch.cumsum(y[order].float(), 0)
-    fp = torch.cumsum((~y[order]).float(), 0)
-    precision, recall = tp / (tp + fp), tp / y.sum()
+    return {**best_f1_threshold(p, y, int(y.sum())), "num_texts": int(text_idx.numel())}
+
+
+def best_f1_threshold(probs: torch.Tensor, right: torch.Tensor, positives: int) -> dict[str, float]:
+    """The threshold on ``probs`` whose answers (every ``prob`` at or above it; ``right``: which
+    of them are correct) have the best F1 against ``positives`` things to find:
+    ``{"discover_threshold", "precision", "recall", "f1"}``. It lies halfway between the last
+    accepted and the first rejected probability."""
+    order = torch.argsort(probs, descending=True)
+    tp = torch.cumsum(right[order].float(), 0)
+    precision = tp / torch.arange(1, len(order) + 1)
+    recall = tp / max(positives, 1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-9)
     best = int(torch.argmax(f1))
-    # Threshold halfway between the last accepted and the first rejected probability.
-    lo = float(p[order][best + 1]) if best + 1 < len(order) else 0.0
-    threshold = min(max((float(p[order][best]) + lo) / 2, 1e-4), 1 - 1e-4)
+    lo = float(probs[order][best + 1]) if best + 1 < len(order) else 0.0
+    threshold = min(max((float(probs[order][best]) + lo) / 2, 1e-4), 1 - 1e-4)
     return {"discover_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
-            "f1": float(f1[best]), "num_texts": int(text_idx.numel())}
+            "f1": float(f1[best])}
 
 
 # ------------------------------------------------------------------ discover mode's presence
@@ -426,9 +433,8 @@ def discovery_rows(queries: Sequence[Any], image_ids: Sequence[str],
     texts: list[dict[str, Any]] = []
     per_image: dict[str, list[list[Any]]] = {}
     for q in queries:
-        if q.split != "train" or q.group is None or any(group_of.get(str(m.image_id)) != q.group for m in q.matches):
-            continue
-        if q.group not in known:
+        if q.split != "train" or q.group not in known or any(group_of.get(str(m.image_id)) != q.group
+                                                              for m in q.matches):  # fmt: skip
             continue
         k = len(texts)
         texts.append({"raw": q.raw, "group": int(q.group)})
@@ -467,19 +473,9 @@ def build_discovery_set(
     token_states, token_mask, text_emb = encode_texts(model, processor, [x["raw"] for x in queries])
     best = torch.einsum("qd,nkd->qnk", text_emb, rs.emb).masked_fill(~rs.mask[None], -2.0).amax(dim=2)
     best = best.masked_fill(~scope | truth, -3.0)
-    val, idx = best.topk(min(hard, n), dim=1) if n else (torch.zeros(q, 0), torch.zeros(q, 0, dtype=torch.long))
+    val, idx = best.topk(min(hard, n), dim=1)
     idx[val <= -3.0] = -1
     return DiscoverySet(token_states, token_mask, text_emb, group, labels, truth, idx)
-
-
-def discovery_split(ds: DiscoverySet, every: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train, held)`` query indices: every ``every``-th query of each group calibrates the
-    threshold (0, or fewer than ``2 * every`` queries: none held out)."""
-    n = ds.num_queries
-    if not every or n < 2 * every:
-        return torch.arange(n), torch.zeros(0, dtype=torch.long)
-    held = torch.arange(n) % every == every - 1
-    return torch.nonzero(~held).squeeze(1), torch.nonzero(held).squeeze(1)
 
 
 def sample_discovery(ds: DiscoverySet, pool: torch.Tensor, batch_size: int, images: int,
@@ -539,7 +535,7 @@ def calibrate_discovery(
     for qi in query_idx.tolist():
         rows = torch.nonzero(ds.group[qi] == rs.groups).squeeze(1)
         truth_images += int(ds.truth[qi, rows].sum())
-        best_p = []
+        found = len(probs)
         for lo in range(0, rows.numel(), chunk):
             part = rows[lo : lo + chunk][None]
             logits = image_logits(reranker, rs, ds.token_states[qi : qi + 1], ds.token_mask[qi : qi + 1],
@@ -549,21 +545,12 @@ def calibrate_discovery(
             keep = torch.isfinite(value)
             probs.append(torch.sigmoid(value[keep]))
             right.append((ds.labels[qi, part[0], slot] == DISCOVERY_POS)[keep])
-            best_p.append(torch.sigmoid(value[keep]))
-        if not bool(ds.truth[qi].any()):
-            empty_best.append(float(torch.cat(best_p).max()) if best_p and torch.cat(best_p).numel() else 0.0)
+        if not bool(ds.truth[qi].any()):  # its best image must stay under the threshold
+            seen = torch.cat(probs[found:]) if probs[found:] else torch.zeros(0)
+            empty_best.append(float(seen.max()) if seen.numel() else 0.0)
     if not probs or truth_images == 0:
         return {"discover_threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "none_accuracy": 0.0,
                 "num_queries": int(query_idx.numel())}  # fmt: skip
-    p, y = torch.cat(probs), torch.cat(right)
-    order = torch.argsort(p, descending=True)
-    tp = torch.cumsum(y[order].float(), 0)
-    precision = tp / torch.arange(1, len(order) + 1)
-    recall = tp / truth_images
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-9)
-    best = int(torch.argmax(f1))
-    lo = float(p[order][best + 1]) if best + 1 < len(order) else 0.0
-    threshold = min(max((float(p[order][best]) + lo) / 2, 1e-4), 1 - 1e-4)
-    none = sum(v < threshold for v in empty_best) / len(empty_best) if empty_best else 1.0
-    return {"discover_threshold": threshold, "precision": float(precision[best]), "recall": float(recall[best]),
-            "f1": float(f1[best]), "none_accuracy": float(none), "num_queries": int(query_idx.numel())}
+    best = best_f1_threshold(torch.cat(probs), torch.cat(right), truth_images)
+    none = sum(v < best["discover_threshold"] for v in empty_best) / len(empty_best) if empty_best else 1.0
+    return {**best, "none_accuracy": float(none), "num_queries": int(query_idx.numel())}

@@ -319,7 +319,6 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
         calibrate_presence,
         calibration_split,
         discovery_loss,
-        discovery_split,
         mine_hard_negatives,
         rerank_loss,
         sample_discovery,
@@ -373,7 +372,8 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
         p_engine, _, _, _ = deepspeed.initialize(
             model=presence, optimizer=torch.optim.AdamW(presence.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay), config=ds_cfg)  # fmt: skip
-        disc_train, disc_held = discovery_split(disc, cfg.rerank_calibration_every)
+        # Every N-th query calibrates the threshold, as every N-th image's expressions do above.
+        disc_train, disc_held = calibration_split(torch.arange(disc.num_queries), cfg.rerank_calibration_every)
 
         def presence_losses() -> dict[str, torch.Tensor]:
             q, imgs = sample_discovery(disc, disc_train, cfg.rerank_discovery_batch, cfg.rerank_discovery_images, gen)

@@ -22,9 +22,9 @@ from reir.training.rerank import (
     build_discovery_set,
     build_rerank_set,
     calibrate_discovery,
+    calibration_split,
     discovery_loss,
     discovery_rows,
-    discovery_split,
     sample_discovery,
 )
 
@@ -81,7 +81,7 @@ def test_presence_loss_learns_to_find_every_matching_image_and_none() -> None:
     rs, ds = _presence_world(1)
     empty = ~ds.truth.any(dim=1)
     assert int(empty.sum()) == 8 and int(ds.truth.sum(dim=1).max()) >= 10  # none, and many matches
-    train, held = discovery_split(ds, 4)
+    train, held = calibration_split(torch.arange(ds.num_queries), 4)
     assert sorted(train.tolist() + held.tolist()) == list(range(ds.num_queries)) and bool(empty[held].any())
     rr = RelationReranker(RerankSpec(hidden_size=32, num_relations=2, input_dropout=0.0), text_hidden=8,
                           embed_dim=COLOURS + SHAPES)  # fmt: skip
