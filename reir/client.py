@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -112,16 +112,24 @@ class Client:
         ``total`` (discover) and ``next_offset`` (the next page; None on the last)."""
         return self._request("POST", "/v1/search", json=search_body(query, top_k, mode, rerank, filters, offset))
 
+    def discover_pages(self, query: str, *, page_size: int = 100,
+                       filters: Sequence[Mapping[str, Any]] = ()) -> Iterator[dict[str, Any]]:  # fmt: skip
+        """Each page of discover mode's answer for ``query`` (the whole response), first to last."""
+        offset: int | None = 0
+        while offset is not None:
+            page = self.search_full(query, top_k=page_size, mode="discover", filters=filters, offset=offset)
+            yield page
+            offset = page.get("next_offset")
+
     def discover(self, query: str, *, page_size: int = 100, filters: Sequence[Mapping[str, Any]] = (),
                  max_results: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """Every image discover mode finds for ``query`` (all pages, best first), up to ``max_results``."""
         found: list[dict[str, Any]] = []
-        offset: int | None = 0
-        while offset is not None and (max_results is None or len(found) < max_results):
-            page = self.search_full(query, top_k=page_size, mode="discover", filters=filters, offset=offset)
+        for page in self.discover_pages(query, page_size=page_size, filters=filters):
             found += page["results"]
-            offset = page.get("next_offset")
-        return found if max_results is None else found[:max_results]
+            if max_results is not None and len(found) >= max_results:
+                return found[:max_results]
+        return found
 
     def search_batch(self, queries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """``POST /v1/search/batch``: one ``{"status", "result" | "error", ...}`` per query body, in order."""

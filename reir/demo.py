@@ -133,8 +133,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     metrics["num_queries"] = len(queries)
     # In-family vs held-out phrasing families and scene regimes (meta.json says which are held out).
     metrics["slices"] = evaluate_slices(predictions, queries, heldout=read_heldout(data))
-    if discovery is not None:
-        metrics["discovery"] = discovery
+    metrics["discovery"] = discovery
     metrics["wall_seconds"] = round(clock.seconds, 1)
     _report(console, metrics, queries, answers)
     write_metrics_json(out / "metrics.json", metrics)
@@ -194,7 +193,7 @@ def _ingest(model_dir: Path, data: Path, milvus_uri: str) -> Any:
 
 def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries: list[Any], progress_bar: Any,
                      data: Path) -> tuple[dict[str, list[Any]], dict[str, list[dict[str, Any]]],
-                                          dict[str, list[Any]], dict[str, Any] | None]:  # fmt: skip
+                                          dict[str, list[Any]], dict[str, Any]]:  # fmt: skip
     from ray import serve
 
     from reir.client import Client
@@ -218,7 +217,7 @@ def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries:
                 advance(1)
 
             list(pool.map(one, queries))
-        discovery = _discover_over_http(f"http://127.0.0.1:{cfg.http_port}", data)
+        discovery = _discover_over_http(f"http://127.0.0.1:{cfg.http_port}", data, model_dir, milvus_uri)
     finally:
         serve.shutdown()
     predictions = {qid: [Prediction(r["image_id"], r["box"]) for r in rs] for qid, rs in answers.items()}
@@ -226,19 +225,16 @@ def _query_over_http(cfg: DemoConfig, model_dir: Path, milvus_uri: str, queries:
     return predictions, answers, ann, discovery
 
 
-def _discover_over_http(url: str, data: Path) -> dict[str, Any] | None:
-    """Discover mode on the benchmark's test discovery queries, every page, over HTTP: the
-    scores at the service's calibrated threshold and the seconds per query (all pages)."""
-    from reir.data.formats import load_discovery
-    from reir.evaluation.discovery import discovery_scores, over_http
+def _discover_over_http(url: str, data: Path, model_dir: Path, milvus_uri: str) -> dict[str, Any]:
+    """``reir eval --discover --url``: the benchmark's test discovery queries, every page, over
+    HTTP; the scores at the service's calibrated threshold and the seconds per query."""
+    from reir.evaluation.discovery import evaluate_discovery
+    from reir.platform.config import MilvusConfig
 
-    queries = [q for q in load_discovery(data) if q.split == "test"]
-    if not queries:
-        return None
-    answers, threshold, seconds = over_http(url, queries)
-    scores = discovery_scores(answers, queries, threshold)
-    return {**scores, "num_queries": len(queries), "empty_queries": sum(not q.matches for q in queries),
-            "seconds_per_query": round(seconds / len(queries), 4)}
+    found = evaluate_discovery(data, model_dir, milvus_uri=milvus_uri, collection=MilvusConfig().collection, url=url,
+                               echo=lambda _: None)  # fmt: skip
+    return {**found["at_calibrated_threshold"], "num_queries": found["num_queries"],
+            "empty_queries": found["empty_queries"], "seconds_per_query": found["seconds_per_query"]}
 
 
 def _report(console: Console, metrics: dict[str, Any], queries: list[Any],

@@ -150,7 +150,7 @@ def evaluate_discovery(
     if not queries:
         raise ValueError(f"no {split!r} discovery queries in {data_root} (discovery.json)")
     if url:
-        answers, threshold, seconds = over_http(url, queries)
+        answers, threshold, seconds = _discover_over_http(url, queries)
     else:
         answers, threshold, seconds = _discover_in_process(model_dir, milvus_uri, collection, queries)
     curve = discovery_curve(answers, queries)
@@ -205,9 +205,9 @@ def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
     return answers, threshold, seconds
 
 
-def over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float]:
-    """Every page of each query's discover-mode answer from the service at ``url``: (answers,
-    the service's threshold, seconds)."""
+def _discover_over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float]:
+    """Every page of each query's answer from the service at ``url``: (answers, the service's
+    threshold, seconds)."""
     import time
 
     from reir.client import Client
@@ -215,12 +215,8 @@ def over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, li
 
     client, answers, threshold, started = Client(url), {}, 0.0, time.perf_counter()
     for q in queries:
-        found: list[Found] = []
-        offset: int | None = 0
-        while offset is not None:  # every page of the answer
-            response = client.search_full(q.raw, top_k=MAX_TOP_K, mode="discover", offset=offset)
-            threshold = float(response.get("threshold") or 0.0)
-            found += [Found(r["image_id"], tuple(r["box"]), float(r["score"])) for r in response["results"]]
-            offset = response.get("next_offset")
-        answers[q.query_id] = found
+        answers[q.query_id] = []
+        for page in client.discover_pages(q.raw, page_size=MAX_TOP_K):
+            threshold = float(page.get("threshold") or 0.0)
+            answers[q.query_id] += [Found(r["image_id"], tuple(r["box"]), float(r["score"])) for r in page["results"]]
     return answers, threshold, time.perf_counter() - started

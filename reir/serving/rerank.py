@@ -3,8 +3,8 @@
 A candidate is one stored instance; its *context* is every stored instance of the same
 image (fetched from Milvus by image id). When the model re-ranks
 (``ReirModel.rerank_logits(input_ids, attention_mask, inst_emb[N,M,D], boxes[N,M,4],
-objectness[N,M], inst_mask[N,M], text_index=None) -> logits[N,M]``, with a trained
-``reranker`` module) every instance of the N candidate images is scored with the query:
+objectness[N,M], inst_mask[N,M], text_index=None, presence=False) -> logits[N,M]``, with a
+trained ``reranker`` module; ``presence=True`` in discover mode, for its presence head) every instance of the N candidate images is scored with the query:
 ``boxes`` are normalized ``cxcywh`` relative to the image's own width/height,
 ``objectness`` is the stored instance score, ``inst_mask`` marks real (not padded) rows.
 All instances of those images come back scored, so the re-ranker may pick an instance of a
@@ -153,11 +153,6 @@ class Reranker:
         others = [r for r in rows if r.pk not in candidates]
         return sorted([*wanted, *others][: max(self.max_instances, len(wanted))], key=lambda r: rows.index(r))
 
-    def _head(self, presence: bool) -> dict[str, bool]:
-        """``rerank_logits``' head argument: named only for discover mode on a checkpoint that
-        has a presence head (older checkpoints score discover mode with the re-ranker)."""
-        return {"presence": True} if presence and getattr(self.model, "presence", None) is not None else {}
-
     def _logits(self, query: str | EncodedQuery, image_ids: list[str], groups: list[list[Hit]],
                 presence: bool = False) -> np.ndarray:  # fmt: skip
         sizes = [self.image_size(image_id, group) for image_id, group in zip(image_ids, groups, strict=True)]
@@ -176,10 +171,10 @@ class Reranker:
                     token_states=move(torch.from_numpy(query.token_states[None].astype(np.float32))),
                 )  # fmt: skip
                 attention = move(torch.from_numpy(query.attention_mask[None].astype(np.int64)))
-                logits = self.model.rerank_logits(None, attention, *tensors, text=encoded, **self._head(presence))
+                logits = self.model.rerank_logits(None, attention, *tensors, text=encoded, presence=presence)
             else:
                 text = self.processor.text([query.text if isinstance(query, EncodedQuery) else query])
                 ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
                                   for v in (text["input_ids"], text["attention_mask"]))
-                logits = self.model.rerank_logits(ids, attention, *tensors, **self._head(presence))
+                logits = self.model.rerank_logits(ids, attention, *tensors, presence=presence)
         return to_numpy(logits).reshape(mask.shape)

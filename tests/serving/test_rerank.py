@@ -32,7 +32,8 @@ class RelationModel(FakeModel):
         self.calls: list[dict[str, Any]] = []
 
     def rerank_logits(self, input_ids: Any, attention_mask: Any, emb: torch.Tensor, boxes: torch.Tensor,
-                      objectness: torch.Tensor, mask: torch.Tensor, text_index: Any = None) -> torch.Tensor:
+                      objectness: torch.Tensor, mask: torch.Tensor, text_index: Any = None,
+                      presence: bool = False) -> torch.Tensor:
         self.calls.append({"texts": list(input_ids), "emb": emb, "boxes": boxes, "objectness": objectness,
                            "mask": mask})
         sign = -1.0 if "left" in input_ids[0] else 1.0
