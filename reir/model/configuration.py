@@ -88,6 +88,10 @@ class RerankSpec:
     # them: the frozen text tower was trained to name the referent, not to mark which words
     # describe the landmark or the context (0: pool the tower's states directly)
     text_layers: int = 0
+    # an image-level term: the expression's own slot against the projected mean of the image's
+    # stored vectors; what every instance shares (the background) is clearer in their mean than
+    # in any one of them. Discover mode's presence head uses it (reir.training.rerank).
+    image_term: bool = False
 
 
 @dataclass

@@ -322,15 +322,18 @@ class ReirModel(nn.Module):
         self.reranker = self._build_reranker(rerank_spec).to(self.device).train(self.training)
         return self.reranker
 
-    def add_presence(self) -> RelationReranker:
+    def add_presence(self, *, image_term: bool = False) -> RelationReranker:
         """Attach discover mode's presence head: the re-ranker's form and, as a start, a copy of
-        its weights (it already reads attributes and relations); returns it, trainable."""
+        its weights (it already reads attributes and relations); returns it, trainable.
+        ``image_term``: with the image-level term (:class:`RerankSpec`), which starts at zero."""
         if self.reranker is None:
             raise ValueError("the presence head starts from the re-ranker: this model has none")
-        spec = self.config.rerank_spec
+        spec = replace(self.config.rerank_spec, image_term=image_term)
         self.config.presence = asdict(spec)
         self.presence = self._build_reranker(spec).to(self.device).train(self.training)
-        self.presence.load_state_dict(self.reranker.state_dict())
+        missing, unexpected = self.presence.load_state_dict(self.reranker.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("image_") for k in missing):
+            raise ValueError(f"the re-ranker's weights do not fit the presence head: {missing + unexpected}")
         return self.presence
 
     def _build_image_retrieval(self, spec: ImageRetrievalSpec) -> ImageRetrievalHead:

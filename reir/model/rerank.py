@@ -135,6 +135,18 @@ class RelationReranker(nn.Module):
         # Starting at 0.3 the other weights learn from the first step (docs/model.md, "The
         # re-ranker"; docs/decisions.md).
         self.scale_raw = nn.Parameter(torch.full((1,), _inverse_softplus(SCALE_INIT)))
+        self.image_query: nn.Parameter | None = None
+        self.image_value: nn.Linear | None = None
+        self.image_proj: nn.Linear | None = None
+        if spec.image_term:
+            self.image_query = nn.Parameter(torch.randn(h) / math.sqrt(h))
+            # zero at the start: a head copied from one without the term scores as it did
+            self.image_value = nn.Linear(text_hidden, h)
+            nn.init.zeros_(self.image_value.weight)
+            nn.init.zeros_(self.image_value.bias)
+            # its own projection of the stored vectors' mean: the instance projection was trained
+            # for rank mode and keeps little of what the instances share
+            self.image_proj = nn.Linear(embed_dim, h)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -165,32 +177,46 @@ class RelationReranker(nn.Module):
             state_dict[prefix + "scale_raw"] = torch.full((1,), _inverse_softplus(old))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_slots(
+        self, text_states: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``[T, L, Ht]`` -> ``[T, R+1, h]`` (slot 0: the candidate, then what the expression
-        asks of the landmark of each relation) and the relation gates ``[T, R]``."""
+        asks of the landmark of each relation), the relation gates ``[T, R]`` and, with
+        ``spec.image_term``, what it asks of the whole image ``[T, h]`` (else None)."""
         x = self.text_norm(text_states)
         if self.text_encoder is not None:
             x = self.text_encoder(x, src_key_padding_mask=~text_mask.bool())
         keys, values = self.text_key(x), self.text_value(x)
+        ignore = ~text_mask.bool()
         att = torch.einsum("rh,tlh->trl", self.queries, keys) / math.sqrt(keys.shape[-1])
-        att = att.masked_fill(~text_mask.bool()[:, None, :], torch.finfo(att.dtype).min).softmax(dim=-1)
+        att = att.masked_fill(ignore[:, None, :], torch.finfo(att.dtype).min).softmax(dim=-1)
         mask = text_mask.to(x.dtype)[..., None]
         pooled = (x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.einsum("trl,tlh->trh", att, values), torch.sigmoid(self.gate(pooled))
+        image = None
+        if self.image_query is not None and self.image_value is not None:
+            a = (keys @ self.image_query) / math.sqrt(keys.shape[-1])  # [T, L]
+            a = a.masked_fill(ignore, torch.finfo(a.dtype).min).softmax(dim=-1)
+            image = torch.einsum("tl,tlh->th", a, self.image_value(x))
+        return torch.einsum("trl,tlh->trh", att, values), torch.sigmoid(self.gate(pooled)), image
 
     def image_features(
         self, inst_emb: torch.Tensor, boxes: torch.Tensor, objectness: torch.Tensor, inst_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The text-free half of :meth:`forward`, per image: the projected instances ``v [U, M, h]``,
-        the relation weights ``w [U, M(j), M(k), R]`` and the mask ``[U, M]``. It depends only on
-        what the index stores, so a caller that scores the same images for many expressions
-        can compute it once (:meth:`score_features`)."""
+        the relation weights ``w [U, M(j), M(k), R]``, the mask ``[U, M]`` and, with
+        ``spec.image_term``, the projected mean of the image's stored vectors ``[U, h]`` (else
+        None). It depends only on what the index stores, so a caller that scores the same
+        images for many expressions can compute it once (:meth:`score_features`)."""
         m = inst_emb.shape[1]
         ok = inst_mask.bool()
         v = self.inst(self.input_dropout(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1)))
         w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
         pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=inst_emb.device)[None]
-        return v, w * pair_ok[..., None].to(w.dtype), ok
+        image_mean = None
+        if self.image_proj is not None:
+            okf = ok.to(inst_emb.dtype)[..., None]
+            image_mean = self.image_proj((inst_emb * okf).sum(1) / okf.sum(1).clamp(min=1.0))
+        return v, w * pair_ok[..., None].to(w.dtype), ok, image_mean
 
     def forward(
         self,
@@ -226,20 +252,22 @@ class RelationReranker(nn.Module):
         text_states: torch.Tensor,
         text_mask: torch.Tensor,
         base_logits: torch.Tensor,
-        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
         text_rows: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` from :meth:`image_features` ``(v, w, mask)`` computed beforehand."""
-        v, w, ok = features
+        v, w, ok, image_mean = features
         n, m = base_logits.shape
         device = base_logits.device
         if text_rows is None:
             text_rows = torch.arange(n, device=device)
-        slots, gate = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R]
+        slots, gate, image = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R], [T, h] | None
         if image_rows is not None:
             # index_select: its backward is an index_add, far cheaper on CPU than indexing's
             v, w, ok = v.index_select(0, image_rows), w.index_select(0, image_rows), ok[image_rows]
+            if image_mean is not None:
+                image_mean = image_mean.index_select(0, image_rows)
         t = slots.shape[0]
         if n % t == 0 and torch.equal(text_rows, torch.arange(t, device=device).repeat_interleave(n // t)):
             # Rows grouped by expression (every caller's layout): one [R+1, h] x [h, C*M]
@@ -257,4 +285,8 @@ class RelationReranker(nn.Module):
         exists = (gate[:, None, :] * torch.log(count + LOG_EPS)).sum(dim=-1)  # [N, M]
         additive = torch.einsum("njkr,nrk->nj", w, match[:, 1:] * gate[..., None])
         delta = self.scale * (match[:, 0] + additive + exists)
+        if image is not None:  # the same for every instance of a row's image
+            assert image_mean is not None
+            delta = delta + (image.index_select(0, text_rows) * image_mean).sum(-1, keepdim=True) / math.sqrt(
+                image_mean.shape[-1])
         return (base_logits + delta).masked_fill(~ok, float("-inf"))

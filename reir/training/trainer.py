@@ -368,7 +368,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     if disc is not None:
         # Discover mode's own head, started from the trained re-ranker: one head for both tasks
         # cost rank mode 12 points of BR@1 on a demo model (32.4% -> 20.1%).
-        presence = model.add_presence()
+        presence = model.add_presence(image_term=cfg.rerank_presence_image_term)
         p_engine, _, _, _ = deepspeed.initialize(
             model=presence, optimizer=torch.optim.AdamW(presence.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay), config=ds_cfg)  # fmt: skip

@@ -264,9 +264,9 @@ def test_a_new_reranker_reads_the_expression_through_its_own_text_layer_and_it_r
     enc = processor.text(["the red square left of the blue circle", "the blue circle left of the red square"])
     states = model.encode_text(enc["input_ids"], enc["attention_mask"]).token_states
     with torch.no_grad():
-        slots, _ = reranker.text_slots(states, enc["attention_mask"])
+        slots, _, _ = reranker.text_slots(states, enc["attention_mask"])
         reranker.text_encoder = None  # the same weights pooled without the layer
-        pooled, _ = reranker.text_slots(states, enc["attention_mask"])
+        pooled, _, _ = reranker.text_slots(states, enc["attention_mask"])
     assert not torch.allclose(slots, pooled)
     model.add_reranker(hidden_size=16, num_relations=4, text_layers=2)
     model.save_pretrained(tmp_path)

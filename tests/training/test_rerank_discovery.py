@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -163,8 +164,9 @@ def test_build_discovery_set_labels_stored_instances_of_the_group(tmp_path: Path
     assert int((ds.labels == DISCOVERY_NEG).sum()) > 0
 
 
+@pytest.mark.parametrize("image_term", [False, True])
 def test_the_presence_head_starts_from_the_reranker_serves_discover_mode_and_is_saved(
-    tmp_path: Path, tiny_checkpoint: Path
+    tmp_path: Path, tiny_checkpoint: Path, image_term: bool
 ) -> None:
     from reir.model import create_model
 
@@ -172,9 +174,13 @@ def test_the_presence_head_starts_from_the_reranker_serves_discover_mode_and_is_
     if model.reranker is None:
         model.add_reranker(hidden_size=16)
     assert model.presence is None
-    presence = model.add_presence()
-    assert all(torch.equal(a, b) for a, b in zip(presence.state_dict().values(),
-                                                 model.reranker.state_dict().values()))  # fmt: skip
+    presence = model.add_presence(image_term=image_term)
+    own = presence.state_dict()
+    copied = model.reranker.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in copied.items())
+    assert sorted(set(own) - set(copied)) == (["image_proj.bias", "image_proj.weight", "image_query",
+                                               "image_value.bias", "image_value.weight"] if image_term else [])
+    assert model.config.presence_spec.image_term is image_term
     text = processor.text(["a red circle"])
     n, m, d = 3, 4, model.config.embed_dim
     emb = torch.nn.functional.normalize(torch.randn(n, m, d, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -191,7 +197,40 @@ def test_the_presence_head_starts_from_the_reranker_serves_discover_mode_and_is_
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     loaded, _ = create_model(str(tmp_path / "m"))
-    assert loaded.presence is not None
+    assert loaded.presence is not None and loaded.presence.spec.image_term is image_term
     with torch.no_grad():
         assert torch.allclose(loaded.rerank_logits(*args, presence=True), found, atol=1e-5)
         assert torch.allclose(loaded.rerank_logits(*args), rank, atol=1e-5)
+
+
+def test_the_image_term_scores_the_mean_of_the_images_stored_instances() -> None:
+    """The presence head's image-level term: one value per (expression, image), the expression's
+    image slot against the projected mean of the image's stored vectors (padding left out); zero
+    until trained, so a head copied from the re-ranker starts where the re-ranker is."""
+    torch.manual_seed(0)
+    spec = RerankSpec(hidden_size=16, num_relations=2, input_dropout=0.0)
+    plain = RelationReranker(spec, text_hidden=8, embed_dim=8).eval()
+    with_term = RelationReranker(RerankSpec(**{**spec.__dict__, "image_term": True}), text_hidden=8, embed_dim=8).eval()
+    missing, unexpected = with_term.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["image_proj.bias", "image_proj.weight", "image_query",
+                                                  "image_value.bias", "image_value.weight"]
+    n, m = 3, 4
+    states, tmask = torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.long)
+    emb, boxes, obj = torch.randn(n, m, 8), torch.rand(n, m, 4) * 0.5 + 0.1, torch.rand(n, m)
+    mask = torch.ones(n, m, dtype=torch.bool)
+    mask[1, 3] = False  # image 1 holds three instances
+    base, rows = torch.randn(n, m), torch.zeros(n, dtype=torch.long)
+    args = (states, tmask, base, emb, boxes, obj, mask, rows)
+    with torch.no_grad():
+        assert torch.equal(with_term(*args), plain(*args))  # zero at the start
+        with_term.image_value.weight.normal_()
+        with_term.image_value.bias.normal_()
+        got = with_term(*args) - plain(*args)
+        image = with_term.text_slots(states, tmask)[2][0]  # [h]
+        for i in range(n):
+            mean = with_term.image_proj(emb[i][mask[i]].mean(dim=0))
+            want = float(image @ mean) / 16**0.5
+            assert torch.allclose(got[i][mask[i]], torch.full((int(mask[i].sum()),), want), atol=1e-5)
+        assert got[0, 0] != got[2, 0]  # other instances, another value
+        emb[1, 3] = 100.0  # what is stored in a padded slot changes nothing
+        assert torch.allclose(with_term(*args) - plain(*args), got, equal_nan=True)
