@@ -107,8 +107,8 @@ class TrainConfig(BaseModel):
     rerank_discovery_steps: int = Field(3000, ge=1, description="stage rerank: optimizer steps of the presence "
                                         "head (the stage's time budget applies to it again)")
     rerank_presence_image_term: bool = Field(
-        False, description="stage rerank: the presence head also scores the expression against the mean of the "
-        "image's stored instances (what they share, such as the background)")
+        True, description="stage rerank: the presence head also scores the expression against the projected mean "
+        "of the image's stored vectors (discover F1 +3.7 points over two seeds, docs/model.md)")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
