@@ -162,22 +162,3 @@ def region_means(pixels: torch.Tensor, boxes: torch.Tensor, fraction: float = 0.
     y1 = torch.maximum(((cy + half_h) * h).ceil().long().clamp(1, h), y0 + 1)
     total = integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]  # [C, n]
     return (total / ((x1 - x0) * (y1 - y0)).float()).t()
-
-
-SCENE_STATS = 8  # what scene_statistics returns per image
-
-
-def scene_statistics(pixels: torch.Tensor) -> torch.Tensor:
-    """Texture statistics ``[8]`` of a whole image ``pixels [C, H, W]`` (3 channels): each
-    channel's mean and standard deviation, and the mean absolute difference between
-    neighbouring pixels of the channel mean, across columns and across rows. A plain
-    background has little of both, stripes much of one, a checkerboard or noise much of
-    both, a gradient little of either but a wide spread."""
-    x = pixels.detach().float()
-    if x.shape[0] != 3:
-        raise ValueError(f"scene_statistics reads 3-channel images, got {x.shape[0]} channels")
-    grey = x.mean(dim=0)
-    across_columns = (grey[:, 1:] - grey[:, :-1]).abs().mean()
-    across_rows = (grey[1:, :] - grey[:-1, :]).abs().mean()
-    flat = x.flatten(1)
-    return torch.cat([flat.mean(dim=1), flat.std(dim=1), torch.stack([across_columns, across_rows])])

@@ -42,14 +42,6 @@ class VisionSpec:
     # probe read colour at 75.6% from the stored vectors (99.8% with the probes), which caps
     # what the re-ranker can verify (docs/model.md, "Training stages").
     embedding_probes: bool = False
-    # One more probe on the stored vector (with ``embedding_probes``): the whole image's texture
-    # statistics (:func:`reir.model.boxes.scene_statistics`: mean and spread of each channel,
-    # horizontal and vertical detail). Expressions name the scene around an object ("on the
-    # striped background"); after the demo's stages 1 and 2 a linear probe read the background
-    # from one stored vector in 39% of test images (64% from the mean of an image's vectors),
-    # and neither re-ranking head could tell backgrounds apart. The target comes from the pixels
-    # alone, as the appearance colour does.
-    scene_probe: bool = False
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     model_path: str | None = None  # local HF dir, read only when a model is first created

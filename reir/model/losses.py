@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
-from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy, region_means, scene_statistics
+from .boxes import cxcywh_to_xyxy, generalized_iou_xyxy, region_means
 from .configuration import LossSpec, ReirConfig
 from .losses_weak import weak_contrastive_loss
 from .modeling import InstanceOutput, ReirOutput, score_from_similarity
@@ -265,27 +265,12 @@ class ReirCriterion(nn.Module):
     @classmethod
     def _probes(cls, inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
         """The embedding probes (``vision.embedding_probes``): the class and the appearance
-        losses again, read from the matched queries' embeddings, and with ``vision.scene_probe``
-        the image's texture statistics; 0 without them."""
+        losses again, read from the matched queries' embeddings; 0 without them."""
         if inst.probes is None:
             return torch.zeros((), device=inst.boxes.device)
-        class_logits, appearance, scene = inst.probes
+        class_logits, appearance = inst.probes
         read = InstanceOutput(inst.boxes, inst.objectness_logits, inst.embeddings, class_logits, appearance)
-        loss = cls._classification(read, batch, matches) + cls._appearance(read, batch, matches)
-        if scene is not None:
-            loss = loss + cls._scene(scene, batch, matches)
-        return loss
-
-    @staticmethod
-    def _scene(scene: torch.Tensor, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
-        """Smooth L1 of the matched queries' predicted texture statistics against their image's
-        (:func:`reir.model.boxes.scene_statistics`)."""
-        pred = torch.cat([scene[b, m] for b, m in enumerate(matches)])
-        if pred.shape[0] == 0:
-            return scene.sum() * 0.0
-        target = torch.cat([scene_statistics(batch.pixel_values[b])[None].expand(len(m), -1)
-                            for b, m in enumerate(matches)])  # fmt: skip
-        return F.smooth_l1_loss(pred.float(), target.to(pred.device), beta=0.1)
+        return cls._classification(read, batch, matches) + cls._appearance(read, batch, matches)
 
     @staticmethod
     def _appearance(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:

@@ -51,9 +51,8 @@ class InstanceOutput:
         appearance: ``[B, Q, 3]`` float, the predicted mean colour (normalized pixel
             values) of the centre of each query's box, or None without
             ``vision.appearance_head``.
-        probes: ``(class_logits [B, Q, C] | None, appearance [B, Q, 3], scene [B, Q, S] | None)``
-            read from the embeddings (scene: the image's texture statistics, with
-            ``vision.scene_probe``), or None without ``vision.embedding_probes``.
+        probes: ``(class_logits [B, Q, C] | None, appearance [B, Q, 3])`` read from the
+            embeddings, or None without ``vision.embedding_probes``.
     """
 
     boxes: torch.Tensor
@@ -61,7 +60,7 @@ class InstanceOutput:
     embeddings: torch.Tensor
     class_logits: torch.Tensor | None = None
     appearance: torch.Tensor | None = None
-    probes: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None
+    probes: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
 
 @dataclass

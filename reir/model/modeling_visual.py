@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .boxes import SCENE_STATS
 from .configuration import VisionSpec
 
 if TYPE_CHECKING:
@@ -160,7 +159,6 @@ class InstanceHeads(nn.Module):
         probes = spec.embedding_probes
         self.probe_class = nn.Linear(embed_dim, spec.num_classes) if probes and spec.num_classes > 0 else None
         self.probe_appearance = nn.Linear(embed_dim, 3) if probes else None
-        self.probe_scene = nn.Linear(embed_dim, SCENE_STATS) if probes and spec.scene_probe else None
         self.box = Mlp(hidden, hidden, 4, num_layers=3)
         self.geometry = nn.Linear(4 * 2 * spec.geometry_freqs, hidden)
         # A summary of the whole image joins each instance's embedding input: expressions
@@ -182,15 +180,13 @@ class InstanceHeads(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def probe(self, emb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
-        """``emb [B, Q, D]`` -> class logits (or None), colour and the image's texture statistics
-        (or None without ``vision.scene_probe``) read linearly from the embeddings; None without
-        ``vision.embedding_probes``."""
+    def probe(self, emb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """``emb [B, Q, D]`` -> class logits (or None) and colour read linearly from the
+        embeddings; None without ``vision.embedding_probes``."""
         if self.probe_appearance is None:
             return None
         cls = self.probe_class(emb) if self.probe_class is not None else None
-        scene = self.probe_scene(emb) if self.probe_scene is not None else None
-        return cls, self.probe_appearance(emb), scene
+        return cls, self.probe_appearance(emb)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         obj = self.objectness(x).squeeze(-1)

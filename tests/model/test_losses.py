@@ -146,60 +146,6 @@ def test_embedding_probes_train_the_stored_vector_to_carry_class_and_colour() ->
     assert loss.item() < 0.5 * first
 
 
-def test_scene_statistics_tell_plain_striped_checkered_and_noisy_images_apart() -> None:
-    from reir.model.boxes import SCENE_STATS, scene_statistics
-
-    g = torch.Generator().manual_seed(0)
-    h = w = 32
-    cols = torch.arange(w)[None, :].expand(h, w)
-    rows = torch.arange(h)[:, None].expand(h, w)
-    plain = torch.full((3, h, w), 0.2)
-    striped = ((cols // 2) % 2).float().expand(3, h, w) * 0.8 - 0.4  # vertical stripes
-    checkered = (((cols // 2) + (rows // 2)) % 2).float().expand(3, h, w) * 0.8 - 0.4
-    noisy = torch.rand(3, h, w, generator=g) * 0.8 - 0.4
-    stats = {name: scene_statistics(x) for name, x in
-             [("plain", plain), ("striped", striped), ("checkered", checkered), ("noisy", noisy)]}
-    assert all(v.shape == (SCENE_STATS,) for v in stats.values())
-    assert torch.allclose(stats["plain"], torch.tensor([0.2, 0.2, 0.2, 0, 0, 0, 0, 0]), atol=1e-6)
-    across_columns, across_rows = 6, 7
-    assert stats["striped"][across_columns] > 0.3 and stats["striped"][across_rows] == 0  # one direction only
-    assert stats["checkered"][across_columns] > 0.3 and stats["checkered"][across_rows] > 0.3
-    assert stats["noisy"][across_columns] > 0.05 and stats["noisy"][across_rows] > 0.05
-    with pytest.raises(ValueError, match="3-channel"):
-        scene_statistics(torch.zeros(1, h, w))
-
-
-def test_the_scene_probe_trains_the_stored_vector_to_carry_the_images_texture() -> None:
-    model, proc = create_model("tiny", vision={"embedding_probes": True, "scene_probe": True})
-    without, _ = create_model("tiny", vision={"embedding_probes": True})
-    assert without.vision.heads.probe_scene is None  # off unless asked: older checkpoints load as they were
-    model.train()
-    data = make_dataset(0, 4)
-    batch = proc.collate([s for _, s in data], [im for im, _ in data])
-    criterion = ReirCriterion(model.config, stage="1")
-    heads = model.vision.heads
-    scene_loss = criterion._scene  # the probe's own term, read from the model's probe outputs
-    first = scene_loss(model.vision(batch.pixel_values).probes[2], batch, _matches(model, criterion, batch)).item()
-    assert first > 0.0
-    criterion(model, batch)["loss_probe"].backward()
-    for module in (heads.probe_scene, heads.embed):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
-    opt = torch.optim.Adam([*heads.probe_scene.parameters(), *heads.embed.parameters()], lr=0.02)
-    for _ in range(40):
-        opt.zero_grad()
-        loss = scene_loss(model.vision(batch.pixel_values).probes[2], batch, _matches(model, criterion, batch))
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5 * first
-
-
-def _matches(model: ReirModel, criterion: ReirCriterion, batch: object) -> list[torch.Tensor]:
-    """The matched query of every ground-truth box (the criterion's own matching)."""
-    with torch.no_grad():
-        inst = model.vision(batch.pixel_values)
-        return [criterion._match(inst, b, t["boxes"]) for b, t in enumerate(batch.targets)]
-
-
 def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     model, proc = tiny
     data = make_dataset(0, 2)
