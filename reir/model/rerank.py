@@ -27,6 +27,10 @@ candidates and scores every stored instance ``j`` of such an image:
   exists and strongly negative when none does, so a candidate missing its landmark is
   ruled out rather than outvoted.
 
+With ``RerankSpec.image_term`` (discover mode's presence head) every instance of an image also
+gets ``<u_img, P' mean_k embedding_k>``: what the expression asks of the whole image against
+what its instances share.
+
 Measured on the synthetic benchmark (docs/model.md, "The re-ranker"): with the existential term
 alone the re-ranker learns slowly from real stored vectors; with the bilinear term alone it
 plateaus; the sum of both raised BR@1 from about 32% to 50% on the same frozen stage-2
@@ -256,7 +260,7 @@ class RelationReranker(nn.Module):
         text_rows: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:meth:`forward` from :meth:`image_features` ``(v, w, mask)`` computed beforehand."""
+        """:meth:`forward` from :meth:`image_features` ``(v, w, mask, image mean)`` computed beforehand."""
         v, w, ok, image_mean = features
         n, m = base_logits.shape
         device = base_logits.device
