@@ -111,6 +111,8 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
     assert found["at_calibrated_threshold"] == found_http["at_calibrated_threshold"]
     assert found["at_calibrated_threshold"]["threshold"] == pytest.approx(calibrated)
     assert found["num_queries"] == 5 and found["seconds_per_query"] > 0
+    # the same answers at the calibrated threshold, split by what each query names
+    assert found["by_kind"] == found_http["by_kind"] and sum(r["queries"] for r in found["by_kind"].values()) == 5
     assert found["pool_recall"] >= found["at_calibrated_threshold"]["recall"] and "pool_recall" not in found_http
     assert min(c["threshold"] for c in found["curve"]) < calibrated <= min(c["threshold"] for c in found_http["curve"])
     assert json.loads((tmp_path / "discovery.json").read_text())["num_queries"] == 5

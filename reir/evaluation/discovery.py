@@ -86,6 +86,30 @@ def discovery_scores(
             "answers": float(answered)}  # fmt: skip
 
 
+def query_kind(query: DiscoveryQuery) -> str | None:
+    """What a synthetic discovery query names: its program's keys, joined (``"background+color+shape"``,
+    ``"color+relation+shape"``); None for a query without a program (data not from ``reir synth``)."""
+    if not query.program:
+        return None
+    return "+".join(sorted(k for k, v in query.program.items() if v is not None)) or None
+
+
+def scores_by_kind(
+    answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], threshold: float, *, tau: float = 0.5
+) -> dict[str, dict[str, float]]:
+    """:func:`discovery_scores` per :func:`query_kind` (with ``queries`` and ``empty_queries``
+    counts), so a weak kind (a background, a relation, "in the image with ...") shows; ``{}``
+    when no query has a program."""
+    kinds: dict[str, list[DiscoveryQuery]] = {}
+    for q in queries:
+        kind = query_kind(q)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(q)
+    return {kind: {**discovery_scores(answers, qs, threshold, tau=tau), "queries": float(len(qs)),
+                   "empty_queries": float(sum(1 for q in qs if not q.matches))}
+            for kind, qs in sorted(kinds.items())}  # fmt: skip
+
+
 def discovery_curve(
     answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], *, tau: float = 0.5,
     points: int = 101,
@@ -161,6 +185,9 @@ def evaluate_discovery(
     result.update(seconds_per_query=round(seconds / len(queries), 4), over_http=bool(url), split=split)
     if not url:  # threshold 0: every image of the re-ranked pool came back
         result["pool_recall"] = discovery_scores(answers, queries, 0.0)["recall"]
+    by_kind = scores_by_kind(answers, queries, threshold)
+    if by_kind:
+        result["by_kind"] = by_kind
     pool = f", recall of the whole candidate pool {result['pool_recall']:.3f}" if "pool_recall" in result else ""
     echo(f"discovery, {len(queries)} queries ({result['empty_queries']} with no match), "
          f"{result['seconds_per_query'] * 1000:.0f} ms per query{pool}")
@@ -168,6 +195,12 @@ def evaluate_discovery(
         echo(f"  {name} {row['threshold']:.3f}: precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
              f"F1 {row['f1']:.3f}  none-accuracy {row['none_accuracy']:.3f}  joint {row['joint']:.3f}  "
              f"answers {int(row['answers'])}")
+    if by_kind:
+        echo("  at the calibrated threshold, by what the query names:")
+        for kind, row in by_kind.items():
+            none = f"{row['none_accuracy']:.2f}" if row["empty_queries"] else "-"
+            echo(f"    {kind:32s} {int(row['queries']):4d} queries ({int(row['empty_queries'])} empty)  "
+                 f"P {row['precision']:.2f}  R {row['recall']:.2f}  F1 {row['f1']:.2f}  none {none}")
     if png is not None:
         plot_curve(curve, at, png, title=f"discovery, {len(queries)} queries ({result['empty_queries']} empty)")
         result["png"] = str(png)

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from reir.data.records import DiscoveryQuery, Match
-from reir.evaluation.discovery import Found, discovery_curve, discovery_scores, plot_curve, summarize
+from reir.evaluation.discovery import (
+    Found,
+    discovery_curve,
+    discovery_scores,
+    plot_curve,
+    query_kind,
+    scores_by_kind,
+    summarize,
+)
 
 from .benchload import load_bench
 
@@ -48,6 +56,26 @@ def test_scores_join_recall_and_localization_precision() -> None:
     nothing = discovery_scores(ANSWERS, QUERIES, 0.95)
     assert nothing["answers"] == 0 and nothing["precision"] == 1.0 and nothing["recall"] == 0.0
     assert nothing["f1"] == 0.0
+
+
+def test_scores_by_kind_split_the_queries_by_what_their_program_names() -> None:
+    from dataclasses import replace
+
+    background = {"shape": "circle", "color": "red", "background": "striped", "relation": None}
+    relation = {"shape": "star", "color": "blue", "relation": {"name": "left"}}
+    queries = [replace(QUERIES[0], program=background), replace(QUERIES[1], program=background),
+               replace(QUERIES[2], program=relation), _q("free")]  # the last one: no program
+    assert [query_kind(q) for q in queries] == ["background+color+shape", "background+color+shape",
+                                                 "color+relation+shape", None]
+    by_kind = scores_by_kind(ANSWERS, queries, 0.5)
+    assert sorted(by_kind) == ["background+color+shape", "color+relation+shape"]
+    bg = by_kind["background+color+shape"]
+    # two and one at 0.5: a (ok), x (wrong image), c (wrong box) -> 1 of 3 answers, 1 of 3 images
+    assert bg["queries"] == 2 and bg["empty_queries"] == 0 and bg["answers"] == 3
+    assert bg["precision"] == pytest.approx(1 / 3) and bg["recall"] == pytest.approx(1 / 3)
+    rel = by_kind["color+relation+shape"]
+    assert rel["queries"] == 1 and rel["empty_queries"] == 1 and rel["none_accuracy"] == 1.0
+    assert scores_by_kind(ANSWERS, QUERIES, 0.5) == {}  # no programs, no breakdown
 
 
 def test_a_correct_image_counts_once_and_tau_is_applied() -> None:
