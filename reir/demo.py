@@ -233,12 +233,13 @@ def _discover_over_http(url: str, data: Path, model_dir: Path, milvus_uri: str) 
 
     found = evaluate_discovery(data, model_dir, milvus_uri=milvus_uri, collection=MilvusConfig().collection, url=url,
                                echo=lambda _: None)  # fmt: skip
-    return {**found["at_calibrated_threshold"], "num_queries": found["num_queries"],
-            "empty_queries": found["empty_queries"], "seconds_per_query": found["seconds_per_query"]}
+    keep = ("num_queries", "empty_queries", "seconds_per_query", "by_kind")
+    return {**found["at_calibrated_threshold"], **{k: found[k] for k in keep if k in found}}
 
 
 def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
             answers: dict[str, list[dict[str, Any]]]) -> None:
+    from reir.evaluation.discovery import format_by_kind
     from reir.evaluation.metrics import format_table, is_hit
     from reir.evaluation.slices import format_slices
 
@@ -252,6 +253,8 @@ def _report(console: Console, metrics: dict[str, Any], queries: list[Any],
                       f"calibrated threshold {found['threshold']:.3f}: precision {found['precision']:.3f}, recall "
                       f"{found['recall']:.3f}, F1 {found['f1']:.3f}, none right {found['none_accuracy']:.3f}, joint "
                       f"{found['joint']:.3f}; {1000 * found['seconds_per_query']:.0f} ms per query over HTTP")
+        for line in format_by_kind(found.get("by_kind") or {}):
+            console.print(f"  {line}")
     for q in queries[:5]:
         top = answers[q.query_id][0] if answers[q.query_id] else None
         hit = bool(top and is_hit(top["image_id"], top["box"], q))

@@ -110,6 +110,16 @@ def scores_by_kind(
             for kind, qs in sorted(kinds.items())}  # fmt: skip
 
 
+def format_by_kind(by_kind: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """:func:`scores_by_kind` as printable lines, one per kind."""
+    lines = []
+    for kind, row in by_kind.items():
+        none = f"{row['none_accuracy']:.2f}" if row["empty_queries"] else "-"
+        lines.append(f"{kind:32s} {int(row['queries']):4d} queries ({int(row['empty_queries'])} empty)  "
+                     f"P {row['precision']:.2f}  R {row['recall']:.2f}  F1 {row['f1']:.2f}  none {none}")
+    return lines
+
+
 def discovery_curve(
     answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], *, tau: float = 0.5,
     points: int = 101,
@@ -197,10 +207,8 @@ def evaluate_discovery(
              f"answers {int(row['answers'])}")
     if by_kind:
         echo("  at the calibrated threshold, by what the query names:")
-        for kind, row in by_kind.items():
-            none = f"{row['none_accuracy']:.2f}" if row["empty_queries"] else "-"
-            echo(f"    {kind:32s} {int(row['queries']):4d} queries ({int(row['empty_queries'])} empty)  "
-                 f"P {row['precision']:.2f}  R {row['recall']:.2f}  F1 {row['f1']:.2f}  none {none}")
+        for line in format_by_kind(by_kind):
+            echo(f"    {line}")
     if png is not None:
         plot_curve(curve, at, png, title=f"discovery, {len(queries)} queries ({result['empty_queries']} empty)")
         result["png"] = str(png)

@@ -4,7 +4,8 @@ A candidate is one stored instance; its *context* is every stored instance of th
 image (fetched from Milvus by image id). When the model re-ranks
 (``ReirModel.rerank_logits(input_ids, attention_mask, inst_emb[N,M,D], boxes[N,M,4],
 objectness[N,M], inst_mask[N,M], text_index=None, presence=False) -> logits[N,M]``, with a
-trained ``reranker`` module; ``presence=True`` in discover mode, for its presence head) every instance of the N candidate images is scored with the query:
+trained ``reranker`` module; ``presence=True`` in discover mode, for its presence head) every
+instance of the N candidate images is scored with the query:
 ``boxes`` are normalized ``cxcywh`` relative to the image's own width/height,
 ``objectness`` is the stored instance score, ``inst_mask`` marks real (not padded) rows.
 All instances of those images come back scored, so the re-ranker may pick an instance of a

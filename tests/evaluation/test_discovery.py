@@ -11,6 +11,7 @@ from reir.evaluation.discovery import (
     Found,
     discovery_curve,
     discovery_scores,
+    format_by_kind,
     plot_curve,
     query_kind,
     scores_by_kind,
@@ -76,6 +77,9 @@ def test_scores_by_kind_split_the_queries_by_what_their_program_names() -> None:
     rel = by_kind["color+relation+shape"]
     assert rel["queries"] == 1 and rel["empty_queries"] == 1 and rel["none_accuracy"] == 1.0
     assert scores_by_kind(ANSWERS, QUERIES, 0.5) == {}  # no programs, no breakdown
+    lines = format_by_kind(by_kind)  # what reir eval --discover and make demo print
+    assert len(lines) == 2 and lines[0].startswith("background+color+shape") and "P 0.33" in lines[0]
+    assert "none -" in lines[0] and "none 1.00" in lines[1]
 
 
 def test_a_correct_image_counts_once_and_tau_is_applied() -> None:
