@@ -185,3 +185,45 @@ def add_noise(text: str, rng: np.random.Generator, rates: NoiseRates = DEFAULT_N
     if gates[4] < rates.spaces:
         out = _spaces(out, rng)
     return out
+
+
+# ---------------------------------------------------------------- carrier words (training only)
+
+# Words that carry no meaning in a referring expression: pronouns, auxiliaries, question
+# words, chat and politeness, verbs of looking and asking. None is a noun, colour, shape,
+# size, position, order, number, background or context word, and none negates.
+# Training sentences that get a few of them before or after the description teach the model
+# that words outside the description are to be ignored, whatever wrapper a person types.
+_FILLER = """
+i you he she we they me my your our us it its this these those
+is are was were be been am do does did can could will would should may might must shall
+what where when why how who whom whose whether if
+see look find show give get want need like know think tell help search spot pick point try
+wonder guess mean say check notice seek locate identify select choose mark highlight return
+please hey hi hello ok okay so well um uh hmm now just really actually maybe perhaps
+here there thanks thank quickly also again still then somewhere anywhere somehow
+"""
+FILLER_WORDS: tuple[str, ...] = tuple(_FILLER.split())
+
+
+def add_filler(text: str, rng: np.random.Generator, *, max_before: int = 3, max_after: int = 2,
+               after_rate: float = 0.4, end_marks: str = ".?!") -> str:
+    """``text`` with 1..``max_before`` carrier words (:data:`FILLER_WORDS`) before it and,
+    at ``after_rate``, 1..``max_after`` after it, then sometimes an end mark; never past
+    TOKEN_LIMIT tokens (fewer words, or ``text`` itself, when it would be). The description's
+    own words and their order are untouched."""
+    before = [FILLER_WORDS[int(k)] for k in rng.integers(len(FILLER_WORDS), size=1 + int(rng.integers(max_before)))]
+    after: list[str] = []
+    if rng.random() < after_rate:
+        after = [FILLER_WORDS[int(k)] for k in rng.integers(len(FILLER_WORDS), size=1 + int(rng.integers(max_after)))]
+    mark = end_marks[int(rng.integers(len(end_marks)))] if end_marks and rng.random() < 0.5 else ""
+    core = text.strip()
+    room = TOKEN_LIMIT - count_tokens(core)
+    if room < 1:
+        return text
+    while len(before) + len(after) > room:
+        (after if after else before).pop()
+    if len(before) + len(after) == room:
+        mark = ""
+    out = " ".join([*before, core.rstrip(".?!"), *after]) if after else " ".join([*before, core])
+    return out + mark if mark and not out.endswith(tuple(end_marks)) else out

@@ -9,6 +9,7 @@ English words so that free-typed queries degrade gracefully instead of becoming 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -74,6 +75,18 @@ stay fall cut reach kill remain suggest raise pass sell require report decide pu
 """)
 
 
+# Real words the vocabulary lacks that the spelling corrector must leave as typed: each is
+# one edit from a known word ("pick" -> "pink", "mark" -> "dark", "seek" -> "see"), and a
+# person typing "pick the red circle" means no colour. They split into pieces like any
+# unknown word. (Words of the vocabulary are never corrected anyway.)
+AS_TYPED = frozenset(_words("""
+am whom whose whether search pick wonder guess mean check notice seek locate identify select
+choose mark highlight return please hey hello okay well really actually maybe perhaps thanks
+thank quickly somewhere anywhere somehow
+park bark dare ink link pint bed led rod rid glue clue greet tank wine bring
+"""))
+
+
 # Subword pieces after the words: any word the lists miss still splits into known pieces
 # (a word start, then "##" continuations) instead of becoming [UNK]. Common English
 # endings come whole, so "reddish" is "red ##d ##ish" and "crimson" "c ##r ##i ..."
@@ -135,12 +148,13 @@ class SpellingCorrector:
     and a subword split of a typo ("c ##i ##r ##l ##c ##e") means nothing to it.
 
     Only words of at least ``min_length`` letters are touched, and only when they are not
-    known themselves; among several candidates the one earliest in ``known`` wins, so list
+    known themselves nor real words listed in ``as_typed`` (:data:`AS_TYPED`); among several candidates the one earliest in ``known`` wins, so list
     the domain's words first (as :func:`build_vocab` does).
     """
 
-    def __init__(self, known: list[str], *, min_length: int = 4) -> None:
+    def __init__(self, known: list[str], *, min_length: int = 4, as_typed: Iterable[str] = AS_TYPED) -> None:
         self.rank = {w: i for i, w in enumerate(known) if w.isalpha()}
+        self.as_typed = frozenset(w.lower() for w in as_typed)
         self.min_length = min_length
         self._cache: dict[str, str] = {}
 
@@ -151,7 +165,7 @@ class SpellingCorrector:
 
     def word(self, word: str) -> str:
         low = word.lower()
-        if len(low) < self.min_length or low in self.rank:
+        if len(low) < self.min_length or low in self.rank or low in self.as_typed:
             return word
         if low not in self._cache:
             found = [c for c in _edits(low) if c in self.rank]

@@ -81,6 +81,11 @@ class TrainConfig(BaseModel):
     vflip_augment: bool = Field(False, description="also flip half the images vertically (\"above\" / "
                                 "\"below\", \"topmost\" / \"bottommost\" swapped): for images without a natural "
                                 "up (synthetic scenes, aerial or microscope views), not for photographs")
+    filler_rate: float = Field(
+        0.25, ge=0, le=1, description="share of training expressions given a few carrier words (\"where\", "
+        "\"can you\", \"please\", ...; reir.data.noise.FILLER_WORDS) before or after them, drawn anew each "
+        "time in stages 1, 2 and weak, once per expression in the heads' stages: the model learns to ignore "
+        "words outside the description, whatever wrapper a person types")
     max_refs_per_image: int | None = Field(
         12, ge=1, description="stages 1, 2 and weak: at most this many of an image's expressions per step, "
         "drawn at random (a benchmark with several phrasings per referent has dozens per image); null: all")

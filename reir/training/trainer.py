@@ -11,6 +11,7 @@ evaluation during training live in :mod:`reir.training.operations`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from reir.data.formats import ImageSample, load_samples, negative_groups, test_queries
+from reir.data.noise import add_filler
 from reir.model.processing import NO_REFERENT
 from reir.training.batching import window_batches
 from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
@@ -60,6 +62,22 @@ def row_to_sample(row: dict[str, Any]) -> ImageSample:
         labels=json.loads(row["labels"]),
         refs=[(str(t), int(i)) for t, i in json.loads(row["refs"])],
     )
+
+
+def with_filler(samples: list[ImageSample], rate: float, rng: np.random.Generator) -> list[ImageSample]:
+    """``samples`` with each expression given carrier words (:func:`reir.data.noise.add_filler`)
+    at ``rate``; referents, boxes and the samples themselves are untouched."""
+    if rate <= 0:
+        return samples
+    out = []
+    for s in samples:
+        refs = [(add_filler(t, rng) if rng.random() < rate else t, j) for t, j in s.refs]
+        out.append(dataclasses.replace(s, refs=refs))
+    return out
+
+
+def filler_rng(cfg: TrainConfig, rank: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, rank, 0xF111])
 
 
 class ImageCache:
@@ -205,6 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     rng = random.Random(cfg.seed + rank)
+    fill = filler_rng(cfg, rank)
     ops = TrainOps(cfg=cfg, engine=engine, processor=processor, rank=rank, world=world, rng=rng,
                    fit_id=str(loop_config.get("fit_id", "")), step_hook=loop_config.get("step_hook"))
     state = ops.start_from(ray.train.get_checkpoint())
@@ -233,7 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro_in_epoch <= skip:
                 continue
             images = [cache.get(s.path) for s in samples]
-            batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0,
+            batch = processor.collate(with_filler(samples, cfg.filler_rate, fill), images, hflip_prob=0.5 if cfg.flip_augment else 0.0,
                                       vflip_prob=0.5 if cfg.vflip_augment else 0.0, rng=rng,
                                       max_refs_per_image=cfg.max_refs_per_image)
             batch = batch.to(device)
@@ -327,7 +346,9 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
 
     model, processor, reranker = _frozen_model_with_head(cfg, device, "rerank")
     rows = _shard_rows()
-    samples = [row_to_sample(r) for r in rows]
+    fill = filler_rng(cfg, rank)
+    samples = with_filler([row_to_sample(r) for r in rows], cfg.filler_rate, fill)
+    discovery = [{**d, "raw": add_filler(d["raw"], fill)} if fill.random() < cfg.filler_rate else d for d in discovery]
     started = time.monotonic()
     # One pass over the shard: decoded images are not kept (max_items=0).
     rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], ImageCache(max_items=0).get,
@@ -415,7 +436,8 @@ def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch
     model, processor, head = _frozen_model_with_head(cfg, device, "image_retrieval")
     rows = _shard_rows()
     started = time.monotonic()
-    rs = build_image_retrieval_set(model, processor, [row_to_sample(r) for r in rows], [int(r["group"]) for r in rows],
+    samples = with_filler([row_to_sample(r) for r in rows], cfg.filler_rate, filler_rng(cfg, rank))
+    rs = build_image_retrieval_set(model, processor, samples, [int(r["group"]) for r in rows],
                                    ImageCache(max_items=0).get)  # fmt: skip
     if rank == 0:
         print(f"[train stage {cfg.stage}] features: {len(rows)} images, {rs.num_texts} expressions "

@@ -21,7 +21,17 @@ import pytest
 from reir.data import referring
 from reir.data.families import FAMILIES
 from reir.data.language import parse
-from reir.data.noise import DEFAULT_NOISE, NO_NOISE, SPATIAL_WORDS, TOKEN_LIMIT, add_noise, count_tokens
+from reir.data.noise import (
+    DEFAULT_NOISE,
+    FILLER_WORDS,
+    KEY_WORDS,
+    NO_NOISE,
+    SPATIAL_WORDS,
+    TOKEN_LIMIT,
+    add_filler,
+    add_noise,
+    count_tokens,
+)
 from reir.data.phrasing import (
     HELDOUT_FAMILIES,
     MAX_TOKENS,
@@ -167,6 +177,32 @@ def test_noise_keeps_meaning_and_is_deterministic(exprs: list[Expr]) -> None:
             changed += noisy != text
     share = changed / (len(exprs) * len(FAMILIES))
     assert 0.3 < share < 0.7, share  # moderate: most sentences stay as written
+
+
+def test_filler_wraps_the_description_in_carrier_words_only(exprs: list[Expr]) -> None:
+    rng = np.random.default_rng(8)
+    assert not set(FILLER_WORDS) & (KEY_WORDS | SPATIAL_WORDS | set(SUPERLATIVES) | {"one", "not", "no", "image",
+                                                                                     "picture", "background"})
+    before, after, marks = 0, 0, 0
+    for expr in exprs:
+        text = add_noise(render_family(expr, _pick(rng, list(FAMILIES)), rng), rng)
+        seed = int(rng.integers(1 << 30))
+        out = add_filler(text, np.random.default_rng(seed))
+        assert out == add_filler(text, np.random.default_rng(seed))
+        if count_tokens(text) >= TOKEN_LIMIT:  # no room: left as it is
+            assert out == text
+            continue
+        core = text.strip().rstrip(".?!")
+        at = out.find(core)
+        assert at > 0, (text, out)  # the description itself, in one piece, after at least one word
+        head, tail = out[:at].split(), out[at + len(core):].strip(" .?!").split()
+        assert set(head) | set(tail) <= set(FILLER_WORDS), out
+        assert 1 <= len(head) <= 3 and len(tail) <= 2, out
+        assert count_tokens(out) <= max(TOKEN_LIMIT, count_tokens(text)), out
+        before, after, marks = before + len(head), after + bool(tail), marks + (out[-1] in ".?!" and text[-1] not in ".?!")
+    assert after > 0.2 * len(exprs) and marks > 0.2 * len(exprs)  # words after and end marks both occur
+    full = " ".join(["the red circle"] * 9)  # 27 tokens: room for three words at most
+    assert count_tokens(add_filler(full, np.random.default_rng(0))) <= TOKEN_LIMIT
 
 
 def test_describe_uses_distinct_families_and_texts() -> None:

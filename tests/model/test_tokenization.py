@@ -56,6 +56,17 @@ def test_known_short_and_far_words_are_left_alone() -> None:
     assert fix("the xyzzyq") == "the xyzzyq"  # nothing one edit away: kept, tokenized in pieces
 
 
+def test_real_words_one_edit_from_a_known_word_are_left_as_typed() -> None:
+    from reir.data.noise import FILLER_WORDS
+
+    fix = SpellingCorrector.from_tokenizer(build_tokenizer())
+    # without the list, "pick" and "mark" became colours ("pink", "dark") and "seek" "see"
+    assert fix("pick the cirlce, mark the trinagle") == "pick the circle, mark the triangle"
+    assert SpellingCorrector(["pink", "dark"], as_typed=())("pick mark") == "pink dark"
+    # the carrier words training adds (reir.data.noise.add_filler) reach the model as typed
+    assert [w for w in FILLER_WORDS if fix.word(w) != w] == []
+
+
 def test_processor_corrects_before_tokenizing_and_saves_the_setting(
         tiny: tuple[ReirModel, ReirProcessor], tmp_path) -> None:  # type: ignore[no-untyped-def]
     _, proc = tiny

@@ -122,3 +122,24 @@ def test_the_trainer_reads_an_epoch_of_a_ray_dataset_as_look_alike_batches(ray_s
     # without look-alikes: shuffled rows, every full batch, nothing about colours
     plain = list(micro_batches(ds.iterator(), cfg.model_copy(update={"lookalike_partners": 0}), 0, random.Random(0)))
     assert [len(b) for b in plain] == [8] * 4
+
+
+def test_with_filler_changes_only_the_share_of_expressions_it_is_asked_to() -> None:
+    import numpy as np
+
+    from reir.data.noise import FILLER_WORDS
+    from reir.training.trainer import with_filler
+
+    samples = _world(8)
+    before = [list(s.refs) for s in samples]
+    same = with_filler(samples, 0.0, np.random.default_rng(0))
+    assert same is samples
+    filled = with_filler(samples, 0.5, np.random.default_rng(0))
+    pairs = [(a, b) for s, f in zip(samples, filled) for a, b in zip(s.refs, f.refs)]
+    changed = [(a, b) for a, b in pairs if a != b]
+    assert 0.35 < len(changed) / len(pairs) < 0.65
+    for (text, ref), (new, new_ref) in changed:
+        assert new_ref == ref and text.rstrip(".?!") in new
+        assert set(new.replace(text.rstrip(".?!"), " ").strip(" .?!").split()) <= set(FILLER_WORDS)
+    assert [(s.image_id, s.boxes, s.labels) for s in filled] == [(s.image_id, s.boxes, s.labels) for s in samples]
+    assert [s.refs for s in samples] == before  # the inputs are not changed
