@@ -34,16 +34,24 @@ SUP_BEFORE: dict[str, list[str]] = {  # before the noun: "the leftmost circle"
     "largest": ["largest", "biggest"], "smallest": ["smallest"],
     "leftmost": ["leftmost"], "rightmost": ["rightmost"],
     "topmost": ["topmost", "highest", "uppermost"], "bottommost": ["bottommost", "lowest", "lowermost"],
+    "second_largest": ["second largest", "second biggest"], "second_smallest": ["second smallest"],
+    "second_leftmost": ["second leftmost"], "second_rightmost": ["second rightmost"],
+    "second_topmost": ["second highest", "second topmost"], "second_bottommost": ["second lowest", "second bottommost"],
 }
+# The ordinal's direction when it follows the noun, or splits around it: "the second circle from the left"
+ORDINAL_FROM: dict[str, str] = {"second_leftmost": "from the left", "second_rightmost": "from the right",
+                                "second_topmost": "from the top", "second_bottommost": "from the bottom"}
 SUP_AFTER: dict[str, list[str]] = {  # positional ones after the noun: "the circle on the far left"
     "leftmost": ["furthest to the left", "on the far left", "farthest left"],
     "rightmost": ["furthest to the right", "on the far right", "farthest right"],
     "topmost": ["at the very top", "closest to the top", "nearest the top"],
     "bottommost": ["at the very bottom", "closest to the bottom", "nearest the bottom"],
+    **{kind: [f"second {words}"] for kind, words in ORDINAL_FROM.items()},
 }
 SUP_TERSE: dict[str, list[str]] = {
     "leftmost": ["far left", "furthest left"], "rightmost": ["far right", "furthest right"],
     "topmost": ["at very top", "nearest top"], "bottommost": ["at very bottom", "nearest bottom"],
+    **{kind: [f"second {words.replace('the ', '')}"] for kind, words in ORDINAL_FROM.items()},
 }
 REL_WORDS: dict[str, list[str]] = {
     "left": ["left of", "to the left of", "on the left of"],
@@ -129,8 +137,12 @@ def _sup_before(expr: Expr, rng: np.random.Generator) -> list[str]:
 
 
 def _head(expr: Expr, rng: np.random.Generator, nouns: Sequence[str] = GENERIC) -> list[str]:
-    """[SUP] [SIZE] [COLOR] NOUN words of a plain noun phrase."""
-    return _sup_before(expr, rng) + _attrs(expr, rng) + [expr.shape or _pick(nouns, rng)]
+    """[SUP] [SIZE] [COLOR] NOUN words of a plain noun phrase; a positional ordinal splits
+    around the noun half the time ("the second red circle from the left")."""
+    noun = expr.shape or _pick(nouns, rng)
+    if expr.superlative in ORDINAL_FROM and rng.random() < 0.5:
+        return ["second", *_attrs(expr, rng), noun, ORDINAL_FROM[expr.superlative]]
+    return _sup_before(expr, rng) + _attrs(expr, rng) + [noun]
 
 
 def _with_details(text: str, details: list[str]) -> str:

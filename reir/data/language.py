@@ -29,6 +29,12 @@ SUPERLATIVE_WORDS: dict[str, list[str]] = {
     "rightmost": ["rightmost"],
     "topmost": ["topmost", "highest"],
     "bottommost": ["bottommost", "lowest"],
+    "second_largest": ["second largest", "second biggest"],
+    "second_smallest": ["second smallest"],
+    "second_leftmost": ["second leftmost"],
+    "second_rightmost": ["second rightmost"],
+    "second_topmost": ["second topmost", "second highest"],
+    "second_bottommost": ["second bottommost", "second lowest"],
 }
 BACKGROUND_PREPOSITIONS: list[str] = ["on", "against"]
 CONTEXT_NOUNS: list[str] = ["image", "picture"]

@@ -149,10 +149,22 @@ def meaning_words(expr: Expr) -> Counter[str]:
     return out
 
 
+def _join_ordinal(words: list[str]) -> list[str]:
+    """"second red circle from the left" -> "second from the left red circle": an ordinal
+    split around its noun, read as the one phrase it means."""
+    for k, w in enumerate(words):
+        if w != "second":
+            continue
+        for j in range(k + 1, min(k + 6, len(words) - 2)):
+            if words[j:j + 2] == ["from", "the"] and words[j + 2] in ("left", "right", "top", "bottom"):
+                return words[:k + 1] + words[j:j + 3] + words[k + 1:j] + _join_ordinal(words[j + 3:])
+    return words
+
+
 def mentioned(text: str) -> Counter[str]:
     """Content words found in ``text`` (longest phrase first, typos undone), comparable
     to :func:`meaning_words`."""
-    words = canonical_words(text)
+    words = _join_ordinal(canonical_words(text))
     out: Counter[str] = Counter()
     k = 0
     while k < len(words):

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from reir.data.vocab import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
+from reir.data.vocab import BACKGROUNDS, COLORS, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
 
 NO, MAYBE, YES = 0, 1, 2
 
@@ -133,7 +133,7 @@ def _expr_problems(e: Expr) -> list[str]:
         (e.superlative not in (None, *SUPERLATIVES), f"unknown superlative {e.superlative!r}"),
         (e.background not in (None, *BACKGROUNDS), f"unknown background {e.background!r}"),
         # "the largest small circle" reads badly; positional ones keep their size word
-        (e.superlative in ("largest", "smallest") and e.size is not None, "size superlative with size"),
+        (_order(e.superlative) in ("largest", "smallest") and e.size is not None, "size superlative with size"),
         # "the leftmost circle above the square" has ambiguous scope: forbid the mix
         (e.superlative is not None and e.relation is not None, "superlative with relation"),
         (e.relation is not None and e.relation.relation not in RELATIONS, "unknown relation"),
@@ -194,10 +194,48 @@ def _extremeness(obj: Obj, kind: str, width: float, height: float) -> float:
     }[kind]
 
 
+def _order(kind: str | None) -> str | None:
+    """The superlative whose order an ordinal counts in ("second_leftmost" -> "leftmost")."""
+    return ORDINALS[kind][0] if kind in ORDINALS else kind
+
+
+def _clearly_ahead(a: float, b: float, kind: str) -> bool:
+    """Is extremeness ``a`` clearly beyond ``b`` (size: by an area ratio, positions: by an offset)?"""
+    if kind in ("largest", "smallest"):
+        a, b = abs(a), abs(b)
+        return (a / b if kind == "largest" else b / a) >= SIZE_YES_RATIO
+    return a - b > SUP_YES_OFFSET
+
+
+def ordinal_truth(scene: Scene, i: int, expr: Expr) -> int:
+    """"The second circle from the left": exactly one object of the head is clearly further
+    in the order, every other clearly less far. Any object too close to call either way
+    makes the rank uncertain (MAYBE), unless two are already clearly ahead (NO)."""
+    kind, rank = ORDINALS[expr.superlative or ""]
+    w, h = scene.width, scene.height
+    own = _extremeness(scene.objects[i], kind, w, h)
+    ahead = unclear = 0
+    for j, o in enumerate(scene.objects):
+        if j == i or not head_matches(o, expr.shape, expr.color, expr.size):
+            continue
+        e = _extremeness(o, kind, w, h)
+        if _clearly_ahead(e, own, kind):
+            ahead += 1
+        elif not _clearly_ahead(own, e, kind):
+            unclear += 1
+    if ahead >= rank:
+        return NO
+    if ahead == rank - 1 and not unclear:
+        return YES
+    return NO if ahead + unclear < rank - 1 else MAYBE
+
+
 def superlative_truth(scene: Scene, i: int, expr: Expr) -> int:
     """Superlative among the image's objects sharing the expression's head attributes."""
     kind = expr.superlative
     assert kind is not None
+    if kind in ORDINALS:
+        return ordinal_truth(scene, i, expr)
     others = [
         o
         for j, o in enumerate(scene.objects)

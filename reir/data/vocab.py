@@ -17,6 +17,10 @@ SIZES: list[str] = ["small", "large"]
 BACKGROUNDS: list[str] = ["plain", "noisy", "striped", "gradient", "checkered"]
 RELATIONS: list[str] = ["left", "right", "above", "below"]
 SUPERLATIVES: list[str] = ["largest", "smallest", "leftmost", "rightmost", "topmost", "bottommost"]
+# Ordinals: the second in a superlative's order ("the second circle from the left", "the
+# second largest star"). They are superlative kinds, so every rule for superlatives holds.
+ORDINALS: dict[str, tuple[str, int]] = {f"second_{kind}": (kind, 2) for kind in SUPERLATIVES}
+SUPERLATIVES += list(ORDINALS)
 
 VOCABULARY: list[str] = [
     # articles and function words
@@ -36,7 +40,7 @@ VOCABULARY: list[str] = [
     "left", "right", "above", "over", "below", "under",
     # superlatives
     "largest", "biggest", "smallest", "leftmost", "rightmost", "topmost", "highest",
-    "bottommost", "lowest",
+    "bottommost", "lowest", "second",
     # phrasing families (reir.data.families): synonyms, plurals, clause and question words
     "tiny", "huge", "uppermost", "lowermost", "far", "furthest", "farthest", "very", "top", "bottom",
     "closest", "nearest", "front", "one", "thing", "objects", "shapes", "things",

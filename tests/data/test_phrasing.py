@@ -50,8 +50,10 @@ from reir.data.synth import generate, load_gallery
 from reir.data.vocab import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, SUPERLATIVES, VOCABULARY
 
 _DETAILS = ("size", "superlative", "relation", "background", "context")
-_LR = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_TB = {"above": "below", "below": "above", "topmost": "bottommost", "bottommost": "topmost"}
+_LR = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost",
+       "second_leftmost": "second_rightmost", "second_rightmost": "second_leftmost"}
+_TB = {"above": "below", "below": "above", "topmost": "bottommost", "bottommost": "topmost",
+       "second_topmost": "second_bottommost", "second_bottommost": "second_topmost"}
 _BAD_GRAMMAR = re.compile(r"\b(a|an|the) (a|an|the)\b|\ba [aeiou]|\ban [^aeiou]|  | ,|,,|^ | $")
 
 

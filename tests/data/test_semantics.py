@@ -67,6 +67,28 @@ def test_superlatives() -> None:
     assert evaluate(Expr(shape="star", superlative="largest"), tie, 1) == MAYBE
 
 
+def test_ordinals_count_in_the_superlative_order() -> None:
+    row = _scene(*(_obj("circle", "red", x, 50) for x in (10, 40, 70)), _obj("star", "red", 25, 50))
+    second = Expr(shape="circle", superlative="second_leftmost")
+    assert [evaluate(second, row, i) for i in range(4)] == [NO, YES, NO, NO]
+    assert [evaluate(Expr(shape="circle", superlative="second_rightmost"), row, i) for i in range(3)] == [NO, YES, NO]
+    # the star is not a circle: among red things the circle at 40 is third from the left
+    assert evaluate(Expr(color="red", superlative="second_leftmost"), row, 3) == YES
+    assert evaluate(Expr(color="red", superlative="second_leftmost"), row, 1) == NO
+    # two circles: the second from the left is the right one
+    pair = _scene(_obj("circle", "red", 20, 50), _obj("circle", "red", 60, 50))
+    assert [evaluate(second, pair, i) for i in range(2)] == [NO, YES]
+    # a rival too close to call makes the rank uncertain
+    close = _scene(_obj("circle", "red", 10, 50), _obj("circle", "red", 40, 50), _obj("circle", "red", 45, 50))
+    assert [evaluate(second, close, i) for i in range(3)] == [NO, MAYBE, MAYBE]
+    sizes = _scene(_obj("star", "red", 20, 20, side=10), _obj("star", "red", 50, 50, side=20),
+                   _obj("star", "red", 80, 80, side=30))
+    assert [evaluate(Expr(shape="star", superlative="second_largest"), sizes, i) for i in range(3)] == [NO, YES, NO]
+    assert [evaluate(Expr(shape="star", superlative="second_smallest"), sizes, i) for i in range(3)] == [NO, YES, NO]
+    with pytest.raises(ValueError, match="size superlative"):
+        Expr(shape="star", size="large", superlative="second_largest")
+
+
 def test_context_and_background() -> None:
     scene = _scene(_obj("circle", "red", 20, 20), _obj("star", "yellow", 70, 70), background="striped")
     with_star = Expr(shape="circle", context=Thing("star", "yellow"))
