@@ -25,6 +25,7 @@ import numpy as np
 
 from reir.data.language import render
 from reir.data.semantics import Expr, Thing
+from reir.data.vocab import COMPARATIVES
 
 Family = Callable[[Expr, np.random.Generator, str], str]
 T = TypeVar("T")
@@ -37,7 +38,10 @@ SUP_BEFORE: dict[str, list[str]] = {  # before the noun: "the leftmost circle"
     "second_largest": ["second largest", "second biggest"], "second_smallest": ["second smallest"],
     "second_leftmost": ["second leftmost"], "second_rightmost": ["second rightmost"],
     "second_topmost": ["second highest", "second topmost"], "second_bottommost": ["second lowest", "second bottommost"],
+    "pair_largest": ["bigger", "larger"], "pair_smallest": ["smaller"], "pair_leftmost": ["left"],
+    "pair_rightmost": ["right"], "pair_topmost": ["upper", "top"], "pair_bottommost": ["lower", "bottom"],
 }
+PAIR_POSITIONS = ("left", "right", "upper", "top", "lower", "bottom")
 # The ordinal's direction when it follows the noun, or splits around it: "the second circle from the left"
 ORDINAL_FROM: dict[str, str] = {"second_leftmost": "from the left", "second_rightmost": "from the right",
                                 "second_topmost": "from the top", "second_bottommost": "from the bottom"}
@@ -47,6 +51,8 @@ SUP_AFTER: dict[str, list[str]] = {  # positional ones after the noun: "the circ
     "topmost": ["at the very top", "closest to the top", "nearest the top"],
     "bottommost": ["at the very bottom", "closest to the bottom", "nearest the bottom"],
     **{kind: [f"second {words}"] for kind, words in ORDINAL_FROM.items()},
+    "pair_leftmost": ["on the left", "more to the left"], "pair_rightmost": ["on the right", "more to the right"],
+    "pair_topmost": ["at the top", "closer to the top"], "pair_bottommost": ["at the bottom", "closer to the bottom"],
 }
 SUP_TERSE: dict[str, list[str]] = {
     "leftmost": ["far left", "furthest left"], "rightmost": ["far right", "furthest right"],
@@ -137,12 +143,28 @@ def _sup_before(expr: Expr, rng: np.random.Generator) -> list[str]:
 
 
 def _head(expr: Expr, rng: np.random.Generator, nouns: Sequence[str] = GENERIC) -> list[str]:
-    """[SUP] [SIZE] [COLOR] NOUN words of a plain noun phrase; a positional ordinal splits
-    around the noun half the time ("the second red circle from the left")."""
+    """[SUP] [SIZE] [COLOR] NOUN words of a plain noun phrase; half the time a positional
+    ordinal splits around the noun ("the second red circle from the left") and a comparative
+    names the pair ("the bigger of the two red circles")."""
     noun = expr.shape or _pick(nouns, rng)
     if expr.superlative in ORDINAL_FROM and rng.random() < 0.5:
         return ["second", *_attrs(expr, rng), noun, ORDINAL_FROM[expr.superlative]]
+    if expr.superlative in COMPARATIVES and rng.random() < 0.5:
+        return [_sup_of(expr, rng), "of the two", *_attrs(expr, rng), _plural(expr, rng)]
     return _sup_before(expr, rng) + _attrs(expr, rng) + [noun]
+
+
+def _sup_of(expr: Expr, rng: np.random.Generator) -> str:
+    """The superlative before "of the ...": "biggest", "bigger", but "left one" (never "the
+    left of the two circles", which reads as a relation)."""
+    word = _sup_before(expr, rng)[0]
+    return f"{word} one" if expr.superlative in COMPARATIVES and word in PAIR_POSITIONS else word
+
+
+def _group(expr: Expr, rng: np.random.Generator) -> str:
+    """The look-alikes a superlative chooses among: "the red circles" ("the two red circles")."""
+    return " ".join(["the", *(["two"] if expr.superlative in COMPARATIVES else []), *_attrs(expr, rng),
+                     _plural(expr, rng)])
 
 
 def _with_details(text: str, details: list[str]) -> str:
@@ -195,7 +217,7 @@ def _relative_clause(expr: Expr, rng: np.random.Generator, article: str) -> str:
     if not clauses:
         return text
     # "the biggest" and bare attributes need "is"; place phrases also take "sitting", "located"...
-    adjectival = expr.superlative in ("largest", "smallest") or not (expr.superlative or details)
+    adjectival = (expr.superlative is not None and expr.superlative not in SUP_AFTER) or not (expr.superlative or details)
     verb = _pick(COPULAS if adjectival else REL_VERBS, rng)
     return f"{text} {verb} {_and(clauses)}"
 
@@ -209,7 +231,7 @@ def _fronted(expr: Expr, rng: np.random.Generator, article: str) -> str:
         rest = _with_details(_np(_article(expr, article), _head(expr, rng)), details)
         return f"{front}{sep} {rest}"
     if expr.superlative:
-        group = " ".join(["the", *_attrs(expr, rng), _plural(expr, rng)])
+        group = _group(expr, rng)
         if expr.superlative in SUP_AFTER and rng.random() < 0.5:
             return f"of {group}{sep} the one {_pick(SUP_AFTER[expr.superlative], rng)}"
         return f"of {group}{sep} the {_sup_before(expr, rng)[0]} one"
@@ -272,11 +294,11 @@ def _partitive(expr: Expr, rng: np.random.Generator, article: str) -> str:
     details = _details(expr, rng, article, predicative=True)
     one = "the one" if _article(expr, article) == "the" else "one"
     if expr.superlative:
-        group = " ".join(["the", *_attrs(expr, rng), _plural(expr, rng)])
+        group = _group(expr, rng)
         if expr.superlative in SUP_AFTER and rng.random() < 0.5:
             text = f"the one of {group} {_pick(SUP_AFTER[expr.superlative], rng)}"
         else:
-            text = f"the {_sup_before(expr, rng)[0]} of {group}"
+            text = f"the {_sup_of(expr, rng)} of {group}"
         return _with_details(text, details)
     if details:
         group = " ".join(["the", *_attrs(expr, rng), _plural(expr, rng)])

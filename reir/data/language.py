@@ -35,6 +35,12 @@ SUPERLATIVE_WORDS: dict[str, list[str]] = {
     "second_rightmost": ["second rightmost"],
     "second_topmost": ["second topmost", "second highest"],
     "second_bottommost": ["second bottommost", "second lowest"],
+    "pair_largest": ["bigger", "larger"],
+    "pair_smallest": ["smaller"],
+    "pair_leftmost": ["left"],
+    "pair_rightmost": ["right"],
+    "pair_topmost": ["upper", "top"],
+    "pair_bottommost": ["lower", "bottom"],
 }
 BACKGROUND_PREPOSITIONS: list[str] = ["on", "against"]
 CONTEXT_NOUNS: list[str] = ["image", "picture"]

@@ -31,15 +31,16 @@ from reir.data.semantics import (
     is_unique_referent,
     relation_truth,
 )
-from reir.data.vocab import BACKGROUNDS, COLORS, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
+from reir.data.vocab import BACKGROUNDS, COLORS, COMPARATIVES, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
 
 MAX_TEST_WORDS = 20
 MAX_DETAILS = 3
-# Extra cost of an ordinal ("second from the left") when the planner weighs details: at the
-# cost of its words alone it named about one training referent in nine (one in twelve at +2
-# words), crowding out the
-# relations and backgrounds that most queries carry.
-ORDINAL_COST = 3.0
+# Extra cost of an ordinal ("second from the left") or a comparative ("the bigger of the two")
+# when the planner weighs details. At the cost of their words alone (one or two) they named
+# about one training referent in five, crowding out the relations and backgrounds that most
+# queries carry; at +3 words about one in eight.
+RANK_COST = 3.0
+_RANKED = frozenset([*ORDINALS, *COMPARATIVES])
 
 
 @dataclass(frozen=True)
@@ -168,9 +169,9 @@ class TestPlanner:
         # A random per-target preference among kinds mixes relations, superlatives,
         # backgrounds... instead of always the globally shortest kind.
         bias = {kind: 4.0 * rng.random() for kind in ("size", "background", "superlative", "relation", "context")}
-        bias["ordinal"] = ORDINAL_COST + 4.0 * rng.random()
+        bias["ranked"] = RANK_COST + 4.0 * rng.random()
         scored = [
-            (sum(d.words + bias["ordinal" if d.value in ORDINALS else d.kind] for d in c) + 1.5 * rng.random(), c)
+            (sum(d.words + bias["ranked" if d.value in _RANKED else d.kind] for d in c) + 1.5 * rng.random(), c)
             for c in _combos(details, range(MAX_DETAILS + 1))
             if sum(d.words for d in c) <= MAX_TEST_WORDS
         ]

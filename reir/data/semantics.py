@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from reir.data.vocab import BACKGROUNDS, COLORS, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
+from reir.data.vocab import BACKGROUNDS, COLORS, COMPARATIVES, ORDINALS, RELATIONS, SHAPES, SIZES, SUPERLATIVES
 
 NO, MAYBE, YES = 0, 1, 2
 
@@ -195,8 +195,11 @@ def _extremeness(obj: Obj, kind: str, width: float, height: float) -> float:
 
 
 def _order(kind: str | None) -> str | None:
-    """The superlative whose order an ordinal counts in ("second_leftmost" -> "leftmost")."""
-    return ORDINALS[kind][0] if kind in ORDINALS else kind
+    """The superlative whose order an ordinal counts in, or a comparative compares in
+    ("second_leftmost", "pair_leftmost" -> "leftmost")."""
+    if kind in ORDINALS:
+        return ORDINALS[kind][0]
+    return COMPARATIVES.get(kind or "", kind)
 
 
 def _clearly_ahead(a: float, b: float, kind: str) -> bool:
@@ -236,11 +239,15 @@ def superlative_truth(scene: Scene, i: int, expr: Expr) -> int:
     assert kind is not None
     if kind in ORDINALS:
         return ordinal_truth(scene, i, expr)
+    pair = kind in COMPARATIVES
+    kind = _order(kind) or kind
     others = [
         o
         for j, o in enumerate(scene.objects)
         if j != i and head_matches(o, expr.shape, expr.color, expr.size)
     ]
+    if pair and len(others) != 1:
+        return NO  # "the bigger of the two circles" is false unless there are two
     if not others:
         return MAYBE  # trivially extreme, but "the largest X" implies several X: avoid it
     w, h = scene.width, scene.height

@@ -20,7 +20,10 @@ SUPERLATIVES: list[str] = ["largest", "smallest", "leftmost", "rightmost", "topm
 # Ordinals: the second in a superlative's order ("the second circle from the left", "the
 # second largest star"). They are superlative kinds, so every rule for superlatives holds.
 ORDINALS: dict[str, tuple[str, int]] = {f"second_{kind}": (kind, 2) for kind in SUPERLATIVES}
-SUPERLATIVES += list(ORDINALS)
+# Comparatives: a superlative between exactly two look-alikes ("the bigger of the two circles",
+# "the left star"); false in an image with one or three or more of them.
+COMPARATIVES: dict[str, str] = {f"pair_{kind}": kind for kind in SUPERLATIVES}
+SUPERLATIVES += [*ORDINALS, *COMPARATIVES]
 
 VOCABULARY: list[str] = [
     # articles and function words
@@ -40,7 +43,7 @@ VOCABULARY: list[str] = [
     "left", "right", "above", "over", "below", "under",
     # superlatives
     "largest", "biggest", "smallest", "leftmost", "rightmost", "topmost", "highest",
-    "bottommost", "lowest", "second",
+    "bottommost", "lowest", "second", "bigger", "larger", "smaller", "two", "upper", "lower", "more", "closer",
     # phrasing families (reir.data.families): synonyms, plurals, clause and question words
     "tiny", "huge", "uppermost", "lowermost", "far", "furthest", "farthest", "very", "top", "bottom",
     "closest", "nearest", "front", "one", "thing", "objects", "shapes", "things",

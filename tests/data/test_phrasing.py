@@ -51,9 +51,11 @@ from reir.data.vocab import BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZES, SUPER
 
 _DETAILS = ("size", "superlative", "relation", "background", "context")
 _LR = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost",
-       "second_leftmost": "second_rightmost", "second_rightmost": "second_leftmost"}
+       "second_leftmost": "second_rightmost", "second_rightmost": "second_leftmost",
+       "pair_leftmost": "pair_rightmost", "pair_rightmost": "pair_leftmost"}
 _TB = {"above": "below", "below": "above", "topmost": "bottommost", "bottommost": "topmost",
-       "second_topmost": "second_bottommost", "second_bottommost": "second_topmost"}
+       "second_topmost": "second_bottommost", "second_bottommost": "second_topmost",
+       "pair_topmost": "pair_bottommost", "pair_bottommost": "pair_topmost"}
 _BAD_GRAMMAR = re.compile(r"\b(a|an|the) (a|an|the)\b|\ba [aeiou]|\ban [^aeiou]|  | ,|,,|^ | $")
 
 

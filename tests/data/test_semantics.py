@@ -89,6 +89,20 @@ def test_ordinals_count_in_the_superlative_order() -> None:
         Expr(shape="star", size="large", superlative="second_largest")
 
 
+def test_comparatives_hold_only_between_two() -> None:
+    pair = _scene(_obj("circle", "red", 20, 50, side=10), _obj("circle", "red", 60, 50, side=20),
+                  _obj("star", "red", 90, 50, side=30))
+    bigger = Expr(shape="circle", superlative="pair_largest")
+    assert [evaluate(bigger, pair, i) for i in range(3)] == [NO, YES, NO]
+    assert [evaluate(Expr(shape="circle", superlative="pair_leftmost"), pair, i) for i in range(2)] == [YES, NO]
+    # among the three red things "the bigger red one" is false for every one of them
+    assert [evaluate(Expr(color="red", superlative="pair_largest"), pair, i) for i in range(3)] == [NO, NO, NO]
+    alone = _scene(_obj("circle", "red", 20, 50))
+    assert evaluate(bigger, alone, 0) == NO
+    close = _scene(_obj("circle", "red", 20, 50, side=20), _obj("circle", "red", 60, 50, side=21))
+    assert evaluate(bigger, close, 1) == MAYBE
+
+
 def test_context_and_background() -> None:
     scene = _scene(_obj("circle", "red", 20, 20), _obj("star", "yellow", 70, 70), background="striped")
     with_star = Expr(shape="circle", context=Thing("star", "yellow"))
