@@ -14,11 +14,13 @@ show up later as a mysteriously low recall.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reir.data.records import Match, RefEntry, load_reircoco, validate_coco
+from reir.data.vocab import COMPARATIVES, ORDINALS
 
 Box = tuple[float, float, float, float]
 Target = tuple[str, Box]  # (image_id, [x, y, w, h] pixels)
@@ -44,6 +46,7 @@ class Query:
     family: str | None = None
     regime: str | None = None
     objects: int = 0
+    details: tuple[str, ...] = ()  # what a synthetic expression names beyond its head (program_details)
 
     @property
     def ground_truth(self) -> tuple[Target, ...]:
@@ -106,6 +109,22 @@ def _targets(path: Path, entry: RefEntry, sent_id: str, matches: Sequence[Match]
     return tuple(out)
 
 
+def program_details(program: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """What a synthetic expression's program names beyond colour and shape: ``size``,
+    ``relation``, ``background``, ``context``, and ``superlative`` / ``ordinal`` /
+    ``comparative``; ``("none",)`` for the head alone; ``()`` without a program."""
+    if not program:
+        return ()
+    out = []
+    for key in ("size", "relation", "background", "context"):
+        if program.get(key) is not None:
+            out.append(key)
+    sup = program.get("superlative")
+    if sup is not None:
+        out.append("ordinal" if sup in ORDINALS else "comparative" if sup in COMPARATIVES else "superlative")
+    return tuple(out) or ("none",)
+
+
 def queries_from_reircoco(
     path: str | Path, split: str = "test", *, image_root: str | Path | None = None,
     instances: str | Path | None = None,
@@ -131,6 +150,6 @@ def queries_from_reircoco(
             out.append(Query(
                 s.sent_id, s.raw, e.image_id, _box(e.ref_anno.bbox), image,
                 targets=_targets(path, e, s.sent_id, s.matches, lookup),
-                family=s.family, regime=e.regime, objects=len(e.det_anno),
+                family=s.family, regime=e.regime, objects=len(e.det_anno), details=program_details(s.program),
             ))  # fmt: skip
     return out

@@ -79,6 +79,9 @@ def _groups(queries: Sequence[Query], by: Sequence[str],
             groups[f"heldout_{dim}"] = [q for q in tagged if getattr(q, dim) in held]
     for _, _, label in OBJECT_BUCKETS:
         groups[f"objects:{label}"] = [q for q in queries if objects_bucket(q.objects) == label]
+    # A query is in the slice of every detail its expression names ("relation", "ordinal", ...).
+    for detail in sorted({d for q in queries for d in q.details}):
+        groups[f"detail:{detail}"] = [q for q in queries if detail in q.details]
     return groups
 
 
@@ -95,7 +98,8 @@ def evaluate_slices(
 
     Slices: ``{dim}:{value}`` per value of each dimension in ``by``; ``in_{dim}`` /
     ``heldout_{dim}`` when ``heldout`` (see :func:`heldout_from_meta`) lists that dimension's
-    held-out values; ``objects:{bucket}`` per objects-per-image bucket. A query's hits are
+    held-out values; ``objects:{bucket}`` per objects-per-image bucket; ``detail:{name}`` per
+    detail a synthetic expression names (a query with two is in both). A query's hits are
     the same as in the overall BR@k (any of its targets).
     """
     out: dict[str, dict[str, float]] = {}

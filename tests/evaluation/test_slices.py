@@ -80,6 +80,34 @@ def test_slices_per_family_regime_heldout_and_objects(tmp_path: Path) -> None:
     assert table[5].split() == ["heldout_family", "2", "50.0", "50.0", "50.0"]
 
 
+def test_detail_slices_hold_every_query_naming_the_detail(tmp_path: Path) -> None:
+    from reir.data.queries import program_details
+
+    programs = {"s1": {"shape": "circle", "color": "red"},
+                "s2": {"shape": "circle", "relation": {"relation": "left", "ref": {"shape": "star"}}, "background": "plain"},
+                "s3": {"shape": "circle", "superlative": "second_leftmost"},
+                "s4": {"color": "red", "superlative": "pair_largest", "background": "noisy"},
+                "s5": {"shape": "star", "superlative": "leftmost"}}
+    root = _bench(tmp_path / "bench", META)
+    entries = json.loads((root / "reircoco.json").read_text())
+    for e in entries:
+        for sent in e["sentences"]:
+            sent["program"] = programs[sent["sent_id"]]
+    (root / "reircoco.json").write_text(json.dumps(entries))
+    queries = test_queries(root)
+    assert [q.details for q in queries] == [("none",), ("relation", "background"), ("ordinal",),
+                                            ("background", "comparative"), ("superlative",)]
+    assert program_details(None) == ()
+    slices = evaluate_slices(PREDICTIONS, queries, heldout=read_heldout(root))
+    assert [name for name in slices if name.startswith("detail:")] == [
+        "detail:background", "detail:comparative", "detail:none", "detail:ordinal", "detail:relation",
+        "detail:superlative"]
+    assert _br(slices, "detail:background") == (2, 0.5, 0.5, 0.5)  # s2 missed, s4 hit first
+    assert _br(slices, "detail:ordinal") == (1, 0.0, 1.0, 1.0)  # s3 hit at rank 3
+    # without programs (the benchmark above before this test's edit) there is no detail slice
+    assert not any(n.startswith("detail:") for n in evaluate_slices(PREDICTIONS, test_queries(_bench(tmp_path / "b", META))))
+
+
 def test_an_old_benchmark_gets_no_heldout_summary(tmp_path: Path) -> None:
     root = _bench(tmp_path / "old", {})
     assert read_heldout(root) == {} == heldout_from_meta({"regimes": {"train_mixture": {}}})
