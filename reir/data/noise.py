@@ -190,8 +190,9 @@ def add_noise(text: str, rng: np.random.Generator, rates: NoiseRates = DEFAULT_N
 # ---------------------------------------------------------------- carrier words (training only)
 
 # Words that carry no meaning in a referring expression: pronouns, auxiliaries, question
-# words, chat and politeness, verbs of looking and asking. None is a noun, colour, shape,
-# size, position, order, number, background or context word, and none negates.
+# words, chat and politeness, verbs of looking and asking, their contractions. None is a
+# noun, colour, shape, size, position, order, number, background or context word, and only
+# "can't" / "don't" negate (a wrapper's negation: "can't find the red circle").
 # Training sentences that get a few of them before or after the description teach the model
 # that words outside the description are to be ignored, whatever wrapper a person types.
 _FILLER = """
@@ -202,6 +203,7 @@ see look find show give get want need like know think tell help search spot pick
 wonder guess mean say check notice seek locate identify select choose mark highlight return
 please hey hi hello ok okay so well um uh hmm now just really actually maybe perhaps
 here there thanks thank quickly also again still then somewhere anywhere somehow
+i'm i'd you're it's that's what's where's there's let's can't don't
 """
 FILLER_WORDS: tuple[str, ...] = tuple(_FILLER.split())
 
@@ -221,9 +223,9 @@ def add_filler(text: str, rng: np.random.Generator, *, max_before: int = 3, max_
     room = TOKEN_LIMIT - count_tokens(core)
     if room < 1:
         return text
-    while len(before) + len(after) > room:
+    while count_tokens(" ".join(before + after)) > room:
         (after if after else before).pop()
-    if len(before) + len(after) == room:
+    if count_tokens(" ".join(before + after)) == room:
         mark = ""
     out = " ".join([*before, core.rstrip(".?!"), *after]) if after else " ".join([*before, core])
     return out + mark if mark and not out.endswith(tuple(end_marks)) else out

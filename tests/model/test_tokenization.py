@@ -64,7 +64,7 @@ def test_real_words_one_edit_from_a_known_word_are_left_as_typed() -> None:
     assert fix("pick the cirlce, mark the trinagle") == "pick the circle, mark the triangle"
     assert SpellingCorrector(["pink", "dark"], as_typed=())("pick mark") == "pink dark"
     # the carrier words training adds (reir.data.noise.add_filler) reach the model as typed
-    assert [w for w in FILLER_WORDS if fix.word(w) != w] == []
+    assert [w for w in FILLER_WORDS if fix(w) != w] == []
 
 
 def test_processor_corrects_before_tokenizing_and_saves_the_setting(
