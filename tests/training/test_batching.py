@@ -143,3 +143,23 @@ def test_with_filler_changes_only_the_share_of_expressions_it_is_asked_to() -> N
         assert set(new.replace(text.rstrip(".?!"), " ").strip(" .?!").split()) <= set(FILLER_WORDS)
     assert [(s.image_id, s.boxes, s.labels) for s in filled] == [(s.image_id, s.boxes, s.labels) for s in samples]
     assert [s.refs for s in samples] == before  # the inputs are not changed
+
+
+def test_filler_never_takes_an_expression_past_the_token_bound() -> None:
+    import numpy as np
+
+    from reir.model import create_model
+    from reir.training.trainer import FILLER_MAX_TOKENS, filler_fits, with_filler
+
+    _, processor = create_model("tiny")
+    fits = filler_fits(processor)
+    short, long_ = "the red circle", " ".join(["the red circle left of the blue square"] * 5)
+    assert processor.token_counts([long_])[0] > FILLER_MAX_TOKENS
+    assert fits(short, "where is " + short) and not fits(short, "hey " * 30 + short)
+    assert not fits(long_, "please " + long_)  # already past the bound: nothing may be added
+    samples = _world(4)
+    kept = with_filler(samples, 1.0, np.random.default_rng(0), fits=lambda text, longer: False)
+    assert [s.refs for s in kept] == [s.refs for s in samples]
+    filled = with_filler(samples, 1.0, np.random.default_rng(0), fits=fits)
+    counts = [processor.token_counts([t])[0] for s in filled for t, _ in s.refs]
+    assert max(counts) <= FILLER_MAX_TOKENS and any(a != b for s, f in zip(samples, filled) for a, b in zip(s.refs, f.refs))
