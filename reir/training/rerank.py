@@ -182,6 +182,15 @@ def mine_hard_negatives(rs: RerankSet, num: int, *, chunk: int = 512) -> torch.T
     return out
 
 
+def draw_negatives(pool: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    """``[B, num]`` of each row's ``pool`` ``[B, P]`` (mined image rows, ``-1`` padding), drawn
+    at random without replacement, real images before padding; ``pool`` itself when ``P <= num``."""
+    if pool.shape[1] <= num:
+        return pool
+    keys = torch.rand(pool.shape, generator=generator) + 2.0 * (pool < 0)
+    return pool.gather(1, keys.argsort(dim=1)[:, :num])
+
+
 def candidate_logits(
     reranker: RelationReranker | torch.nn.Module,
     rs: RerankSet,

@@ -364,6 +364,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
         calibrate_presence,
         calibration_split,
         discovery_loss,
+        draw_negatives,
         mine_hard_negatives,
         rerank_loss,
         sample_discovery,
@@ -379,7 +380,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     # One pass over the shard: decoded images are not kept (max_items=0).
     rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], ImageCache(max_items=0).get,
                           top_k=cfg.rerank_top_k, min_iou=cfg.rerank_min_iou, weak=cfg.without_referents)
-    negatives = mine_hard_negatives(rs, cfg.rerank_negatives)
+    negatives = mine_hard_negatives(rs, max(cfg.rerank_negatives, cfg.rerank_negative_pool))
     why = "image without stored instances" if rs.weak else "referent not detected"
     if rank == 0:
         print(f"[train stage {cfg.stage}] features: {len(samples)} images, {rs.num_texts} expressions "
@@ -405,12 +406,14 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // cfg.batch_size)
     def batch_losses() -> dict[str, torch.Tensor]:
         idx = sample_texts(rs, train_idx, cfg.batch_size, gen)  # one group: shared hard negatives
-        return rerank_loss(engine, rs, idx, negatives[idx], scale, bias, device=device)
+        return rerank_loss(engine, rs, idx, draw_negatives(negatives[idx], cfg.rerank_negatives, gen), scale, bias,
+                           device=device)
 
     step, seconds, last = _head_steps(engine, cfg, rank, total_steps, device, batch_losses)
     reranker.eval()
     calib_idx = held_idx if held_idx.numel() else train_idx
-    calibration = calibrate_presence(reranker, rs, calib_idx, negatives[calib_idx], scale, bias, device=device)
+    calibration = calibrate_presence(reranker, rs, calib_idx, negatives[calib_idx, : cfg.rerank_negatives], scale, bias,
+                                     device=device)
     stored: dict[str, Any] = dict(calibration)
     if disc is not None:
         # Discover mode's own head, started from the trained re-ranker: one head for both tasks

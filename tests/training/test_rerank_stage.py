@@ -17,6 +17,7 @@ from reir.training.rerank import (
     RerankSet,
     build_rerank_set,
     calibration_split,
+    draw_negatives,
     mine_hard_negatives,
     rerank_loss,
     sample_texts,
@@ -179,6 +180,24 @@ def test_hard_negatives_stay_in_the_group_and_skip_the_own_image() -> None:
         assert len(chosen) == 5 and t not in chosen
         assert all(int(rs.groups[i]) == int(rs.groups[t]) for i in chosen)
     assert (neg[:, 5:] == -1).all()  # padding where the group has no more images
+
+
+def test_negatives_drawn_from_the_pool_cover_it_real_images_first() -> None:
+    rs = _relation_world(12, seed=3)
+    rs.groups = torch.tensor([0] * 6 + [1] * 6)
+    pool = mine_hard_negatives(rs, 8)  # 5 real images per row, then padding
+    gen = torch.Generator().manual_seed(0)
+    assert draw_negatives(pool, 8, gen) is pool  # no wider pool: always the hardest
+    seen: set[tuple[int, int]] = set()
+    for _ in range(30):
+        drawn = draw_negatives(pool, 3, gen)
+        assert drawn.shape == (12, 3) and (drawn >= 0).all()  # real images before padding
+        for t in range(12):
+            row = drawn[t].tolist()
+            assert len(set(row)) == 3 and set(row) <= set(pool[t].tolist())
+            seen.update((t, i) for i in row)
+    assert seen == {(t, int(i)) for t in range(12) for i in pool[t] if i >= 0}  # every pooled image comes up
+    assert (draw_negatives(pool, 6, gen) == -1).sum(dim=1).tolist() == [1] * 12  # only 5 real: one pad each
 
 
 def test_build_rerank_set_from_a_synthetic_benchmark(tmp_path: Path, tiny_checkpoint: Path) -> None:
