@@ -278,7 +278,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro_in_epoch <= skip:
                 continue
             images = [cache.get(s.path) for s in samples]
-            batch = processor.collate(with_filler(samples, cfg.filler_rate, fill, fits), images, hflip_prob=0.5 if cfg.flip_augment else 0.0,
+            samples = with_filler(samples, cfg.filler_rate, fill, fits)
+            batch = processor.collate(samples, images, hflip_prob=0.5 if cfg.flip_augment else 0.0,
                                       vflip_prob=0.5 if cfg.vflip_augment else 0.0, rng=rng,
                                       max_refs_per_image=cfg.max_refs_per_image)
             batch = batch.to(device)
@@ -375,7 +376,8 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     rows = _shard_rows()
     fill, fits = filler_rng(cfg, rank), filler_fits(processor)
     samples = with_filler([row_to_sample(r) for r in rows], cfg.filler_rate, fill, fits)
-    discovery = [{**d, "raw": _fill(d["raw"], fill, fits)} if fill.random() < cfg.filler_rate else d for d in discovery]
+    discovery = [{**d, "raw": _fill(d["raw"], fill, fits)} if fill.random() < cfg.filler_rate else d
+                 for d in discovery]
     started = time.monotonic()
     # One pass over the shard: decoded images are not kept (max_items=0).
     rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], ImageCache(max_items=0).get,
