@@ -101,8 +101,8 @@ class TrainConfig(BaseModel):
     rerank_negative_pool: int = Field(
         49, ge=0, description="stages rerank, weak-rerank: each step draws the rerank_negatives of an expression at "
         "random from the images the dual encoder ranks first among this many, as serving re-ranks the first "
-        "rerank_candidates (50) images; 0 or <= rerank_negatives: always the hardest. On the demo: BR@1 40.1% "
-        "against 31.0% with the 15 hardest")
+        "rerank_candidates (50) images; 0 or <= rerank_negatives: always the hardest. On two demo models: BR@1 "
+        "40.1 / 33.8% against 31.0 / 30.7% with the 15 hardest")
     rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
