@@ -41,7 +41,6 @@ SUP_BEFORE: dict[str, list[str]] = {  # before the noun: "the leftmost circle"
     "pair_largest": ["bigger", "larger"], "pair_smallest": ["smaller"], "pair_leftmost": ["left"],
     "pair_rightmost": ["right"], "pair_topmost": ["upper", "top"], "pair_bottommost": ["lower", "bottom"],
 }
-PAIR_POSITIONS = ("left", "right", "upper", "top", "lower", "bottom")
 # The ordinal's direction when it follows the noun, or splits around it: "the second circle from the left"
 ORDINAL_FROM: dict[str, str] = {"second_leftmost": "from the left", "second_rightmost": "from the right",
                                 "second_topmost": "from the top", "second_bottommost": "from the bottom"}
@@ -158,7 +157,8 @@ def _sup_of(expr: Expr, rng: np.random.Generator) -> str:
     """The superlative before "of the ...": "biggest", "bigger", but "left one" (never "the
     left of the two circles", which reads as a relation)."""
     word = _sup_before(expr, rng)[0]
-    return f"{word} one" if expr.superlative in COMPARATIVES and word in PAIR_POSITIONS else word
+    positional = COMPARATIVES.get(expr.superlative or "") not in (None, "largest", "smallest")
+    return f"{word} one" if positional else word
 
 
 def _group(expr: Expr, rng: np.random.Generator) -> str:
@@ -217,7 +217,7 @@ def _relative_clause(expr: Expr, rng: np.random.Generator, article: str) -> str:
     if not clauses:
         return text
     # "the biggest" and bare attributes need "is"; place phrases also take "sitting", "located"...
-    adjectival = (expr.superlative is not None and expr.superlative not in SUP_AFTER) or not (expr.superlative or details)
+    adjectival = expr.superlative not in SUP_AFTER if expr.superlative else not details
     verb = _pick(COPULAS if adjectival else REL_VERBS, rng)
     return f"{text} {verb} {_and(clauses)}"
 

@@ -240,7 +240,7 @@ def superlative_truth(scene: Scene, i: int, expr: Expr) -> int:
     if kind in ORDINALS:
         return ordinal_truth(scene, i, expr)
     pair = kind in COMPARATIVES
-    kind = _order(kind) or kind
+    kind = COMPARATIVES.get(kind, kind)
     others = [
         o
         for j, o in enumerate(scene.objects)

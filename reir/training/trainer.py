@@ -74,11 +74,11 @@ Fits = Callable[[str, str], bool]
 def filler_fits(processor: Any, max_tokens: int = FILLER_MAX_TOKENS) -> Fits:
     """``fits(text, with_filler)``: the longer text has at most ``max(max_tokens, tokens of
     text)`` tokens and is not cut by the processor (``max_length``)."""
-    limit = min(max_tokens, int(getattr(processor, "max_length", max_tokens)))
+    cut = int(getattr(processor, "max_length", max_tokens))
 
     def fits(text: str, longer: str) -> bool:
         own, new = processor.token_counts([text, longer])
-        return new <= min(max(limit, own), int(getattr(processor, "max_length", new)))
+        return new <= min(max(max_tokens, own), cut)
 
     return fits
 
