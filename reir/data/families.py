@@ -23,9 +23,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from reir.data.language import render
+from reir.data.language import SUPERLATIVE_WORDS, render
 from reir.data.semantics import Expr, Thing
-from reir.data.vocab import COMPARATIVES
+from reir.data.vocab import COMPARATIVES, ORDINALS
 
 Family = Callable[[Expr, np.random.Generator, str], str]
 T = TypeVar("T")
@@ -35,11 +35,8 @@ SUP_BEFORE: dict[str, list[str]] = {  # before the noun: "the leftmost circle"
     "largest": ["largest", "biggest"], "smallest": ["smallest"],
     "leftmost": ["leftmost"], "rightmost": ["rightmost"],
     "topmost": ["topmost", "highest", "uppermost"], "bottommost": ["bottommost", "lowest", "lowermost"],
-    "second_largest": ["second largest", "second biggest"], "second_smallest": ["second smallest"],
-    "second_leftmost": ["second leftmost"], "second_rightmost": ["second rightmost"],
-    "second_topmost": ["second highest", "second topmost"], "second_bottommost": ["second lowest", "second bottommost"],
-    "pair_largest": ["bigger", "larger"], "pair_smallest": ["smaller"], "pair_leftmost": ["left"],
-    "pair_rightmost": ["right"], "pair_topmost": ["upper", "top"], "pair_bottommost": ["lower", "bottom"],
+    # ordinals and comparatives: the template's own words ("second largest", "bigger")
+    **{kind: words for kind, words in SUPERLATIVE_WORDS.items() if kind in ORDINALS or kind in COMPARATIVES},
 }
 # The ordinal's direction when it follows the noun, or splits around it: "the second circle from the left"
 ORDINAL_FROM: dict[str, str] = {"second_leftmost": "from the left", "second_rightmost": "from the right",
