@@ -14,6 +14,7 @@ from typing import Any
 
 from reir.data.queries import Query, queries_from_reircoco
 from reir.data.records import RefEntry, load_reircoco, validate_coco
+from reir.data.vocab import BACKGROUNDS
 
 SPLITS = ("train", "test")
 
@@ -28,6 +29,14 @@ class ImageSample:
     labels: list[int] = field(default_factory=list)  # 0-based contiguous category index
     refs: list[tuple[str, int]] = field(default_factory=list)  # (expression, index into boxes)
     ann_ids: list[int] = field(default_factory=list)  # parallel to boxes
+    scene: int = -1  # the image's scene label (index into vocab.BACKGROUNDS), -1 unknown
+
+
+def scene_label(img: dict[str, Any]) -> int:
+    """A COCO image record's scene label: its ``background`` (synthetic benchmarks write
+    one of :data:`reir.data.vocab.BACKGROUNDS`) as an index, -1 when it has none we know."""
+    name = img.get("background")
+    return BACKGROUNDS.index(name) if name in BACKGROUNDS else -1
 
 
 def _check_split(split: str) -> None:
@@ -55,7 +64,7 @@ def _samples_from_coco(
     by_id: dict[int, ImageSample] = {}
     for img in data["images"]:
         path = str((root / img["file_name"]).resolve())
-        by_id[img["id"]] = ImageSample(_image_key(img), path, img["width"], img["height"])
+        by_id[img["id"]] = ImageSample(_image_key(img), path, img["width"], img["height"], scene=scene_label(img))
     for ann in sorted(data["annotations"], key=lambda a: a["id"]):
         if ann["category_id"] not in cat_index:
             raise ValueError(f"{coco_path}: annotation id {ann['id']}: unknown category_id {ann['category_id']}")

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from reir.data.records import _Reader, load_coco, load_reircoco
-from reir.data.samples import SPLITS, ImageSample, join_reircoco
+from reir.data.samples import SPLITS, ImageSample, join_reircoco, scene_label
 
 SOURCE_KINDS = ("synthetic", "reircoco", "refcoco", "sorec", "coco")
 REFER_SPLITS = ("train", "val", "test", "testA", "testB")
@@ -222,7 +222,8 @@ def load_refer_source(
     samples = []
     for image_id in sorted(by_image):
         img = coco.imgs[image_id]  # present: the annotation above names it
-        sample = ImageSample(str(image_id), _image_path(image_root, img["file_name"]), img["width"], img["height"])
+        sample = ImageSample(str(image_id), _image_path(image_root, img["file_name"]), img["width"], img["height"],
+                             scene=scene_label(img))
         _check_file(r, sample.path, f"image_id {image_id}")
         referred = {ref["ann_id"] for _, ref in by_image[image_id]}
         for ann_id in sorted(coco.getAnnIds(imgIds=[image_id])):
@@ -313,7 +314,8 @@ def load_coco_source(
     cat_index = {c["id"]: k for k, c in enumerate(cats)}
     samples: dict[int, ImageSample] = {}
     for k, img in enumerate(coco.dataset["images"]):
-        sample = ImageSample(str(img["id"]), _image_path(image_root, img["file_name"]), img["width"], img["height"])
+        sample = ImageSample(str(img["id"]), _image_path(image_root, img["file_name"]), img["width"], img["height"],
+                             scene=scene_label(img))
         _check_file(r, sample.path, f"images[{k}]")
         samples[img["id"]] = sample
     for k, ann in sorted(enumerate(coco.dataset["annotations"]), key=lambda ka: ka[1]["id"]):

@@ -265,12 +265,35 @@ class ReirCriterion(nn.Module):
     @classmethod
     def _probes(cls, inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
         """The embedding probes (``vision.embedding_probes``): the class and the appearance
-        losses again, read from the matched queries' embeddings; 0 without them."""
+        losses again, read from the matched queries' embeddings, and the image's scene label
+        (``vision.num_scene_classes``); 0 without them."""
         if inst.probes is None:
             return torch.zeros((), device=inst.boxes.device)
-        class_logits, appearance = inst.probes
-        read = InstanceOutput(inst.boxes, inst.objectness_logits, inst.embeddings, class_logits, appearance)
-        return cls._classification(read, batch, matches) + cls._appearance(read, batch, matches)
+        probes = inst.probes
+        read = InstanceOutput(inst.boxes, inst.objectness_logits, inst.embeddings, probes.class_logits,
+                              probes.appearance)
+        loss = cls._classification(read, batch, matches) + cls._appearance(read, batch, matches)
+        if probes.scene_logits is not None:
+            loss = loss + cls._scene(probes.scene_logits, batch, matches)
+        return loss
+
+    @staticmethod
+    def _scene(logits: torch.Tensor, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the matched queries' scene logits ``[B, Q, K]`` against their
+        image's scene label (``targets[b]["scene"]``, -1 or absent: unknown, no loss)."""
+        rows, labels = [], []
+        for b, m in enumerate(matches):
+            scene = batch.targets[b].get("scene")
+            label = int(scene.reshape(-1)[0]) if scene is not None and scene.numel() else -1
+            if label < 0 or m.numel() == 0:
+                continue
+            if label >= logits.shape[-1]:
+                raise ValueError(f"scene label {label} >= vision.num_scene_classes={logits.shape[-1]}")
+            rows.append(logits[b, m])
+            labels.append(torch.full((m.numel(),), label, dtype=torch.long, device=logits.device))
+        if not rows:
+            return logits.sum() * 0.0
+        return F.cross_entropy(torch.cat(rows).float(), torch.cat(labels))
 
     @staticmethod
     def _appearance(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:

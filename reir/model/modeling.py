@@ -22,6 +22,7 @@ from .configuration import ImageRetrievalSpec, MoreSpec, ReirConfig, RerankSpec,
 from .image_retrieval import ImageRetrievalHead, pool_token_states
 from .modeling_visual import (
     ConvBackbone,
+    EmbeddingProbes,
     InstanceHeads,
     SiglipBackbone,
     build_siglip_vision_tower,
@@ -51,8 +52,9 @@ class InstanceOutput:
         appearance: ``[B, Q, 3]`` float, the predicted mean colour (normalized pixel
             values) of the centre of each query's box, or None without
             ``vision.appearance_head``.
-        probes: ``(class_logits [B, Q, C] | None, appearance [B, Q, 3])`` read from the
-            embeddings, or None without ``vision.embedding_probes``.
+        probes: ``EmbeddingProbes(class_logits [B, Q, C] | None, appearance [B, Q, 3],
+            scene_logits [B, Q, K] | None)`` read from the embeddings, or None without
+            ``vision.embedding_probes``.
     """
 
     boxes: torch.Tensor
@@ -60,7 +62,7 @@ class InstanceOutput:
     embeddings: torch.Tensor
     class_logits: torch.Tensor | None = None
     appearance: torch.Tensor | None = None
-    probes: tuple[torch.Tensor | None, torch.Tensor] | None = None
+    probes: EmbeddingProbes | None = None
 
 
 @dataclass

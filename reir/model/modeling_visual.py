@@ -7,7 +7,7 @@ query: it predicts objectness, a box and an instance embedding (dense set predic
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -146,6 +146,14 @@ def vision_grid_size(spec: VisionSpec, backbone: nn.Module) -> int:
     return spec.image_size // CNN_STRIDE
 
 
+class EmbeddingProbes(NamedTuple):
+    """What the linear probes read from every query's instance embedding (``[B, Q, .]``)."""
+
+    class_logits: torch.Tensor | None  # None without ``vision.num_classes``
+    appearance: torch.Tensor  # the mean colour of the box's centre
+    scene_logits: torch.Tensor | None  # the image's scene label; None without ``vision.num_scene_classes``
+
+
 class InstanceHeads(nn.Module):
     """Per-token objectness, box and instance-embedding heads."""
 
@@ -159,6 +167,8 @@ class InstanceHeads(nn.Module):
         probes = spec.embedding_probes
         self.probe_class = nn.Linear(embed_dim, spec.num_classes) if probes and spec.num_classes > 0 else None
         self.probe_appearance = nn.Linear(embed_dim, 3) if probes else None
+        scenes = spec.num_scene_classes
+        self.probe_scene = nn.Linear(embed_dim, scenes) if probes and scenes > 0 else None
         self.box = Mlp(hidden, hidden, 4, num_layers=3)
         self.geometry = nn.Linear(4 * 2 * spec.geometry_freqs, hidden)
         # A summary of the whole image joins each instance's embedding input: expressions
@@ -180,13 +190,14 @@ class InstanceHeads(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def probe(self, emb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-        """``emb [B, Q, D]`` -> class logits (or None) and colour read linearly from the
-        embeddings; None without ``vision.embedding_probes``."""
+    def probe(self, emb: torch.Tensor) -> EmbeddingProbes | None:
+        """``emb [B, Q, D]`` -> class logits (or None), colour and scene logits (or None)
+        read linearly from the embeddings; None without ``vision.embedding_probes``."""
         if self.probe_appearance is None:
             return None
         cls = self.probe_class(emb) if self.probe_class is not None else None
-        return cls, self.probe_appearance(emb)
+        scene = self.probe_scene(emb) if self.probe_scene is not None else None
+        return EmbeddingProbes(cls, self.probe_appearance(emb), scene)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         obj = self.objectness(x).squeeze(-1)

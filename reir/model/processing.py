@@ -55,6 +55,7 @@ class SampleLike(Protocol):
     boxes: list[list[float]]  # absolute [x, y, w, h]
     labels: list[int]
     refs: list[tuple[str, int]]  # (expression, index into boxes, or NO_REFERENT)
+    # optional: ``scene: int``, the image's scene label for the scene probe (-1 or absent: unknown)
 
 
 @dataclass
@@ -80,7 +81,8 @@ class TrainBatch:
 
     Attributes:
         pixel_values: ``[B, 3, S, S]`` float.
-        targets: per image ``{"boxes": [n, 4] float cxcywh normalized, "labels": [n] long}``.
+        targets: per image ``{"boxes": [n, 4] float cxcywh normalized, "labels": [n] long,
+            "scene": [1] long}`` (scene: the image's scene label, -1 unknown).
         input_ids / attention_mask: ``[T, L]`` long.
         text_image_index: ``[T]`` long, image of each expression (0..B-1).
         text_target_index: ``[T]`` long, referent's index into that image's target boxes,
@@ -295,6 +297,7 @@ class ReirProcessor:
                 {
                     "boxes": torch.as_tensor(norm, dtype=torch.float32).reshape(-1, 4),
                     "labels": torch.as_tensor(list(sample.labels), dtype=torch.long),
+                    "scene": torch.as_tensor([getattr(sample, "scene", -1)], dtype=torch.long),
                 }
             )
             pil.append(image)

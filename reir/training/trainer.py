@@ -49,6 +49,7 @@ def sample_to_row(s: ImageSample, group: int = 0) -> dict[str, Any]:
         "boxes": json.dumps(s.boxes),
         "labels": json.dumps(s.labels),
         "refs": json.dumps([list(r) for r in s.refs]),
+        "scene": int(s.scene),
     }
 
 
@@ -61,6 +62,7 @@ def row_to_sample(row: dict[str, Any]) -> ImageSample:
         boxes=json.loads(row["boxes"]),
         labels=json.loads(row["labels"]),
         refs=[(str(t), int(i)) for t, i in json.loads(row["refs"])],
+        scene=int(row.get("scene", -1)),
     )
 
 

@@ -19,6 +19,8 @@ from reir.data import (
     save_reircoco,
     test_queries,
 )
+from reir.data.samples import scene_label
+from reir.data.vocab import BACKGROUNDS
 
 
 def _write(path: Path, obj: Any) -> Path:
@@ -77,6 +79,15 @@ def test_load_samples_refs_point_at_referents(synth_root: Path) -> None:
                 assert s.boxes[index] == entries[(s.image_id, text)]
     train = load_samples(synth_root, "train")
     assert sum(len(s.refs) for s in train) > 2 * len(train)
+
+
+def test_load_samples_reads_the_scene_label_from_the_images_background(synth_root: Path) -> None:
+    background = {e.image_id: e.extra["background"] for e in load_reircoco(synth_root / "reircoco.json")}
+    samples = load_samples(synth_root, "train")
+    assert {s.scene for s in samples} <= set(range(len(BACKGROUNDS)))
+    assert all(BACKGROUNDS[s.scene] == background[s.image_id] for s in samples if s.image_id in background)
+    assert len({s.scene for s in samples}) > 1
+    assert scene_label({"background": "velvet"}) == scene_label({}) == -1  # not one we know: no label
 
 
 def test_test_queries_have_one_ground_truth(synth_root: Path) -> None:

@@ -146,6 +146,51 @@ def test_embedding_probes_train_the_stored_vector_to_carry_class_and_colour() ->
     assert loss.item() < 0.5 * first
 
 
+def test_scene_probe_reads_the_image_label_from_the_stored_vector() -> None:
+    """``vision.num_scene_classes``: a third probe reads each image's scene label from every
+    matched query's embedding; images without a label (-1) add nothing, a label out of range
+    is refused, and steps on the probe loss bring the scene part down."""
+    model, proc = create_model("tiny", vision={"appearance_head": True, "embedding_probes": True,
+                                               "num_scene_classes": 3})
+    model.train()
+    data = make_dataset(0, 4)
+    samples = [s for _, s in data]
+    images = [im for im, _ in data]
+    criterion = ReirCriterion(model.config, stage="1")
+    heads = model.vision.heads
+
+    for s in samples:
+        s.scene = -1
+    unlabelled = proc.collate(samples, images)
+    criterion(model, unlabelled)["loss_probe"].backward()
+    assert heads.probe_scene.weight.grad is None or heads.probe_scene.weight.grad.abs().sum() == 0
+    model.zero_grad()
+
+    for k, s in enumerate(samples):
+        s.scene = k % 3
+    labelled = proc.collate(samples, images)
+    assert [int(t["scene"][0]) for t in labelled.targets] == [0, 1, 2, 0]
+
+    def scene_part() -> torch.Tensor:  # the same images and parameters, with and without labels
+        return criterion(model, labelled)["loss_probe"] - criterion(model, unlabelled)["loss_probe"]
+
+    first = scene_part()
+    assert first.item() == pytest.approx(math.log(3), abs=0.6)  # an untrained 3-way probe
+    first.backward()
+    assert heads.probe_scene.weight.grad.abs().sum() > 0 and heads.embed[0].weight.grad.abs().sum() > 0
+
+    opt = torch.optim.Adam([*heads.probe_scene.parameters(), *heads.embed.parameters()], lr=0.02)
+    for _ in range(40):
+        opt.zero_grad()
+        criterion(model, labelled)["loss_probe"].backward()
+        opt.step()
+    assert scene_part().item() < 0.3 * first.item()
+
+    samples[0].scene = 3
+    with pytest.raises(ValueError, match="num_scene_classes"):
+        criterion(model, proc.collate(samples, images))
+
+
 def test_criterion_without_texts(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     model, proc = tiny
     data = make_dataset(0, 2)

@@ -60,7 +60,7 @@ def test_lr_warms_up_then_decays() -> None:
 def test_rows_round_trip_samples() -> None:
     s = ImageSample(image_id="syn1", path="/x/syn1.jpg", width=128, height=96,
                     boxes=[[1.0, 2.0, 30.0, 40.0], [5.5, 6.0, 7.0, 8.0]], labels=[3, 1],
-                    refs=[("the red square", 0), ("the small circle", 1)])
+                    refs=[("the red square", 0), ("the small circle", 1)], scene=3)
     assert row_to_sample(sample_to_row(s)) == s
 
 
