@@ -99,6 +99,11 @@ class RerankSpec:
     # stored vectors; what every instance shares (the background) is clearer in their mean than
     # in any one of them. Discover mode's presence head uses it (reir.training.rerank).
     image_term: bool = False
+    # one more relation whose weight is 1 for every other instance of the image, whatever the
+    # geometry: "in the image with a white hexagon" names a landmark anywhere, which the learned
+    # geometric relations (each near 0 for most pairs) cannot say; its existential term is then
+    # log(eps + soft count of fitting instances), near 0 with one and about -3.9 with none
+    context_relation: bool = False
 
 
 @dataclass

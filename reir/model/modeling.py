@@ -258,6 +258,9 @@ class TextEncoder(nn.Module):
 # text_layers; a stored config without the field has none). On the demo's stage-2 model and
 # 4,000 steps it took BR@1 from 2.9% (below the ANN order's 4.9%) to 13.1% (docs/model.md).
 NEW_RERANKER_TEXT_LAYERS = 1
+# A new re-ranker has the image-wide context relation (RerankSpec.context_relation); a stored
+# config without the field has none.
+NEW_RERANKER_CONTEXT_RELATION = True
 
 
 class ReirModel(nn.Module):
@@ -316,7 +319,8 @@ class ReirModel(nn.Module):
         """Attach a fresh (untrained) re-ranker, in this model's train / eval mode; returns it."""
         stored = dict(self.config.rerank)
         if stored.get("hidden_size", 0) <= 0:  # the config says "none": the new one's defaults
-            stored.update(hidden_size=128, text_layers=NEW_RERANKER_TEXT_LAYERS)
+            stored.update(hidden_size=128, text_layers=NEW_RERANKER_TEXT_LAYERS,
+                          context_relation=NEW_RERANKER_CONTEXT_RELATION)
         rerank_spec = RerankSpec(**{**stored, **spec})
         if rerank_spec.hidden_size <= 0:
             rerank_spec = replace(rerank_spec, hidden_size=128)

@@ -14,7 +14,8 @@ candidates and scores every stored instance ``j`` of such an image:
 * ``v_k = P [embedding_k, objectness_k]``: the stored instances, projected;
 * ``w_r(geom(j, k))`` in (0, 1): R learned *geometric relations* (an MLP over the
   relative box geometry dx, dy, log w/w', log h/h', log area ratio): one may learn
-  "k is right of j", another "k is bigger than j";
+  "k is right of j", another "k is bigger than j"; with ``RerankSpec.context_relation`` one
+  more relation has ``w = 1`` for every other instance ("in the image with ...");
 * ``u_r``: what the expression asks of the landmark in relation r, pooled from its tokens
   by a learned query per relation; ``g_r`` in (0, 1): whether the expression names
   relation r at all (from its pooled tokens); ``a_j = <u_0, v_j>``: a text-conditioned
@@ -114,7 +115,9 @@ class RelationReranker(nn.Module):
 
     def __init__(self, spec: RerankSpec, text_hidden: int, embed_dim: int) -> None:
         super().__init__()
-        h, r = spec.hidden_size, spec.num_relations
+        h = spec.hidden_size
+        # the learned geometric relations, then (RerankSpec.context_relation) the image-wide one
+        r = spec.num_relations + int(spec.context_relation)
         self.spec = spec
         self.text_norm = nn.LayerNorm(text_hidden)
         self.text_encoder: nn.TransformerEncoder | None = None
@@ -130,7 +133,7 @@ class RelationReranker(nn.Module):
         self.match_bias = nn.Parameter(torch.full((r,), -2.0))
         self.input_dropout = nn.Dropout(spec.input_dropout)  # training only (RerankSpec)
         self.inst = nn.Sequential(nn.Linear(embed_dim + 1, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h))
-        self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, r)
+        self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, spec.num_relations)
         # The relation term is weighted by s = softplus(scale_raw) >= 0. The earlier form, a
         # free factor starting at exactly 0 (the identity on the dual encoder's logits), got all
         # of the first gradient and took the sign of the random terms' first correlation with
@@ -215,6 +218,8 @@ class RelationReranker(nn.Module):
         ok = inst_mask.bool()
         v = self.inst(self.input_dropout(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1)))
         w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
+        if self.spec.context_relation:  # every other instance, wherever it is
+            w = torch.cat([w, torch.ones_like(w[..., :1])], dim=-1)
         pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=inst_emb.device)[None]
         image_mean = None
         if self.image_proj is not None:

@@ -309,3 +309,37 @@ def test_packed_instance_sets_hold_each_image_in_its_own_row_and_size() -> None:
     assert not emb[~mask].any() and not packed[~mask].any() and not objectness[~mask].any()
     with pytest.raises(ValueError, match="as many boxes"):
         pack_instance_sets(embeddings, [boxes[0], boxes[1], boxes[2][:-1]], scores, sizes)
+
+
+def test_context_relation_counts_every_other_instance_wherever_it_is() -> None:
+    """``RerankSpec.context_relation``: one more relation whose weight is 1 for every other
+    (unmasked) instance, so "in the image with ..." depends on what the image holds, not
+    where: with only its gate open, moving the instances around changes nothing, and
+    taking one out does."""
+    states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    torch.manual_seed(0)
+    rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=2, input_dropout=0.0, context_relation=True),
+                          text_hidden=8, embed_dim=16)
+    assert rr.queries.shape[0] == 1 + 2 + 1 and rr.gate.out_features == rr.match_bias.numel() == 3
+    _, w, _, _ = rr.image_features(emb, boxes, obj, inst_mask)
+    m = inst_mask.shape[1]
+    pairs = (inst_mask[:, None, :] & ~torch.eye(m, dtype=torch.bool)[None]).float()
+    assert torch.equal(w[..., -1], pairs)  # 1 for every other instance, 0 for itself and padding
+    assert not torch.equal(w[..., 0], pairs)  # the learned ones depend on the geometry
+    with torch.no_grad():  # only the context relation's gate open
+        rr.gate.weight.zero_()
+        rr.gate.bias.copy_(torch.tensor([-30.0, -30.0, 30.0]))
+    out = rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+    moved = rr(states, mask, base, emb, boxes.flip(1), obj, inst_mask, text_rows=rows)
+    assert torch.allclose(out, moved, atol=1e-5)
+    fewer = inst_mask.clone()
+    fewer[0, 1] = False
+    without = rr(states, mask, base, emb, boxes, obj, fewer, text_rows=rows)
+    assert float((without[0, [0, 2, 3]] - out[0, [0, 2, 3]]).abs().max()) > 1e-4
+    assert torch.allclose(without[1:], out[1:])
+
+
+def test_a_new_reranker_has_the_context_relation_and_a_stored_one_without_the_field_does_not() -> None:
+    model, _ = create_model("tiny")
+    assert model.add_reranker().spec.context_relation
+    assert not RerankSpec(hidden_size=16, num_relations=4).context_relation
