@@ -146,6 +146,21 @@ def shared_positives(keys: torch.Tensor, all_keys: torch.Tensor, all_cols: torch
     return positives
 
 
+def _matched_cross_entropy(
+    logits: torch.Tensor, matches: list[torch.Tensor], labels: list[torch.Tensor], field: str
+) -> torch.Tensor:
+    """Cross-entropy of the matched queries' ``logits [B, Q, K]`` (``matches[b][i]``: the query
+    of image b's box i) against ``labels[b][i]``; -1 is no label. 0 (in the graph) without any
+    label; a label ``>= K`` is refused, naming ``vision.<field>``."""
+    pred = torch.cat([logits[b, m] for b, m in enumerate(matches)])
+    target = torch.cat([lab.long() for lab in labels]).to(pred.device)
+    if target.numel() and int(target.max()) >= logits.shape[-1]:
+        raise ValueError(f"label {int(target.max())} >= vision.{field}={logits.shape[-1]}: raise {field}")
+    if not bool((target >= 0).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(pred.float(), target, ignore_index=-1)
+
+
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
@@ -273,27 +288,10 @@ class ReirCriterion(nn.Module):
         read = InstanceOutput(inst.boxes, inst.objectness_logits, inst.embeddings, probes.class_logits,
                               probes.appearance)
         loss = cls._classification(read, batch, matches) + cls._appearance(read, batch, matches)
-        if probes.scene_logits is not None:
-            loss = loss + cls._scene(probes.scene_logits, batch, matches)
+        if probes.scene_logits is not None:  # every box of an image has the image's scene label
+            scenes = [t["scene"].expand(t["labels"].shape[0]) for t in batch.targets]
+            loss = loss + _matched_cross_entropy(probes.scene_logits, matches, scenes, "num_scene_classes")
         return loss
-
-    @staticmethod
-    def _scene(logits: torch.Tensor, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy of the matched queries' scene logits ``[B, Q, K]`` against their
-        image's scene label (``targets[b]["scene"]``, -1 or absent: unknown, no loss)."""
-        rows, labels = [], []
-        for b, m in enumerate(matches):
-            scene = batch.targets[b].get("scene")
-            label = int(scene.reshape(-1)[0]) if scene is not None and scene.numel() else -1
-            if label < 0 or m.numel() == 0:
-                continue
-            if label >= logits.shape[-1]:
-                raise ValueError(f"scene label {label} >= vision.num_scene_classes={logits.shape[-1]}")
-            rows.append(logits[b, m])
-            labels.append(torch.full((m.numel(),), label, dtype=torch.long, device=logits.device))
-        if not rows:
-            return logits.sum() * 0.0
-        return F.cross_entropy(torch.cat(rows).float(), torch.cat(labels))
 
     @staticmethod
     def _appearance(inst: InstanceOutput, batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
@@ -313,12 +311,7 @@ class ReirCriterion(nn.Module):
         """Cross-entropy of the matched queries' class logits against their boxes' labels."""
         if inst.class_logits is None:
             return torch.zeros((), device=inst.boxes.device)
-        logits = torch.cat([inst.class_logits[b, m] for b, m in enumerate(matches)])
-        labels = torch.cat([t["labels"].long() for t in batch.targets]).to(logits.device)
-        num_classes = logits.shape[-1]
-        if labels.numel() and int(labels.max()) >= num_classes:
-            raise ValueError(f"label {int(labels.max())} >= vision.num_classes={num_classes}: raise num_classes")
-        return F.cross_entropy(logits.float(), labels) if labels.numel() else logits.sum() * 0.0
+        return _matched_cross_entropy(inst.class_logits, matches, [t["labels"] for t in batch.targets], "num_classes")
 
     @staticmethod
     def _referent_queries(batch: TrainBatch, matches: list[torch.Tensor]) -> torch.Tensor:
