@@ -56,16 +56,26 @@ def _truth(query: DiscoveryQuery) -> dict[str, list[Box]]:
     return by_image
 
 
+def gated(found: Sequence[Found], threshold: float, gate: float = 0.0) -> list[Found]:
+    """The answers discover mode gives: every image at ``prob >= threshold``, and nothing at all
+    when the query's best image stays under ``gate`` (the query-level "is it anywhere?")."""
+    if not found or max(a.prob for a in found) < gate:
+        return []
+    return [a for a in found if a.prob >= threshold]
+
+
 def discovery_scores(
-    answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], threshold: float, *, tau: float = 0.5
+    answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], threshold: float, *, tau: float = 0.5,
+    gate: float = 0.0,
 ) -> dict[str, float]:
-    """Precision, recall, F1 and none-accuracy of ``answers`` kept at ``prob >= threshold``."""
+    """Precision, recall, F1 and none-accuracy of ``answers`` kept at ``prob >= threshold``
+    (nothing for a query whose best answer is under ``gate``, see :func:`gated`)."""
     answered = correct = truth_images = found_images = 0
     empty = empty_ok = 0
     joint = 0.0
     for q in queries:
         truth = _truth(q)
-        kept = [a for a in answers.get(q.query_id, ()) if a.prob >= threshold]
+        kept = gated(answers.get(q.query_id, ()), threshold, gate)
         answered += len(kept)
         truth_images += len(truth)
         right = [a for a in kept if any(iou_xywh(a.box, b) >= tau for b in truth.get(a.image_id, ()))]
@@ -81,9 +91,46 @@ def discovery_scores(
     precision = correct / answered if answered else 1.0
     recall = found_images / truth_images if truth_images else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
+    return {"threshold": float(threshold), "gate": float(gate), "precision": precision, "recall": recall, "f1": f1,
             "none_accuracy": empty_ok / empty if empty else 1.0, "joint": joint / len(queries) if queries else 0.0,
             "answers": float(answered)}  # fmt: skip
+
+
+def best_gate(threshold: float, best: Sequence[float], answered: Sequence[float], silent: Sequence[float], *,
+              none_target: float = 0.0) -> float:
+    """The query-level gate for queries whose best image has probability ``best[q]`` and which
+    score ``answered[q]`` when answered at ``threshold`` (precision x recall; 0 for a query
+    without a match) and ``silent[q]`` when answered with nothing (1 without a match, else 0).
+
+    The per-image threshold is chosen for F1, which scores images; whether to answer at all is
+    one decision per query, which the joint score weighs per query. A query answers when its best
+    image reaches ``max(gate, threshold)``. Among the gates whose none-accuracy (the share of
+    queries without a match that answer nothing) reaches ``none_target`` (all of them when the
+    target is 0; the most accurate ones when no gate reaches it), the one with the best joint
+    score; ties keep the lower gate. The gate lies halfway between the best probability of the
+    last query it silences and the next one above; it is ``threshold`` when silencing nothing
+    is chosen."""
+    both = list(zip(best, answered, silent, strict=True))
+    order = sorted((b, a, s) for b, a, s in both if b >= threshold)
+    empty = sum(1 for _, _, s in both if s > 0)
+    score = sum(s for b, _, s in both if b < threshold) + sum(a for _, a, _ in order)  # nothing silenced
+    quiet = sum(1 for b, _, s in both if s > 0 and b < threshold)  # queries without a match answered with nothing
+    options = [(score, quiet, 0)]
+    for k, (b, a, s) in enumerate(order, start=1):  # silence the k lowest (never half of a tie)
+        score += s - a
+        quiet += s > 0
+        if k == len(order) or order[k][0] > b:
+            options.append((score, quiet, k))
+    reach = [o for o in options if not empty or o[1] >= none_target * empty - 1e-9]
+    if not reach:
+        most = max(o[1] for o in options)
+        reach = [o for o in options if o[1] == most]
+    best_k = max(reach, key=lambda o: (round(o[0], 9), -o[2]))[2]
+    if best_k == 0:
+        return float(threshold)
+    lo = order[best_k - 1][0]
+    hi = order[best_k][0] if best_k < len(order) else 1.0
+    return float(min((lo + hi) / 2, 1 - 1e-6))
 
 
 def query_kind(query: DiscoveryQuery) -> str | None:
@@ -95,7 +142,8 @@ def query_kind(query: DiscoveryQuery) -> str | None:
 
 
 def scores_by_kind(
-    answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], threshold: float, *, tau: float = 0.5
+    answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], threshold: float, *, tau: float = 0.5,
+    gate: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """:func:`discovery_scores` per :func:`query_kind` (with ``queries`` and ``empty_queries``
     counts), so a weak kind (a background, a relation, "in the image with ...") shows; ``{}``
@@ -105,7 +153,7 @@ def scores_by_kind(
         kind = query_kind(q)
         if kind is not None:
             kinds.setdefault(kind, []).append(q)
-    return {kind: {**discovery_scores(answers, qs, threshold, tau=tau), "queries": float(len(qs)),
+    return {kind: {**discovery_scores(answers, qs, threshold, tau=tau, gate=gate), "queries": float(len(qs)),
                    "empty_queries": float(sum(1 for q in qs if not q.matches))}
             for kind, qs in sorted(kinds.items())}  # fmt: skip
 
@@ -122,14 +170,15 @@ def format_by_kind(by_kind: Mapping[str, Mapping[str, float]]) -> list[str]:
 
 def discovery_curve(
     answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], *, tau: float = 0.5,
-    points: int = 101,
+    points: int = 101, gate: float = 0.0,
 ) -> list[dict[str, float]]:
-    """:func:`discovery_scores` at ``points`` thresholds spread over the answers' probabilities."""
+    """:func:`discovery_scores` at ``points`` thresholds spread over the answers' probabilities
+    (the query-level ``gate`` held)."""
     probs = sorted({a.prob for found in answers.values() for a in found})
     if not probs:
-        return [discovery_scores(answers, queries, 0.5, tau=tau)]
+        return [discovery_scores(answers, queries, 0.5, tau=tau, gate=gate)]
     qs = np.unique(np.quantile(np.asarray(probs), np.linspace(0.0, 1.0, points)))
-    return [discovery_scores(answers, queries, float(t), tau=tau) for t in qs]
+    return [discovery_scores(answers, queries, float(t), tau=tau, gate=gate) for t in qs]
 
 
 def plot_curve(curve: Sequence[Mapping[str, float]], at: Mapping[str, float], path: Path, *, title: str) -> Path:
@@ -170,13 +219,15 @@ def evaluate_discovery(
     """``reir eval --discover``: every discovery query of ``split`` (``DIR/discovery.json``) in
     discover mode, scored at the calibrated threshold and along the precision/recall curve.
 
-    In process (no ``url``) the query path runs with the threshold at 0, so every candidate image
-    comes back and the curve spans every threshold; the calibrated point is the checkpoint's
-    ``calibration.json`` threshold, as the service applies it. Over HTTP the service answers at
-    its own threshold: the point is exact and the curve covers the thresholds above it.
+    In process (no ``url``) the query path runs with the threshold and the gate at 0, so every
+    candidate image comes back and the curve spans every threshold; the calibrated point is the
+    checkpoint's ``calibration.json`` threshold and query-level gate, as the service applies
+    them (the curve holds the gate). Over HTTP the service answers at its own threshold and gate:
+    the point is exact and the curve covers the thresholds above it.
     Returns (and writes to ``out``) :func:`summarize`'s dict plus ``seconds_per_query`` and, in
     process, ``pool_recall``: the recall at threshold 0, i.e. of every image the re-ranked
-    candidate pool holds (what no threshold can exceed).
+    candidate pool holds (what no threshold can exceed), and ``without_gate``: the calibrated
+    threshold's figures with no query-level gate.
     """
     from reir.data.formats import load_discovery
 
@@ -184,24 +235,30 @@ def evaluate_discovery(
     if not queries:
         raise ValueError(f"no {split!r} discovery queries in {data_root} (discovery.json)")
     if url:
-        answers, threshold, seconds = _discover_over_http(url, queries)
+        answers, threshold, gate, seconds = _discover_over_http(url, queries)
     else:
-        answers, threshold, seconds = _discover_in_process(model_dir, milvus_uri, collection, queries)
-    curve = discovery_curve(answers, queries)
+        answers, threshold, gate, seconds = _discover_in_process(model_dir, milvus_uri, collection, queries)
+    curve = discovery_curve(answers, queries, gate=gate)
     if url:  # nothing under the service's threshold came back: the curve starts there
-        curve = [c for c in curve if c["threshold"] >= threshold] or [discovery_scores(answers, queries, threshold)]
-    at = discovery_scores(answers, queries, threshold)
+        curve = ([c for c in curve if c["threshold"] >= threshold]
+                 or [discovery_scores(answers, queries, threshold, gate=gate)])  # fmt: skip
+    at = discovery_scores(answers, queries, threshold, gate=gate)
     result = summarize(curve, at, queries)
     result.update(seconds_per_query=round(seconds / len(queries), 4), over_http=bool(url), split=split)
     if not url:  # threshold 0: every image of the re-ranked pool came back
         result["pool_recall"] = discovery_scores(answers, queries, 0.0)["recall"]
-    by_kind = scores_by_kind(answers, queries, threshold)
+        result["without_gate"] = discovery_scores(answers, queries, threshold)
+    by_kind = scores_by_kind(answers, queries, threshold, gate=gate)
     if by_kind:
         result["by_kind"] = by_kind
     pool = f", recall of the whole candidate pool {result['pool_recall']:.3f}" if "pool_recall" in result else ""
     echo(f"discovery, {len(queries)} queries ({result['empty_queries']} with no match), "
          f"{result['seconds_per_query'] * 1000:.0f} ms per query{pool}")
-    for name, row in (("calibrated threshold", at), ("best F1 on the curve", result["best_f1_on_curve"])):
+    rows = [("calibrated threshold", at), ("best F1 on the curve", result["best_f1_on_curve"])]
+    if "without_gate" in result:
+        rows.append(("calibrated threshold, no gate", result["without_gate"]))
+    echo(f"  query-level gate {gate:.3f}: a query whose best image is under it is answered with nothing")
+    for name, row in rows:
         echo(f"  {name} {row['threshold']:.3f}: precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
              f"F1 {row['f1']:.3f}  none-accuracy {row['none_accuracy']:.3f}  joint {row['joint']:.3f}  "
              f"answers {int(row['answers'])}")
@@ -219,20 +276,21 @@ def evaluate_discovery(
 
 
 def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
-                         queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float]:  # fmt: skip
-    """Every candidate image of each query (threshold 0), the threshold the service applies and
-    the seconds the queries took (the model's load left out)."""
+                         queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float, float]:  # fmt: skip
+    """Every candidate image of each query (threshold and gate 0), the threshold and gate the
+    service applies and the seconds the queries took (the model's load left out)."""
     import asyncio
     import time
 
     from reir.limits import MAX_OFFSET
     from reir.platform.config import MilvusConfig, ServeConfig
     from reir.serving.pipeline import QueryRequest, local_pipeline
-    from reir.serving.rerank import discover_threshold_for
+    from reir.serving.rerank import discover_gate_for, discover_threshold_for
 
     cfg = ServeConfig(model_path=str(model_dir), milvus=MilvusConfig(uri=milvus_uri, collection=collection))
     threshold = discover_threshold_for(model_dir, cfg.discover_threshold)
-    pipeline = local_pipeline(cfg, discover_threshold=0.0)
+    gate = discover_gate_for(model_dir)
+    pipeline = local_pipeline(cfg, discover_threshold=0.0, discover_gate=0.0)
     try:
         answers = {}
         asyncio.run(pipeline.info())  # the model and store are up before the clock starts
@@ -243,21 +301,23 @@ def _discover_in_process(model_dir: Path, milvus_uri: str, collection: str,
         seconds = time.perf_counter() - started
     finally:
         pipeline.stages.store.close()  # type: ignore[attr-defined]
-    return answers, threshold, seconds
+    return answers, threshold, gate, seconds
 
 
-def _discover_over_http(url: str, queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float]:
+def _discover_over_http(url: str,
+                        queries: Sequence[DiscoveryQuery]) -> tuple[dict[str, list[Found]], float, float, float]:  # fmt: skip
     """Every page of each query's answer from the service at ``url``: (answers, the service's
-    threshold, seconds)."""
+    threshold and gate, seconds)."""
     import time
 
     from reir.client import Client
     from reir.limits import MAX_TOP_K
 
-    client, answers, threshold, started = Client(url), {}, 0.0, time.perf_counter()
+    client, answers, threshold, gate, started = Client(url), {}, 0.0, 0.0, time.perf_counter()
     for q in queries:
         answers[q.query_id] = []
         for page in client.discover_pages(q.raw, page_size=MAX_TOP_K):
             threshold = float(page.get("threshold") or 0.0)
+            gate = float(page.get("gate") or 0.0)
             answers[q.query_id] += [Found(r["image_id"], tuple(r["box"]), float(r["score"])) for r in page["results"]]
-    return answers, threshold, time.perf_counter() - started
+    return answers, threshold, gate, time.perf_counter() - started

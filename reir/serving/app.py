@@ -43,7 +43,7 @@ from reir.serving.failures import milvus_call, stage_call
 from reir.serving.http import HttpSettings, create_http_app
 from reir.serving.localize import BoxUpdate, Localizer
 from reir.serving.pipeline import Candidates, QueryPipeline, Ranker, encode_and_rank, localize_results_for
-from reir.serving.rerank import Reranker, discover_threshold_for
+from reir.serving.rerank import Reranker, discover_gate_for, discover_threshold_for
 from reir.serving.retriever import EncodedQuery, QueryEncoder
 
 ENCODE_BATCH_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -75,6 +75,7 @@ class QueryEncoderDeployment:
             "dim": self.encoder.dim,
             "calibration": self.encoder.calibration.to_dict(),
             "discover_threshold": discover_threshold_for(model_path, discover_threshold),
+            "discover_gate": discover_gate_for(model_path),
         }
         self._batch_size = T.ray_metric(T.QUERY_ENCODE_BATCH_SIZE, boundaries=ENCODE_BATCH_BOUNDARIES)
 
@@ -136,7 +137,8 @@ class Searcher:
         # What the ingress needs when this replica also encodes (ServeConfig.encode_in_searcher).
         self._info = {"model_version": self.encoder.model_version, "dim": self.encoder.dim,
                       "calibration": calibration.to_dict(),
-                      "discover_threshold": discover_threshold_for(model_path, discover_threshold)}
+                      "discover_threshold": discover_threshold_for(model_path, discover_threshold),
+                      "discover_gate": discover_gate_for(model_path)}
         self.localizer = Localizer.from_config(model, processor, LocalizeConfig.model_validate(dict(localize or {})))
         self._latency = T.ray_metric(T.QUERY_SEARCH_LATENCY_SECONDS)
         # Queries it encodes itself (encode_in_searcher) are batches of one, on the same histogram.

@@ -131,6 +131,8 @@ class SearchResponse(BaseModel):
     mode: Literal["rank", "discover"]
     reranked: bool
     threshold: float | None = Field(description="discovery threshold (discover mode)")
+    gate: float | None = Field(default=None, description="discover mode: the query-level gate; when no image "
+                               "reaches it the answer is empty (0: no gate)")
     candidates: int
     timings_ms: dict[str, float]
     took_ms: float
@@ -354,7 +356,7 @@ def create_http_app(
                                                  rerank=rerank, conditions=flt.conditions, offset=body.offset))
         return SearchResponse(
             results=[SearchResult(**r.to_wire()) for r in outcome.results], model_version=outcome.model_version,
-            mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold,
+            mode=outcome.mode, reranked=outcome.reranked, threshold=outcome.threshold, gate=outcome.gate,
             candidates=outcome.candidates, timings_ms=outcome.timings_ms,
             took_ms=round((time.perf_counter() - start) * 1000.0, 3), truncated=outcome.truncated,
             total=outcome.total, next_offset=outcome.next_offset,
@@ -398,6 +400,7 @@ def create_http_app(
     async def info(_: Principal | None = Depends(search_guard)) -> dict[str, Any]:  # noqa: B008
         data = await backend.info()
         return {"model_version": data["model_version"], "discover_threshold": data["discover_threshold"],
+                "discover_gate": float(data.get("discover_gate", 0.0)),
                 "can_rerank": bool(data.get("can_rerank")), "modes": ["rank", "discover"],
                 "filter_fields": settings.filter_fields, "max_top_k": settings.max_top_k,
                 "auth": keyring.enabled}

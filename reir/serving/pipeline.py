@@ -131,6 +131,7 @@ class QueryOutcome:
     mode: Mode = "rank"
     reranked: bool = False
     threshold: float | None = None
+    gate: float | None = None  # discover mode: the query-level gate applied
     candidates: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated: bool = False  # the query had more tokens than the text tower reads; its end was ignored
@@ -140,7 +141,8 @@ class QueryOutcome:
 
 class QueryStages(Protocol):
     async def info(self) -> dict[str, Any]:
-        """``model_version``, ``calibration`` (dict), ``discover_threshold``, ``can_rerank``."""
+        """``model_version``, ``calibration`` (dict), ``discover_threshold``, ``discover_gate``
+        (0 when absent), ``can_rerank``."""
         ...
 
     async def encode(self, text: str) -> EncodedQuery:
@@ -206,9 +208,14 @@ def _result(hit: Hit, prob: float) -> Result:
                   ann_score=hit.score, instance_score=hit.instance_score, pk=hit.pk)
 
 
-def answer(scored: Sequence[Scored], *, mode: Mode, top_k: int, threshold: float, dedupe_iou: float) -> list[Result]:
-    """Scored candidates (best first) -> the response's results for ``mode``."""
+def answer(scored: Sequence[Scored], *, mode: Mode, top_k: int, threshold: float, dedupe_iou: float,
+           gate: float = 0.0) -> list[Result]:
+    """Scored candidates (best first) -> the response's results for ``mode``. Discover mode answers
+    every image whose best candidate reaches ``threshold``, and nothing when no candidate reaches
+    ``gate`` (the query-level "is it anywhere?", calibrated apart from the per-image threshold)."""
     if mode == "discover":
+        if not any(prob >= gate for _, prob in scored):
+            return []
         best: dict[str, Scored] = {}
         for hit, prob in scored:
             if prob >= threshold and (hit.image_id not in best or prob > best[hit.image_id][1]):
@@ -283,7 +290,9 @@ class QueryPipeline:
         reranked = found.scored is not None
         scored = found.scored if found.scored is not None else ann_order(hits, Calibration(**info["calibration"]))
         threshold = float(info["discover_threshold"])
-        found = answer(scored, mode=request.mode, top_k=end, threshold=threshold, dedupe_iou=self.dedupe_iou)
+        gate = float(info.get("discover_gate", 0.0))
+        found = answer(scored, mode=request.mode, top_k=end, threshold=threshold, dedupe_iou=self.dedupe_iou,
+                       gate=gate)
         # Rank mode stops at the page's end; discover mode found every image above the threshold.
         total = len(found) if discover else None
         more = len(found) > end if discover else len(found) == end and len(scored) > end
@@ -296,7 +305,8 @@ class QueryPipeline:
         self.metrics.observe(timings, len(hits))
         return QueryOutcome(
             results=results, model_version=info["model_version"], mode=request.mode, reranked=reranked,
-            threshold=threshold if request.mode == "discover" else None, candidates=len(hits),
+            threshold=threshold if request.mode == "discover" else None,
+            gate=gate if request.mode == "discover" else None, candidates=len(hits),
             timings_ms={k: round(v * 1000.0, 3) for k, v in timings.items()}, truncated=truncated,
             total=total, next_offset=end if more else None,
         )  # fmt: skip
@@ -356,17 +366,19 @@ class LocalStages:
     """:class:`QueryStages` over plain objects in this process (tests, benchmarks, notebooks)."""
 
     def __init__(self, encoder: QueryEncoder, store: ContextStore, reranker: Reranker, *,
-                 discover_threshold: float, localizer: Localizer | None = None) -> None:
+                 discover_threshold: float, discover_gate: float = 0.0, localizer: Localizer | None = None) -> None:
         self.encoder = encoder
         self.store = store
         self.reranker = reranker
         self.ranker = Ranker(store, reranker)
         self.discover_threshold = discover_threshold
+        self.discover_gate = discover_gate
         self.localizer = localizer
 
     async def info(self) -> dict[str, Any]:
         return {"model_version": self.encoder.model_version, "calibration": self.encoder.calibration.to_dict(),
-                "discover_threshold": self.discover_threshold, "can_rerank": self.reranker.can_rerank}
+                "discover_threshold": self.discover_threshold, "discover_gate": self.discover_gate,
+                "can_rerank": self.reranker.can_rerank}
 
     async def encode(self, text: str) -> EncodedQuery:
         return self.encoder.encode_queries([text])[0]
@@ -394,19 +406,20 @@ class LocalStages:
 
 def local_pipeline(
     cfg: ServeConfig, *, loader: ModelLoader = load_reir_model, discover_threshold: float | None = None,
-    store: ContextStore | None = None,
+    store: ContextStore | None = None, discover_gate: float | None = None,
 ) -> QueryPipeline:
     """The whole query path (encode, ANN, re-rank, discover) in this process, from a ServeConfig.
 
     For evaluation and notebooks: ``asyncio.run(local_pipeline(cfg).run(QueryRequest(...)))``
     gives the same answers as the Serve app without Ray. Close ``.stages.store`` when done.
-    ``discover_threshold`` replaces the calibrated one (evaluation sweeps it from 0).
+    ``discover_threshold`` and ``discover_gate`` replace the calibrated ones (evaluation sweeps
+    them from 0).
     ``store`` replaces the Milvus store of ``cfg.milvus`` (an in-memory index in benchmarks).
     """
     import torch
 
     from reir.platform.store import MilvusStore
-    from reir.serving.rerank import discover_threshold_for
+    from reir.serving.rerank import discover_gate_for, discover_threshold_for
 
     # One query's forwards are too small to split across cores: with torch's default (every
     # core) they wait on each other and on the Milvus server beside them (2 cores: encode
@@ -427,7 +440,8 @@ def local_pipeline(
     localizer = Localizer.from_config(model, processor, cfg.localize) if cfg.localize.enabled else None
     stages = LocalStages(encoder, store, reranker, localizer=localizer,
                          discover_threshold=discover_threshold if discover_threshold is not None
-                         else discover_threshold_for(cfg.model_path, cfg.discover_threshold))
+                         else discover_threshold_for(cfg.model_path, cfg.discover_threshold),
+                         discover_gate=discover_gate if discover_gate is not None else discover_gate_for(cfg.model_path))
     return QueryPipeline(stages, candidates=cfg.candidates, rerank_candidates=cfg.rerank_candidates,
                          dedupe_iou=cfg.dedupe_iou, filter_model_version=cfg.filter_model_version,
                          localize_results=localize_results_for(cfg), discover_candidates=cfg.discover_candidates,

@@ -61,6 +61,23 @@ def discover_threshold_for(model_path: str | Path, default: float) -> float:
     return value
 
 
+def discover_gate_for(model_path: str | Path) -> float:
+    """The query-level gate of discover mode (``calibration.json: discover_gate``): a query whose
+    best image is under it is answered with nothing. 0 (no gate) for a checkpoint without one."""
+    path = Path(model_path) / CALIBRATION_FILE
+    if not path.is_file():
+        return 0.0
+    try:
+        value = float(json.loads(path.read_text()).get("discover_gate", 0.0))
+    except (AttributeError, TypeError, ValueError) as exc:
+        log.warning("%s has no usable discover_gate (%s); answering without one", path, exc)
+        return 0.0
+    if not 0.0 <= value < 1.0:
+        log.warning("%s: discover_gate %s is not a probability; answering without one", path, value)
+        return 0.0
+    return value
+
+
 def ann_order(candidates: Sequence[Hit], calibration: Calibration) -> list[Scored]:
     """Candidates by ANN score (pk breaks ties), each with its calibrated probability."""
     ordered = sorted(candidates, key=lambda h: (-h.score, h.pk))

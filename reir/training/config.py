@@ -119,6 +119,10 @@ class TrainConfig(BaseModel):
     rerank_presence_image_term: bool = Field(
         True, description="stage rerank: the presence head also scores the expression against the projected mean "
         "of the image's stored vectors (discover F1 +3.7 points over two seeds, docs/model.md)")
+    rerank_discovery_none_target: float = Field(
+        0.9, ge=0.0, le=1.0, description="stage rerank: discover mode's query-level gate (a query whose best image "
+        "is under it answers nothing) is the one with the best joint score among those whose none-accuracy on the "
+        "held-out discovery queries reaches this share; 0: the joint-best gate")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "

@@ -28,6 +28,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from reir.data.formats import ImageSample
+from reir.evaluation.discovery import best_gate
 from reir.model.boxes import BoxMode, convert, cxcywh_to_xyxy, pairwise_iou_xyxy
 from reir.model.modeling import ReirModel
 from reir.model.processing import NO_REFERENT, ReirProcessor
@@ -533,18 +534,20 @@ def discovery_loss(
 def calibrate_discovery(
     reranker: RelationReranker | torch.nn.Module, rs: RerankSet, ds: DiscoverySet, query_idx: torch.Tensor,
     logit_scale: float, logit_bias: float, *, device: torch.device | str = "cpu", chunk: int = 64,
+    none_target: float = 0.0,
 ) -> dict[str, float]:
-    """The presence threshold with the best F1 of discover mode on held-out queries ``query_idx``:
-    each query scores every image of its group, answers each image whose best instance reaches
-    the threshold, and an answer is right when that instance is a match (the metric of
-    ``reir.evaluation.discovery``). Returns ``{"discover_threshold", "precision", "recall",
-    "f1", "none_accuracy", "num_queries"}``."""
-    probs, right, empty_best = [], [], []
-    truth_images = 0
+    """Discover mode's presence threshold and query-level gate, calibrated on held-out queries
+    ``query_idx``: each query scores every image of its group and answers each image whose best
+    instance reaches the threshold (right when that instance is a match: the metric of
+    ``reir.evaluation.discovery``). The threshold has the best F1; the gate (a query whose best
+    image is under it answers nothing) then has the best joint score among the gates whose
+    none-accuracy reaches ``none_target`` (:func:`reir.evaluation.discovery.best_gate`). Returns ``{"discover_threshold",
+    "discover_gate", "precision", "recall", "f1", "none_accuracy", "joint", "num_queries"}``,
+    the figures with the gate, and ``none_accuracy_without_gate``."""
+    per_query: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (image probs, right, truth images)
     for qi in query_idx.tolist():
         rows = torch.nonzero(ds.group[qi] == rs.groups).squeeze(1)
-        truth_images += int(ds.truth[qi, rows].sum())
-        found = len(probs)
+        probs, right = [], []
         for lo in range(0, rows.numel(), chunk):
             part = rows[lo : lo + chunk][None]
             logits = image_logits(reranker, rs, ds.token_states[qi : qi + 1], ds.token_mask[qi : qi + 1],
@@ -554,12 +557,46 @@ def calibrate_discovery(
             keep = torch.isfinite(value)
             probs.append(torch.sigmoid(value[keep]))
             right.append((ds.labels[qi, part[0], slot] == DISCOVERY_POS)[keep])
-        if not bool(ds.truth[qi].any()):  # its best image must stay under the threshold
-            seen = torch.cat(probs[found:]) if probs[found:] else torch.zeros(0)
-            empty_best.append(float(seen.max()) if seen.numel() else 0.0)
-    if not probs or truth_images == 0:
-        return {"discover_threshold": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "none_accuracy": 0.0,
+        p = torch.cat(probs) if probs else torch.zeros(0)
+        per_query.append((p, torch.cat(right) if right else torch.zeros(0, dtype=torch.bool),
+                          int(ds.truth[qi, rows].sum())))
+    truth_images = sum(t for _, _, t in per_query)
+    if not per_query or truth_images == 0:
+        return {"discover_threshold": 0.5, "discover_gate": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                "none_accuracy": 0.0, "none_accuracy_without_gate": 0.0, "joint": 0.0,
                 "num_queries": int(query_idx.numel())}  # fmt: skip
-    best = best_f1_threshold(torch.cat(probs), torch.cat(right), truth_images)
-    none = sum(v < best["discover_threshold"] for v in empty_best) / len(empty_best) if empty_best else 1.0
-    return {**best, "none_accuracy": float(none), "num_queries": int(query_idx.numel())}
+    threshold = best_f1_threshold(torch.cat([p for p, _, _ in per_query]), torch.cat([r for _, r, _ in per_query]),
+                                  truth_images)["discover_threshold"]  # fmt: skip
+    best = [float(p.max()) if p.numel() else 0.0 for p, _, _ in per_query]
+    answered, silent = [], []
+    for p, r, t in per_query:
+        kept = p >= threshold
+        hits = int((r & kept).sum())
+        answered.append(hits / int(kept.sum()) * hits / t if t and int(kept.sum()) else 0.0)
+        silent.append(0.0 if t else 1.0)
+    gate = best_gate(threshold, best, answered, silent, none_target=none_target)
+    return {**_gated_figures(per_query, threshold, gate), "discover_threshold": threshold, "discover_gate": gate,
+            "none_accuracy_without_gate": _gated_figures(per_query, threshold, 0.0)["none_accuracy"],
+            "none_target": float(none_target), "num_queries": int(query_idx.numel())}  # fmt: skip
+
+
+def _gated_figures(per_query: Sequence[tuple[torch.Tensor, torch.Tensor, int]], threshold: float,
+                   gate: float) -> dict[str, float]:  # fmt: skip
+    """Precision, recall, F1, none-accuracy and joint of discover mode at ``threshold`` and ``gate``
+    over per-query (image probabilities, right, truth images)."""
+    answers = correct = truth = empty = empty_ok = 0
+    joint = 0.0
+    for p, r, t in per_query:
+        kept = (p >= threshold) & bool(p.numel() and float(p.max()) >= gate)
+        n, hits = int(kept.sum()), int((r & kept).sum())
+        answers, correct, truth = answers + n, correct + hits, truth + t
+        if t == 0:
+            empty, empty_ok = empty + 1, empty_ok + (n == 0)
+            joint += n == 0
+        elif n:
+            joint += hits / n * hits / t
+    precision = correct / answers if answers else 1.0
+    recall = correct / truth if truth else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "none_accuracy": empty_ok / empty if empty else 1.0,
+            "joint": joint / len(per_query) if per_query else 0.0}

@@ -437,9 +437,10 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
                                                  presence_losses)  # fmt: skip
         presence.eval()
         found = calibrate_discovery(presence, rs, disc, disc_held if disc_held.numel() else disc_train, scale, bias,
-                                    device=device)  # fmt: skip
+                                    device=device, none_target=cfg.rerank_discovery_none_target)  # fmt: skip
         # Discover mode reads the threshold calibrated on its own task; the referent one stays for reference.
-        stored = {"discover_threshold": found["discover_threshold"], "source": "discovery queries",
+        stored = {"discover_threshold": found["discover_threshold"], "discover_gate": found["discover_gate"],
+                  "source": "discovery queries",
                   "head": "presence", "discovery": found, "referent": calibration}
         calibration = {**calibration, **{f"discovery_{k}": v for k, v in found.items()}}
         last = {**last, **p_last, "presence_steps": p_steps, "presence_seconds": p_seconds}

@@ -139,3 +139,32 @@ def test_bench_discovery_end_to_end_on_a_tiny_index(tmp_path: Path) -> None:
     assert 0.0 <= result["at_calibrated_threshold"]["recall"] <= 1.0
     assert result["curve"][0]["answers"] >= result["curve"][-1]["answers"]
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_query_level_gate_silences_a_query_whose_best_answer_is_under_it() -> None:
+    # "none"'s only answer is 0.4 and "two"'s best is 0.9: a gate of 0.5 at threshold 0.3
+    # silences "none" and keeps all of "two" (b at 0.3 included), "one" (0.8) answers as before.
+    gated = discovery_scores(ANSWERS, QUERIES, 0.3, gate=0.5)
+    plain = discovery_scores(ANSWERS, QUERIES, 0.3)
+    assert plain["none_accuracy"] == 0.0 and gated["none_accuracy"] == 1.0
+    assert gated["answers"] == plain["answers"] - 1 == 4 and gated["gate"] == 0.5
+    assert gated["recall"] == plain["recall"] == pytest.approx(2 / 3)
+    assert gated["joint"] == pytest.approx((2 / 3 * 1 + 0 + 1) / 3)
+    # A gate over "two"'s best silences it too; the curve holds the gate at every threshold.
+    assert discovery_scores(ANSWERS, QUERIES, 0.3, gate=0.95)["answers"] == 0
+    assert all(c["gate"] == 0.5 and c["none_accuracy"] == 1.0 for c in discovery_curve(ANSWERS, QUERIES, gate=0.5))
+
+
+def test_best_gate_trades_silenced_empty_queries_against_lost_answers() -> None:
+    from reir.evaluation.discovery import best_gate
+
+    # Three queries with matches (best 0.9 / 0.95 / 0.99, each worth 0.5 when answered) and
+    # three without (best 0.2 / 0.6 / 0.97, worth 1 when silent), threshold 0.3.
+    best, answered, silent = [0.9, 0.95, 0.99, 0.2, 0.6, 0.97], [0.5] * 3 + [0.0] * 3, [0.0] * 3 + [1.0] * 3
+    # Silencing 0.6 gains 1; silencing up to 0.97 too loses 0.9 and 0.95 (-1) for +1: a tie, the lower gate.
+    assert best_gate(0.3, best, answered, silent) == pytest.approx((0.6 + 0.9) / 2)
+    # A none-accuracy target of 0.9 needs every empty query silent: the gate above 0.97.
+    assert best_gate(0.3, best, answered, silent, none_target=0.9) == pytest.approx((0.97 + 0.99) / 2)
+    # Nothing to gain: the threshold itself; never half of a tie.
+    assert best_gate(0.3, [0.9, 0.95], [0.5, 0.5], [0.0, 0.0]) == 0.3
+    assert best_gate(0.3, [0.8, 0.8, 0.99], [0.0, 1.0, 0.9], [1.0, 0.0, 0.0]) == 0.3  # 0.8: one empty, one not

@@ -77,7 +77,7 @@ def test_search_returns_the_wire_format(client: TestClient, backend: StubBackend
     resp = client.post("/v1/search", json={"query": "  the red square  ", "top_k": 2})
     assert resp.status_code == 200
     body = resp.json()
-    assert set(body) == {"results", "model_version", "mode", "reranked", "threshold", "candidates", "timings_ms",
+    assert set(body) == {"results", "model_version", "mode", "reranked", "threshold", "gate", "candidates", "timings_ms",
                          "took_ms", "truncated", "total", "next_offset"}
     assert body["truncated"] is False and body["total"] is None and body["next_offset"] == 2
     assert body["model_version"] == "stub-1" and body["mode"] == "rank" and body["threshold"] is None

@@ -14,7 +14,7 @@ import torch
 from reir.platform.schema import InstanceRow
 from reir.platform.store import Hit, MilvusStore
 from reir.serving.pipeline import Candidates, LocalStages, QueryPipeline, QueryRequest, answer
-from reir.serving.rerank import Reranker, ann_order, discover_threshold_for
+from reir.serving.rerank import Reranker, ann_order, discover_gate_for, discover_threshold_for
 from reir.serving.retriever import Calibration, EncodedQuery, QueryEncoder
 from tests.platform.fakes import BIAS, SCALE, FakeModel, FakeProcessor
 
@@ -109,6 +109,11 @@ def test_answer_rank_dedupes_and_discover_groups_by_image_over_threshold() -> No
     found = answer(scored, mode="discover", top_k=1, threshold=0.5, dedupe_iou=0.9)
     assert [(r.image_id, r.box, r.score) for r in found] == [("A", a0.box, 0.95), ("B", b0.box, 0.7)]
     assert answer(scored, mode="discover", top_k=10, threshold=0.99, dedupe_iou=0.9) == []
+    # The query-level gate: nothing when no candidate reaches it, else every image over the threshold.
+    assert answer(scored, mode="discover", top_k=10, threshold=0.5, dedupe_iou=0.9, gate=0.96) == []
+    gated = answer(scored, mode="discover", top_k=10, threshold=0.5, dedupe_iou=0.9, gate=0.95)
+    assert [r.image_id for r in gated] == ["A", "B"]
+    assert len(answer(scored, mode="rank", top_k=10, threshold=0.5, dedupe_iou=0.9, gate=0.99)) == 4  # rank: no gate
 
 
 def test_discover_threshold_comes_from_the_checkpoint_when_present(tmp_path: Path) -> None:
@@ -117,6 +122,11 @@ def test_discover_threshold_comes_from_the_checkpoint_when_present(tmp_path: Pat
     assert discover_threshold_for(tmp_path, 0.5) == 0.73
     (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 7}))
     assert discover_threshold_for(tmp_path, 0.5) == 0.5
+    assert discover_gate_for(tmp_path) == 0.0  # a checkpoint calibrated before the gate: no gate
+    (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 0.4, "discover_gate": 0.97}))
+    assert discover_gate_for(tmp_path) == 0.97
+    (tmp_path / "calibration.json").write_text(json.dumps({"discover_threshold": 0.4, "discover_gate": "high"}))
+    assert discover_gate_for(tmp_path) == 0.0
 
 
 def test_ann_order_breaks_ties_by_pk() -> None:
@@ -151,7 +161,15 @@ def test_pipeline_rank_discover_and_rerank_in_process(local_pipeline: QueryPipel
     assert (best.image_id, best.box[0]) in {("A", 0.0), ("B", 0.0)}  # a leftmost instance wins
     found = asyncio.run(local_pipeline.run(QueryRequest("red left", top_k=1, mode="discover", rerank=True)))
     assert found.threshold == 0.5 and len({r.image_id for r in found.results}) == len(found.results)
-    assert all(r.score >= 0.5 for r in found.results) and found.results
+    assert all(r.score >= 0.5 for r in found.results) and found.results and found.gate == 0.0
+    # A query-level gate over the best score answers nothing; at the best score, the same answer.
+    stages = local_pipeline.stages
+    top = max(r.score for r in found.results)
+    for gate, expected, total in ((top, found.results, found.total), (min(1.0, top + 1e-6), [], 0)):
+        gated = QueryPipeline(LocalStages(stages.encoder, stages.store, stages.reranker, discover_threshold=0.5,
+                                          discover_gate=gate), candidates=10)  # type: ignore[attr-defined]
+        out = asyncio.run(gated.run(QueryRequest("red left", top_k=1, mode="discover", rerank=True)))
+        assert out.gate == gate and out.results == expected and out.total == total
 
 
 def test_local_pipeline_from_config_matches_the_index(tmp_path: Path, fake_checkpoint: Path) -> None:

@@ -101,6 +101,13 @@ def test_presence_loss_learns_to_find_every_matching_image_and_none() -> None:
     after = calibrate_discovery(rr, rs, ds, held, 5.0, 0.0)
     assert before["f1"] < 0.6  # the colour alone: half the answers are the wrong shape
     assert after["f1"] >= 0.85 and after["none_accuracy"] >= 0.5, after  # 2 empty held-out queries
+    # The query-level gate never answers more than the threshold alone; a target of 1 silences every
+    # empty held-out query, and the figures reported are those with the gate.
+    assert after["discover_gate"] >= after["discover_threshold"]
+    assert after["none_accuracy"] >= after["none_accuracy_without_gate"]
+    strict = calibrate_discovery(rr, rs, ds, held, 5.0, 0.0, none_target=1.0)
+    assert strict["none_accuracy"] == 1.0 and strict["none_target"] == 1.0
+    assert strict["discover_threshold"] == after["discover_threshold"] and strict["recall"] <= after["recall"]
     assert 0.0 < after["discover_threshold"] < 1.0 and after["num_queries"] == held.numel()
 
 
