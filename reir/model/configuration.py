@@ -49,12 +49,6 @@ class VisionSpec:
     # probe read the background from the demo's stored vectors at 32.7% (majority 24%)
     # against 96.8% from the visual tokens. Images without a label (-1) add nothing.
     num_scene_classes: int = 0
-    # > 0 (``cnn`` backbone only): every query also reads the stride-4 feature map inside its
-    # own predicted box (RoIAlign to ``fine_features`` x ``fine_features`` cells), projected
-    # into the embedding head's input. At stride 8 an object of 8-12 px spans one or two token
-    # cells; the wrong shape (hexagon for circle, diamond for star, 8-16 px objects) was the
-    # head error of 36% of the demo's wrong first answers in another image.
-    fine_features: int = 0
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     model_path: str | None = None  # local HF dir, read only when a model is first created

@@ -127,11 +127,7 @@ class VisualEncoder(nn.Module):
         # ("left of the red square", "the largest green one").
         self.encoder = nn.TransformerEncoder(layer, spec.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden)
-        if spec.fine_features and spec.backbone != "cnn":
-            raise ValueError("vision.fine_features needs the cnn backbone (its stride-4 map)")
-        self.fine = bool(spec.fine_features)
-        self.heads = InstanceHeads(spec, self.grid, embed_dim,
-                                   fine_channels=self.backbone.fine_channels if self.fine else 0)  # fmt: skip
+        self.heads = InstanceHeads(spec, self.grid, embed_dim)
 
     @property
     def num_queries(self) -> int:
@@ -139,19 +135,12 @@ class VisualEncoder(nn.Module):
 
     def encode_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> the final token grid ``[B, Q, hidden]`` that the heads read."""
-        return self._encode(self.backbone(pixel_values))
-
-    def _encode(self, features: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.encoder(self.input_proj(features) + self.pos))
+        tokens = self.input_proj(self.backbone(pixel_values)) + self.pos
+        return self.norm(self.encoder(tokens))
 
     def forward(self, pixel_values: torch.Tensor) -> InstanceOutput:
-        fine = None
-        if self.fine:
-            features, fine = self.backbone.features(pixel_values)
-            tokens = self._encode(features)
-        else:
-            tokens = self.encode_tokens(pixel_values)
-        boxes, obj, emb = self.heads(tokens, fine)
+        tokens = self.encode_tokens(pixel_values)
+        boxes, obj, emb = self.heads(tokens)
         cls = self.heads.classifier(tokens) if self.heads.classifier is not None else None
         app = self.heads.appearance(tokens) if self.heads.appearance is not None else None
         return InstanceOutput(boxes=boxes, objectness_logits=obj, embeddings=emb, class_logits=cls, appearance=app,

@@ -106,16 +106,8 @@ class ConvBackbone(nn.Module):
         )
         self.out_channels = hidden
 
-        self.fine_channels = c2
-        self.fine_stride = 4
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.layers(pixel_values).flatten(2).transpose(1, 2)
-
-    def features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens, and the stride-4 map ``[B, C2, S/4, S/4]`` they are computed from."""
-        fine = self.layers[:4](pixel_values)
-        return self.layers[4:](fine).flatten(2).transpose(1, 2), fine
 
 
 class SiglipBackbone(nn.Module):
@@ -165,7 +157,7 @@ class EmbeddingProbes(NamedTuple):
 class InstanceHeads(nn.Module):
     """Per-token objectness, box and instance-embedding heads."""
 
-    def __init__(self, spec: VisionSpec, grid: int, embed_dim: int, fine_channels: int = 0) -> None:
+    def __init__(self, spec: VisionSpec, grid: int, embed_dim: int) -> None:
         super().__init__()
         hidden = spec.hidden_size
         self.freqs = spec.geometry_freqs
@@ -183,11 +175,7 @@ class InstanceHeads(nn.Module):
         # name image-level facts ("on the striped background", "in the picture with a
         # white hexagon") that a token would otherwise have to gather through attention.
         self.context = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden))
-        # The fine path (VisionSpec.fine_features): the stride-4 map inside each query's box.
-        self.fine_size = spec.fine_features if fine_channels else 0
-        self.fine = (nn.Sequential(nn.Linear(fine_channels * self.fine_size**2, hidden), nn.LayerNorm(hidden))
-                     if self.fine_size else None)  # fmt: skip
-        self.embed = Mlp((4 if self.fine is not None else 3) * hidden, 2 * hidden, embed_dim, num_layers=2)
+        self.embed = Mlp(3 * hidden, 2 * hidden, embed_dim, num_layers=2)
         self.register_buffer("cell_logits", inverse_sigmoid(grid_cell_centers(grid)), persistent=False)
         prior = min(0.9, spec.box_prior_cells / grid)
         self.size_prior_logit = float(inverse_sigmoid(torch.tensor(prior)))
@@ -211,9 +199,7 @@ class InstanceHeads(nn.Module):
         scene = self.probe_scene(emb) if self.probe_scene is not None else None
         return EmbeddingProbes(cls, self.probe_appearance(emb), scene)
 
-    def forward(self, x: torch.Tensor, fine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [B, Q, hidden]`` tokens (and, with the fine path, the stride-4 map ``[B, C, H, W]``)
-        -> boxes ``[B, Q, 4]`` (normalized cxcywh), objectness logits ``[B, Q]``, embeddings."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         obj = self.objectness(x).squeeze(-1)
         delta = self.box(x)
         # Offsets live in logit space around the cell centre: bounded to (0, 1) and
@@ -224,28 +210,5 @@ class InstanceHeads(nn.Module):
         # Geometry is detached: embedding losses must not move the boxes.
         geom = self.geometry(box_sine_encoding(boxes.detach(), self.freqs))
         context = self.context(x.mean(dim=1, keepdim=True)).expand_as(x)
-        parts = [x, geom, context]
-        if self.fine is not None:
-            if fine is None:
-                raise ValueError("vision.fine_features needs the backbone's stride-4 map")
-            parts.append(self.fine(box_features(fine, boxes.detach(), self.fine_size)))
-        emb = self.embed(torch.cat(parts, dim=-1))
+        emb = self.embed(torch.cat([x, geom, context], dim=-1))
         return boxes, obj, F.normalize(emb, dim=-1)
-
-
-FINE_BOX_MARGIN = 1.25  # the fine path reads a window a little larger than the box: the outline decides the shape
-
-
-def box_features(fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """``fmap [B, C, H, W]`` read inside every box ``[B, Q, 4]`` (normalized cxcywh, widened by
-    ``FINE_BOX_MARGIN``) at the centres of a ``size x size`` grid of cells, bilinearly:
-    ``[B, Q, C * size * size]``. (``grid_sample``: RoIAlign's CPU kernel took 20x as long.)"""
-    b, q, _ = boxes.shape
-    steps = (torch.arange(size, device=boxes.device, dtype=fmap.dtype) + 0.5) / size - 0.5
-    gy, gx = torch.meshgrid(steps, steps, indexing="ij")
-    cx, cy, w, h = boxes.to(fmap.dtype).unbind(-1)  # [B, Q]
-    x = cx[..., None, None] + gx * (w * FINE_BOX_MARGIN)[..., None, None]
-    y = cy[..., None, None] + gy * (h * FINE_BOX_MARGIN)[..., None, None]
-    grid = torch.stack([x * 2 - 1, y * 2 - 1], dim=-1).reshape(b, q * size, size, 2)
-    out = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, C, Q*s, s]
-    return out.reshape(b, -1, q, size, size).permute(0, 2, 1, 3, 4).reshape(b, q, -1)
