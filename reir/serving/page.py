@@ -120,7 +120,8 @@ async function fetchPage(body) {
 function show(data) {
   data.results.forEach((r) => $("results").appendChild(card(r, ++page.shown)));
   $("status").textContent = (data.mode === "discover"
-      ? data.total + " image(s) hold it (threshold " + data.threshold.toFixed(2) + "), " + page.shown + " shown"
+      ? data.total + " image(s) hold it (threshold " + data.threshold.toFixed(2)
+        + (data.gate ? ", gate " + data.gate.toFixed(2) : "") + "), " + page.shown + " shown"
       : page.shown + " result(s)") + "; last page in " + data.took_ms.toFixed(0) + " ms"
       + (data.reranked ? ", re-ranked" : "") + (data.truncated ? " (query too long: its end was ignored)" : "");
   page.body.offset = data.next_offset;
