@@ -77,9 +77,13 @@ def filler_fits(processor: Any, max_tokens: int = FILLER_MAX_TOKENS) -> Fits:
     """``fits(text, with_filler)``: the longer text has at most ``max(max_tokens, tokens of
     text)`` tokens and is not cut by the processor (``max_length``)."""
     cut = int(getattr(processor, "max_length", max_tokens))
+    own_counts: dict[str, int] = {}  # the expressions come back every epoch: count each once
 
     def fits(text: str, longer: str) -> bool:
-        own, new = processor.token_counts([text, longer])
+        own = own_counts.get(text)
+        if own is None:
+            own = own_counts[text] = processor.token_counts([text])[0]
+        (new,) = processor.token_counts([longer])
         return new <= min(max(max_tokens, own), cut)
 
     return fits
