@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if entry.split == "train":
             by_image.setdefault(entry.image_id, []).append(entry)
     captured: dict[str, torch.Tensor] = {}
-    # the backbone's token grid is what input_proj reads (the fine path calls backbone.features, not forward)
-    model.vision.input_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("backbone", i[0]))
+    model.vision.backbone.register_forward_hook(lambda m, i, o: captured.__setitem__("backbone", o))
     model.vision.heads.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", i[0]))
     grid = model.vision.grid
     stored: dict[str, list[np.ndarray]] = {"feature": []}

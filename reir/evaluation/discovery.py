@@ -56,44 +56,75 @@ def _truth(query: DiscoveryQuery) -> dict[str, list[Box]]:
     return by_image
 
 
-def gated(found: Sequence[Found], threshold: float, gate: float = 0.0) -> list[Found]:
-    """The answers discover mode gives: every image at ``prob >= threshold``, and nothing at all
-    when the query's best image stays under ``gate`` (the query-level "is it anywhere?")."""
-    if not found or max(a.prob for a in found) < gate:
-        return []
-    return [a for a in found if a.prob >= threshold]
+@dataclass(frozen=True)
+class Judged:
+    """One discovery query's answers at threshold 0, each judged: ``(prob, image, right)``, and
+    how many images hold a match. Evaluation judges boxes by IoU (:func:`discovery_scores`),
+    calibration by the labels of stored instances (``reir.training.rerank``); both score with
+    :func:`tally`."""
+
+    answers: Sequence[tuple[float, Any, bool]]
+    truth_images: int
+
+    @property
+    def best(self) -> float:
+        return max((prob for prob, _, _ in self.answers), default=0.0)
+
+    def kept(self, threshold: float, gate: float = 0.0) -> list[tuple[float, Any, bool]]:
+        """What discover mode answers: every image at ``prob >= threshold``, and nothing at all
+        when the query's best image stays under ``gate`` (the query-level "is it anywhere?")."""
+        if not self.answers or self.best < gate:
+            return []
+        return [a for a in self.answers if a[0] >= threshold]
+
+    def joint(self, kept: Sequence[tuple[float, Any, bool]]) -> float:
+        """The query's joint score for the answers ``kept``: precision x recall with a match,
+        1 for nothing without one."""
+        if not self.truth_images:
+            return float(not kept)
+        right = sum(1 for _, _, ok in kept if ok)
+        hits = len({image for _, image, ok in kept if ok})
+        return right / len(kept) * hits / self.truth_images if kept else 0.0
+
+
+def tally(judged: Sequence[Judged], threshold: float, gate: float = 0.0) -> dict[str, float]:
+    """Precision, recall, F1, none-accuracy and joint of discover mode at ``threshold`` and ``gate``
+    (micro averages over answers and ground-truth images; joint per query)."""
+    answered = correct = truth_images = found_images = empty = empty_ok = 0
+    joint = 0.0
+    for j in judged:
+        kept = j.kept(threshold, gate)
+        answered += len(kept)
+        correct += sum(1 for _, _, ok in kept if ok)
+        found_images += len({image for _, image, ok in kept if ok})
+        truth_images += j.truth_images
+        if not j.truth_images:
+            empty += 1
+            empty_ok += not kept
+        joint += j.joint(kept)
+    precision = correct / answered if answered else 1.0
+    recall = found_images / truth_images if truth_images else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"threshold": float(threshold), "gate": float(gate), "precision": precision, "recall": recall, "f1": f1,
+            "none_accuracy": empty_ok / empty if empty else 1.0, "joint": joint / len(judged) if judged else 0.0,
+            "answers": float(answered)}  # fmt: skip
+
+
+def judge(found: Sequence[Found], query: DiscoveryQuery, *, tau: float = 0.5) -> Judged:
+    """``found`` judged against ``query``'s matches: right when its image holds a match whose box
+    overlaps by IoU >= ``tau``."""
+    truth = _truth(query)
+    return Judged([(a.prob, a.image_id, any(iou_xywh(a.box, b) >= tau for b in truth.get(a.image_id, ())))
+                   for a in found], len(truth))  # fmt: skip
 
 
 def discovery_scores(
     answers: Mapping[str, Sequence[Found]], queries: Sequence[DiscoveryQuery], threshold: float, *, tau: float = 0.5,
     gate: float = 0.0,
 ) -> dict[str, float]:
-    """Precision, recall, F1 and none-accuracy of ``answers`` kept at ``prob >= threshold``
-    (nothing for a query whose best answer is under ``gate``, see :func:`gated`)."""
-    answered = correct = truth_images = found_images = 0
-    empty = empty_ok = 0
-    joint = 0.0
-    for q in queries:
-        truth = _truth(q)
-        kept = gated(answers.get(q.query_id, ()), threshold, gate)
-        answered += len(kept)
-        truth_images += len(truth)
-        right = [a for a in kept if any(iou_xywh(a.box, b) >= tau for b in truth.get(a.image_id, ()))]
-        hits = {a.image_id for a in right}
-        correct += len(right)
-        found_images += len(hits)
-        if not truth:
-            empty += 1
-            empty_ok += not kept
-            joint += not kept
-        elif kept:
-            joint += len(right) / len(kept) * len(hits) / len(truth)
-    precision = correct / answered if answered else 1.0
-    recall = found_images / truth_images if truth_images else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"threshold": float(threshold), "gate": float(gate), "precision": precision, "recall": recall, "f1": f1,
-            "none_accuracy": empty_ok / empty if empty else 1.0, "joint": joint / len(queries) if queries else 0.0,
-            "answers": float(answered)}  # fmt: skip
+    """Precision, recall, F1, none-accuracy and joint of ``answers`` kept at ``prob >= threshold``
+    (nothing for a query whose best answer is under ``gate``): :func:`tally` of :func:`judge`."""
+    return tally([judge(answers.get(q.query_id, ()), q, tau=tau) for q in queries], threshold, gate)
 
 
 def best_gate(threshold: float, best: Sequence[float], answered: Sequence[float], silent: Sequence[float], *,
@@ -131,6 +162,13 @@ def best_gate(threshold: float, best: Sequence[float], answered: Sequence[float]
     lo = order[best_k - 1][0]
     hi = order[best_k][0] if best_k < len(order) else 1.0
     return float(min((lo + hi) / 2, 1 - 1e-6))
+
+
+def gate_for(judged: Sequence[Judged], threshold: float, *, none_target: float = 0.0) -> float:
+    """:func:`best_gate` for judged queries at ``threshold``."""
+    answered = [j.joint(j.kept(threshold)) if j.truth_images else 0.0 for j in judged]
+    silent = [0.0 if j.truth_images else 1.0 for j in judged]
+    return best_gate(threshold, [j.best for j in judged], answered, silent, none_target=none_target)
 
 
 def query_kind(query: DiscoveryQuery) -> str | None:

@@ -45,37 +45,36 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def discover_threshold_for(model_path: str | Path, default: float) -> float:
-    """``discover_threshold`` from the checkpoint's ``calibration.json``, else ``default``."""
+def _calibrated(model_path: str | Path, key: str, default: float, *, required: bool, zero_ok: bool) -> float:
+    """``key`` of the checkpoint's ``calibration.json`` when it is a probability (0 allowed with
+    ``zero_ok``), else ``default``; a missing file, or a missing key that is not ``required``,
+    gives ``default`` quietly, anything else with a warning."""
     path = Path(model_path) / CALIBRATION_FILE
     if not path.is_file():
         return default
     try:
-        value = float(json.loads(path.read_text())["discover_threshold"])
+        data = json.loads(path.read_text())
+        if not required and key not in data:
+            return default
+        value = float(data[key])
     except (KeyError, TypeError, ValueError) as exc:
-        log.warning("%s has no usable discover_threshold (%s); using %s", path, exc, default)
+        log.warning("%s has no usable %s (%s); using %s", path, key, exc, default)
         return default
-    if not 0.0 < value < 1.0:
-        log.warning("%s: discover_threshold %s is not a probability; using %s", path, value, default)
+    if not (0.0 <= value < 1.0 if zero_ok else 0.0 < value < 1.0):
+        log.warning("%s: %s %s is not a probability; using %s", path, key, value, default)
         return default
     return value
+
+
+def discover_threshold_for(model_path: str | Path, default: float) -> float:
+    """``discover_threshold`` from the checkpoint's ``calibration.json``, else ``default``."""
+    return _calibrated(model_path, "discover_threshold", default, required=True, zero_ok=False)
 
 
 def discover_gate_for(model_path: str | Path) -> float:
     """The query-level gate of discover mode (``calibration.json: discover_gate``): a query whose
     best image is under it is answered with nothing. 0 (no gate) for a checkpoint without one."""
-    path = Path(model_path) / CALIBRATION_FILE
-    if not path.is_file():
-        return 0.0
-    try:
-        value = float(json.loads(path.read_text()).get("discover_gate", 0.0))
-    except (AttributeError, TypeError, ValueError) as exc:
-        log.warning("%s has no usable discover_gate (%s); answering without one", path, exc)
-        return 0.0
-    if not 0.0 <= value < 1.0:
-        log.warning("%s: discover_gate %s is not a probability; answering without one", path, value)
-        return 0.0
-    return value
+    return _calibrated(model_path, "discover_gate", 0.0, required=False, zero_ok=True)
 
 
 def ann_order(candidates: Sequence[Hit], calibration: Calibration) -> list[Scored]:

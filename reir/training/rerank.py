@@ -28,7 +28,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from reir.data.formats import ImageSample
-from reir.evaluation.discovery import best_gate
+from reir.evaluation.discovery import Judged, gate_for, tally
 from reir.model.boxes import BoxMode, convert, cxcywh_to_xyxy, pairwise_iou_xyxy
 from reir.model.modeling import ReirModel
 from reir.model.processing import NO_REFERENT, ReirProcessor
@@ -541,13 +541,15 @@ def calibrate_discovery(
     instance reaches the threshold (right when that instance is a match: the metric of
     ``reir.evaluation.discovery``). The threshold has the best F1; the gate (a query whose best
     image is under it answers nothing) then has the best joint score among the gates whose
-    none-accuracy reaches ``none_target`` (:func:`reir.evaluation.discovery.best_gate`). Returns ``{"discover_threshold",
-    "discover_gate", "precision", "recall", "f1", "none_accuracy", "joint", "num_queries"}``,
-    the figures with the gate, and ``none_accuracy_without_gate``."""
-    per_query: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (image probs, right, truth images)
+    none-accuracy reaches ``none_target`` (:func:`reir.evaluation.discovery.gate_for`); the figures
+    are :func:`reir.evaluation.discovery.tally`'s. Returns ``{"discover_threshold", "discover_gate",
+    "precision", "recall", "f1", "none_accuracy", "joint", "none_accuracy_without_gate",
+    "none_target", "num_queries"}`` (the figures with the gate)."""
+    judged: list[Judged] = []
+    probs, right = [], []
     for qi in query_idx.tolist():
         rows = torch.nonzero(ds.group[qi] == rs.groups).squeeze(1)
-        probs, right = [], []
+        found = len(probs)
         for lo in range(0, rows.numel(), chunk):
             part = rows[lo : lo + chunk][None]
             logits = image_logits(reranker, rs, ds.token_states[qi : qi + 1], ds.token_mask[qi : qi + 1],
@@ -557,46 +559,18 @@ def calibrate_discovery(
             keep = torch.isfinite(value)
             probs.append(torch.sigmoid(value[keep]))
             right.append((ds.labels[qi, part[0], slot] == DISCOVERY_POS)[keep])
-        p = torch.cat(probs) if probs else torch.zeros(0)
-        per_query.append((p, torch.cat(right) if right else torch.zeros(0, dtype=torch.bool),
-                          int(ds.truth[qi, rows].sum())))
-    truth_images = sum(t for _, _, t in per_query)
-    if not per_query or truth_images == 0:
+        p, r = torch.cat(probs[found:] or [torch.zeros(0)]), torch.cat(right[found:] or [torch.zeros(0, dtype=torch.bool)])
+        judged.append(Judged(list(zip(p.tolist(), range(p.numel()), r.tolist(), strict=True)),
+                             int(ds.truth[qi, rows].sum())))  # fmt: skip
+    truth_images = sum(j.truth_images for j in judged)
+    if not probs or truth_images == 0:
         return {"discover_threshold": 0.5, "discover_gate": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
-                "none_accuracy": 0.0, "none_accuracy_without_gate": 0.0, "joint": 0.0,
+                "none_accuracy": 0.0, "none_accuracy_without_gate": 0.0, "joint": 0.0, "none_target": float(none_target),
                 "num_queries": int(query_idx.numel())}  # fmt: skip
-    threshold = best_f1_threshold(torch.cat([p for p, _, _ in per_query]), torch.cat([r for _, r, _ in per_query]),
-                                  truth_images)["discover_threshold"]  # fmt: skip
-    best = [float(p.max()) if p.numel() else 0.0 for p, _, _ in per_query]
-    answered, silent = [], []
-    for p, r, t in per_query:
-        kept = p >= threshold
-        hits = int((r & kept).sum())
-        answered.append(hits / int(kept.sum()) * hits / t if t and int(kept.sum()) else 0.0)
-        silent.append(0.0 if t else 1.0)
-    gate = best_gate(threshold, best, answered, silent, none_target=none_target)
-    return {**_gated_figures(per_query, threshold, gate), "discover_threshold": threshold, "discover_gate": gate,
-            "none_accuracy_without_gate": _gated_figures(per_query, threshold, 0.0)["none_accuracy"],
+    threshold = best_f1_threshold(torch.cat(probs), torch.cat(right), truth_images)["discover_threshold"]
+    gate = gate_for(judged, threshold, none_target=none_target)
+    at = tally(judged, threshold, gate)
+    return {**{k: at[k] for k in ("precision", "recall", "f1", "none_accuracy", "joint")},
+            "discover_threshold": threshold, "discover_gate": gate,
+            "none_accuracy_without_gate": tally(judged, threshold)["none_accuracy"],
             "none_target": float(none_target), "num_queries": int(query_idx.numel())}  # fmt: skip
-
-
-def _gated_figures(per_query: Sequence[tuple[torch.Tensor, torch.Tensor, int]], threshold: float,
-                   gate: float) -> dict[str, float]:  # fmt: skip
-    """Precision, recall, F1, none-accuracy and joint of discover mode at ``threshold`` and ``gate``
-    over per-query (image probabilities, right, truth images)."""
-    answers = correct = truth = empty = empty_ok = 0
-    joint = 0.0
-    for p, r, t in per_query:
-        kept = (p >= threshold) & bool(p.numel() and float(p.max()) >= gate)
-        n, hits = int(kept.sum()), int((r & kept).sum())
-        answers, correct, truth = answers + n, correct + hits, truth + t
-        if t == 0:
-            empty, empty_ok = empty + 1, empty_ok + (n == 0)
-            joint += n == 0
-        elif n:
-            joint += hits / n * hits / t
-    precision = correct / answers if answers else 1.0
-    recall = correct / truth if truth else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "none_accuracy": empty_ok / empty if empty else 1.0,
-            "joint": joint / len(per_query) if per_query else 0.0}

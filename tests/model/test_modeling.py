@@ -80,4 +80,3 @@ def test_create_model_overrides() -> None:
         create_model("tiny", vision__not_a_field=1)
     with pytest.raises(ValueError):
         create_model("no-such-preset")
-
