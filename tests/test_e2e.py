@@ -24,9 +24,10 @@ def trained(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> tupl
     generate(data, num_images=30, test_fraction=0.3, image_size=64, seed=3, discovery_queries=5)
     common = {"data_root": str(data), "output_dir": str(root / "runs"), "batch_size": 4, "epochs": 1,
               "warmup_steps": 1, "log_every": 1}
-    stage1 = run_training(TrainConfig(model="tiny", stage="1", run_name="s1", max_steps=3, **common))
-    # stage 2 batches look-alike images (their expressions begin alike) from windows of 8 rows
-    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2,
+    # stage 1 in fp32, stage 2 under CPU bf16 autocast (on whatever CPU runs the test); stage 2
+    # batches look-alike images (their expressions begin alike) from windows of 8 rows
+    stage1 = run_training(TrainConfig(model="tiny", stage="1", run_name="s1", max_steps=3, cpu_bf16="off", **common))
+    stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="s2", max_steps=2, cpu_bf16="on",
                                       lookalike_partners=1, lookalike_window=8, **common))
     # min IoU 0: a 5-step tiny model localizes nothing, yet every expression must still train the re-ranker
     reranked = run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rr", max_steps=2,
@@ -44,6 +45,9 @@ def test_training_writes_loadable_checkpoints(trained: tuple[Path, Path]) -> Non
     stage2_args = json.loads((model_dir.parent.parent / "s2" / "model" / "training_args.json").read_text())
     assert stage2_args["stats"]["loss"] > 0 and "loss_clia" in stage2_args["stats"]
     assert stage2_args["config"]["lookalike_partners"] == 1 and stage2_args["stats"]["steps"] == 2
+    assert stage2_args["stats"]["bf16_autocast"] is True
+    stage1_args = json.loads((model_dir.parent.parent / "s1" / "model" / "training_args.json").read_text())
+    assert stage1_args["stats"]["bf16_autocast"] is False
     calibration = json.loads((model_dir / "calibration.json").read_text())
     assert 0.0 < calibration["discover_threshold"] < 1.0
     # synth's training discovery queries reached the workers: discover mode's own loss and threshold

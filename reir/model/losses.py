@@ -7,6 +7,9 @@ All boxes here are normalized ``cxcywh``.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
@@ -161,6 +164,23 @@ def _matched_cross_entropy(
     return F.cross_entropy(pred.float(), target, ignore_index=-1)
 
 
+def as_float(value: Any) -> Any:
+    """``value`` with every floating tensor in it (dataclasses, named tuples, lists, dicts)
+    cast to fp32; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: as_float(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})  # fmt: skip
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(as_float(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(as_float(v) for v in value)
+    if isinstance(value, dict):
+        return {k: as_float(v) for k, v in value.items()}
+    return value
+
+
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
@@ -184,6 +204,15 @@ class ReirCriterion(nn.Module):
         out: ReirOutput = model(
             pixel_values=batch.pixel_values, input_ids=batch.input_ids, attention_mask=batch.attention_mask
         )
+        device = batch.pixel_values.device.type
+        if torch.is_autocast_enabled(device):
+            # The forward ran under autocast (reir.training.precision): the losses read fp32
+            # outputs and compute in fp32 (similarities, matching costs, sigmoid and softmax terms).
+            with torch.autocast(device, enabled=False):
+                return self._losses(as_float(out), batch)
+        return self._losses(out, batch)
+
+    def _losses(self, out: ReirOutput, batch: TrainBatch) -> dict[str, torch.Tensor]:
         assert out.instances is not None and out.text is not None
         if self.stage == "weak":
             return self._weak(out, batch)

@@ -232,6 +232,14 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         if input_ids.shape[0] == 0:
             return self._empty(input_ids)
+        if input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # fp32 under CPU autocast (reir.training.precision): the tower is small, and in bf16
+            # the flash-attention backward over short padded expressions was 3x slower.
+            with torch.autocast("cpu", enabled=False):
+                return self._forward(input_ids, attention_mask)
+        return self._forward(input_ids, attention_mask)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         if self.pooling == "pooler":
             pooled = out.pooler_output

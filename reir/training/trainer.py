@@ -34,6 +34,7 @@ from reir.training.batching import window_batches
 from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
 from reir.training.config import TrainConfig, deepspeed_config
 from reir.training.operations import StepHook, TrainOps
+from reir.training.precision import cpu_autocast_enabled, training_autocast
 
 MODEL_DIRNAME = "model"
 
@@ -254,6 +255,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
     engine, processor, criterion = _build_engine(cfg, rank, world, device)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    autocast = cpu_autocast_enabled(cfg.cpu_bf16, device)
+    if rank == 0:
+        print(f"[train stage {cfg.stage}] forward in {'bf16 autocast (CPU)' if autocast else dtype}", flush=True)
     rng = random.Random(cfg.seed + rank)
     fill, fits = filler_rng(cfg, rank), filler_fits(processor)
     ops = TrainOps(cfg=cfg, engine=engine, processor=processor, rank=rank, world=world, rng=rng,
@@ -290,7 +294,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       max_refs_per_image=cfg.max_refs_per_image)
             batch = batch.to(device)
             batch.pixel_values = batch.pixel_values.to(dtype)
-            losses = criterion(engine.module, batch)
+            with training_autocast("on" if autocast else "off", device):
+                losses = criterion(engine.module, batch)
             engine.backward(losses["loss"])
             progress = _agree(_progress(cfg, step, total_steps, started), device)
             _set_lr(engine, cfg, progress, step)
@@ -317,7 +322,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
     seconds = time.monotonic() - started
     stats = {"steps": step, "seconds": seconds, "samples_per_s": samples_seen * world / max(seconds - resumed_s, 1e-9),
-             "world_size": world, **last}
+             "world_size": world, "bf16_autocast": autocast, **last}
     stats.update(_steady_stats(warm, step - first_step, samples_seen, world, device))
     ops.finish(stats)
 

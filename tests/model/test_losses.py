@@ -224,3 +224,42 @@ def test_identical_expressions_share_positives(tiny: tuple[ReirModel, ReirProces
     padded = losses.shared_positives(keys, torch.cat([keys, keys[:1]]), torch.cat([cols, torch.tensor([-1])]),
                                      num_columns=3 * q)
     assert torch.equal(padded, positives)
+
+
+def test_under_cpu_autocast_the_text_tower_and_the_losses_stay_fp32(tiny: tuple[ReirModel, ReirProcessor]) -> None:
+    """reir.training.precision: the forward under bf16 autocast, the text tower and the losses in
+    fp32; the losses come out close to the fp32 ones and every part still gets gradients."""
+    model, proc = tiny
+    model.train()
+    data = make_dataset(1, 4)
+    batch = proc.collate([s for _, s in data], [im for im, _ in data])
+    criterion = ReirCriterion(model.config, stage="2")
+    torch.manual_seed(0)
+    reference = {k: v.item() for k, v in criterion(model, batch).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        text = model.encode_text(batch.input_ids, batch.attention_mask)
+        vision = model.encode_images(batch.pixel_values)
+        torch.manual_seed(0)
+        parts = criterion(model, batch)
+    assert text.embeddings.dtype == torch.float32 and text.token_states is not None
+    assert text.token_states.dtype == torch.float32
+    assert vision.embeddings.dtype == torch.bfloat16  # the visual branch did run in bf16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in parts.values())
+    for name in ("loss", "loss_rec", "loss_clia", "loss_obj"):
+        assert parts[name].item() == pytest.approx(reference[name], rel=0.1, abs=0.05), name
+    parts["loss"].backward()
+    for name in ("vision.backbone.layers.0.0.weight", "text.model.embeddings.word_embeddings.weight", "logit_scale"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_cpu_autocast_modes() -> None:
+    from reir.training.precision import cpu_autocast_enabled, cpu_has_bf16_tiles, training_autocast
+
+    assert cpu_autocast_enabled("on", "cpu") and not cpu_autocast_enabled("off", "cpu")
+    assert cpu_autocast_enabled("auto", "cpu") == cpu_has_bf16_tiles()
+    assert not cpu_autocast_enabled("on", "cuda")  # GPU training keeps DeepSpeed's own bf16 mode
+    with training_autocast("on", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with training_autocast("off", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
