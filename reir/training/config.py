@@ -218,3 +218,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,  # the trainer logs on its own schedule
         "wall_clock_breakdown": False,
     }
+
+
+def head_deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config of the head-only stages (re-ranker, presence head, image retriever):
+    fp32 and ZeRO stage 0 whatever ``cfg.zero_stage`` says. A head has a few hundred thousand
+    parameters and reads fp32 features; ZeRO's partitioned flat buffers save nothing at that
+    size and cost time: a re-ranker step on 2 cores took 0.123 s at ZeRO 2 against 0.112 s at 0
+    (400 steps each, same features, 2026-11-28)."""
+    return {**deepspeed_config(cfg), "zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}

@@ -32,7 +32,7 @@ from reir.data.noise import add_filler
 from reir.model.processing import NO_REFERENT
 from reir.training.batching import window_batches
 from reir.training.checkpointing import check_resumable, export_model, is_uri, join, local_copy
-from reir.training.config import TrainConfig, deepspeed_config
+from reir.training.config import TrainConfig, deepspeed_config, head_deepspeed_config
 from reir.training.operations import StepHook, TrainOps
 from reir.training.precision import cpu_autocast_enabled, training_autocast
 
@@ -410,8 +410,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
             print(f"[train stage {cfg.stage}] discovery: {disc.num_queries} training queries, "
                   f"{int(disc.truth.sum())} matching images", flush=True)
     optimizer = torch.optim.AdamW(reranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ds_cfg = deepspeed_config(cfg)
-    ds_cfg["bf16"] = {"enabled": False}  # small head, fp32 features
+    ds_cfg = head_deepspeed_config(cfg)  # small head, fp32 features, ZeRO 0
     engine, _, _, _ = deepspeed.initialize(model=reranker, optimizer=optimizer, config=ds_cfg)
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
@@ -491,7 +490,7 @@ def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch
     allowed = torch.zeros(rs.num_texts, dtype=torch.bool)
     allowed[train_idx] = True
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ds_cfg = {**deepspeed_config(cfg), "bf16": {"enabled": False}}  # small head, fp32 features
+    ds_cfg = head_deepspeed_config(cfg)  # small head, fp32 features, ZeRO 0
     engine, _, _, _ = deepspeed.initialize(model=head, optimizer=optimizer, config=ds_cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // (cfg.batch_size * IMAGE_RETRIEVAL_TEXTS_PER_IMAGE))

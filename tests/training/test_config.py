@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from reir.data.formats import ImageSample
-from reir.training.config import TrainConfig, deepspeed_config
+from reir.training.config import TrainConfig, deepspeed_config, head_deepspeed_config
 from reir.training.trainer import lr_factor, row_to_sample, sample_to_row
 
 
@@ -15,8 +15,16 @@ def test_deepspeed_config_follows_typed_config() -> None:
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"] == {"stage": 0}
     assert ds["gradient_clipping"] == 0.5
-    assert ds["bf16"]["enabled"] is False  # CPU runs stay fp32 even when bf16 is asked for
+    assert ds["bf16"]["enabled"] is False  # CPU runs: DeepSpeed's bf16 mode stays off (autocast instead)
     assert deepspeed_config(cfg.model_copy(update={"use_gpu": True}))["bf16"]["enabled"] is True
+
+
+def test_head_stages_train_in_fp32_without_zero_partitioning() -> None:
+    cfg = TrainConfig(data_root="d", stage="rerank", batch_size=128, zero_stage=2, use_gpu=True, grad_clip=0.5)
+    ds = head_deepspeed_config(cfg)
+    assert ds["zero_optimization"] == {"stage": 0} and ds["bf16"]["enabled"] is False
+    assert ds["train_micro_batch_size_per_gpu"] == 128 and ds["gradient_clipping"] == 0.5
+    assert deepspeed_config(cfg)["zero_optimization"] == {"stage": 2}  # the big model's stages keep theirs
 
 
 def test_unknown_or_bad_fields_are_rejected() -> None:
