@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     cpu_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="stages 1, 2 and weak on CPU: the forward under torch.autocast(bf16), the text tower "
         "and the losses in fp32 (reir.training.precision). auto: on where the CPU multiplies bf16 in hardware "
-        "(AMX tiles), where it made a stage-2 step about 15% faster; elsewhere bf16 is emulated and slower")
+        "(AMX tiles), where a stage-2 step ran 1.24x faster; elsewhere bf16 is emulated and slower")
     flip_augment: bool = Field(True, description="flip half the images horizontally (\"left\" / \"right\" "
                                "swapped in their expressions)")
     vflip_augment: bool = Field(False, description="also flip half the images vertically (\"above\" / "

@@ -5,9 +5,10 @@ bf16 in hardware, and the convolutions and matrix products that make up most of 
 or stage-2 step run about twice as fast. Two parts stay in fp32 (in ``reir.model``): the
 text tower, whose flash-attention backward over short padded expressions took 22 ms a call in
 bf16 against 7 ms in fp32, and the losses, which read the model's outputs cast back to fp32.
-Measured on the 2-core machine (`small`, batch 16, stage 2, plain torch): 0.50-0.58 s a step
-against 0.60-0.70 s in fp32, interleaved runs (docs/benchmarks.md). Without AMX, bf16 is
-emulated and slower than fp32, so ``cpu_bf16: auto`` leaves such a CPU in fp32.
+Measured on the 2-core machine (`small`, batch 16, stage 2, same-time interleaved runs through
+``run_training``): 0.52-0.53 s a step against 0.63-0.67 s in fp32, 1.24x
+(``bench/results/train-cpu-bf16-2cpu-2026-11-28.json``). Without AMX, bf16 is emulated and
+slower than fp32, so ``cpu_bf16: auto`` leaves such a CPU in fp32.
 
 GPU training is unchanged: DeepSpeed's bf16 mode (``TrainConfig.bf16``), no autocast.
 """
