@@ -41,6 +41,7 @@ class SourceSpec(BaseModel):
 
 
 Stage = Literal["1", "2", "rerank", "weak", "weak-rerank", "image-retrieval"]
+CpuBf16 = Literal["auto", "on", "off"]  # TrainConfig.cpu_bf16, see reir.training.precision
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
@@ -76,7 +77,7 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = Field(True, description="bf16 on GPU (DeepSpeed's bf16 mode); on CPU see cpu_bf16")
-    cpu_bf16: Literal["auto", "on", "off"] = Field(
+    cpu_bf16: CpuBf16 = Field(
         "auto", description="stages 1, 2 and weak on CPU: the forward under torch.autocast(bf16), the text tower "
         "and the losses in fp32 (reir.training.precision). auto: on where the CPU multiplies bf16 in hardware "
         "(AMX tiles), where a stage-2 step ran 1.24x faster; elsewhere bf16 is emulated and slower")

@@ -15,12 +15,9 @@ GPU training is unchanged: DeepSpeed's bf16 mode (``TrainConfig.bf16``), no auto
 
 from __future__ import annotations
 
-import contextlib
-from typing import Literal
-
 import torch
 
-CpuBf16 = Literal["auto", "on", "off"]
+from reir.training.config import CpuBf16
 
 
 def cpu_has_bf16_tiles() -> bool:
@@ -39,9 +36,7 @@ def cpu_autocast_enabled(mode: CpuBf16, device: torch.device | str) -> bool:
     return mode == "on" or cpu_has_bf16_tiles()
 
 
-def training_autocast(mode: CpuBf16, device: torch.device | str) -> contextlib.AbstractContextManager[object]:
-    """The context a training forward runs in: bf16 autocast on CPU when
-    :func:`cpu_autocast_enabled`, else nothing."""
-    if cpu_autocast_enabled(mode, device):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def training_autocast(enabled: bool) -> torch.autocast:
+    """The context a training forward runs in: bf16 autocast on CPU when ``enabled`` (see
+    :func:`cpu_autocast_enabled`), else a context that changes nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)

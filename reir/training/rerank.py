@@ -546,10 +546,9 @@ def calibrate_discovery(
     "precision", "recall", "f1", "none_accuracy", "joint", "none_accuracy_without_gate",
     "none_target", "num_queries"}`` (the figures with the gate)."""
     judged: list[Judged] = []
-    probs, right = [], []
     for qi in query_idx.tolist():
         rows = torch.nonzero(ds.group[qi] == rs.groups).squeeze(1)
-        found = len(probs)
+        answers: list[tuple[float, Any, bool]] = []  # (probability, image row, right): one per image
         for lo in range(0, rows.numel(), chunk):
             part = rows[lo : lo + chunk][None]
             logits = image_logits(reranker, rs, ds.token_states[qi : qi + 1], ds.token_mask[qi : qi + 1],
@@ -557,17 +556,17 @@ def calibrate_discovery(
                                   device=device).float().cpu().view(part.shape[1], -1)  # fmt: skip
             value, slot = logits.max(dim=1)
             keep = torch.isfinite(value)
-            probs.append(torch.sigmoid(value[keep]))
-            right.append((ds.labels[qi, part[0], slot] == DISCOVERY_POS)[keep])
-        p, r = torch.cat(probs[found:] or [torch.zeros(0)]), torch.cat(right[found:] or [torch.zeros(0, dtype=torch.bool)])
-        judged.append(Judged(list(zip(p.tolist(), range(p.numel()), r.tolist(), strict=True)),
-                             int(ds.truth[qi, rows].sum())))  # fmt: skip
+            right = ds.labels[qi, part[0], slot] == DISCOVERY_POS
+            answers += zip(torch.sigmoid(value[keep]).tolist(), part[0][keep].tolist(), right[keep].tolist(), strict=True)
+        judged.append(Judged(answers, int(ds.truth[qi, rows].sum())))
     truth_images = sum(j.truth_images for j in judged)
-    if not probs or truth_images == 0:
+    if not judged or truth_images == 0:
         return {"discover_threshold": 0.5, "discover_gate": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                 "none_accuracy": 0.0, "none_accuracy_without_gate": 0.0, "joint": 0.0, "none_target": float(none_target),
                 "num_queries": int(query_idx.numel())}  # fmt: skip
-    threshold = best_f1_threshold(torch.cat(probs), torch.cat(right), truth_images)["discover_threshold"]
+    threshold = best_f1_threshold(torch.tensor([a[0] for j in judged for a in j.answers]),
+                                  torch.tensor([a[2] for j in judged for a in j.answers], dtype=torch.bool),
+                                  truth_images)["discover_threshold"]  # fmt: skip
     gate = gate_for(judged, threshold, none_target=none_target)
     at = tally(judged, threshold, gate)
     return {**{k: at[k] for k in ("precision", "recall", "f1", "none_accuracy", "joint")},

@@ -294,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       max_refs_per_image=cfg.max_refs_per_image)
             batch = batch.to(device)
             batch.pixel_values = batch.pixel_values.to(dtype)
-            with training_autocast("on" if autocast else "off", device):
+            with training_autocast(autocast):
                 losses = criterion(engine.module, batch)
             engine.backward(losses["loss"])
             progress = _agree(_progress(cfg, step, total_steps, started), device)

@@ -252,14 +252,3 @@ def test_under_cpu_autocast_the_text_tower_and_the_losses_stay_fp32(tiny: tuple[
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
-
-def test_cpu_autocast_modes() -> None:
-    from reir.training.precision import cpu_autocast_enabled, cpu_has_bf16_tiles, training_autocast
-
-    assert cpu_autocast_enabled("on", "cpu") and not cpu_autocast_enabled("off", "cpu")
-    assert cpu_autocast_enabled("auto", "cpu") == cpu_has_bf16_tiles()
-    assert not cpu_autocast_enabled("on", "cuda")  # GPU training keeps DeepSpeed's own bf16 mode
-    with training_autocast("on", "cpu"):
-        assert torch.is_autocast_enabled("cpu")
-    with training_autocast("off", "cpu"):
-        assert not torch.is_autocast_enabled("cpu")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from reir.data.formats import ImageSample
 from reir.training.config import TrainConfig, deepspeed_config, head_deepspeed_config
+from reir.training.precision import cpu_autocast_enabled, cpu_has_bf16_tiles, training_autocast
 from reir.training.trainer import lr_factor, row_to_sample, sample_to_row
 
 
@@ -109,3 +111,13 @@ def test_text_encoder_learns_at_its_own_rate() -> None:
     assert text_ids and {id(p) for p in slow} == text_ids
     assert {g["weight_decay"] for g in groups if g["lr_mult"] == 0.1} == {0.0, 0.05}  # norms/biases still skip decay
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_cpu_autocast_modes() -> None:
+    assert cpu_autocast_enabled("on", "cpu") and not cpu_autocast_enabled("off", "cpu")
+    assert cpu_autocast_enabled("auto", "cpu") == cpu_has_bf16_tiles()
+    assert not cpu_autocast_enabled("on", "cuda")  # GPU training keeps DeepSpeed's own bf16 mode
+    with training_autocast(True):
+        assert torch.is_autocast_enabled("cpu")
+    with training_autocast(False):
+        assert not torch.is_autocast_enabled("cpu")
