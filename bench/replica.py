@@ -12,7 +12,7 @@ losses, flips, parameter groups and LR schedule at ``--s1`` / ``--s2`` steps (a 
 ``make demo`` reaches about 300 and 940 in its 2.5 and 8 minutes); ``--stage2`` starts from a
 saved stage-2 model instead. Each ``--variants`` entry ``NAME:{json}`` trains a fresh re-ranker
 on the frozen model with the rerank stage's features, loss and hard negatives (JSON keys:
-``steps``, ``batch``, ``lr``, ``negatives`` and any ``RerankSpec`` field), then scores the test
+``steps``, ``batch``, ``lr``, ``negatives``, ``pool``, ``seed`` and any ``RerankSpec`` field), then scores the test
 split as serving does on an exact index (``reir.training.rerank.rank_pool``, 50 candidates).
 Prints one JSON object per line: the ANN order's BR@1/5/10 and each variant's, overall and on
 the training ("in") vs held-out ("held") phrasing families.
@@ -34,7 +34,14 @@ from reir.model.boxes import BoxMode, convert
 from reir.model.losses import ReirCriterion
 from reir.model.modeling import score_scale
 from reir.training.config import TrainConfig
-from reir.training.rerank import build_rerank_set, mine_hard_negatives, rank_pool, rerank_loss, sample_texts
+from reir.training.rerank import (
+    build_rerank_set,
+    draw_negatives,
+    mine_hard_negatives,
+    rank_pool,
+    rerank_loss,
+    sample_texts,
+)
 from reir.training.trainer import ImageCache, _param_groups, lr_factor
 
 p = argparse.ArgumentParser()
@@ -101,20 +108,22 @@ def train_stage(model, processor, stage, steps, lr, warmup, samples):
     return model
 
 
-def train_reranker(model, rs, steps, seed, batch=128, lr=4e-3, negatives=15, **spec):
+def train_reranker(model, rs, steps, seed, batch=128, lr=4e-3, negatives=15, pool=49, **spec):
+    """The rerank stage's loop: each step draws an expression's ``negatives`` from the ``pool``
+    images the dual encoder ranks first (``rerank_negative_pool``)."""
     torch.manual_seed(seed)
     reranker = model.add_reranker(**{"hidden_size": 128, **spec})
     reranker.to(dev).train()
     opt = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=0.01)
-    neg = mine_hard_negatives(rs, negatives)
+    neg = mine_hard_negatives(rs, max(negatives, pool))
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
-    pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(seed)
+    texts, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(seed)
     accs = []
     for step in range(steps):
         for gr in opt.param_groups:
             gr["lr"] = lr * lr_factor(step / steps, step, 20)
-        idx = sample_texts(rs, pool, batch, gen)
-        out = rerank_loss(reranker, rs, idx, neg[idx], scale, bias, device=dev)
+        idx = sample_texts(rs, texts, batch, gen)
+        out = rerank_loss(reranker, rs, idx, draw_negatives(neg[idx], negatives, gen), scale, bias, device=dev)
         opt.zero_grad()
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(reranker.parameters(), 1.0)
@@ -187,6 +196,6 @@ for v in args.variants.split(";"):
     kw = json.loads(spec) if spec else {}
     kw = {**json.loads(args.rr_overrides), **kw}
     steps = kw.pop("steps", args.rr)
-    rr, acc = train_reranker(model, rs_train, steps, args.seed, **kw)
+    rr, acc = train_reranker(model, rs_train, steps, kw.pop("seed", args.seed), **kw)
     r = evaluate(model, rr.cpu(), rs_test, gt, fams)
     log(variant=name, train_acc=round(acc, 3), **{k: v for k, v in r.items() if k != "ANN"})
