@@ -78,9 +78,9 @@ class TrainConfig(BaseModel):
     zero_stage: int = Field(2, ge=0, le=3)
     bf16: bool = Field(True, description="bf16 on GPU (DeepSpeed's bf16 mode); on CPU see cpu_bf16")
     cpu_bf16: CpuBf16 = Field(
-        "auto", description="stages 1, 2 and weak on CPU: the forward under torch.autocast(bf16), the text tower "
-        "and the losses in fp32 (reir.training.precision). auto: on where the CPU multiplies bf16 in hardware "
-        "(AMX tiles), where a stage-2 step ran 1.24x faster; elsewhere bf16 is emulated and slower")
+        "auto", description="stages 1, 2 and weak on CPU: the forward under torch.autocast(bf16), the losses in "
+        "fp32 (reir.training.precision). auto: on where the CPU multiplies bf16 in hardware (AMX tiles or AVX-512 "
+        "BF16), where a stage-2 step ran 1.24-1.5x faster; elsewhere bf16 is emulated and slower")
     flip_augment: bool = Field(True, description="flip half the images horizontally (\"left\" / \"right\" "
                                "swapped in their expressions)")
     vflip_augment: bool = Field(False, description="also flip half the images vertically (\"above\" / "
