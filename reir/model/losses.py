@@ -181,6 +181,30 @@ def as_float(value: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Similarities:
+    """Cosine similarities ``[T, N]`` of a worker's expressions with the instance queries of its
+    batch (``world_size`` 1) or of the global batch, all-gathered (padded to ``Bmax`` images a
+    worker, ``valid`` marking the real columns); this worker's images start at ``offset``."""
+
+    values: torch.Tensor
+    q: int
+    offset: int = 0
+    valid: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, text_emb: torch.Tensor, emb: torch.Tensor, rank: int, world_size: int) -> _Similarities:
+        q, valid, offset = emb.shape[1], None, 0
+        if world_size > 1:
+            emb, valid_img, b_max = _gather_instances(emb, world_size)
+            valid, offset = valid_img.repeat_interleave(q), rank * b_max * q
+        return cls(text_emb @ emb.reshape(-1, emb.shape[-1]).t(), q, offset, valid)
+
+    def column(self, image: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Column of query ``query`` of this worker's image ``image`` (broadcasting)."""
+        return self.offset + image * self.q + query
+
+
 class ReirCriterion(nn.Module):
     """Losses of training stage ``"1"`` (detection + REC), ``"2"`` (adds CLIA) or
     ``"weak"`` (detection + MIL contrast; never reads referent boxes).
@@ -221,9 +245,12 @@ class ReirCriterion(nn.Module):
         parts = self._detection(inst, batch, matches)
         text_emb = out.text.embeddings
         query = self._referent_queries(batch, matches)
-        parts["loss_rec"] = self._rec(inst, text_emb, batch.text_image_index, query, out)
+        # One product of the expressions with the instances serves both REC (each expression's
+        # own image's block) and CLIA (every column); stage 2 gathers the global batch's.
+        sims = _Similarities.of(text_emb, inst.embeddings, self.rank, self.world_size if self.stage == "2" else 1)
+        parts["loss_rec"] = self._rec(sims, batch.text_image_index, query, out)
         zero = torch.zeros((), device=text_emb.device)
-        parts["loss_clia"] = self._clia(inst, text_emb, batch, query, out) if self.stage == "2" else zero
+        parts["loss_clia"] = self._clia(sims, batch, query, out) if self.stage == "2" else zero
         parts["loss_aux"] = out.text.aux_loss
         s = self.spec
         w_rec = s.w_rec if self.stage == "1" else s.w_rec_stage2
@@ -359,27 +386,18 @@ class ReirCriterion(nn.Module):
         )
 
     @staticmethod
-    def _rec(
-        inst: InstanceOutput, text_emb: torch.Tensor, image_index: torch.Tensor, query: torch.Tensor, out: ReirOutput
-    ) -> torch.Tensor:
-        """Cross-entropy of each expression over the Q queries of its own image.
-
-        One product against every instance of the batch, then each expression's own image's
-        block: gathering the image's queries per expression first (``embeddings[image_index]``,
-        ``[T, Q, D]``) and its backward's outer products and scatter cost 15-25 ms more of a
-        0.45-0.5 s stage-2 step on 2 CPU cores (T 192, Q 256), timed; the same loss and
-        gradients to 1e-5."""
-        if text_emb.shape[0] == 0:
-            return text_emb.sum() * 0.0
-        b, q, d = inst.embeddings.shape
-        every = (text_emb @ inst.embeddings.reshape(b * q, d).t()).view(-1, b, q)
-        sims = every[torch.arange(every.shape[0], device=every.device), image_index]
-        logits = score_from_similarity(sims, out.logit_scale, out.logit_bias)
+    def _rec(sims: _Similarities, image_index: torch.Tensor, query: torch.Tensor, out: ReirOutput) -> torch.Tensor:
+        """Cross-entropy of each expression over the Q queries of its own image: its image's
+        block of the shared product. (Gathering the image's queries per expression first,
+        ``embeddings[image_index]`` ``[T, Q, D]``, and its backward's outer products and scatter
+        cost 15-25 ms more of a 0.45-0.5 s stage-2 step on 2 CPU cores, T 192, Q 256, timed.)"""
+        if sims.values.shape[0] == 0:
+            return sims.values.sum() * 0.0
+        own = sims.column(image_index[:, None], torch.arange(sims.q, device=image_index.device))
+        logits = score_from_similarity(sims.values.gather(1, own), out.logit_scale, out.logit_bias)
         return F.cross_entropy(logits, query)
 
-    def _clia(
-        self, inst: InstanceOutput, text_emb: torch.Tensor, batch: TrainBatch, query: torch.Tensor, out: ReirOutput
-    ) -> torch.Tensor:
+    def _clia(self, sims: _Similarities, batch: TrainBatch, query: torch.Tensor, out: ReirOutput) -> torch.Tensor:
         """SigLIP loss of local expressions vs every instance query of the global batch.
 
         Only instances are gathered: each worker scores its own texts against all
@@ -388,21 +406,12 @@ class ReirCriterion(nn.Module):
         An identical expression elsewhere in the global batch makes its referent a
         positive too (rather than a false negative).
         """
-        emb = inst.embeddings
-        q = emb.shape[1]
-        valid = None
-        offset = 0
-        if self.world_size > 1:
-            emb, valid_img, b_max = _gather_instances(emb, self.world_size)
-            valid = valid_img.repeat_interleave(q)
-            offset = self.rank * b_max * q
-        flat = emb.reshape(-1, emb.shape[-1])
-        logits = score_from_similarity(text_emb @ flat.t(), out.logit_scale, out.logit_bias)
-        cols = offset + batch.text_image_index * q + query  # global column of each referent
+        logits = score_from_similarity(sims.values, out.logit_scale, out.logit_bias)
+        cols = sims.column(batch.text_image_index, query)  # global column of each referent
         keys = text_keys(batch.input_ids, batch.attention_mask)
         all_keys, all_cols = keys, cols
         if self.world_size > 1:
             all_keys = _gather_padded(keys, self.world_size, pad=0)
             all_cols = _gather_padded(cols, self.world_size, pad=-1)
         positives = shared_positives(keys, all_keys, all_cols, num_columns=logits.shape[1])
-        return siglip_pair_loss(logits, positives, valid)
+        return siglip_pair_loss(logits, positives, sims.valid)

@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, stage: str, key
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage,key", [("2", "loss_clia"), ("weak", "loss_weak")])
+@pytest.mark.parametrize("stage,key", [("2", "loss_clia"), ("2", "loss_rec"), ("weak", "loss_weak")])
 def test_contrast_all_gather_matches_single_process(tmp_path: Path, stage: str, key: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), stage, key), nprocs=2, join=True)
