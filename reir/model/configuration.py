@@ -104,6 +104,12 @@ class RerankSpec:
     # geometric relations (each near 0 for most pairs) cannot say; its existential term is then
     # log(eps + soft count of fitting instances), near 0 with one and about -3.9 with none
     context_relation: bool = False
+    # layers of a text-conditioned transformer over an image's instances after the relation
+    # terms (0: none): each instance's token holds its vector, box and what the expression asks
+    # of it (its own slot, its landmark matches and soft counts); attention between instances is
+    # biased by their relative geometry; the last layer adds a logit per instance (zero at the start)
+    set_layers: int = 0
+    set_hidden: int = 64
 
 
 @dataclass

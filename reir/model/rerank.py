@@ -59,6 +59,11 @@ LOG_EPS = 0.02  # floor of the soft landmark count inside the log: bounds "no la
 SCALE_INIT = 0.3  # the relation term's weight s at initialisation
 
 
+# What :meth:`RelationReranker.image_features` computes once per image: the projected instances,
+# the relation weights, the mask, the image-term mean (or None), the instance set's part (or None).
+Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
 def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
@@ -110,6 +115,54 @@ def relative_geometry(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([dx * 4, dy * 4, lw, lh, lw + lh], dim=-1)
 
 
+class InstanceSet(nn.Module):
+    """``RerankSpec.set_layers`` pre-norm transformer layers over each scored image's instances,
+    after the relation terms: instance ``j``'s token is its projected vector and box plus what the
+    expression asks of it (its own slot, its match as each relation's landmark, its soft landmark
+    counts) and a summary of the expression; attention between ``j`` and ``k`` is biased by their
+    relative geometry (per head). Its output adds one logit per instance and starts at zero.
+    One-hop relation terms score each candidate on its own; here instances see each other, which
+    "the second circle from the left" and "the bigger of the two" need."""
+
+    def __init__(self, spec: RerankSpec, relations: int) -> None:
+        super().__init__()
+        h, hs = spec.hidden_size, spec.set_hidden
+        self.heads = _heads(hs)
+        self.inst = nn.Linear(h, hs)
+        self.box = nn.Linear(4, hs)
+        self.asked = nn.Linear(1 + 2 * relations, hs)  # own slot, landmark matches, log soft counts
+        self.text = nn.Linear((relations + 1) * h, hs)
+        self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, self.heads * spec.set_layers)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"norm1": nn.LayerNorm(hs), "qkv": nn.Linear(hs, 3 * hs), "proj": nn.Linear(hs, hs),
+                           "norm2": nn.LayerNorm(hs), "mlp": Mlp(hs, 2 * hs, hs)})
+            for _ in range(spec.set_layers))  # fmt: skip
+        self.norm = nn.LayerNorm(hs)
+        self.out = nn.Linear(hs, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def image_part(self, v: torch.Tensor, boxes: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-free, per image: the tokens' base ``[U, M, hs]`` and the attention bias
+        ``[U, layers * heads, M, M]`` (``-1e4`` towards masked instances)."""
+        bias = self.geometry(relative_geometry(boxes)).permute(0, 3, 1, 2)  # [U, L*H, M(j), M(k)]
+        bias = bias.masked_fill(~ok[:, None, None, :], -1e4)
+        return self.inst(v) + self.box(boxes), bias
+
+    def forward(self, base: torch.Tensor, bias: torch.Tensor, asked: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``base [N, M, hs]``, ``bias [N, L*H, M, M]``, ``asked [N, M, 1 + 2R]``, ``text [N, (R+1) h]``
+        -> ``[N, M]``."""
+        n, m, hs = base.shape
+        x = base + self.asked(asked) + self.text(text)[:, None, :]
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer["qkv"](layer["norm1"](x)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            mask = bias[:, i * self.heads : (i + 1) * self.heads].to(q.dtype)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, H, M, hs / H]
+            x = x + layer["proj"](att.transpose(1, 2).reshape(n, m, hs))
+            x = x + layer["mlp"](layer["norm2"](x))
+        return self.out(self.norm(x)).squeeze(-1)
+
+
 class RelationReranker(nn.Module):
     """``(expression tokens, instance set) -> logit per instance``; see the module docstring."""
 
@@ -142,6 +195,7 @@ class RelationReranker(nn.Module):
         # Starting at 0.3 the other weights learn from the first step (docs/model.md, "The
         # re-ranker"; docs/decisions.md).
         self.scale_raw = nn.Parameter(torch.full((1,), _inverse_softplus(SCALE_INIT)))
+        self.instance_set = InstanceSet(spec, r) if spec.set_layers > 0 else None
         self.image_query: nn.Parameter | None = None
         self.image_value: nn.Linear | None = None
         self.image_proj: nn.Linear | None = None
@@ -208,11 +262,12 @@ class RelationReranker(nn.Module):
 
     def image_features(
         self, inst_emb: torch.Tensor, boxes: torch.Tensor, objectness: torch.Tensor, inst_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> Features:
         """The text-free half of :meth:`forward`, per image: the projected instances ``v [U, M, h]``,
-        the relation weights ``w [U, M(j), M(k), R]``, the mask ``[U, M]`` and, with
-        ``spec.image_term``, the projected mean of the image's stored vectors ``[U, h]`` (else
-        None). It depends only on what the index stores, so a caller that scores the same
+        the relation weights ``w [U, M(j), M(k), R]``, the mask ``[U, M]``, with
+        ``spec.image_term`` the projected mean of the image's stored vectors ``[U, h]`` and with
+        ``spec.set_layers`` the instance set's token base and attention bias
+        (:meth:`InstanceSet.image_part`) (else None). It depends only on what the index stores, so a caller that scores the same
         images for many expressions can compute it once (:meth:`score_features`)."""
         m = inst_emb.shape[1]
         ok = inst_mask.bool()
@@ -225,7 +280,8 @@ class RelationReranker(nn.Module):
         if self.image_proj is not None:
             okf = ok.to(inst_emb.dtype)[..., None]
             image_mean = self.image_proj((inst_emb * okf).sum(1) / okf.sum(1).clamp(min=1.0))
-        return v, w * pair_ok[..., None].to(w.dtype), ok, image_mean
+        set_part = self.instance_set.image_part(v, boxes, ok) if self.instance_set is not None else None
+        return v, w * pair_ok[..., None].to(w.dtype), ok, image_mean, set_part
 
     def forward(
         self,
@@ -261,12 +317,12 @@ class RelationReranker(nn.Module):
         text_states: torch.Tensor,
         text_mask: torch.Tensor,
         base_logits: torch.Tensor,
-        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+        features: Features,
         text_rows: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` from :meth:`image_features` ``(v, w, mask, image mean)`` computed beforehand."""
-        v, w, ok, image_mean = features
+        v, w, ok, image_mean, set_part = features
         n, m = base_logits.shape
         device = base_logits.device
         if text_rows is None:
@@ -277,6 +333,8 @@ class RelationReranker(nn.Module):
             v, w, ok = v.index_select(0, image_rows), w.index_select(0, image_rows), ok[image_rows]
             if image_mean is not None:
                 image_mean = image_mean.index_select(0, image_rows)
+            if set_part is not None:
+                set_part = (set_part[0].index_select(0, image_rows), set_part[1].index_select(0, image_rows))
         t = slots.shape[0]
         if n % t == 0 and torch.equal(text_rows, torch.arange(t, device=device).repeat_interleave(n // t)):
             # Rows grouped by expression (every caller's layout): one [R+1, h] x [h, C*M]
@@ -294,6 +352,11 @@ class RelationReranker(nn.Module):
         exists = (gate[:, None, :] * torch.log(count + LOG_EPS)).sum(dim=-1)  # [N, M]
         additive = torch.einsum("njkr,nrk->nj", w, match[:, 1:] * gate[..., None])
         delta = self.scale * (match[:, 0] + additive + exists)
+        if self.instance_set is not None:
+            assert set_part is not None
+            asked = torch.cat([match[:, :1], match[:, 1:], torch.log(count + LOG_EPS).transpose(1, 2)], dim=1)
+            delta = delta + self.instance_set(set_part[0], set_part[1], asked.transpose(1, 2),
+                                              slots.flatten(1).index_select(0, text_rows))
         if image is not None:  # the same for every instance of a row's image
             assert image_mean is not None
             delta = delta + (image.index_select(0, text_rows) * image_mean).sum(-1, keepdim=True) / math.sqrt(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -553,6 +554,9 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
     return ray.data.from_items(rows), len(samples), discovery
 
 
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
 def run_training(
     cfg: TrainConfig, *, echo: Callable[[str], None] = print, step_hook: StepHook | None = None,
 ) -> Path | str:
@@ -584,6 +588,11 @@ def run_training(
             ds = ds.map(without_referents)
     else:
         ds, num_rows, discovery = _benchmark_dataset(cfg)
+    # Ray Train routes a worker's print() through its logger, and, since Ray has replaced the
+    # worker's sys.stdout, through the original print as well: every progress line reached the
+    # driver twice, once on stdout and once on stderr (Ray 2.60). The controller and workers
+    # read this from the driver's environment; a value set by hand wins.
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "num_rows": num_rows, "fit_id": uuid.uuid4().hex,

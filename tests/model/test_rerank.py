@@ -343,3 +343,72 @@ def test_a_new_reranker_has_the_context_relation_and_a_stored_one_without_the_fi
     model, _ = create_model("tiny")
     assert model.add_reranker().spec.context_relation
     assert not RerankSpec(hidden_size=16, num_relations=4).context_relation
+
+
+def test_instance_set_layers_start_as_the_form_without_them_and_share_images_exactly() -> None:
+    """``set_layers``: the instance set's logit starts at zero (a re-ranker with the layers and the
+    same other weights scores alike), and once it is not zero, rows sharing images
+    (``image_rows``) and features computed once per image still give the per-row logits."""
+    states, mask, base, emb, boxes, obj, inst_mask, rows = _inputs()
+    torch.manual_seed(0)
+    plain = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.0), 8, 16).eval()
+    layered = RelationReranker(RerankSpec(hidden_size=16, num_relations=4, input_dropout=0.0, set_layers=2,
+                                          set_hidden=8), 8, 16).eval()  # fmt: skip
+    missing, unexpected = layered.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("instance_set.") for k in missing)
+    with torch.no_grad():
+        want = plain(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+        got = layered(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+        assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+        assert torch.allclose(got.nan_to_num(neginf=0), want.nan_to_num(neginf=0), atol=1e-6)
+        torch.nn.init.normal_(layered.instance_set.out.weight)
+        moved = layered(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows)
+        assert not torch.allclose(moved.nan_to_num(neginf=0), want.nan_to_num(neginf=0), atol=1e-3)
+        images = torch.tensor([2, 0, 2])
+        per_row = layered(states, mask, base, emb[images], boxes[images], obj[images], inst_mask[images],
+                          text_rows=rows)  # fmt: skip
+        shared = layered.score_features(states, mask, base, layered.image_features(emb, boxes, obj, inst_mask),
+                                        text_rows=rows, image_rows=images)  # fmt: skip
+    assert torch.equal(torch.isneginf(shared), torch.isneginf(per_row)) and torch.isneginf(shared[0, 3])
+    assert torch.allclose(shared.nan_to_num(neginf=0), per_row.nan_to_num(neginf=0), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # no learned relations: empty layers
+def test_instance_set_layers_alone_learn_which_look_alike_is_second_from_the_left() -> None:
+    """Rows of 3-5 identical instances at random places; the expression asks for the leftmost,
+    the second from the left, the rightmost or the second from the right. With no learned
+    relations, the relation term switched off (s ~ 0) and no dual-encoder score, only the
+    instance set's attention sees where the others are. Learned from scratch, scored on new rows."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    spec = RerankSpec(hidden_size=16, num_relations=0, geometry_hidden=16, input_dropout=0.0, set_layers=1, set_hidden=32)
+    rr = RelationReranker(spec, text_hidden=4, embed_dim=4)
+    rr.set_scale(1e-6)
+    rr.scale_raw.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in rr.parameters() if p.requires_grad], lr=3e-3)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        asked = torch.randint(4, (n,), generator=g)  # leftmost, second from left, rightmost, second from right
+        states = torch.nn.functional.one_hot(asked, 4).float()[:, None, :]
+        count = torch.randint(3, 6, (n,), generator=g)
+        inst_mask = torch.arange(5)[None, :] < count[:, None]
+        boxes = torch.full((n, 5, 4), 0.1)
+        boxes[:, :, 0], boxes[:, :, 1] = torch.rand(n, 5, generator=g) * 0.8 + 0.1, torch.rand(n, 5, generator=g)
+        emb = torch.ones(n, 5, 4) / 2.0
+        logits = rr(states, torch.ones(n, 1), torch.zeros(n, 5), emb, boxes, torch.ones(n, 5), inst_mask)
+        x = boxes[:, :, 0].masked_fill(~inst_mask, float("inf"))
+        order = x.argsort(dim=1)  # left to right, padding last
+        pick = torch.stack([order[:, 0], order[:, 1], order.gather(1, (count - 1)[:, None])[:, 0],
+                            order.gather(1, (count - 2)[:, None])[:, 0]], dim=1)  # fmt: skip
+        return logits, pick.gather(1, asked[:, None])[:, 0]
+
+    for _ in range(600):
+        logits, target = batch(64)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits, target = batch(400)
+    accuracy = float((logits.argmax(dim=1) == target).float().mean())
+    assert accuracy >= 0.9, f"picked the asked-for look-alike in {accuracy:.1%} of new rows"
