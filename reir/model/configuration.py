@@ -109,7 +109,7 @@ class RerankSpec:
     # of it (its own slot, its landmark matches and soft counts); attention between instances is
     # biased by their relative geometry; the last layer adds a logit per instance (zero at the start)
     set_layers: int = 0
-    set_hidden: int = 64
+    set_hidden: int = 32
 
 
 @dataclass

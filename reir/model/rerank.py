@@ -150,10 +150,10 @@ class InstanceSet(nn.Module):
         return self.inst(v) + self.box(boxes), bias
 
     def forward(self, base: torch.Tensor, bias: torch.Tensor, asked: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``base [N, M, hs]``, ``bias [N, L*H, M, M]``, ``asked [N, M, 1 + 2R]``, ``text [N, (R+1) h]``
-        -> ``[N, M]``."""
+        """``base [N, M, hs]``, ``bias [N, L*H, M, M]``, ``asked [N, M, 1 + 2R]``, ``text [N, hs]`` (the
+        expression's slots through ``self.text``) -> ``[N, M]``."""
         n, m, hs = base.shape
-        x = base + self.asked(asked) + self.text(text)[:, None, :]
+        x = base + self.asked(asked) + text[:, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = layer["qkv"](layer["norm1"](x)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             mask = bias[:, i * self.heads : (i + 1) * self.heads].to(q.dtype)
@@ -355,8 +355,8 @@ class RelationReranker(nn.Module):
         if self.instance_set is not None:
             assert set_part is not None
             asked = torch.cat([match[:, :1], match[:, 1:], torch.log(count + LOG_EPS).transpose(1, 2)], dim=1)
-            delta = delta + self.instance_set(set_part[0], set_part[1], asked.transpose(1, 2),
-                                              slots.flatten(1).index_select(0, text_rows))
+            text = self.instance_set.text(slots.flatten(1)).index_select(0, text_rows)  # per expression, then per row
+            delta = delta + self.instance_set(set_part[0], set_part[1], asked.transpose(1, 2), text)
         if image is not None:  # the same for every instance of a row's image
             assert image_mean is not None
             delta = delta + (image.index_select(0, text_rows) * image_mean).sum(-1, keepdim=True) / math.sqrt(

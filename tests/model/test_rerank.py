@@ -321,7 +321,7 @@ def test_context_relation_counts_every_other_instance_wherever_it_is() -> None:
     rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=2, input_dropout=0.0, context_relation=True),
                           text_hidden=8, embed_dim=16)
     assert rr.queries.shape[0] == 1 + 2 + 1 and rr.gate.out_features == rr.match_bias.numel() == 3
-    _, w, _, _ = rr.image_features(emb, boxes, obj, inst_mask)
+    _, w, _, _, _ = rr.image_features(emb, boxes, obj, inst_mask)
     m = inst_mask.shape[1]
     pairs = (inst_mask[:, None, :] & ~torch.eye(m, dtype=torch.bool)[None]).float()
     assert torch.equal(w[..., -1], pairs)  # 1 for every other instance, 0 for itself and padding
@@ -343,6 +343,18 @@ def test_a_new_reranker_has_the_context_relation_and_a_stored_one_without_the_fi
     model, _ = create_model("tiny")
     assert model.add_reranker().spec.context_relation
     assert not RerankSpec(hidden_size=16, num_relations=4).context_relation
+
+
+def test_a_new_reranker_has_an_instance_set_layer_and_a_stored_one_without_the_field_does_not(tmp_path: Path) -> None:
+    model, processor = create_model("tiny")
+    reranker = model.add_reranker()
+    assert reranker.spec.set_layers == 1 and reranker.instance_set is not None
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = create_model(str(tmp_path))
+    assert loaded.reranker is not None and loaded.reranker.instance_set is not None
+    assert all(torch.equal(a, b) for a, b in zip(loaded.reranker.state_dict().values(), reranker.state_dict().values()))
+    assert RelationReranker(RerankSpec(hidden_size=16, num_relations=4), 8, 16).instance_set is None
 
 
 def test_instance_set_layers_start_as_the_form_without_them_and_share_images_exactly() -> None:
