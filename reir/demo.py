@@ -19,11 +19,10 @@ from reir.settings import DEMO_REFERENCE_MINUTES, DEMO_STAGE_MINUTES
 
 # The demo's re-ranker recipe: batches of 128 expressions from one negative group (shared hard
 # negatives), lr 4e-3. bench/rerank.py trains its default variant with the same.
-# One instance-set layer (RerankSpec.set_layers): instances see each other.
+# A new re-ranker's form otherwise (context relation, one instance-set layer): reir.model.modeling's
+# NEW_RERANKER_* defaults.
 RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 20, "weight_decay": 0.01,
-                                 "rerank_negatives": 15,
-                                 "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1, "set_layers": 1,
-                                                                "set_hidden": 32}}}
+                                 "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
 # Everything but training (data, ingestion, HTTP queries, evaluation, the stages' start-up): 3.1 min on
 # a 2-core machine on 2026-11-27; `make demo` = 19.5 + 4 min on the reference machine.
 DEMO_OVERHEAD_S = 4 * 60

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,9 +59,20 @@ LOG_EPS = 0.02  # floor of the soft landmark count inside the log: bounds "no la
 SCALE_INIT = 0.3  # the relation term's weight s at initialisation
 
 
-# What :meth:`RelationReranker.image_features` computes once per image: the projected instances,
-# the relation weights, the mask, the image-term mean (or None), the instance set's part (or None).
-Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, torch.Tensor] | None"]
+class Features(NamedTuple):
+    """What :meth:`RelationReranker.image_features` computes once per image (``U`` images)."""
+
+    v: torch.Tensor  # [U, M, h] the projected instances
+    w: torch.Tensor  # [U, M(j), M(k), R] the relation weights
+    ok: torch.Tensor  # [U, M] bool
+    image_mean: torch.Tensor | None  # [U, h] (RerankSpec.image_term)
+    set_base: torch.Tensor | None  # [U, M, hs] the instance set's token base (RerankSpec.set_layers)
+    set_bias: torch.Tensor | None  # [U, layers * heads, M, M] its attention bias
+
+    def rows(self, image_rows: torch.Tensor) -> Features:
+        """The features of images ``image_rows`` (``index_select``: its backward is an
+        ``index_add``, far cheaper on CPU than indexing's)."""
+        return Features(*(None if x is None else x.index_select(0, image_rows) for x in self))
 
 
 def _inverse_softplus(value: float) -> float:
@@ -133,6 +144,8 @@ class InstanceSet(nn.Module):
         self.asked = nn.Linear(1 + 2 * relations, hs)  # own slot, landmark matches, log soft counts
         self.text = nn.Linear((relations + 1) * h, hs)
         self.geometry = Mlp(NUM_GEOMETRY, spec.geometry_hidden, self.heads * spec.set_layers)
+        # Written out rather than nn.TransformerEncoderLayer: in eval mode that takes a fused fast
+        # path which returned NaN for these per-head float masks (rows of padding masked by -1e4).
         self.layers = nn.ModuleList(
             nn.ModuleDict({"norm1": nn.LayerNorm(hs), "qkv": nn.Linear(hs, 3 * hs), "proj": nn.Linear(hs, hs),
                            "norm2": nn.LayerNorm(hs), "mlp": Mlp(hs, 2 * hs, hs)})
@@ -142,17 +155,20 @@ class InstanceSet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def image_part(self, v: torch.Tensor, boxes: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text-free, per image: the tokens' base ``[U, M, hs]`` and the attention bias
+    def image_part(self, v: torch.Tensor, boxes: torch.Tensor, geometry: torch.Tensor,
+                   ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Text-free, per image, from the projected instances ``v``, their boxes and
+        :func:`relative_geometry`: the tokens' base ``[U, M, hs]`` and the attention bias
         ``[U, layers * heads, M, M]`` (``-1e4`` towards masked instances)."""
-        bias = self.geometry(relative_geometry(boxes)).permute(0, 3, 1, 2)  # [U, L*H, M(j), M(k)]
-        bias = bias.masked_fill(~ok[:, None, None, :], -1e4)
-        return self.inst(v) + self.box(boxes), bias
+        bias = self.geometry(geometry).permute(0, 3, 1, 2)  # [U, L*H, M(j), M(k)]
+        return self.inst(v) + self.box(boxes), bias.masked_fill(~ok[:, None, None, :], -1e4)
 
-    def forward(self, base: torch.Tensor, bias: torch.Tensor, asked: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``base [N, M, hs]``, ``bias [N, L*H, M, M]``, ``asked [N, M, 1 + 2R]``, ``text [N, hs]`` (the
-        expression's slots through ``self.text``) -> ``[N, M]``."""
+    def forward(self, base: torch.Tensor, bias: torch.Tensor, asked: torch.Tensor, slots: torch.Tensor,
+                text_rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``base [N, M, hs]``, ``bias [N, L*H, M, M]``, ``asked [N, M, 1 + 2R]``, the expressions'
+        slots ``[T, R+1, h]`` and the expression of each row ``text_rows [N]`` -> ``[N, M]``."""
         n, m, hs = base.shape
+        text = self.text(slots.flatten(1)).index_select(0, text_rows)  # once per expression, then per row
         x = base + self.asked(asked) + text[:, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = layer["qkv"](layer["norm1"](x)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
@@ -272,7 +288,8 @@ class RelationReranker(nn.Module):
         m = inst_emb.shape[1]
         ok = inst_mask.bool()
         v = self.inst(self.input_dropout(torch.cat([inst_emb, objectness[..., None].to(inst_emb.dtype)], dim=-1)))
-        w = torch.sigmoid(self.geometry(relative_geometry(boxes)))  # [U, M(j), M(k), R]
+        geometry = relative_geometry(boxes)
+        w = torch.sigmoid(self.geometry(geometry))  # [U, M(j), M(k), R]
         if self.spec.context_relation:  # every other instance, wherever it is
             w = torch.cat([w, torch.ones_like(w[..., :1])], dim=-1)
         pair_ok = ok[:, None, :] & ~torch.eye(m, dtype=torch.bool, device=inst_emb.device)[None]
@@ -280,8 +297,10 @@ class RelationReranker(nn.Module):
         if self.image_proj is not None:
             okf = ok.to(inst_emb.dtype)[..., None]
             image_mean = self.image_proj((inst_emb * okf).sum(1) / okf.sum(1).clamp(min=1.0))
-        set_part = self.instance_set.image_part(v, boxes, ok) if self.instance_set is not None else None
-        return v, w * pair_ok[..., None].to(w.dtype), ok, image_mean, set_part
+        set_base = set_bias = None
+        if self.instance_set is not None:
+            set_base, set_bias = self.instance_set.image_part(v, boxes, geometry, ok)
+        return Features(v, w * pair_ok[..., None].to(w.dtype), ok, image_mean, set_base, set_bias)
 
     def forward(
         self,
@@ -321,20 +340,15 @@ class RelationReranker(nn.Module):
         text_rows: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:meth:`forward` from :meth:`image_features` ``(v, w, mask, image mean)`` computed beforehand."""
-        v, w, ok, image_mean, set_part = features
+        """:meth:`forward` from :meth:`image_features` computed beforehand."""
+        if image_rows is not None:
+            features = features.rows(image_rows)
+        v, w, ok, image_mean, set_base, set_bias = features
         n, m = base_logits.shape
         device = base_logits.device
         if text_rows is None:
             text_rows = torch.arange(n, device=device)
         slots, gate, image = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R], [T, h] | None
-        if image_rows is not None:
-            # index_select: its backward is an index_add, far cheaper on CPU than indexing's
-            v, w, ok = v.index_select(0, image_rows), w.index_select(0, image_rows), ok[image_rows]
-            if image_mean is not None:
-                image_mean = image_mean.index_select(0, image_rows)
-            if set_part is not None:
-                set_part = (set_part[0].index_select(0, image_rows), set_part[1].index_select(0, image_rows))
         t = slots.shape[0]
         if n % t == 0 and torch.equal(text_rows, torch.arange(t, device=device).repeat_interleave(n // t)):
             # Rows grouped by expression (every caller's layout): one [R+1, h] x [h, C*M]
@@ -349,14 +363,14 @@ class RelationReranker(nn.Module):
         match = match / math.sqrt(v.shape[-1])  # [N, R+1, M]
         landmark = torch.sigmoid(match[:, 1:] + self.match_bias[None, :, None])  # [N, R, M(k)]
         count = torch.einsum("njkr,nrk->njr", w, landmark)  # soft count per (candidate, relation)
-        exists = (gate[:, None, :] * torch.log(count + LOG_EPS)).sum(dim=-1)  # [N, M]
+        log_count = torch.log(count + LOG_EPS)
+        exists = (gate[:, None, :] * log_count).sum(dim=-1)  # [N, M]
         additive = torch.einsum("njkr,nrk->nj", w, match[:, 1:] * gate[..., None])
         delta = self.scale * (match[:, 0] + additive + exists)
         if self.instance_set is not None:
-            assert set_part is not None
-            asked = torch.cat([match[:, :1], match[:, 1:], torch.log(count + LOG_EPS).transpose(1, 2)], dim=1)
-            text = self.instance_set.text(slots.flatten(1)).index_select(0, text_rows)  # per expression, then per row
-            delta = delta + self.instance_set(set_part[0], set_part[1], asked.transpose(1, 2), text)
+            assert set_base is not None and set_bias is not None
+            asked = torch.cat([match.transpose(1, 2), log_count], dim=-1)  # [N, M, 1 + 2R]
+            delta = delta + self.instance_set(set_base, set_bias, asked, slots, text_rows)
         if image is not None:  # the same for every instance of a row's image
             assert image_mean is not None
             delta = delta + (image.index_select(0, text_rows) * image_mean).sum(-1, keepdim=True) / math.sqrt(

@@ -321,7 +321,7 @@ def test_context_relation_counts_every_other_instance_wherever_it_is() -> None:
     rr = RelationReranker(RerankSpec(hidden_size=16, num_relations=2, input_dropout=0.0, context_relation=True),
                           text_hidden=8, embed_dim=16)
     assert rr.queries.shape[0] == 1 + 2 + 1 and rr.gate.out_features == rr.match_bias.numel() == 3
-    _, w, _, _, _ = rr.image_features(emb, boxes, obj, inst_mask)
+    w = rr.image_features(emb, boxes, obj, inst_mask).w
     m = inst_mask.shape[1]
     pairs = (inst_mask[:, None, :] & ~torch.eye(m, dtype=torch.bool)[None]).float()
     assert torch.equal(w[..., -1], pairs)  # 1 for every other instance, 0 for itself and padding
