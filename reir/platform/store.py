@@ -105,11 +105,13 @@ class Hit:
 HIT_FIELDS = tuple(f.name for f in dataclass_fields(Hit))
 
 
-def hit_columns(hits: Sequence[Hit]) -> tuple[list[Any], ...]:
+def hit_columns(hits: Sequence[Hit], *, vectors: bool = True) -> tuple[list[Any], ...]:
     """``hits`` as one list per field (:data:`HIT_FIELDS` order): what crosses a Ray hop.
     Pickling a list of dataclasses writes a class reference and a field dict per hit (about
-    4.4 ms each way for a re-ranked query's 600 hits on 2 cores); field lists are a fraction."""
-    return tuple([h.__dict__[name] for h in hits] for name in HIT_FIELDS)
+    4.4 ms each way for a re-ranked query's 600 hits on 2 cores); field lists are a fraction.
+    ``vectors=False``: the ``embedding`` column is all None (the rows' vectors stay behind)."""
+    return tuple([None] * len(hits) if name == "embedding" and not vectors else [h.__dict__[name] for h in hits]
+                 for name in HIT_FIELDS)  # fmt: skip
 
 
 def hits_from_columns(columns: Sequence[Sequence[Any]]) -> list[Hit]:

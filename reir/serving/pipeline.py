@@ -52,8 +52,10 @@ class Candidates:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By column across a Ray hop (reir.platform.store.hit_columns): the searcher hands back
-        # the ANN hits and every re-ranked instance of the head, ~600 hits a query.
-        scored = None if self.scored is None else (hit_columns([h for h, _ in self.scored]), [p for _, p in self.scored])
+        # the ANN hits and every re-ranked instance of the head, ~600 hits a query. The answer
+        # needs boxes and scores only: the context's vectors (~500 x dim floats) stay behind.
+        scored = None if self.scored is None else (hit_columns([h for h, _ in self.scored], vectors=False),
+                                                   [p for _, p in self.scored])  # fmt: skip
         return (_candidates, (hit_columns(self.hits), scored, self.timings_s))
 
 
@@ -61,17 +63,6 @@ def _candidates(hits: Sequence[Sequence[Any]], scored: tuple[Sequence[Sequence[A
                 timings_s: dict[str, float]) -> Candidates:  # fmt: skip
     pairs = None if scored is None else list(zip(hits_from_columns(scored[0]), scored[1], strict=True))
     return Candidates(hits_from_columns(hits), pairs, timings_s)
-
-
-def without_embedding(hit: Hit) -> Hit:
-    """``hit`` without its vector: ``dataclasses.replace`` calls the frozen ``__init__`` (one
-    ``object.__setattr__`` per field), about 2.5 ms for a re-ranked head's 500 rows on 2 cores;
-    a shallow copy of the fields is a fraction of that."""
-    if hit.embedding is None:
-        return hit
-    stripped = object.__new__(Hit)
-    stripped.__dict__.update(hit.__dict__, embedding=None)
-    return stripped
 
 
 def rerank_head(hits: Sequence[Hit], size: int) -> list[Hit]:
@@ -106,10 +97,8 @@ class Ranker:
         context = self.store.context(best, model_version=flt.model_version)
         timings["context"] = clock() - t
         t = clock()
+        # The scored rows keep their vectors here; they do not cross the hop back (Candidates).
         scored = self.reranker.rerank(query, best, context, presence=presence)
-        # The answer needs boxes and scores only: the context's vectors (the bulk of the
-        # data: ~500 x dim floats) stay here instead of crossing the hop back to the ingress.
-        scored = [(without_embedding(hit), prob) for hit, prob in scored]
         timings["rerank"] = clock() - t
         return Candidates(hits, scored, timings)
 

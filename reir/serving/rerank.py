@@ -45,6 +45,13 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+def sigmoid_array(x: np.ndarray) -> np.ndarray:
+    """:func:`sigmoid` of every element (float64), by the same two formulas."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 def _calibrated(model_path: str | Path, key: str, default: float, *, required: bool, zero_ok: bool) -> float:
     """``key`` of the checkpoint's ``calibration.json`` when it is a probability (0 allowed with
     ``zero_ok``), else ``default``; a missing file, or a missing key that is not ``required``,
@@ -157,9 +164,11 @@ class Reranker:
         if not groups:
             return ann_order(candidates, self.calibration)
         logits = self._logits(query, image_ids, groups, presence)
-        scored = [(by_pk.get(row.pk, row), sigmoid(float(logits[i, j])))
-                  for i, group in enumerate(groups) for j, row in enumerate(group)]
-        return sorted(scored, key=lambda s: (-s[1], s[0].pk))
+        counts = np.asarray([len(g) for g in groups])
+        probs = sigmoid_array(logits[np.arange(logits.shape[1])[None, :] < counts[:, None]])  # the groups' rows, in order
+        rows = [by_pk.get(row.pk, row) for group in groups for row in group]
+        order = np.lexsort((np.asarray([r.pk for r in rows]), -probs))  # best first, the pk breaks ties
+        return [(rows[i], p) for i, p in zip(order.tolist(), probs[order].tolist(), strict=True)]
 
     def _group(self, image_id: str, rows: Sequence[Hit], candidates: Mapping[str, Hit]) -> list[Hit]:
         """The image's rows with vectors, at most ``max_instances``, never dropping a candidate."""

@@ -315,3 +315,33 @@ def test_live_recall_is_measured_on_real_queries_and_raises_the_probe_count_belo
     exact = MemoryIndex(store.memory_rows(partition_for("v1"), 10_000), partition=None, signal=None)  # type: ignore[arg-type]
     assert [[h.pk for h in a] for a in store.search(queries, 100, flt)] == [[h.pk for h in a] for a in exact.search(queries, 100)]
     assert manager.measure_recall() == 1.0 and manager.recall() == 1.0  # what the Searcher's gauge reads
+
+
+def test_contexts_read_whole_images_only_and_leave_incomplete_or_stale_ones_to_milvus() -> None:
+    # (image, rank) of each row, shuffled; n_instances is what the image's rows say it holds
+    layout = [("a", 0, 3), ("b", 0, 3), ("a", 2, 3), ("d", 3, 2), ("b", 2, 3), ("a", 1, 3), ("d", 0, 2),
+              ("c", 0, 3), ("c", 1, 3), ("c", 1, 3), ("d", 1, 2), ("e", 0, 1), ("d", 2, 2)]  # fmt: skip
+    n = len(layout)
+    vecs = np.random.default_rng(0).normal(size=(n, DIM)).astype(np.float32)
+    columns = {S.PK: [f"v1:{im}:{r}:{i}" for i, (im, r, _) in enumerate(layout)],
+               S.IMAGE_ID: [im for im, _, _ in layout], S.URI: [f"/g/{im}.jpg" for im, _, _ in layout],
+               S.MODEL_VERSION: ["v1"] * n, **{f: np.arange(n, dtype=np.float32) for f in (*S.BOX_FIELDS, S.SCORE)},
+               S.IMAGE_W: np.full(n, 64.0), S.IMAGE_H: np.full(n, 48.0),
+               S.N_INSTANCES: np.asarray([k for _, _, k in layout]), S.RANK: np.asarray([r for _, r, _ in layout])}  # fmt: skip
+    index = MemoryIndex(Rows(vecs, columns, has_context=True), partition=None, signal=None)
+
+    def hit(row: int, pk: str | None = None, count: int | None = None) -> Hit:
+        image, _, k = layout[row % n]
+        return Hit(pk or columns[S.PK][row % n], image, f"/g/{image}.jpg", (0.0, 0.0, 1.0, 1.0), 0.5, 0.5, "v1",
+                   n_instances=k if count is None else count, row=row)  # fmt: skip
+
+    hits = [hit(2), hit(1), hit(7), hit(12), hit(11), hit(0, pk="v1:other"), hit(5, count=4), hit(n + 3)]
+    found = index.contexts(hits, float16=False)
+    # a: ranks 0..2 in rank order; d: its first two ranks (rank 3 is beyond its count); e: one row.
+    # b lacks rank 1, c holds rank 1 twice, a stale pk, a count the rows do not reach, a row past the end: not here.
+    assert sorted(found) == [0, 3, 4]
+    assert found[0].rows.tolist() == [0, 5, 2] and found[0].pks == [columns[S.PK][i] for i in (0, 5, 2)]
+    assert found[3].rows.tolist() == [6, 10] and found[4].rows.tolist() == [11]
+    assert found[0].boxes == [[float(i)] * 4 for i in (0, 5, 2)] and found[3].objectness == [6.0, 10.0]
+    assert np.array_equal(found[0].vectors, vecs[[0, 5, 2]])
+    assert index.contexts([], float16=False) == {}
