@@ -58,6 +58,7 @@ p.add_argument("--stage2", default="")
 p.add_argument("--save", default="")
 p.add_argument("--overrides", default="{}", help="create_model overrides for stage 1 (JSON)")
 p.add_argument("--rr-overrides", default="{}", help="applied to every variant (JSON)")
+p.add_argument("--eval-pools", default="50", help="serving pools scored, comma list (the first is RR) [50]")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--model", default="small", help="preset the stages start from")
 args = p.parse_args()
@@ -134,25 +135,31 @@ def train_reranker(model, rs, steps, seed, batch=128, lr=4e-3, negatives=15, poo
 
 
 def evaluate(model, reranker, rs, gt, fams, pools=(50,)):
+    """BR@k of the ANN order and of the re-ranker over each serving pool of ``pools`` (its
+    top ``p`` instances' images): ``RR`` / ``RR_in`` / ``RR_held`` for the first pool,
+    ``RR_p{p}`` for the others."""
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     n, m, _ = rs.emb.shape
     xywh = convert(rs.boxes.reshape(-1, 4).numpy(), BoxMode.CXCYWH_NORM, BoxMode.XYWH_ABS, width=1, height=1)
     xywh = xywh.reshape(n, m, 4).tolist()
-    rer, ann = {}, {}
+    rer, ann = {p: {} for p in pools}, {}
     for t in range(rs.num_texts):
         top, ann_order, scored = rank_pool(reranker, rs, t, max(pools), scale, bias)
         ann[str(t)] = [Prediction(str(i), xywh[i][s]) for i, _, s in ann_order]
-        held = set((top[: pools[0]] // m).tolist())
-        rer[str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in scored if i in held]
-        # pool recall: own image in pool
-    out = {"ANN": {k.split("@")[1]: round(v, 4) for k, v in box_recall_at_k(ann, gt, (1, 5, 10), (0.5,)).items()},
-           "RR": {k.split("@")[1]: round(v, 4) for k, v in box_recall_at_k(rer, gt, (1, 5, 10), (0.5,)).items()}}
+        for p in pools:
+            held = set((top[:p] // m).tolist())
+            rer[p][str(t)] = [Prediction(str(i), xywh[i][s], v) for i, v, s in scored if i in held]
+
+    def brk(preds, truth, ks=(1, 5, 10)):
+        return {k.split("@")[1]: round(v, 4) for k, v in box_recall_at_k(preds, truth, ks, (0.5,)).items()}
+
+    out = {"ANN": brk(ann, gt), "RR": brk(rer[pools[0]], gt)}
+    out.update({f"RR_p{p}": brk(rer[p], gt) for p in pools[1:]})
     by = defaultdict(dict)
     for t, f in fams.items():
         by["held" if f in ("question", "appositive") else "in"][t] = gt[t]
     for name, sub in by.items():
-        r = box_recall_at_k({t: rer[t] for t in sub}, sub, (1, 10), (0.5,))
-        out[f"RR_{name}"] = {k.split("@")[1]: round(v, 4) for k, v in r.items()}
+        out[f"RR_{name}"] = brk({t: rer[pools[0]][t] for t in sub}, sub, (1, 10))
     return out
 
 
@@ -197,5 +204,5 @@ for v in args.variants.split(";"):
     kw = {**json.loads(args.rr_overrides), **kw}
     steps = kw.pop("steps", args.rr)
     rr, acc = train_reranker(model, rs_train, steps, kw.pop("seed", args.seed), **kw)
-    r = evaluate(model, rr.cpu(), rs_test, gt, fams)
+    r = evaluate(model, rr.cpu(), rs_test, gt, fams, tuple(int(x) for x in args.eval_pools.split(",")))
     log(variant=name, train_acc=round(acc, 3), **{k: v for k, v in r.items() if k != "ANN"})

@@ -230,7 +230,7 @@ class QueryPipeline:
         stages: QueryStages,
         *,
         candidates: int = 100,
-        rerank_candidates: int = 50,
+        rerank_candidates: int = 100,
         dedupe_iou: float = 0.9,
         filter_model_version: bool = True,
         metrics: StageMetrics | None = None,
