@@ -262,8 +262,7 @@ class MemoryIndex:
         rows = np.where(ok, rows, 0)
         pks = self.pk.take(pa.array(rows)).to_pylist()
         ok &= np.asarray([pk == h.pk for pk, h in zip(pks, hits, strict=True)], dtype=bool)
-        counts = np.where(ok, np.asarray([h.n_instances for h in hits], dtype=np.int64), 0)
-        counts = np.maximum(counts, 0)
+        counts = np.where(ok, np.maximum(np.asarray([h.n_instances for h in hits], dtype=np.int64), 0), 0)
         owner = np.repeat(np.arange(len(hits)), counts)  # the hit each wanted row belongs to
         within = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)  # its rank
         at = start[rows][owner] + within
@@ -272,8 +271,7 @@ class MemoryIndex:
         good = inside & (keys[found] == keys[rows][owner]) & (self.rank[found] == within)
         bad = np.bincount(owner[~good], minlength=len(hits)) if len(owner) else np.zeros(len(hits), dtype=np.int64)
         valid = ok & (bad == 0)
-        keep = valid[owner]
-        both, owner = found[keep], owner[keep]  # one read of each column for every image
+        both = found[valid[owner]]  # one read of each column for every image
         pks = self.pk.take(pa.array(both, type=pa.int64())).to_pylist()
         boxes, objectness = self.box[both].tolist(), self.objectness[both].tolist()
         vectors = self.vectors[both]
