@@ -269,8 +269,7 @@ class MemoryIndex:
         inside = at < len(order)
         found = order[np.where(inside, at, 0)]
         good = inside & (keys[found] == keys[rows][owner]) & (self.rank[found] == within)
-        bad = np.bincount(owner[~good], minlength=len(hits)) if len(owner) else np.zeros(len(hits), dtype=np.int64)
-        valid = ok & (bad == 0)
+        valid = ok & (np.bincount(owner[~good], minlength=len(hits)) == 0)
         both = found[valid[owner]]  # one read of each column for every image
         pks = self.pk.take(pa.array(both, type=pa.int64())).to_pylist()
         boxes, objectness = self.box[both].tolist(), self.objectness[both].tolist()

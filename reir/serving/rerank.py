@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,8 @@ CALIBRATION_FILE = "calibration.json"
 Scored = tuple[Hit, float]
 
 
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def sigmoid_array(x: np.ndarray) -> np.ndarray:
-    """:func:`sigmoid` of every element (float64), by the same two formulas."""
+def sigmoid(x: np.ndarray | Sequence[float]) -> np.ndarray:
+    """The logistic function of every element (float64), without overflow for large |x|."""
     x = np.asarray(x, dtype=np.float64)
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -87,7 +82,8 @@ def discover_gate_for(model_path: str | Path) -> float:
 def ann_order(candidates: Sequence[Hit], calibration: Calibration) -> list[Scored]:
     """Candidates by ANN score (pk breaks ties), each with its calibrated probability."""
     ordered = sorted(candidates, key=lambda h: (-h.score, h.pk))
-    return [(h, sigmoid(float(calibration.logits(np.asarray(h.score))))) for h in ordered]
+    probs = sigmoid(calibration.logits(np.asarray([h.score for h in ordered], dtype=np.float64)))
+    return list(zip(ordered, probs.tolist(), strict=True))
 
 
 class ImageSizes:
@@ -163,9 +159,7 @@ class Reranker:
                 log.warning("image %s has no stored context; its candidates are dropped from re-ranking", image_id)
         if not groups:
             return ann_order(candidates, self.calibration)
-        logits = self._logits(query, image_ids, groups, presence)
-        counts = np.asarray([len(g) for g in groups])
-        probs = sigmoid_array(logits[np.arange(logits.shape[1])[None, :] < counts[:, None]])  # the groups' rows, in order
+        probs = sigmoid(self._logits(query, image_ids, groups, presence))
         rows = [by_pk.get(row.pk, row) for group in groups for row in group]
         order = np.lexsort((np.asarray([r.pk for r in rows]), -probs))  # best first, the pk breaks ties
         return [(rows[i], p) for i, p in zip(order.tolist(), probs[order].tolist(), strict=True)]
@@ -181,6 +175,7 @@ class Reranker:
 
     def _logits(self, query: str | EncodedQuery, image_ids: list[str], groups: list[list[Hit]],
                 presence: bool = False) -> np.ndarray:  # fmt: skip
+        """The logit of every row of ``groups``, flat, in the groups' order."""
         sizes = [self.image_size(image_id, group) for image_id, group in zip(image_ids, groups, strict=True)]
         emb, boxes, objectness, mask = pack_instance_sets(
             [[r.embedding for r in g] for g in groups], [[r.box for r in g] for g in groups],
@@ -203,4 +198,4 @@ class Reranker:
                 ids, attention = (move(v) if isinstance(v, torch.Tensor) else v
                                   for v in (text["input_ids"], text["attention_mask"]))
                 logits = self.model.rerank_logits(ids, attention, *tensors, presence=presence)
-        return to_numpy(logits).reshape(mask.shape)
+        return to_numpy(logits).reshape(mask.shape)[mask]
