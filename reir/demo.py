@@ -53,8 +53,9 @@ class DemoConfig:
     # for 3,500 without it (plain-torch replica, bench/results/rerank-instance-set-replica-2cpu-2026-11-28.json).
     stage_steps: tuple[int, int, int] = (600, 940, 2000)
     # Discover mode's presence head, trained after the re-ranker in the same stage (its minutes
-    # include it): 3,000 steps, 121 s on a 2-core machine (2026-11-27); 228 s since it has the
-    # re-ranker's instance-set layer (2026-11-28), which took discover F1 from 71.6 to 81.6%.
+    # include it): 3,000 steps, 121 s on a 2-core machine (2026-11-27); 228-262 s since it has the
+    # re-ranker's instance-set layer (2026-11-28), which took discover F1 from 71.6 to 81.6%
+    # (1,500 steps: 141 s, F1 79.2 against 82.3% on one stage-2 model).
     presence_steps: int = 3000
     model: str = "small"
     # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
