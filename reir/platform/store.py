@@ -31,7 +31,7 @@ from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, MilvusException
 
 from reir.platform import schema as S
 from reir.platform.backend import DEFAULT_PARTITION, Layout, auto_index, is_lite_version, partition_for, search_params
@@ -415,14 +415,25 @@ class MilvusStore:
                 by_partition.setdefault(name, []).append(row)
             for name, part in by_partition.items():
                 if name not in layout.partitions:
-                    if not self.client.has_partition(self.collection, name):
-                        self.client.create_partition(self.collection, name)
+                    self._ensure_partition(name)
                     layout.partitions = layout.partitions | {name}
                 self._upsert_part(part, name, layout)
             written += len(chunk)
         if self._memory is not None and written:
             self._memory.invalidate()
         return written
+
+    def _ensure_partition(self, name: str) -> None:
+        """Create partition ``name`` unless it exists. Ingestion's encoder actors write at once
+        (and a restarted one writes again): another may create it between the check and the
+        create, which then fails although the partition is there; that is not an error."""
+        if self.client.has_partition(self.collection, name):
+            return
+        try:
+            self.client.create_partition(self.collection, name)
+        except MilvusException:
+            if not self.client.has_partition(self.collection, name):
+                raise
 
     def _upsert_part(self, rows: list[dict[str, Any]], partition: str, layout: Layout) -> None:
         """One upsert call, sent by column when every row has exactly the schema's fields.

@@ -124,3 +124,40 @@ def test_rows_go_by_column_and_read_back_exactly(store: MilvusStore) -> None:
     context = S.unpack_context(packed)
     assert context is not None and context.embeddings.shape == (2, DIM) and got[plain[3][S.PK]][S.PACKED_CONTEXT] == ""
     assert np.allclose(context.embeddings, vecs[2:4], atol=2e-3)  # float16 in the pack
+
+
+def test_writers_creating_a_new_version_partition_at_once_all_succeed(tmp_path: Path) -> None:
+    """Ingestion's encoder actors (and a restarted one) write the same new model version at
+    once: each sees no partition, creates it, and all but one lose that race; none may fail."""
+    import threading
+
+    path = str(tmp_path / "idx.db")
+    MilvusStore(path, "instances", dim=DIM).close()
+    writers = 4
+    stores = [MilvusStore(path, "instances") for _ in range(writers)]
+    errors: list[BaseException] = []
+    try:
+        for k in range(5):  # five new versions, each written by every store at once
+            start = threading.Barrier(writers)
+
+            def write(store: MilvusStore, part: int, version: str = f"v{k}", start: threading.Barrier = start) -> None:
+                vecs = _rows(4, version, seed=part)[0]
+                rows = [S.InstanceRow(f"w{part}_img{i // 2}", f"/g/w{part}_img{i // 2}.jpg", (i, 2.0, 3.0, 4.0), 0.5,
+                                      i % 2, version, vecs[i]).to_dict() for i in range(4)]  # fmt: skip
+                start.wait()
+                try:
+                    store.upsert(rows)
+                except Exception as exc:  # noqa: BLE001 - collected, asserted below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=write, args=(s, i)) for i, s in enumerate(stores)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert errors == []
+        stores[0].flush()
+        assert stores[0].count() == 5 * writers * 4
+    finally:
+        for s in stores:
+            s.close()
