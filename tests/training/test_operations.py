@@ -144,3 +144,30 @@ def test_a_new_run_under_an_old_name_starts_at_step_zero(tmp_path: Path) -> None
         ops(_config(tmp_path, "runs", resume=True), world=2).start(old)
     with pytest.raises(ValueError, match="cannot be resumed"):
         ops(_config(tmp_path, "runs", resume=True)).start(str(tmp_path))
+
+
+def test_run_training_outside_a_ray_session_ignores_a_dead_cluster_recorded_by_ray(data: Path, tmp_path: Path) -> None:
+    """A library caller without ray.init: Ray's own address file names a cluster that is gone
+    (a Ray instance killed before it cleaned up). run_training starts its own local instance
+    instead of waiting on the dead address for ever (its own process, its own Ray temp dir;
+    before, the run waited on the dead address until the timeout)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (temp / "ray").mkdir(parents=True)
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens there
+    script = ("import sys; from reir.training.config import TrainConfig; from reir.training.trainer import run_training; "
+              f"cfg = TrainConfig(data_root={str(data)!r}, model='tiny', output_dir={str(tmp_path / 'runs')!r}, "
+              "batch_size=2, max_steps=1, warmup_steps=0, run_name='fresh', num_workers=1); "
+              "print('MODEL', run_training(cfg))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], check=False, env={**env, "RAY_TMPDIR": str(temp)},
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MODEL" in done.stdout and (tmp_path / "runs" / "fresh" / "model" / "config.json").is_file()
