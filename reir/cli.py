@@ -109,7 +109,6 @@ def train(
                                      else f"reir-{cfg.stage}"})
     from reir.training.trainer import run_training  # torch, DeepSpeed: after the checks, so a mistake answers at once
 
-    init_ray()
     typer.echo(str(run_training(cfg, echo=typer.echo)))
 
 
@@ -174,7 +173,6 @@ def ingest(
     _need_dir(Path(cfg.model_path), "model directory")
     from reir.ingestion.pipeline import run_ingestion  # torch: after the checks
 
-    init_ray()
     summary = _plain(run_ingestion(cfg))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "progress"}, indent=2))  # the samples: job summary
     _write_job_summary(summary)
@@ -260,7 +258,6 @@ def index_add(
         raise ReirError(f"no images under {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     typer.echo(describe_scan(path, scan), err=True)
     typer.echo(f"indexing into {cfg.milvus.uri} with {cfg.model_path} (progress below)...", err=True)
-    init_ray()
     summary = run_ingestion(cfg)
     for line in summary_lines(summary, scan):
         typer.echo(line)

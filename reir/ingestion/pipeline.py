@@ -77,6 +77,7 @@ from reir.platform.modeling import (
     load_reir_image_model,
     model_version_for,
 )
+from reir.platform.raylocal import init_ray
 from reir.platform.store import MilvusStore, SearchFilter
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,7 @@ def run_ingestion(
     """
     items = list_gallery(cfg)
     model_version = model_version_for(cfg.model_path)
+    init_ray()  # RAY_ADDRESS or a local instance, never a dead cluster Ray's address file names
     plan = plan_resources(cfg, ray.cluster_resources(), cores=_local_cores())
     start = time.perf_counter()
     with shared_milvus(cfg.milvus) as milvus:

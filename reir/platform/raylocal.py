@@ -62,6 +62,9 @@ def init_ray(num_cpus: int | None = None, *, local: bool = False, log_to_driver:
       training run died that way when a second local instance started beside it (another
       `reir` command, a test session).
     Logical CPUs above the core count keep Ray Data + Train from deadlocking on 2 cores.
+    ``run_training``, ``run_ingestion`` and ``run_app`` call it, so a library caller need not: Ray's own
+    ``ray.init()`` would join the cluster Ray's address file (``/tmp/ray/ray_current_cluster``)
+    names and, after an instance that died without cleaning up, wait on it for ever.
     """
     import ray
 

@@ -437,8 +437,10 @@ def build_app(args: dict[str, Any]) -> Application:
 def run_app(cfg: ServeConfig, *, loader: ModelLoader = load_reir_model, blocking: bool = False) -> DeploymentHandle:
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app; returns once the
     app answers over HTTP (``reir.serving.lifecycle.wait_until_routed``)."""
+    from reir.platform.raylocal import init_ray
     from reir.serving.lifecycle import local_base_url, wait_until_routed
 
+    init_ray()  # RAY_ADDRESS or a local instance, never a dead cluster Ray's address file names
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     if blocking:
         return serve.run(app_for(cfg, loader=loader), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=True)

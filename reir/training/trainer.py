@@ -573,11 +573,7 @@ def run_training(
 
     from reir.platform.raylocal import init_ray
 
-    # Not left to Ray Train's own ray.init(): that joins the cluster /tmp/ray/ray_current_cluster
-    # names, and after a Ray instance that died without cleaning up (a killed process, a restored
-    # machine) it waits on the dead address for ever. init_ray connects to RAY_ADDRESS or starts
-    # a local instance, as the CLI does (nothing when Ray is already initialized).
-    init_ray()
+    init_ray()  # RAY_ADDRESS or a local instance, never a dead cluster Ray's address file names
 
     storage = join(cfg.output_dir, "ray")
     if cfg.resume:
