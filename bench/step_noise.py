@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
@@ -118,18 +119,17 @@ def _burn(share: float) -> None:
         time.sleep(period - BURST_S)
 
 
-def _setting(args: argparse.Namespace, name: str, extra: list[str]) -> float:
+def _setting(args: argparse.Namespace, name: str) -> float:
+    """One setting's mean step, in a fresh process (its own thread teams, nothing cached)."""
     cmd = [sys.executable, __file__, "--model", args.model, "--data", str(args.data), "--stage", args.stage,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "--one", name, *extra]
+           "--one", name]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.one == "burn":
-        _burn(LOAD_PER_PROCESS)
     if args.one:
         print(_loop(args, in_thread=args.one == "second_thread"))
         return {}
@@ -140,16 +140,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loads = [max(0, round(float(v) / LOAD_PER_PROCESS)) for v in args.load.split(",") if v.strip()]
     for _ in range(args.rounds):
         for name in ("main_thread", "second_thread"):
-            result["step_s"].setdefault(name, []).append(round(_setting(args, name, []), 4))
+            result["step_s"].setdefault(name, []).append(round(_setting(args, name), 4))
         for procs in loads:
-            burners = [subprocess.Popen([sys.executable, __file__, "--model", "-", "--data", ".", "--one", "burn"])
-                       for _ in range(procs)]
+            burners = [multiprocessing.Process(target=_burn, args=(LOAD_PER_PROCESS,), daemon=True) for _ in range(procs)]
+            for b in burners:
+                b.start()
             try:
-                step = round(_setting(args, "main_thread", []), 4)
+                step = round(_setting(args, "main_thread"), 4)
             finally:
                 for b in burners:
                     b.kill()
-                    b.wait()
+                    b.join()
             result["step_s"].setdefault(f"load_{procs * LOAD_PER_PROCESS:.2f}", []).append(step)
     print(json.dumps(result, indent=2))
     if args.out:

@@ -159,7 +159,7 @@ def test_run_training_outside_a_ray_session_ignores_a_dead_cluster_recorded_by_r
     temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     (temp / "ray").mkdir(parents=True)
     (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens there
-    script = ("import sys; from reir.training.config import TrainConfig; from reir.training.trainer import run_training; "
+    script = ("from reir.training.config import TrainConfig; from reir.training.trainer import run_training; "
               f"cfg = TrainConfig(data_root={str(data)!r}, model='tiny', output_dir={str(tmp_path / 'runs')!r}, "
               "batch_size=2, max_steps=1, warmup_steps=0, run_name='fresh', num_workers=1); "
               "print('MODEL', run_training(cfg))")
