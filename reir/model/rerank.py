@@ -94,19 +94,41 @@ def pack_instance_sets(
         raise ValueError("embeddings, boxes, scores and sizes need one entry per image")
     if any(len(b) != k or len(sc) != k for b, sc, k in zip(boxes_xywh, scores, counts, strict=True)):
         raise ValueError("each image needs as many boxes and scores as embeddings")
-    n, m = len(counts), max(counts)
-    dim = int(np.asarray(embeddings[0][0]).shape[-1])
-    mask = np.arange(m)[None, :] < np.asarray(counts)[:, None]  # [N, M], row-major = the images' order
-    emb = np.zeros((n, m, dim), dtype=np.float32)
-    boxes = np.zeros((n, m, 4), dtype=np.float32)
-    objectness = np.zeros((n, m), dtype=np.float32)
+    if not counts or min(counts) < 1:
+        raise ValueError("every image needs at least one instance")
     # All images' instances at once: one stack, one box conversion (each row with its image's size).
-    emb[mask] = np.stack([np.asarray(x, dtype=np.float32) for e in embeddings for x in e])
-    xywh = np.asarray([box for b in boxes_xywh for box in b], dtype=np.float64).reshape(-1, 4)
+    return pack_rows(np.stack([np.asarray(x, dtype=np.float32) for e in embeddings for x in e]),
+                     np.asarray([box for b in boxes_xywh for box in b], dtype=np.float64).reshape(-1, 4),
+                     np.asarray([v for sc in scores for v in sc], dtype=np.float32), counts, sizes)  # fmt: skip
+
+
+def pack_rows(
+    vectors: np.ndarray,
+    boxes_xywh: np.ndarray,
+    objectness: np.ndarray,
+    counts: Sequence[int] | np.ndarray,
+    sizes: Sequence[tuple[float, float]] | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pack_instance_sets` from flat rows: ``vectors [n, D]``, pixel ``boxes_xywh [n, 4]``
+    and ``objectness [n]`` of several images one after another, ``counts [N]`` rows per image
+    (each at least 1), ``sizes [N, 2]`` each image's (width, height)."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if len(counts) == 0 or counts.min() < 1:
+        raise ValueError("every image needs at least one instance")
+    if not (len(vectors) == len(boxes_xywh) == len(objectness) == int(counts.sum())):
+        raise ValueError(f"{len(vectors)} vectors, {len(boxes_xywh)} boxes and {len(objectness)} scores for "
+                         f"{int(counts.sum())} rows")  # fmt: skip
+    n, m = len(counts), int(counts.max())
+    mask = np.arange(m)[None, :] < counts[:, None]  # [N, M], row-major = the images' order
+    emb = np.zeros((n, m, vectors.shape[-1]), dtype=np.float32)
+    boxes = np.zeros((n, m, 4), dtype=np.float32)
+    packed_objectness = np.zeros((n, m), dtype=np.float32)
+    emb[mask] = vectors
     wh = np.repeat(np.asarray(sizes, dtype=np.float64).reshape(-1, 2), counts, axis=0)
-    boxes[mask] = convert(xywh, BoxMode.XYWH_ABS, BoxMode.CXCYWH_NORM, width=wh[:, 0], height=wh[:, 1])
-    objectness[mask] = np.asarray([v for sc in scores for v in sc], dtype=np.float32)
-    return emb, boxes, objectness, mask
+    boxes[mask] = convert(np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS,
+                          BoxMode.CXCYWH_NORM, width=wh[:, 0], height=wh[:, 1])  # fmt: skip
+    packed_objectness[mask] = objectness
+    return emb, boxes, packed_objectness, mask
 
 
 def _heads(width: int) -> int:

@@ -96,6 +96,19 @@ class Context:
     vectors: np.ndarray | None = None
 
 
+@dataclass
+class PackedRows:
+    """Several images' stored instances as flat arrays, images one after another, each in rank
+    order: ``counts [U]`` rows per image, ``pks [n]``, ``boxes [n, 4]`` pixel ``[x, y, w, h]``,
+    ``objectness [n]``, ``vectors [n, dim]`` float32."""
+
+    counts: np.ndarray
+    pks: list[str]
+    boxes: np.ndarray
+    objectness: np.ndarray
+    vectors: np.ndarray
+
+
 @dataclass(frozen=True)
 class AnnSpec:
     """When and how an index searches inverted lists instead of every row.
@@ -249,13 +262,47 @@ class MemoryIndex:
         every stored instance of its image, rank order, as the store's keyed context fetch reads
         them (``float16``: vectors rounded as the packed context stores them). Hits that are not
         this index's (the row holds another pk: it reloaded) or whose image's ranks
-        0..n_instances-1 are not all here are left out (the store reads them from Milvus).
+        0..n_instances-1 are not all here are left out (the store reads them from Milvus)."""
+        found = self._context_rows(hits)
+        if found is None:
+            return {}
+        both, counts, valid = found
+        pks = self.pk.take(pa.array(both, type=pa.int64())).to_pylist()
+        boxes, objectness = self.box[both].tolist(), self.objectness[both].tolist()
+        vectors = self._vectors(both, float16)
+        ends = np.cumsum(counts * valid)
+        out: dict[int, Context] = {}
+        for i in np.flatnonzero(valid).tolist():
+            a, b = int(ends[i] - counts[i]), int(ends[i])
+            out[i] = Context(both[a:b], pks[a:b], boxes[a:b], objectness[a:b], vectors[a:b])
+        return out
+
+    def packed(self, hits: list[Hit], *, float16: bool) -> PackedRows | None:
+        """Every stored instance of every hit's image as flat arrays (images in ``hits`` order,
+        each image's rows in rank order), or None unless this index holds all of them (see
+        :meth:`contexts`): the re-ranker's input without a Python object per row."""
+        found = self._context_rows(hits)
+        if found is None or not bool(found[2].all()):
+            return None
+        both, counts, _ = found
+        return PackedRows(counts=counts, pks=self.pk.take(pa.array(both, type=pa.int64())).to_pylist(),
+                          boxes=self.box[both], objectness=self.objectness[both],
+                          vectors=self._vectors(both, float16))  # fmt: skip
+
+    def _vectors(self, rows: np.ndarray, float16: bool) -> np.ndarray:
+        vectors = self.vectors[rows]
+        return vectors.astype(np.float16).astype(np.float32) if float16 else vectors
+
+    def _context_rows(self, hits: list[Hit]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(the index rows of the valid hits' images, flat, ``[sum counts]``; the row count of
+        each hit's image ``[len(hits)]``; which hits are valid ``[len(hits)]``), or None when
+        the index has no image groups.
 
         One pass of array operations for all the hits (a re-ranked head has ~50 images): image
         ``i``'s rows are the ``n_i`` positions of the group order from its group's start, valid
         when they hold its key with ranks ``0..n_i-1``."""
         if self._groups is None or self.rank is None or not hits:
-            return {}
+            return None
         keys, order, start = self._groups
         rows = np.asarray([h.row for h in hits], dtype=np.int64)
         ok = (rows >= 0) & (rows < len(self))
@@ -269,19 +316,8 @@ class MemoryIndex:
         inside = at < len(order)
         found = order[np.where(inside, at, 0)]
         good = inside & (keys[found] == keys[rows][owner]) & (self.rank[found] == within)
-        valid = ok & (np.bincount(owner[~good], minlength=len(hits)) == 0)
-        both = found[valid[owner]]  # one read of each column for every image
-        pks = self.pk.take(pa.array(both, type=pa.int64())).to_pylist()
-        boxes, objectness = self.box[both].tolist(), self.objectness[both].tolist()
-        vectors = self.vectors[both]
-        if float16:
-            vectors = vectors.astype(np.float16).astype(np.float32)
-        ends = np.cumsum(counts * valid)
-        out: dict[int, Context] = {}
-        for i in np.flatnonzero(valid).tolist():
-            a, b = int(ends[i] - counts[i]), int(ends[i])
-            out[i] = Context(both[a:b], pks[a:b], boxes[a:b], objectness[a:b], vectors[a:b])
-        return out
+        valid = ok & (counts > 0) & (np.bincount(owner[~good], minlength=len(hits)) == 0)
+        return found[valid[owner]], counts, valid  # one read of each column for every image
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         from reir.platform.store import Hit
@@ -534,6 +570,15 @@ class MemoryIndexManager:
         index = self._index
         found = index.contexts(hits, float16=float16) if index is not None else {}
         self._status.contexts += len(found)
+        return found
+
+    def packed(self, hits: list[Hit], *, float16: bool) -> PackedRows | None:
+        """All of the hits' images' rows as arrays from the index that returned them, or None
+        (see :meth:`MemoryIndex.packed`)."""
+        index = self._index
+        found = index.packed(hits, float16=float16) if index is not None else None
+        if found is not None:
+            self._status.contexts += len(hits)
         return found
 
     def warm(self, partition: str | None, *, wait: bool = False, timeout: float | None = None) -> None:

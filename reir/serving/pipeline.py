@@ -94,7 +94,11 @@ class Ranker:
             return Candidates(hits, None, timings)
         best = rerank_head(hits, head)
         t = clock()
-        context = self.store.context(best, model_version=flt.model_version)
+        # The in-memory index hands the context over as arrays (no object per row); else by image.
+        packed = getattr(self.store, "packed_context", None)
+        context = packed(best, model_version=flt.model_version) if packed is not None else None
+        if context is None:
+            context = self.store.context(best, model_version=flt.model_version)
         timings["context"] = clock() - t
         t = clock()
         # The scored rows keep their vectors here; they do not cross the hop back (Candidates).

@@ -30,8 +30,8 @@ from PIL import Image
 
 from reir.model.images import upright_size
 from reir.model.modeling import TextOutput
-from reir.model.rerank import pack_instance_sets
-from reir.platform.store import Hit
+from reir.model.rerank import pack_instance_sets, pack_rows
+from reir.platform.store import Hit, PackedContext
 from reir.serving.retriever import Calibration, EncodedQuery, to_numpy
 
 log = logging.getLogger(__name__)
@@ -140,15 +140,22 @@ class Reranker:
         # ReirModel always has rerank_logits; without a trained re-ranker it only repeats the ANN scores.
         return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
 
-    def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit], context: Mapping[str, Sequence[Hit]],
-               *, presence: bool = False) -> list[Scored]:  # fmt: skip
+    def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit],
+               context: Mapping[str, Sequence[Hit]] | PackedContext, *, presence: bool = False) -> list[Scored]:  # fmt: skip
         """``query``: the text, or the query as the encoder left it (then it is not re-encoded).
+        ``context``: every stored instance of the candidates' images, by image id, or as arrays
+        (:meth:`reir.platform.store.MilvusStore.packed_context`; the same answer).
         ``presence``: discover mode's presence head scores (the re-ranker without one)."""
         if not candidates:
             return []
         if not self.can_rerank:
             return ann_order(candidates, self.calibration)
         by_pk = {h.pk: h for h in candidates}
+        if isinstance(context, PackedContext):
+            if int(context.counts.max(initial=0)) <= self.max_instances and all(
+                    h.image_size is not None for h in context.heads):  # fmt: skip
+                return self._rerank_packed(query, context, by_pk, presence)
+            context = context.as_dict()
         image_ids, groups = [], []
         for image_id in dict.fromkeys(h.image_id for h in candidates):
             group = self._group(image_id, context.get(image_id, ()), by_pk)
@@ -163,6 +170,23 @@ class Reranker:
         rows = [by_pk.get(row.pk, row) for group in groups for row in group]
         order = np.lexsort((np.asarray([r.pk for r in rows]), -probs))  # best first, the pk breaks ties
         return [(rows[i], p) for i, p in zip(order.tolist(), probs[order].tolist(), strict=True)]
+
+    def _rerank_packed(self, query: str | EncodedQuery, context: PackedContext, candidates: Mapping[str, Hit],
+                       presence: bool) -> list[Scored]:  # fmt: skip
+        """:meth:`rerank` over arrays: one pack, one forward, and a :class:`Hit` made only for
+        the rows handed back (every row, best first; a candidate's own hit where it is one)."""
+        sizes = np.asarray([h.image_size for h in context.heads], dtype=np.float64)
+        emb, boxes, objectness, mask = pack_rows(context.vectors, context.boxes, context.objectness, context.counts,
+                                                 sizes)  # fmt: skip
+        probs = sigmoid(self._forward(query, emb, boxes, objectness, mask, presence))
+        order = np.lexsort((np.asarray(context.pks), -probs))  # best first, the pk breaks ties
+        owners = context.owners
+        ranks = np.arange(len(owners)) - np.repeat(np.cumsum(context.counts) - context.counts, context.counts)
+        out: list[Scored] = []
+        for i, p in zip(order.tolist(), probs[order].tolist(), strict=True):
+            hit = candidates.get(context.pks[i])
+            out.append((hit if hit is not None else context.hit(i, int(owners[i]), int(ranks[i])), p))
+        return out
 
     def _group(self, image_id: str, rows: Sequence[Hit], candidates: Mapping[str, Hit]) -> list[Hit]:
         """The image's rows with vectors, at most ``max_instances``, never dropping a candidate."""
@@ -181,6 +205,11 @@ class Reranker:
             [[r.embedding for r in g] for g in groups], [[r.box for r in g] for g in groups],
             [[r.instance_score for r in g] for g in groups], sizes,
         )  # fmt: skip
+        return self._forward(query, emb, boxes, objectness, mask, presence)
+
+    def _forward(self, query: str | EncodedQuery, emb: np.ndarray, boxes: np.ndarray, objectness: np.ndarray,
+                 mask: np.ndarray, presence: bool) -> np.ndarray:  # fmt: skip
+        """The logit of every real row of the packed arrays, flat, row-major."""
         device = getattr(self.model, "device", None)
         move = (lambda t: t.to(device)) if isinstance(device, torch.device) else (lambda t: t)
         tensors = [move(torch.from_numpy(a)) for a in (emb, boxes, objectness, mask)]

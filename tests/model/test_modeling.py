@@ -80,3 +80,27 @@ def test_create_model_overrides() -> None:
         create_model("tiny", vision__not_a_field=1)
     with pytest.raises(ValueError):
         create_model("no-such-preset")
+
+
+
+@pytest.mark.parametrize("texts", [["the red square left of the blue circle"],
+                                   ["the red square", "find the big blue circle left of the green triangle please"]])
+def test_inference_text_path_equals_the_hf_tower(tiny: tuple[ReirModel, ReirProcessor], texts: list[str]) -> None:
+    """Without gradients the BERT tower runs through torch's fused encoder-layer kernel; its token
+    states and embeddings are the HF layers' own (padding keys masked). With gradients (training)
+    the HF layers run, and the gradient reaches them."""
+    model, processor = tiny
+    encoder = model._text_encoder()
+    batch = processor.text(texts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.inference_mode():
+        assert encoder._fused_bert(ids, mask) is not None
+        fused = model.encode_text(ids, mask)
+    out = model.encode_text(ids, mask)  # gradients on: the HF layers
+    assert encoder._fused_bert(ids, mask) is None
+    real = mask.bool()
+    torch.testing.assert_close(fused.token_states[real], out.token_states.detach()[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.embeddings, out.embeddings.detach(), atol=1e-5, rtol=1e-5)
+    out.embeddings.sum().backward()
+    layer = encoder.model.encoder.layer[0].attention.self.query.weight
+    assert layer.grad is not None and layer.grad.abs().sum() > 0
