@@ -295,3 +295,49 @@ def test_the_encoded_query_reaches_the_reranker_without_a_second_text_forward() 
     assert counting.text_forwards == 2  # the token states were used, nothing re-encoded
     assert [h.pk for h, _ in from_states] == [h.pk for h, _ in from_text]
     assert np.allclose([p for _, p in from_states], [p for _, p in from_text], atol=1e-5)
+
+
+def test_the_memory_index_context_as_arrays_reranks_as_the_rows_do(tmp_path: Path) -> None:
+    """``MilvusStore.packed_context`` (the in-memory index's arrays) gives the re-ranker the same
+    input and the same answer as ``context`` (a Hit per row); without the index, or for an image
+    it does not hold, there are no arrays and the rows are read."""
+    from dataclasses import replace
+
+    from reir.platform.memory_index import AnnSpec
+    from reir.platform.store import PackedContext, SearchFilter
+
+    dim, per_image = 8, 4
+    vecs = np.random.default_rng(0).normal(size=(30 * per_image, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    rows = [InstanceRow(f"img{i // per_image}", f"/g/{i // per_image}.jpg", (float(i % 13) * 7, 2.0, 9.0, 5.0),
+                        0.1 + (i % 5) / 10, i % per_image, "v", vecs[i], image_size=(120.0 + i // per_image, 90.0),
+                        n_instances=per_image).to_dict() for i in range(len(vecs))]  # fmt: skip
+    flt = SearchFilter(model_version="v")
+    with MilvusStore(str(tmp_path / "idx.db"), "instances", dim=dim) as store:
+        store.upsert(rows)
+        store.build_index("FLAT")
+        store.load()
+        best = store.search(vecs[5] + vecs[17], 12, flt)[0]
+        assert store.packed_context(best, model_version="v") is None  # no in-memory index yet
+        store.use_memory_index("on", model_version="v", wait=True, ann=AnnSpec(min_rows=10_000))
+        best = store.search(vecs[5] + vecs[17], 12, flt)[0]
+        packed = store.packed_context(best, model_version="v")
+        by_image = store.context(best, model_version="v")
+        assert isinstance(packed, PackedContext) and len(packed.heads) == len(by_image) < len(best)
+        assert [h.image_id for h in packed.heads] == list(dict.fromkeys(h.image_id for h in best))
+        assert {k: [(r.pk, r.box, r.instance_score) for r in v] for k, v in packed.as_dict().items()} == \
+            {k: [(r.pk, r.box, r.instance_score) for r in v] for k, v in by_image.items()}
+        for text in ("the one on the left", "the one on the right"):
+            model = RelationModel()
+            reranker = Reranker(model, FakeProcessor(), calibration=CAL)
+            from_arrays, from_rows = reranker.rerank(text, best, packed), reranker.rerank(text, best, by_image)
+            assert [(h.pk, h.score, h.box, p) for h, p in from_arrays] == [(h.pk, h.score, h.box, p) for h, p in from_rows]
+            assert len(from_arrays) == per_image * len(packed.heads)
+            for key in ("emb", "boxes", "objectness", "mask"):
+                assert torch.equal(model.calls[0][key], model.calls[1][key])
+        # an image over the re-ranker's max_instances: the arrays go the rows' way (candidates kept)
+        small = Reranker(RelationModel(), FakeProcessor(), calibration=CAL, max_instances=2)
+        assert [(h.pk, p) for h, p in small.rerank("left", best, packed)] == \
+            [(h.pk, p) for h, p in small.rerank("left", best, by_image)]
+        stale = replace(best[0], row=(best[0].row + 1) % len(vecs))  # a row holding another pk now (a reload)
+        assert store.packed_context([stale, *best[1:]], model_version="v") is None
