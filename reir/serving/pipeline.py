@@ -47,7 +47,7 @@ class Candidates:
     """ANN hits (best first) and, when the head was re-ranked, its scored instances (best first)."""
 
     hits: list[Hit]
-    scored: list[Scored] | None = None
+    scored: Sequence[Scored] | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,40 @@ class ImageSizes:
             return None
 
 
+class ScoredRows(Sequence[Scored]):
+    """A packed context's rows with their probabilities, best first: ``(hit, probability)``
+    pairs whose :class:`Hit` is made when it is read (a candidate's own hit where the row is
+    one). Rank mode reads the first few of a head's hundreds of rows."""
+
+    def __init__(self, context: PackedContext, candidates: Mapping[str, Hit], order: np.ndarray,
+                 probs: np.ndarray) -> None:  # fmt: skip
+        self.context, self.candidates = context, candidates
+        self.order, self.probs = order.tolist(), probs.tolist()
+        counts = context.counts
+        self.owners = context.owners.tolist()
+        self.ranks = (np.arange(len(self.owners)) - np.repeat(np.cumsum(counts) - counts, counts)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _pair(self, k: int) -> Scored:
+        i = self.order[k]
+        hit = self.candidates.get(self.context.pks[i])
+        return (hit if hit is not None else self.context.hit(i, self.owners[i], self.ranks[i])), self.probs[k]
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self._pair(j) for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self._pair(k)
+
+    def __iter__(self) -> Iterator[Scored]:
+        return (self._pair(k) for k in range(len(self)))
+
+
 class Reranker:
     """``rerank(query, candidates, context) -> [(hit, probability)]``, best first."""
 
@@ -141,7 +175,8 @@ class Reranker:
         return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
 
     def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit],
-               context: Mapping[str, Sequence[Hit]] | PackedContext, *, presence: bool = False) -> list[Scored]:  # fmt: skip
+               context: Mapping[str, Sequence[Hit]] | PackedContext, *, presence: bool = False,
+               ) -> Sequence[Scored]:  # fmt: skip
         """``query``: the text, or the query as the encoder left it (then it is not re-encoded).
         ``context``: every stored instance of the candidates' images, by image id, or as arrays
         (:meth:`reir.platform.store.MilvusStore.packed_context`; the same answer).
@@ -172,21 +207,15 @@ class Reranker:
         return [(rows[i], p) for i, p in zip(order.tolist(), probs[order].tolist(), strict=True)]
 
     def _rerank_packed(self, query: str | EncodedQuery, context: PackedContext, candidates: Mapping[str, Hit],
-                       presence: bool) -> list[Scored]:  # fmt: skip
-        """:meth:`rerank` over arrays: one pack, one forward, and a :class:`Hit` made only for
-        the rows handed back (every row, best first; a candidate's own hit where it is one)."""
+                       presence: bool) -> ScoredRows:  # fmt: skip
+        """:meth:`rerank` over arrays: one pack, one forward; every row comes back best first,
+        its :class:`Hit` made when it is read (:class:`ScoredRows`)."""
         sizes = np.asarray([h.image_size for h in context.heads], dtype=np.float64)
         emb, boxes, objectness, mask = pack_rows(context.vectors, context.boxes, context.objectness, context.counts,
                                                  sizes)  # fmt: skip
         probs = sigmoid(self._forward(query, emb, boxes, objectness, mask, presence))
         order = np.lexsort((np.asarray(context.pks), -probs))  # best first, the pk breaks ties
-        owners = context.owners
-        ranks = np.arange(len(owners)) - np.repeat(np.cumsum(context.counts) - context.counts, context.counts)
-        out: list[Scored] = []
-        for i, p in zip(order.tolist(), probs[order].tolist(), strict=True):
-            hit = candidates.get(context.pks[i])
-            out.append((hit if hit is not None else context.hit(i, int(owners[i]), int(ranks[i])), p))
-        return out
+        return ScoredRows(context, candidates, order, probs[order])
 
     def _group(self, image_id: str, rows: Sequence[Hit], candidates: Mapping[str, Hit]) -> list[Hit]:
         """The image's rows with vectors, at most ``max_instances``, never dropping a candidate."""

@@ -333,6 +333,9 @@ def test_the_memory_index_context_as_arrays_reranks_as_the_rows_do(tmp_path: Pat
             from_arrays, from_rows = reranker.rerank(text, best, packed), reranker.rerank(text, best, by_image)
             assert [(h.pk, h.score, h.box, p) for h, p in from_arrays] == [(h.pk, h.score, h.box, p) for h, p in from_rows]
             assert len(from_arrays) == per_image * len(packed.heads)
+            # rows made when read, in any order of reading
+            assert [from_arrays[k][0].pk for k in (-1, 0, 2)] == [from_rows[k][0].pk for k in (-1, 0, 2)]
+            assert [h.pk for h, _ in from_arrays[1:4]] == [h.pk for h, _ in from_rows[1:4]]
             for key in ("emb", "boxes", "objectness", "mask"):
                 assert torch.equal(model.calls[0][key], model.calls[1][key])
         # an image over the re-ranker's max_instances: the arrays go the rows' way (candidates kept)
