@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-k-instances", type=int, default=10, help="instances stored per image [10]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every system [1]")
+    parser.add_argument("--pools", default="",
+                        help="also reir with these re-rank pools, comma-separated (ServeConfig.rerank_candidates and "
+                             "candidates): systems reir_pool{P} [none]")
+    parser.add_argument("--ann-min-rows", type=int, default=None,
+                        help="ServeConfig.memory_index_ann_min_rows of every reir system [serving's default]")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the milvus-lite files go [a temp dir]")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -63,6 +68,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--data {args.data}: no reircoco.json (expected a `reir synth --out` directory)")
     if args.max_queries is not None and args.max_queries < 1:
         parser.error("--max-queries must be >= 1")
+    try:
+        pools = tuple(int(p) for p in args.pools.split(",") if p.strip())
+    except ValueError:
+        parser.error(f"--pools {args.pools!r}: comma-separated whole numbers")
+    if any(not 1 <= p <= 1000 for p in pools):
+        parser.error("--pools: each pool between 1 and 1000 (ServeConfig.rerank_candidates)")
+    if args.ann_min_rows is not None and args.ann_min_rows < 0:
+        parser.error("--ann-min-rows must be >= 0")
 
     import torch
 
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = QualityConfig(data_root=args.data, model_dir=model, work_dir=args.work_dir or Path(tmp),  # type: ignore[arg-type]
                             weak_model_dir=weak, two_stage_model_dir=two_stage, max_queries=args.max_queries,
                             seed=args.seed, top_k_instances=args.top_k_instances, threads=args.threads,
-                            scale_images=args.scale_images, scale_queries=args.scale_queries)  # fmt: skip
+                            scale_images=args.scale_images, scale_queries=args.scale_queries, pools=pools,
+                            ann_min_rows=args.ann_min_rows)  # fmt: skip
         load_before = os.getloadavg()[0]
         result = run_comparison(cfg, echo=print)
     # Other jobs on the machine move seconds_per_query; keep the load next to the figures.

@@ -62,6 +62,10 @@ class QualityConfig:
     scale_images: int = 0  # > 0: cost per query again on a gallery replicated to about this many images
     scale_queries: int = 30  # queries timed on that gallery
     scale_noise: float = 0.05
+    # reir again with each of these re-rank pools (ServeConfig.rerank_candidates): systems "reir_pool{P}"
+    pools: tuple[int, ...] = ()
+    # ServeConfig.memory_index_ann_min_rows of every reir system (None: the serving default)
+    ann_min_rows: int | None = None
 
 
 def select_queries(queries: Sequence[Query], max_queries: int | None, seed: int) -> list[Query]:
@@ -139,17 +143,22 @@ def write_index(gallery: EncodedGallery, db_path: Path) -> int:
     return rows
 
 
-def reir_answer(model_dir: Path, db_path: Path | None, *, rerank: bool, threads: int = 1,
-                store: Any = None) -> tuple[Answer, Callable[[], None]]:  # fmt: skip
+def reir_answer(model_dir: Path, db_path: Path | None, *, rerank: bool, threads: int = 1, store: Any = None,
+                pool: int | None = None, ann_min_rows: int | None = None) -> tuple[Answer, Callable[[], None]]:  # fmt: skip
     """reir's query path (encode -> ANN -> re-rank) in process over the milvus-lite file
     ``db_path`` or an in-memory ``store`` (:class:`reir.evaluation.scale.ArrayStore`);
-    returns (answer, close)."""
+    ``pool``: ``ServeConfig.rerank_candidates`` and ``candidates`` (the ANN's top ``pool``, all re-ranked), ``ann_min_rows``:
+    ``ServeConfig.memory_index_ann_min_rows`` (None: serving's defaults); returns (answer, close)."""
     from reir.platform.config import MilvusConfig, ServeConfig
     from reir.serving.pipeline import QueryRequest, local_pipeline
 
     milvus = MilvusConfig(uri=str(db_path), collection=COLLECTION) if db_path is not None else MilvusConfig()
-    pipeline = local_pipeline(ServeConfig(model_path=str(model_dir), milvus=milvus, num_cpus_encoder=threads),
-                              store=store)  # fmt: skip
+    serve = ServeConfig(model_path=str(model_dir), milvus=milvus, num_cpus_encoder=threads)
+    if pool is not None:
+        serve = serve.model_copy(update={"rerank_candidates": pool, "candidates": pool})
+    if ann_min_rows is not None:
+        serve = serve.model_copy(update={"memory_index_ann_min_rows": ann_min_rows})
+    pipeline = local_pipeline(ServeConfig.model_validate(serve.model_dump()), store=store)
     loop = asyncio.new_event_loop()
 
     def answer(text: str, top_k: int) -> list[Prediction]:
@@ -278,12 +287,23 @@ def heldout_table(systems: Mapping[str, Mapping[str, Any] | None]) -> str:
     return "\n".join(lines)
 
 
-def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Query], names: dict[bool, str],
-                  heldout: Mapping[str, Collection[str]], threads: int) -> dict[str, dict[str, Any]]:  # fmt: skip
+def reir_variants(cfg: QualityConfig, *, ann: bool = True) -> dict[str, dict[str, Any]]:
+    """reir's systems in a comparison: ``{name: reir_answer keywords}``: ``reir`` (serving's
+    pool), ``reir_ann`` (no re-rank; with ``ann``) and ``reir_pool{P}`` for each of ``cfg.pools``."""
+    out: dict[str, dict[str, Any]] = {"reir": {"rerank": True}}
+    if ann:
+        out["reir_ann"] = {"rerank": False}
+    out.update({f"reir_pool{p}": {"rerank": True, "pool": p} for p in cfg.pools})
+    return {name: {**kw, "ann_min_rows": cfg.ann_min_rows} for name, kw in out.items()}
+
+
+def _reir_systems(gallery: EncodedGallery, db_path: Path, queries: Sequence[Query],
+                  variants: Mapping[str, Mapping[str, Any]], heldout: Mapping[str, Collection[str]],
+                  threads: int) -> dict[str, dict[str, Any]]:  # fmt: skip
     write_index(gallery, db_path)
     out = {}
-    for rerank, name in names.items():
-        answer, close = reir_answer(gallery.model_dir, db_path, rerank=rerank, threads=threads)
+    for name, kw in variants.items():
+        answer, close = reir_answer(gallery.model_dir, db_path, threads=threads, **kw)
         try:
             out[name] = measure(answer, queries, heldout=heldout)
         finally:
@@ -337,8 +357,7 @@ def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -
     echo(f"gallery: {encoded.images} images encoded in {encoded.seconds:.1f}s ({encoded.failures} failed); "
          f"{len(queries)} queries")  # fmt: skip
     heldout = read_heldout(cfg.data_root)
-    systems = _reir_systems(encoded, cfg.work_dir / "reir.db", queries, {True: "reir", False: "reir_ann"}, heldout,
-                            cfg.threads)  # fmt: skip
+    systems = _reir_systems(encoded, cfg.work_dir / "reir.db", queries, reir_variants(cfg), heldout, cfg.threads)
     gallery = encoded.instance_gallery()
     setup: dict[str, Any] = {"gallery_images": encoded.images, "gallery_instances": len(gallery.boxes),
                              "gallery_encode_seconds": round(encoded.seconds, 2), "num_queries": len(queries),
@@ -350,7 +369,7 @@ def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -
     if cfg.weak_model_dir is not None:
         weak_encoded = encode_gallery(cfg.weak_model_dir, samples, top_k=cfg.top_k_instances,
                                       batch_size=cfg.batch_size)  # fmt: skip
-        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {True: "weak"}, heldout,
+        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {"weak": {"rerank": True, "ann_min_rows": cfg.ann_min_rows}}, heldout,
                              cfg.threads)["weak"]  # fmt: skip
         systems["weak"] = weak
     echo(comparison_table(systems))

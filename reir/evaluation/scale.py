@@ -149,6 +149,7 @@ def scale_costs(cfg: Any, encoded: Any, vectors: np.ndarray | None, queries: Seq
         EncodedGallery,
         image_retriever_dir,
         reir_answer,
+        reir_variants,
         select_queries,
         write_index,
     )
@@ -169,11 +170,12 @@ def scale_costs(cfg: Any, encoded: Any, vectors: np.ndarray | None, queries: Seq
     finally:
         close()
     write_index(scaled, cfg.work_dir / "scale.db")
-    answer, close = reir_answer(encoded.model_dir, cfg.work_dir / "scale.db", rerank=True, threads=cfg.threads)
-    try:
-        systems["reir"] = time_queries(answer, texts)
-    finally:
-        close()
+    for name, kw in reir_variants(cfg, ann=False).items():
+        answer, close = reir_answer(encoded.model_dir, cfg.work_dir / "scale.db", threads=cfg.threads, **kw)
+        try:
+            systems[name] = time_queries(answer, texts)
+        finally:
+            close()
     retriever = image_retriever_dir(cfg)
     grown = None
     if retriever is not None and vectors is not None:
@@ -184,9 +186,9 @@ def scale_costs(cfg: Any, encoded: Any, vectors: np.ndarray | None, queries: Seq
                                 image_vectors=grown, rescore_pool=cfg.rescore_pool)  # fmt: skip
     for name, baseline in baselines.answers().items():
         systems[name] = time_queries(baseline, texts)
+    reirs = ["reir", "reir_in_memory_index", *(f"reir_pool{p}" for p in cfg.pools)]
     out["cost_ratio"] = {f"{scan}/{reir}": systems[scan]["ms_per_query"] / systems[reir]["ms_per_query"]
-                         for scan in ("rerank_scan", "rerank_scan_cached")
-                         for reir in ("reir", "reir_in_memory_index")}  # fmt: skip
+                         for scan in ("rerank_scan", "rerank_scan_cached") for reir in reirs}  # fmt: skip
     echo("| system | ms / query (mean) | p50 |\n|---|---|---|\n" + "\n".join(
         f"| {name} | {m['ms_per_query']:.1f} | {m['p50_ms']:.1f} |" for name, m in systems.items()))
     echo("cost per query against reir: " + ", ".join(f"{k} x{v:.1f}" for k, v in out["cost_ratio"].items()))

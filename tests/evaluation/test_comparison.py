@@ -134,10 +134,11 @@ def test_run_comparison_reports_every_system(bench_root: Path, checkpoints: tupl
     lines: list[str] = []
     cfg = QualityConfig(data_root=bench_root, model_dir=rerank_dir, work_dir=tmp_path, weak_model_dir=tiny_checkpoint,
                         two_stage_model_dir=two_stage_dir, max_queries=5, top_k_instances=5, batch_size=4,
-                        rescore_pool=4, scale_images=20, scale_queries=3)  # fmt: skip
+                        rescore_pool=4, scale_images=20, scale_queries=3, pools=(2,), ann_min_rows=0)  # fmt: skip
     out = run_comparison(cfg, echo=lines.append)
-    assert set(out) == {*SYSTEMS, "setup", "scale"}
-    for name in SYSTEMS:
+    every = [*SYSTEMS[:2], "reir_pool2", *SYSTEMS[2:]]  # reir with a re-rank pool of 2 after reir's own rows
+    assert set(out) == {*every, "setup", "scale"}
+    for name in every:
         m = out[name]
         assert set(m) == KEYS | {"slices"}, name  # the generated benchmark has families and regimes
         assert {"in_family", "heldout_family"} <= set(m["slices"]), name
@@ -149,13 +150,14 @@ def test_run_comparison_reports_every_system(bench_root: Path, checkpoints: tupl
     recall = setup["two_stage_image_recall"]
     assert 0.0 <= recall["image_R@1"] <= recall["image_R@10"] <= recall["image_R@50"] == 1.0  # 8 test images
     table = next(line for line in lines if line.startswith("| system | BR@1")).splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == [f"| {s}" for s in SYSTEMS]
+    assert [row.split(" | ")[0] for row in table[2:]] == [f"| {s}" for s in every]
     heldout = next(line for line in lines if "heldout_family BR@1" in line).splitlines()
-    assert [row.split(" | ")[0] for row in heldout[2:]] == [f"| {s}" for s in SYSTEMS]
+    assert [row.split(" | ")[0] for row in heldout[2:]] == [f"| {s}" for s in every]
     scale = out["scale"]
     assert scale["copies"] == 3 and scale["images"] == 3 * setup["gallery_images"]
-    assert set(scale["systems"]) == {"reir", "reir_in_memory_index", *SYSTEMS[2:-1]}
-    assert set(scale["cost_ratio"]) == {f"{a}/{b}" for a in SYSTEMS[4:6] for b in ("reir", "reir_in_memory_index")}
+    assert set(scale["systems"]) == {"reir", "reir_in_memory_index", "reir_pool2", *SYSTEMS[2:-1]}
+    assert set(scale["cost_ratio"]) == {f"{a}/{b}" for a in SYSTEMS[4:6]
+                                        for b in ("reir", "reir_in_memory_index", "reir_pool2")}  # fmt: skip
     assert all(m["queries"] == 3 and m["ms_per_query"] > 0 for m in scale["systems"].values())
 
 
