@@ -266,7 +266,7 @@ class TextEncoder(nn.Module):
         if (self.training or torch.is_grad_enabled() or not isinstance(tower, BertModel)
                 or getattr(config, "hidden_act", None) != "gelu" or getattr(config, "is_decoder", False)
                 or getattr(config, "position_embedding_type", "absolute") != "absolute"
-                or (device in ("cpu", "cuda") and torch.is_autocast_enabled(device))):  # fmt: skip
+                or device not in ("cpu", "cuda") or torch.is_autocast_enabled(device)):  # fmt: skip
             return None
         x = tower.embeddings(input_ids=input_ids)
         pad = attention_mask == 0
