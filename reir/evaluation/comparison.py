@@ -153,12 +153,11 @@ def reir_answer(model_dir: Path, db_path: Path | None, *, rerank: bool, threads:
     from reir.serving.pipeline import QueryRequest, local_pipeline
 
     milvus = MilvusConfig(uri=str(db_path), collection=COLLECTION) if db_path is not None else MilvusConfig()
-    serve = ServeConfig(model_path=str(model_dir), milvus=milvus, num_cpus_encoder=threads)
-    if pool is not None:
-        serve = serve.model_copy(update={"rerank_candidates": pool, "candidates": pool})
+    overrides: dict[str, int] = {} if pool is None else {"rerank_candidates": pool, "candidates": pool}
     if ann_min_rows is not None:
-        serve = serve.model_copy(update={"memory_index_ann_min_rows": ann_min_rows})
-    pipeline = local_pipeline(ServeConfig.model_validate(serve.model_dump()), store=store)
+        overrides["memory_index_ann_min_rows"] = ann_min_rows
+    pipeline = local_pipeline(ServeConfig(model_path=str(model_dir), milvus=milvus, num_cpus_encoder=threads,
+                                          **overrides), store=store)  # fmt: skip
     loop = asyncio.new_event_loop()
 
     def answer(text: str, top_k: int) -> list[Prediction]:
@@ -369,8 +368,8 @@ def run_comparison(cfg: QualityConfig, *, echo: Callable[[str], None] = print) -
     if cfg.weak_model_dir is not None:
         weak_encoded = encode_gallery(cfg.weak_model_dir, samples, top_k=cfg.top_k_instances,
                                       batch_size=cfg.batch_size)  # fmt: skip
-        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {"weak": {"rerank": True, "ann_min_rows": cfg.ann_min_rows}}, heldout,
-                             cfg.threads)["weak"]  # fmt: skip
+        weak = _reir_systems(weak_encoded, cfg.work_dir / "weak.db", queries, {"weak": reir_variants(cfg)["reir"]},
+                             heldout, cfg.threads)["weak"]  # fmt: skip
         systems["weak"] = weak
     echo(comparison_table(systems))
     if heldout_table(systems):

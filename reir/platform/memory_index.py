@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
@@ -97,16 +98,43 @@ class Context:
 
 
 @dataclass
-class PackedRows:
-    """Several images' stored instances as flat arrays, images one after another, each in rank
-    order: ``counts [U]`` rows per image, ``pks [n]``, ``boxes [n, 4]`` pixel ``[x, y, w, h]``,
-    ``objectness [n]``, ``vectors [n, dim]`` float32."""
+class ContextArrays:
+    """The re-ranker's context as arrays: every stored instance of ``heads``' images (one hit
+    per image: its id, uri, version, size and count), images in ``heads`` order, each image's
+    rows in rank order: ``counts [U]`` rows per image, ``pks [n]``, ``boxes [n, 4]`` pixel
+    ``[x, y, w, h]``, ``objectness [n]``, ``vectors [n, dim]`` float32. What the in-memory
+    index reads for a re-ranked head without a :class:`Hit` per row
+    (:meth:`MemoryIndex.context_arrays`); :meth:`hit` makes one row's on demand."""
 
+    heads: list[Hit]
     counts: np.ndarray
     pks: list[str]
     boxes: np.ndarray
     objectness: np.ndarray
     vectors: np.ndarray
+
+    @cached_property
+    def _owner_rank(self) -> tuple[list[int], list[int]]:
+        """Each row's position in ``heads`` and its rank in its image."""
+        owners = np.repeat(np.arange(len(self.heads)), self.counts)
+        ranks = np.arange(len(owners)) - np.repeat(np.cumsum(self.counts) - self.counts, self.counts)
+        return owners.tolist(), ranks.tolist()
+
+    def hit(self, i: int) -> Hit:
+        """Row ``i`` as the store's keyed context holds it (``MilvusStore.context``)."""
+        from reir.platform.store import _context_hit
+
+        owners, ranks = self._owner_rank
+        return _context_hit(self.heads[owners[i]], ranks[i], S.as_box(self.boxes[i].tolist()), self.objectness[i],
+                            self.vectors[i], pk=self.pks[i])  # fmt: skip
+
+    def as_dict(self) -> dict[str, list[Hit]]:
+        """``{image_id: [row, ...]}``: what ``MilvusStore.context`` returns for the same hits."""
+        owners = self._owner_rank[0]
+        out: dict[str, list[Hit]] = {h.image_id: [] for h in self.heads}
+        for i, owner in enumerate(owners):
+            out[self.heads[owner].image_id].append(self.hit(i))
+        return out
 
 
 @dataclass(frozen=True)
@@ -277,17 +305,16 @@ class MemoryIndex:
             out[i] = Context(both[a:b], pks[a:b], boxes[a:b], objectness[a:b], vectors[a:b])
         return out
 
-    def packed(self, hits: list[Hit], *, float16: bool) -> PackedRows | None:
-        """Every stored instance of every hit's image as flat arrays (images in ``hits`` order,
-        each image's rows in rank order), or None unless this index holds all of them (see
-        :meth:`contexts`): the re-ranker's input without a Python object per row."""
-        found = self._context_rows(hits)
+    def context_arrays(self, heads: list[Hit], *, float16: bool) -> ContextArrays | None:
+        """Every stored instance of the images of ``heads`` (one hit per image) as flat arrays,
+        or None unless this index holds all of them (see :meth:`contexts`): the re-ranker's
+        input without a Python object per row."""
+        found = self._context_rows(heads)
         if found is None or not bool(found[2].all()):
             return None
         both, counts, _ = found
-        return PackedRows(counts=counts, pks=self.pk.take(pa.array(both, type=pa.int64())).to_pylist(),
-                          boxes=self.box[both], objectness=self.objectness[both],
-                          vectors=self._vectors(both, float16))  # fmt: skip
+        return ContextArrays(heads, counts, self.pk.take(pa.array(both, type=pa.int64())).to_pylist(), self.box[both],
+                             self.objectness[both], self._vectors(both, float16))  # fmt: skip
 
     def _vectors(self, rows: np.ndarray, float16: bool) -> np.ndarray:
         vectors = self.vectors[rows]
@@ -572,13 +599,13 @@ class MemoryIndexManager:
         self._status.contexts += len(found)
         return found
 
-    def packed(self, hits: list[Hit], *, float16: bool) -> PackedRows | None:
-        """All of the hits' images' rows as arrays from the index that returned them, or None
-        (see :meth:`MemoryIndex.packed`)."""
+    def context_arrays(self, heads: list[Hit], *, float16: bool) -> ContextArrays | None:
+        """The heads' images' rows as arrays from the index that returned them, or None (see
+        :meth:`MemoryIndex.context_arrays`)."""
         index = self._index
-        found = index.packed(hits, float16=float16) if index is not None else None
+        found = index.context_arrays(heads, float16=float16) if index is not None else None
         if found is not None:
-            self._status.contexts += len(hits)
+            self._status.contexts += len(heads)
         return found
 
     def warm(self, partition: str | None, *, wait: bool = False, timeout: float | None = None) -> None:

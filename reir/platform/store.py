@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from typing import Self
 
     from reir.platform.config import MilvusConfig
-    from reir.platform.memory_index import AnnSpec, MemoryIndexManager, Rows
+    from reir.platform.memory_index import AnnSpec, ContextArrays, MemoryIndexManager, Rows
 
 log = logging.getLogger(__name__)
 
@@ -103,43 +103,6 @@ class Hit:
 
 
 HIT_FIELDS = tuple(f.name for f in dataclass_fields(Hit))
-
-
-@dataclass
-class PackedContext:
-    """The re-ranker's context as arrays: every stored instance of ``heads``' images (one hit
-    per image: its id, uri, version, size and count), images in ``heads`` order, each image's
-    rows in rank order; ``counts [U]`` rows per image, ``pks [n]``, ``boxes [n, 4]`` pixel
-    ``[x, y, w, h]``, ``objectness [n]``, ``vectors [n, dim]`` float32. What the in-memory
-    index reads for a re-ranked head without building a :class:`Hit` per row
-    (:meth:`MilvusStore.packed_context`); :meth:`hit` makes one row's on demand."""
-
-    heads: list[Hit]
-    counts: np.ndarray
-    pks: list[str]
-    boxes: np.ndarray
-    objectness: np.ndarray
-    vectors: np.ndarray
-
-    @property
-    def owners(self) -> np.ndarray:
-        """``[n]`` the position in ``heads`` of each row's image."""
-        return np.repeat(np.arange(len(self.heads)), self.counts)
-
-    def hit(self, i: int, owner: int, rank: int) -> Hit:
-        """Row ``i`` (the ``rank``-th of image ``heads[owner]``) as the keyed context holds it."""
-        b = self.boxes[i]
-        return _context_hit(self.heads[owner], rank, (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
-                            self.objectness[i], self.vectors[i], pk=self.pks[i])  # fmt: skip
-
-    def as_dict(self) -> dict[str, list[Hit]]:
-        """``{image_id: [row, ...]}``: what :meth:`MilvusStore.context` returns for the same hits."""
-        out: dict[str, list[Hit]] = {}
-        i = 0
-        for owner, (head, count) in enumerate(zip(self.heads, self.counts.tolist(), strict=True)):
-            out[head.image_id] = [self.hit(i + r, owner, r) for r in range(count)]
-            i += count
-        return out
 
 
 def hit_columns(hits: Sequence[Hit], *, vectors: bool = True) -> tuple[list[Any], ...]:
@@ -771,20 +734,16 @@ class MilvusStore:
             n_instances=int(row.get(S.N_INSTANCES) or 0),
         )  # fmt: skip
 
-    def packed_context(self, hits: Sequence[Hit], *, model_version: str | None = None) -> PackedContext | None:
-        """:meth:`context` as arrays (:class:`PackedContext`, one head per image, the best hit
-        of each) when the in-memory index holds every one of the hits' images; else None (then
-        :meth:`context` reads them)."""
+    def context_arrays(self, hits: Sequence[Hit], *, model_version: str | None = None) -> ContextArrays | None:
+        """:meth:`context` as arrays (:class:`reir.platform.memory_index.ContextArrays`, one
+        head per image, its best hit) when the in-memory index holds every one of the hits'
+        images; else None (then :meth:`context` reads them)."""
         if self._memory is None or not hits:
             return None
-        first: dict[str, Hit] = {}
+        heads: dict[str, Hit] = {}  # each image's best hit, images in the hits' order
         for h in hits:
-            first.setdefault(h.image_id, h)
-        heads = list(first.values())
-        found = self._memory.packed(heads, float16=self.layout().has_packed_context)
-        if found is None:
-            return None
-        return PackedContext(heads, found.counts, found.pks, found.boxes, found.objectness, found.vectors)
+            heads.setdefault(h.image_id, h)
+        return self._memory.context_arrays(list(heads.values()), float16=self.layout().has_packed_context)
 
     def context(self, hits: Sequence[Hit], *, model_version: str | None = None) -> dict[str, list[Hit]]:
         """Every stored instance (rank order, with vectors) of each hit's image: the re-ranker's input.

@@ -95,8 +95,8 @@ class Ranker:
         best = rerank_head(hits, head)
         t = clock()
         # The in-memory index hands the context over as arrays (no object per row); else by image.
-        packed = getattr(self.store, "packed_context", None)
-        context = packed(best, model_version=flt.model_version) if packed is not None else None
+        arrays = getattr(self.store, "context_arrays", None)
+        context = arrays(best, model_version=flt.model_version) if arrays is not None else None
         if context is None:
             context = self.store.context(best, model_version=flt.model_version)
         timings["context"] = clock() - t

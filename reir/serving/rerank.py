@@ -31,7 +31,8 @@ from PIL import Image
 from reir.model.images import upright_size
 from reir.model.modeling import TextOutput
 from reir.model.rerank import pack_instance_sets, pack_rows
-from reir.platform.store import Hit, PackedContext
+from reir.platform.memory_index import ContextArrays
+from reir.platform.store import Hit
 from reir.serving.retriever import Calibration, EncodedQuery, to_numpy
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,14 @@ class ImageSizes:
 
 
 class ScoredRows(Sequence[Scored]):
-    """A packed context's rows with their probabilities, best first: ``(hit, probability)``
+    """A context's rows as arrays with their probabilities, best first: ``(hit, probability)``
     pairs whose :class:`Hit` is made when it is read (a candidate's own hit where the row is
     one). Rank mode reads the first few of a head's hundreds of rows."""
 
-    def __init__(self, context: PackedContext, candidates: Mapping[str, Hit], order: np.ndarray,
+    def __init__(self, context: ContextArrays, candidates: Mapping[str, Hit], order: np.ndarray,
                  probs: np.ndarray) -> None:  # fmt: skip
         self.context, self.candidates = context, candidates
         self.order, self.probs = order.tolist(), probs.tolist()
-        counts = context.counts
-        self.owners = context.owners.tolist()
-        self.ranks = (np.arange(len(self.owners)) - np.repeat(np.cumsum(counts) - counts, counts)).tolist()
 
     def __len__(self) -> int:
         return len(self.order)
@@ -136,7 +134,7 @@ class ScoredRows(Sequence[Scored]):
     def _pair(self, k: int) -> Scored:
         i = self.order[k]
         hit = self.candidates.get(self.context.pks[i])
-        return (hit if hit is not None else self.context.hit(i, self.owners[i], self.ranks[i])), self.probs[k]
+        return (hit if hit is not None else self.context.hit(i)), self.probs[k]
 
     def __getitem__(self, k: Any) -> Any:
         if isinstance(k, slice):
@@ -175,18 +173,18 @@ class Reranker:
         return callable(getattr(self.model, "rerank_logits", None)) and getattr(self.model, "reranker", True) is not None
 
     def rerank(self, query: str | EncodedQuery, candidates: Sequence[Hit],
-               context: Mapping[str, Sequence[Hit]] | PackedContext, *, presence: bool = False,
+               context: Mapping[str, Sequence[Hit]] | ContextArrays, *, presence: bool = False,
                ) -> Sequence[Scored]:  # fmt: skip
         """``query``: the text, or the query as the encoder left it (then it is not re-encoded).
         ``context``: every stored instance of the candidates' images, by image id, or as arrays
-        (:meth:`reir.platform.store.MilvusStore.packed_context`; the same answer).
+        (:meth:`reir.platform.store.MilvusStore.context_arrays`; the same answer).
         ``presence``: discover mode's presence head scores (the re-ranker without one)."""
         if not candidates:
             return []
         if not self.can_rerank:
             return ann_order(candidates, self.calibration)
         by_pk = {h.pk: h for h in candidates}
-        if isinstance(context, PackedContext):
+        if isinstance(context, ContextArrays):
             if int(context.counts.max(initial=0)) <= self.max_instances and all(
                     h.image_size is not None for h in context.heads):  # fmt: skip
                 return self._rerank_packed(query, context, by_pk, presence)
@@ -206,7 +204,7 @@ class Reranker:
         order = np.lexsort((np.asarray([r.pk for r in rows]), -probs))  # best first, the pk breaks ties
         return [(rows[i], p) for i, p in zip(order.tolist(), probs[order].tolist(), strict=True)]
 
-    def _rerank_packed(self, query: str | EncodedQuery, context: PackedContext, candidates: Mapping[str, Hit],
+    def _rerank_packed(self, query: str | EncodedQuery, context: ContextArrays, candidates: Mapping[str, Hit],
                        presence: bool) -> ScoredRows:  # fmt: skip
         """:meth:`rerank` over arrays: one pack, one forward; every row comes back best first,
         its :class:`Hit` made when it is read (:class:`ScoredRows`)."""

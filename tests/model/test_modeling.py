@@ -104,3 +104,7 @@ def test_inference_text_path_equals_the_hf_tower(tiny: tuple[ReirModel, ReirProc
     out.embeddings.sum().backward()
     layer = encoder.model.encoder.layer[0].attention.self.query.weight
     assert layer.grad is not None and layer.grad.abs().sum() > 0
+    with torch.no_grad():  # a weight changed in place (an optimizer step): the fused path reads the new one
+        layer.add_(0.05 * layer.grad)
+        changed = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model.encode_text(ids, mask).token_states[real], changed[real], atol=1e-5, rtol=1e-5)

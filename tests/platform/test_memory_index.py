@@ -346,9 +346,9 @@ def test_contexts_read_whole_images_only_and_leave_incomplete_or_stale_ones_to_m
     assert np.array_equal(found[0].vectors, vecs[[0, 5, 2]])
     assert index.contexts([], float16=False) == {}
     # as arrays: every image whole or none at all
-    assert index.packed(hits, float16=False) is None
+    assert index.context_arrays(hits, float16=False) is None
     whole = [hits[i] for i in (0, 3, 4)]
-    packed = index.packed(whole, float16=True)
+    packed = index.context_arrays(whole, float16=True)
     assert packed is not None and packed.counts.tolist() == [3, 2, 1]
     assert packed.pks == [pk for i in (0, 3, 4) for pk in found[i].pks]
     assert packed.boxes.tolist() == [b for i in (0, 3, 4) for b in found[i].boxes]

@@ -298,13 +298,13 @@ def test_the_encoded_query_reaches_the_reranker_without_a_second_text_forward() 
 
 
 def test_the_memory_index_context_as_arrays_reranks_as_the_rows_do(tmp_path: Path) -> None:
-    """``MilvusStore.packed_context`` (the in-memory index's arrays) gives the re-ranker the same
+    """``MilvusStore.context_arrays`` (the in-memory index's arrays) gives the re-ranker the same
     input and the same answer as ``context`` (a Hit per row); without the index, or for an image
     it does not hold, there are no arrays and the rows are read."""
     from dataclasses import replace
 
-    from reir.platform.memory_index import AnnSpec
-    from reir.platform.store import PackedContext, SearchFilter
+    from reir.platform.memory_index import AnnSpec, ContextArrays
+    from reir.platform.store import SearchFilter
 
     dim, per_image = 8, 4
     vecs = np.random.default_rng(0).normal(size=(30 * per_image, dim)).astype(np.float32)
@@ -318,12 +318,12 @@ def test_the_memory_index_context_as_arrays_reranks_as_the_rows_do(tmp_path: Pat
         store.build_index("FLAT")
         store.load()
         best = store.search(vecs[5] + vecs[17], 12, flt)[0]
-        assert store.packed_context(best, model_version="v") is None  # no in-memory index yet
+        assert store.context_arrays(best, model_version="v") is None  # no in-memory index yet
         store.use_memory_index("on", model_version="v", wait=True, ann=AnnSpec(min_rows=10_000))
         best = store.search(vecs[5] + vecs[17], 12, flt)[0]
-        packed = store.packed_context(best, model_version="v")
+        packed = store.context_arrays(best, model_version="v")
         by_image = store.context(best, model_version="v")
-        assert isinstance(packed, PackedContext) and len(packed.heads) == len(by_image) < len(best)
+        assert isinstance(packed, ContextArrays) and len(packed.heads) == len(by_image) < len(best)
         assert [h.image_id for h in packed.heads] == list(dict.fromkeys(h.image_id for h in best))
         assert {k: [(r.pk, r.box, r.instance_score) for r in v] for k, v in packed.as_dict().items()} == \
             {k: [(r.pk, r.box, r.instance_score) for r in v] for k, v in by_image.items()}
@@ -343,4 +343,4 @@ def test_the_memory_index_context_as_arrays_reranks_as_the_rows_do(tmp_path: Pat
         assert [(h.pk, p) for h, p in small.rerank("left", best, packed)] == \
             [(h.pk, p) for h, p in small.rerank("left", best, by_image)]
         stale = replace(best[0], row=(best[0].row + 1) % len(vecs))  # a row holding another pk now (a reload)
-        assert store.packed_context([stale, *best[1:]], model_version="v") is None
+        assert store.context_arrays([stale, *best[1:]], model_version="v") is None
