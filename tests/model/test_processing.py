@@ -29,6 +29,27 @@ def test_text_padding(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     assert proc.text([])["input_ids"].shape[0] == 0
 
 
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_text_equals_the_tokenizers_own_call(tiny: tuple[ReirModel, ReirProcessor], padding: str) -> None:
+    """ReirProcessor.text runs a copy of the fast tokenizer's Rust tokenizer, set once: the same
+    ids and masks as the transformers call it replaces, truncation and padding included."""
+    _, proc = tiny
+    proc = ReirProcessor(proc.tokenizer, image_size=proc.image_size, max_length=12, padding=padding)
+    texts = ["the red square", "", "Where is the BIG blue circle, left of the yellow triangle?!",
+             "the leftmost purple one of the three small green squares below the big orange circle on the grey "
+             "background in the image with a pink star", "zzyzx qwerty café naïve", "the  second   one\t\n"]
+    enc = proc.text(texts)
+    ref = proc.tokenizer([proc._speller(t) for t in texts], padding=padding, truncation=True, max_length=12,
+                         return_tensors="pt")  # fmt: skip
+    assert enc["input_ids"].tolist() == ref["input_ids"].tolist()
+    assert enc["attention_mask"].tolist() == ref["attention_mask"].tolist()
+    assert enc["input_ids"].dtype == enc["attention_mask"].dtype == torch.long
+    assert enc["input_ids"].shape[1] == 12  # the long text was cut (and, with max_length, all are padded to it)
+    single = proc.text(["the red square"])
+    assert single["input_ids"].tolist() == proc.tokenizer(["the red square"], padding=padding, truncation=True,
+                                                          max_length=12)["input_ids"]  # fmt: skip
+
+
 def test_postprocess_maps_to_original_pixels(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     _, proc = tiny
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.51, 0.5, 0.2, 0.4], [0.1, 0.2, 0.1, 0.2]]])

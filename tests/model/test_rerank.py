@@ -9,7 +9,7 @@ import torch
 
 from reir.model import create_model
 from reir.model.configuration import RerankSpec
-from reir.model.rerank import SCALE_INIT, RelationReranker, relative_geometry
+from reir.model.rerank import SCALE_INIT, InputDropout, RelationReranker, relative_geometry, set_attention
 
 
 def _inputs(n: int = 3, m: int = 4, t: int = 2, length: int = 5, dim: int = 16) -> tuple[torch.Tensor, ...]:
@@ -66,6 +66,44 @@ def test_input_dropout_acts_while_training_only() -> None:
     rr.eval()
     a, b = (rr(states, mask, base, emb, boxes, obj, inst_mask, text_rows=rows) for _ in range(2))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias_shape", [(6, 2, 10, 10), (6, 1, 1, 10)])
+def test_set_attention_equals_torch_sdpa_in_values_and_gradients(dtype: torch.dtype, bias_shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, 10, 8, generator=g, dtype=dtype) for _ in range(3))
+    bias = torch.randn(bias_shape, generator=g, dtype=dtype)
+    bias[0, ..., 7:] = -1e4  # padded instances, as InstanceSet.image_part masks them
+    ours, ref = ([x.clone().requires_grad_(True) for x in (q, k, v, bias)] for _ in range(2))
+    out = set_attention(*ours)
+    expected = torch.nn.functional.scaled_dot_product_attention(*ref[:3], attn_mask=ref[3])
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(out, expected, atol=tol)
+    weights = torch.randn(out.shape, generator=g, dtype=dtype)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for a, b in zip(ours, ref, strict=True):
+        assert a.grad is not None and b.grad is not None and a.grad.shape == b.grad.shape
+        assert torch.allclose(a.grad, b.grad, atol=tol * 10)
+    if dtype == torch.float64:
+        small = [torch.randn(2, 2, 4, 3, generator=g, dtype=dtype) for _ in range(3)]
+        small.append(torch.randn((2, 2, 4, 4) if bias_shape[1] > 1 else (2, 1, 1, 4), generator=g, dtype=dtype))
+        assert torch.autograd.gradcheck(set_attention, tuple(x.requires_grad_(True) for x in small))
+
+
+def test_input_dropout_keeps_each_input_with_one_minus_p_and_scales_it() -> None:
+    torch.manual_seed(0)
+    drop = InputDropout(0.4)
+    x = torch.rand(200_000) + 0.5
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.6) < 0.01
+    assert torch.allclose(y[kept], x[kept] / 0.6)
+    assert not torch.equal(drop(x), drop(x))  # a new mask each call
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    assert torch.equal(InputDropout(1.0)(x), torch.zeros_like(x))
 
 
 def test_earlier_free_relation_factor_loads_when_positive_and_is_refused_when_not() -> None:
