@@ -36,8 +36,8 @@ def test_text_equals_the_tokenizers_own_call(tiny: tuple[ReirModel, ReirProcesso
     _, proc = tiny
     proc = ReirProcessor(proc.tokenizer, image_size=proc.image_size, max_length=12, padding=padding)
     texts = ["the red square", "", "Where is the BIG blue circle, left of the yellow triangle?!",
-             "the leftmost purple one of the three small green squares below the big orange circle on the grey "
-             "background in the image with a pink star", "zzyzx qwerty café naïve", "the  second   one\t\n"]
+             ("the leftmost purple one of the three small green squares below the big orange circle on the grey "
+              "background in the image with a pink star"), "zzyzx qwerty café naïve", "the  second   one\t\n"]
     enc = proc.text(texts)
     ref = proc.tokenizer([proc._speller(t) for t in texts], padding=padding, truncation=True, max_length=12,
                          return_tensors="pt")  # fmt: skip
