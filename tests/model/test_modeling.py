@@ -108,3 +108,10 @@ def test_inference_text_path_equals_the_hf_tower(tiny: tuple[ReirModel, ReirProc
         layer.add_(0.05 * layer.grad)
         changed = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(model.encode_text(ids, mask).token_states[real], changed[real], atol=1e-5, rtol=1e-5)
+        value = encoder.model.encoder.layer[-1].attention.self.value
+        value.bias.add_(0.1)  # a bias, in the last layer
+        changed = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model.encode_text(ids, mask).token_states[real], changed[real], atol=1e-5, rtol=1e-5)
+        value.weight = torch.nn.Parameter(value.weight * 0.5)  # another tensor in its place
+        changed = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(model.encode_text(ids, mask).token_states[real], changed[real], atol=1e-5, rtol=1e-5)
