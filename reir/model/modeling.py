@@ -9,7 +9,6 @@ aspect ratio, these map back exactly to the original image's pixels.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,38 +271,18 @@ class TextEncoder(nn.Module):
         x = tower.embeddings(input_ids=input_ids)
         pad = attention_mask == 0
         mask, mask_type = (pad, 1) if bool(pad.any()) else (None, None)
-        for i, layer in enumerate(tower.encoder.layer):
+        for layer in tower.encoder.layer:
             attn, out = layer.attention.self, layer.attention.output
-            qkv_weight, qkv_bias = self._stacked_qkv(i, attn)
             x = torch._transformer_encoder_layer_fwd(
-                x, x.shape[-1], int(config.num_attention_heads), qkv_weight, qkv_bias,
+                x, x.shape[-1], int(config.num_attention_heads),
+                torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]),
+                torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]),
                 out.dense.weight, out.dense.bias, True, False, float(out.LayerNorm.eps),
                 out.LayerNorm.weight, out.LayerNorm.bias, layer.output.LayerNorm.weight, layer.output.LayerNorm.bias,
                 layer.intermediate.dense.weight, layer.intermediate.dense.bias,
                 layer.output.dense.weight, layer.output.dense.bias, mask, mask_type,
             )  # fmt: skip
         return x
-
-    def _stacked_qkv(self, index: int, attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s query, key and value weights and biases stacked as the fused kernel
-        reads them, kept until one of the six changes (another tensor, or one changed in place:
-        an optimizer step, ``load_state_dict``, ``.to()``). Stacking them anew took 4 copies of
-        ~50 us per query in the demo's 2-layer tower (0.78 ms), a quarter of it."""
-        parts = (attn.query.weight, attn.key.weight, attn.value.weight, attn.query.bias, attn.key.bias,
-                 attn.value.bias)  # fmt: skip
-        cache: dict[int, Any] = self.__dict__.setdefault("_qkv_cache", {})
-        hit = cache.get(index)
-        if hit is None or any(ref() is not t or version != t._version
-                              for (ref, version), t in zip(hit[0], parts, strict=True)):  # fmt: skip
-            key = tuple((weakref.ref(t), t._version) for t in parts)
-            hit = cache[index] = (key, torch.cat(parts[:3]), torch.cat(parts[3:]))
-        return hit[1], hit[2]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_qkv_cache", None)  # derived tensors: rebuilt on first use, never pickled
-        return state
 
     def _empty(self, input_ids: torch.Tensor) -> TextOutput:
         # No expressions in this batch: still run one dummy row so that every parameter

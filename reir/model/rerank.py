@@ -138,9 +138,9 @@ class _SmallAttention(torch.autograd.Function):
     On CPU, torch's own paths are slow at these sizes: its softmax kernel takes ~180 ns a row
     when the row is shorter than its vector width (16 floats: 10 instances), ``bmm``'s backward
     over transposed views falls back to a loop that copies every matrix, and SDPA's CPU kernels
-    pay for both. Measured on 2 cores (docs/query-path.md): the instance set's attention for one
-    query's 30 images 0.26 -> 0.12 ms; a re-ranker training batch (2,048 rows) forward and
-    backward 61 -> 11 ms. Same values as SDPA to float rounding (tested, gradients included)."""
+    pay for both. On 2 cores (``bench/set_attention.py``): the instance set's attention for one
+    query's 30 images 0.23 -> 0.08 ms; a re-ranker training batch (2,048 rows) forward and
+    backward 46 -> 7 ms. Same values as SDPA to float rounding (tested, gradients included)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -173,12 +173,12 @@ class _SmallAttention(torch.autograd.Function):
 
 
 def set_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + bias) v`` for ``q, k, v [N, H, M, d]`` and a float ``bias``
-    broadcastable to ``[N, H, M, M]``: :class:`_SmallAttention` on CPU in float32/64, torch's
-    SDPA elsewhere (GPU kernels, autocast's bfloat16)."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or not (
-            q.dtype == k.dtype == v.dtype == bias.dtype):  # fmt: skip
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    """``softmax(q k^T / sqrt(d) + bias) v`` for ``q, k, v [N, H, M, d]`` (one dtype) and a float
+    ``bias`` broadcastable to ``[N, H, M, M]`` (cast to ``q``'s dtype): :class:`_SmallAttention` on
+    CPU in float32/64, torch's SDPA elsewhere (GPU kernels, autocast's bfloat16)."""
+    bias = bias.to(q.dtype)
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return _SmallAttention.apply(q, k, v, bias, 1.0 / math.sqrt(q.shape[-1]))
 
 
@@ -260,7 +260,7 @@ class InstanceSet(nn.Module):
         x = base + self.asked(asked) + text[:, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = layer["qkv"](layer["norm1"](x)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            att = set_attention(q, k, v, bias[:, i * self.heads : (i + 1) * self.heads].to(q.dtype))  # [N, H, M, hs/H]
+            att = set_attention(q, k, v, bias[:, i * self.heads : (i + 1) * self.heads])  # [N, H, M, hs / H]
             x = x + layer["proj"](att.transpose(1, 2).reshape(n, m, hs))
             x = x + layer["mlp"](layer["norm2"](x))
         return self.out(self.norm(x)).squeeze(-1)

@@ -31,8 +31,8 @@ def test_text_padding(tiny: tuple[ReirModel, ReirProcessor]) -> None:
 
 @pytest.mark.parametrize("padding", ["longest", "max_length"])
 def test_text_equals_the_tokenizers_own_call(tiny: tuple[ReirModel, ReirProcessor], padding: str) -> None:
-    """ReirProcessor.text runs a copy of the fast tokenizer's Rust tokenizer, set once: the same
-    ids and masks as the transformers call it replaces, truncation and padding included."""
+    """ReirProcessor.text gives the tokenizer's own ids and masks after spelling correction,
+    cut at its ``max_length`` and padded as configured."""
     _, proc = tiny
     proc = ReirProcessor(proc.tokenizer, image_size=proc.image_size, max_length=12, padding=padding)
     texts = ["the red square", "", "Where is the BIG blue circle, left of the yellow triangle?!",
