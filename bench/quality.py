@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scale-queries", type=int, default=30, help="queries timed on that gallery [30]")
     parser.add_argument("--max-queries", type=int, default=None, help="a seeded sample of the test queries [all]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-k-instances", type=int, default=10, help="instances stored per image [10]")
+    parser.add_argument("--top-k-instances", type=int, default=None,
+                        help="instances stored per image at most [the checkpoint's policy, as `reir ingest`]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every system [1]")
     parser.add_argument("--pools", default="",
                         help="also reir with these re-rank pools, comma-separated (ServeConfig.rerank_candidates and "

@@ -53,6 +53,9 @@ p.add_argument("--lr1", type=float, default=5e-4)
 p.add_argument("--lr2", type=float, default=3e-4)
 p.add_argument("--bs", type=int, default=16)
 p.add_argument("--topk", type=int, default=10)
+p.add_argument("--min-score", type=float, default=None,
+               help="objectness floor of the stored instances past each image's first --min-keep [the model's]")
+p.add_argument("--min-keep", type=int, default=None, help="instances kept whatever their score [the model's]")
 p.add_argument("--variants", default="default")
 p.add_argument("--stage2", default="")
 p.add_argument("--save", default="")
@@ -179,10 +182,12 @@ else:
         model.save_pretrained(args.save)
         processor.save_pretrained(args.save)
 model.eval()
+if args.min_keep is not None:
+    processor.instance_min_keep = args.min_keep
 groups = negative_groups(args.data, "train", [s.image_id for s in train])
 with torch.no_grad():
-    rs_train = build_rerank_set(model, processor, train, groups, load, top_k=args.topk)
-    rs_test = build_rerank_set(model, processor, test, [0] * len(test), load, top_k=args.topk, min_iou=0.0)
+    rs_train = build_rerank_set(model, processor, train, groups, load, top_k=args.topk, min_score=args.min_score)
+    rs_test = build_rerank_set(model, processor, test, [0] * len(test), load, top_k=args.topk, min_score=args.min_score, min_iou=0.0)
 log(rerank_train_texts=rs_train.num_texts, skipped=rs_train.skipped)
 # ground truth + families of test expressions
 with open(os.path.join(args.data, "reircoco.json")) as f:

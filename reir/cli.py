@@ -145,8 +145,10 @@ def ingest(
                                      "[test]"),
     encoders: int | None = typer.Option(None, min=1, help="encoder actors [one per GPU, or per free CPU]"),
     batch_size: int | None = typer.Option(None, min=1, help="[32]"),
-    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per image; a dense "
-                                               "gallery needs at least its objects per image [10]"),
+    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per image at most; a "
+                                               "dense gallery needs at least its objects per image [the model's: 16]"),
+    min_instance_score: float | None = typer.Option(None, min=0.0, max=0.999, help="objectness an instance needs to "
+                                                    "be stored, past each image's first [the model's: 0.1]"),
     index_type: str | None = typer.Option(None, help="AUTOINDEX, HNSW, IVF_FLAT or FLAT [AUTOINDEX]"),
     metadata_field: list[str] = typer.Option([], "--metadata-field", help="NAME:TYPE (str|int|float|bool), repeat"),
     device: str | None = typer.Option(None, help="auto (GPU when Ray has one), cpu or cuda [auto]"),
@@ -166,7 +168,7 @@ def ingest(
              "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri, "collection": collection,
              "alias": alias, "rebuild": rebuild or None, "full": False if full else None, "split": split,
              "encoders": encoders, "batch_size": batch_size, "top_k_instances": top_k_instances,
-             "index_type": index_type,
+             "min_instance_score": min_instance_score, "index_type": index_type,
              "metadata_field": dict(_metadata_field(f) for f in metadata_field) or None, "device": device,
              "dead_letter": dead_letter, "object_store_mb": object_store_mb * 2**20 if object_store_mb else None}
     cfg = command_config("ingest", config=config, flags=flags, extra={"alias": None} if no_alias else None)

@@ -156,7 +156,7 @@ COMMANDS: dict[str, CommandSpec] = {
             "model_dir": "model_path", **_MILVUS_FLAGS, "alias": "alias", "no_alias": ("alias", "sets none"),
             "rebuild": "rebuild", "full": ("incremental", "sets false"), "split": "split",
             "encoders": "num_encoders", "batch_size": "batch_size", "top_k_instances": "top_k_instances",
-            "index_type": "milvus.index_type",
+            "min_instance_score": "min_instance_score", "index_type": "milvus.index_type",
             "metadata_field": ("milvus.metadata_fields", "NAME:TYPE, repeat"), "device": "device",
             "dead_letter": "dead_letter_path", "object_store_mb": ("object_store_memory_limit", "MiB")},
             defaults={"alias": LIVE_ALIAS, "batch_size": 32}),

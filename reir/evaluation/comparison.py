@@ -55,7 +55,7 @@ class QualityConfig:
     two_stage_model_dir: Path | None = None
     max_queries: int | None = None  # a seeded sample of the test queries; the gallery stays whole
     seed: int = 0
-    top_k_instances: int = 10  # instances stored per image, as `reir ingest` stores them
+    top_k_instances: int | None = None  # instances stored per image, as `reir ingest` stores them [the checkpoint's]
     batch_size: int = 16
     threads: int = 1  # torch threads of every system (reir's query path runs one per encoder CPU)
     rescore_pool: int = 50  # two_stage_rescored: retrieved images the re-ranker orders (reir's head: 50)
@@ -108,8 +108,10 @@ class EncodedGallery:
         return InstanceGallery.from_instances(per_image, sizes)
 
 
-def encode_gallery(model_dir: Path, samples: Sequence[ImageSample], *, top_k: int, batch_size: int) -> EncodedGallery:
-    """Every gallery image through ingestion's encoder (decode, detect, embed, rows)."""
+def encode_gallery(model_dir: Path, samples: Sequence[ImageSample], *, top_k: int | None,
+                   batch_size: int) -> EncodedGallery:  # fmt: skip
+    """Every gallery image through ingestion's encoder (decode, detect, embed, rows); ``top_k``
+    None: the checkpoint's stored-instance policy, as `reir ingest` applies it."""
     from reir.ingestion.encoder import InstanceEncoder
     from reir.platform.modeling import load_reir_model, model_version_for
 

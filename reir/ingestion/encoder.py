@@ -46,7 +46,8 @@ class InstanceEncoder:
         processor: ImageProcessor,
         *,
         model_version: str,
-        top_k: int,
+        top_k: int | None = None,
+        min_score: float | None = None,
         nms_iou: float = 0.7,
         device: str = "cpu",
         bf16: bool = False,
@@ -59,7 +60,8 @@ class InstanceEncoder:
         self.model_batch = model_batch
         self.processor = processor
         self.model_version = model_version
-        self.top_k = top_k
+        self.top_k = top_k  # None: the processor's policy (the checkpoint's)
+        self.min_score = min_score
         self.nms_iou = nms_iou
         self.device = device
         self.bf16 = bf16
@@ -94,7 +96,7 @@ class InstanceEncoder:
             with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.bf16):
                 output = self.model.encode_images(pixel_values)
             return self.processor.postprocess(
-                output, sizes=list(sizes), top_k=self.top_k, nms_iou=self.nms_iou
+                output, sizes=list(sizes), top_k=self.top_k, nms_iou=self.nms_iou, min_score=self.min_score
             )
 
     def rows_for_batch(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -182,7 +182,8 @@ class EncoderActor:
         model_path: str,
         *,
         model_version: str,
-        top_k: int,
+        top_k: int | None = None,
+        min_score: float | None = None,
         nms_iou: float = 0.7,
         loader: ModelLoader = load_reir_image_model,
         torch_threads: int = 1,
@@ -201,7 +202,7 @@ class EncoderActor:
         if device != "cpu" and hasattr(model, "to"):
             model = model.to(device)
         self.encoder = InstanceEncoder(
-            model, processor, model_version=model_version, top_k=top_k, nms_iou=nms_iou,
+            model, processor, model_version=model_version, top_k=top_k, min_score=min_score, nms_iou=nms_iou,
             device=device, bf16=device != "cpu", max_pixels=max_pixels, model_batch=model_batch,
         )  # fmt: skip
         self.fault = fault
@@ -323,6 +324,7 @@ def build_dataset(
     encoder: dict[str, Any] = {
         "model_version": model_version,
         "top_k": cfg.top_k_instances,
+        "min_score": cfg.min_instance_score,
         "nms_iou": cfg.nms_iou,
         "loader": loader,
         "torch_threads": max(1, int(plan.cpus_per_encoder)),
@@ -361,8 +363,9 @@ def build_dataset(
 
 def fused_batch_images(cfg: IngestConfig) -> int:
     """Images per fused actor batch: ``milvus.upsert_batch_size`` rows at ``top_k_instances`` per
-    image, rounded up to whole model batches (``batch_size``)."""
-    images = max(1, math.ceil(cfg.milvus.upsert_batch_size / cfg.top_k_instances))
+    image (unset: 10, about what the default policy stores), rounded up to whole model batches
+    (``batch_size``)."""
+    images = max(1, math.ceil(cfg.milvus.upsert_batch_size / (cfg.top_k_instances or 10)))
     return max(1, math.ceil(images / cfg.batch_size)) * cfg.batch_size
 
 

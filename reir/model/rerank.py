@@ -59,6 +59,11 @@ LOG_EPS = 0.02  # floor of the soft landmark count inside the log: bounds "no la
 SCALE_INIT = 0.3  # the relation term's weight s at initialisation
 
 
+# What the re-ranker reads from the expressions (RelationReranker.text_slots): the slots
+# [T, R+1, h], the relation gates [T, R] and, with the image term, the image query [T, h] (else None).
+TextSlots = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 class Features(NamedTuple):
     """What :meth:`RelationReranker.image_features` computes once per image (``U`` images)."""
 
@@ -341,9 +346,7 @@ class RelationReranker(nn.Module):
             state_dict[prefix + "scale_raw"] = torch.full((1,), _inverse_softplus(old))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def text_slots(
-        self, text_states: torch.Tensor, text_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def text_slots(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> TextSlots:
         """``[T, L, Ht]`` -> ``[T, R+1, h]`` (slot 0: the candidate, then what the expression
         asks of the landmark of each relation), the relation gates ``[T, R]`` and, with
         ``spec.image_term``, what it asks of the whole image ``[T, h]`` (else None)."""
@@ -400,6 +403,7 @@ class RelationReranker(nn.Module):
         inst_mask: torch.Tensor,
         text_rows: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        text: TextSlots | None = None,
     ) -> torch.Tensor:
         """Per-instance logits ``[N, M]`` (``-inf`` where the instance is masked).
 
@@ -414,9 +418,11 @@ class RelationReranker(nn.Module):
                 ``arange(N)``, i.e. ``U == N``). Rows that share an image share its instance
                 projection and relation weights: computed once per image, the text-free half
                 of the work no longer grows with the number of expressions scored on it.
+            text: :meth:`text_slots` of ``text_states`` computed beforehand (a caller scoring
+                the same expressions in several calls), else computed here.
         """
         features = self.image_features(inst_emb, boxes, objectness, inst_mask)
-        return self.score_features(text_states, text_mask, base_logits, features, text_rows, image_rows)
+        return self.score_features(text_states, text_mask, base_logits, features, text_rows, image_rows, text)
 
     def score_features(
         self,
@@ -426,8 +432,9 @@ class RelationReranker(nn.Module):
         features: Features,
         text_rows: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        text: TextSlots | None = None,
     ) -> torch.Tensor:
-        """:meth:`forward` from :meth:`image_features` computed beforehand."""
+        """:meth:`forward` from :meth:`image_features` (and :meth:`text_slots`) computed beforehand."""
         if image_rows is not None:
             features = features.rows(image_rows)
         v, w, ok, image_mean, set_base, set_bias = features
@@ -435,7 +442,7 @@ class RelationReranker(nn.Module):
         device = base_logits.device
         if text_rows is None:
             text_rows = torch.arange(n, device=device)
-        slots, gate, image = self.text_slots(text_states, text_mask)  # [T, R+1, h], [T, R], [T, h] | None
+        slots, gate, image = text if text is not None else self.text_slots(text_states, text_mask)
         t = slots.shape[0]
         if n % t == 0 and torch.equal(text_rows, torch.arange(t, device=device).repeat_interleave(n // t)):
             # Rows grouped by expression (every caller's layout): one [R+1, h] x [h, C*M]

@@ -85,9 +85,12 @@ class IngestConfig(_Frozen):
     ``annotations`` beside another source lists nothing: its image ids (of ``split``) must be
     the gallery's (none in common: the run stops; some: a warning), or evaluation finds nothing.
 
-    ``top_k_instances``: instances stored per image (ranks ``0..k-1``); a dense gallery needs at
-    least its objects per image (an instance not stored is never found), within the model's
-    query count (``tiny`` 64, ``small`` 256); keep the serving ``rerank_max_instances`` as high.
+    ``top_k_instances``: instances stored per image at most (ranks ``0..k-1``); a dense gallery
+    needs at least its objects per image (an instance not stored is never found), within the
+    model's query count (``tiny`` 64, ``small`` 256); keep the serving ``rerank_max_instances``
+    as high. ``min_instance_score``: past an image's first instance, only those with this
+    objectness are stored. Both default to the checkpoint's policy, the one its re-ranker
+    trained on.
 
     ``alias`` set: a versioned build (collection ``{milvus.collection}__{model}__{time}``,
     promoted to ``alias`` after the check). ``alias`` unset: rows go to ``milvus.collection``.
@@ -138,7 +141,11 @@ class IngestConfig(_Frozen):
     read_concurrency: int | None = Field(default=None, ge=1)
     num_cpus_per_writer: float = Field(default=0.25, gt=0)
     write_concurrency: int = Field(default=2, ge=1)
-    top_k_instances: int = Field(default=10, ge=1, le=1000)  # stored instances per image (see above)
+    # Stored instances per image at most, and the objectness floor past an image's first (see
+    # above); None: the checkpoint's own (preprocessor_config.json: the policy its re-ranker
+    # trained on; 16 and 0.1 for a new model, 10 and none for one from before 2026-11-29).
+    top_k_instances: int | None = Field(default=None, ge=1, le=1000)
+    min_instance_score: float | None = Field(default=None, ge=0, lt=1)
     nms_iou: float = Field(default=0.7, gt=0, le=1)
     limit: int | None = Field(default=None, ge=1)
     build_index: bool = True

@@ -38,8 +38,10 @@ class ImageModel(Protocol):
 class ImageProcessor(Protocol):
     def images(self, images: list[Image.Image]) -> Any: ...
 
+    # top_k / min_score None: the processor's own stored-instance policy
     def postprocess(
-        self, output: Any, sizes: list[tuple[int, int]], top_k: int, nms_iou: float = 0.7
+        self, output: Any, sizes: list[tuple[int, int]], top_k: int | None = None, nms_iou: float = 0.7,
+        min_score: float | None = None,
     ) -> list[list[InstanceLike]]: ...
 
 

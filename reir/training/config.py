@@ -108,7 +108,12 @@ class TrainConfig(BaseModel):
         "random from the images the dual encoder ranks first among this many, as serving re-ranks the first "
         "rerank_candidates (50) images; 0 or <= rerank_negatives: always the hardest. On two demo models: BR@1 "
         "40.1 / 33.8% against 31.0 / 30.7% with the 15 hardest")
-    rerank_top_k: int = Field(10, ge=1, description="instances stored per image, as ingestion stores them")
+    rerank_top_k: int | None = Field(None, ge=1, description="instances stored per image at most, as ingestion "
+                                     "stores them; written into the checkpoint [the model's processor: 16 for a new "
+                                     "model]")
+    rerank_min_score: float | None = Field(None, ge=0, lt=1, description="objectness floor of a stored instance past an "
+                                           "image's first, as ingestion applies it; written into the checkpoint "
+                                           "[the model's processor: 0.1 for a new model]")
     rerank_min_iou: float = Field(0.5, ge=0, le=1, description="a referent counts as stored when an instance "
                                   "overlaps it by this IoU; other expressions are skipped")
     rerank_calibration_every: int = Field(

@@ -385,6 +385,12 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     )
 
     model, processor, reranker = _frozen_model_with_head(cfg, device, "rerank")
+    # The re-ranker learns on the instance sets ingestion will store, and the checkpoint keeps
+    # that policy (preprocessor_config.json) so that ingestion stores the same.
+    if cfg.rerank_top_k is not None:
+        processor.instance_top_k = cfg.rerank_top_k
+    if cfg.rerank_min_score is not None:
+        processor.instance_min_score = cfg.rerank_min_score
     rows = _shard_rows()
     fill, fits = filler_rng(cfg, rank), filler_fits(processor)
     samples = with_filler([row_to_sample(r) for r in rows], cfg.filler_rate, fill, fits)
@@ -393,7 +399,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     started = time.monotonic()
     # One pass over the shard: decoded images are not kept (max_items=0).
     rs = build_rerank_set(model, processor, samples, [int(r["group"]) for r in rows], ImageCache(max_items=0).get,
-                          top_k=cfg.rerank_top_k, min_iou=cfg.rerank_min_iou, weak=cfg.without_referents)
+                          top_k=None, min_score=None, min_iou=cfg.rerank_min_iou, weak=cfg.without_referents)
     negatives = mine_hard_negatives(rs, max(cfg.rerank_negatives, cfg.rerank_negative_pool))
     why = "image without stored instances" if rs.weak else "referent not detected"
     if rank == 0:

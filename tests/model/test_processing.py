@@ -72,13 +72,64 @@ def test_postprocess_real_model(tiny: tuple[ReirModel, ReirProcessor]) -> None:
     model, proc = tiny
     with torch.no_grad():
         out = model.encode_images(proc.images([Image.new("RGB", (200, 100))] * 2))
-    res = proc.postprocess(out, sizes=[(200, 100), (30, 60)], top_k=7)
+    res = proc.postprocess(out, sizes=[(200, 100), (30, 60)], top_k=7, min_score=0.0)
     assert [len(r) for r in res] == [7, 7]
     scores = [i.score for i in res[0]]
     assert scores == sorted(scores, reverse=True)
     for inst in res[1]:
         x, y, w, h = inst.box_xywh
         assert 0 <= x and 0 <= y and x + w <= 30 + 1e-4 and y + h <= 60 + 1e-4
+
+
+def _scored(logits: list[float]) -> InstanceOutput:
+    """One image of apart boxes (no NMS between them) with these objectness logits."""
+    n = len(logits)
+    centres = torch.linspace(0.05, 0.95, n)
+    boxes = torch.stack([centres, torch.full((n,), 0.5), torch.full((n,), 0.04), torch.full((n,), 0.04)], -1)
+    return InstanceOutput(boxes=boxes[None], objectness_logits=torch.tensor([logits]),
+                          embeddings=torch.nn.functional.normalize(torch.randn(1, n, 8), dim=-1))  # fmt: skip
+
+
+def test_postprocess_policy_cap_floor_and_first_kept(tiny: tuple[ReirModel, ReirProcessor], tmp_path: Any) -> None:
+    """At most top_k instances; past the first min_keep only those with objectness >= min_score;
+    the policy is the processor's unless a call sets it, and it survives save / load."""
+    _, proc = tiny
+    probs = [0.9, 0.8, 0.6, 0.3, 0.12, 0.09, 0.05, 0.02, 0.01, 0.005]
+    out = _scored([float(torch.logit(torch.tensor(p))) for p in probs])
+    policy = ReirProcessor(proc.tokenizer, image_size=proc.image_size, instance_top_k=8, instance_min_score=0.1,
+                           instance_min_keep=2)  # fmt: skip
+    kept = lambda **kw: [round(i.score, 3) for i in policy.postprocess(out, sizes=[(100, 100)], **kw)[0]]
+    assert kept() == [0.9, 0.8, 0.6, 0.3, 0.12]  # the floor, not the cap, ends it
+    assert kept(min_score=0.0) == [0.9, 0.8, 0.6, 0.3, 0.12, 0.09, 0.05, 0.02]  # the cap
+    assert kept(min_score=0.7) == [0.9, 0.8]  # the first min_keep stay whatever their score
+    assert kept(min_score=0.95, min_keep=1) == [0.9]
+    assert kept(top_k=3) == [0.9, 0.8, 0.6]
+    policy.save_pretrained(tmp_path)
+    loaded = ReirProcessor.from_pretrained(tmp_path)
+    assert (loaded.instance_top_k, loaded.instance_min_score, loaded.instance_min_keep) == (8, 0.1, 2)
+    assert [round(i.score, 3) for i in loaded.postprocess(out, sizes=[(100, 100)])[0]] == kept()
+
+
+def test_a_checkpoint_without_a_policy_keeps_its_top_10(tiny: tuple[ReirModel, ReirProcessor], tmp_path: Any) -> None:
+    """A processor saved before the policy existed loads as it stored then: top 10, no floor;
+    a new one gets the default (16, floor 0.1 past the first)."""
+    import json
+
+    _, proc = tiny
+    fresh = ReirProcessor(proc.tokenizer, image_size=proc.image_size)
+    assert (fresh.instance_top_k, fresh.instance_min_score, fresh.instance_min_keep) == (16, 0.1, 1)
+    fresh.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    for key in ("instance_top_k", "instance_min_score", "instance_min_keep"):
+        del cfg[key]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    old = ReirProcessor.from_pretrained(tmp_path)
+    assert (old.instance_top_k, old.instance_min_score, old.instance_min_keep) == (10, 0.0, 1)
+    out = _scored([-5.0] * 12)  # every objectness 0.007
+    assert len(old.postprocess(out, sizes=[(100, 100)])[0]) == 10
+    assert len(fresh.postprocess(out, sizes=[(100, 100)])[0]) == 1
+    with pytest.raises(ValueError, match="instance policy"):
+        ReirProcessor(proc.tokenizer, image_size=64, instance_min_score=1.0)
 
 
 def _scenes_with_ref(text: str) -> tuple[list[Any], list[Image.Image]]:

@@ -103,11 +103,12 @@ class FakeProcessor:
         return {"input_ids": list(texts), "attention_mask": None}
 
     def postprocess(
-        self, output: FakeInstanceOutput, sizes: list[tuple[int, int]], top_k: int = 10, nms_iou: float = 0.7
+        self, output: FakeInstanceOutput, sizes: list[tuple[int, int]], top_k: int | None = None,
+        nms_iou: float = 0.7, min_score: float | None = None,
     ) -> list[list[FakeInstance]]:
         out: list[list[FakeInstance]] = []
         for b, (w, h) in enumerate(sizes):
-            order = np.argsort(-output.objectness_logits[b])[:top_k]
+            order = np.argsort(-output.objectness_logits[b])[: 10 if top_k is None else top_k]
             xywh = convert(output.boxes[b], BoxMode.CXCYWH_NORM, BoxMode.XYWH_ABS, width=w, height=h)
             probs = 1.0 / (1.0 + np.exp(-output.objectness_logits[b]))
             out.append([

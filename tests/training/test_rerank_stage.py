@@ -17,6 +17,7 @@ from reir.training.rerank import (
     RerankSet,
     build_rerank_set,
     calibration_split,
+    candidate_logits,
     draw_negatives,
     mine_hard_negatives,
     rerank_loss,
@@ -58,6 +59,60 @@ def _own_image_accuracy(rr: RelationReranker, rs: RerankSet) -> float:
         base = 5.0 * torch.einsum("nd,nmd->nm", rs.text_emb, rs.emb)
         logits = rr(rs.token_states, rs.token_mask, base, rs.emb, rs.boxes, rs.objectness, rs.mask)
     return float((logits.argmax(dim=1) == rs.positive).float().mean())
+
+
+def _ragged_world(n: int, k: int, seed: int) -> RerankSet:
+    """``n`` images with 1..k stored instances each (most few, some many, as a score floor
+    stores them) and one random expression per image."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.where(torch.rand(n, generator=g) < 0.8, torch.randint(1, k // 2 + 1, (n,), generator=g),
+                         torch.randint(k // 2 + 1, k + 1, (n,), generator=g))  # fmt: skip
+    mask = torch.arange(k)[None, :] < counts[:, None]
+    emb = torch.nn.functional.normalize(torch.randn(n, k, 16, generator=g), dim=-1) * mask[..., None]
+    return RerankSet(
+        image_ids=[f"img{i}" for i in range(n)], emb=emb, boxes=torch.rand(n, k, 4, generator=g) * 0.5 + 0.1,
+        objectness=torch.rand(n, k, generator=g) * mask, mask=mask, groups=torch.zeros(n, dtype=torch.long),
+        token_states=torch.randn(n, 5, 8, generator=g), token_mask=torch.ones(n, 5, dtype=torch.long),
+        text_emb=torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1), text_image=torch.arange(n),
+        positive=torch.zeros(n, dtype=torch.long),
+    )  # fmt: skip
+
+
+def test_candidate_logits_score_each_set_at_its_width_exactly() -> None:
+    """Images of few instances are scored apart from the widest ones: the logits and their
+    gradients equal one pass over the whole padded batch; padded slots stay -inf."""
+    torch.manual_seed(0)
+    k = 12
+    rs = _ragged_world(40, k, seed=3)
+    rr = RelationReranker(RerankSpec(hidden_size=16, geometry_hidden=8, set_layers=1, set_hidden=8, input_dropout=0.0),
+                          text_hidden=8, embed_dim=16)  # fmt: skip
+    text_idx = torch.arange(0, 40, 3)
+    negs = torch.stack([torch.randperm(40)[:7] for _ in text_idx])
+    negs[0, 3] = -1  # no image
+    logits = candidate_logits(rr, rs, text_idx, negs, 4.0, -1.0)
+    imgs = torch.cat([rs.text_image[text_idx][:, None], negs], dim=1).reshape(-1)
+    ref = rr(rs.token_states[text_idx], rs.token_mask[text_idx],
+             4.0 * torch.einsum("bd,bckd->bck", rs.text_emb[text_idx], rs.emb[imgs.clamp(min=0)].view(len(text_idx), 8, k, -1)).reshape(-1, k) - 1.0,
+             rs.emb, rs.boxes, rs.objectness, rs.mask,
+             text_rows=torch.arange(len(text_idx)).repeat_interleave(8), image_rows=imgs.clamp(min=0))  # fmt: skip
+    ref = ref.masked_fill((imgs < 0)[:, None], float("-inf")).view(len(text_idx), -1)
+    assert torch.equal(torch.isinf(logits), torch.isinf(ref))
+    assert int(torch.isfinite(logits).sum()) == int(rs.mask[imgs[imgs >= 0]].sum())
+    torch.testing.assert_close(logits[torch.isfinite(logits)], ref[torch.isfinite(ref)], atol=1e-5, rtol=1e-5)
+    grads = []
+    for out in (logits, ref):
+        rr.zero_grad()
+        out.masked_fill(torch.isinf(out), 0.0).pow(2).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in rr.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    from reir.training.rerank import _width_groups
+
+    counts = rs.mask.sum(1)
+    groups = _width_groups(counts, torch.ones(40, dtype=torch.long))
+    assert len(groups) == 2 and int(counts[groups[0]].max()) < int(counts[groups[1]].min()) + 1
+    assert sorted(torch.cat(groups).tolist()) == list(range(40))
+    assert len(_width_groups(torch.full((10,), 5), torch.ones(10, dtype=torch.long))) == 1  # nothing to save
 
 
 def test_reranker_learns_a_spatial_relation_the_dual_encoder_ties_on() -> None:
