@@ -202,6 +202,25 @@ class InputDropout(nn.Dropout):
         return x * keep * (1.0 / (1.0 - self.p))
 
 
+def width_groups(counts: torch.Tensor, uses: torch.Tensor) -> list[torch.Tensor]:
+    """Images (positions in ``counts``, their instance counts; ``uses``: rows scored on each) in
+    one or two groups by count: the split that minimises the sum over groups of rows x the
+    group's widest set squared, a proxy of the pairwise terms' work; one group (every image)
+    when splitting saves under a fifth of it."""
+    order = torch.argsort(counts, stable=True)
+    if len(order) < 2:
+        return [order]
+    widths = counts[order].clamp(min=1).double() ** 2
+    rows = torch.cumsum(uses[order].double(), 0)
+    total = float(rows[-1])
+    # split after position i: the first group is as wide as its last image, the second as the widest
+    cost = rows[:-1] * widths[:-1] + (total - rows[:-1]) * float(widths[-1])
+    best = int(torch.argmin(cost))
+    if float(cost[best]) > 0.8 * total * float(widths[-1]):
+        return [order]
+    return [order[: best + 1], order[best + 1 :]]
+
+
 def _heads(width: int) -> int:
     """Attention heads for a ``width``-wide layer: 4 when they divide it, else 1."""
     return 4 if width % 4 == 0 else 1
@@ -421,8 +440,42 @@ class RelationReranker(nn.Module):
             text: :meth:`text_slots` of ``text_states`` computed beforehand (a caller scoring
                 the same expressions in several calls), else computed here.
         """
-        features = self.image_features(inst_emb, boxes, objectness, inst_mask)
-        return self.score_features(text_states, text_mask, base_logits, features, text_rows, image_rows, text)
+        n, m = base_logits.shape
+        ok = inst_mask.bool()
+        if image_rows is None:
+            image_rows = torch.arange(n, device=base_logits.device)
+        counts = ok.sum(dim=1).cpu()
+        groups = width_groups(counts, torch.bincount(image_rows.cpu(), minlength=len(counts)))
+        if len(groups) == 1:  # one pass, at the widest set's width
+            width = max(1, int(counts.max()) if len(counts) else 1)
+            features = self.image_features(inst_emb[:, :width], boxes[:, :width], objectness[:, :width],
+                                           ok[:, :width])  # fmt: skip
+            logits = self.score_features(text_states, text_mask, base_logits[:, :width], features, text_rows,
+                                         image_rows, text)  # fmt: skip
+            return logits if width == m else F.pad(logits, (0, m - width), value=float("-inf"))
+        # Short and long sets apart, each at its own width: the pairwise terms' work grows with the
+        # square of it, and a score floor stores few instances in most images and many in a few
+        # (docs/model.md, "Stored instances"). Exact: padded instances are masked either way.
+        if text_rows is None:
+            text_rows = torch.arange(n, device=base_logits.device)
+        if text is None:
+            text = self.text_slots(text_states, text_mask)
+        out = base_logits.new_full((n, m), float("-inf"))
+        in_group = torch.zeros(len(counts), dtype=torch.bool)
+        for members in groups:
+            width = max(1, int(counts[members].max()))
+            in_group.zero_()
+            in_group[members] = True
+            picked = in_group[image_rows.cpu()].nonzero().squeeze(1)  # the rows scored on these images
+            remap = torch.full((len(counts),), -1, dtype=torch.long)
+            remap[members] = torch.arange(len(members))
+            picked_dev, members_dev = picked.to(base_logits.device), members.to(base_logits.device)
+            features = self.image_features(inst_emb[members_dev, :width], boxes[members_dev, :width],
+                                           objectness[members_dev, :width], ok[members_dev, :width])  # fmt: skip
+            out[picked_dev, :width] = self.score_features(
+                text_states, text_mask, base_logits[picked_dev, :width], features, text_rows[picked_dev],
+                remap[image_rows.cpu()[picked]].to(base_logits.device), text)  # fmt: skip
+        return out
 
     def score_features(
         self,

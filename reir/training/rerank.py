@@ -232,61 +232,21 @@ def image_logits(
     ``rs``; ``-1`` = none: masked to ``-inf``) for the expressions ``token_states [B, L, H]``,
     ``token_mask [B, L]``, ``text_emb [B, D]``."""
     b, c = imgs.shape
-    k = rs.emb.shape[1]
     present = (imgs >= 0).reshape(-1).to(device)
     # Each distinct image once: expressions of one batch share many hard negatives.
     unique, rows = torch.unique(imgs.clamp(min=0).reshape(-1), return_inverse=True)
+    emb = rs.emb[unique].to(device)
+    rows = rows.to(device)
+    base = logit_scale * torch.einsum("bd,bukd->buk", text_emb.to(device), emb[rows.view(b, c)]).reshape(b * c, -1)
+    base = base + logit_bias
     length = max(1, int(token_mask.sum(dim=1).max()))  # trim padding shared by the whole batch
-    states, states_mask = token_states[:, :length].to(device), token_mask[:, :length].to(device)
-    text_emb = text_emb.to(device)
-    text_rows = torch.arange(b).repeat_interleave(c)
-    counts = rs.mask[unique].sum(dim=1)
-    groups = _width_groups(counts, torch.bincount(rows, minlength=len(unique)))
-    # the expressions' half once for every group (a DeepSpeed engine wraps the module)
-    text = getattr(reranker, "module", reranker).text_slots(states, states_mask) if len(groups) > 1 else None
-    out = torch.full((b * c, k), float("-inf"), device=device)
-    # Sets shorter than the longest are scored at their own width: the work of the pairwise terms
-    # grows with the square of it, and a policy with a score floor stores few instances in most
-    # images and many in a few (docs/model.md, "Stored instances"). Exact: padding is masked.
-    for members in groups:
-        width = max(1, int(counts[members].max()))
-        in_group = torch.zeros(len(unique), dtype=torch.bool)
-        in_group[members] = True
-        picked = in_group[rows].nonzero().squeeze(1)  # the rows scored on these images
-        remap = torch.full((len(unique),), -1, dtype=torch.long)
-        remap[members] = torch.arange(len(members))
-        image_rows = remap[rows[picked]].to(device)
-        sub = unique[members]
-        emb = rs.emb[sub, :width].to(device)
-        row_text = text_rows[picked].to(device)
-        base = logit_scale * (text_emb.index_select(0, row_text)[:, None, :] * emb.index_select(0, image_rows)).sum(-1)
-        logits = reranker(
-            states, states_mask, base + logit_bias, emb, rs.boxes[sub, :width].to(device),
-            rs.objectness[sub, :width].to(device), rs.mask[sub, :width].to(device),
-            text_rows=row_text, image_rows=image_rows, text=text,
-        )  # fmt: skip
-        out[picked.to(device), :width] = logits
-    return out.masked_fill(~present[:, None], float("-inf")).view(b, -1)
-
-
-def _width_groups(counts: torch.Tensor, uses: torch.Tensor) -> list[torch.Tensor]:
-    """Images (positions in ``counts``, their stored instance counts; ``uses``: rows scored on
-    each) in one or two groups by count: the split that minimises the sum over groups of
-    (rows x the group's widest set squared), a proxy of the pairwise terms' work; one group
-    when splitting saves under a fifth."""
-    order = torch.argsort(counts, stable=True)
-    if len(order) < 2:
-        return [order]
-    widths = counts[order].clamp(min=1).double() ** 2
-    rows = torch.cumsum(uses[order].double(), 0)
-    total = float(rows[-1])
-    whole = total * float(widths[-1])
-    # split after position i: the first group is as wide as its last image, the second as the widest
-    cost = rows[:-1] * widths[:-1] + (total - rows[:-1]) * float(widths[-1])
-    best = int(torch.argmin(cost))
-    if float(cost[best]) > 0.8 * whole:
-        return [order]
-    return [order[: best + 1], order[best + 1 :]]
+    # The re-ranker scores short and long instance sets apart (RelationReranker.forward).
+    logits = reranker(
+        token_states[:, :length].to(device), token_mask[:, :length].to(device), base, emb,
+        rs.boxes[unique].to(device), rs.objectness[unique].to(device), rs.mask[unique].to(device),
+        text_rows=torch.arange(b, device=device).repeat_interleave(c), image_rows=rows,
+    )  # fmt: skip
+    return logits.masked_fill(~present[:, None], float("-inf")).view(b, -1)
 
 
 def rank_pool(

@@ -12,7 +12,7 @@ from PIL import Image
 
 from reir.data.formats import load_samples, negative_groups
 from reir.model.processing import NO_REFERENT
-from reir.model.rerank import RelationReranker, RerankSpec
+from reir.model.rerank import RelationReranker, RerankSpec, width_groups
 from reir.training.rerank import (
     RerankSet,
     build_rerank_set,
@@ -79,8 +79,9 @@ def _ragged_world(n: int, k: int, seed: int) -> RerankSet:
 
 
 def test_candidate_logits_score_each_set_at_its_width_exactly() -> None:
-    """Images of few instances are scored apart from the widest ones: the logits and their
-    gradients equal one pass over the whole padded batch; padded slots stay -inf."""
+    """The re-ranker scores images of few instances apart from the widest ones
+    (``RelationReranker.forward``): the logits and their gradients equal one padded pass over
+    the whole batch; padded slots stay -inf."""
     torch.manual_seed(0)
     k = 12
     rs = _ragged_world(40, k, seed=3)
@@ -89,13 +90,17 @@ def test_candidate_logits_score_each_set_at_its_width_exactly() -> None:
     text_idx = torch.arange(0, 40, 3)
     negs = torch.stack([torch.randperm(40)[:7] for _ in text_idx])
     negs[0, 3] = -1  # no image
-    logits = candidate_logits(rr, rs, text_idx, negs, 4.0, -1.0)
     imgs = torch.cat([rs.text_image[text_idx][:, None], negs], dim=1).reshape(-1)
-    ref = rr(rs.token_states[text_idx], rs.token_mask[text_idx],
-             4.0 * torch.einsum("bd,bckd->bck", rs.text_emb[text_idx], rs.emb[imgs.clamp(min=0)].view(len(text_idx), 8, k, -1)).reshape(-1, k) - 1.0,
-             rs.emb, rs.boxes, rs.objectness, rs.mask,
-             text_rows=torch.arange(len(text_idx)).repeat_interleave(8), image_rows=imgs.clamp(min=0))  # fmt: skip
-    ref = ref.masked_fill((imgs < 0)[:, None], float("-inf")).view(len(text_idx), -1)
+    counts = rs.mask.sum(1)
+    uses = torch.bincount(imgs.clamp(min=0), minlength=40)
+    assert len(width_groups(counts, uses)) == 2  # this batch is split
+    logits = candidate_logits(rr, rs, text_idx, negs, 4.0, -1.0)
+    base = 4.0 * torch.einsum("bd,bckd->bck", rs.text_emb[text_idx],
+                              rs.emb[imgs.clamp(min=0)].view(len(text_idx), 8, k, -1)).reshape(-1, k) - 1.0
+    one_pass = rr.score_features(rs.token_states[text_idx], rs.token_mask[text_idx], base,
+                                 rr.image_features(rs.emb, rs.boxes, rs.objectness, rs.mask),
+                                 torch.arange(len(text_idx)).repeat_interleave(8), imgs.clamp(min=0))  # fmt: skip
+    ref = one_pass.masked_fill((imgs < 0)[:, None], float("-inf")).view(len(text_idx), -1)
     assert torch.equal(torch.isinf(logits), torch.isinf(ref))
     assert int(torch.isfinite(logits).sum()) == int(rs.mask[imgs[imgs >= 0]].sum())
     torch.testing.assert_close(logits[torch.isfinite(logits)], ref[torch.isfinite(ref)], atol=1e-5, rtol=1e-5)
@@ -104,15 +109,13 @@ def test_candidate_logits_score_each_set_at_its_width_exactly() -> None:
         rr.zero_grad()
         out.masked_fill(torch.isinf(out), 0.0).pow(2).sum().backward(retain_graph=True)
         grads.append([p.grad.clone() for p in rr.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 5
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    from reir.training.rerank import _width_groups
-
-    counts = rs.mask.sum(1)
-    groups = _width_groups(counts, torch.ones(40, dtype=torch.long))
-    assert len(groups) == 2 and int(counts[groups[0]].max()) < int(counts[groups[1]].min()) + 1
+    groups = width_groups(counts, torch.ones(40, dtype=torch.long))
+    assert len(groups) == 2 and int(counts[groups[0]].max()) <= int(counts[groups[1]].min())
     assert sorted(torch.cat(groups).tolist()) == list(range(40))
-    assert len(_width_groups(torch.full((10,), 5), torch.ones(10, dtype=torch.long))) == 1  # nothing to save
+    assert len(width_groups(torch.full((10,), 5), torch.ones(10, dtype=torch.long))) == 1  # nothing to save
 
 
 def test_reranker_learns_a_spatial_relation_the_dual_encoder_ties_on() -> None:
