@@ -52,6 +52,21 @@ def test_rows_for_batch_with_fake_model_counts_and_skips_bad_images() -> None:
     assert [cols[f][first] for f in S.BOX_FIELDS] == [0.0, 0.0, 20.0, 10.0]
 
 
+def test_the_encoder_stores_by_the_checkpoints_policy_unless_told(tiny_checkpoint: Path) -> None:
+    """Unset, the encoder stores what the checkpoint's processor policy keeps (cap, objectness
+    floor past the first); a given top_k / min_score wins (IngestConfig passes them through)."""
+    model, processor = load_reir_model(str(tiny_checkpoint))
+    version = model_version_for(tiny_checkpoint)
+    batch = _batch({"x": _jpeg(quadrant_image(("red", "green", "blue", "white")))})
+    rows = lambda **kw: int((InstanceEncoder(model, processor, model_version=version, **kw)  # noqa: E731
+                             .rows_for_batch(batch)[STATUS] == "ok").sum())  # fmt: skip
+    assert (processor.instance_top_k, processor.instance_min_score) == (16, 0.0)  # the fixture's: a fixed top 16
+    assert rows() == 16 and rows(top_k=5) == 5
+    assert rows(min_score=0.999) == 1  # the first stays whatever its score
+    processor.instance_min_score, processor.instance_top_k = 0.999, 7
+    assert rows() == 1 and rows(min_score=0.0) == 7 and rows(top_k=3, min_score=0.0) == 3
+
+
 def test_real_tiny_model_encoder(tiny_checkpoint: Path) -> None:
     model, processor = load_reir_model(str(tiny_checkpoint))
     version = model_version_for(tiny_checkpoint)

@@ -25,6 +25,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pseudo")
     generate(root / "data", num_images=16, test_fraction=0.25, image_size=64, seed=3, discovery_queries=0)
     model, processor = create_model("tiny")
+    processor.instance_min_score = 0.0  # a random model's objectness means nothing: a fixed top k
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     return root / "data", root / "model"
