@@ -58,7 +58,7 @@ def test_the_encoder_stores_by_the_checkpoints_policy_unless_told(tiny_checkpoin
     model, processor = load_reir_model(str(tiny_checkpoint))
     version = model_version_for(tiny_checkpoint)
     batch = _batch({"x": _jpeg(quadrant_image(("red", "green", "blue", "white")))})
-    rows = lambda **kw: int((InstanceEncoder(model, processor, model_version=version, **kw)  # noqa: E731
+    rows = lambda **kw: int((InstanceEncoder(model, processor, model_version=version, **kw)
                              .rows_for_batch(batch)[STATUS] == "ok").sum())  # fmt: skip
     assert (processor.instance_top_k, processor.instance_min_score) == (16, 0.0)  # the fixture's: a fixed top 16
     assert rows() == 16 and rows(top_k=5) == 5
