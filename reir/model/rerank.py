@@ -202,11 +202,17 @@ class InputDropout(nn.Dropout):
         return x * keep * (1.0 / (1.0 - self.p))
 
 
+# rows x width^2 a split must save (width_groups): about 32 rows of 16 instances
+MIN_SPLIT_SAVING = 8192.0
+
+
 def width_groups(counts: torch.Tensor, uses: torch.Tensor) -> list[torch.Tensor]:
     """Images (positions in ``counts``, their instance counts; ``uses``: rows scored on each) in
     one or two groups by count: the split that minimises the sum over groups of rows x the
     group's widest set squared, a proxy of the pairwise terms' work; one group (every image)
-    when splitting saves under a fifth of it."""
+    when splitting saves under a fifth of it or under ``MIN_SPLIT_SAVING`` (a second pass has
+    its own fixed cost: at one query's 30 images, one CPU thread, a split cost more than it
+    saved)."""
     order = torch.argsort(counts, stable=True)
     if len(order) < 2:
         return [order]
@@ -216,7 +222,8 @@ def width_groups(counts: torch.Tensor, uses: torch.Tensor) -> list[torch.Tensor]
     # split after position i: the first group is as wide as its last image, the second as the widest
     cost = rows[:-1] * widths[:-1] + (total - rows[:-1]) * float(widths[-1])
     best = int(torch.argmin(cost))
-    if float(cost[best]) > 0.8 * total * float(widths[-1]):
+    whole = total * float(widths[-1])
+    if whole - float(cost[best]) < max(0.2 * whole, MIN_SPLIT_SAVING):
         return [order]
     return [order[: best + 1], order[best + 1 :]]
 

@@ -87,7 +87,7 @@ def test_candidate_logits_score_each_set_at_its_width_exactly() -> None:
     rs = _ragged_world(40, k, seed=3)
     rr = RelationReranker(RerankSpec(hidden_size=16, geometry_hidden=8, set_layers=1, set_hidden=8, input_dropout=0.0),
                           text_hidden=8, embed_dim=16)  # fmt: skip
-    text_idx = torch.arange(0, 40, 3)
+    text_idx = torch.arange(40)
     negs = torch.stack([torch.randperm(40)[:7] for _ in text_idx])
     negs[0, 3] = -1  # no image
     imgs = torch.cat([rs.text_image[text_idx][:, None], negs], dim=1).reshape(-1)
@@ -112,10 +112,11 @@ def test_candidate_logits_score_each_set_at_its_width_exactly() -> None:
     assert len(grads[0]) == len(grads[1]) > 5
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    groups = width_groups(counts, torch.ones(40, dtype=torch.long))
+    groups = width_groups(counts, torch.full((40,), 8))
     assert len(groups) == 2 and int(counts[groups[0]].max()) <= int(counts[groups[1]].min())
     assert sorted(torch.cat(groups).tolist()) == list(range(40))
     assert len(width_groups(torch.full((10,), 5), torch.ones(10, dtype=torch.long))) == 1  # nothing to save
+    assert len(width_groups(counts, torch.ones(40, dtype=torch.long))) == 1  # too few rows to pay a second pass
 
 
 def test_reranker_learns_a_spatial_relation_the_dual_encoder_ties_on() -> None:
