@@ -449,10 +449,9 @@ class RelationReranker(nn.Module):
         """
         n, m = base_logits.shape
         ok = inst_mask.bool()
-        if image_rows is None:
-            image_rows = torch.arange(n, device=base_logits.device)
         counts = ok.sum(dim=1).cpu()
-        groups = width_groups(counts, torch.bincount(image_rows.cpu(), minlength=len(counts)))
+        uses = torch.ones(len(counts)) if image_rows is None else torch.bincount(image_rows.cpu(), minlength=len(counts))
+        groups = width_groups(counts, uses)
         if len(groups) == 1:  # one pass, at the widest set's width
             width = max(1, int(counts.max()) if len(counts) else 1)
             features = self.image_features(inst_emb[:, :width], boxes[:, :width], objectness[:, :width],
@@ -465,6 +464,8 @@ class RelationReranker(nn.Module):
         # (docs/model.md, "Stored instances"). Exact: padded instances are masked either way.
         if text_rows is None:
             text_rows = torch.arange(n, device=base_logits.device)
+        if image_rows is None:
+            image_rows = torch.arange(n, device=base_logits.device)
         if text is None:
             text = self.text_slots(text_states, text_mask)
         out = base_logits.new_full((n, m), float("-inf"))
