@@ -469,20 +469,18 @@ class RelationReranker(nn.Module):
         if text is None:
             text = self.text_slots(text_states, text_mask)
         out = base_logits.new_full((n, m), float("-inf"))
-        in_group = torch.zeros(len(counts), dtype=torch.bool)
+        rows_cpu = image_rows.cpu()
+        position = torch.empty(len(counts), dtype=torch.long)  # an image's index within its group
         for members in groups:
             width = max(1, int(counts[members].max()))
-            in_group.zero_()
-            in_group[members] = True
-            picked = in_group[image_rows.cpu()].nonzero().squeeze(1)  # the rows scored on these images
-            remap = torch.full((len(counts),), -1, dtype=torch.long)
-            remap[members] = torch.arange(len(members))
+            position[members] = torch.arange(len(members))
+            picked = torch.isin(rows_cpu, members).nonzero().squeeze(1)  # the rows scored on these images
             picked_dev, members_dev = picked.to(base_logits.device), members.to(base_logits.device)
             features = self.image_features(inst_emb[members_dev, :width], boxes[members_dev, :width],
                                            objectness[members_dev, :width], ok[members_dev, :width])  # fmt: skip
             out[picked_dev, :width] = self.score_features(
                 text_states, text_mask, base_logits[picked_dev, :width], features, text_rows[picked_dev],
-                remap[image_rows.cpu()[picked]].to(base_logits.device), text)  # fmt: skip
+                position[rows_cpu[picked]].to(base_logits.device), text)  # fmt: skip
         return out
 
     def score_features(
