@@ -229,6 +229,19 @@ def _catalog_session(milvus_uri: str | None, alias: str | None = None, config: P
     return IndexCatalog(store), store, cfg
 
 
+def index_add_settings(path: Path, *, model_dir: Path | None = None, milvus_uri: str | None = None,
+                       full: bool = False, dead_letter: Path | None = None, top_k_instances: int | None = None,
+                       min_instance_score: float | None = None, config: Path | None = None) -> Any:  # fmt: skip
+    """`reir index add`'s :class:`IngestConfig`: the folder as it is (split None, even when it
+    holds an images/test subfolder), the flags given over the config file's and the environment's."""
+    from reir.settings import command_config
+
+    flags = {"gallery": path.resolve(), "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
+             "full": False if full else None, "dead_letter": dead_letter, "top_k_instances": top_k_instances,
+             "min_instance_score": min_instance_score}  # fmt: skip
+    return command_config("ingest", config=config, flags=flags, extra={"split": None})
+
+
 @index_app.command("add")
 def index_add(
     path: Path = typer.Argument(..., help="folder of images (searched recursively; any file names)"),
@@ -236,6 +249,11 @@ def index_add(
     milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
     full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
     dead_letter: Path | None = typer.Option(None, help="also write failed images (jsonl) here"),
+    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per photo at most "
+                                               "[the model's: 16]"),
+    min_instance_score: float | None = typer.Option(None, min=0.0, max=0.999, help="objectness an instance needs to "
+                                                    "be stored, past each photo's first; lower it when a model trained "
+                                                    "on other images stores too few [the model's: 0.1]"),
     config: Path | None = typer.Option(None, help="YAML: IngestConfig fields or an `ingest:` section "
                                        "[$REIR_CONFIG]; flags given win"),
 ) -> None:
@@ -243,13 +261,9 @@ def index_add(
 
     Nested folders, spaces, unicode and any image format Pillow reads are fine; a file that can not be decoded is counted as failed and named. A rerun indexes only new and changed photos.
     """
-    from reir.settings import command_config
-
     _need_dir(path, "folder")
-    flags = {"gallery": path.resolve(), "model_dir": str(model_dir) if model_dir else None, "milvus_uri": milvus_uri,
-             "full": False if full else None, "dead_letter": dead_letter}
-    # split None: the folder is taken as it is, even when it holds an images/test subfolder
-    cfg = command_config("ingest", config=config, flags=flags, extra={"split": None})
+    cfg = index_add_settings(path, model_dir=model_dir, milvus_uri=milvus_uri, full=full, dead_letter=dead_letter,
+                             top_k_instances=top_k_instances, min_instance_score=min_instance_score, config=config)
     _need_dir(Path(cfg.model_path), "model directory")
     from reir.ingestion.folder import describe_scan, scan_folder, summary_lines  # torch: after the checks
     from reir.ingestion.gallery import IMAGE_SUFFIXES

@@ -79,6 +79,31 @@ def test_eval_split_and_annotations_flags_reach_its_settings(tmp_path: Path) -> 
     assert settings("--config", str(tmp_path / "reir.yaml"), "--split", "val").split == "val"  # type: ignore[attr-defined]
 
 
+def test_index_add_stored_instance_flags_reach_its_settings(tmp_path: Path) -> None:
+    import typer
+
+    from reir.cli import app, index_add_settings
+
+    photos, model = tmp_path / "photos", tmp_path / "model"
+    (photos / "images" / "test").mkdir(parents=True)
+    model.mkdir()
+    command = typer.main.get_command(app).commands["index"].commands["add"]  # type: ignore[attr-defined]
+
+    def settings(*args: str) -> object:
+        params = command.make_context("add", [str(photos), "--model", str(model), *args]).params
+        return index_add_settings(**params)
+
+    default = settings()
+    assert (default.top_k_instances, default.min_instance_score, default.split) == (None, None, None)  # type: ignore[attr-defined]
+    cfg = settings("--top-k-instances", "40", "--min-instance-score", "0.02")
+    assert (cfg.top_k_instances, cfg.min_instance_score) == (40, 0.02)  # type: ignore[attr-defined]
+    assert cfg.gallery_root == photos.resolve() and cfg.model_path == str(model)  # type: ignore[attr-defined]
+    (tmp_path / "reir.yaml").write_text("ingest:\n  min_instance_score: 0.05\n")
+    assert settings("--config", str(tmp_path / "reir.yaml")).min_instance_score == 0.05  # type: ignore[attr-defined]
+    res = _reir("index", "add", str(photos), "--model", str(model), "--min-instance-score", "1.5")
+    assert res.returncode == 2 and "--min-instance-score" in res.stderr
+
+
 def test_a_bug_is_one_line_exit_1_with_the_traceback_in_a_file(capsys: pytest.CaptureFixture[str]) -> None:
     from reir.cli import _run
 
