@@ -7,7 +7,8 @@ softmax on rows shorter than and as long as its 16-float vector width against a 
 one; the instance set's attention (4 heads of 8 over sets of 10) through
 ``F.scaled_dot_product_attention`` and through :func:`reir.model.rerank.set_attention`, at one
 query's 30 images (inference, 1 thread) and at a re-ranker training batch's 2,048 rows
-(forward + backward, ``--threads`` threads); and the input dropout's mask from ``bernoulli_``
+(forward + backward, ``--threads`` threads), full sets of 10 and (``padded16``) sets of 3-16
+padded to 16 with the padding masked as the re-ranker masks it; and the input dropout's mask from ``bernoulli_``
 (``nn.Dropout``) against :class:`reir.model.rerank.InputDropout`. Prints one JSON object.
 """
 
@@ -44,6 +45,14 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(-1, keepdim=True))
 
 
+def _padded_bias(n: int, g: torch.Generator) -> torch.Tensor:
+    """``[n, 4, 16, 16]``: sets of 3-16 instances padded to 16, the padding masked by -1e4 as
+    :meth:`reir.model.rerank.InstanceSet.image_part` masks it."""
+    counts = torch.randint(3, 17, (n,), generator=g)
+    bias = torch.randn(n, 4, 16, 16, generator=g)
+    return bias.masked_fill(~(torch.arange(16)[None] < counts[:, None])[:, None, None, :], -1e4)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the training-batch rows")
@@ -64,6 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["query_30_images_sdpa_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), 500,
                                              args.rounds)  # fmt: skip
         out["query_30_images_set_attention_ms"] = _ms(lambda: set_attention(q, k, v, bias), 500, args.rounds)
+        q, k, v = (torch.randn(30, 4, 16, 8, generator=g) for _ in range(3))
+        bias = _padded_bias(30, g)
+        out["query_30_images_padded16_sdpa_ms"] = _ms(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), 500, args.rounds)
+        out["query_30_images_padded16_set_attention_ms"] = _ms(lambda: set_attention(q, k, v, bias), 500, args.rounds)
 
     torch.set_num_threads(args.threads)
     q, k, v = (torch.randn(2048, 4, 10, 8, generator=g, requires_grad=True) for _ in range(3))
@@ -71,6 +85,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["training_2048_rows_sdpa_fwd_bwd_ms"] = _ms(
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward(), 10, args.rounds)
     out["training_2048_rows_set_attention_fwd_bwd_ms"] = _ms(
+        lambda: set_attention(q, k, v, bias).sum().backward(), 10, args.rounds)
+    q, k, v = (torch.randn(2048, 4, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    bias = _padded_bias(2048, g).requires_grad_(True)
+    out["training_2048_rows_padded16_sdpa_fwd_bwd_ms"] = _ms(
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward(), 10, args.rounds)
+    out["training_2048_rows_padded16_set_attention_fwd_bwd_ms"] = _ms(
         lambda: set_attention(q, k, v, bias).sum().backward(), 10, args.rounds)
     x = torch.randn(1200, 10, 129, generator=g, requires_grad=True)
     dropout, written = torch.nn.Dropout(0.4), InputDropout(0.4)
