@@ -45,12 +45,18 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(-1, keepdim=True))
 
 
-def _padded_bias(n: int, g: torch.Generator) -> torch.Tensor:
-    """``[n, 4, 16, 16]``: sets of 3-16 instances padded to 16, the padding masked by -1e4 as
-    :meth:`reir.model.rerank.InstanceSet.image_part` masks it."""
-    counts = torch.randint(3, 17, (n,), generator=g)
-    bias = torch.randn(n, 4, 16, 16, generator=g)
-    return bias.masked_fill(~(torch.arange(16)[None] < counts[:, None])[:, None, None, :], -1e4)
+# (key tag, set width, padded): full sets of 10, and sets of 3-16 padded to 16
+LAYOUTS = (("", 10, False), ("_padded16", 16, True))
+
+
+def _bias(n: int, width: int, padded: bool, g: torch.Generator) -> torch.Tensor:
+    """``[n, 4, width, width]``; ``padded``: sets of 3 to ``width`` instances, the padding masked
+    by -1e4 as :meth:`reir.model.rerank.InstanceSet.image_part` masks it."""
+    bias = torch.randn(n, 4, width, width, generator=g)
+    if not padded:
+        return bias
+    counts = torch.randint(3, width + 1, (n,), generator=g)
+    return bias.masked_fill(~(torch.arange(width)[None] < counts[:, None])[:, None, None, :], -1e4)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -68,30 +74,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             x = torch.randn(1200, width, generator=g)
             out[f"softmax_1200x{width}_torch_ms"] = _ms(lambda x=x: x.softmax(-1), 500, args.rounds)
             out[f"softmax_1200x{width}_written_out_ms"] = _ms(lambda x=x: _softmax(x), 500, args.rounds)
-        q, k, v = (torch.randn(30, 4, 10, 8, generator=g) for _ in range(3))
-        bias = torch.randn(30, 4, 10, 10, generator=g)
-        out["query_30_images_sdpa_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), 500,
-                                             args.rounds)  # fmt: skip
-        out["query_30_images_set_attention_ms"] = _ms(lambda: set_attention(q, k, v, bias), 500, args.rounds)
-        q, k, v = (torch.randn(30, 4, 16, 8, generator=g) for _ in range(3))
-        bias = _padded_bias(30, g)
-        out["query_30_images_padded16_sdpa_ms"] = _ms(
-            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), 500, args.rounds)
-        out["query_30_images_padded16_set_attention_ms"] = _ms(lambda: set_attention(q, k, v, bias), 500, args.rounds)
+        for tag, width, padded in LAYOUTS:
+            q, k, v = (torch.randn(30, 4, width, 8, generator=g) for _ in range(3))
+            bias = _bias(30, width, padded, g)
+            out[f"query_30_images{tag}_sdpa_ms"] = _ms(
+                lambda q=q, k=k, v=v, bias=bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), 500,
+                args.rounds)  # fmt: skip
+            out[f"query_30_images{tag}_set_attention_ms"] = _ms(
+                lambda q=q, k=k, v=v, bias=bias: set_attention(q, k, v, bias), 500, args.rounds)
 
     torch.set_num_threads(args.threads)
-    q, k, v = (torch.randn(2048, 4, 10, 8, generator=g, requires_grad=True) for _ in range(3))
-    bias = torch.randn(2048, 4, 10, 10, generator=g, requires_grad=True)
-    out["training_2048_rows_sdpa_fwd_bwd_ms"] = _ms(
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward(), 10, args.rounds)
-    out["training_2048_rows_set_attention_fwd_bwd_ms"] = _ms(
-        lambda: set_attention(q, k, v, bias).sum().backward(), 10, args.rounds)
-    q, k, v = (torch.randn(2048, 4, 16, 8, generator=g, requires_grad=True) for _ in range(3))
-    bias = _padded_bias(2048, g).requires_grad_(True)
-    out["training_2048_rows_padded16_sdpa_fwd_bwd_ms"] = _ms(
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward(), 10, args.rounds)
-    out["training_2048_rows_padded16_set_attention_fwd_bwd_ms"] = _ms(
-        lambda: set_attention(q, k, v, bias).sum().backward(), 10, args.rounds)
+    for tag, width, padded in LAYOUTS:
+        q, k, v = (torch.randn(2048, 4, width, 8, generator=g, requires_grad=True) for _ in range(3))
+        bias = _bias(2048, width, padded, g).requires_grad_(True)
+        out[f"training_2048_rows{tag}_sdpa_fwd_bwd_ms"] = _ms(
+            lambda q=q, k=k, v=v, bias=bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward(),
+            10, args.rounds)  # fmt: skip
+        out[f"training_2048_rows{tag}_set_attention_fwd_bwd_ms"] = _ms(
+            lambda q=q, k=k, v=v, bias=bias: set_attention(q, k, v, bias).sum().backward(), 10, args.rounds)
     x = torch.randn(1200, 10, 129, generator=g, requires_grad=True)
     dropout, written = torch.nn.Dropout(0.4), InputDropout(0.4)
     out["dropout_1200x10x129_bernoulli_ms"] = _ms(lambda: dropout(x), 10, args.rounds)
