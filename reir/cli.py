@@ -128,6 +128,13 @@ def pseudo_label(
     typer.echo(json.dumps(run(model, data, out, keep=keep, min_iou=min_iou), indent=2))
 
 
+# `reir ingest` and `reir index add`: the stored-instance policy (ReirProcessor.instance_*), per image
+_TOP_K_HELP = ("instances stored per image at most; a dense gallery needs at least its objects per image "
+               "[the model's: 16]")
+_MIN_SCORE_HELP = ("objectness an instance needs to be stored, past each image's first; lower it when a model "
+                   "trained on other images stores too few [the model's: 0.1]")
+
+
 @app.command()
 def ingest(
     gallery: Path | None = typer.Option(None, "--gallery", help="benchmark dir or a directory of images"),
@@ -145,10 +152,8 @@ def ingest(
                                      "[test]"),
     encoders: int | None = typer.Option(None, min=1, help="encoder actors [one per GPU, or per free CPU]"),
     batch_size: int | None = typer.Option(None, min=1, help="[32]"),
-    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per image at most; a "
-                                               "dense gallery needs at least its objects per image [the model's: 16]"),
-    min_instance_score: float | None = typer.Option(None, min=0.0, max=0.999, help="objectness an instance needs to "
-                                                    "be stored, past each image's first [the model's: 0.1]"),
+    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help=_TOP_K_HELP),
+    min_instance_score: float | None = typer.Option(None, min=0.0, max=0.999, help=_MIN_SCORE_HELP),
     index_type: str | None = typer.Option(None, help="AUTOINDEX, HNSW, IVF_FLAT or FLAT [AUTOINDEX]"),
     metadata_field: list[str] = typer.Option([], "--metadata-field", help="NAME:TYPE (str|int|float|bool), repeat"),
     device: str | None = typer.Option(None, help="auto (GPU when Ray has one), cpu or cuda [auto]"),
@@ -249,11 +254,8 @@ def index_add(
     milvus_uri: str | None = typer.Option(None, help=_INDEX_URI_HELP),
     full: bool = typer.Option(False, help="re-encode every image (not only new / changed ones)"),
     dead_letter: Path | None = typer.Option(None, help="also write failed images (jsonl) here"),
-    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help="instances stored per photo at most "
-                                               "[the model's: 16]"),
-    min_instance_score: float | None = typer.Option(None, min=0.0, max=0.999, help="objectness an instance needs to "
-                                                    "be stored, past each photo's first; lower it when a model trained "
-                                                    "on other images stores too few [the model's: 0.1]"),
+    top_k_instances: int | None = typer.Option(None, min=1, max=1000, help=_TOP_K_HELP),
+    min_instance_score: float | None = typer.Option(None, min=0.0, max=0.999, help=_MIN_SCORE_HELP),
     config: Path | None = typer.Option(None, help="YAML: IngestConfig fields or an `ingest:` section "
                                        "[$REIR_CONFIG]; flags given win"),
 ) -> None:
