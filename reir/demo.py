@@ -23,9 +23,9 @@ from reir.settings import DEMO_REFERENCE_MINUTES, DEMO_STAGE_MINUTES
 # NEW_RERANKER_* defaults.
 RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 4e-3, "warmup_steps": 20, "weight_decay": 0.01,
                                  "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
-# Everything but training (data, ingestion, HTTP queries, evaluation, the stages' start-up): 3.1 min on
-# a 2-core machine on 2026-11-27; `make demo` = 19.5 + 4 min on the reference machine.
-DEMO_OVERHEAD_S = 4 * 60
+# Everything but training (data, Ray, ingestion, Serve, 2,404 HTTP queries, discover mode,
+# evaluation): 2.5 min on a 2-core machine on 2026-11-29.
+DEMO_OVERHEAD_S = 3 * 60
 STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes, steps reached or not
 
 
@@ -53,10 +53,11 @@ class DemoConfig:
     # for 3,500 without it (plain-torch replica, bench/results/rerank-instance-set-replica-2cpu-2026-11-28.json).
     stage_steps: tuple[int, int, int] = (600, 940, 2000)
     # Discover mode's presence head, trained after the re-ranker in the same stage (its minutes
-    # include it): 3,000 steps, 121 s on a 2-core machine (2026-11-27); 228-262 s since it has the
-    # re-ranker's instance-set layer (2026-11-28), which took discover F1 from 71.6 to 81.6%
-    # (1,500 steps: 141 s, F1 79.2 against 82.3% on one stage-2 model).
-    presence_steps: int = 3000
+    # include it). Its instance-set layer (2026-11-28) took discover F1 from 71.6 to 81.6%, and a
+    # step from 40 to ~95 ms; by 3,000 steps it fits its ~700 training queries to a loss of 0.01.
+    # 1,500 steps since 2026-11-29 (2.5 min of `make demo`'s 20): on one stage-2 model F1 79.2
+    # against 82.3% at 3,000 (100 test queries; docs/benchmarks.md has this run's figure).
+    presence_steps: int = 1500
     model: str = "small"
     # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
     # the held-out ones appear in the test split only.
@@ -159,7 +160,10 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
 
     budget = cfg.train_minutes * 60
     common: dict[str, Any] = {"data_root": str(data), "output_dir": str(out / "runs"), "batch_size": cfg.batch_size,
-                              "cpus_per_worker": 2.0, "epochs": 1000, "seed": cfg.seed, "zero_stage": 2,
+                              "cpus_per_worker": 2.0, "epochs": 1000, "seed": cfg.seed,
+                              # One worker: ZeRO has nothing to partition, and stage 2's flat buffers
+                              # cost ~5% of a stage-1/2 step (0.343 against 0.322 s, 2026-11-29).
+                              "zero_stage": 0,
                               "log_every": 25}
     seconds = (budget * cfg.stage1_share, budget * (1 - cfg.stage1_share - cfg.rerank_share), budget * cfg.rerank_share)
     limits = [_limits(cfg, i, s) for i, s in enumerate(seconds)]

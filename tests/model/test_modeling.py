@@ -115,3 +115,34 @@ def test_inference_text_path_equals_the_hf_tower(tiny: tuple[ReirModel, ReirProc
         value.weight = torch.nn.Parameter(value.weight * 0.5)  # another tensor in its place
         changed = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(model.encode_text(ids, mask).token_states[real], changed[real], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_layer_under_cpu_autocast_equals_torch_layer_in_values_and_gradients() -> None:
+    """The visual encoder's layer writes its attention out under CPU bf16 autocast only (a
+    faster backward there); it must compute what ``nn.TransformerEncoderLayer`` does, keep its
+    parameter names (checkpoints load either way) and take torch's path everywhere else."""
+    from torch import nn
+
+    from reir.model.modeling import EncoderLayer
+
+    torch.manual_seed(0)
+    kwargs = {"dropout": 0.0, "activation": "gelu", "batch_first": True, "norm_first": True}
+    ours, theirs = EncoderLayer(64, 4, 128, **kwargs), nn.TransformerEncoderLayer(64, 4, 128, **kwargs)
+    theirs.load_state_dict(ours.state_dict())  # same names and shapes, or this raises
+    x = torch.randn(3, 20, 64)
+    fused_calls: list[int] = []  # torch's path runs self_attn's forward; the written-out one reads its weights
+    ours.self_attn.register_forward_hook(lambda *_: fused_calls.append(1))
+    grads = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xi)
+        (out.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        grads.append((out.detach().float(), xi.grad, layer.self_attn.in_proj_weight.grad))
+    assert fused_calls == []
+    for a, b in zip(*grads):
+        assert a is not None and b is not None
+        assert torch.allclose(a, b, atol=0.05 * float(b.abs().max()) + 1e-3), float((a - b).abs().max())
+    ours.train(), theirs.train()
+    assert torch.equal(ours(x), theirs(x))  # fp32: torch's own path, the same numbers exactly
+    assert fused_calls == [1]

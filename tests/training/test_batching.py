@@ -155,10 +155,10 @@ def test_filler_never_takes_an_expression_past_the_token_bound() -> None:
     fits = filler_fits(processor)
     short, long_ = "the red circle", " ".join(["the red circle left of the blue square"] * 5)
     assert processor.token_counts([long_])[0] > FILLER_MAX_TOKENS
-    assert fits(short, "where is " + short) and not fits(short, "hey " * 30 + short)
-    assert not fits(long_, "please " + long_)  # already past the bound: nothing may be added
+    assert fits([(short, "where is " + short), (short, "hey " * 30 + short)]) == [True, False]
+    assert fits([(long_, "please " + long_)]) == [False]  # already past the bound: nothing may be added
     samples = _world(4)
-    kept = with_filler(samples, 1.0, np.random.default_rng(0), fits=lambda text, longer: False)
+    kept = with_filler(samples, 1.0, np.random.default_rng(0), fits=lambda pairs: [False] * len(pairs))
     assert [s.refs for s in kept] == [s.refs for s in samples]
     filled = with_filler(samples, 1.0, np.random.default_rng(0), fits=fits)
     counts = [processor.token_counts([t])[0] for s in filled for t, _ in s.refs]
