@@ -51,13 +51,14 @@ class DemoConfig:
     # Re-ranker 2,000 steps since its instance-set layer (2026-11-28): a step costs about 1.6x,
     # and on the demo's stage-2 model 2,000 steps with the layer gave BR@1 56.2% against 49.6%
     # for 3,500 without it (plain-torch replica, bench/results/rerank-instance-set-replica-2cpu-2026-11-28.json).
-    stage_steps: tuple[int, int, int] = (600, 940, 2000)
+    # Re-ranker 1,800 since 2026-11-29 (the demo's 20 minutes; 2,000 gave 69.3% BR@1 in 21.0 min).
+    stage_steps: tuple[int, int, int] = (600, 940, 1800)
     # Discover mode's presence head, trained after the re-ranker in the same stage (its minutes
     # include it). Its instance-set layer (2026-11-28) took discover F1 from 71.6 to 81.6%, and a
-    # step from 40 to ~95 ms; by 3,000 steps it fits its ~700 training queries to a loss of 0.01.
-    # 1,500 steps since 2026-11-29 (2.5 min of `make demo`'s 20): on one stage-2 model F1 79.2
-    # against 82.3% at 3,000 (100 test queries; docs/benchmarks.md has this run's figure).
-    presence_steps: int = 1500
+    # step from 40 to ~100 ms; by 3,000 steps it fits its ~700 training queries to a loss of 0.01.
+    # 1,000 steps since 2026-11-29 (the demo's 20 minutes): discover F1 78.4% against 82.9% at
+    # 3,000 in two end-to-end runs, 81.8% at 1,500 in a third (100 test queries each).
+    presence_steps: int = 1000
     model: str = "small"
     # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
     # the held-out ones appear in the test split only.
