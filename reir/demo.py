@@ -162,8 +162,8 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     budget = cfg.train_minutes * 60
     common: dict[str, Any] = {"data_root": str(data), "output_dir": str(out / "runs"), "batch_size": cfg.batch_size,
                               "cpus_per_worker": 2.0, "epochs": 1000, "seed": cfg.seed,
-                              # One worker: ZeRO has nothing to partition, and stage 2's flat buffers
-                              # cost ~5% of a stage-1/2 step (0.343 against 0.322 s, 2026-11-29).
+                              # One worker: ZeRO has nothing to partition, and ZeRO 2's flat buffers
+                              # cost ~6% of a stage-2 step (0.343 against 0.322 s, 2026-11-29).
                               "zero_stage": 0,
                               "log_every": 25}
     seconds = (budget * cfg.stage1_share, budget * (1 - cfg.stage1_share - cfg.rerank_share), budget * cfg.rerank_share)
