@@ -56,8 +56,9 @@ class DemoConfig:
     # Discover mode's presence head, trained after the re-ranker in the same stage (its minutes
     # include it). Its instance-set layer (2026-11-28) took discover F1 from 71.6 to 81.6%, and a
     # step from 40 to ~100 ms; by 3,000 steps it fits its ~700 training queries to a loss of 0.01.
-    # 1,000 steps since 2026-11-29 (the demo's 20 minutes): discover F1 78.4% against 82.9% at
-    # 3,000 in two end-to-end runs, 81.8% at 1,500 in a third (100 test queries each).
+    # 1,000 steps since 2026-11-29 (the demo's 20 minutes): discover F1 70.4, 78.4 and 79.2% in
+    # three end-to-end runs at 1,000, 81.8% in one at 1,500, 82.9 and 83.0% at 3,000 (100 test
+    # queries each; bench/results/demo-train-speed-2cpu-2026-11-29.json).
     presence_steps: int = 1000
     model: str = "small"
     # Scene regimes of the training split (reir.data.layouts; None: the generator's mixture);
