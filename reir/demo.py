@@ -51,10 +51,11 @@ class DemoConfig:
     # Re-ranker 2,000 steps since its instance-set layer (2026-11-28): a step costs about 1.6x,
     # and on the demo's stage-2 model 2,000 steps with the layer gave BR@1 56.2% against 49.6%
     # for 3,500 without it (plain-torch replica, bench/results/rerank-instance-set-replica-2cpu-2026-11-28.json).
-    # Re-ranker 1,800 on 2026-11-29 (the demo's 20 minutes; 2,000 gave 69.3% BR@1 in 21.0 min),
-    # 1,400 since: on the demo's stage-2 model, 1,400 steps gave 68.2% BR@1 against 67.1% for
-    # 1,800 (plain-torch replica, bench/results/rerank-steps-replica-2cpu-2026-11-29.json).
-    stage_steps: tuple[int, int, int] = (600, 940, 1400)
+    # Re-ranker 1,800 since 2026-11-29 (the demo's 20 minutes; 2,000 gave 69.3% BR@1 in 21.0 min).
+    # 1,400 tied 1,800 on one frozen stage-2 model (68.2 / 66.0% BR@1 on two seeds against
+    # 67.1%), but end to end it gave 64.4% and discover F1 54.3% (the presence head starts from
+    # the re-ranker): bench/results/rerank-steps-2cpu-2026-11-29.json.
+    stage_steps: tuple[int, int, int] = (600, 940, 1800)
     # Discover mode's presence head, trained after the re-ranker in the same stage (its minutes
     # include it). Its instance-set layer (2026-11-28) took discover F1 from 71.6 to 81.6%, and a
     # step from 40 to ~100 ms; by 3,000 steps it fits its ~700 training queries to a loss of 0.01.
