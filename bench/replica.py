@@ -42,7 +42,7 @@ from reir.training.rerank import (
     rerank_loss,
     sample_texts,
 )
-from reir.training.trainer import ImageCache, _param_groups, lr_factor
+from reir.training.trainer import ImageCache, _param_groups, adamw, lr_factor
 
 p = argparse.ArgumentParser()
 p.add_argument("--data", required=True)
@@ -82,7 +82,7 @@ load = _cache.get
 def train_stage(model, processor, stage, steps, lr, warmup, samples):
     model.to(dev).train()
     crit = ReirCriterion(model.config, stage=stage)
-    opt = torch.optim.AdamW(_param_groups(model, TrainConfig(data_root=args.data, stage=stage, lr=lr)), lr=lr)
+    opt = adamw(_param_groups(model, TrainConfig(data_root=args.data, stage=stage, lr=lr)), lr=lr)
     rng = random.Random(args.seed)
     order = []
     step = 0
@@ -118,7 +118,7 @@ def train_reranker(model, rs, steps, seed, batch=128, lr=4e-3, negatives=15, poo
     torch.manual_seed(seed)
     reranker = model.add_reranker(**{"hidden_size": 128, **spec})
     reranker.to(dev).train()
-    opt = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=0.01)
+    opt = adamw(reranker.parameters(), lr=lr, weight_decay=0.01)
     neg = mine_hard_negatives(rs, max(negatives, pool))
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     texts, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(seed)

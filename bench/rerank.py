@@ -158,13 +158,13 @@ def train_variant(
     import torch
 
     from reir.training.rerank import mine_hard_negatives, rerank_loss, sample_texts
-    from reir.training.trainer import lr_factor
+    from reir.training.trainer import adamw, lr_factor
 
     torch.manual_seed(seed)
     reranker = model.add_reranker(hidden_size=args.hidden_size, input_dropout=args.input_dropout)
     reranker.train()
     lr, batch = fields["lr"], int(fields["batch"])
-    optimizer = torch.optim.AdamW(reranker.parameters(), lr=lr, weight_decay=args.weight_decay)
+    optimizer = adamw(reranker.parameters(), lr=lr, weight_decay=args.weight_decay)
     negatives = mine_hard_negatives(rs, args.negatives)
     pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(seed)
     step, started = 0, time.monotonic()

@@ -65,14 +65,14 @@ def _loop(args: argparse.Namespace, in_thread: bool) -> float:
     from reir.model.losses import ReirCriterion
     from reir.training.config import TrainConfig
     from reir.training.precision import cpu_autocast_enabled, training_autocast
-    from reir.training.trainer import ImageCache, _param_groups
+    from reir.training.trainer import ImageCache, _param_groups, adamw
 
     torch.set_num_threads(args.threads)
     model, processor = create_model(args.model)
     model.train()
     criterion = ReirCriterion(model.config, stage=args.stage)
     cfg = TrainConfig(data_root=str(args.data), stage=args.stage)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
+    optimizer = adamw(_param_groups(model, cfg), lr=cfg.lr)
     autocast = cpu_autocast_enabled(cfg.cpu_bf16, "cpu")
     samples, cache, rng = load_samples(args.data, "train"), ImageCache(), random.Random(0)
 

@@ -140,6 +140,16 @@ def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
+def _head_engine(head: torch.nn.Module, cfg: TrainConfig) -> Any:
+    """A head-only stage's DeepSpeed engine: ``head`` with the trainer's AdamW (``cfg.lr``,
+    ``cfg.weight_decay``) under :func:`head_deepspeed_config` (fp32, ZeRO 0)."""
+    import deepspeed
+
+    optimizer = adamw(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=head, optimizer=optimizer, config=head_deepspeed_config(cfg))
+    return engine
+
+
 def lr_factor(progress: float, step: int, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine decay to 5% over ``progress`` in [0, 1]."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -376,8 +386,6 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
     ``discovery``: training discovery queries (``[{"raw", "group"}]``; each row's
     ``"discovery"`` field has its matches): discover mode's presence loss, and its threshold
     calibrated on held-out ones."""
-    import deepspeed
-
     from reir.model.modeling import score_scale
     from reir.training.rerank import (
         build_discovery_set,
@@ -425,9 +433,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
         if rank == 0:
             print(f"[train stage {cfg.stage}] discovery: {disc.num_queries} training queries, "
                   f"{int(disc.truth.sum())} matching images", flush=True)
-    optimizer = adamw(reranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ds_cfg = head_deepspeed_config(cfg)  # small head, fp32 features, ZeRO 0
-    engine, _, _, _ = deepspeed.initialize(model=reranker, optimizer=optimizer, config=ds_cfg)
+    engine = _head_engine(reranker, cfg)
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     train_idx, held_idx = calibration_split(rs.text_image, cfg.rerank_calibration_every)
@@ -447,9 +453,7 @@ def _rerank_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device,
         # Discover mode's own head, started from the trained re-ranker: one head for both tasks
         # cost rank mode 12 points of BR@1 on a demo model (32.4% -> 20.1%).
         presence = model.add_presence(image_term=cfg.rerank_presence_image_term)
-        p_engine, _, _, _ = deepspeed.initialize(
-            model=presence, optimizer=adamw(presence.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-            config=ds_cfg)  # fmt: skip
+        p_engine = _head_engine(presence, cfg)
         # Every N-th query calibrates the threshold, as every N-th image's expressions do above.
         disc_train, disc_held = calibration_split(torch.arange(disc.num_queries), cfg.rerank_calibration_every)
 
@@ -481,8 +485,6 @@ IMAGE_RETRIEVAL_HELD_OUT_EVERY = 10  # every 10th image's expressions measure he
 def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
     """Stage ``image-retrieval``: frozen model -> token grids and expression features of this
     worker's shard -> train the image-level retrieval head (reir.training.image_retrieval)."""
-    import deepspeed
-
     from reir.training.image_retrieval import (
         build_image_retrieval_set,
         group_recall,
@@ -505,9 +507,7 @@ def _image_retrieval_loop(cfg: TrainConfig, rank: int, world: int, device: torch
     train_idx, held_idx = calibration_split(rs.text_image, IMAGE_RETRIEVAL_HELD_OUT_EVERY)
     allowed = torch.zeros(rs.num_texts, dtype=torch.bool)
     allowed[train_idx] = True
-    optimizer = adamw(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ds_cfg = head_deepspeed_config(cfg)  # small head, fp32 features, ZeRO 0
-    engine, _, _, _ = deepspeed.initialize(model=head, optimizer=optimizer, config=ds_cfg)
+    engine = _head_engine(head, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     total_steps = cfg.max_steps or max(1, cfg.epochs * rs.num_texts // (cfg.batch_size * IMAGE_RETRIEVAL_TEXTS_PER_IMAGE))
     def batch_losses() -> dict[str, torch.Tensor]:
