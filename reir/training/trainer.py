@@ -570,6 +570,25 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
 
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+# How long torch's OpenMP threads (libgomp) spin for the next parallel region before they
+# sleep. libgomp's default (300,000 turns) puts them to sleep between most of a CPU step's
+# small ops, and a futex wake-up then precedes each; in a Ray Train worker a re-ranker step
+# took 12-15% longer than at 30M turns (measured interleaved, docs/decisions.md). Finite,
+# unlike OMP_WAIT_POLICY=active, so an idle worker still sleeps, and libgomp's own short
+# spin still applies when threads outnumber CPUs. Set either variable in the driver's
+# environment to choose another.
+OMP_ENV_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+CPU_OMP_SPINCOUNT = "30000000"
+
+
+def worker_env_vars(use_gpu: bool, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables the training workers start with: the driver's OpenMP wait
+    settings when it has any, else, on CPU, ``GOMP_SPINCOUNT`` (above)."""
+    environ = os.environ if environ is None else environ
+    chosen = {k: environ[k] for k in OMP_ENV_VARS if k in environ}
+    if chosen or use_gpu:
+        return chosen
+    return {"GOMP_SPINCOUNT": CPU_OMP_SPINCOUNT}
 
 
 def run_training(
@@ -622,6 +641,7 @@ def run_training(
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         ),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage,
+                             worker_runtime_env={"env_vars": worker_env_vars(cfg.use_gpu)},
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets={"train": ds},

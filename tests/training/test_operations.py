@@ -47,7 +47,9 @@ def _recorder(
         with open(path, "a") as f:
             # Ray Train's print patch (off in reir's runs) replaces builtins.print with its own function
             f.write(json.dumps({"step": info.step, "rank": info.rank, "resumed_from": info.resumed_from,
-                                "print": builtins.print.__module__ or "builtins"}) + "\n")
+                                "print": builtins.print.__module__ or "builtins",
+                                "env": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "RAY_API_SERVER_ADDRESS")}})
+                    + "\n")
         if info.rank == kill_rank and info.step == kill_step and info.resumed_from is None:
             deadline = time.monotonic() + 60
             while registered is not None and not registered.exists() and time.monotonic() < deadline:
@@ -98,7 +100,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session: None, da
 
 def test_resume_continues_a_run_in_uri_storage(ray_session: None, data: Path, tmp_path: Path) -> None:
     from reir.training.checkpointing import latest_checkpoint, read_state
-    from reir.training.trainer import run_training
+    from reir.training.trainer import run_training, worker_env_vars
 
     uri = (tmp_path / "store").as_uri()  # file:// - through pyarrow.fs, as s3:// or gs:// would be
     with pytest.raises(ValueError, match="has no checkpoint under"):
@@ -110,6 +112,9 @@ def test_resume_continues_a_run_in_uri_storage(ray_session: None, data: Path, tm
     assert [(s["step"], s["resumed_from"]) for s in _steps(log)] == [(3, 2), (4, 2)]
     # printed progress reaches the driver once: Ray Train's print patch is off in the workers
     assert {s["print"] for s in _steps(log)} == {"builtins"}
+    # the workers start with the OpenMP spin count and keep the job's environment beside it
+    assert {s["env"]["GOMP_SPINCOUNT"] for s in _steps(log)} == {worker_env_vars(use_gpu=False).get("GOMP_SPINCOUNT")}
+    assert all(s["env"]["RAY_API_SERVER_ADDRESS"] for s in _steps(log))
     stats = json.loads((tmp_path / "store" / "r" / "model" / "training_args.json").read_text())["stats"]
     assert resumed == first and stats["steps"] == 4
     latest = latest_checkpoint(f"{uri}/ray/r")
@@ -171,3 +176,13 @@ def test_run_training_outside_a_ray_session_ignores_a_dead_cluster_recorded_by_r
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MODEL" in done.stdout and (tmp_path / "runs" / "fresh" / "model" / "config.json").is_file()
+
+
+def test_workers_spin_longer_between_cpu_ops_unless_told_otherwise() -> None:
+    from reir.training.trainer import CPU_OMP_SPINCOUNT, worker_env_vars
+
+    assert worker_env_vars(use_gpu=False, environ={}) == {"GOMP_SPINCOUNT": CPU_OMP_SPINCOUNT}
+    assert worker_env_vars(use_gpu=True, environ={}) == {}  # GPU kernels do not wait on OpenMP
+    # the driver's own choice reaches the workers, whichever device
+    assert worker_env_vars(use_gpu=False, environ={"OMP_WAIT_POLICY": "passive"}) == {"OMP_WAIT_POLICY": "passive"}
+    assert worker_env_vars(use_gpu=True, environ={"GOMP_SPINCOUNT": "0", "PATH": "/bin"}) == {"GOMP_SPINCOUNT": "0"}
