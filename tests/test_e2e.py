@@ -135,3 +135,22 @@ def test_ingest_serve_search_and_evaluate(trained: tuple[Path, Path], tmp_path: 
     assert metrics["BR@1@0.5"] <= metrics["BR@5@0.5"] <= metrics["BR@10@0.5"]
     assert metrics["BR@10@0.9"] <= metrics["BR@10@0.5"]
     assert {k: inprocess[k] for k in metrics} == metrics
+
+
+def test_a_time_budgeted_rerank_stage_stops_both_phases_within_it(trained: tuple[Path, Path]) -> None:
+    """`--minutes` on the rerank stage bounds the re-ranker and the presence head together:
+    each used to measure the whole budget from its own start (up to twice the minutes)."""
+    from reir.training.config import TrainConfig
+    from reir.training.trainer import run_training
+
+    data, reranked = trained
+    budget = 4.0
+    model_dir = run_training(TrainConfig(
+        model=str(reranked.parent.parent / "s2" / "model"), stage="rerank", run_name="rr-budget", data_root=str(data),
+        output_dir=str(reranked.parent.parent), batch_size=4, warmup_steps=1, log_every=10_000, rerank_min_iou=0.0,
+        rerank_negatives=3, max_steps=1_000_000, rerank_discovery_steps=1_000_000, time_budget_s=budget))
+    stats = json.loads((Path(model_dir) / "training_args.json").read_text())["stats"]
+    assert 1 < stats["presence_steps"] < 1_000_000 and 1 < stats["steps"] < 1_000_000  # both stopped on time
+    # one overshooting step per phase at most beyond the budget (a tiny step takes milliseconds)
+    assert budget <= stats["seconds"] < budget + 1.0
+    assert stats["presence_seconds"] < budget / 2  # its share: what the re-ranker left of the total

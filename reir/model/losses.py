@@ -133,7 +133,9 @@ def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 
     Python's hash of an int tuple is not salted, so keys agree across workers.
     """
-    rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+    # Plain lists: a tensor index per row cost ~200 small ops a stage-2 step.
+    rows = [tuple(i for i, m in zip(ids, mask) if m)
+            for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
     return torch.tensor([hash(r) for r in rows], dtype=torch.long, device=input_ids.device)
 
 

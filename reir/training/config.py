@@ -67,7 +67,8 @@ class TrainConfig(BaseModel):
     epochs: int = Field(10, ge=1, description="passes over the data; a run stops at the first of epochs "
                         "(or max_steps) and time_budget_s")
     max_steps: int | None = Field(None, ge=1)
-    time_budget_s: float | None = Field(None, gt=0, description="stop (and finish the LR schedule) by then")
+    time_budget_s: float | None = Field(None, gt=0, description="stop (and finish the LR schedule) by then; the rerank "
+                                         "stage's re-ranker and presence head share it")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     score_lr_mult: float = Field(

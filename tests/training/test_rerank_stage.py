@@ -306,3 +306,12 @@ def test_calibration_holds_out_whole_images() -> None:
     assert held0.numel() == 0 and train0.tolist() == list(range(20))
     with pytest.raises(ValueError, match="every 1"):
         calibration_split(text_image, 1)
+
+
+def test_the_rerank_stages_time_budget_is_one_total_for_both_phases() -> None:
+    from reir.training.trainer import PRESENCE_STEP_COST, first_phase_budget
+
+    # 1,800 re-ranker and 1,000 presence steps at half the cost: the re-ranker's 1,800 of 2,300
+    assert first_phase_budget(960.0, 1800, PRESENCE_STEP_COST * 1000) == pytest.approx(960.0 * 1800 / 2300)
+    assert first_phase_budget(960.0, 1800, 0) == 960.0  # without discovery queries it has it all
+    assert first_phase_budget(None, 1800, 500) is None
