@@ -492,6 +492,8 @@ def first_phase_budget(total_s: float | None, steps: float, later_steps: float) 
     if not total_s:
         return None
     return total_s * steps / (steps + later_steps)
+
+
 IMAGE_RETRIEVAL_TEXTS_PER_IMAGE = 4  # expressions of each batch image per step (cfg.batch_size: images)
 IMAGE_RETRIEVAL_HELD_OUT_EVERY = 10  # every 10th image's expressions measure held-out recall
 
@@ -587,7 +589,7 @@ PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # How long torch's OpenMP threads (libgomp) spin for the next parallel region before they
 # sleep. libgomp's default (300,000 turns) puts them to sleep between most of a CPU step's
 # small ops, and a futex wake-up then precedes each; in a Ray Train worker a re-ranker step
-# took 12-15% longer than at 30M turns (measured interleaved, docs/decisions.md). Finite,
+# took 13-20% longer than at 30M turns (measured interleaved, docs/decisions.md). Finite,
 # unlike OMP_WAIT_POLICY=active, so an idle worker still sleeps, and libgomp's own short
 # spin still applies when threads outnumber CPUs. Set either variable in the driver's
 # environment to choose another.
