@@ -221,7 +221,7 @@ def _place_rows(regime: Regime, size: int, target: int, rng: np.random.Generator
 @dataclass
 class Rendered:
     scene: Scene
-    image: Image.Image
+    image: Image.Image | None  # None once written to disk (reir.data.synth's rendering processes)
     visible: list[float]  # fraction of each object's pixels left visible (not occluded, not cut off)
     pixels: list[int]  # pixel count of each object's shape inside the image (COCO "area")
     regime: str = "classic"

@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +114,7 @@ class SynthSummary:
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     discovery: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    processes: int = 1  # that drew the images and planned the expressions
 
 
 @dataclass
@@ -118,7 +124,7 @@ class _Item:
     index: int
     split: str
     rendered: Rendered
-    sentences: dict[int, list[Expr]] = field(default_factory=dict)  # object index -> exprs
+    sentences: dict[int, list[Expr]] = field(default_factory=dict)  # object index -> exprs (Sentences)
 
     @property
     def scene(self) -> Scene:
@@ -126,12 +132,16 @@ class _Item:
 
     @property
     def file_name(self) -> str:
-        return f"images/{self.split}/{self.scene.image_id}.jpg"
+        return _file_name(self.split, self.scene.image_id)
 
     @property
     def regime(self) -> str:
         """Name of the scene regime the image was drawn from (reir.data.layouts)."""
         return self.rendered.regime
+
+
+def _file_name(split: str, image_id: str) -> str:
+    return f"images/{split}/{image_id}.jpg"
 
 
 def image_key(index: int) -> str:
@@ -150,56 +160,109 @@ def _assign_splits(cfg: SynthConfig) -> list[str]:
     return ["test" if k in test else "train" for k in range(cfg.num_images)]
 
 
-def _render_all(cfg: SynthConfig, out: Path, progress: Progress | None) -> list[_Item]:
+# Drawing the images and planning the expressions (2,000 images: ~25 s in one process on a
+# 2-core machine, most of it planning) run in processes on the machine's cores from this many
+# images on. Every image and every chunk of images draws from its own random stream, so the
+# output is the same either way.
+PARALLEL_MIN_IMAGES = 400
+_RENDER_CHUNK = 50
+
+Job = tuple[int, str, str, int, int, str]  # (index, split, regime, image size, seed, out dir)
+
+
+@contextmanager
+def _process_pool(num_images: int, workers: int | None) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` processes (None: the cores, for a benchmark of ``PARALLEL_MIN_IMAGES`` and
+    more), or None: this process does everything. Forked ones (spawned ones would re-import
+    the caller's main script), and only from a process without other threads, whose locks a
+    child could inherit held."""
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if num_images >= PARALLEL_MIN_IMAGES else 1
+    if workers < 2 or threading.active_count() > 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool
+
+
+def _render_all(cfg: SynthConfig, out: Path, progress: Progress | None,
+                pool: ProcessPoolExecutor | None) -> list[_Item]:  # fmt: skip
+    mixtures = {split: cfg.mixture(split) for split in ("train", "test")}
+    # Own stream: choosing a regime never shifts the scene, text or split draws.
+    jobs = [(k, split, pick_regime(mixtures[split], _rng(cfg.seed, _REGIME, k)), cfg.image_size, cfg.seed, str(out))
+            for k, split in enumerate(_assign_splits(cfg))]
+    rendered = pool.map(_render_one, jobs, chunksize=_RENDER_CHUNK) if pool else map(_render_one, jobs)
     items: list[_Item] = []
     next_ann = 1
-    mixtures = {split: cfg.mixture(split) for split in ("train", "test")}
-    for k, split in enumerate(_assign_splits(cfg)):
-        # Own stream: choosing a regime never shifts the scene, text or split draws.
-        regime = pick_regime(mixtures[split], _rng(cfg.seed, _REGIME, k))
-        rendered = sample_scene(image_key(k), cfg.image_size, _rng(cfg.seed, _SCENE, k), regime)
-        objs = rendered.scene.objects
-        rendered.scene.objects = [dataclasses.replace(o, ann_id=next_ann + j) for j, o in enumerate(objs)]
+    for (k, split, *_), r in zip(jobs, rendered, strict=True):
+        objs = r.scene.objects
+        r.scene.objects = [dataclasses.replace(o, ann_id=next_ann + j) for j, o in enumerate(objs)]
         next_ann += len(objs)
-        item = _Item(k, split, rendered)
-        rendered.image.save(out / item.file_name, "JPEG", quality=90)
-        items.append(item)
+        items.append(_Item(k, split, r))
         if progress is not None:
             progress(1)
     return items
 
 
-def _choose_test(items: list[_Item], seed: int) -> None:
-    """1-2 targets per test image, each with one gallery-unique expression."""
-    planner = TestPlanner(Gallery([it.scene for it in items]))
-    for s, it in enumerate(items):
-        rng = _rng(seed, _TEXT, it.index)
-        wanted = 1 + int(rng.random() < P_TWO_TEST_TARGETS)
-        for i in rng.permutation(len(it.scene.objects)).tolist():
+def _render_one(job: Job) -> Rendered:
+    """Draw image ``k`` of the benchmark and write it; the image itself is not kept."""
+    k, split, regime, size, seed, out = job
+    rendered = sample_scene(image_key(k), size, _rng(seed, _SCENE, k), regime)
+    assert rendered.image is not None
+    rendered.image.save(Path(out) / _file_name(split, rendered.scene.image_id), "JPEG", quality=90)
+    return dataclasses.replace(rendered, image=None)
+
+
+Sentences = dict[int, list[Expr]]  # object index -> expressions
+
+
+def _choose_sentences(by_split: dict[str, list[_Item]], seed: int, chunk_size: int,
+                      pool: ProcessPoolExecutor | None) -> None:  # fmt: skip
+    """Each test image's and each training image's expressions (``_Item.sentences``): the test
+    gallery is planned as one, the training images in chunks of ``chunk_size``."""
+    train = by_split["train"]
+    groups = [("test", by_split["test"])] + [("train", train[k:k + chunk_size]) for k in range(0, len(train), chunk_size)]
+    jobs = [(kind, [it.scene for it in group], [it.index for it in group], seed) for kind, group in groups]
+    for (_, group), chosen in zip(groups, pool.map(_plan, jobs) if pool else map(_plan, jobs), strict=True):
+        for it, sentences in zip(group, chosen, strict=True):
+            it.sentences = sentences
+
+
+def _plan(job: tuple[str, list[Scene], list[int], int]) -> list[Sentences]:
+    kind, scenes, indices, seed = job
+    choose = _test_sentences if kind == "test" else _train_sentences
+    planner = TestPlanner(Gallery(scenes))
+    return [choose(planner, s, len(scene.objects), _rng(seed, _TEXT, index))
+            for s, (scene, index) in enumerate(zip(scenes, indices, strict=True))]
+
+
+def _test_sentences(planner: TestPlanner, s: int, num_objects: int, rng: np.random.Generator) -> Sentences:
+    """1-2 targets of test image ``s``, each with one gallery-unique expression."""
+    sentences: Sentences = {}
+    wanted = 1 + int(rng.random() < P_TWO_TEST_TARGETS)
+    for i in rng.permutation(num_objects).tolist():
+        expr = planner.expression(s, i, rng)
+        if expr is not None:
+            sentences[i] = [expr]
+            if len(sentences) >= wanted:
+                break
+    return sentences
+
+
+def _train_sentences(planner: TestPlanner, s: int, num_objects: int, rng: np.random.Generator) -> Sentences:
+    """Gallery-style expressions of training image ``s``: unique within its chunk of images."""
+    sentences: Sentences = {}
+    for i in range(num_objects):
+        if rng.random() >= P_TRAIN_OBJECT:
+            continue
+        exprs: list[Expr] = []
+        for _ in range(TRAIN_PHRASINGS):
             expr = planner.expression(s, i, rng)
-            if expr is not None:
-                it.sentences[i] = [expr]
-                if len(it.sentences) >= wanted:
-                    break
-
-
-def _choose_train(items: list[_Item], seed: int, chunk_size: int) -> None:
-    """Gallery-style expressions for training: unique within chunks of ``chunk_size`` images."""
-    for start in range(0, len(items), chunk_size):
-        chunk = items[start:start + chunk_size]
-        planner = TestPlanner(Gallery([it.scene for it in chunk]))
-        for s, it in enumerate(chunk):
-            rng = _rng(seed, _TEXT, it.index)
-            for i in range(len(it.scene.objects)):
-                if rng.random() >= P_TRAIN_OBJECT:
-                    continue
-                exprs: list[Expr] = []
-                for _ in range(TRAIN_PHRASINGS):
-                    expr = planner.expression(s, i, rng)
-                    if expr is not None and expr not in exprs:
-                        exprs.append(expr)
-                if exprs:
-                    it.sentences[i] = exprs
+            if expr is not None and expr not in exprs:
+                exprs.append(expr)
+        if exprs:
+            sentences[i] = exprs
+    return sentences
 
 
 def _anno(obj: Obj, visible: float) -> dict[str, Any]:
@@ -379,9 +442,11 @@ def generate(
     regimes: Mapping[str, float] | None = None,
     heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> SynthSummary:
     """Write the synthetic benchmark to ``out_dir``; ``progress(1)`` after each image.
-    ``regimes`` (train mixture) defaults to ``DEFAULT_REGIMES``."""
+    ``regimes`` (train mixture) defaults to ``DEFAULT_REGIMES``. ``workers``: processes that
+    draw and plan (``_process_pool``; the output does not depend on it)."""
     start = time.perf_counter()
     mixture = dict(DEFAULT_REGIMES if regimes is None else regimes)
     cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries, train_discovery_queries,
@@ -392,11 +457,14 @@ def generate(
     out = Path(out_dir)
     for split in ("train", "test"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-    items = _render_all(cfg, out, progress)
-    by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
-    _choose_test(by_split["test"], seed)
-    chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
-    _choose_train(by_split["train"], seed, chunk)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    with _process_pool(num_images, workers) as pool:
+        processes = pool._max_workers if pool else 1  # the executor keeps no public count
+        items = _render_all(cfg, out, progress, pool)
+        by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
+        chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
+        _choose_sentences(by_split, seed, chunk, pool)
     entries: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     next_sent = [0]
     for it in items:
@@ -417,7 +485,7 @@ def generate(
         "test": _split_stats(by_split["test"], entries["test"], scope["test"]),
     }
     _write_json(out / "meta.json", _meta(cfg, splits, disc_stats, by_split))
-    return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start)
+    return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start, processes)
 
 
 def load_gallery(root: str | Path, split: str) -> Gallery:

@@ -9,6 +9,8 @@ instance of the split is evaluated with the predicate API; stored ``matches`` mu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,23 @@ def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
     files_a, files_b = _all_files(Path(a.out_dir)), _all_files(Path(b.out_dir))
     assert files_a.keys() == files_b.keys()
     assert all(files_a[k] == files_b[k] for k in files_a)
+
+
+def test_processes_write_the_same_benchmark(tmp_path: Path) -> None:
+    """Drawing and planning in two processes (as a large benchmark does) gives the bytes one
+    process writes: each image and each chunk of images has its own random stream. In a fresh
+    interpreter: generate falls back to one process where threads are alive."""
+    one = generate(tmp_path / "one", num_images=60, seed=5, discovery_queries=6, workers=1)
+    script = ("import sys; from reir.data.synth import generate; "
+              "s = generate(sys.argv[1], num_images=60, seed=5, discovery_queries=6, workers=2); print(s.processes)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "two")], capture_output=True, text=True,
+                          timeout=300, check=True)  # fmt: skip
+    assert one.processes == 1 and done.stdout.split() == ["2"], done.stderr
+    files_one, files_two = _all_files(tmp_path / "one"), _all_files(tmp_path / "two")
+    assert files_one.keys() == files_two.keys() and len(files_one) > 60
+    assert [k for k in files_one if files_one[k] != files_two[k]] == []
+    with pytest.raises(ValueError, match="workers"):
+        generate(tmp_path / "none", num_images=4, workers=0)
 
 
 def test_different_seed_differs(tmp_path: Path) -> None:
