@@ -561,6 +561,17 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update=updates)
 
 
+# Blocks of the training rows per worker. Ray Data's default cuts 1,600 rows into 200 blocks of
+# 8, fetched one by one from the split coordinator; 2 per worker made a stage-1 step about 2%
+# faster through Ray Train on 2 cores (0.313 / 0.316 against 0.321 / 0.322 s, two interleaved
+# pairs of 150 steps, 2026-11-29: within the noise of such pairs, and no slower).
+TRAIN_BLOCKS_PER_WORKER = 2
+
+
+def train_blocks(cfg: TrainConfig) -> int:
+    return TRAIN_BLOCKS_PER_WORKER * max(1, cfg.num_workers)
+
+
 def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]]:
     """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch;
     stage ``rerank`` also gets the training discovery queries of ``discovery.json`` (each
@@ -582,7 +593,7 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
         discovery, per_image = discovery_rows(load_discovery(cfg.data_root), [s.image_id for s in samples], groups)
         for row in rows:
             row["discovery"] = json.dumps(per_image.get(row["image_id"], []))
-    return ray.data.from_items(rows), len(samples), discovery
+    return ray.data.from_items(rows, override_num_blocks=train_blocks(cfg)), len(samples), discovery
 
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
