@@ -124,7 +124,7 @@ class _Item:
     index: int
     split: str
     rendered: Rendered
-    sentences: dict[int, list[Expr]] = field(default_factory=dict)  # object index -> exprs (Sentences)
+    sentences: dict[int, list[Expr]] = field(default_factory=dict)  # object index -> exprs
 
     @property
     def scene(self) -> Scene:
@@ -171,18 +171,18 @@ Job = tuple[int, str, str, int, int, str]  # (index, split, regime, image size, 
 
 
 @contextmanager
-def _process_pool(num_images: int, workers: int | None) -> Iterator[ProcessPoolExecutor | None]:
+def _process_pool(num_images: int, workers: int | None) -> Iterator[tuple[ProcessPoolExecutor | None, int]]:
     """``workers`` processes (None: the cores, for a benchmark of ``PARALLEL_MIN_IMAGES`` and
-    more), or None: this process does everything. Forked ones (spawned ones would re-import
+    more) and their count, or (None, 1): this process does everything. Forked ones (spawned ones would re-import
     the caller's main script), and only from a process without other threads, whose locks a
     child could inherit held."""
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if num_images >= PARALLEL_MIN_IMAGES else 1
     if workers < 2 or threading.active_count() > 1:
-        yield None
+        yield None, 1
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield pool
+        yield pool, workers
 
 
 def _render_all(cfg: SynthConfig, out: Path, progress: Progress | None,
@@ -452,15 +452,14 @@ def generate(
     cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries, train_discovery_queries,
                       mixture, tuple(heldout_regimes))
     problems = mixture_problems(cfg.regimes, cfg.heldout_regimes)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32 or problems:
         raise ValueError(f"invalid synth config {cfg}: {'; '.join(problems)}")
     out = Path(out_dir)
     for split in ("train", "test"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    with _process_pool(num_images, workers) as pool:
-        processes = pool._max_workers if pool else 1  # the executor keeps no public count
+    with _process_pool(num_images, workers) as (pool, processes):
         items = _render_all(cfg, out, progress, pool)
         by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
         chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
