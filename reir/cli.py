@@ -43,10 +43,10 @@ def synth(
         200, min=0, help="discovery queries per chunk of training images (teach discover mode's presence decision)"),
 ) -> None:
     """Generate the synthetic REIR benchmark (images, REIRCOCO + COCO json, discovery queries)."""
-    from reir.data.synth import generate
+    from reir.data.synth import generate, progress_total
     from reir.progress import progress_bar
 
-    with progress_bar("synth", total=num_images) as advance:
+    with progress_bar("synth: draw, then plan", total=progress_total(num_images)) as advance:
         summary = generate(out, num_images=num_images, test_fraction=test_fraction, image_size=image_size,
                            seed=seed, discovery_queries=discovery_queries,
                            train_discovery_queries=train_discovery_queries, progress=advance)

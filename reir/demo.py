@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     import ray
 
     from reir.data.formats import test_queries
-    from reir.data.synth import generate
+    from reir.data.synth import generate, progress_total
     from reir.evaluation.metrics import write_metrics_json
     from reir.evaluation.runner import evaluate_predictions, rec_accuracy_for
     from reir.evaluation.slices import evaluate_slices, read_heldout
@@ -119,7 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data = out / "data"
 
     clock.begin(f"generate the synthetic benchmark ({cfg.num_images} images)")
-    with progress_bar("synth", total=cfg.num_images) as advance:
+    with progress_bar("synth: draw, then plan", total=progress_total(cfg.num_images)) as advance:
         generate(data, num_images=cfg.num_images, seed=cfg.seed, progress=advance, regimes=cfg.regimes,
                  heldout_regimes=cfg.heldout_regimes)
     queries = test_queries(data)

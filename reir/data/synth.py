@@ -72,8 +72,15 @@ MIN_TRAIN_CHUNK = 50
 EMPTY_DISCOVERY_FRACTION = 0.25
 _QUERY_WORDS = 10  # stream of discovery query text: phrasing draws never shift the query choice
 
-# Called with the number of images finished since the last call (rich's advance(n)).
+# Called with the steps finished since the last call (rich's advance(n)): each image counts
+# twice, once drawn and once its expressions are planned (the longer part), so a progress bar
+# of progress_total(num_images) moves through both.
 Progress = Callable[[int], None]
+
+
+def progress_total(num_images: int) -> int:
+    """The steps ``generate`` reports to its ``progress`` for ``num_images`` images."""
+    return 2 * num_images
 
 
 # Train mixture of scene regimes (reir.data.layouts): half the classic 3-8 scattered
@@ -217,15 +224,18 @@ Sentences = dict[int, list[Expr]]  # object index -> expressions
 
 
 def _choose_sentences(by_split: dict[str, list[_Item]], seed: int, chunk_size: int,
-                      pool: ProcessPoolExecutor | None) -> None:  # fmt: skip
+                      pool: ProcessPoolExecutor | None, progress: Progress | None) -> None:  # fmt: skip
     """Each test image's and each training image's expressions (``_Item.sentences``): the test
-    gallery is planned as one, the training images in chunks of ``chunk_size``."""
+    gallery is planned as one, the training images in chunks of ``chunk_size``; ``progress``
+    hears of each group's images as the group is done."""
     train = by_split["train"]
     groups = [("test", by_split["test"])] + [("train", train[k:k + chunk_size]) for k in range(0, len(train), chunk_size)]
     jobs = [(kind, [it.scene for it in group], [it.index for it in group], seed) for kind, group in groups]
     for (_, group), chosen in zip(groups, pool.map(_plan, jobs) if pool else map(_plan, jobs), strict=True):
         for it, sentences in zip(group, chosen, strict=True):
             it.sentences = sentences
+        if progress is not None:
+            progress(len(group))
 
 
 def _plan(job: tuple[str, list[Scene], list[int], int]) -> list[Sentences]:
@@ -444,7 +454,8 @@ def generate(
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> SynthSummary:
-    """Write the synthetic benchmark to ``out_dir``; ``progress(1)`` after each image.
+    """Write the synthetic benchmark to ``out_dir``; ``progress(n)`` as images are drawn and
+    planned (``progress_total(num_images)`` steps in all).
     ``regimes`` (train mixture) defaults to ``DEFAULT_REGIMES``. ``workers``: processes that
     draw and plan (``_process_pool``; the output does not depend on it)."""
     start = time.perf_counter()
@@ -463,7 +474,7 @@ def generate(
         items = _render_all(cfg, out, progress, pool)
         by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
         chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
-        _choose_sentences(by_split, seed, chunk, pool)
+        _choose_sentences(by_split, seed, chunk, pool, progress)
     entries: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     next_sent = [0]
     for it in items:
