@@ -569,6 +569,7 @@ TRAIN_BLOCKS_PER_WORKER = 2
 
 
 def train_blocks(cfg: TrainConfig) -> int:
+    """Blocks of the benchmark's training rows (``TRAIN_BLOCKS_PER_WORKER`` per worker)."""
     return TRAIN_BLOCKS_PER_WORKER * max(1, cfg.num_workers)
 
 
