@@ -5,8 +5,11 @@
 
 ``DATA`` is a synthetic benchmark dir, ``STAGE2`` a stage-2 checkpoint (the re-ranker's input:
 ``reir train --stage rerank --model STAGE2``). The training features are built once, as
-stage ``rerank`` builds them (``reir.training.rerank.build_rerank_set``), then each variant
-trains a fresh re-ranker with the stage's own loss, hard negatives and LR schedule (warm-up,
+stage ``rerank`` builds them (``reir.training.rerank.build_rerank_set``: the checkpoint's
+stored-instance policy unless ``--top-k``, carrier words on ``--filler-rate`` of the
+expressions), then each variant trains a fresh re-ranker with the stage's own loss, negatives
+(drawn each step from the ``--negative-pool`` images the dual encoder ranks first), held-out
+calibration images and LR schedule (warm-up,
 cosine by elapsed time) for ``--seconds`` of wall time, or for ``--steps`` (cosine by step:
 comparisons of two stage-2 models that machine load does not skew), in this process (pure
 torch: what is compared is the recipe, not Ray Train). ``group=1`` draws each batch from one negative group
@@ -50,7 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="NAME:batch=B,lr=LR,group=0|1 (repeatable; default: the demo's recipe)",
     )
     p.add_argument("--negatives", type=int, default=DEMO["rerank_negatives"])
+    p.add_argument("--negative-pool", type=int, default=TrainConfig.model_fields["rerank_negative_pool"].default,
+                   help="each step draws the negatives from this many images the dual encoder ranks first "
+                   "(stage rerank's rerank_negative_pool; 0: always the hardest)")
+    p.add_argument("--calibration-every", type=int,
+                   default=TrainConfig.model_fields["rerank_calibration_every"].default,
+                   help="the expressions of every N-th train image are left out, as stage rerank leaves them out")
+    p.add_argument("--filler-rate", type=float, default=TrainConfig.model_fields["filler_rate"].default,
+                   help="share of training expressions given carrier words, as the training stages do")
     p.add_argument("--hidden-size", type=int, default=DEMO["model_overrides"]["rerank"]["hidden_size"])
+    p.add_argument("--spec", default="{}", help="more RerankSpec fields of the new re-ranker, as JSON "
+                   "(e.g. '{\"num_relations\": 12}')")
     p.add_argument("--input-dropout", type=float, default=RerankSpec.input_dropout,
                    help="dropout on the stored instance vectors while training (RerankSpec's default)")
     p.add_argument(
@@ -67,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also score N train expressions on a gallery of the first train chunk (images "
                    "the stage-2 model and the re-ranker trained on): the keys train_* measure how far the "
                    "test figures fall short of the seen images'")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="instances stored per image (default: the checkpoint's stored-instance policy, as the "
+                   "rerank stage and ingestion store them; 10: this bench's figures before 2026-11-30)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                    help="re-ranker seed, or a comma list: every variant is trained once per seed on the same "
@@ -91,16 +107,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     return name or "default", fields
 
 
-def gallery_features(model: Any, processor: Any, samples: list[Any]) -> tuple[Any, dict[str, tuple[str, list[float]]]]:
+def gallery_features(model: Any, processor: Any, samples: list[Any],
+                     top_k: int | None = None) -> tuple[Any, dict[str, tuple[str, list[float]]]]:
     """Every gallery image's stored instances, and each of its expressions' ground truth
     ``(image row, [x, y, w, h] normalized)``, keyed by expression row. The expressions must be
-    unique in the gallery (the test split; one chunk of the synthetic train split)."""
+    unique in the gallery (the test split; one chunk of the synthetic train split). ``top_k``:
+    instances stored per image (None: the checkpoint's stored-instance policy, as ingestion)."""
     from reir.training.rerank import build_rerank_set
     from reir.training.trainer import ImageCache
 
     # min_iou 0: every expression is kept, found or not (a miss counts against BR@k).
     rs = build_rerank_set(
-        model, processor, samples, [0] * len(samples), ImageCache(max_items=0).get, top_k=10, min_iou=0.0
+        model, processor, samples, [0] * len(samples), ImageCache(max_items=0).get, top_k=top_k, min_iou=0.0
     )
     gt = [(str(row), [x / s.width, y / s.height, w / s.width, h / s.height])
           for row, s in enumerate(samples) for _, j in s.refs for x, y, w, h in [s.boxes[j]]]  # fmt: skip
@@ -157,16 +175,20 @@ def train_variant(
 ) -> tuple[Any, dict[str, float]]:
     import torch
 
-    from reir.training.rerank import mine_hard_negatives, rerank_loss, sample_texts
+    from reir.training.rerank import calibration_split, draw_negatives, mine_hard_negatives, rerank_loss, sample_texts
     from reir.training.trainer import adamw, lr_factor
 
     torch.manual_seed(seed)
-    reranker = model.add_reranker(hidden_size=args.hidden_size, input_dropout=args.input_dropout)
+    reranker = model.add_reranker(**{"hidden_size": args.hidden_size, "input_dropout": args.input_dropout,
+                                     **json.loads(args.spec)})
     reranker.train()
     lr, batch = fields["lr"], int(fields["batch"])
     optimizer = adamw(reranker.parameters(), lr=lr, weight_decay=args.weight_decay)
-    negatives = mine_hard_negatives(rs, args.negatives)
-    pool, gen = torch.arange(rs.num_texts), torch.Generator().manual_seed(seed)
+    # As stage rerank: each step's negatives drawn from the pool the dual encoder ranks first, and
+    # the expressions of every N-th image held out (they calibrate discover mode there).
+    negatives = mine_hard_negatives(rs, max(args.negatives, args.negative_pool))
+    pool, _ = calibration_split(rs.text_image, args.calibration_every)
+    gen = torch.Generator().manual_seed(seed)
     step, started = 0, time.monotonic()
     while (progress := step / args.steps if args.steps else (time.monotonic() - started) / args.seconds) < 1.0:
         for group in optimizer.param_groups:  # the trainer's schedule, by elapsed time (or step)
@@ -175,7 +197,7 @@ def train_variant(
             idx = sample_texts(rs, pool, batch, gen)
         else:
             idx = pool[torch.randint(pool.numel(), (batch,), generator=gen)]
-        loss = rerank_loss(reranker, rs, idx, negatives[idx], scale, bias)["loss"]
+        loss = rerank_loss(reranker, rs, idx, draw_negatives(negatives[idx], args.negatives, gen), scale, bias)["loss"]
         optimizer.zero_grad()
         loss.backward()
         if args.grad_clip:
@@ -194,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from reir.data.formats import load_samples, negative_groups
     from reir.model import create_model
     from reir.model.modeling import score_scale
+    from reir.training.config import TrainConfig
     from reir.training.rerank import build_rerank_set
-    from reir.training.trainer import ImageCache
+    from reir.training.trainer import ImageCache, filler_fits, filler_rng, with_filler
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,22 +229,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.requires_grad_(False)
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     started = time.monotonic()
-    samples = load_samples(args.data, "train")
+    samples = with_filler(load_samples(args.data, "train"), args.filler_rate,
+                          filler_rng(TrainConfig(data_root=str(args.data), seed=args.seed[0]), 0),
+                          filler_fits(processor))
     groups = negative_groups(args.data, "train", [s.image_id for s in samples])
     # weak: build_rerank_set keeps every expression with its image only, never its box index
-    train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=10, min_iou=0.5,
+    train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=args.top_k, min_iou=0.5,
                              weak=args.weak)
-    test, gt = gallery_features(model, processor, load_samples(args.data, "test"))
+    test, gt = gallery_features(model, processor, load_samples(args.data, "test"), args.top_k)
     seen = None
     if args.train_gallery:
-        seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed[0]))
+        seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed[0]),
+                                args.top_k)
     result: dict[str, Any] = {"weak": args.weak, "features_seconds": round(time.monotonic() - started, 1),
                               "train_texts": train.num_texts,
                               "test_queries": test.num_texts, "seconds_per_variant": None if args.steps else args.seconds,
                               "steps_per_variant": args.steps or None,
                               "threads": torch.get_num_threads(), "grad_clip": args.grad_clip,
                               "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
-                              "input_dropout": args.input_dropout,
+                              "input_dropout": args.input_dropout, "top_k": args.top_k, "spec": json.loads(args.spec),
+                              "negative_pool": args.negative_pool, "calibration_every": args.calibration_every,
+                              "filler_rate": args.filler_rate,
                               "variants": {}}  # fmt: skip
     for name, fields in variants:
         top1 = []

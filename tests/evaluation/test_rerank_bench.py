@@ -35,3 +35,19 @@ def test_train_chunk_keeps_group_0_and_draws_the_queries() -> None:
 def test_train_chunk_needs_negative_groups() -> None:
     with pytest.raises(SystemExit, match="no negative groups"):
         bench.train_chunk(Path("d"), _samples(3, 1), [0, 0, 0], 2, seed=0)
+
+
+def test_defaults_train_as_the_rerank_stage() -> None:
+    """The bench's recipe follows stage rerank's own: its negative pool, held-out calibration
+    images, carrier words and stored-instance policy (None: the checkpoint's), unless told."""
+    from reir.training.config import TrainConfig
+
+    fields = TrainConfig.model_fields
+    args = bench.parse_args(["--data", "d", "--model", "m"])
+    assert args.negative_pool == fields["rerank_negative_pool"].default
+    assert args.calibration_every == fields["rerank_calibration_every"].default
+    assert args.filler_rate == fields["filler_rate"].default
+    assert args.top_k is None and args.spec == "{}"
+    told = bench.parse_args(["--data", "d", "--model", "m", "--negative-pool", "0", "--top-k", "10",
+                             "--spec", '{"num_relations": 12}'])  # fmt: skip
+    assert (told.negative_pool, told.top_k, told.spec) == (0, 10, '{"num_relations": 12}')
