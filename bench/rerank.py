@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=None,
                    help="instances stored per image (default: the checkpoint's stored-instance policy, as the "
                    "rerank stage and ingestion store them; 10: this bench's figures before 2026-11-30)")
+    p.add_argument("--log-every", type=int, default=0, metavar="N", help="print the losses every N steps (stderr)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                    help="re-ranker seed, or a comma list: every variant is trained once per seed on the same "
@@ -197,7 +198,11 @@ def train_variant(
             idx = sample_texts(rs, pool, batch, gen)
         else:
             idx = pool[torch.randint(pool.numel(), (batch,), generator=gen)]
-        loss = rerank_loss(reranker, rs, idx, draw_negatives(negatives[idx], args.negatives, gen), scale, bias)["loss"]
+        losses = rerank_loss(reranker, rs, idx, draw_negatives(negatives[idx], args.negatives, gen), scale, bias)
+        loss = losses["loss"]
+        if args.log_every and step % args.log_every == 0:
+            print(json.dumps({"step": step, **{k: round(float(v), 4) for k, v in losses.items()},
+                              "relation_weight": round(float(reranker.scale), 4)}), file=sys.stderr, flush=True)
         optimizer.zero_grad()
         loss.backward()
         if args.grad_clip:
