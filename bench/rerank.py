@@ -94,7 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=DEMO["weight_decay"])
     p.add_argument("--warmup-steps", type=int, default=DEMO["warmup_steps"])
     p.add_argument("--out", type=Path)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # at once, not after the features
+        spec = json.loads(args.spec)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--spec {args.spec!r}: not JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise SystemExit(f"--spec {args.spec!r}: a JSON object of RerankSpec fields, e.g. '{{\"num_relations\": 12}}'")
+    return args
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, float]]:

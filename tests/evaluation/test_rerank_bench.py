@@ -51,3 +51,6 @@ def test_defaults_train_as_the_rerank_stage() -> None:
     told = bench.parse_args(["--data", "d", "--model", "m", "--negative-pool", "0", "--top-k", "10",
                              "--spec", '{"num_relations": 12}'])  # fmt: skip
     assert (told.negative_pool, told.top_k, told.spec) == (0, 10, '{"num_relations": 12}')
+    for bad in ("{num_relations: 12}", "[12]"):  # refused before any feature is built
+        with pytest.raises(SystemExit, match="--spec"):
+            bench.parse_args(["--data", "d", "--model", "m", "--spec", bad])
