@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--spec {args.spec!r}: not JSON ({e})") from None
     if not isinstance(spec, dict):
         raise SystemExit(f"--spec {args.spec!r}: a JSON object of RerankSpec fields, e.g. '{{\"num_relations\": 12}}'")
+    args.rerank_spec = spec
     return args
 
 
@@ -179,23 +180,22 @@ def evaluate(
 
 
 def train_variant(
-    model: Any, rs: Any, fields: dict[str, float], args: argparse.Namespace, scale: float, bias: float, seed: int
+    model: Any, rs: Any, negatives: Any, pool: Any, fields: dict[str, float], args: argparse.Namespace,
+    scale: float, bias: float, seed: int,
 ) -> tuple[Any, dict[str, float]]:
+    """A fresh re-ranker trained on ``rs``; ``negatives``: each expression's mined pool
+    (``mine_hard_negatives``), ``pool``: the expressions it trains on (``calibration_split``)."""
     import torch
 
-    from reir.training.rerank import calibration_split, draw_negatives, mine_hard_negatives, rerank_loss, sample_texts
+    from reir.training.rerank import draw_negatives, rerank_loss, sample_texts
     from reir.training.trainer import adamw, lr_factor
 
     torch.manual_seed(seed)
     reranker = model.add_reranker(**{"hidden_size": args.hidden_size, "input_dropout": args.input_dropout,
-                                     **json.loads(args.spec)})
+                                     **args.rerank_spec})
     reranker.train()
     lr, batch = fields["lr"], int(fields["batch"])
     optimizer = adamw(reranker.parameters(), lr=lr, weight_decay=args.weight_decay)
-    # As stage rerank: each step's negatives drawn from the pool the dual encoder ranks first, and
-    # the expressions of every N-th image held out (they calibrate discover mode there).
-    negatives = mine_hard_negatives(rs, max(args.negatives, args.negative_pool))
-    pool, _ = calibration_split(rs.text_image, args.calibration_every)
     gen = torch.Generator().manual_seed(seed)
     step, started = 0, time.monotonic()
     while (progress := step / args.steps if args.steps else (time.monotonic() - started) / args.seconds) < 1.0:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from reir.model import create_model
     from reir.model.modeling import score_scale
     from reir.training.config import TrainConfig
-    from reir.training.rerank import build_rerank_set
+    from reir.training.rerank import build_rerank_set, calibration_split, mine_hard_negatives
     from reir.training.trainer import ImageCache, filler_fits, filler_rng, with_filler
 
     if args.threads:
@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # weak: build_rerank_set keeps every expression with its image only, never its box index
     train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=args.top_k, min_iou=0.5,
                              weak=args.weak)
+    # As stage rerank: each step's negatives drawn from the pool the dual encoder ranks first, and
+    # the expressions of every N-th image held out (they calibrate discover mode there).
+    negatives = mine_hard_negatives(train, max(args.negatives, args.negative_pool))
+    pool, _ = calibration_split(train.text_image, args.calibration_every)
     test, gt = gallery_features(model, processor, load_samples(args.data, "test"), args.top_k)
     seen = None
     if args.train_gallery:
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "steps_per_variant": args.steps or None,
                               "threads": torch.get_num_threads(), "grad_clip": args.grad_clip,
                               "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
-                              "input_dropout": args.input_dropout, "top_k": args.top_k, "spec": json.loads(args.spec),
+                              "input_dropout": args.input_dropout, "top_k": args.top_k, "spec": args.rerank_spec,
                               "negative_pool": args.negative_pool, "calibration_every": args.calibration_every,
                               "filler_rate": args.filler_rate,
                               "variants": {}}  # fmt: skip
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         top1 = []
         for seed in args.seed:
             key = name if len(args.seed) == 1 else f"{name}@seed{seed}"
-            reranker, stats = train_variant(model, train, fields, args, scale, bias, seed)
+            reranker, stats = train_variant(model, train, negatives, pool, fields, args, scale, bias, seed)
             metrics = evaluate(reranker, test, gt, scale, bias, args.candidates)
             if seen is not None:
                 seen_metrics = evaluate(reranker, *seen, scale, bias, args.candidates[:1])
