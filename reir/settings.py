@@ -102,8 +102,12 @@ class DemoSettings(_Settings):
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "
-                              "the latest: a slower machine takes longer instead of training less; false: the "
+                              "the latest (and, with keep_budget, when the run's budget runs out); false: the "
                               "minutes alone")
+    keep_budget: bool = Field(default=True, description="with fixed_steps, each stage also stops when its share of "
+                              "the time left before the run's budget (the training minutes + 3) is spent: a slower "
+                              "machine trains fewer steps instead of overrunning; false: the steps, up to twice the "
+                              "minutes")
     model: str = "small"
     seed: int = 0
     lookalike_partners: int = Field(default=0, ge=0)

@@ -1,0 +1,74 @@
+"""`make demo`'s time budget: each training stage's time cap (reir.demo.stage_time_cap, _limits)."""
+
+from __future__ import annotations
+
+import pytest
+
+from reir.demo import (
+    AFTER_TRAINING_S,
+    BUDGET_FLOOR,
+    BUDGET_MARGIN_S,
+    STAGE_SETUP_S,
+    STEP_TIME_CAP,
+    DemoConfig,
+    _limits,
+    stage_time_cap,
+)
+
+MINUTES_S = (210.0, 330.0, 480.0)  # the demo's stage minutes, in seconds
+
+
+def test_share_of_what_is_left_by_the_stages_minutes() -> None:
+    # as much left as the stages' minutes: each stage gets its own
+    assert stage_time_cap(0, MINUTES_S, sum(MINUTES_S)) == pytest.approx(210.0)
+    # 20% less left: every stage still to run gives up 20%
+    assert stage_time_cap(0, MINUTES_S, 0.8 * sum(MINUTES_S)) == pytest.approx(168.0)
+    assert stage_time_cap(1, MINUTES_S, 0.8 * 810.0) == pytest.approx(264.0)
+    # the last stage takes all that is left
+    assert stage_time_cap(2, MINUTES_S, 400.0) == pytest.approx(400.0)
+
+
+def test_floor_and_cap() -> None:
+    assert stage_time_cap(1, MINUTES_S, -50.0) == pytest.approx(330.0 * BUDGET_FLOOR)
+    assert stage_time_cap(2, MINUTES_S, 10_000.0) == pytest.approx(480.0 * STEP_TIME_CAP)
+
+
+def test_limits_by_mode() -> None:
+    steps = DemoConfig().stage_steps
+    assert _limits(DemoConfig(), 1, MINUTES_S, 0.8 * 810.0) == {"max_steps": steps[1], "time_budget_s": pytest.approx(264.0)}
+    assert _limits(DemoConfig(keep_budget=False), 1, MINUTES_S, None) == {"max_steps": steps[1],
+                                                                          "time_budget_s": 330.0 * STEP_TIME_CAP}
+    assert _limits(DemoConfig(fixed_steps=False), 1, MINUTES_S, None) == {"time_budget_s": 330.0}
+
+
+def _run(slowness: float, keep_budget: bool) -> tuple[float, list[float]]:
+    """A whole `make demo` on a machine whose steps take ``slowness`` times the reference's, with
+    the set-up and after-training times the set-asides assume, as reir.demo._train works it out:
+    (wall seconds, share of each stage's steps trained)."""
+    cfg = DemoConfig(keep_budget=keep_budget)
+    clock = 30.0  # synthetic data and Ray's start
+    trained = []
+    for stage in range(3):
+        left = cfg.budget_s - BUDGET_MARGIN_S - clock - AFTER_TRAINING_S - sum(STAGE_SETUP_S[stage:])
+        cap = _limits(cfg, stage, MINUTES_S, left if keep_budget else None)["time_budget_s"]
+        needed = MINUTES_S[stage] * slowness
+        loop = min(needed, cap)
+        trained.append(loop / needed)
+        clock += STAGE_SETUP_S[stage] + loop
+    return clock + AFTER_TRAINING_S, trained
+
+
+@pytest.mark.parametrize("slowness", [1.3, 1.6])
+def test_a_slower_machine_trains_less_within_the_budget(slowness: float) -> None:
+    wall, trained = _run(slowness, keep_budget=True)
+    assert wall <= DemoConfig().budget_s
+    assert all(share < 1.0 for share in trained)
+    assert max(trained) - min(trained) < 0.05  # the cut falls on every stage alike
+    late, _ = _run(slowness, keep_budget=False)
+    assert late > DemoConfig().budget_s  # what it did before keep_budget
+
+
+def test_a_fast_machine_trains_every_step() -> None:
+    wall, trained = _run(0.8, keep_budget=True)
+    assert trained == [1.0, 1.0, 1.0]
+    assert wall < DemoConfig().budget_s
