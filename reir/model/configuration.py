@@ -110,6 +110,9 @@ class RerankSpec:
     # biased by their relative geometry; the last layer adds a logit per instance (zero at the start)
     set_layers: int = 0
     set_hidden: int = 32
+    # the relation slots' learned queries start at this many times the unit-variance scale; a new
+    # re-ranker of a model (ReirModel.add_reranker) starts at NEW_RERANKER_QUERY_INIT (4)
+    query_init: float = 1.0
 
 
 @dataclass

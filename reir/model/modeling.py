@@ -328,6 +328,14 @@ NEW_RERANKER_CONTEXT_RELATION = True
 # stage-2 model BR@1 56.2% after 2,000 steps against 49.6% after 3,500 without it (docs/model.md).
 # A stored config without the field has none.
 NEW_RERANKER_SET_LAYERS = 1
+# A new re-ranker's relation-slot queries start 4x the unit-variance scale (RerankSpec.query_init).
+# At unit scale each slot's attention over the expression's tokens starts nearly uniform and every
+# slot pools about the same vector (mean cosine 0.998); on the 2026-11-30 demo's stage-2 model one
+# of four seeds never broke that symmetry in 1,800 steps (BR@1 26.7%, the loss stalled at ~1.7-1.9),
+# and at 4x that seed learned (66.6%) and two others gave 68.5 / 70.4% against 68.2 / 64.5%
+# (docs/model.md, "The re-ranker"). Not the class default: on a toy world of 8-wide token states
+# (tests/training/test_rerank_discovery.py) 4x learned worse (mean F1 0.78 against 0.92, 4 seeds).
+NEW_RERANKER_QUERY_INIT = 4.0
 
 
 class ReirModel(nn.Module):
@@ -387,7 +395,8 @@ class ReirModel(nn.Module):
         stored = dict(self.config.rerank)
         if stored.get("hidden_size", 0) <= 0:  # the config says "none": the new one's defaults
             stored.update(hidden_size=128, text_layers=NEW_RERANKER_TEXT_LAYERS,
-                          context_relation=NEW_RERANKER_CONTEXT_RELATION, set_layers=NEW_RERANKER_SET_LAYERS)
+                          context_relation=NEW_RERANKER_CONTEXT_RELATION, set_layers=NEW_RERANKER_SET_LAYERS,
+                          query_init=NEW_RERANKER_QUERY_INIT)
         rerank_spec = RerankSpec(**{**stored, **spec})
         if rerank_spec.hidden_size <= 0:
             rerank_spec = replace(rerank_spec, hidden_size=128)

@@ -57,12 +57,6 @@ from .modeling_visual import Mlp
 NUM_GEOMETRY = 5
 LOG_EPS = 0.02  # floor of the soft landmark count inside the log: bounds "no landmark"
 SCALE_INIT = 0.3  # the relation term's weight s at initialisation
-# The slots' learned queries start this many times the unit-variance scale (norm ~4 instead of
-# ~1). At ~1 each slot's attention over the expression's tokens starts nearly uniform, every
-# slot pools about the same vector, and training must first break that symmetry: on the demo's
-# stage-2 model some seeds never did within 1,800 steps (the listwise loss stalled at ~1.7,
-# BR@1 27%; docs/model.md, "The re-ranker"). At 4 the slots start on different words.
-QUERY_INIT = 4.0
 
 
 # What the re-ranker reads from the expressions (RelationReranker.text_slots): the slots
@@ -329,7 +323,8 @@ class RelationReranker(nn.Module):
             self.text_encoder = nn.TransformerEncoder(layer, spec.text_layers, enable_nested_tensor=False)
         self.text_key = nn.Linear(text_hidden, h)
         self.text_value = nn.Linear(text_hidden, h)
-        self.queries = nn.Parameter(torch.randn(r + 1, h) * QUERY_INIT / math.sqrt(h))  # slot 0: the candidate itself
+        # slot 0: the candidate itself; the scale: RerankSpec.query_init
+        self.queries = nn.Parameter(torch.randn(r + 1, h) * spec.query_init / math.sqrt(h))
         self.gate = nn.Linear(text_hidden, r)  # does the expression name relation r?
         # Landmark probabilities start low: a soft count of ~0 until text and instances agree.
         self.match_bias = nn.Parameter(torch.full((r,), -2.0))
