@@ -205,7 +205,7 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     clock.begin(f"train stage 2 (CLIA), {_say(stage_limits)}")
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10, lr=3e-4,
                                       lookalike_partners=cfg.lookalike_partners, **stage_limits, **common))
-    presence = max(1, round(cfg.presence_steps * cfg.train_minutes / DEMO_REFERENCE_MINUTES))
+    presence = _recipe_steps(cfg)["presence"]
     stage_limits = limits(2)
     clock.begin(f"train the re-ranker, then discover mode's presence head ({presence} steps), on the frozen "
                 f"stage-2 model, {_say(stage_limits)}")
@@ -221,7 +221,7 @@ def _limits(cfg: DemoConfig, stage: int, seconds: Sequence[float], left_s: float
     :func:`stage_time_cap` allows."""
     if not cfg.fixed_steps:
         return {"time_budget_s": seconds[stage]}
-    steps = max(1, round(cfg.stage_steps[stage] * cfg.train_minutes / DEMO_REFERENCE_MINUTES))
+    steps = list(_recipe_steps(cfg).values())[stage]
     cap = seconds[stage] * STEP_TIME_CAP if left_s is None else stage_time_cap(stage, seconds, left_s)
     return {"max_steps": steps, "time_budget_s": cap}
 
@@ -237,12 +237,18 @@ def stage_time_cap(stage: int, seconds: Sequence[float], left_s: float, *, floor
     return min(own * cap, max(own * floor, share))
 
 
+def _recipe_steps(cfg: DemoConfig) -> dict[str, int]:
+    """The recipe's steps of stage 1, stage 2, the re-ranker and the presence head, scaled with
+    the training minutes."""
+    scale = cfg.train_minutes / DEMO_REFERENCE_MINUTES
+    counts = (*cfg.stage_steps, cfg.presence_steps)
+    return {k: max(1, round(n * scale)) for k, n in zip(("stage1", "stage2", "rerank", "presence"), counts, strict=True)}
+
+
 def _steps_trained(runs: Path, cfg: DemoConfig) -> dict[str, dict[str, int]]:
     """Each stage's steps, trained and in the recipe (scaled with the minutes): keep_budget, or
     a time cap, stops a stage early on a slow machine, and the figures should say so."""
-    scale = cfg.train_minutes / DEMO_REFERENCE_MINUTES
-    recipe = dict(zip(("stage1", "stage2", "rerank"), (max(1, round(n * scale)) for n in cfg.stage_steps), strict=True))
-    recipe["presence"] = max(1, round(cfg.presence_steps * scale))
+    recipe = _recipe_steps(cfg)
     stats: dict[str, Any] = {}
     for run in ("stage1", "stage2", "rerank"):
         path = runs / run / "model" / "training_args.json"
