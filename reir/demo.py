@@ -195,8 +195,7 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     seconds = (budget * cfg.stage1_share, budget * (1 - cfg.stage1_share - cfg.rerank_share), budget * cfg.rerank_share)
 
     def limits(stage: int) -> dict[str, Any]:  # worked out as the stage starts: what is left depends on the clock
-        left = clock.budget_s - BUDGET_MARGIN_S - clock.seconds - AFTER_TRAINING_S - sum(STAGE_SETUP_S[stage:])
-        return _limits(cfg, stage, seconds, left if cfg.keep_budget else None)
+        return _limits(cfg, stage, seconds, training_time_left(cfg, clock.seconds, stage) if cfg.keep_budget else None)
 
     stage_limits = limits(0)
     clock.begin(f"train stage 1 (detection + REC), {_say(stage_limits)}")
@@ -224,6 +223,12 @@ def _limits(cfg: DemoConfig, stage: int, seconds: Sequence[float], left_s: float
     steps = list(_recipe_steps(cfg).values())[stage]
     cap = seconds[stage] * STEP_TIME_CAP if left_s is None else stage_time_cap(stage, seconds, left_s)
     return {"max_steps": steps, "time_budget_s": cap}
+
+
+def training_time_left(cfg: DemoConfig, elapsed_s: float, stage: int) -> float:
+    """Seconds of training left for ``stage`` and the stages after it, ``elapsed_s`` into the run:
+    the budget less the margin, the remaining stages' set-up and the steps after training."""
+    return cfg.budget_s - BUDGET_MARGIN_S - elapsed_s - AFTER_TRAINING_S - sum(STAGE_SETUP_S[stage:])
 
 
 def stage_time_cap(stage: int, seconds: Sequence[float], left_s: float, *, floor: float = BUDGET_FLOOR,

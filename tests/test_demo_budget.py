@@ -7,12 +7,12 @@ import pytest
 from reir.demo import (
     AFTER_TRAINING_S,
     BUDGET_FLOOR,
-    BUDGET_MARGIN_S,
     STAGE_SETUP_S,
     STEP_TIME_CAP,
     DemoConfig,
     _limits,
     stage_time_cap,
+    training_time_left,
 )
 
 MINUTES_S = (210.0, 330.0, 480.0)  # the demo's stage minutes, in seconds
@@ -49,8 +49,7 @@ def _run(slowness: float, keep_budget: bool) -> tuple[float, list[float]]:
     clock = 30.0  # synthetic data and Ray's start
     trained = []
     for stage in range(3):
-        left = cfg.budget_s - BUDGET_MARGIN_S - clock - AFTER_TRAINING_S - sum(STAGE_SETUP_S[stage:])
-        cap = _limits(cfg, stage, MINUTES_S, left if keep_budget else None)["time_budget_s"]
+        cap = _limits(cfg, stage, MINUTES_S, training_time_left(cfg, clock, stage) if keep_budget else None)["time_budget_s"]
         needed = MINUTES_S[stage] * slowness
         loop = min(needed, cap)
         trained.append(loop / needed)
