@@ -24,10 +24,13 @@ from reir.settings import DEMO_REFERENCE_MINUTES, DEMO_STAGE_MINUTES
 # (until 2026-11-30) two of four seeds failed on the demo's stage-2 model: BR@1 32.9 and 27.5%
 # against 67.4 and 66.6%, the loss stalling from ~500 steps; at 2.5e-3 every seed tried learned
 # (bench/results/rerank-lr-seeds-demo-stage2-2cpu-2026-11-30.json).
+# 11 hard negatives per expression (reir train's default: 15): at equal steps they scored as 15
+# (BR@1 mean 63.9 against 64.2% over two seeds) and a step took 0.170 against 0.194-0.208 s, so a
+# slow hour's time cap trains more steps (bench/results/rerank-negatives-11-demo-stage2-2cpu-2026-11-30.json).
 # A new re-ranker's form otherwise (context relation, one instance-set layer): reir.model.modeling's
 # NEW_RERANKER_* defaults.
 RERANK_RECIPE: dict[str, Any] = {"batch_size": 128, "lr": 2.5e-3, "warmup_steps": 20, "weight_decay": 0.01,
-                                 "rerank_negatives": 15, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
+                                 "rerank_negatives": 11, "model_overrides": {"rerank": {"hidden_size": 128, "text_layers": 1}}}
 # Everything but training (data, Ray, ingestion, Serve, 2,404 HTTP queries, discover mode,
 # evaluation): 2.5 min on a 2-core machine on 2026-11-29.
 DEMO_OVERHEAD_S = 3 * 60
