@@ -223,7 +223,7 @@ def _limits(cfg: DemoConfig, stage: int, seconds: Sequence[float], left_s: float
     :func:`stage_time_cap` allows."""
     if not cfg.fixed_steps:
         return {"time_budget_s": seconds[stage]}
-    steps = list(_recipe_steps(cfg).values())[stage]
+    steps = _recipe_steps(cfg)[RECIPE_STAGES[stage]]
     cap = seconds[stage] * STEP_TIME_CAP if left_s is None else stage_time_cap(stage, seconds, left_s)
     return {"max_steps": steps, "time_budget_s": cap}
 
@@ -245,12 +245,15 @@ def stage_time_cap(stage: int, seconds: Sequence[float], left_s: float, *, floor
     return min(own * cap, max(own * floor, share))
 
 
+RECIPE_STAGES = ("stage1", "stage2", "rerank", "presence")  # the keys of _recipe_steps, stage 1 first
+
+
 def _recipe_steps(cfg: DemoConfig) -> dict[str, int]:
     """The recipe's steps of stage 1, stage 2, the re-ranker and the presence head, scaled with
     the training minutes."""
     scale = cfg.train_minutes / DEMO_REFERENCE_MINUTES
     counts = (*cfg.stage_steps, cfg.presence_steps)
-    return {k: max(1, round(n * scale)) for k, n in zip(("stage1", "stage2", "rerank", "presence"), counts, strict=True)}
+    return {k: max(1, round(n * scale)) for k, n in zip(RECIPE_STAGES, counts, strict=True)}
 
 
 def _steps_trained(runs: Path, cfg: DemoConfig) -> dict[str, dict[str, int]]:
