@@ -542,7 +542,8 @@ def eval_settings(*, data: Path | None, annotations: Path | None, split: str | N
 @app.command()
 def demo(
     out: Path | None = typer.Option(None, "--out", help="[demo_out]"),
-    num_images: int | None = typer.Option(None, min=20, help="[2000]"),
+    num_images: int | None = typer.Option(None, min=20, help="images generated, train + test [3000]"),
+    test_images: int | None = typer.Option(None, min=1, help="of them in the test split, at most a fifth [400]"),
     minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
                                          "[14]"),
     model: str | None = typer.Option(None, help="model preset [small]"),
@@ -555,7 +556,8 @@ def demo(
     from reir.demo import DemoConfig, run_demo
     from reir.settings import command_config
 
-    flags = {"out": str(out) if out else None, "num_images": num_images, "minutes": minutes, "model": model,
+    flags = {"out": str(out) if out else None, "num_images": num_images, "test_images": test_images,
+             "minutes": minutes, "model": model,
              "seed": seed, "lookalike_partners": lookalike_partners}
     run_demo(DemoConfig(**command_config("demo", config=config, flags=flags).model_dump()))
 

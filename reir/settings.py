@@ -98,7 +98,9 @@ class DemoSettings(_Settings):
     """``reir demo``: the settings a user may change (reir.demo.DemoConfig holds the rest)."""
 
     out: str = "demo_out"
-    num_images: int = Field(default=2000, ge=20)
+    num_images: int = Field(default=3000, ge=20, description="images generated, train + test")
+    test_images: int = Field(default=400, ge=1, description="of them in the test split (at most a fifth of "
+                             "num_images): the gallery and the queries the run is scored on")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "
@@ -170,7 +172,8 @@ COMMANDS: dict[str, CommandSpec] = {
                                          "model_dir": "model_path", **_MILVUS_FLAGS, "url": "url", "out": "out"}),
         CommandSpec("index", IndexConfig, {"milvus_uri": "milvus.uri", "alias": "alias"},
                     cli=("index list", "index promote", "index rollback", "index drop")),
-        CommandSpec("demo", DemoSettings, {"out": "out", "num_images": "num_images", "minutes": "train_minutes",
+        CommandSpec("demo", DemoSettings, {"out": "out", "num_images": "num_images",
+                                           "test_images": "test_images", "minutes": "train_minutes",
                                            "model": "model", "seed": "seed",
                                            "lookalike_partners": "lookalike_partners"}),
     )
