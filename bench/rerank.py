@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also score N train expressions on a gallery of the first train chunk (images "
                    "the stage-2 model and the re-ranker trained on): the keys train_* measure how far the "
                    "test figures fall short of the seen images'")
+    p.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
+                   help="also train on the train split of another synthetic benchmark (its chunks become "
+                   "negative groups of their own): the re-ranker on more images' features, test split unchanged")
+    p.add_argument("--extra-images", type=int, default=0, metavar="N",
+                   help="with --extra-train: its first N train images (0: all)")
     p.add_argument("--top-k", type=int, default=None,
                    help="instances stored per image (default: the checkpoint's stored-instance policy, as the "
                    "rerank stage and ingestion store them; 10: this bench's figures before 2026-11-30)")
@@ -146,6 +151,19 @@ def train_chunk(data: Path, samples: list[Any], groups: list[int], queries: int,
     refs = [(i, r) for i, s in enumerate(chunk) for r in range(len(s.refs))]
     keep = set(random.Random(seed).sample(refs, min(queries, len(refs))))
     return [dataclasses.replace(s, refs=[ref for r, ref in enumerate(s.refs) if (i, r) in keep]) for i, s in enumerate(chunk)]
+
+
+def with_extra_train(samples: list[Any], groups: list[int], extra: Path,
+                     images: int = 0) -> tuple[list[Any], list[int]]:
+    """``samples`` and their negative ``groups`` followed by the first ``images`` (0: all) train
+    images of the benchmark ``extra``, whose groups are renumbered after the last of ``groups``."""
+    from reir.data.formats import load_samples, negative_groups
+
+    more = load_samples(extra, "train")
+    more = more[:images] if images else more
+    offset = max(groups, default=-1) + 1
+    more_groups = [g + offset for g in negative_groups(extra, "train", [s.image_id for s in more])]
+    return samples + more, groups + more_groups
 
 
 def evaluate(
@@ -241,10 +259,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.requires_grad_(False)
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     started = time.monotonic()
-    samples = with_filler(load_samples(args.data, "train"), args.filler_rate,
-                          filler_rng(TrainConfig(data_root=str(args.data), seed=args.seed[0]), 0),
-                          filler_fits(processor))
+    samples = load_samples(args.data, "train")
     groups = negative_groups(args.data, "train", [s.image_id for s in samples])
+    if args.extra_train is not None:
+        samples, groups = with_extra_train(samples, groups, args.extra_train, args.extra_images)
+    samples = with_filler(samples, args.filler_rate, filler_rng(TrainConfig(data_root=str(args.data), seed=args.seed[0]), 0),
+                          filler_fits(processor))
     # weak: build_rerank_set keeps every expression with its image only, never its box index
     train = build_rerank_set(model, processor, samples, groups, ImageCache(max_items=0).get, top_k=args.top_k, min_iou=0.5,
                              weak=args.weak)
@@ -258,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seen = gallery_features(model, processor, train_chunk(args.data, samples, groups, args.train_gallery, args.seed[0]),
                                 args.top_k)
     result: dict[str, Any] = {"weak": args.weak, "features_seconds": round(time.monotonic() - started, 1),
-                              "train_texts": train.num_texts,
+                              "train_images": len(samples), "train_texts": train.num_texts,
                               "test_queries": test.num_texts, "seconds_per_variant": None if args.steps else args.seconds,
                               "steps_per_variant": args.steps or None,
                               "threads": torch.get_num_threads(), "grad_clip": args.grad_clip,

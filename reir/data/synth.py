@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import multiprocessing
 import os
 import threading
@@ -61,6 +62,8 @@ from reir.data.semantics import (
     Scene,
 )
 from reir.data.vocab import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCABULARY
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 # Random streams: one per purpose so adding draws to one never shifts another.
@@ -122,6 +125,7 @@ class SynthSummary:
     discovery: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     processes: int = 1  # that drew the images and planned the expressions
+    stale_removed: int = 0  # images an earlier run left in out_dir/images (_remove_stale_images)
 
 
 @dataclass
@@ -475,6 +479,7 @@ def generate(
         by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
         chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
         _choose_sentences(by_split, seed, chunk, pool, progress)
+    stale = _remove_stale_images(out, items)
     entries: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     next_sent = [0]
     for it in items:
@@ -495,7 +500,26 @@ def generate(
         "test": _split_stats(by_split["test"], entries["test"], scope["test"]),
     }
     _write_json(out / "meta.json", _meta(cfg, splits, disc_stats, by_split))
-    return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start, processes)
+    return SynthSummary(str(out), cfg, splits, disc_stats, time.perf_counter() - start, processes, stale)
+
+
+def _remove_stale_images(out: Path, items: list[_Item]) -> int:
+    """Removes the generator's images (``syn*.jpg``) under ``out/images/{split}/`` that this run
+    did not write: an earlier run into the same folder with another ``num_images``,
+    ``test_fraction`` or seed drew other images, or put an image in the other split, and the
+    test folder is the gallery ``reir ingest`` indexes. (A run of 3,000 images into the folder
+    of one of 2,000 left 323 such images in images/test, and the demo indexed them as
+    distractors that no ground truth names.) Other files are left alone. Returns the count."""
+    written = {out / it.file_name for it in items}
+    removed = 0
+    for split in ("train", "test"):
+        for path in (out / "images" / split).glob(f"{image_key(0)[:3]}*.jpg"):
+            if path not in written:
+                path.unlink()
+                removed += 1
+    if removed:
+        log.warning("synth: removed %d images an earlier run left in %s/images", removed, out)
+    return removed
 
 
 def load_gallery(root: str | Path, split: str) -> Gallery:

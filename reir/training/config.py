@@ -136,6 +136,10 @@ class TrainConfig(BaseModel):
         "held-out discovery queries reaches this share; 0: the joint-best gate")
     sources: list[SourceSpec] = Field(default_factory=list, description="data sources mixed by weight; empty: "
                                       "data_root's train split, every image once per epoch")
+    train_images: int | None = Field(
+        None, ge=1, description="train on the first N images of data_root's train split (by image id; its first "
+        "N / chunk negative groups of a synthetic benchmark); None: all. `make demo` trains stages 1 and 2 on "
+        "part of the split and the re-ranker on all of it")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
                                    "(default: as many as they hold together)")
     loss_overrides: dict[str, Any] = Field(
@@ -190,6 +194,8 @@ class TrainConfig(BaseModel):
     def _needs_data(self) -> TrainConfig:
         if not self.data_root and not self.sources:
             raise ValueError("no training data: set data_root or sources")
+        if self.train_images is not None and self.sources:
+            raise ValueError("train_images picks from data_root's train split; with sources use epoch_size")
         return self
 
     @model_validator(mode="after")

@@ -573,6 +573,16 @@ def train_blocks(cfg: TrainConfig) -> int:
     return TRAIN_BLOCKS_PER_WORKER * max(1, cfg.num_workers)
 
 
+def first_train_images(samples: list[ImageSample], n: int | None) -> list[ImageSample]:
+    """The first ``n`` of ``samples`` by image id (all when ``n`` is None). A synthetic
+    benchmark's negative groups are chunks in image-id order, so they stay whole but the last."""
+    if n is None:
+        return samples
+    if n > len(samples):
+        raise ValueError(f"train_images {n}: the train split holds {len(samples)} images")
+    return sorted(samples, key=lambda s: s.image_id)[:n]
+
+
 def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]]:
     """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch;
     stage ``rerank`` also gets the training discovery queries of ``discovery.json`` (each
@@ -582,6 +592,7 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
     samples = load_samples(cfg.data_root, "train")
     if not samples:
         raise ValueError(f"no training images under {cfg.data_root}")
+    samples = first_train_images(samples, cfg.train_images)
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
     rows = [sample_to_row(s, g) for s, g in zip(samples, groups)]
     if cfg.without_referents:  # here, not as a Ray Data map: its tasks would each start a process that imports torch

@@ -281,3 +281,17 @@ def test_every_emitted_word_is_in_the_vocabulary(synth_root: Path) -> None:
 def test_invalid_config_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         generate(tmp_path, num_images=0)
+
+
+def test_a_run_into_an_earlier_runs_folder_leaves_only_its_own_images(tmp_path: Path) -> None:
+    generate(tmp_path, num_images=30, test_fraction=0.2, image_size=64, seed=1, discovery_queries=0)
+    mine = tmp_path / "images" / "test" / "notes.txt"  # not the generator's: left alone
+    mine.write_text("kept")
+    summary = generate(tmp_path, num_images=40, test_fraction=0.5, image_size=64, seed=1, discovery_queries=0)
+    for split in ("train", "test"):
+        on_disk = {p.name for p in (tmp_path / "images" / split).glob("*.jpg")}
+        listed = {Path(img["file_name"]).name for img in _read(tmp_path, f"instances_{split}.json")["images"]}
+        assert on_disk == listed, split  # the gallery folder holds its split alone
+    assert summary.stale_removed > 0 and mine.read_text() == "kept"
+    again = generate(tmp_path, num_images=40, test_fraction=0.5, image_size=64, seed=1, discovery_queries=0)
+    assert again.stale_removed == 0

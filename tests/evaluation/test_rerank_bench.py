@@ -54,3 +54,23 @@ def test_defaults_train_as_the_rerank_stage() -> None:
     for bad in ("{num_relations: 12}", "[12]"):  # refused before any feature is built
         with pytest.raises(SystemExit, match="--spec"):
             bench.parse_args(["--data", "d", "--model", "m", "--spec", bad])
+
+
+def test_extra_train_images_follow_with_groups_of_their_own(tmp_path: Path) -> None:
+    from reir.data.formats import load_samples, negative_groups
+    from reir.data.synth import generate
+
+    for name, seed in (("a", 1), ("b", 2)):
+        generate(tmp_path / name, num_images=24, test_fraction=0.5, image_size=64, seed=seed, discovery_queries=0,
+                 train_discovery_queries=0)
+    samples = load_samples(tmp_path / "a", "train")
+    groups = negative_groups(tmp_path / "a", "train", [s.image_id for s in samples])
+    extra = load_samples(tmp_path / "b", "train")
+    extra_groups = negative_groups(tmp_path / "b", "train", [s.image_id for s in extra])
+    both, both_groups = bench.with_extra_train(samples, groups, tmp_path / "b")
+    assert [s.path for s in both] == [s.path for s in samples] + [s.path for s in extra]
+    assert both_groups[: len(groups)] == groups
+    assert both_groups[len(groups):] == [g + max(groups) + 1 for g in extra_groups]
+    assert not set(both_groups[: len(groups)]) & set(both_groups[len(groups):])  # no cross-benchmark negatives
+    few, few_groups = bench.with_extra_train(samples, groups, tmp_path / "b", images=3)
+    assert [s.path for s in few[len(samples):]] == [s.path for s in extra[:3]] and len(few_groups) == len(samples) + 3

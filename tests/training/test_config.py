@@ -127,3 +127,31 @@ def test_cpu_autocast_modes() -> None:
         assert torch.is_autocast_enabled("cpu")
     with training_autocast(False):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_train_images_keeps_the_first_by_image_id(tmp_path: Path) -> None:
+    from reir.data.formats import load_samples, negative_groups
+    from reir.data.synth import generate
+    from reir.training.trainer import first_train_images
+
+    generate(tmp_path, num_images=80, test_fraction=0.25, image_size=64, seed=4, discovery_queries=0,
+             train_discovery_queries=0)  # 60 train images in chunks of 50 (MIN_TRAIN_CHUNK)
+    samples = load_samples(tmp_path, "train")
+    ids = sorted(s.image_id for s in samples)
+    first = first_train_images(list(reversed(samples)), 55)
+    assert [s.image_id for s in first] == ids[:55]
+    assert first_train_images(samples, None) is samples
+    # the kept images' negative groups are the full split's: whole chunks stay whole
+    full = dict(zip([s.image_id for s in samples], negative_groups(tmp_path, "train", [s.image_id for s in samples])))
+    kept_groups = negative_groups(tmp_path, "train", [s.image_id for s in first])
+    assert kept_groups == [full[s.image_id] for s in first] and sorted(set(kept_groups)) == [0, 1]
+    with pytest.raises(ValueError, match="holds 60 images"):
+        first_train_images(samples, 61)
+
+
+def test_train_images_is_for_data_roots_train_split() -> None:
+    assert TrainConfig(data_root="d", train_images=5).train_images == 5
+    with pytest.raises(ValidationError, match="train_images"):
+        TrainConfig(data_root="d", train_images=5, sources=[{"kind": "synthetic", "path": "d"}])
+    with pytest.raises(ValidationError):
+        TrainConfig(data_root="d", train_images=0)
