@@ -542,7 +542,7 @@ def eval_settings(*, data: Path | None, annotations: Path | None, split: str | N
 @app.command()
 def demo(
     out: Path | None = typer.Option(None, "--out", help="[demo_out]"),
-    num_images: int | None = typer.Option(None, min=20, help="images generated, train + test [3000]"),
+    num_images: int | None = typer.Option(None, min=20, help="images generated, train + test [2000]"),
     test_images: int | None = typer.Option(None, min=1, help="of them in the test split, at most a fifth [400]"),
     minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
                                          "[14]"),

@@ -98,7 +98,7 @@ class DemoSettings(_Settings):
     """``reir demo``: the settings a user may change (reir.demo.DemoConfig holds the rest)."""
 
     out: str = "demo_out"
-    num_images: int = Field(default=3000, ge=20, description="images generated, train + test")
+    num_images: int = Field(default=2000, ge=20, description="images generated, train + test")
     test_images: int = Field(default=400, ge=1, description="of them in the test split (at most a fifth of "
                              "num_images): the gallery and the queries the run is scored on")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
