@@ -71,3 +71,13 @@ def test_a_fast_machine_trains_every_step() -> None:
     wall, trained = _run(0.8, keep_budget=True)
     assert trained == [1.0, 1.0, 1.0]
     assert wall < DemoConfig().budget_s
+
+
+def test_the_test_split_keeps_its_size_and_the_stages_their_images() -> None:
+    assert DemoConfig().test_fraction == pytest.approx(0.2) and DemoConfig().stage_train_images is None
+    big = DemoConfig(num_images=3000, rerank_only_images=1000)
+    assert round(big.num_images * big.test_fraction) == 400  # the test split stays 400 images
+    assert big.stage_train_images == 1600  # of 2,600: stages 1 and 2 leave the last 1,000 to the re-ranker
+    small = DemoConfig(num_images=60, rerank_only_images=1000)
+    assert round(small.num_images * small.test_fraction) == 12  # at most a fifth
+    assert small.stage_train_images is None  # nothing left to hold back: every stage trains on all
