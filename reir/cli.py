@@ -543,7 +543,7 @@ def eval_settings(*, data: Path | None, annotations: Path | None, split: str | N
 def demo(
     out: Path | None = typer.Option(None, "--out", help="[demo_out]"),
     num_images: int | None = typer.Option(None, min=20, help="images generated, train + test [2000]"),
-    test_images: int | None = typer.Option(None, min=1, help="of them in the test split, at most a fifth [400]"),
+    test_images: int | None = typer.Option(None, min=1, help="of them in the test split [400, at most a fifth]"),
     minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
                                          "[14]"),
     model: str | None = typer.Option(None, help="model preset [small]"),

@@ -99,8 +99,8 @@ class DemoSettings(_Settings):
 
     out: str = "demo_out"
     num_images: int = Field(default=2000, ge=20, description="images generated, train + test")
-    test_images: int = Field(default=400, ge=1, description="of them in the test split (at most a fifth of "
-                             "num_images): the gallery and the queries the run is scored on")
+    test_images: int | None = Field(default=None, ge=1, description="of them in the test split: the gallery and "
+                                    "the queries the run is scored on (default: 400, at most a fifth of num_images)")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "

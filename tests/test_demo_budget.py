@@ -81,3 +81,10 @@ def test_the_test_split_keeps_its_size_and_the_stages_their_images() -> None:
     small = DemoConfig(num_images=60, rerank_only_images=1000)
     assert round(small.num_images * small.test_fraction) == 12  # at most a fifth
     assert small.stage_train_images is None  # nothing left to hold back: every stage trains on all
+
+
+def test_an_explicit_test_split_is_taken_as_given_or_refused() -> None:
+    assert DemoConfig(num_images=3000, test_images=900).test_split == 900  # above a fifth: asked for, so kept
+    for bad in (0, 60):
+        with pytest.raises(ValueError, match="test_images"):
+            DemoConfig(num_images=60, test_images=bad)

@@ -155,8 +155,11 @@ def _file_name(split: str, image_id: str) -> str:
     return f"images/{split}/{image_id}.jpg"
 
 
+IMAGE_PREFIX = "syn"  # every generated image's key and file name start with it
+
+
 def image_key(index: int) -> str:
-    return f"syn{index:06d}"
+    return f"{IMAGE_PREFIX}{index:06d}"
 
 
 def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
@@ -513,7 +516,7 @@ def _remove_stale_images(out: Path, items: list[_Item]) -> int:
     written = {out / it.file_name for it in items}
     removed = 0
     for split in ("train", "test"):
-        for path in (out / "images" / split).glob(f"{image_key(0)[:3]}*.jpg"):
+        for path in (out / "images" / split).glob(f"{IMAGE_PREFIX}*.jpg"):
             if path not in written:
                 path.unlink()
                 removed += 1
