@@ -156,13 +156,13 @@ def train_chunk(data: Path, samples: list[Any], groups: list[int], queries: int,
 def with_extra_train(samples: list[Any], groups: list[int], extra: Path,
                      images: int = 0) -> tuple[list[Any], list[int]]:
     """``samples`` and their negative ``groups`` followed by the first ``images`` (0: all) train
-    images of the benchmark ``extra``, whose groups are renumbered after the last of ``groups``."""
-    from reir.data.formats import load_samples, negative_groups
+    images of the benchmark ``extra``, whose groups are renumbered after the last of ``groups``
+    (``reir.training.trainer.extra_train_samples``, as ``TrainConfig.extra_train_roots``)."""
+    from reir.training.trainer import extra_train_samples
 
-    more = load_samples(extra, "train")
-    more = more[:images] if images else more
-    offset = max(groups, default=-1) + 1
-    more_groups = [g + offset for g in negative_groups(extra, "train", [s.image_id for s in more])]
+    more, more_groups = extra_train_samples([str(extra)], max(groups, default=-1) + 1)
+    if images:
+        more, more_groups = more[:images], more_groups[:images]
     return samples + more, groups + more_groups
 
 

@@ -41,6 +41,9 @@ def synth(
     discovery_queries: int = typer.Option(100, min=0, help="discovery queries over the test gallery"),
     train_discovery_queries: int = typer.Option(
         200, min=0, help="discovery queries per chunk of training images (teach discover mode's presence decision)"),
+    train_chunk: int | None = typer.Option(
+        None, min=1, help="training images per chunk within which each training expression is unique "
+        "(default: the test split's size, at least 50)"),
 ) -> None:
     """Generate the synthetic REIR benchmark (images, REIRCOCO + COCO json, discovery queries)."""
     from reir.data.synth import generate, progress_total
@@ -49,7 +52,8 @@ def synth(
     with progress_bar("synth: draw, then plan", total=progress_total(num_images)) as advance:
         summary = generate(out, num_images=num_images, test_fraction=test_fraction, image_size=image_size,
                            seed=seed, discovery_queries=discovery_queries,
-                           train_discovery_queries=train_discovery_queries, progress=advance)
+                           train_discovery_queries=train_discovery_queries, progress=advance,
+                           train_chunk=train_chunk)
     typer.echo(json.dumps(_plain(summary), indent=2))
 
 
@@ -544,8 +548,10 @@ def demo(
     out: Path | None = typer.Option(None, "--out", help="[demo_out]"),
     num_images: int | None = typer.Option(None, min=20, help="images generated, train + test [2000]"),
     test_images: int | None = typer.Option(None, min=1, help="of them in the test split [400, at most a fifth]"),
+    extra_images: int | None = typer.Option(None, min=0, help="more training images for the re-ranker alone "
+                                            "[1000]"),
     minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
-                                         "[14]"),
+                                         "[17]"),
     model: str | None = typer.Option(None, help="model preset [small]"),
     seed: int | None = typer.Option(None, help="[0]"),
     lookalike_partners: int | None = typer.Option(None, min=0, help="stage 2: look-alike images per image in a "
@@ -557,7 +563,7 @@ def demo(
     from reir.settings import command_config
 
     flags = {"out": str(out) if out else None, "num_images": num_images, "test_images": test_images,
-             "minutes": minutes, "model": model,
+             "extra_images": extra_images, "minutes": minutes, "model": model,
              "seed": seed, "lookalike_partners": lookalike_partners}
     run_demo(DemoConfig(**command_config("demo", config=config, flags=flags).model_dump()))
 

@@ -101,6 +101,8 @@ class DemoSettings(_Settings):
     num_images: int = Field(default=2000, ge=20, description="images generated, train + test")
     test_images: int | None = Field(default=None, ge=1, description="of them in the test split: the gallery and "
                                     "the queries the run is scored on (default: 400, at most a fifth of num_images)")
+    rerank_extra_images: int = Field(default=1000, ge=0, description="more training images, generated apart, "
+                                     "for the re-ranker's stage alone (stages 1 and 2 never see them); 0: none")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "
@@ -173,7 +175,8 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("index", IndexConfig, {"milvus_uri": "milvus.uri", "alias": "alias"},
                     cli=("index list", "index promote", "index rollback", "index drop")),
         CommandSpec("demo", DemoSettings, {"out": "out", "num_images": "num_images",
-                                           "test_images": "test_images", "minutes": "train_minutes",
+                                           "test_images": "test_images", "extra_images": "rerank_extra_images",
+                                           "minutes": "train_minutes",
                                            "model": "model", "seed": "seed",
                                            "lookalike_partners": "lookalike_partners"}),
     )

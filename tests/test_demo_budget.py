@@ -7,10 +7,10 @@ import pytest
 from reir.demo import (
     AFTER_TRAINING_S,
     BUDGET_FLOOR,
-    STAGE_SETUP_S,
     STEP_TIME_CAP,
     DemoConfig,
     _limits,
+    stage_setup_s,
     stage_time_cap,
     training_time_left,
 )
@@ -53,7 +53,7 @@ def _run(slowness: float, keep_budget: bool) -> tuple[float, list[float]]:
         needed = MINUTES_S[stage] * slowness
         loop = min(needed, cap)
         trained.append(loop / needed)
-        clock += STAGE_SETUP_S[stage] + loop
+        clock += stage_setup_s(cfg, stage) + loop
     return clock + AFTER_TRAINING_S, trained
 
 
@@ -88,3 +88,12 @@ def test_an_explicit_test_split_is_taken_as_given_or_refused() -> None:
     for bad in (0, 60):
         with pytest.raises(ValueError, match="test_images"):
             DemoConfig(num_images=60, test_images=bad)
+
+
+def test_the_reranker_stage_sets_aside_time_for_its_extra_images() -> None:
+    plain, extra = DemoConfig(rerank_extra_images=0), DemoConfig(rerank_extra_images=1000)
+    assert stage_setup_s(extra, 0) == stage_setup_s(plain, 0)  # stages 1 and 2 never see them
+    assert stage_setup_s(extra, 2) > stage_setup_s(plain, 2)  # their features are worked out first
+    # Less time is left to train every stage, so the whole run still ends within its budget.
+    left = [training_time_left(c, 100.0, 0) for c in (plain, extra)]
+    assert left[1] == pytest.approx(left[0] - (stage_setup_s(extra, 2) - stage_setup_s(plain, 2)))

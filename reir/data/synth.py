@@ -111,6 +111,10 @@ class SynthConfig:
     train_discovery_queries: int = 200  # per chunk of training images
     regimes: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REGIMES))
     heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT
+    # Training images per chunk within which each training expression is unique (the chunks
+    # are negative groups); None: as many as the test split holds (at least MIN_TRAIN_CHUNK),
+    # so a training expression says as much as a test query must.
+    train_chunk: int | None = None
 
     def mixture(self, split: str) -> dict[str, float]:
         """Regime weights of ``split`` (the test split adds the held-out regimes)."""
@@ -460,18 +464,23 @@ def generate(
     heldout_regimes: tuple[str, ...] = DEFAULT_HELDOUT,
     progress: Progress | None = None,
     workers: int | None = None,
+    train_chunk: int | None = None,
 ) -> SynthSummary:
     """Write the synthetic benchmark to ``out_dir``; ``progress(n)`` as images are drawn and
     planned (``progress_total(num_images)`` steps in all).
     ``regimes`` (train mixture) defaults to ``DEFAULT_REGIMES``. ``workers``: processes that
-    draw and plan (``_process_pool``; the output does not depend on it)."""
+    draw and plan (``_process_pool``; the output does not depend on it). ``train_chunk``: see
+    :class:`SynthConfig` (a benchmark of training images only, ``test_fraction=0``, needs it to
+    plan expressions as specific as another benchmark's test queries)."""
     start = time.perf_counter()
     mixture = dict(DEFAULT_REGIMES if regimes is None else regimes)
     cfg = SynthConfig(num_images, test_fraction, image_size, seed, discovery_queries, train_discovery_queries,
-                      mixture, tuple(heldout_regimes))
+                      mixture, tuple(heldout_regimes), train_chunk)
     problems = mixture_problems(cfg.regimes, cfg.heldout_regimes)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if train_chunk is not None and train_chunk < 1:
+        problems.append(f"train_chunk must be >= 1, got {train_chunk}")
     if num_images < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 32 or problems:
         raise ValueError(f"invalid synth config {cfg}: {'; '.join(problems)}")
     out = Path(out_dir)
@@ -480,7 +489,7 @@ def generate(
     with _process_pool(num_images, workers) as (pool, processes):
         items = _render_all(cfg, out, progress, pool)
         by_split = {s: [it for it in items if it.split == s] for s in ("train", "test")}
-        chunk = max(MIN_TRAIN_CHUNK, len(by_split["test"]))
+        chunk = train_chunk or max(MIN_TRAIN_CHUNK, len(by_split["test"]))
         _choose_sentences(by_split, seed, chunk, pool, progress)
     stale = _remove_stale_images(out, items)
     entries: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}

@@ -140,6 +140,10 @@ class TrainConfig(BaseModel):
         None, ge=1, description="train on the first N images of data_root's train split (by image id; its first "
         "N / chunk negative groups of a synthetic benchmark); None: all. `make demo` trains stages 1 and 2 on "
         "part of the split and the re-ranker on all of it")
+    extra_train_roots: list[str] = Field(
+        default_factory=list, description="more synthetic benchmark directories whose train splits join data_root's "
+        "(their images' ids get the prefix 'extraK/', their chunks negative groups of their own, no discovery "
+        "queries). `make demo` gives the re-ranker images stages 1 and 2 never saw")
     epoch_size: int | None = Field(None, ge=1, description="images drawn per epoch from the sources "
                                    "(default: as many as they hold together)")
     loss_overrides: dict[str, Any] = Field(
@@ -196,6 +200,8 @@ class TrainConfig(BaseModel):
             raise ValueError("no training data: set data_root or sources")
         if self.train_images is not None and self.sources:
             raise ValueError("train_images picks from data_root's train split; with sources use epoch_size")
+        if self.extra_train_roots and self.sources:
+            raise ValueError("extra_train_roots join data_root's train split; with sources add them as sources")
         return self
 
     @model_validator(mode="after")

@@ -553,7 +553,8 @@ def without_referents(row: dict[str, Any]) -> dict[str, Any]:
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray Train workers run in their own working directory: a relative checkpoint path
     would not be found there (and would be mistaken for a preset name)."""
-    updates: dict[str, str] = {"data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else "",
+    updates: dict[str, Any] = {"data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else "",
+                               "extra_train_roots": [str(Path(r).resolve()) for r in cfg.extra_train_roots],
                                "output_dir": cfg.output_dir if is_uri(cfg.output_dir)
                                else str(Path(cfg.output_dir).resolve())}
     if Path(cfg.model).exists():
@@ -583,6 +584,26 @@ def first_train_images(samples: list[ImageSample], n: int | None) -> list[ImageS
     return sorted(samples, key=lambda s: s.image_id)[:n]
 
 
+EXTRA_ID_PREFIX = "extra{k}/"  # TrainConfig.extra_train_roots: image k's ids, unique beside data_root's
+
+
+def extra_train_samples(roots: list[str], first_group: int) -> tuple[list[ImageSample], list[int]]:
+    """The train splits of the benchmarks ``roots`` (``TrainConfig.extra_train_roots``): their
+    samples, ids prefixed, and negative groups numbered from ``first_group`` on."""
+    samples: list[ImageSample] = []
+    groups: list[int] = []
+    for k, root in enumerate(roots):
+        more = load_samples(root, "train")
+        if not more:
+            raise ValueError(f"extra_train_roots: no training images under {root}")
+        own = negative_groups(root, "train", [s.image_id for s in more])
+        offset = max(groups) + 1 if groups else first_group
+        prefix = EXTRA_ID_PREFIX.format(k=k)
+        samples += [dataclasses.replace(s, image_id=prefix + s.image_id) for s in more]
+        groups += [offset + g for g in own]
+    return samples, groups
+
+
 def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]]:
     """Without ``cfg.sources``: the train split of ``data_root``, every image once per epoch;
     stage ``rerank`` also gets the training discovery queries of ``discovery.json`` (each
@@ -605,6 +626,16 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
         discovery, per_image = discovery_rows(load_discovery(cfg.data_root), [s.image_id for s in samples], groups)
         for row in rows:
             row["discovery"] = json.dumps(per_image.get(row["image_id"], []))
+    if cfg.extra_train_roots:
+        more, more_groups = extra_train_samples(cfg.extra_train_roots, max(groups) + 1)
+        extra_rows = [sample_to_row(s, g) for s, g in zip(more, more_groups, strict=True)]
+        if cfg.without_referents:
+            extra_rows = [without_referents(r) for r in extra_rows]
+        if discovery:  # every row carries the field; the extra images answer no discovery query
+            for row in extra_rows:
+                row["discovery"] = "[]"
+        rows += extra_rows
+        samples = samples + more
     return ray.data.from_items(rows, override_num_blocks=train_blocks(cfg)), len(samples), discovery
 
 

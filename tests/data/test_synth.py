@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from reir.data.formats import negative_groups
 from reir.data.language import parse, template_phrases
 from reir.data.layouts import REGIMES
 from reir.data.phrasing import HELDOUT_FAMILIES, TRAIN_FAMILIES, canonical_words, meaning_words, mentioned
@@ -196,7 +197,23 @@ def test_train_sentences_are_unique_within_their_chunk(synth_root: Path) -> None
     """Train sentences name one instance among a chunk of train images as large as the
     test gallery (so cross-image CLIA negatives are true negatives)."""
     meta = _read(synth_root, "meta.json")
-    chunk = max(MIN_TRAIN_CHUNK, meta["splits"]["test"]["num_images"])
+    _assert_unique_within_chunks(synth_root, max(MIN_TRAIN_CHUNK, meta["splits"]["test"]["num_images"]))
+
+
+def test_a_training_only_benchmark_plans_in_the_chunks_asked_for(tmp_path: Path) -> None:
+    """``train_chunk``: training images without a test split of their size (make demo's extra
+    images for the re-ranker) are planned in chunks as large as asked, not MIN_TRAIN_CHUNK."""
+    generate(tmp_path, num_images=48, test_fraction=0.0, image_size=64, seed=5, discovery_queries=0,
+             train_discovery_queries=0, train_chunk=20)
+    _assert_unique_within_chunks(tmp_path, 20)
+    train = [s.image_id for s in load_gallery(tmp_path, "train").scenes]
+    assert negative_groups(tmp_path, "train", train) == [k // 20 for k in range(len(train))]
+    with pytest.raises(ValueError, match="train_chunk"):
+        generate(tmp_path / "bad", num_images=10, train_chunk=0)
+
+
+def _assert_unique_within_chunks(synth_root: Path, chunk: int) -> None:
+    meta = _read(synth_root, "meta.json")
     assert meta["splits"]["train"]["matches_scope"] == f"chunk of {chunk} train images"
     gallery = load_gallery(synth_root, "train")
     order = [s.image_id for s in gallery.scenes]

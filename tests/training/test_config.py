@@ -155,3 +155,31 @@ def test_train_images_is_for_data_roots_train_split() -> None:
         TrainConfig(data_root="d", train_images=5, sources=[{"kind": "synthetic", "path": "d"}])
     with pytest.raises(ValidationError):
         TrainConfig(data_root="d", train_images=0)
+
+
+def test_extra_train_roots_join_with_ids_and_groups_of_their_own(tmp_path: Path) -> None:
+    from reir.data.formats import load_samples, negative_groups
+    from reir.data.synth import generate
+    from reir.training.trainer import extra_train_samples
+
+    for name, seed in (("a", 1), ("b", 2)):  # 24 and 30 train images, one of each a test image
+        generate(tmp_path / name, num_images=25 if name == "a" else 31, test_fraction=0.0, image_size=64, seed=seed,
+                 discovery_queries=0, train_discovery_queries=0, train_chunk=10)
+    a, b = (load_samples(tmp_path / n, "train") for n in ("a", "b"))
+    more, groups = extra_train_samples([str(tmp_path / "a"), str(tmp_path / "b")], 7)
+    assert [s.path for s in more] == [s.path for s in a + b]
+    # the same image key in two benchmarks names two images: the prefix keeps them apart
+    assert [s.image_id for s in more] == [f"extra0/{s.image_id}" for s in a] + [f"extra1/{s.image_id}" for s in b]
+    assert len({s.image_id for s in more}) == len(more)
+    own_a = negative_groups(tmp_path / "a", "train", [s.image_id for s in a])
+    own_b = negative_groups(tmp_path / "b", "train", [s.image_id for s in b])
+    assert groups[: len(a)] == [7 + g for g in own_a]  # numbered after data_root's groups
+    assert groups[len(a):] == [max(groups[: len(a)]) + 1 + g for g in own_b]  # and after each other's
+    with pytest.raises(FileNotFoundError, match="reircoco.json"):
+        extra_train_samples([str(tmp_path / "missing")], 0)
+
+
+def test_extra_train_roots_are_for_data_roots_train_split() -> None:
+    assert TrainConfig(data_root="d", extra_train_roots=["e"]).extra_train_roots == ["e"]
+    with pytest.raises(ValidationError, match="extra_train_roots"):
+        TrainConfig(data_root="d", extra_train_roots=["e"], sources=[{"kind": "synthetic", "path": "d"}])
