@@ -549,7 +549,7 @@ def demo(
     num_images: int | None = typer.Option(None, min=20, help="images generated, train + test [2000]"),
     test_images: int | None = typer.Option(None, min=1, help="of them in the test split [400, at most a fifth]"),
     extra_images: int | None = typer.Option(None, min=0, help="more training images for the re-ranker alone "
-                                            "[1000]"),
+                                            "[as many as the train split holds, at most 1000]"),
     minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
                                          "[17]"),
     model: str | None = typer.Option(None, help="model preset [small]"),

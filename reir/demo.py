@@ -46,8 +46,9 @@ STAGE_SETUP_S = (22.0, 22.0, 80.0)
 RERANK_FEATURE_S_PER_IMAGE = 0.028  # the re-ranker's stage: features of each extra training image
 AFTER_TRAINING_S = 90.0
 BUDGET_MARGIN_S = 30.0  # the run aims this far inside its budget: the set-asides above are estimates
-EXTRA_DATA = "data_extra"  # DemoConfig.rerank_extra_images: the folder under out
+EXTRA_DATA = "data_extra"  # DemoConfig.extra_images: their benchmark's folder under out
 DEFAULT_TEST_IMAGES = 400  # the demo's test split, whatever num_images (at most a fifth of them)
+DEFAULT_EXTRA_IMAGES = 1000  # DemoConfig.rerank_extra_images: at most this many by default
 BUDGET_FLOOR = 0.6  # keep_budget: a stage trains at least this share of its minutes, whatever is left
 
 
@@ -61,7 +62,8 @@ class DemoConfig:
     rerank_only_images: int = 0
     # More training images, generated apart (seed + 1, chunks as large as the test split), for the
     # re-ranker's stage alone: stage 2 never fits them, so their features look like a new gallery's.
-    rerank_extra_images: int = 1000
+    # None: as many as the train split holds, at most DEFAULT_EXTRA_IMAGES (extra_images).
+    rerank_extra_images: int | None = None
     train_minutes: float = DEMO_REFERENCE_MINUTES
     stage1_share: float = DEMO_STAGE_MINUTES[0] / DEMO_REFERENCE_MINUTES
     rerank_share: float = DEMO_STAGE_MINUTES[2] / DEMO_REFERENCE_MINUTES
@@ -112,6 +114,8 @@ class DemoConfig:
     query_concurrency: int = 4
 
     def __post_init__(self) -> None:
+        if self.rerank_extra_images is not None and self.rerank_extra_images < 0:
+            raise ValueError(f"rerank_extra_images {self.rerank_extra_images}: must be >= 0")
         if self.test_images is not None and not 1 <= self.test_images < self.num_images:
             raise ValueError(f"test_images {self.test_images}: the test split needs 1 to {self.num_images - 1} "
                              f"of the {self.num_images} images (num_images)")
@@ -125,6 +129,14 @@ class DemoConfig:
     def test_fraction(self) -> float:
         """``test_split`` as the share of ``num_images`` that the generator takes."""
         return self.test_split / self.num_images
+
+    @property
+    def extra_images(self) -> int:
+        """The re-ranker's extra training images (``rerank_extra_images``, or by default as many
+        as the train split holds, at most ``DEFAULT_EXTRA_IMAGES``)."""
+        if self.rerank_extra_images is not None:
+            return self.rerank_extra_images
+        return min(DEFAULT_EXTRA_IMAGES, self.num_images - self.test_split)
 
     @property
     def stage_train_images(self) -> int | None:
@@ -179,10 +191,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     with progress_bar("synth: draw, then plan", total=progress_total(cfg.num_images)) as advance:
         generate(data, num_images=cfg.num_images, test_fraction=cfg.test_fraction, seed=cfg.seed, progress=advance,
                  regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes)
-    if cfg.rerank_extra_images:
-        with progress_bar(f"synth: {cfg.rerank_extra_images} more train images for the re-ranker",
-                          total=progress_total(cfg.rerank_extra_images)) as advance:
-            generate(out / EXTRA_DATA, num_images=cfg.rerank_extra_images, test_fraction=0.0, seed=cfg.seed + 1,
+    if cfg.extra_images:  # the generator keeps one test image whatever test_fraction: one more
+        with progress_bar(f"synth: {cfg.extra_images} more train images for the re-ranker",
+                          total=progress_total(cfg.extra_images + 1)) as advance:
+            generate(out / EXTRA_DATA, num_images=cfg.extra_images + 1, test_fraction=0.0, seed=cfg.seed + 1,
                      progress=advance, regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes,
                      train_chunk=cfg.test_split)
     queries = test_queries(data)
@@ -252,7 +264,7 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
     stage_limits = limits(2)
     clock.begin(f"train the re-ranker, then discover mode's presence head ({presence} steps), on the frozen "
                 f"stage-2 model, {_say(stage_limits)}")
-    extra = [str(out / EXTRA_DATA)] if cfg.rerank_extra_images else []
+    extra = [str(out / EXTRA_DATA)] if cfg.extra_images else []
     return Path(run_training(TrainConfig(model=str(stage2), stage="rerank", run_name="rerank", **stage_limits,
                                          rerank_discovery_steps=presence, extra_train_roots=extra,
                                          **{**common, **RERANK_RECIPE})))  # a local output_dir: a Path
@@ -279,8 +291,8 @@ def training_time_left(cfg: DemoConfig, elapsed_s: float, stage: int) -> float:
 
 def stage_setup_s(cfg: DemoConfig, stage: int) -> float:
     """What ``stage`` spends outside its training loop (``STAGE_SETUP_S``; the re-ranker's stage
-    also computes the features of ``rerank_extra_images`` more training images)."""
-    return STAGE_SETUP_S[stage] + (RERANK_FEATURE_S_PER_IMAGE * cfg.rerank_extra_images if stage == 2 else 0.0)
+    also computes the features of ``extra_images`` more training images)."""
+    return STAGE_SETUP_S[stage] + (RERANK_FEATURE_S_PER_IMAGE * cfg.extra_images if stage == 2 else 0.0)
 
 
 def stage_time_cap(stage: int, seconds: Sequence[float], left_s: float, *, floor: float = BUDGET_FLOOR,

@@ -101,8 +101,9 @@ class DemoSettings(_Settings):
     num_images: int = Field(default=2000, ge=20, description="images generated, train + test")
     test_images: int | None = Field(default=None, ge=1, description="of them in the test split: the gallery and "
                                     "the queries the run is scored on (default: 400, at most a fifth of num_images)")
-    rerank_extra_images: int = Field(default=1000, ge=0, description="more training images, generated apart, "
-                                     "for the re-ranker's stage alone (stages 1 and 2 never see them); 0: none")
+    rerank_extra_images: int | None = Field(default=None, ge=0, description="more training images, generated "
+                                            "apart, for the re-ranker's stage alone (stages 1 and 2 never see them; "
+                                            "default: as many as the train split holds, at most 1,000); 0: none")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "

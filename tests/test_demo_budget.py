@@ -97,3 +97,12 @@ def test_the_reranker_stage_sets_aside_time_for_its_extra_images() -> None:
     # Less time is left to train every stage, so the whole run still ends within its budget.
     left = [training_time_left(c, 100.0, 0) for c in (plain, extra)]
     assert left[1] == pytest.approx(left[0] - (stage_setup_s(extra, 2) - stage_setup_s(plain, 2)))
+
+
+def test_the_extra_images_follow_the_train_split_unless_set() -> None:
+    assert DemoConfig().extra_images == 1000  # 1,600 train images: the default's ceiling
+    assert DemoConfig(num_images=60).extra_images == 48  # a small demo: as many as its 48 train images
+    assert DemoConfig(num_images=60, rerank_extra_images=0).extra_images == 0
+    assert DemoConfig(rerank_extra_images=2000).extra_images == 2000  # a value given is taken as given
+    with pytest.raises(ValueError, match="rerank_extra_images"):
+        DemoConfig(rerank_extra_images=-1)
