@@ -615,6 +615,9 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
         raise ValueError(f"no training images under {cfg.data_root}")
     samples = first_train_images(samples, cfg.train_images)
     groups = negative_groups(cfg.data_root, "train", [s.image_id for s in samples])
+    if cfg.extra_train_roots:  # their prefixed ids match no discovery query: every such row gets "[]"
+        more, more_groups = extra_train_samples(cfg.extra_train_roots, max(groups) + 1)
+        samples, groups = samples + more, groups + more_groups
     rows = [sample_to_row(s, g) for s, g in zip(samples, groups)]
     if cfg.without_referents:  # here, not as a Ray Data map: its tasks would each start a process that imports torch
         rows = [without_referents(r) for r in rows]
@@ -626,16 +629,6 @@ def _benchmark_dataset(cfg: TrainConfig) -> tuple[Any, int, list[dict[str, Any]]
         discovery, per_image = discovery_rows(load_discovery(cfg.data_root), [s.image_id for s in samples], groups)
         for row in rows:
             row["discovery"] = json.dumps(per_image.get(row["image_id"], []))
-    if cfg.extra_train_roots:
-        more, more_groups = extra_train_samples(cfg.extra_train_roots, max(groups) + 1)
-        extra_rows = [sample_to_row(s, g) for s, g in zip(more, more_groups, strict=True)]
-        if cfg.without_referents:
-            extra_rows = [without_referents(r) for r in extra_rows]
-        if discovery:  # every row carries the field; the extra images answer no discovery query
-            for row in extra_rows:
-                row["discovery"] = "[]"
-        rows += extra_rows
-        samples = samples + more
     return ray.data.from_items(rows, override_num_blocks=train_blocks(cfg)), len(samples), discovery
 
 
