@@ -44,8 +44,16 @@ STEP_TIME_CAP = 2.0  # fixed_steps: a stage stops at this many times its minutes
 # images: 62-65 s for 2,600 against 33-38 s for 1,600.)
 STAGE_SETUP_S = (22.0, 22.0, 80.0)
 RERANK_FEATURE_S_PER_IMAGE = 0.028  # the re-ranker's stage: features of each extra training image
+# After training, the run's steps run on the trained model (ingestion, 2,404 HTTP queries, discover
+# mode), so they take longer where its training steps did: in 18 runs on 2-core machines
+# (2026-11-28..30) 60-66 s where stage 1's steady step took 0.38-0.39 s, 66-84 s at 0.41-0.49 s.
+# Once stage 1 has run, the set-aside is AFTER_TRAINING_S_PER_STEP times its step (every run's
+# within 6 s, most above), between AFTER_TRAINING_MIN_S and AFTER_TRAINING_MAX_S; before,
+# AFTER_TRAINING_S. A flat 90 s left 24-30 s of a fast hour's 20 minutes unused.
 AFTER_TRAINING_S = 90.0
-BUDGET_MARGIN_S = 30.0  # the run aims this far inside its budget: the set-asides above are estimates
+AFTER_TRAINING_S_PER_STEP = 180.0
+AFTER_TRAINING_MIN_S, AFTER_TRAINING_MAX_S = 60.0, 180.0
+BUDGET_MARGIN_S = 25.0  # the run aims this far inside its budget: the set-asides above are estimates
 EXTRA_DATA = "data_extra"  # DemoConfig.extra_images: their benchmark's folder under out
 DEFAULT_TEST_IMAGES = 400  # the demo's test split, whatever num_images (at most a fifth of them)
 DEFAULT_EXTRA_IMAGES = 1000  # DemoConfig.rerank_extra_images: at most this many by default
@@ -248,13 +256,17 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
                               "log_every": 25}
     seconds = (budget * cfg.stage1_share, budget * (1 - cfg.stage1_share - cfg.rerank_share), budget * cfg.rerank_share)
 
+    step_s: float | None = None  # stage 1's steady step, once it has run: the machine's speed this hour
+
     def limits(stage: int) -> dict[str, Any]:  # worked out as the stage starts: what is left depends on the clock
-        return _limits(cfg, stage, seconds, training_time_left(cfg, clock.seconds, stage) if cfg.keep_budget else None)
+        left = training_time_left(cfg, clock.seconds, stage, step_s) if cfg.keep_budget else None
+        return _limits(cfg, stage, seconds, left)
 
     stage_limits = limits(0)
     clock.begin(f"train stage 1 (detection + REC), {_say(stage_limits)}")
     stage1 = run_training(TrainConfig(model=cfg.model, stage="1", run_name="stage1", train_images=cfg.stage_train_images,
                                       **stage_limits, **common))
+    step_s = _steady_step_s(Path(stage1))
     stage_limits = limits(1)
     clock.begin(f"train stage 2 (CLIA), {_say(stage_limits)}")
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10, lr=3e-4,
@@ -282,11 +294,20 @@ def _limits(cfg: DemoConfig, stage: int, seconds: Sequence[float], left_s: float
     return {"max_steps": steps, "time_budget_s": cap}
 
 
-def training_time_left(cfg: DemoConfig, elapsed_s: float, stage: int) -> float:
+def training_time_left(cfg: DemoConfig, elapsed_s: float, stage: int, step_s: float | None = None) -> float:
     """Seconds of training left for ``stage`` and the stages after it, ``elapsed_s`` into the run:
-    the budget less the margin, the remaining stages' set-up and the steps after training."""
+    the budget less the margin, the remaining stages' set-up and the steps after training
+    (:func:`after_training_s` of ``step_s``, stage 1's steady step where known)."""
     setup = sum(stage_setup_s(cfg, k) for k in range(stage, len(STAGE_SETUP_S)))
-    return cfg.budget_s - BUDGET_MARGIN_S - elapsed_s - AFTER_TRAINING_S - setup
+    return cfg.budget_s - BUDGET_MARGIN_S - elapsed_s - after_training_s(step_s) - setup
+
+
+def after_training_s(step_s: float | None) -> float:
+    """The time set aside for the run's steps after training: ``AFTER_TRAINING_S`` while stage 1's
+    steady step ``step_s`` is unknown, else ``AFTER_TRAINING_S_PER_STEP`` times it, bounded."""
+    if step_s is None or step_s <= 0:
+        return AFTER_TRAINING_S
+    return min(AFTER_TRAINING_MAX_S, max(AFTER_TRAINING_MIN_S, AFTER_TRAINING_S_PER_STEP * step_s))
 
 
 def stage_setup_s(cfg: DemoConfig, stage: int) -> float:
@@ -328,6 +349,13 @@ def _steps_trained(runs: Path, cfg: DemoConfig) -> dict[str, dict[str, int]]:
     trained = {run: stats[run].get("steps") for run in ("stage1", "stage2", "rerank")}
     trained["presence"] = stats["rerank"].get("presence_steps")
     return {k: {"trained": int(v), "recipe": recipe[k]} for k, v in trained.items() if v is not None}
+
+
+def _steady_step_s(model_dir: Path) -> float | None:
+    """A trained stage's steady step in seconds (its checkpoint's stats), or None."""
+    path = model_dir / "training_args.json"
+    value = json.loads(path.read_text()).get("stats", {}).get("steady_step_s") if path.is_file() else None
+    return float(value) if value else None
 
 
 def _say(limits: dict[str, Any]) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from reir.demo import (
+    AFTER_TRAINING_MAX_S,
+    AFTER_TRAINING_MIN_S,
     AFTER_TRAINING_S,
     BUDGET_FLOOR,
     STEP_TIME_CAP,
     DemoConfig,
     _limits,
+    after_training_s,
     stage_setup_s,
     stage_time_cap,
     training_time_left,
@@ -41,20 +44,26 @@ def test_limits_by_mode() -> None:
     assert _limits(DemoConfig(fixed_steps=False), 1, MINUTES_S, None) == {"time_budget_s": 330.0}
 
 
+REFERENCE_STEP_S = 0.38  # stage 1's steady step on the reference machine's fast hours
+
+
 def _run(slowness: float, keep_budget: bool) -> tuple[float, list[float]]:
     """A whole `make demo` on a machine whose steps take ``slowness`` times the reference's, with
-    the set-up and after-training times the set-asides assume, as reir.demo._train works it out:
-    (wall seconds, share of each stage's steps trained)."""
+    the set-up and after-training times the set-asides assume, as reir.demo._train works it out
+    (stage 1's step known from stage 2 on): (wall seconds, share of each stage's steps trained)."""
     cfg = DemoConfig(keep_budget=keep_budget)
     clock = 30.0  # synthetic data and Ray's start
     trained = []
+    step_s = None
     for stage in range(3):
-        cap = _limits(cfg, stage, MINUTES_S, training_time_left(cfg, clock, stage) if keep_budget else None)["time_budget_s"]
+        left = training_time_left(cfg, clock, stage, step_s) if keep_budget else None
+        cap = _limits(cfg, stage, MINUTES_S, left)["time_budget_s"]
         needed = MINUTES_S[stage] * slowness
         loop = min(needed, cap)
         trained.append(loop / needed)
         clock += stage_setup_s(cfg, stage) + loop
-    return clock + AFTER_TRAINING_S, trained
+        step_s = REFERENCE_STEP_S * slowness
+    return clock + after_training_s(step_s), trained
 
 
 @pytest.mark.parametrize("slowness", [1.3, 1.6])
@@ -106,3 +115,15 @@ def test_the_extra_images_follow_the_train_split_unless_set() -> None:
     assert DemoConfig(rerank_extra_images=2000).extra_images == 2000  # a value given is taken as given
     with pytest.raises(ValueError, match="rerank_extra_images"):
         DemoConfig(rerank_extra_images=-1)
+
+
+def test_the_time_after_training_follows_stage_1s_step() -> None:
+    assert after_training_s(None) == AFTER_TRAINING_S  # stage 1 has not run: the flat set-aside
+    fast, slow, slower = after_training_s(0.38), after_training_s(0.49), after_training_s(0.6)
+    assert AFTER_TRAINING_MIN_S <= fast < slow < AFTER_TRAINING_S < slower <= AFTER_TRAINING_MAX_S
+    # measured after training in 2-core runs: 60 s at a 0.38 s step, 78-84 s at 0.46-0.49 s
+    assert 60.0 <= fast <= 75.0 and slow >= 84.0
+    assert after_training_s(0.01) == AFTER_TRAINING_MIN_S and after_training_s(5.0) == AFTER_TRAINING_MAX_S
+    # a fast hour's later stages get what the flat set-aside left unused
+    gained = training_time_left(DemoConfig(), 300.0, 1, 0.38) - training_time_left(DemoConfig(), 300.0, 1)
+    assert gained == pytest.approx(AFTER_TRAINING_S - fast)

@@ -88,3 +88,13 @@ def test_collate_draws_at_most_max_refs_per_image(tiny: tuple[ReirModel, ReirPro
     assert len(set(capped.texts[:5])) == 5  # drawn without replacement
     full = proc.collate([s for _, s in data], [im for im, _ in data])
     assert len(full.texts) == 40
+
+
+def test_corrected_texts_are_kept_and_the_store_stays_bounded() -> None:
+    speller = SpellingCorrector(["circle", "triangle", "left"], as_typed=(), text_cache=2)
+    assert speller("the cirlce left of the trinagle") == "the circle left of the triangle"
+    assert speller("the cirlce left of the trinagle") == "the circle left of the triangle"  # kept: the same answer
+    assert speller("a trinagle") == "a triangle"
+    # full: emptied, and a third text is still corrected as before
+    assert speller("the lfet cirlce") == "the left circle"
+    assert len(speller._texts) <= 2
