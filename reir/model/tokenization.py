@@ -165,6 +165,10 @@ class SpellingCorrector:
         self._texts: dict[str, str] = {}
         self._text_cache = int(text_cache)
 
+    def __getstate__(self) -> dict[str, object]:
+        # A processor shipped to another process (a Ray actor) starts with no texts kept.
+        return {**self.__dict__, "_texts": {}}
+
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpellingCorrector:
         vocab = tokenizer.get_vocab()

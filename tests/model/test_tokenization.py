@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -98,3 +99,6 @@ def test_corrected_texts_are_kept_and_the_store_stays_bounded() -> None:
     # full: emptied, and a third text is still corrected as before
     assert speller("the lfet cirlce") == "the left circle"
     assert len(speller._texts) <= 2
+    # pickled (a processor shipped to a Ray actor): the same corrections, none of the kept texts
+    copy = pickle.loads(pickle.dumps(speller))
+    assert copy._texts == {} and copy("the cirlce") == "the circle"
