@@ -344,17 +344,21 @@ def _steps_trained(runs: Path, cfg: DemoConfig) -> dict[str, dict[str, int]]:
     recipe = _recipe_steps(cfg)
     stats: dict[str, Any] = {}
     for run in ("stage1", "stage2", "rerank"):
-        path = runs / run / "model" / "training_args.json"
-        stats[run] = json.loads(path.read_text()).get("stats", {}) if path.is_file() else {}
+        stats[run] = _run_stats(runs / run / "model")
     trained = {run: stats[run].get("steps") for run in ("stage1", "stage2", "rerank")}
     trained["presence"] = stats["rerank"].get("presence_steps")
     return {k: {"trained": int(v), "recipe": recipe[k]} for k, v in trained.items() if v is not None}
 
 
-def _steady_step_s(model_dir: Path) -> float | None:
-    """A trained stage's steady step in seconds (its checkpoint's stats), or None."""
+def _run_stats(model_dir: Path) -> dict[str, Any]:
+    """A trained stage's stats (its checkpoint's ``training_args.json``), or {} without one."""
     path = model_dir / "training_args.json"
-    value = json.loads(path.read_text()).get("stats", {}).get("steady_step_s") if path.is_file() else None
+    return json.loads(path.read_text()).get("stats", {}) if path.is_file() else {}
+
+
+def _steady_step_s(model_dir: Path) -> float | None:
+    """A trained stage's steady step in seconds, or None."""
+    value = _run_stats(model_dir).get("steady_step_s")
     return float(value) if value else None
 
 
