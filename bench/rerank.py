@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
                    help="also train on the train split of another synthetic benchmark (its chunks become "
                    "negative groups of their own): the re-ranker on more images' features, test split unchanged")
+    p.add_argument("--train-images", type=int, default=0, metavar="N",
+                   help="only the first N images of --data's train split (0: all), as TrainConfig.train_images "
+                   "picks them; --extra-train's images come on top")
     p.add_argument("--extra-images", type=int, default=0, metavar="N",
                    help="with --extra-train: its first N train images (0: all)")
     p.add_argument("--top-k", type=int, default=None,
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     samples = load_samples(args.data, "train")
     groups = negative_groups(args.data, "train", [s.image_id for s in samples])
+    if args.train_images:
+        samples, groups = samples[: args.train_images], groups[: args.train_images]
     if args.extra_train is not None:
         samples, groups = with_extra_train(samples, groups, args.extra_train, args.extra_images)
     samples = with_filler(samples, args.filler_rate, filler_rng(TrainConfig(data_root=str(args.data), seed=args.seed[0]), 0),

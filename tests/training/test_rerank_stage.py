@@ -241,6 +241,31 @@ def test_hard_negatives_stay_in_the_group_and_skip_the_own_image() -> None:
     assert (neg[:, 5:] == -1).all()  # padding where the group has no more images
 
 
+def test_hard_negatives_are_each_groups_best_scored_images() -> None:
+    """Against the plain definition: every image of the expression's group but its own,
+    ranked by its best stored instance's similarity (an image without any last)."""
+    g = torch.Generator().manual_seed(4)
+    n, m, dim, t = 30, 5, 8, 90
+    emb = torch.nn.functional.normalize(torch.randn(n, m, dim, generator=g), dim=-1)
+    mask = torch.rand(n, m, generator=g) < 0.7
+    mask[3] = False  # an image with nothing stored
+    groups = torch.tensor([0] * 12 + [1] * 10 + [2] * 7 + [3])  # the last group: one image alone
+    text_image = torch.randint(n, (t,), generator=g)
+    rs = RerankSet(image_ids=[f"i{i}" for i in range(n)], emb=emb, boxes=torch.rand(n, m, 4, generator=g),
+                   objectness=torch.ones(n, m), mask=mask, groups=groups, token_states=torch.zeros(t, 2, 4),
+                   token_mask=torch.ones(t, 2, dtype=torch.long), text_emb=torch.randn(t, dim, generator=g),
+                   text_image=text_image, positive=torch.zeros(t, dtype=torch.long))  # fmt: skip
+    neg = mine_hard_negatives(rs, 9, chunk=7)
+    best = torch.einsum("td,nkd->tnk", rs.text_emb, emb).masked_fill(~mask[None], -2.0).amax(dim=2)
+    for row in range(t):
+        own = int(text_image[row])
+        others = [i for i in range(n) if int(groups[i]) == int(groups[own]) and i != own]
+        want = sorted(others, key=lambda i: -float(best[row, i]))[:9]
+        got = [int(i) for i in neg[row] if i >= 0]
+        assert got == want, row
+        assert (neg[row, len(got):] == -1).all()
+
+
 def test_negatives_drawn_from_the_pool_cover_it_real_images_first() -> None:
     rs = _relation_world(12, seed=3)
     rs.groups = torch.tensor([0] * 6 + [1] * 6)
@@ -279,6 +304,27 @@ def test_build_rerank_set_from_a_synthetic_benchmark(tmp_path: Path, tiny_checkp
     strict = build_rerank_set(model, processor, samples, groups, lambda p: Image.open(p).convert("RGB"),
                               top_k=5, min_iou=1.0)  # fmt: skip
     assert strict.num_texts == 0 and strict.skipped == n_refs  # an untrained model never fits a box exactly
+
+
+def test_texts_encoded_in_batches_of_similar_length_come_back_in_order(tiny_checkpoint: Path) -> None:
+    from reir.model import create_model
+    from reir.training.rerank import encode_texts
+
+    model, processor = create_model(str(tiny_checkpoint))
+    model.eval()
+    words = ["red", "circle", "left", "of", "the", "blue", "square", "on", "a", "striped", "background"]
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(k),), generator=g))
+             for k in torch.randint(1, 12, (300,), generator=g)]  # more than one batch of 256
+    states, mask, emb = encode_texts(model, processor, texts)
+    assert states.shape[:2] == mask.shape and emb.shape == (300, model.config.embed_dim)
+    for i in (0, 7, 150, 299):  # each row is its own text's, encoded alone
+        alone_states, alone_mask, alone_emb = encode_texts(model, processor, [texts[i]])
+        n = int(alone_mask.sum())
+        assert int(mask[i].sum()) == n
+        torch.testing.assert_close(emb[i], alone_emb[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(states[i, :n], alone_states[0, :n], atol=1e-4, rtol=1e-4)
+    assert encode_texts(model, processor, [])[0].shape[0] == 0
 
 
 @pytest.mark.parametrize("scope,expected", [("gallery", {0}), (None, None)])
