@@ -55,6 +55,7 @@ AFTER_TRAINING_S_PER_STEP = 180.0
 AFTER_TRAINING_MIN_S, AFTER_TRAINING_MAX_S = 60.0, 180.0
 BUDGET_MARGIN_S = 25.0  # the run aims this far inside its budget: the set-asides above are estimates
 EXTRA_DATA = "data_extra"  # DemoConfig.extra_images: their benchmark's folder under out
+STAGE_EXTRA_DATA = "data_stage_extra"  # DemoConfig.stage_extra_images: their benchmark's folder under out
 DEFAULT_TEST_IMAGES = 400  # the demo's test split, whatever num_images (at most a fifth of them)
 DEFAULT_EXTRA_IMAGES = 1000  # DemoConfig.rerank_extra_images: at most this many by default
 BUDGET_FLOOR = 0.6  # keep_budget: a stage trains at least this share of its minutes, whatever is left
@@ -72,6 +73,9 @@ class DemoConfig:
     # re-ranker's stage alone: stage 2 never fits them, so their features look like a new gallery's.
     # None: as many as the train split holds, at most DEFAULT_EXTRA_IMAGES (extra_images).
     rerank_extra_images: int | None = None
+    # More training images for stages 1 and 2 alone, generated apart (seed + 2): each image is
+    # seen fewer times in the same steps. The re-ranker trains on the train split and its own extra images.
+    stage_extra_images: int = 0
     train_minutes: float = DEMO_REFERENCE_MINUTES
     stage1_share: float = DEMO_STAGE_MINUTES[0] / DEMO_REFERENCE_MINUTES
     rerank_share: float = DEMO_STAGE_MINUTES[2] / DEMO_REFERENCE_MINUTES
@@ -124,6 +128,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.rerank_extra_images is not None and self.rerank_extra_images < 0:
             raise ValueError(f"rerank_extra_images {self.rerank_extra_images}: must be >= 0")
+        if self.stage_extra_images < 0:
+            raise ValueError(f"stage_extra_images {self.stage_extra_images}: must be >= 0")
         if self.test_images is not None and not 1 <= self.test_images < self.num_images:
             raise ValueError(f"test_images {self.test_images}: the test split needs 1 to {self.num_images - 1} "
                              f"of the {self.num_images} images (num_images)")
@@ -205,6 +211,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             generate(out / EXTRA_DATA, num_images=cfg.extra_images + 1, test_fraction=0.0, seed=cfg.seed + 1,
                      progress=advance, regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes,
                      train_chunk=cfg.test_split)
+    if cfg.stage_extra_images:
+        with progress_bar(f"synth: {cfg.stage_extra_images} more train images for stages 1 and 2",
+                          total=progress_total(cfg.stage_extra_images + 1)) as advance:
+            generate(out / STAGE_EXTRA_DATA, num_images=cfg.stage_extra_images + 1, test_fraction=0.0,
+                     seed=cfg.seed + 2, progress=advance, regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes,
+                     train_chunk=cfg.test_split)
     queries = test_queries(data)
     console.print(f"{len(queries)} test queries, each unique across the whole test gallery")
 
@@ -262,15 +274,16 @@ def _train(cfg: DemoConfig, data: Path, out: Path, clock: _Clock) -> Path:
         left = training_time_left(cfg, clock.seconds, stage, step_s) if cfg.keep_budget else None
         return _limits(cfg, stage, seconds, left)
 
+    stage_extra = [str(out / STAGE_EXTRA_DATA)] if cfg.stage_extra_images else []
     stage_limits = limits(0)
     clock.begin(f"train stage 1 (detection + REC), {_say(stage_limits)}")
     stage1 = run_training(TrainConfig(model=cfg.model, stage="1", run_name="stage1", train_images=cfg.stage_train_images,
-                                      **stage_limits, **common))
+                                      extra_train_roots=stage_extra, **stage_limits, **common))
     step_s = _steady_step_s(Path(stage1))
     stage_limits = limits(1)
     clock.begin(f"train stage 2 (CLIA), {_say(stage_limits)}")
     stage2 = run_training(TrainConfig(model=str(stage1), stage="2", run_name="stage2", warmup_steps=10, lr=3e-4,
-                                      train_images=cfg.stage_train_images,
+                                      train_images=cfg.stage_train_images, extra_train_roots=stage_extra,
                                       lookalike_partners=cfg.lookalike_partners, **stage_limits, **common))
     presence = _recipe_steps(cfg)["presence"]
     stage_limits = limits(2)

@@ -104,6 +104,8 @@ class DemoSettings(_Settings):
     rerank_extra_images: int | None = Field(default=None, ge=0, description="more training images, generated "
                                             "apart, for the re-ranker's stage alone (stages 1 and 2 never see them; "
                                             "default: as many as the train split holds, at most 1,000); 0: none")
+    stage_extra_images: int = Field(default=0, ge=0, description="more training images, generated apart, for "
+                                    "stages 1 and 2 alone (the re-ranker trains on the train split and its own extra images)")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "

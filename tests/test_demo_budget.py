@@ -117,6 +117,20 @@ def test_the_extra_images_follow_the_train_split_unless_set() -> None:
         DemoConfig(rerank_extra_images=-1)
 
 
+def test_stage_extra_images_are_for_stages_1_and_2_and_refused_below_zero() -> None:
+    from reir.settings import DemoSettings
+
+    assert DemoConfig().stage_extra_images == 0
+    cfg = DemoConfig(**DemoSettings(stage_extra_images=1000).model_dump())
+    assert cfg.stage_extra_images == 1000
+    # the re-ranker's stage trains on its own extra images: no more features to set time aside for
+    assert stage_setup_s(cfg, 2) == stage_setup_s(DemoConfig(), 2)
+    with pytest.raises(ValueError, match="stage_extra_images"):
+        DemoConfig(stage_extra_images=-1)
+    with pytest.raises(ValueError, match="stage_extra_images"):
+        DemoSettings(stage_extra_images=-1)
+
+
 def test_the_time_after_training_follows_stage_1s_step() -> None:
     assert after_training_s(None) == AFTER_TRAINING_S  # stage 1 has not run: the flat set-aside
     fast, slow, slower = after_training_s(0.38), after_training_s(0.49), after_training_s(0.6)
