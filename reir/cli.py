@@ -550,6 +550,8 @@ def demo(
     test_images: int | None = typer.Option(None, min=1, help="of them in the test split [400, at most a fifth]"),
     extra_images: int | None = typer.Option(None, min=0, help="more training images for the re-ranker alone "
                                             "[as many as the train split holds, at most 1000]"),
+    stage_extra_images: int | None = typer.Option(None, min=0, help="more training images for stages 1 and 2 alone "
+                                                  "[as many as the train split holds, at most 1000]"),
     minutes: float | None = typer.Option(None, min=0.2, help="training time budget (stages 1, 2 and the re-ranker) "
                                          "[17]"),
     model: str | None = typer.Option(None, help="model preset [small]"),
@@ -563,7 +565,8 @@ def demo(
     from reir.settings import command_config
 
     flags = {"out": str(out) if out else None, "num_images": num_images, "test_images": test_images,
-             "extra_images": extra_images, "minutes": minutes, "model": model,
+             "extra_images": extra_images, "stage_extra_images": stage_extra_images, "minutes": minutes,
+             "model": model,
              "seed": seed, "lookalike_partners": lookalike_partners}
     run_demo(DemoConfig(**command_config("demo", config=config, flags=flags).model_dump()))
 

@@ -104,8 +104,9 @@ class DemoSettings(_Settings):
     rerank_extra_images: int | None = Field(default=None, ge=0, description="more training images, generated "
                                             "apart, for the re-ranker's stage alone (stages 1 and 2 never see them; "
                                             "default: as many as the train split holds, at most 1,000); 0: none")
-    stage_extra_images: int = Field(default=0, ge=0, description="more training images, generated apart, for "
-                                    "stages 1 and 2 alone (the re-ranker trains on the train split and its own extra images)")
+    stage_extra_images: int | None = Field(default=None, ge=0, description="more training images, generated apart, "
+                                           "for stages 1 and 2 alone (the re-ranker trains on the train split and its own "
+                                           "extra images; default: as many as the train split holds, at most 1,000); 0: none")
     train_minutes: float = Field(default=DEMO_REFERENCE_MINUTES, ge=0.2)
     fixed_steps: bool = Field(default=True, description="train each stage for the steps a reference 2-core machine "
                               "reaches in its minutes (scaled with train_minutes), stopping at twice the minutes at "
@@ -179,6 +180,7 @@ COMMANDS: dict[str, CommandSpec] = {
                     cli=("index list", "index promote", "index rollback", "index drop")),
         CommandSpec("demo", DemoSettings, {"out": "out", "num_images": "num_images",
                                            "test_images": "test_images", "extra_images": "rerank_extra_images",
+                                           "stage_extra_images": "stage_extra_images",
                                            "minutes": "train_minutes",
                                            "model": "model", "seed": "seed",
                                            "lookalike_partners": "lookalike_partners"}),

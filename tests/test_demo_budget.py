@@ -120,11 +120,12 @@ def test_the_extra_images_follow_the_train_split_unless_set() -> None:
 def test_stage_extra_images_are_for_stages_1_and_2_and_refused_below_zero() -> None:
     from reir.settings import DemoSettings
 
-    assert DemoConfig().stage_extra_images == 0
-    cfg = DemoConfig(**DemoSettings(stage_extra_images=1000).model_dump())
-    assert cfg.stage_extra_images == 1000
+    assert DemoConfig().stage_extras == DemoConfig(**DemoSettings().model_dump()).stage_extras == 1000
+    assert DemoConfig(num_images=60).stage_extras == 48  # a small demo: as many as its 48 train images
+    cfg = DemoConfig(**DemoSettings(stage_extra_images=0).model_dump())
+    assert cfg.stage_extras == 0
     # the re-ranker's stage trains on its own extra images: no more features to set time aside for
-    assert stage_setup_s(cfg, 2) == stage_setup_s(DemoConfig(), 2)
+    assert stage_setup_s(DemoConfig(), 2) == stage_setup_s(cfg, 2)
     with pytest.raises(ValueError, match="stage_extra_images"):
         DemoConfig(stage_extra_images=-1)
     with pytest.raises(ValueError, match="stage_extra_images"):
