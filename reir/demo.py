@@ -79,7 +79,8 @@ class DemoConfig:
     # the test split): in the same steps each image is seen fewer times, and the stored vectors
     # generalize better. The re-ranker trains on the train split and its own extra images. With
     # 1,000 (2026-11-30, two runs in slow hours, stage 1 at 429-439 of its 600 steps): BR@1 69.9
-    # and 67.7%, against 63.6-69.1% (mean 65.7%) for six runs of the recipe before at as few steps.
+    # and 67.7%, against 63.6-69.1% (mean 65.7%) for four runs of the recipe before at 425-439
+    # (docs/decisions.md).
     # None: as many as the train split holds, at most DEFAULT_EXTRA_IMAGES (stage_extras).
     stage_extra_images: int | None = None
     train_minutes: float = DEMO_REFERENCE_MINUTES
