@@ -155,17 +155,18 @@ class DemoConfig:
     def extra_images(self) -> int:
         """The re-ranker's extra training images (``rerank_extra_images``, or by default as many
         as the train split holds, at most ``DEFAULT_EXTRA_IMAGES``)."""
-        if self.rerank_extra_images is not None:
-            return self.rerank_extra_images
-        return min(DEFAULT_EXTRA_IMAGES, self.num_images - self.test_split)
+        return self._extras(self.rerank_extra_images)
 
     @property
     def stage_extras(self) -> int:
         """Stages 1 and 2's extra training images (``stage_extra_images``, or by default as many
         as the train split holds, at most ``DEFAULT_EXTRA_IMAGES``)."""
-        if self.stage_extra_images is not None:
-            return self.stage_extra_images
-        return min(DEFAULT_EXTRA_IMAGES, self.num_images - self.test_split)
+        return self._extras(self.stage_extra_images)
+
+    def _extras(self, given: int | None) -> int:
+        """Extra images generated apart: ``given``, or as many as the train split holds, at most
+        ``DEFAULT_EXTRA_IMAGES``."""
+        return given if given is not None else min(DEFAULT_EXTRA_IMAGES, self.num_images - self.test_split)
 
     @property
     def stage_train_images(self) -> int | None:
