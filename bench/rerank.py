@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from reir.model.modeling import score_scale
     from reir.training.config import TrainConfig
     from reir.training.rerank import build_rerank_set, calibration_split, mine_hard_negatives
-    from reir.training.trainer import ImageCache, filler_fits, filler_rng, with_filler
+    from reir.training.trainer import ImageCache, filler_fits, filler_rng, first_train_images, with_filler
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,10 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.requires_grad_(False)
     scale, bias = float(score_scale(model.logit_scale)), float(model.logit_bias)
     started = time.monotonic()
-    samples = load_samples(args.data, "train")
+    samples = first_train_images(load_samples(args.data, "train"), args.train_images or None)
     groups = negative_groups(args.data, "train", [s.image_id for s in samples])
-    if args.train_images:
-        samples, groups = samples[: args.train_images], groups[: args.train_images]
     if args.extra_train is not None:
         samples, groups = with_extra_train(samples, groups, args.extra_train, args.extra_images)
     samples = with_filler(samples, args.filler_rate, filler_rng(TrainConfig(data_root=str(args.data), seed=args.seed[0]), 0),

@@ -566,8 +566,7 @@ def demo(
 
     flags = {"out": str(out) if out else None, "num_images": num_images, "test_images": test_images,
              "extra_images": extra_images, "stage_extra_images": stage_extra_images, "minutes": minutes,
-             "model": model,
-             "seed": seed, "lookalike_partners": lookalike_partners}
+             "model": model, "seed": seed, "lookalike_partners": lookalike_partners}
     run_demo(DemoConfig(**command_config("demo", config=config, flags=flags).model_dump()))
 
 

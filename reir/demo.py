@@ -78,9 +78,8 @@ class DemoConfig:
     # More training images for stages 1 and 2 alone, generated apart (seed + 2, chunks as large as
     # the test split): in the same steps each image is seen fewer times, and the stored vectors
     # generalize better. The re-ranker trains on the train split and its own extra images. With
-    # 1,000 (2026-11-30, two runs in slow hours, stage 1 at 429-439 of its 600 steps): BR@1 69.9
-    # and 67.7%, against 63.6-69.1% (mean 65.7%) for four runs of the recipe before at 425-439
-    # (docs/decisions.md).
+    # 1,000 (2026-11-30, four runs in slow hours): BR@1 67.7-72.1% against 63.6-69.1% for the
+    # recipe before (docs/decisions.md).
     # None: as many as the train split holds, at most DEFAULT_EXTRA_IMAGES (stage_extras).
     stage_extra_images: int | None = None
     train_minutes: float = DEMO_REFERENCE_MINUTES
@@ -221,18 +220,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     with progress_bar("synth: draw, then plan", total=progress_total(cfg.num_images)) as advance:
         generate(data, num_images=cfg.num_images, test_fraction=cfg.test_fraction, seed=cfg.seed, progress=advance,
                  regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes)
-    if cfg.extra_images:  # the generator keeps one test image whatever test_fraction: one more
-        with progress_bar(f"synth: {cfg.extra_images} more train images for the re-ranker",
-                          total=progress_total(cfg.extra_images + 1)) as advance:
-            generate(out / EXTRA_DATA, num_images=cfg.extra_images + 1, test_fraction=0.0, seed=cfg.seed + 1,
-                     progress=advance, regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes,
-                     train_chunk=cfg.test_split)
-    if cfg.stage_extras:
-        with progress_bar(f"synth: {cfg.stage_extras} more train images for stages 1 and 2",
-                          total=progress_total(cfg.stage_extras + 1)) as advance:
-            generate(out / STAGE_EXTRA_DATA, num_images=cfg.stage_extras + 1, test_fraction=0.0,
-                     seed=cfg.seed + 2, progress=advance, regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes,
-                     train_chunk=cfg.test_split)
+    for folder, count, seed, what in ((EXTRA_DATA, cfg.extra_images, cfg.seed + 1, "the re-ranker"),
+                                      (STAGE_EXTRA_DATA, cfg.stage_extras, cfg.seed + 2, "stages 1 and 2")):
+        if not count:
+            continue
+        # the generator keeps one test image whatever test_fraction: one more
+        with progress_bar(f"synth: {count} more train images for {what}", total=progress_total(count + 1)) as advance:
+            generate(out / folder, num_images=count + 1, test_fraction=0.0, seed=seed, progress=advance,
+                     regimes=cfg.regimes, heldout_regimes=cfg.heldout_regimes, train_chunk=cfg.test_split)
     queries = test_queries(data)
     console.print(f"{len(queries)} test queries, each unique across the whole test gallery")
 
